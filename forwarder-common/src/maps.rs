@@ -1,0 +1,199 @@
+//! Map names, keys and values. docs/maps.md is the operator-facing copy of this contract.
+//! A layout change of a pinned map must come with a new map name.
+
+use core::mem::size_of;
+
+/// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash).
+pub const MAP_FORWARDS: &str = "FWD_RULES";
+/// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (LRU hash).
+pub const MAP_CONNTRACK: &str = "FWD_CT";
+/// Per-forward counters: forward id -> [`FwdStats`] (per-CPU array).
+pub const MAP_FORWARD_STATS: &str = "FWD_FWD_STATS";
+/// Per-reason packet counters: [`crate::Reason`] code -> u64 (per-CPU array).
+pub const MAP_REASONS: &str = "FWD_REASONS";
+/// Per-interface settings for the programs: ifindex -> [`IfaceConfig`] (hash).
+pub const MAP_IFACES: &str = "FWD_IFACES";
+/// Egress devices XDP may redirect into: ifindex -> ifindex (devmap hash).
+pub const MAP_TX_PORTS: &str = "FWD_TX_PORTS";
+/// Global settings: index 0 -> [`GlobalConfig`] (array of one).
+pub const MAP_GLOBAL: &str = "FWD_GLOBAL";
+/// Forward metadata for operators (names, never read by the kernel): id -> [`FwdMeta`].
+pub const MAP_FORWARD_META: &str = "FWD_META";
+
+/// Address family tags used in keys (not the socket AF_* numbers).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Default capacities; userspace may resize some of them from the config.
+pub const DEFAULT_MAX_FORWARDS: u32 = 4096;
+pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+pub const MAX_IFACES: u32 = 256;
+pub const REASON_SLOTS: u32 = 64;
+/// Default SNAT source-port range: below Linux's ephemeral range (32768-60999), so our
+/// ports never collide with the host's own outgoing connections.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 20000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 32767;
+
+/// A forward's listen side: what a packet's destination must be to match.
+/// Wildcard listen addresses (0.0.0.0, ::) are expanded by userspace into one key per
+/// local address, so the kernel makes exactly one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FwdKey {
+    /// Destination address, network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Destination port, network order.
+    pub port_be: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+const _: () = assert!(size_of::<FwdKey>() == 20);
+
+/// No source rewrite: the backend must route replies back through this host.
+pub const SNAT_OFF: u8 = 0;
+/// Source becomes the preferred source address of the route to the backend (the egress
+/// interface's address), chosen per packet by bpf_fib_lookup.
+pub const SNAT_AUTO: u8 = 1;
+/// Source becomes [`FwdValue::snat_addr`].
+pub const SNAT_FIXED: u8 = 2;
+
+/// Forward applies to traffic arriving on attached interfaces.
+pub const FWD_FLAG_INGRESS: u32 = 1 << 0;
+/// Forward applies to connections made by programs on this host (cgroup hooks).
+pub const FWD_FLAG_LOCAL: u32 = 1 << 1;
+
+/// What a matching packet is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FwdValue {
+    pub backend_addr: [u8; 16],
+    /// Source address for [`SNAT_FIXED`], zero otherwise.
+    pub snat_addr: [u8; 16],
+    pub backend_port_be: u16,
+    pub family: u8,
+    /// One of `SNAT_*`.
+    pub snat_mode: u8,
+    /// Index into the per-forward counters; 1-based, 0 means "none".
+    pub forward_id: u32,
+    /// `FWD_FLAG_*`.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<FwdValue>() == 44);
+
+/// A flow as seen on the wire: the tuple of one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CtKey>() == 40);
+
+/// Direction of a conntrack entry: the client's packets towards the backend.
+pub const CT_DIR_ORIGINAL: u8 = 0;
+/// The backend's replies towards the client.
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// The rewrite to apply to packets of one direction of a tracked flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub new_src_addr: [u8; 16],
+    pub new_dst_addr: [u8; 16],
+    pub new_src_port_be: u16,
+    pub new_dst_port_be: u16,
+    pub forward_id: u32,
+    /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
+    pub direction: u8,
+    /// TCP state bits (`TCP_SEEN_*`), 0 for UDP.
+    pub tcp_state: u8,
+    pub _pad: [u8; 6],
+    /// bpf_ktime_get_ns() of the last packet in this direction.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<CtValue>() == 56);
+
+pub const TCP_SEEN_SYN: u8 = 1 << 0;
+pub const TCP_SEEN_FIN: u8 = 1 << 1;
+pub const TCP_SEEN_RST: u8 = 1 << 2;
+
+/// Per-forward counters (one slot per forward id, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FwdStats {
+    /// Packets rewritten, both directions.
+    pub packets: u64,
+    /// Bytes of those packets (L3 length).
+    pub bytes: u64,
+    /// Connections (flows) created from interface traffic.
+    pub new_conns: u64,
+    /// Connections made by local programs through the cgroup hooks.
+    pub local_conns: u64,
+}
+const _: () = assert!(size_of::<FwdStats>() == 32);
+
+/// XDP is attached in generic (skb) mode on this interface.
+pub const IFACE_XDP_GENERIC: u32 = 1 << 0;
+/// Frames may be XDP_REDIRECTed into this interface (its receiver takes XDP frames).
+pub const IFACE_XDP_EGRESS_OK: u32 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IfaceConfig {
+    /// `IFACE_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<IfaceConfig>() == 4);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalConfig {
+    /// First and last source port for SNAT, host order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<GlobalConfig>() == 8);
+
+/// Operator-facing description of a forward (name, NUL padded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdMeta {
+    pub name: [u8; 48],
+    pub key: FwdKey,
+    pub value: FwdValue,
+}
+const _: () = assert!(size_of::<FwdMeta>() == 112);
+
+impl Default for FwdMeta {
+    fn default() -> Self {
+        Self { name: [0; 48], key: FwdKey::default(), value: FwdValue::default() }
+    }
+}
+
+/// Magic written by XDP into the frame metadata of a packet it has fully classified as
+/// "not ours", so the TC ingress program does not look at it again.
+pub const XDP_META_SKIP: u32 = 0x4657_5301;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for FwdKey {}
+    unsafe impl aya::Pod for FwdValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FwdStats {}
+    unsafe impl aya::Pod for IfaceConfig {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for FwdMeta {}
+}

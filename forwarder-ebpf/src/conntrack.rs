@@ -1,0 +1,188 @@
+//! Connection tracking: lookup of known flows, forward-rule match of new ones, and the
+//! commit of a new flow (source-port choice and both direction entries).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use forwarder_common::{
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_INGRESS, FwdKey, FwdValue,
+    DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, PROTO_TCP, Reason, SNAT_OFF, TCP_SEEN_SYN,
+};
+
+use crate::{
+    maps::{CtScratch, FWD_CT, FWD_GLOBAL, FWD_RULES, FWD_SCRATCH},
+    parse::Ipv4Flow,
+    stats,
+};
+
+/// An IPv4 address + port tuple of one direction (network order).
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+/// What to do with a matching packet.
+pub enum Plan {
+    /// A tracked flow: rewrite to `new`.
+    Tracked { new: Tuple, forward_id: u32 },
+    /// First packet of a flow for this forward (the rule, in the map).
+    New { fwd: &'static FwdValue },
+}
+
+const EEXIST: i32 = -17;
+/// Refresh `last_seen` at most once a second: a write per packet would bounce the entry's
+/// cache line between CPUs.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+/// Source ports tried for a new flow before giving up.
+const PORT_ATTEMPTS: u32 = 8;
+
+#[inline(always)]
+fn addr16(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+#[inline(always)]
+fn addr4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+#[inline(always)]
+fn ct_key(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> CtKey {
+    CtKey {
+        src_addr: addr16(src),
+        dst_addr: addr16(dst),
+        src_port_be: u16::from_ne_bytes(sport),
+        dst_port_be: u16::from_ne_bytes(dport),
+        proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn classify(flow: &Ipv4Flow) -> Result<Plan, Reason> {
+    let key = ct_key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    if let Some(entry) = FWD_CT.get_ptr_mut(&key) {
+        // SAFETY: map value pointer from a successful lookup.
+        let entry = unsafe { &mut *entry };
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            entry.last_seen_ns = now;
+        }
+        return Ok(Plan::Tracked {
+            new: Tuple {
+                src: addr4(&entry.new_src_addr),
+                dst: addr4(&entry.new_dst_addr),
+                sport: entry.new_src_port_be.to_ne_bytes(),
+                dport: entry.new_dst_port_be.to_ne_bytes(),
+            },
+            forward_id: entry.forward_id,
+        });
+    }
+    let fkey = FwdKey {
+        addr: addr16(flow.dst),
+        port_be: u16::from_ne_bytes(flow.dport),
+        proto: flow.proto,
+        family: FAMILY_V4,
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { FWD_RULES.get(&fkey) } {
+        Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => Ok(Plan::New { fwd }),
+        _ => Err(Reason::NoRule),
+    }
+}
+
+/// Port number (host order) for attempt `i` of a flow with hash `h`, inside [min, max].
+#[inline(always)]
+fn pick_port(h: u32, i: u32, min: u16, max: u16) -> u16 {
+    let span = (max as u32).wrapping_sub(min as u32).wrapping_add(1);
+    let span = if span == 0 || max < min { 1 } else { span };
+    // Odd stride, coprime with most spans, spreads retries away from a busy neighbour.
+    let offset = h.wrapping_add(i.wrapping_mul(7919)) % span;
+    (min as u32 + offset) as u16
+}
+
+#[inline(always)]
+fn flow_hash(flow: &Ipv4Flow) -> u32 {
+    let a = u32::from_ne_bytes(flow.src);
+    let b = u32::from_ne_bytes(flow.dst);
+    let c = (u16::from_ne_bytes(flow.sport) as u32) << 16 | u16::from_ne_bytes(flow.dport) as u32;
+    let mut h = a.wrapping_mul(0x9e37_79b1) ^ b.rotate_left(13);
+    h = h.wrapping_mul(0x85eb_ca6b) ^ c;
+    h ^ (h >> 15)
+}
+
+/// Records a new flow in both directions and returns the tuple its packets are rewritten
+/// to. `snat_src` is the source address for SNAT (ignored when the forward has SNAT off).
+/// Keys and values are built in a per-CPU scratch slot: the stack (512 bytes) is too small
+/// for them next to the FIB parameters.
+#[inline(always)]
+pub fn commit_new(flow: &Ipv4Flow, fwd: &FwdValue, snat_src: [u8; 4]) -> Result<Tuple, Reason> {
+    let scratch = FWD_SCRATCH.get_ptr_mut(0).ok_or(Reason::ConntrackFull)?;
+    // SAFETY: per-CPU slot, used by this program run only.
+    let CtScratch { key, value } = unsafe { &mut *scratch };
+    let backend = addr4(&fwd.backend_addr);
+    let bport = fwd.backend_port_be.to_ne_bytes();
+    *value = CtValue {
+        new_src_addr: addr16(flow.dst),
+        new_dst_addr: addr16(flow.src),
+        new_src_port_be: u16::from_ne_bytes(flow.dport),
+        new_dst_port_be: u16::from_ne_bytes(flow.sport),
+        forward_id: fwd.forward_id,
+        direction: CT_DIR_REPLY,
+        tcp_state: if flow.proto == PROTO_TCP { TCP_SEEN_SYN } else { 0 },
+        _pad: [0; 6],
+        // SAFETY: helper without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+    };
+
+    let new = if fwd.snat_mode == SNAT_OFF {
+        *key = ct_key(backend, flow.src, bport, flow.sport, flow.proto);
+        FWD_CT.insert(&*key, &*value, BPF_ANY as u64).map_err(|_| Reason::ConntrackFull)?;
+        Tuple { src: flow.src, dst: backend, sport: flow.sport, dport: bport }
+    } else {
+        let (min, max) = match FWD_GLOBAL.get(0) {
+            Some(g) if g.snat_port_min != 0 => (g.snat_port_min, g.snat_port_max),
+            _ => (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
+        };
+        let h = flow_hash(flow);
+        *key = ct_key(backend, snat_src, bport, [0; 2], flow.proto);
+        let mut chosen: Option<[u8; 2]> = None;
+        let mut i = 0;
+        while i < PORT_ATTEMPTS {
+            let port = pick_port(h, i, min, max).to_be_bytes();
+            key.dst_port_be = u16::from_ne_bytes(port);
+            match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+                Ok(()) => {
+                    chosen = Some(port);
+                    break;
+                }
+                Err(EEXIST) => {}
+                Err(_) => return Err(Reason::ConntrackFull),
+            }
+            i += 1;
+        }
+        let Some(port) = chosen else {
+            return Err(Reason::PortsExhausted);
+        };
+        Tuple { src: snat_src, dst: backend, sport: port, dport: bport }
+    };
+
+    value.direction = CT_DIR_ORIGINAL;
+    value.new_src_addr = addr16(new.src);
+    value.new_dst_addr = addr16(new.dst);
+    value.new_src_port_be = u16::from_ne_bytes(new.sport);
+    value.new_dst_port_be = u16::from_ne_bytes(new.dport);
+    *key = ct_key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    if FWD_CT.insert(&*key, &*value, BPF_ANY as u64).is_err() {
+        *key = ct_key(new.dst, new.src, new.dport, new.sport, flow.proto);
+        let _ = FWD_CT.remove(&*key);
+        return Err(Reason::ConntrackFull);
+    }
+    stats::count_new_conn(fwd.forward_id);
+    Ok(new)
+}

@@ -1,0 +1,45 @@
+//! Every map of the kernel side, declared in one place. Layouts: forwarder-common/src/maps.rs
+//! and docs/maps.md. Sizes are defaults; the loader resizes some of them from the config.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use forwarder_common::{
+    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FwdKey, FwdStats, FwdValue, FwdMeta,
+    GlobalConfig, IfaceConfig, MAX_IFACES, REASON_SLOTS,
+};
+
+#[map(name = "FWD_RULES")]
+pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, 0);
+
+#[map(name = "FWD_CT")]
+pub static FWD_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "FWD_FWD_STATS")]
+pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
+
+#[map(name = "FWD_REASONS")]
+pub static FWD_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
+
+#[map(name = "FWD_IFACES")]
+pub static FWD_IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "FWD_TX_PORTS")]
+pub static FWD_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "FWD_GLOBAL")]
+pub static FWD_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "FWD_META")]
+pub static FWD_META: Array<FwdMeta> = Array::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
+
+/// Per-CPU scratch for building conntrack entries off the 512-byte stack (kernel-internal).
+#[repr(C)]
+pub struct CtScratch {
+    pub key: CtKey,
+    pub value: CtValue,
+}
+
+#[map(name = "FWD_SCRATCH")]
+pub static FWD_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,33 @@
+//! Per-CPU counters: per forward, and per reason code.
+
+use forwarder_common::Reason;
+
+use crate::maps::{FWD_FWD_STATS, FWD_REASONS};
+
+#[inline(always)]
+pub fn count_reason(reason: Reason) {
+    if let Some(slot) = FWD_REASONS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// One rewritten packet of `bytes` (L3 length) for `forward_id`.
+#[inline(always)]
+pub fn count_forwarded(forward_id: u32, bytes: u16) {
+    if let Some(s) = FWD_FWD_STATS.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_new_conn(forward_id: u32) {
+    if let Some(s) = FWD_FWD_STATS.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { (*s).new_conns += 1 };
+    }
+}

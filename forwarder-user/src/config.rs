@@ -1,0 +1,354 @@
+//! The TOML config: parsing, validation with errors that name the line and the field, and
+//! the validated form the loader applies. Nothing here touches the system.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::Path,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::ConfigError;
+
+/// XDP attach mode of an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (fastest; veth supports it).
+    Native,
+    /// In the kernel's generic (skb) path: works on every device.
+    Generic,
+    /// No XDP: the TC program does everything.
+    Off,
+}
+
+/// How XDP may send frames *into* this interface when it is the egress of a forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    /// XDP_REDIRECT unless the device is a veth, whose far end drops XDP frames unless it
+    /// runs XDP or GRO itself (forwarder cannot see the far end): then TC redirects.
+    #[default]
+    Auto,
+    /// Always XDP_REDIRECT (the operator knows the receiver takes XDP frames).
+    Xdp,
+    /// Never XDP_REDIRECT into it: TC redirect (bpf_redirect) instead.
+    Tc,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => forwarder_common::PROTO_TCP,
+            Protocol::Udp => forwarder_common::PROTO_UDP,
+        }
+    }
+}
+
+/// Source rewrite of a forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Snat {
+    Auto,
+    Off,
+    Address(IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub xdp: XdpMode,
+    pub redirect: RedirectMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Forward {
+    pub name: String,
+    pub protocol: Protocol,
+    pub listen: SocketAddr,
+    pub backend: SocketAddr,
+    pub snat: Snat,
+    pub local: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Conntrack {
+    pub max_entries: u32,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Self {
+            max_entries: forwarder_common::DEFAULT_CT_ENTRIES,
+            snat_port_min: forwarder_common::DEFAULT_SNAT_PORT_MIN,
+            snat_port_max: forwarder_common::DEFAULT_SNAT_PORT_MAX,
+        }
+    }
+}
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Config {
+    pub interfaces: Vec<Interface>,
+    pub forwards: Vec<Forward>,
+    pub conntrack: Conntrack,
+    pub max_forwards: u32,
+}
+
+// ---- raw (as written) form, with spans for error messages ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    interface: Vec<RawInterface>,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+    conntrack: Option<RawConntrack>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: Spanned<String>,
+    #[serde(default = "default_xdp")]
+    xdp: XdpMode,
+    #[serde(default)]
+    redirect: RedirectMode,
+}
+
+fn default_xdp() -> XdpMode {
+    XdpMode::Native
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    name: Spanned<String>,
+    protocol: Protocol,
+    listen: Spanned<String>,
+    backend: Spanned<String>,
+    snat: Option<Spanned<String>>,
+    local: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    max_entries: Option<Spanned<u32>>,
+    snat_ports: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_forwards: Option<Spanned<u32>>,
+}
+
+/// Longest forward name the metadata map holds (bytes).
+pub const MAX_NAME_LEN: usize = 47;
+const IFNAMSIZ: usize = 15;
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), source: e })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates a whole config; the first problem found is returned with its line.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let err = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
+            line: line_of(text, span.start),
+            field: field.to_string(),
+            message,
+        };
+
+        let mut interfaces = Vec::new();
+        let mut seen_if = HashSet::new();
+        for (i, ri) in raw.interface.iter().enumerate() {
+            let field = format!("interface[{i}].name");
+            let name = ri.name.get_ref();
+            if name.is_empty() || name.len() > IFNAMSIZ || name.contains('/') || name.contains(char::is_whitespace) {
+                return Err(err(ri.name.span(), &field, format!("{name:?} is not a valid interface name")));
+            }
+            if !seen_if.insert(name.clone()) {
+                return Err(err(ri.name.span(), &field, format!("interface {name:?} is listed twice")));
+            }
+            interfaces.push(Interface { name: name.clone(), xdp: ri.xdp, redirect: ri.redirect });
+        }
+
+        let mut forwards = Vec::new();
+        let mut seen_names = HashSet::new();
+        let mut seen_listen = HashSet::new();
+        for (i, rf) in raw.forward.iter().enumerate() {
+            let f = |name: &str| format!("forward[{i}].{name}");
+            let name = rf.name.get_ref();
+            if name.is_empty() || name.len() > MAX_NAME_LEN {
+                return Err(err(rf.name.span(), &f("name"), format!("must be 1 to {MAX_NAME_LEN} bytes long")));
+            }
+            if !seen_names.insert(name.clone()) {
+                return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
+            }
+            let listen: SocketAddr = rf.listen.get_ref().parse().map_err(|_| {
+                err(rf.listen.span(), &f("listen"), format!("{:?} is not address:port", rf.listen.get_ref()))
+            })?;
+            let backend: SocketAddr = rf.backend.get_ref().parse().map_err(|_| {
+                err(rf.backend.span(), &f("backend"), format!("{:?} is not address:port", rf.backend.get_ref()))
+            })?;
+            if listen.port() == 0 {
+                return Err(err(rf.listen.span(), &f("listen"), "port must not be 0".into()));
+            }
+            if backend.port() == 0 || backend.ip().is_unspecified() {
+                return Err(err(rf.backend.span(), &f("backend"), "needs a concrete address and a port other than 0".into()));
+            }
+            if listen.is_ipv6() || backend.is_ipv6() {
+                let span = if listen.is_ipv6() { rf.listen.span() } else { rf.backend.span() };
+                return Err(err(span, &f(if listen.is_ipv6() { "listen" } else { "backend" }), "IPv6 forwards are not supported yet".into()));
+            }
+            let snat = match &rf.snat {
+                None => Snat::Auto,
+                Some(s) => match s.get_ref().as_str() {
+                    "auto" => Snat::Auto,
+                    "off" => Snat::Off,
+                    other => match other.parse::<IpAddr>() {
+                        Ok(a) if a.is_ipv4() == backend.is_ipv4() && !a.is_unspecified() => Snat::Address(a),
+                        _ => {
+                            return Err(err(s.span(), &f("snat"), format!("{other:?}: expected \"auto\", \"off\" or an address of the backend's family")));
+                        }
+                    },
+                },
+            };
+            if !seen_listen.insert((rf.protocol, listen)) {
+                return Err(err(rf.listen.span(), &f("listen"), format!("{:?} {listen} is already the listen address of another forward", rf.protocol)));
+            }
+            forwards.push(Forward { name: name.clone(), protocol: rf.protocol, listen, backend, snat, local: rf.local.unwrap_or(true) });
+        }
+
+        let mut conntrack = Conntrack::default();
+        if let Some(ct) = &raw.conntrack {
+            if let Some(m) = &ct.max_entries {
+                if *m.get_ref() < 64 {
+                    return Err(err(m.span(), "conntrack.max_entries", "must be at least 64".into()));
+                }
+                conntrack.max_entries = *m.get_ref();
+            }
+            if let Some(p) = &ct.snat_ports {
+                let (min, max) = parse_port_range(p.get_ref())
+                    .ok_or_else(|| err(p.span(), "conntrack.snat_ports", format!("{:?}: expected \"MIN-MAX\" with 1 <= MIN <= MAX <= 65535", p.get_ref())))?;
+                conntrack.snat_port_min = min;
+                conntrack.snat_port_max = max;
+            }
+        }
+        let mut max_forwards = forwarder_common::DEFAULT_MAX_FORWARDS;
+        if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_forwards.as_ref()) {
+            if *m.get_ref() == 0 || *m.get_ref() > 1_048_576 {
+                return Err(err(m.span(), "limits.max_forwards", "must be between 1 and 1048576".into()));
+            }
+            max_forwards = *m.get_ref();
+        }
+        if forwards.len() > max_forwards as usize {
+            return Err(ConfigError::Invalid {
+                line: 1,
+                field: "limits.max_forwards".into(),
+                message: format!("{} forwards exceed the limit of {max_forwards}", forwards.len()),
+            });
+        }
+        Ok(Config { interfaces, forwards, conntrack, max_forwards })
+    }
+}
+
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-')?;
+    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a >= 1 && a <= b).then_some((a, b))
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLASSIC: &str = r#"
+[[interface]]
+name = "eth0"
+xdp = "native"
+
+[[forward]]
+name = "mysql"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+snat = "auto"
+"#;
+
+    #[test]
+    fn classic_example_parses() {
+        let c = Config::parse(CLASSIC).unwrap();
+        assert_eq!(c.interfaces, vec![Interface { name: "eth0".into(), xdp: XdpMode::Native, redirect: RedirectMode::Auto }]);
+        let f = &c.forwards[0];
+        assert_eq!(f.listen, "0.0.0.0:3306".parse().unwrap());
+        assert_eq!(f.backend, "203.0.113.20:3197".parse().unwrap());
+        assert_eq!(f.snat, Snat::Auto);
+        assert!(f.local);
+    }
+
+    fn invalid(text: &str) -> (usize, String, String) {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { line, field, message }) => (line, field, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_backend_names_line_and_field() {
+        let text = CLASSIC.replace("203.0.113.20:3197", "203.0.113.20");
+        let (line, field, _) = invalid(&text);
+        assert_eq!((line, field.as_str()), (10, "forward[0].backend"));
+    }
+
+    #[test]
+    fn bad_snat_and_duplicates_are_refused() {
+        let (line, field, _) = invalid(&CLASSIC.replace("snat = \"auto\"", "snat = \"sometimes\""));
+        assert_eq!((line, field.as_str()), (11, "forward[0].snat"));
+        let dup = format!("{CLASSIC}\n[[forward]]\nname = \"mysql\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:1\"\nbackend = \"192.0.2.1:2\"\n");
+        let (line, field, _) = invalid(&dup);
+        assert_eq!((line, field.as_str()), (14, "forward[1].name"));
+        let dup_listen = format!("{CLASSIC}\n[[forward]]\nname = \"b\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:3306\"\nbackend = \"192.0.2.1:2\"\n");
+        assert_eq!(invalid(&dup_listen).1, "forward[1].listen");
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_name_the_line() {
+        let e = Config::parse(&CLASSIC.replace("xdp = \"native\"", "xdp = \"turbo\"")).unwrap_err().to_string();
+        assert!(e.contains("line 4"), "{e}");
+        let e = Config::parse(&CLASSIC.replace("snat = \"auto\"", "snatt = \"auto\"")).unwrap_err().to_string();
+        assert!(e.contains("line 11") && e.contains("snatt"), "{e}");
+    }
+
+    #[test]
+    fn ranges_and_limits() {
+        let c = Config::parse(&format!("{CLASSIC}\n[conntrack]\nsnat_ports = \"40000-40010\"\nmax_entries = 1024\n")).unwrap();
+        assert_eq!((c.conntrack.snat_port_min, c.conntrack.snat_port_max, c.conntrack.max_entries), (40000, 40010, 1024));
+        assert_eq!(invalid(&format!("{CLASSIC}\n[conntrack]\nsnat_ports = \"5-4\"\n")).1, "conntrack.snat_ports");
+        assert_eq!(invalid(&CLASSIC.replace("0.0.0.0:3306", "[::]:3306")).1, "forward[0].listen");
+    }
+}

@@ -1,0 +1,13 @@
+//! forwarder's userspace: config, loader, maps and counters. The `forwarder` binary is a thin
+//! CLI over this library; the tests drive the same library.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod loader;
+pub mod maps;
+pub mod stats;
+pub mod system;
+
+/// The kernel-side object, built by build.rs and embedded so the binary is self-contained.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

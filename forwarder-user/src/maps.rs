@@ -1,0 +1,130 @@
+//! From a validated config to map entries (pure), and typed writes into the loaded maps.
+
+use std::net::{IpAddr, SocketAddr};
+
+use forwarder_common::{
+    FAMILY_V4, FAMILY_V6, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue, SNAT_AUTO, SNAT_FIXED,
+    SNAT_OFF,
+};
+
+use crate::config::{Forward, Snat};
+
+pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+pub fn addr_from_bytes(bytes: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        IpAddr::from(*bytes)
+    } else {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    }
+}
+
+/// One forward as the kernel sees it: an id, its metadata, and one or more listen keys
+/// (a wildcard listen address becomes one key per local address of its family).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardEntries {
+    pub id: u32,
+    pub keys: Vec<FwdKey>,
+    pub value: FwdValue,
+    pub meta: FwdMeta,
+}
+
+pub fn key_for(proto: u8, listen: SocketAddr) -> FwdKey {
+    let (addr, family) = addr_bytes(listen.ip());
+    FwdKey { addr, port_be: listen.port().to_be(), proto, family }
+}
+
+/// Map entries for `forwards` (ids 1..). `local_addrs` are this host's addresses, used to
+/// expand wildcard listen addresses; an address that another forward names explicitly for
+/// the same protocol and port is left to that forward.
+pub fn forward_entries(forwards: &[Forward], local_addrs: &[IpAddr]) -> Vec<ForwardEntries> {
+    let explicit: std::collections::HashSet<FwdKey> = forwards
+        .iter()
+        .filter(|f| !f.listen.ip().is_unspecified())
+        .map(|f| key_for(f.protocol.number(), f.listen))
+        .collect();
+    forwards
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let id = i as u32 + 1;
+            let proto = f.protocol.number();
+            let keys = if f.listen.ip().is_unspecified() {
+                local_addrs
+                    .iter()
+                    .filter(|a| a.is_ipv4() == f.listen.is_ipv4())
+                    .map(|a| key_for(proto, SocketAddr::new(*a, f.listen.port())))
+                    .filter(|k| !explicit.contains(k))
+                    .collect()
+            } else {
+                vec![key_for(proto, f.listen)]
+            };
+            let (backend_addr, family) = addr_bytes(f.backend.ip());
+            let (snat_mode, snat_addr) = match f.snat {
+                Snat::Auto => (SNAT_AUTO, [0; 16]),
+                Snat::Off => (SNAT_OFF, [0; 16]),
+                Snat::Address(a) => (SNAT_FIXED, addr_bytes(a).0),
+            };
+            let flags = FWD_FLAG_INGRESS | if f.local { FWD_FLAG_LOCAL } else { 0 };
+            let value = FwdValue {
+                backend_addr,
+                snat_addr,
+                backend_port_be: f.backend.port().to_be(),
+                family,
+                snat_mode,
+                forward_id: id,
+                flags,
+            };
+            let mut name = [0u8; 48];
+            let n = f.name.len().min(47);
+            name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
+            let meta = FwdMeta { name, key: key_for(proto, f.listen), value };
+            ForwardEntries { id, keys, value, meta }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn wildcard_expands_to_local_ipv4_addresses_except_explicit_ones() {
+        let cfg = Config::parse(
+            r#"
+[[forward]]
+name = "any"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+[[forward]]
+name = "one"
+protocol = "tcp"
+listen = "192.0.2.1:3306"
+backend = "203.0.113.21:3197"
+snat = "off"
+"#,
+        )
+        .unwrap();
+        let locals: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let e = forward_entries(&cfg.forwards, &locals);
+        assert_eq!(e[0].id, 1);
+        assert_eq!(e[0].keys, vec![key_for(6, "127.0.0.1:3306".parse().unwrap())]);
+        assert_eq!(e[0].value.snat_mode, SNAT_AUTO);
+        assert_eq!(e[0].value.backend_port_be, 3197u16.to_be());
+        assert_eq!(&e[0].value.backend_addr[..4], &[203, 0, 113, 20]);
+        assert_eq!(e[1].keys, vec![key_for(6, "192.0.2.1:3306".parse().unwrap())]);
+        assert_eq!(e[1].value.snat_mode, SNAT_OFF);
+        assert_eq!(&e[1].meta.name[..4], b"one\0");
+    }
+}

@@ -1,0 +1,124 @@
+//! Counters of a running instance, read from its pinned maps: a table for people, JSON for
+//! scripts.
+
+use std::{fmt::Write as _, path::Path};
+
+use aya::maps::{Array, MapData, PerCpuArray};
+use forwarder_common::{ALL_REASONS, FwdMeta, FwdStats, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_REASONS};
+use serde::Serialize;
+
+use crate::{
+    error::{Error, Result},
+    loader::open_pinned,
+    maps::addr_from_bytes,
+};
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ForwardCounters {
+    pub id: u32,
+    pub name: String,
+    pub protocol: String,
+    pub listen: String,
+    pub backend: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+    pub local_connections: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ReasonCounter {
+    pub code: u32,
+    pub reason: &'static str,
+    /// "forwarded" (how rewritten packets left), "dropped", or "passed" (to the stack).
+    pub kind: &'static str,
+    pub packets: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub forwards: Vec<ForwardCounters>,
+    pub reasons: Vec<ReasonCounter>,
+}
+
+pub fn sum_forward<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, FwdStats>, id: u32) -> FwdStats {
+    let mut total = FwdStats::default();
+    if let Ok(values) = arr.get(&id, 0) {
+        for v in values.iter() {
+            total.packets += v.packets;
+            total.bytes += v.bytes;
+            total.new_conns += v.new_conns;
+            total.local_conns += v.local_conns;
+        }
+    }
+    total
+}
+
+pub fn sum_reason<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>, code: u32) -> u64 {
+    arr.get(&code, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// Reads the counters of the instance pinned at `pin_dir`.
+pub fn read(pin_dir: &Path) -> Result<Snapshot> {
+    let stats: PerCpuArray<MapData, FwdStats> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_FORWARD_STATS)?)).map_err(map_error(MAP_FORWARD_STATS))?;
+    let reasons: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_REASONS)?)).map_err(map_error(MAP_REASONS))?;
+    let meta: Array<MapData, FwdMeta> =
+        Array::try_from(aya::maps::Map::Array(open_pinned(pin_dir, MAP_FORWARD_META)?)).map_err(map_error(MAP_FORWARD_META))?;
+
+    let mut forwards = Vec::new();
+    for id in 1..meta.len() {
+        let Ok(m) = meta.get(&id, 0) else { continue };
+        if m.name[0] == 0 {
+            continue;
+        }
+        let name_len = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
+        let s = sum_forward(&stats, id);
+        let proto = if m.key.proto == forwarder_common::PROTO_TCP { "tcp" } else { "udp" };
+        forwards.push(ForwardCounters {
+            id,
+            name: String::from_utf8_lossy(&m.name[..name_len]).into_owned(),
+            protocol: proto.into(),
+            listen: std::net::SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be)).to_string(),
+            backend: std::net::SocketAddr::new(addr_from_bytes(&m.value.backend_addr, m.value.family), u16::from_be(m.value.backend_port_be))
+                .to_string(),
+            packets: s.packets,
+            bytes: s.bytes,
+            new_connections: s.new_conns,
+            local_connections: s.local_conns,
+        });
+    }
+    let reasons = ALL_REASONS
+        .iter()
+        .map(|r| ReasonCounter {
+            code: *r as u32,
+            reason: r.name(),
+            kind: if r.is_forwarded() { "forwarded" } else if r.is_drop() { "dropped" } else { "passed" },
+            packets: sum_reason(&reasons, *r as u32),
+        })
+        .collect();
+    Ok(Snapshot { forwards, reasons })
+}
+
+/// The human table of `forwarder stats`.
+pub fn render_table(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}", "FORWARD", "PROTO", "LISTEN", "BACKEND", "PACKETS", "BYTES", "NEW_CONNS", "LOCAL");
+    for f in &s.forwards {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}",
+            f.name, f.protocol, f.listen, f.backend, f.packets, f.bytes, f.new_connections, f.local_connections
+        );
+    }
+    let _ = writeln!(out, "\n{:<18} {:<10} {:>12}", "REASON", "KIND", "PACKETS");
+    for r in &s.reasons {
+        let _ = writeln!(out, "{:<18} {:<10} {:>12}", r.reason, r.kind, r.packets);
+    }
+    out
+}
