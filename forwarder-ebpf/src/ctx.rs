@@ -8,6 +8,10 @@ use forwarder_common::Reason;
 pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// Whole packet length; for an skb this includes non-linear (paged, GSO) data.
+    fn len(&self) -> usize {
+        self.end() - self.start()
+    }
 }
 
 impl Packet for XdpContext {
@@ -29,6 +33,10 @@ impl Packet for TcContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
     }
 }
 

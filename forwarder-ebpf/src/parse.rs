@@ -71,7 +71,7 @@ pub fn parse_ipv4<P: Packet>(pkt: &P) -> Result<Ipv4Flow, Reason> {
         return Err(Reason::IpOptions);
     }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
-    let frame_l3_len = pkt.end() - pkt.start() - L3_OFF;
+    let frame_l3_len = pkt.len().saturating_sub(L3_OFF);
     if (tot_len as usize) < IPV4_LEN || tot_len as usize > frame_l3_len {
         return Err(Reason::Malformed);
     }
