@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -129,4 +129,173 @@ fn tcp_forward_xdp_generic() {
 #[test]
 fn tcp_forward_tc_only() {
     tcp_forward("off");
+}
+
+/// UDP request/reply with an unconnected client socket: replies come from the listen
+/// address, and the forward's counters match the datagrams exactly.
+fn udp_forward(xdp: &str, snat: &str) {
+    let chain = Chain::new().unwrap();
+    if snat == "off" {
+        chain.server_route_via_router().unwrap();
+    }
+    let daemon = Daemon::start(&chain.router, &chain.tag, &config(xdp, "udp", snat)).unwrap();
+    const N: usize = 20;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = chain
+        .server
+        .spawn(move || {
+            let s = UdpSocket::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            tx.send(()).unwrap();
+            let mut peers = Vec::new();
+            let mut buf = [0u8; 2048];
+            for _ in 0..N {
+                let (n, peer) = s.recv_from(&mut buf).unwrap();
+                peers.push(peer);
+                let reply: Vec<u8> = buf[..n].iter().map(|b| b.wrapping_add(1)).collect();
+                s.send_to(&reply, peer).unwrap();
+            }
+            peers
+        })
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let sizes: Vec<usize> = (0..N).map(|i| 1 + i * 61).collect();
+    let sent_sizes = sizes.clone();
+    chain
+        .client
+        .run(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
+            let mut buf = [0u8; 2048];
+            for (i, n) in sent_sizes.iter().enumerate() {
+                let data: Vec<u8> = (0..*n).map(|j| (i + j) as u8).collect();
+                s.send_to(&data, to).unwrap();
+                let (got, from) = s.recv_from(&mut buf).expect("UDP reply through forwarder");
+                assert_eq!(from, to, "reply appears to come from the listen address");
+                let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                assert_eq!(&buf[..got], &want[..]);
+            }
+        })
+        .unwrap();
+    let peers = server.join().unwrap();
+    let want_peer = if snat == "off" { forwarder_tests::topo::CLIENT_ADDR } else { ROUTER_SERVER_ADDR };
+    assert!(peers.iter().all(|p| p.ip().to_string() == want_peer), "server saw {peers:?}, want {want_peer}");
+    let f = forward_stats(&daemon);
+    assert_eq!(f["packets"].as_u64().unwrap(), 2 * N as u64, "{f}");
+    let l3_bytes: usize = sizes.iter().map(|n| 2 * (20 + 8 + n)).sum();
+    assert_eq!(f["bytes"].as_u64().unwrap(), l3_bytes as u64, "{f}");
+    assert_eq!(f["new_connections"], 1, "one client socket is one flow: {f}");
+}
+
+#[test]
+fn udp_forward_xdp_native_snat() {
+    udp_forward("native", "auto");
+}
+
+#[test]
+fn udp_forward_tc_only_snat() {
+    udp_forward("off", "auto");
+}
+
+#[test]
+fn udp_forward_xdp_generic_snat_off() {
+    udp_forward("generic", "off");
+}
+
+/// With SNAT off the server sees the client's own address and replies route back through
+/// the router, which reverses the DNAT.
+#[test]
+fn tcp_forward_snat_off() {
+    let chain = Chain::new().unwrap();
+    chain.server_route_via_router().unwrap();
+    let daemon = Daemon::start(&chain.router, &chain.tag, &config("native", "tcp", "off")).unwrap();
+    let server = tcp_server(&chain, 1);
+    tcp_exchange(&chain, 5000);
+    let peers = server.join().unwrap();
+    assert_eq!(peers[0].ip().to_string(), forwarder_tests::topo::CLIENT_ADDR);
+    assert_eq!(forward_stats(&daemon)["new_connections"], 1);
+}
+
+/// Traffic that matches no forward is left to the kernel: a server on the router itself
+/// on another port still works, counted as no_rule.
+#[test]
+fn non_matching_traffic_is_untouched() {
+    let chain = Chain::new().unwrap();
+    let daemon = Daemon::start(&chain.router, &chain.tag, &config("native", "tcp", "auto")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let local = chain
+        .router
+        .spawn(move || {
+            let l = TcpListener::bind((ROUTER_CLIENT_ADDR, 8080)).unwrap();
+            tx.send(()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"router itself").unwrap();
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    chain
+        .client
+        .run(|| {
+            let mut s = TcpStream::connect((ROUTER_CLIENT_ADDR, 8080)).unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).unwrap();
+            assert_eq!(got, "router itself");
+        })
+        .unwrap();
+    local.join().unwrap();
+    assert!(reason(&daemon, "no_rule") > 0);
+    assert_eq!(forward_stats(&daemon)["packets"], 0);
+}
+
+/// Two instances, one per network namespace, run side by side with their own pin paths,
+/// and SIGTERM detaches cleanly: pins removed, and the forward stops working.
+#[test]
+fn instances_coexist_and_detach_cleanly() {
+    let a = Chain::new().unwrap();
+    let b = Chain::new().unwrap();
+    let mut da = Daemon::start(&a.router, &a.tag, &config("native", "tcp", "auto")).unwrap();
+    let db = Daemon::start(&b.router, &b.tag, &config("off", "tcp", "auto")).unwrap();
+    let sa = tcp_server(&a, 1);
+    let sb = tcp_server(&b, 1);
+    tcp_exchange(&a, 100);
+    tcp_exchange(&b, 100);
+    sa.join().unwrap();
+    sb.join().unwrap();
+    assert_eq!(forward_stats(&da)["new_connections"], 1);
+    assert_eq!(forward_stats(&db)["new_connections"], 1);
+
+    assert!(da.stop().unwrap().success(), "clean exit on SIGTERM:\n{}", da.log());
+    assert!(!da.pin_path.exists(), "pins removed");
+    assert!(db.pin_path.exists(), "the other instance is untouched");
+    let xdp = a.router.ip(&["-d", "link", "show", "dev", "rc"]).unwrap();
+    assert!(!xdp.contains("prog/xdp"), "XDP detached: {xdp}");
+    let refused = a.client.run(|| {
+        TcpStream::connect_timeout(&format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap(), Duration::from_secs(2))
+    });
+    assert!(refused.unwrap().is_err(), "without forwarder the port is closed on the router");
+}
+
+/// The XDP_REDIRECT path end to end. veth far ends normally drop XDP frames and send
+/// checksum-offloaded (partial) packets, which XDP hands to TC; here, as on a router whose
+/// neighbours take XDP frames, the far ends have GRO on and full checksums, and the
+/// interfaces say `redirect = "xdp"`: XDP forwards every packet itself.
+#[test]
+fn xdp_redirect_path_when_receivers_take_xdp_frames() {
+    let chain = Chain::new().unwrap();
+    chain.client.sh("ethtool -K c0 tx off gro on >/dev/null").unwrap();
+    chain.server.sh("ethtool -K s0 tx off gro on >/dev/null").unwrap();
+    let cfg = config("native", "tcp", "auto").replace("xdp = \"native\"", "xdp = \"native\"\nredirect = \"xdp\"");
+    let daemon = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
+    let server = tcp_server(&chain, 2);
+    tcp_exchange(&chain, 50_000);
+    tcp_exchange(&chain, 7);
+    server.join().unwrap();
+    let f = forward_stats(&daemon);
+    let stats = daemon.stats().unwrap();
+    let (by_xdp, first) = (reason(&daemon, "redirect_xdp"), reason(&daemon, "fib_no_neigh"));
+    // Only packets sent before the neighbour was resolved go through TC (redirect_neigh).
+    assert!(first <= 2 && reason(&daemon, "xdp_to_tc") == first, "{stats}");
+    assert_eq!(by_xdp + first, f["packets"].as_u64().unwrap(), "XDP forwarded all others: {stats}");
+    assert!(by_xdp > 50, "{stats}");
 }

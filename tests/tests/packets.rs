@@ -1,0 +1,404 @@
+//! The kernel programs on crafted frames through BPF_PROG_TEST_RUN, Katran-style: input frame
+//! → expected verdict, output bytes and counters. Frames are built and checked with
+//! etherparse, never with forwarder's own checksum code.
+//!
+//! The FIB helper needs real routes and neighbours, so each fixture runs on a thread inside
+//! a fresh network namespace with two veth pairs:
+//! v0 192.0.2.1/24 (client side, neighbour 192.0.2.2) and v1 203.0.113.1/24 (server side,
+//! neighbour 203.0.113.20), both with static neighbour entries.
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use forwarder::{
+    config::Config,
+    loader::{Instance, LoadOptions},
+};
+use forwarder_common::{IFACE_XDP_EGRESS_OK, Reason};
+use forwarder_tests::{Netns, unique_tag};
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
+const CLIENT: [u8; 4] = [192, 0, 2, 2];
+const ROUTER_IN: [u8; 4] = [192, 0, 2, 1];
+const ROUTER_OUT: [u8; 4] = [203, 0, 113, 1];
+const SERVER: [u8; 4] = [203, 0, 113, 20];
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CONFIG: &str = r#"
+[[forward]]
+name = "mysql"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+
+[[forward]]
+name = "dns"
+protocol = "udp"
+listen = "192.0.2.1:53"
+backend = "203.0.113.20:5353"
+"#;
+
+struct Fixture {
+    inst: Instance,
+    v0: u32,
+    v1: u32,
+    v0_mac: [u8; 6],
+    v1_mac: [u8; 6],
+}
+
+/// Runs `test` inside a fresh namespace with forwarder loaded (not attached anywhere).
+fn with_fixture(config: &str, test: impl FnOnce(&mut Fixture) + Send + 'static) {
+    let tag = unique_tag();
+    let ns = Netns::new(&format!("fwt-{tag}-p")).unwrap();
+    for (dev, addr, neigh, mac) in [("v0", "192.0.2.1/24", "192.0.2.2", "02:00:00:00:00:02"), ("v1", "203.0.113.1/24", "203.0.113.20", "02:00:00:00:00:20")] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &format!("{dev}p")]).unwrap();
+        ns.ip(&["addr", "add", addr, "dev", dev]).unwrap();
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+        ns.ip(&["link", "set", &format!("{dev}p"), "up"]).unwrap();
+        ns.ip(&["neigh", "replace", neigh, "lladdr", mac, "dev", dev, "nud", "permanent"]).unwrap();
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    let (v0, v1) = (ns.ifindex("v0").unwrap(), ns.ifindex("v1").unwrap());
+    let (v0_mac, v1_mac) = (ns.mac("v0").unwrap(), ns.mac("v1").unwrap());
+    let cfg = Config::parse(config).unwrap();
+    ns.run(move || {
+        let mut inst = Instance::load(&LoadOptions::from_config(&cfg)).unwrap();
+        let locals = vec!["192.0.2.1".parse().unwrap(), "203.0.113.1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        inst.apply_forwards(&cfg, &locals).unwrap();
+        inst.set_egress(v0, IFACE_XDP_EGRESS_OK).unwrap();
+        inst.set_egress(v1, IFACE_XDP_EGRESS_OK).unwrap();
+        let mut fx = Fixture { inst, v0, v1, v0_mac, v1_mac };
+        test(&mut fx);
+    })
+    .unwrap();
+}
+
+impl Fixture {
+    /// XDP run as if `frame` arrived on `ifindex`: (verdict, output frame without metadata,
+    /// metadata length).
+    fn xdp(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>, usize) {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = self
+            .inst
+            .xdp()
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() })
+            .unwrap();
+        out.truncate(r.data_size_out as usize);
+        // Output starts at the metadata; XDP writes 4 bytes of it on "not ours" passes.
+        let meta = out.len() - frame.len();
+        (r.return_value, out[meta..].to_vec(), meta)
+    }
+
+    /// TC ingress run as if `frame` arrived on `ifindex`.
+    fn tc(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        // struct __sk_buff: ingress_ifindex at byte 36, ifindex at 40.
+        let mut ctx = vec![0u8; 44];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = self
+            .inst
+            .tc_ingress()
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() })
+            .unwrap_or_else(|e| panic!("TC test run of {} bytes: {e}", frame.len()));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn reason(&self, r: Reason) -> u64 {
+        self.inst.reason_count(r)
+    }
+}
+
+fn tcp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1000, 65000);
+    let b = if syn { b.syn() } else { b.ack(5000) };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(sport, dport).write(&mut v, payload).unwrap();
+    v
+}
+
+/// Parsed output: (eth src, eth dst, ip src, ip dst, ttl, sport, dport) after asserting that
+/// every checksum is valid.
+fn check(frame: &[u8]) -> ([u8; 6], [u8; 6], [u8; 4], [u8; 4], u8, u16, u16) {
+    let h = PacketHeaders::from_ethernet_slice(frame).expect("output parses");
+    let eth = h.link.clone().unwrap().ethernet2().unwrap();
+    let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { panic!("not IPv4") };
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+    let payload = h.payload.slice();
+    let (sport, dport) = match h.transport.as_ref().unwrap() {
+        TransportHeader::Tcp(t) => {
+            assert_eq!(t.checksum, t.calc_checksum_ipv4(ip, payload).unwrap(), "TCP checksum");
+            (t.source_port, t.destination_port)
+        }
+        TransportHeader::Udp(u) => {
+            if u.checksum != 0 {
+                assert_eq!(u.checksum, u.calc_checksum_ipv4(ip, payload).unwrap(), "UDP checksum");
+            }
+            (u.source_port, u.destination_port)
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    (eth.source, eth.destination, ip.source, ip.destination, ip.time_to_live, sport, dport)
+}
+
+#[test]
+fn xdp_tcp_syn_gets_dnat_snat_and_reply_gets_reverse_nat() {
+    with_fixture(CONFIG, |fx| {
+        let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
+        let (verdict, out, _) = fx.xdp(&syn, fx.v0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let (smac, dmac, src, dst, ttl, sport, dport) = check(&out);
+        assert_eq!((smac, dmac), (fx.v1_mac, SERVER_MAC), "next hop from the FIB");
+        assert_eq!((src, dst, dport), (ROUTER_OUT, SERVER, 3197), "DNAT to the backend, SNAT to the egress address");
+        assert!((20000..=32767).contains(&sport), "SNAT port {sport} in the default range");
+        let snat_port = sport;
+        assert_eq!(ttl, 63);
+        assert_eq!(fx.reason(Reason::RedirectXdp), 1);
+        let s = fx.inst.forward_stats(1);
+        assert_eq!((s.packets, s.new_conns, s.bytes), (1, 1, 40));
+
+        // The backend's SYN-ACK comes back to the SNAT address and port.
+        let reply = tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, sport, true, b"");
+        let (verdict, out, _) = fx.xdp(&reply, fx.v1);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let (smac, dmac, src, dst, ttl, sport, dport) = check(&out);
+        assert_eq!((smac, dmac), (fx.v0_mac, CLIENT_MAC));
+        assert_eq!((src, sport, dst, dport), (ROUTER_IN, 3306, CLIENT, 40000), "client sees only the listen address");
+        assert_eq!(ttl, 63);
+        let s = fx.inst.forward_stats(1);
+        assert_eq!((s.packets, s.new_conns), (2, 1), "a reply is no new connection");
+
+        // Established data packet with payload, same flow.
+        let data = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, false, &[7u8; 333]);
+        let (verdict, out, _) = fx.xdp(&data, fx.v0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let (_, _, src, dst, _, data_sport, _) = check(&out);
+        assert_eq!((src, dst, data_sport), (ROUTER_OUT, SERVER, snat_port), "same flow, same SNAT port");
+        assert_eq!(fx.inst.forward_stats(1).new_conns, 1);
+    });
+}
+
+#[test]
+fn tc_tcp_and_udp_get_the_same_rewrite() {
+    with_fixture(CONFIG, |fx| {
+        let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40001, 3306, true, b"hello");
+        let (verdict, out) = fx.tc(&syn, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (smac, dmac, src, dst, ttl, sport, dport) = check(&out);
+        assert_eq!((smac, dmac, src, dst, dport, ttl), (fx.v1_mac, SERVER_MAC, ROUTER_OUT, SERVER, 3197, 63));
+        let reply = tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, sport, true, b"");
+        let (verdict, out) = fx.tc(&reply, fx.v1);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (_, _, src, dst, _, sport, dport) = check(&out);
+        assert_eq!((src, sport, dst, dport), (ROUTER_IN, 3306, CLIENT, 40001));
+
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5000, 53, b"query");
+        let (verdict, out) = fx.tc(&q, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (_, _, src, dst, _, usport, dport) = check(&out);
+        assert_eq!((src, dst, dport), (ROUTER_OUT, SERVER, 5353));
+        let a = udp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 5353, usport, b"answer");
+        let (verdict, out) = fx.tc(&a, fx.v1);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (_, _, src, dst, _, sport, dport) = check(&out);
+        assert_eq!((src, sport, dst, dport), (ROUTER_IN, 53, CLIENT, 5000));
+        assert_eq!(fx.reason(Reason::RedirectTc), 4);
+        assert_eq!(fx.inst.forward_stats(2).new_conns, 1);
+    });
+}
+
+#[test]
+fn udp_checksums_including_zero_checksum() {
+    with_fixture(CONFIG, |fx| {
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6000, 53, b"query with checksum");
+        let (verdict, out, _) = fx.xdp(&q, fx.v0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let h = PacketHeaders::from_ethernet_slice(&out).unwrap();
+        let Some(TransportHeader::Udp(u)) = h.transport else { panic!() };
+        assert_ne!(u.checksum, 0);
+        check(&out);
+
+        // A datagram sent without checksum keeps "no checksum" after the rewrite, on both paths.
+        let mut q0 = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6001, 53, b"no checksum");
+        q0[14 + 20 + 6] = 0;
+        q0[14 + 20 + 7] = 0;
+        for out in [fx.xdp(&q0, fx.v0).1, fx.tc(&q0, fx.v0).1] {
+            let h = PacketHeaders::from_ethernet_slice(&out).unwrap();
+            let Some(TransportHeader::Udp(u)) = h.transport else { panic!() };
+            assert_eq!(u.checksum, 0, "zero UDP checksum stays zero");
+            let (_, _, src, dst, _, _, dport) = check(&out);
+            assert_eq!((src, dst, dport), (ROUTER_OUT, SERVER, 5353));
+        }
+    });
+}
+
+#[test]
+fn frames_forwarder_does_not_handle_pass_untouched_with_their_reason() {
+    with_fixture(CONFIG, |fx| {
+        let base = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
+        let mut cases: Vec<(&str, Vec<u8>, Reason)> = Vec::new();
+        cases.push(("no rule", tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 80, true, b""), Reason::NoRule));
+        cases.push(("udp no rule", udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 1, 3306, b"x"), Reason::NoRule));
+        cases.push(("truncated tcp", base[..14 + 20 + 10].to_vec(), Reason::Malformed));
+        cases.push(("truncated ip", base[..14 + 12].to_vec(), Reason::Malformed));
+        let mut bad_len = base.clone();
+        bad_len[16] = 0x05; // total length 1280+ beyond the frame
+        cases.push(("ip total length beyond frame", bad_len, Reason::Malformed));
+        let mut frag = base.clone();
+        frag[14 + 6] = 0x20; // more fragments
+        cases.push(("fragment", frag, Reason::Fragment));
+        let mut frag2 = base.clone();
+        frag2[14 + 7] = 0x10; // fragment offset
+        cases.push(("later fragment", frag2, Reason::Fragment));
+        // IPv4 header with 4 bytes of options (NOP x4): IHL 6.
+        let mut opts = base[..14].to_vec();
+        let mut ip = base[14..34].to_vec();
+        ip[0] = 0x46;
+        let tot = u16::from_be_bytes([ip[2], ip[3]]) + 4;
+        ip[2..4].copy_from_slice(&tot.to_be_bytes());
+        opts.extend_from_slice(&ip);
+        opts.extend_from_slice(&[1, 1, 1, 1]);
+        opts.extend_from_slice(&base[34..]);
+        cases.push(("ip options", opts, Reason::IpOptions));
+        let mut arp = base[..14].to_vec();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        arp.extend_from_slice(&[0u8; 28]);
+        cases.push(("arp", arp, Reason::NotIp));
+        let mut vlan = base[..12].to_vec();
+        vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+        vlan.extend_from_slice(&base[12..]);
+        cases.push(("vlan", vlan, Reason::Vlan));
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac).ipv4(CLIENT, ROUTER_IN, 64).icmpv4_echo_request(1, 1).write(&mut icmp, b"ping").unwrap();
+        cases.push(("icmp", icmp, Reason::NotTcpUdp));
+        let mut v6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac)
+            .ipv6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 64)
+            .tcp(40000, 3306, 1, 100)
+            .syn()
+            .write(&mut v6, b"")
+            .unwrap();
+        cases.push(("ipv6", v6, Reason::Ipv6));
+        cases.push(("empty", vec![0u8; 14], Reason::NotIp));
+
+        for (name, frame, reason) in cases {
+            let before = fx.reason(reason);
+            let (verdict, out, meta) = fx.xdp(&frame, fx.v0);
+            assert_eq!(verdict, XDP_PASS, "{name}");
+            assert_eq!(out, frame, "{name}: passed untouched");
+            assert_eq!(meta, 4, "{name}: XDP tells TC it has seen it");
+            assert_eq!(fx.reason(reason), before + 1, "{name}: counted as {}", reason.name());
+            if frame.len() < 14 + 20 && frame[12..14] == [8, 0] {
+                continue; // the kernel refuses to build an skb for an IPv4 frame this short
+            }
+            let before = fx.reason(reason);
+            let (verdict, out) = fx.tc(&frame, fx.v0);
+            assert_eq!((verdict, out == frame), (TC_ACT_OK, true), "{name}: TC passes it untouched");
+            assert_eq!(fx.reason(reason), before + 1, "{name}: TC counts it too when it sees it first");
+        }
+        assert_eq!(fx.inst.conntrack_len(), 0, "nothing tracked");
+        assert_eq!(fx.inst.forward_stats(1).packets, 0);
+    });
+}
+
+#[test]
+fn partial_checksum_frames_go_to_tc_untouched() {
+    with_fixture(CONFIG, |fx| {
+        let mut f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"abc");
+        // What a sender with checksum offload leaves in the field: the folded pseudo-header
+        // sum (RFC 793 pseudo header: addresses, zero, protocol, TCP length).
+        let tcp_len = (f.len() - 34) as u32;
+        let mut sum = 0u32;
+        for w in [CLIENT, ROUTER_IN] {
+            sum += u16::from_be_bytes([w[0], w[1]]) as u32 + u16::from_be_bytes([w[2], w[3]]) as u32;
+        }
+        sum += 6 + tcp_len;
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        f[34 + 16..34 + 18].copy_from_slice(&(sum as u16).to_be_bytes());
+        let (verdict, out, meta) = fx.xdp(&f, fx.v0);
+        assert_eq!((verdict, meta), (XDP_PASS, 0), "handed to TC without the skip mark");
+        assert_eq!(out, f);
+        assert_eq!(fx.reason(Reason::XdpToTc), 1);
+        assert_eq!(fx.inst.conntrack_len(), 0, "XDP commits nothing it does not finish");
+    });
+}
+
+#[test]
+fn concurrent_flows_never_share_a_snat_port_and_exhaustion_is_counted() {
+    let cfg = format!("{CONFIG}\n[conntrack]\nsnat_ports = \"30000-30063\"\n");
+    with_fixture(&cfg, |fx| {
+        let mut ports = std::collections::HashSet::new();
+        let mut dropped = 0;
+        for i in 0..80u16 {
+            let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 41000 + i, 3306, true, b"");
+            let (verdict, out, _) = fx.xdp(&syn, fx.v0);
+            if verdict == XDP_DROP {
+                dropped += 1;
+                continue;
+            }
+            assert_eq!(verdict, XDP_REDIRECT);
+            let (_, _, _, _, _, sport, _) = check(&out);
+            assert!((30000..=30063).contains(&sport));
+            assert!(ports.insert(sport), "port {sport} handed out twice");
+        }
+        // 64 ports for 80 flows: at least 16 are refused; hashing with 8 tries may refuse a
+        // few more before the range is full.
+        assert!(dropped >= 16 && ports.len() + dropped == 80, "{} ports, {dropped} dropped", ports.len());
+        assert_eq!(fx.reason(Reason::PortsExhausted), dropped as u64);
+        assert_eq!(fx.inst.conntrack_len(), 2 * ports.len());
+    });
+}
+
+#[test]
+fn ttl_expiring_and_unroutable_backends_are_left_to_the_stack() {
+    let cfg = format!("{CONFIG}\n[[forward]]\nname = \"nowhere\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:9\"\nbackend = \"198.51.100.9:9\"\n");
+    with_fixture(&cfg, |fx| {
+        let mut f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
+        f[14 + 8] = 1;
+        let ip_sum = {
+            let mut ip = f[14..34].to_vec();
+            ip[10] = 0;
+            ip[11] = 0;
+            let mut s = 0u32;
+            for c in ip.chunks(2) {
+                s += u16::from_be_bytes([c[0], c[1]]) as u32;
+            }
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !(s as u16)
+        };
+        f[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+        let (verdict, _, _) = fx.xdp(&f, fx.v0);
+        assert_eq!(verdict, XDP_PASS, "XDP leaves TTL expiry to TC and the stack");
+        let (verdict, out) = fx.tc(&f, fx.v0);
+        assert_eq!(verdict, TC_ACT_OK);
+        let (_, _, _, dst, ttl, _, _) = check(&out);
+        assert_eq!((dst, ttl), (SERVER, 1), "rewritten, TTL left for the stack to expire");
+        assert_eq!(fx.reason(Reason::TtlToStack), 1);
+
+        // No route to 198.51.100.0/24: rewritten, handed to the stack (which answers ICMP).
+        let f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 9, true, b"");
+        let (verdict, out) = fx.tc(&f, fx.v0);
+        assert_eq!(verdict, TC_ACT_OK);
+        let (_, _, _, dst, ttl, _, dport) = check(&out);
+        assert_eq!((dst, dport, ttl), ([198, 51, 100, 9], 9, 64));
+        assert_eq!(fx.reason(Reason::FibToStack), 1);
+    });
+}
