@@ -3,6 +3,8 @@
 # Debian's rustc-web (1.96, with its std sources) for the kernel side, LLVM 22 and bpf-linker,
 # and the tools the tests and benchmarks use. A second run skips what is already there.
 set -euo pipefail
+# rustup's cargo first: Debian's cargo-web (/usr/bin) is only for the kernel-side build.
+export PATH="$HOME/.cargo/bin:$PATH"
 
 need_pkgs=(rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
     iproute2 iputils-ping ethtool socat iperf3 iptables nftables bpftool tcpdump)

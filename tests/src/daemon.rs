@@ -67,17 +67,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// `forwarder stats --json` of this instance.
-    pub fn stats(&self) -> Result<serde_json::Value> {
-        let out = run_ok(
+    /// Runs `forwarder ARGS... --pin-path PIN` in the instance's namespace; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        run_ok(
             std::process::Command::new("nsenter")
                 .arg(format!("--net={}", self.ns_path))
                 .arg("--")
                 .arg(forwarder_bin())
-                .args(["stats", "--json", "--pin-path"])
+                .args(args)
+                .arg("--pin-path")
                 .arg(&self.pin_path),
-        )?;
-        Ok(serde_json::from_str(&out)?)
+        )
+    }
+
+    /// `forwarder stats --json` of this instance.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.cli(&["stats", "--json"])?)?)
     }
 
     /// SIGTERM and wait; returns the exit status.

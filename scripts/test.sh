@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every test, on a fresh machine: set-up, build, then unit tests, BPF_PROG_TEST_RUN packet
+# fixtures and end-to-end tests in network namespaces (needs root). Exits non-zero on any
+# failure.
+set -euo pipefail
+# rustup's cargo first: Debian's cargo-web (/usr/bin) is only for the kernel-side build.
+export PATH="$HOME/.cargo/bin:$PATH"
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# The end-to-end tests run the real binary (target/debug/forwarder).
+cargo build --package forwarder-user
+cargo test --workspace --exclude forwarder-ebpf "$@"
