@@ -92,10 +92,7 @@ impl Reason {
 
     /// True when packets counted under this code were dropped.
     pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Reason::ConntrackFull | Reason::PortsExhausted | Reason::RewriteFailed
-        )
+        matches!(self, Reason::ConntrackFull | Reason::PortsExhausted | Reason::RewriteFailed)
     }
 
     /// True when packets counted under this code were forwarded (rewritten).

@@ -6,8 +6,8 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_INGRESS, FwdKey, FwdValue,
-    DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, PROTO_TCP, Reason, SNAT_OFF, TCP_SEEN_SYN,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
+    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF, TCP_SEEN_SYN,
 };
 
 use crate::{

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FwdKey, FwdStats, FwdValue, FwdMeta,
-    GlobalConfig, IfaceConfig, MAX_IFACES, REASON_SLOTS,
+    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig,
+    IfaceConfig, MAX_IFACES, REASON_SLOTS,
 };
 
 #[map(name = "FWD_RULES")]

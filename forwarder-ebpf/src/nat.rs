@@ -14,9 +14,7 @@ use forwarder_common::{
 use crate::{
     conntrack::Tuple,
     ctx::{read, write},
-    parse::{
-        IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, Ipv4Flow, L4_DPORT_OFF, L4_SPORT_OFF,
-    },
+    parse::{IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, Ipv4Flow, L4_DPORT_OFF, L4_SPORT_OFF},
 };
 
 #[inline(always)]
@@ -56,7 +54,14 @@ pub fn rewrite_xdp(ctx: &XdpContext, flow: &Ipv4Flow, new: &Tuple, dec_ttl: bool
 }
 
 #[inline(always)]
-fn store_addr(ctx: &TcContext, off: usize, l4_check_off: usize, l4_flags: u64, old: [u8; 4], new: [u8; 4]) -> Result<(), Reason> {
+fn store_addr(
+    ctx: &TcContext,
+    off: usize,
+    l4_check_off: usize,
+    l4_flags: u64,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Reason> {
     if old == new {
         return Ok(());
     }
@@ -68,7 +73,14 @@ fn store_addr(ctx: &TcContext, off: usize, l4_check_off: usize, l4_flags: u64, o
 }
 
 #[inline(always)]
-fn store_port(ctx: &TcContext, off: usize, l4_check_off: usize, l4_flags: u64, old: [u8; 2], new: [u8; 2]) -> Result<(), Reason> {
+fn store_port(
+    ctx: &TcContext,
+    off: usize,
+    l4_check_off: usize,
+    l4_flags: u64,
+    old: [u8; 2],
+    new: [u8; 2],
+) -> Result<(), Reason> {
     if old == new {
         return Ok(());
     }

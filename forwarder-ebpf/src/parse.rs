@@ -39,8 +39,6 @@ pub struct Ipv4Flow {
     pub tot_len: u16,
     /// L4 checksum as on the wire (host-order value of the two bytes).
     pub l4_check: u16,
-
-
 }
 
 impl Ipv4Flow {
@@ -111,6 +109,5 @@ pub fn parse_ipv4<P: Packet>(pkt: &P) -> Result<Ipv4Flow, Reason> {
         tos: ip[1],
         tot_len,
         l4_check,
-
     })
 }

@@ -44,9 +44,7 @@ pub fn lookup<C: EbpfContext>(ctx: &C, ingress: u32, flow: &Ipv4Flow, to: &Tuple
     p.ifindex = ingress;
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe {
-        fib_lookup_helper(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags)
-    };
+    let rc = unsafe { fib_lookup_helper(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
     // SAFETY: union members written by the kernel for AF_INET.
     let src = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
     Fib { rc, ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, src: if want_src { src } else { [0; 4] } }

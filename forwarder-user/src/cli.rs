@@ -58,12 +58,7 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
             let cfg = Config::from_file(&config)?;
-            println!(
-                "{}: ok ({} interfaces, {} forwards)",
-                config.display(),
-                cfg.interfaces.len(),
-                cfg.forwards.len()
-            );
+            println!("{}: ok ({} interfaces, {} forwards)", config.display(), cfg.interfaces.len(), cfg.forwards.len());
             Ok(())
         }
         Command::Stats { pin_path, json } => {

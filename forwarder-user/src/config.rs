@@ -214,11 +214,19 @@ impl Config {
                 return Err(err(rf.listen.span(), &f("listen"), "port must not be 0".into()));
             }
             if backend.port() == 0 || backend.ip().is_unspecified() {
-                return Err(err(rf.backend.span(), &f("backend"), "needs a concrete address and a port other than 0".into()));
+                return Err(err(
+                    rf.backend.span(),
+                    &f("backend"),
+                    "needs a concrete address and a port other than 0".into(),
+                ));
             }
             if listen.is_ipv6() || backend.is_ipv6() {
                 let span = if listen.is_ipv6() { rf.listen.span() } else { rf.backend.span() };
-                return Err(err(span, &f(if listen.is_ipv6() { "listen" } else { "backend" }), "IPv6 forwards are not supported yet".into()));
+                return Err(err(
+                    span,
+                    &f(if listen.is_ipv6() { "listen" } else { "backend" }),
+                    "IPv6 forwards are not supported yet".into(),
+                ));
             }
             let snat = match &rf.snat {
                 None => Snat::Auto,
@@ -228,15 +236,30 @@ impl Config {
                     other => match other.parse::<IpAddr>() {
                         Ok(a) if a.is_ipv4() == backend.is_ipv4() && !a.is_unspecified() => Snat::Address(a),
                         _ => {
-                            return Err(err(s.span(), &f("snat"), format!("{other:?}: expected \"auto\", \"off\" or an address of the backend's family")));
+                            return Err(err(
+                                s.span(),
+                                &f("snat"),
+                                format!("{other:?}: expected \"auto\", \"off\" or an address of the backend's family"),
+                            ));
                         }
                     },
                 },
             };
             if !seen_listen.insert((rf.protocol, listen)) {
-                return Err(err(rf.listen.span(), &f("listen"), format!("{:?} {listen} is already the listen address of another forward", rf.protocol)));
+                return Err(err(
+                    rf.listen.span(),
+                    &f("listen"),
+                    format!("{:?} {listen} is already the listen address of another forward", rf.protocol),
+                ));
             }
-            forwards.push(Forward { name: name.clone(), protocol: rf.protocol, listen, backend, snat, local: rf.local.unwrap_or(true) });
+            forwards.push(Forward {
+                name: name.clone(),
+                protocol: rf.protocol,
+                listen,
+                backend,
+                snat,
+                local: rf.local.unwrap_or(true),
+            });
         }
 
         let mut conntrack = Conntrack::default();
@@ -248,8 +271,13 @@ impl Config {
                 conntrack.max_entries = *m.get_ref();
             }
             if let Some(p) = &ct.snat_ports {
-                let (min, max) = parse_port_range(p.get_ref())
-                    .ok_or_else(|| err(p.span(), "conntrack.snat_ports", format!("{:?}: expected \"MIN-MAX\" with 1 <= MIN <= MAX <= 65535", p.get_ref())))?;
+                let (min, max) = parse_port_range(p.get_ref()).ok_or_else(|| {
+                    err(
+                        p.span(),
+                        "conntrack.snat_ports",
+                        format!("{:?}: expected \"MIN-MAX\" with 1 <= MIN <= MAX <= 65535", p.get_ref()),
+                    )
+                })?;
                 conntrack.snat_port_min = min;
                 conntrack.snat_port_max = max;
             }
@@ -303,7 +331,10 @@ snat = "auto"
     #[test]
     fn classic_example_parses() {
         let c = Config::parse(CLASSIC).unwrap();
-        assert_eq!(c.interfaces, vec![Interface { name: "eth0".into(), xdp: XdpMode::Native, redirect: RedirectMode::Auto }]);
+        assert_eq!(
+            c.interfaces,
+            vec![Interface { name: "eth0".into(), xdp: XdpMode::Native, redirect: RedirectMode::Auto }]
+        );
         let f = &c.forwards[0];
         assert_eq!(f.listen, "0.0.0.0:3306".parse().unwrap());
         assert_eq!(f.backend, "203.0.113.20:3197".parse().unwrap());
@@ -329,10 +360,14 @@ snat = "auto"
     fn bad_snat_and_duplicates_are_refused() {
         let (line, field, _) = invalid(&CLASSIC.replace("snat = \"auto\"", "snat = \"sometimes\""));
         assert_eq!((line, field.as_str()), (11, "forward[0].snat"));
-        let dup = format!("{CLASSIC}\n[[forward]]\nname = \"mysql\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:1\"\nbackend = \"192.0.2.1:2\"\n");
+        let dup = format!(
+            "{CLASSIC}\n[[forward]]\nname = \"mysql\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:1\"\nbackend = \"192.0.2.1:2\"\n"
+        );
         let (line, field, _) = invalid(&dup);
         assert_eq!((line, field.as_str()), (14, "forward[1].name"));
-        let dup_listen = format!("{CLASSIC}\n[[forward]]\nname = \"b\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:3306\"\nbackend = \"192.0.2.1:2\"\n");
+        let dup_listen = format!(
+            "{CLASSIC}\n[[forward]]\nname = \"b\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:3306\"\nbackend = \"192.0.2.1:2\"\n"
+        );
         assert_eq!(invalid(&dup_listen).1, "forward[1].listen");
     }
 
@@ -346,8 +381,12 @@ snat = "auto"
 
     #[test]
     fn ranges_and_limits() {
-        let c = Config::parse(&format!("{CLASSIC}\n[conntrack]\nsnat_ports = \"40000-40010\"\nmax_entries = 1024\n")).unwrap();
-        assert_eq!((c.conntrack.snat_port_min, c.conntrack.snat_port_max, c.conntrack.max_entries), (40000, 40010, 1024));
+        let c = Config::parse(&format!("{CLASSIC}\n[conntrack]\nsnat_ports = \"40000-40010\"\nmax_entries = 1024\n"))
+            .unwrap();
+        assert_eq!(
+            (c.conntrack.snat_port_min, c.conntrack.snat_port_max, c.conntrack.max_entries),
+            (40000, 40010, 1024)
+        );
         assert_eq!(invalid(&format!("{CLASSIC}\n[conntrack]\nsnat_ports = \"5-4\"\n")).1, "conntrack.snat_ports");
         assert_eq!(invalid(&CLASSIC.replace("0.0.0.0:3306", "[::]:3306")).1, "forward[0].listen");
     }

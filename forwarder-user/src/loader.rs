@@ -92,7 +92,11 @@ impl Instance {
             .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-        let xdp: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).expect("object has the XDP program").try_into().map_err(prog_err(XDP_PROGRAM))?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .expect("object has the XDP program")
+            .try_into()
+            .map_err(prog_err(XDP_PROGRAM))?;
         xdp.load().map_err(prog_err(XDP_PROGRAM))?;
         let tc: &mut SchedClassifier = ebpf
             .program_mut(TC_INGRESS_PROGRAM)
@@ -118,17 +122,23 @@ impl Instance {
     /// Writes global settings and the forwards of `cfg`. Keys of forwards that are no longer
     /// configured are removed, so the call is idempotent.
     pub fn apply_forwards(&mut self, cfg: &Config, local_addrs: &[IpAddr]) -> Result<()> {
-        let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(MAP_GLOBAL)).map_err(map_err(MAP_GLOBAL))?;
+        let mut global: Array<_, GlobalConfig> =
+            Array::try_from(self.map_mut(MAP_GLOBAL)).map_err(map_err(MAP_GLOBAL))?;
         global
             .set(
                 0,
-                GlobalConfig { snat_port_min: cfg.conntrack.snat_port_min, snat_port_max: cfg.conntrack.snat_port_max, _pad: 0 },
+                GlobalConfig {
+                    snat_port_min: cfg.conntrack.snat_port_min,
+                    snat_port_max: cfg.conntrack.snat_port_max,
+                    _pad: 0,
+                },
                 0,
             )
             .map_err(map_err(MAP_GLOBAL))?;
 
         let entries = forward_entries(&cfg.forwards, local_addrs);
-        let mut rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(self.map_mut(MAP_FORWARDS)).map_err(map_err(MAP_FORWARDS))?;
+        let mut rules: HashMap<_, FwdKey, FwdValue> =
+            HashMap::try_from(self.map_mut(MAP_FORWARDS)).map_err(map_err(MAP_FORWARDS))?;
         let wanted: HashSet<FwdKey> = entries.iter().flat_map(|e| e.keys.iter().copied()).collect();
         let stale: Vec<FwdKey> = rules.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
         for e in &entries {
@@ -139,7 +149,8 @@ impl Instance {
         for k in &stale {
             rules.remove(k).map_err(map_err(MAP_FORWARDS))?;
         }
-        let mut meta: Array<_, FwdMeta> = Array::try_from(self.map_mut(MAP_FORWARD_META)).map_err(map_err(MAP_FORWARD_META))?;
+        let mut meta: Array<_, FwdMeta> =
+            Array::try_from(self.map_mut(MAP_FORWARD_META)).map_err(map_err(MAP_FORWARD_META))?;
         for e in &entries {
             meta.set(e.id, e.meta, 0).map_err(map_err(MAP_FORWARD_META))?;
         }
@@ -154,10 +165,12 @@ impl Instance {
 
     /// Records how XDP may treat `ifindex` as an egress, and makes it a devmap target.
     pub fn set_egress(&mut self, ifindex: u32, flags: u32) -> Result<()> {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> = HashMap::try_from(self.map_mut(MAP_IFACES)).map_err(map_err(MAP_IFACES))?;
+        let mut ifaces: HashMap<_, u32, IfaceConfig> =
+            HashMap::try_from(self.map_mut(MAP_IFACES)).map_err(map_err(MAP_IFACES))?;
         ifaces.insert(ifindex, IfaceConfig { flags }, 0).map_err(map_err(MAP_IFACES))?;
         let mut tx: DevMapHash<_> = DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)).map_err(map_err(MAP_TX_PORTS))?;
-        tx.insert(ifindex, ifindex, None, 0).map_err(|e| Error::Interface { name: ifindex.to_string(), message: format!("devmap: {e}") })?;
+        tx.insert(ifindex, ifindex, None, 0)
+            .map_err(|e| Error::Interface { name: ifindex.to_string(), message: format!("devmap: {e}") })?;
         Ok(())
     }
 
@@ -181,7 +194,8 @@ impl Instance {
 
         if iface.xdp != XdpMode::Off {
             let mode = if iface.xdp == XdpMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb };
-            let xdp: &mut Xdp = self.ebpf.program_mut(XDP_PROGRAM).expect("loaded").try_into().map_err(prog_err(XDP_PROGRAM))?;
+            let xdp: &mut Xdp =
+                self.ebpf.program_mut(XDP_PROGRAM).expect("loaded").try_into().map_err(prog_err(XDP_PROGRAM))?;
             xdp.attach(&iface.name, mode).map_err(|e| Error::Interface {
                 name: iface.name.clone(),
                 message: format!("attaching XDP in {:?} mode: {e}", iface.xdp),
@@ -189,9 +203,16 @@ impl Instance {
         }
         // Only needed on kernels without tcx; harmless (EEXIST) otherwise.
         let _ = tc::qdisc_add_clsact(&iface.name);
-        let tc: &mut SchedClassifier = self.ebpf.program_mut(TC_INGRESS_PROGRAM).expect("loaded").try_into().map_err(prog_err(TC_INGRESS_PROGRAM))?;
-        tc.attach(&iface.name, TcAttachType::Ingress)
-            .map_err(|e| Error::Interface { name: iface.name.clone(), message: format!("attaching TC ingress: {e}") })?;
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_INGRESS_PROGRAM)
+            .expect("loaded")
+            .try_into()
+            .map_err(prog_err(TC_INGRESS_PROGRAM))?;
+        tc.attach(&iface.name, TcAttachType::Ingress).map_err(|e| Error::Interface {
+            name: iface.name.clone(),
+            message: format!("attaching TC ingress: {e}"),
+        })?;
         info!(interface = %iface.name, ifindex, xdp = ?iface.xdp, xdp_egress, veth = is_veth, "attached");
         self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: iface.xdp });
         Ok(())
@@ -261,11 +282,14 @@ impl Instance {
                 arr.set(i, vec![0u64; ncpu].try_into().expect("values"), 0).map_err(map_err(name))?;
             }
         }
-        let mut arr: PerCpuArray<_, FwdStats> = PerCpuArray::try_from(self.map_mut(MAP_FORWARD_STATS)).map_err(map_err(MAP_FORWARD_STATS))?;
+        let mut arr: PerCpuArray<_, FwdStats> =
+            PerCpuArray::try_from(self.map_mut(MAP_FORWARD_STATS)).map_err(map_err(MAP_FORWARD_STATS))?;
         for i in 0..arr.len().min(64) {
-            arr.set(i, vec![FwdStats::default(); ncpu].try_into().expect("values"), 0).map_err(map_err(MAP_FORWARD_STATS))?;
+            arr.set(i, vec![FwdStats::default(); ncpu].try_into().expect("values"), 0)
+                .map_err(map_err(MAP_FORWARD_STATS))?;
         }
-        let mut ct: HashMap<_, CtKey, CtValue> = HashMap::try_from(self.map_mut(MAP_CONNTRACK)).map_err(map_err(MAP_CONNTRACK))?;
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map_mut(MAP_CONNTRACK)).map_err(map_err(MAP_CONNTRACK))?;
         let keys: Vec<CtKey> = ct.keys().filter_map(|k| k.ok()).collect();
         for k in keys {
             let _ = ct.remove(&k);
@@ -363,6 +387,8 @@ pub fn open_pinned(dir: &Path, name: &str) -> Result<MapData> {
 
 pub fn warn_if_forwarding_disabled() {
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|s| s.trim() == "0").unwrap_or(false) {
-        warn!("net.ipv4.ip_forward is 0 in this network namespace: forwarded packets will be dropped by the kernel (sysctl -w net.ipv4.ip_forward=1)");
+        warn!(
+            "net.ipv4.ip_forward is 0 in this network namespace: forwarded packets will be dropped by the kernel (sysctl -w net.ipv4.ip_forward=1)"
+        );
     }
 }

@@ -3,8 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
-    FAMILY_V4, FAMILY_V6, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue, SNAT_AUTO, SNAT_FIXED,
-    SNAT_OFF,
+    FAMILY_V4, FAMILY_V6, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
 };
 
 use crate::config::{Forward, Snat};
@@ -21,11 +20,7 @@ pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
 }
 
 pub fn addr_from_bytes(bytes: &[u8; 16], family: u8) -> IpAddr {
-    if family == FAMILY_V6 {
-        IpAddr::from(*bytes)
-    } else {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    }
+    if family == FAMILY_V6 { IpAddr::from(*bytes) } else { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) }
 }
 
 /// One forward as the kernel sees it: an id, its metadata, and one or more listen keys
@@ -116,7 +111,8 @@ snat = "off"
 "#,
         )
         .unwrap();
-        let locals: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let locals: Vec<IpAddr> =
+            vec!["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
         let e = forward_entries(&cfg.forwards, &locals);
         assert_eq!(e[0].id, 1);
         assert_eq!(e[0].keys, vec![key_for(6, "127.0.0.1:3306".parse().unwrap())]);

@@ -65,11 +65,13 @@ fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
 /// Reads the counters of the instance pinned at `pin_dir`.
 pub fn read(pin_dir: &Path) -> Result<Snapshot> {
     let stats: PerCpuArray<MapData, FwdStats> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_FORWARD_STATS)?)).map_err(map_error(MAP_FORWARD_STATS))?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_FORWARD_STATS)?))
+            .map_err(map_error(MAP_FORWARD_STATS))?;
     let reasons: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_REASONS)?)).map_err(map_error(MAP_REASONS))?;
-    let meta: Array<MapData, FwdMeta> =
-        Array::try_from(aya::maps::Map::Array(open_pinned(pin_dir, MAP_FORWARD_META)?)).map_err(map_error(MAP_FORWARD_META))?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_REASONS)?))
+            .map_err(map_error(MAP_REASONS))?;
+    let meta: Array<MapData, FwdMeta> = Array::try_from(aya::maps::Map::Array(open_pinned(pin_dir, MAP_FORWARD_META)?))
+        .map_err(map_error(MAP_FORWARD_META))?;
 
     let mut forwards = Vec::new();
     for id in 1..meta.len() {
@@ -84,9 +86,13 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             id,
             name: String::from_utf8_lossy(&m.name[..name_len]).into_owned(),
             protocol: proto.into(),
-            listen: std::net::SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be)).to_string(),
-            backend: std::net::SocketAddr::new(addr_from_bytes(&m.value.backend_addr, m.value.family), u16::from_be(m.value.backend_port_be))
+            listen: std::net::SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be))
                 .to_string(),
+            backend: std::net::SocketAddr::new(
+                addr_from_bytes(&m.value.backend_addr, m.value.family),
+                u16::from_be(m.value.backend_port_be),
+            )
+            .to_string(),
             packets: s.packets,
             bytes: s.bytes,
             new_connections: s.new_conns,
@@ -98,7 +104,13 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         .map(|r| ReasonCounter {
             code: *r as u32,
             reason: r.name(),
-            kind: if r.is_forwarded() { "forwarded" } else if r.is_drop() { "dropped" } else { "passed" },
+            kind: if r.is_forwarded() {
+                "forwarded"
+            } else if r.is_drop() {
+                "dropped"
+            } else {
+                "passed"
+            },
             packets: sum_reason(&reasons, *r as u32),
         })
         .collect();
@@ -108,7 +120,11 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
 /// The human table of `forwarder stats`.
 pub fn render_table(s: &Snapshot) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}", "FORWARD", "PROTO", "LISTEN", "BACKEND", "PACKETS", "BYTES", "NEW_CONNS", "LOCAL");
+    let _ = writeln!(
+        out,
+        "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}",
+        "FORWARD", "PROTO", "LISTEN", "BACKEND", "PACKETS", "BYTES", "NEW_CONNS", "LOCAL"
+    );
     for f in &s.forwards {
         let _ = writeln!(
             out,

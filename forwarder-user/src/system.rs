@@ -5,8 +5,10 @@ use std::net::IpAddr;
 use crate::error::{Error, Result};
 
 pub fn ifindex(name: &str) -> Result<u32> {
-    nix::net::if_::if_nametoindex(name)
-        .map_err(|e| Error::Interface { name: name.to_string(), message: format!("not found in this network namespace ({e})") })
+    nix::net::if_::if_nametoindex(name).map_err(|e| Error::Interface {
+        name: name.to_string(),
+        message: format!("not found in this network namespace ({e})"),
+    })
 }
 
 /// True for a veth device (its far end only takes XDP frames if it runs XDP or GRO).

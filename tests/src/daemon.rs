@@ -13,9 +13,9 @@ use crate::netns::{Netns, run_ok};
 
 /// The `forwarder` binary under test: $FORWARDER_BIN, else the workspace's debug build.
 pub fn forwarder_bin() -> PathBuf {
-    std::env::var_os("FORWARDER_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/forwarder")
-    })
+    std::env::var_os("FORWARDER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/forwarder"))
 }
 
 pub struct Daemon {

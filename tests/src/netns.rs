@@ -60,7 +60,10 @@ impl Netns {
     }
 
     /// Like [`Netns::run`] without waiting.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<std::thread::JoinHandle<T>> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<T>> {
         let file = File::open(self.path()).with_context(|| format!("open {}", self.path()))?;
         Ok(std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");

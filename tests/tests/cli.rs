@@ -63,7 +63,14 @@ fn run_refuses_a_bad_config_and_applies_nothing() {
     let chain = Chain::new().unwrap();
     let (_d, p) = write_config(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
     let pin = format!("/sys/fs/bpf/fwt-{}", unique_tag());
-    let out = chain.router.cmd(forwarder_bin().to_str().unwrap()).args(["run", "--config"]).arg(&p).args(["--pin-path", &pin]).output().unwrap();
+    let out = chain
+        .router
+        .cmd(forwarder_bin().to_str().unwrap())
+        .args(["run", "--config"])
+        .arg(&p)
+        .args(["--pin-path", &pin])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 8") && err.contains("protocol") && err.contains("sctp"), "{err}");
@@ -77,7 +84,14 @@ fn run_refuses_a_missing_interface_and_cleans_up() {
     let chain = Chain::new().unwrap();
     let (_d, p) = write_config(&GOOD.replace("name = \"rc\"", "name = \"nosuch0\""));
     let pin = format!("/sys/fs/bpf/fwt-{}", unique_tag());
-    let out = chain.router.cmd(forwarder_bin().to_str().unwrap()).args(["run", "--config"]).arg(&p).args(["--pin-path", &pin]).output().unwrap();
+    let out = chain
+        .router
+        .cmd(forwarder_bin().to_str().unwrap())
+        .args(["run", "--config"])
+        .arg(&p)
+        .args(["--pin-path", &pin])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch0"));
     assert!(!std::path::Path::new(&pin).exists(), "nothing left pinned");

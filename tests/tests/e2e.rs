@@ -111,7 +111,13 @@ fn tcp_forward(xdp: &str) {
     // 100 kB each way: at least that many L3 bytes were rewritten.
     assert!(f["bytes"].as_u64().unwrap() > 200_000, "{f}");
     let stats = daemon.stats().unwrap();
-    let left: u64 = stats["reasons"].as_array().unwrap().iter().filter(|r| r["kind"] == "forwarded").map(|r| r["packets"].as_u64().unwrap()).sum();
+    let left: u64 = stats["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "forwarded")
+        .map(|r| r["packets"].as_u64().unwrap())
+        .sum();
     assert_eq!(left, f["packets"].as_u64().unwrap(), "every rewritten packet left one way: {stats}");
     assert_eq!(reason(&daemon, "malformed"), 0, "{stats}");
 }
@@ -271,7 +277,10 @@ fn instances_coexist_and_detach_cleanly() {
     let xdp = a.router.ip(&["-d", "link", "show", "dev", "rc"]).unwrap();
     assert!(!xdp.contains("prog/xdp"), "XDP detached: {xdp}");
     let refused = a.client.run(|| {
-        TcpStream::connect_timeout(&format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap(), Duration::from_secs(2))
+        TcpStream::connect_timeout(
+            &format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap(),
+            Duration::from_secs(2),
+        )
     });
     assert!(refused.unwrap().is_err(), "without forwarder the port is closed on the router");
 }

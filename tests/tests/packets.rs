@@ -55,7 +55,10 @@ struct Fixture {
 fn with_fixture(config: &str, test: impl FnOnce(&mut Fixture) + Send + 'static) {
     let tag = unique_tag();
     let ns = Netns::new(&format!("fwt-{tag}-p")).unwrap();
-    for (dev, addr, neigh, mac) in [("v0", "192.0.2.1/24", "192.0.2.2", "02:00:00:00:00:02"), ("v1", "203.0.113.1/24", "203.0.113.20", "02:00:00:00:00:20")] {
+    for (dev, addr, neigh, mac) in [
+        ("v0", "192.0.2.1/24", "192.0.2.2", "02:00:00:00:00:02"),
+        ("v1", "203.0.113.1/24", "203.0.113.20", "02:00:00:00:00:20"),
+    ] {
         ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &format!("{dev}p")]).unwrap();
         ns.ip(&["addr", "add", addr, "dev", dev]).unwrap();
         ns.ip(&["link", "set", dev, "up"]).unwrap();
@@ -88,7 +91,12 @@ impl Fixture {
         let r = self
             .inst
             .xdp()
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
             .unwrap();
         out.truncate(r.data_size_out as usize);
         // Output starts at the metadata; XDP writes 4 bytes of it on "not ours" passes.
@@ -106,7 +114,12 @@ impl Fixture {
         let r = self
             .inst
             .tc_ingress()
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
             .unwrap_or_else(|e| panic!("TC test run of {} bytes: {e}", frame.len()));
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -117,7 +130,16 @@ impl Fixture {
     }
 }
 
-fn tcp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
+fn tcp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1000, 65000);
     let b = if syn { b.syn() } else { b.ack(5000) };
     let mut v = Vec::new();
@@ -125,7 +147,15 @@ fn tcp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], spo
     v
 }
 
-fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(sport, dport).write(&mut v, payload).unwrap();
     v
@@ -251,7 +281,11 @@ fn frames_forwarder_does_not_handle_pass_untouched_with_their_reason() {
     with_fixture(CONFIG, |fx| {
         let base = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
         let mut cases: Vec<(&str, Vec<u8>, Reason)> = Vec::new();
-        cases.push(("no rule", tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 80, true, b""), Reason::NoRule));
+        cases.push((
+            "no rule",
+            tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 80, true, b""),
+            Reason::NoRule,
+        ));
         cases.push(("udp no rule", udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 1, 3306, b"x"), Reason::NoRule));
         cases.push(("truncated tcp", base[..14 + 20 + 10].to_vec(), Reason::Malformed));
         cases.push(("truncated ip", base[..14 + 12].to_vec(), Reason::Malformed));
@@ -283,11 +317,19 @@ fn frames_forwarder_does_not_handle_pass_untouched_with_their_reason() {
         vlan.extend_from_slice(&base[12..]);
         cases.push(("vlan", vlan, Reason::Vlan));
         let mut icmp = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac).ipv4(CLIENT, ROUTER_IN, 64).icmpv4_echo_request(1, 1).write(&mut icmp, b"ping").unwrap();
+        PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac)
+            .ipv4(CLIENT, ROUTER_IN, 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut icmp, b"ping")
+            .unwrap();
         cases.push(("icmp", icmp, Reason::NotTcpUdp));
         let mut v6 = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac)
-            .ipv6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 64)
+            .ipv6(
+                [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                64,
+            )
             .tcp(40000, 3306, 1, 100)
             .syn()
             .write(&mut v6, b"")
@@ -367,7 +409,9 @@ fn concurrent_flows_never_share_a_snat_port_and_exhaustion_is_counted() {
 
 #[test]
 fn ttl_expiring_and_unroutable_backends_are_left_to_the_stack() {
-    let cfg = format!("{CONFIG}\n[[forward]]\nname = \"nowhere\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:9\"\nbackend = \"198.51.100.9:9\"\n");
+    let cfg = format!(
+        "{CONFIG}\n[[forward]]\nname = \"nowhere\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:9\"\nbackend = \"198.51.100.9:9\"\n"
+    );
     with_fixture(&cfg, |fx| {
         let mut f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
         f[14 + 8] = 1;

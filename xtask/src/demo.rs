@@ -33,7 +33,9 @@ snat = "auto"
 
 pub fn run(connections: usize) -> Result<()> {
     crate::build_forwarder()?;
-    println!("== sandbox: client {CLIENT_ADDR} ─ router {ROUTER_CLIENT_ADDR} | {ROUTER_SERVER_ADDR} ─ server {SERVER_ADDR}");
+    println!(
+        "== sandbox: client {CLIENT_ADDR} ─ router {ROUTER_CLIENT_ADDR} | {ROUTER_SERVER_ADDR} ─ server {SERVER_ADDR}"
+    );
     let chain = Chain::new().context("creating the namespace sandbox")?;
     println!("== forwarder config (embedded default):{DEMO_CONFIG}");
     let daemon = Daemon::start(&chain.router, &chain.tag, DEMO_CONFIG)?;
@@ -55,7 +57,8 @@ pub fn run(connections: usize) -> Result<()> {
 
     for i in 0..connections {
         let line = chain.client.run(move || -> Result<String> {
-            let mut s = TcpStream::connect_timeout(&format!("{ROUTER_CLIENT_ADDR}:3306").parse()?, Duration::from_secs(5))?;
+            let mut s =
+                TcpStream::connect_timeout(&format!("{ROUTER_CLIENT_ADDR}:3306").parse()?, Duration::from_secs(5))?;
             s.write_all(format!("hello #{i}").as_bytes())?;
             let mut reply = String::new();
             s.read_to_string(&mut reply)?;

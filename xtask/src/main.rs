@@ -29,9 +29,8 @@ fn main() -> anyhow::Result<()> {
 
 /// Builds the `forwarder` binary (and its embedded kernel object) if anything changed.
 pub fn build_forwarder() -> anyhow::Result<()> {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--package", "forwarder-user"])
-        .status()?;
+    let status =
+        std::process::Command::new(env!("CARGO")).args(["build", "--quiet", "--package", "forwarder-user"]).status()?;
     anyhow::ensure!(status.success(), "building forwarder failed");
     Ok(())
 }
