@@ -17,6 +17,12 @@ pub const MAP_IFACES: &str = "FWD_IFACES";
 pub const MAP_TX_PORTS: &str = "FWD_TX_PORTS";
 /// Global settings: index 0 -> [`GlobalConfig`] (array of one).
 pub const MAP_GLOBAL: &str = "FWD_GLOBAL";
+/// Connected local sockets whose destination was rewritten: socket cookie -> [`LocalOrig`].
+pub const MAP_LOCAL_CONNECTED: &str = "FWD_LOCAL_CONN";
+/// Unconnected local UDP sockets: [`LocalUdpKey`] -> [`LocalOrig`].
+pub const MAP_LOCAL_UDP: &str = "FWD_LOCAL_UDP";
+/// Entries of each local-socket map.
+pub const LOCAL_SOCKET_ENTRIES: u32 = 65_536;
 /// Forward metadata for operators (names, never read by the kernel): id -> [`FwdMeta`].
 pub const MAP_FORWARD_META: &str = "FWD_META";
 
@@ -162,8 +168,35 @@ pub struct GlobalConfig {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub _pad: u32,
+    /// Cookie of the network namespace this instance serves. The cgroup socket hooks see
+    /// sockets of every namespace and rewrite only those of this one (0: none).
+    pub netns_cookie: u64,
 }
-const _: () = assert!(size_of::<GlobalConfig>() == 8);
+const _: () = assert!(size_of::<GlobalConfig>() == 16);
+
+/// What a local program dialled, kept for getpeername and for UDP replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalOrig {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub forward_id: u32,
+}
+const _: () = assert!(size_of::<LocalOrig>() == 24);
+
+/// An unconnected UDP socket's datagrams to one backend (sendmsg/recvmsg hooks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalUdpKey {
+    pub socket_cookie: u64,
+    pub backend_addr: [u8; 16],
+    pub backend_port_be: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<LocalUdpKey>() == 32);
 
 /// Operator-facing description of a forward (name, NUL padded).
 #[repr(C)]
@@ -196,4 +229,6 @@ mod pod {
     unsafe impl aya::Pod for IfaceConfig {}
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for FwdMeta {}
+    unsafe impl aya::Pod for LocalOrig {}
+    unsafe impl aya::Pod for LocalUdpKey {}
 }

@@ -6,6 +6,7 @@ mod conntrack;
 mod csum;
 mod ctx;
 mod l2;
+mod local;
 mod maps;
 mod nat;
 mod parse;
@@ -17,8 +18,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::TC_ACT_OK,
     helpers::{bpf_redirect, bpf_redirect_neigh},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use forwarder_common::{Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP};
@@ -172,6 +173,33 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
         FIB_FRAG_NEEDED if fib.rc >= 0 => Ok((TC_ACT_OK, Reason::FibFragNeeded)),
         _ => Ok((TC_ACT_OK, Reason::FibToStack)),
     }
+}
+
+/// Cgroup socket hooks return 1 ("allow"): forwarder rewrites, it never refuses a socket.
+const SOCK_ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn forwarder_connect4(ctx: SockAddrContext) -> i32 {
+    local::connect4(&ctx);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn forwarder_getpeername4(ctx: SockAddrContext) -> i32 {
+    local::getpeername4(&ctx);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn forwarder_sendmsg4(ctx: SockAddrContext) -> i32 {
+    local::sendmsg4(&ctx);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn forwarder_recvmsg4(ctx: SockAddrContext) -> i32 {
+    local::recvmsg4(&ctx);
+    SOCK_ALLOW
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig,
-    IfaceConfig, MAX_IFACES, REASON_SLOTS,
+    IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, MAX_IFACES, REASON_SLOTS,
 };
 
 #[map(name = "FWD_RULES")]
@@ -43,3 +43,9 @@ pub struct CtScratch {
 
 #[map(name = "FWD_SCRATCH")]
 pub static FWD_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "FWD_LOCAL_CONN")]
+pub static FWD_LOCAL_CONN: LruHashMap<u64, LocalOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
+
+#[map(name = "FWD_LOCAL_UDP")]
+pub static FWD_LOCAL_UDP: LruHashMap<LocalUdpKey, LocalOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);

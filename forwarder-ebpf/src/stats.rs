@@ -31,3 +31,12 @@ pub fn count_new_conn(forward_id: u32) {
         unsafe { (*s).new_conns += 1 };
     }
 }
+
+/// A connection (or first UDP datagram) of a local program rewritten by the cgroup hooks.
+#[inline(always)]
+pub fn count_local_conn(forward_id: u32) {
+    if let Some(s) = FWD_FWD_STATS.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { (*s).local_conns += 1 };
+    }
+}

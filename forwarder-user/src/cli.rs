@@ -35,6 +35,10 @@ pub enum Command {
         /// Turn on the kernel programs' aya-log output at debug level (costly; off by default).
         #[arg(long)]
         bpf_debug: bool,
+        /// cgroup v2 directory for the local-forward socket hooks (default: the cgroup v2
+        /// mount found in /proc/mounts, i.e. every process of the host).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Validate a config; nothing is applied.
     Check {
@@ -70,15 +74,15 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, pin_path, bpf_debug } => {
+        Command::Run { config, pin_path, bpf_debug, cgroup } => {
             let cfg = Config::from_file(&config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(run(cfg, pin_path, bpf_debug))
+            rt.block_on(run(cfg, pin_path, bpf_debug, cgroup))
         }
     }
 }
 
-async fn run(cfg: Config, pin_path: PathBuf, bpf_debug: bool) -> anyhow::Result<()> {
+async fn run(cfg: Config, pin_path: PathBuf, bpf_debug: bool, cgroup: Option<PathBuf>) -> anyhow::Result<()> {
     let _lock = PinLock::acquire(&pin_path)?;
     loader::warn_if_forwarding_disabled();
     let mut opts = LoadOptions::from_config(&cfg);
@@ -101,6 +105,12 @@ async fn run(cfg: Config, pin_path: PathBuf, bpf_debug: bool) -> anyhow::Result<
         inst.apply_forwards(&cfg, &system::local_addresses()?)?;
         for iface in &cfg.interfaces {
             inst.attach(iface)?;
+        }
+        if cfg.forwards.iter().any(|f| f.local) {
+            let cgroup = cgroup
+                .or_else(system::cgroup2_mount)
+                .context("no cgroup v2 mount found for local forwards (give --cgroup DIR)")?;
+            inst.attach_local(&cgroup)?;
         }
         inst.pin_maps(&pin_path)?;
         anyhow::Ok(())

@@ -10,7 +10,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc},
 };
 use forwarder_common::{
     CtKey, CtValue, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC,
@@ -28,6 +28,9 @@ use crate::{
 
 pub const XDP_PROGRAM: &str = "forwarder_xdp";
 pub const TC_INGRESS_PROGRAM: &str = "forwarder_tc_ingress";
+/// cgroup socket-address hooks of local forwards.
+pub const LOCAL_PROGRAMS: [&str; 4] =
+    ["forwarder_connect4", "forwarder_getpeername4", "forwarder_sendmsg4", "forwarder_recvmsg4"];
 
 /// Default bpffs directory of an instance's pinned maps.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/forwarder";
@@ -70,6 +73,8 @@ pub struct Attached {
 pub struct Instance {
     pub ebpf: Ebpf,
     pub attached: Vec<Attached>,
+    /// cgroup the local-forward hooks are attached to.
+    pub local_cgroup: Option<PathBuf>,
     pinned: Option<PathBuf>,
 }
 
@@ -104,7 +109,12 @@ impl Instance {
             .try_into()
             .map_err(prog_err(TC_INGRESS_PROGRAM))?;
         tc.load().map_err(prog_err(TC_INGRESS_PROGRAM))?;
-        Ok(Self { ebpf, attached: Vec::new(), pinned: None })
+        for name in LOCAL_PROGRAMS {
+            let p: &mut CgroupSockAddr =
+                ebpf.program_mut(name).expect("object has the cgroup programs").try_into().map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+        Ok(Self { ebpf, attached: Vec::new(), local_cgroup: None, pinned: None })
     }
 
     pub fn xdp(&self) -> &Xdp {
@@ -131,6 +141,7 @@ impl Instance {
                     snat_port_min: cfg.conntrack.snat_port_min,
                     snat_port_max: cfg.conntrack.snat_port_max,
                     _pad: 0,
+                    netns_cookie: system::netns_cookie()?,
                 },
                 0,
             )
@@ -215,6 +226,28 @@ impl Instance {
         })?;
         info!(interface = %iface.name, ifindex, xdp = ?iface.xdp, xdp_egress, veth = is_veth, "attached");
         self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: iface.xdp });
+        Ok(())
+    }
+
+    /// Attaches the local-forward socket hooks to a cgroup v2 directory (they then apply to
+    /// every process in it and below). bpf links stack, so instances and other tools coexist.
+    pub fn attach_local(&mut self, cgroup: &Path) -> Result<()> {
+        let fd = std::fs::File::open(cgroup).map_err(|e| Error::Interface {
+            name: cgroup.display().to_string(),
+            message: format!("opening the cgroup: {e}"),
+        })?;
+        for name in LOCAL_PROGRAMS {
+            let p: &mut CgroupSockAddr =
+                self.ebpf.program_mut(name).expect("loaded").try_into().map_err(prog_err(name))?;
+            // Through a bpf link (kernel >= 5.7) the attachment is multi by nature and the
+            // kernel refuses link flags, so the mode must be the default.
+            p.attach(&fd, CgroupAttachMode::Single).map_err(|e| Error::Interface {
+                name: cgroup.display().to_string(),
+                message: format!("attaching {name}: {e:?}"),
+            })?;
+        }
+        info!(cgroup = %cgroup.display(), "local forwards attached");
+        self.local_cgroup = Some(cgroup.to_path_buf());
         Ok(())
     }
 

@@ -38,3 +38,36 @@ pub fn local_addresses() -> Result<Vec<IpAddr>> {
     out.dedup();
     Ok(out)
 }
+
+/// Cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14+): what
+/// the cgroup hooks compare to keep to this instance's namespace.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket fd and an out-buffer of the advertised length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(dir))
+    })
+}

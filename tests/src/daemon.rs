@@ -20,6 +20,8 @@ pub fn forwarder_bin() -> PathBuf {
 
 pub struct Daemon {
     child: Option<Child>,
+    /// The cgroup the local-forward hooks attach to: the test's own, never the host's root.
+    pub cgroup: crate::Cgroup,
     pub pin_path: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
@@ -30,6 +32,12 @@ impl Daemon {
     /// Writes `config` to a temp file and starts `forwarder run` in `ns`; returns once the
     /// instance has pinned its maps (its last set-up step).
     pub fn start(ns: &Netns, tag: &str, config: &str) -> Result<Self> {
+        Self::start_with(ns, tag, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra `forwarder run` arguments.
+    pub fn start_with(ns: &Netns, tag: &str, config: &str, extra: &[&str]) -> Result<Self> {
+        let cgroup = crate::Cgroup::new(tag)?;
         let dir = std::env::temp_dir().join(format!("forwarder-test-{tag}"));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("forwarder.toml");
@@ -46,10 +54,13 @@ impl Daemon {
             .arg(&config_path)
             .arg("--pin-path")
             .arg(&pin_path)
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path)?)
             .spawn()?;
-        let mut d = Self { child: Some(child), pin_path, config_path, log_path, ns_path: ns.path() };
+        let mut d = Self { child: Some(child), cgroup, pin_path, config_path, log_path, ns_path: ns.path() };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.pin_path.join(forwarder_common::MAP_FORWARD_META).exists() {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

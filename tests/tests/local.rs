@@ -1,0 +1,159 @@
+//! Local forwards end to end: programs on the router itself (in its namespace and a test
+//! cgroup) reach a forward through localhost, the router's own addresses and the listen
+//! address, over TCP and unconnected UDP, and see what they dialled.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, UdpSocket},
+    time::Duration,
+};
+
+use forwarder_tests::{Chain, Daemon, Netns};
+
+const CONFIG: &str = r#"
+[[interface]]
+name = "rc"
+xdp = "native"
+
+[[interface]]
+name = "rs"
+xdp = "native"
+
+[[forward]]
+name = "mysql"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+
+[[forward]]
+name = "dns"
+protocol = "udp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+
+[[forward]]
+name = "on-host"
+protocol = "tcp"
+listen = "0.0.0.0:4406"
+backend = "127.0.0.1:3197"
+
+[[forward]]
+name = "not-local"
+protocol = "tcp"
+listen = "0.0.0.0:5506"
+backend = "203.0.113.20:3197"
+local = false
+"#;
+
+/// TCP server in `ns` on `addr`: replies "<who> got <message>" to `conns` connections.
+fn tcp_server(ns: &Netns, addr: &'static str, who: &'static str, conns: usize) -> std::thread::JoinHandle<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = ns
+        .spawn(move || {
+            let l = TcpListener::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            for _ in 0..conns {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut msg = String::new();
+                s.read_to_string(&mut msg).unwrap();
+                s.write_all(format!("{who} got {msg}").as_bytes()).unwrap();
+            }
+        })
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    h
+}
+
+fn udp_server(ns: &Netns, datagrams: usize) -> std::thread::JoinHandle<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = ns
+        .spawn(move || {
+            let s = UdpSocket::bind("203.0.113.20:3197").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 1500];
+            for _ in 0..datagrams {
+                let (n, from) = s.recv_from(&mut buf).unwrap();
+                s.send_to(format!("udp backend got {}", String::from_utf8_lossy(&buf[..n])).as_bytes(), from).unwrap();
+            }
+        })
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    h
+}
+
+/// Runs fwt-probe in `ns` inside the daemon's cgroup; returns its JSON line.
+fn probe(d: &Daemon, ns: &Netns, mode: &str, to: &str, msg: &str) -> serde_json::Value {
+    let out = d.cgroup.command(ns, env!("CARGO_BIN_EXE_fwt-probe")).unwrap().args([mode, to, msg]).output().unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe output {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn local_conns(d: &Daemon, name: &str) -> u64 {
+    let s = d.stats().unwrap();
+    s["forwards"].as_array().unwrap().iter().find(|f| f["name"] == name).unwrap()["local_connections"].as_u64().unwrap()
+}
+
+#[test]
+fn local_tcp_through_localhost_own_addresses_and_listen_address() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, CONFIG).unwrap();
+    let server = tcp_server(&chain.server, "203.0.113.20:3197", "backend", 3);
+    for to in ["127.0.0.1:3306", "192.0.2.1:3306", "203.0.113.1:3306"] {
+        let r = probe(&d, &chain.router, "tcp", to, &format!("hello via {to}"));
+        assert_eq!(r["reply"], format!("backend got hello via {to}"), "{to}: {r}");
+        assert_eq!(r["peer"], to, "getpeername shows what the program dialled");
+    }
+    server.join().unwrap();
+    assert_eq!(local_conns(&d, "mysql"), 3);
+    let s = d.stats().unwrap();
+    assert_eq!(s["forwards"][0]["new_connections"], 0, "local connections are not interface flows: {s}");
+}
+
+#[test]
+fn local_unconnected_udp_replies_come_from_the_dialled_address() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, CONFIG).unwrap();
+    let server = udp_server(&chain.server, 2);
+    for to in ["127.0.0.1:3306", "192.0.2.1:3306"] {
+        let r = probe(&d, &chain.router, "udp", to, "q");
+        assert_eq!(r["reply"], "udp backend got q", "{r}");
+        assert_eq!(r["peer"], to, "recvfrom shows the address the program sent to");
+    }
+    server.join().unwrap();
+    assert_eq!(local_conns(&d, "dns"), 2);
+}
+
+#[test]
+fn local_backend_on_the_host_itself() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, CONFIG).unwrap();
+    let local = tcp_server(&chain.router, "127.0.0.1:3197", "router-local backend", 1);
+    let r = probe(&d, &chain.router, "tcp", "127.0.0.1:4406", "x");
+    assert_eq!(r["reply"], "router-local backend got x", "{r}");
+    assert_eq!(r["peer"], "127.0.0.1:4406");
+    local.join().unwrap();
+    assert_eq!(local_conns(&d, "on-host"), 1);
+}
+
+#[test]
+fn other_namespaces_and_non_local_forwards_are_left_alone_and_detach_removes_the_hooks() {
+    let chain = Chain::new().unwrap();
+    let mut d = Daemon::start(&chain.router, &chain.tag, CONFIG).unwrap();
+    // A process in another namespace (same cgroup, so the hooks run for it) dialling
+    // 127.0.0.1:3306 reaches its own namespace's listener, not the backend.
+    let own = tcp_server(&chain.client, "127.0.0.1:3306", "client-local", 1);
+    let r = probe(&d, &chain.client, "tcp", "127.0.0.1:3306", "a");
+    assert_eq!(r["reply"], "client-local got a", "{r}");
+    own.join().unwrap();
+
+    // local = false: a local program gets no rewrite (nothing listens on 5506 here).
+    let r = probe(&d, &chain.router, "tcp", "127.0.0.1:5506", "b");
+    assert!(r["error"].as_str().unwrap_or("").contains("refused"), "{r}");
+    assert_eq!(local_conns(&d, "not-local"), 0);
+
+    assert!(d.stop().unwrap().success());
+    let r = probe(&d, &chain.router, "tcp", "127.0.0.1:3306", "c");
+    assert!(r["error"].as_str().unwrap_or("").contains("refused"), "without forwarder localhost:3306 is closed: {r}");
+}
