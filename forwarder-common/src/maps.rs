@@ -23,6 +23,11 @@ pub const MAP_LOCAL_CONNECTED: &str = "FWD_LOCAL_CONN";
 pub const MAP_LOCAL_UDP: &str = "FWD_LOCAL_UDP";
 /// Entries of each local-socket map.
 pub const LOCAL_SOCKET_ENTRIES: u32 = 65_536;
+/// Same-switch peers delivered straight at layer 2: [`PeerKey`] -> [`PeerValue`] (hash).
+pub const MAP_PEERS: &str = "FWD_PEERS";
+/// Per-peer counters: peer id -> [`PeerStats`] (per-CPU array).
+pub const MAP_PEER_STATS: &str = "FWD_PEER_STATS";
+pub const MAX_PEERS: u32 = 256;
 /// Forward metadata for operators (names, never read by the kernel): id -> [`FwdMeta`].
 pub const MAP_FORWARD_META: &str = "FWD_META";
 
@@ -167,12 +172,16 @@ pub struct GlobalConfig {
     /// First and last source port for SNAT, host order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// `GLOBAL_*` bits.
+    pub flags: u32,
     /// Cookie of the network namespace this instance serves. The cgroup socket hooks see
     /// sockets of every namespace and rewrite only those of this one (0: none).
     pub netns_cookie: u64,
 }
 const _: () = assert!(size_of::<GlobalConfig>() == 16);
+
+/// At least one peer is configured: the fast path looks destinations up in `FWD_PEERS`.
+pub const GLOBAL_HAS_PEERS: u32 = 1 << 0;
 
 /// What a local program dialled, kept for getpeername and for UDP replies.
 #[repr(C)]
@@ -214,6 +223,47 @@ impl Default for FwdMeta {
     }
 }
 
+/// A configured peer's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PeerKey>() == 20);
+
+/// The peer answers its neighbour (ARP/ND): send to it directly.
+pub const PEER_DIRECT: u32 = 1;
+/// The peer does not answer: normal routing (through the gateway), counted.
+pub const PEER_FALLBACK: u32 = 0;
+/// skb mark of userspace's probe datagrams: sent direct even while a peer is in fallback,
+/// so the kernel's neighbour subsystem tries to resolve the peer again.
+pub const PEER_PROBE_MARK: u32 = 0x4657_5052;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerValue {
+    /// Interface the peer is reached on.
+    pub ifindex: u32,
+    /// Index into the per-peer counters (1-based).
+    pub peer_id: u32,
+    /// [`PEER_DIRECT`] or [`PEER_FALLBACK`], maintained by userspace from the neighbour state.
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PeerValue>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerStats {
+    pub direct_packets: u64,
+    pub direct_bytes: u64,
+    pub fallback_packets: u64,
+    pub fallback_bytes: u64,
+}
+const _: () = assert!(size_of::<PeerStats>() == 32);
+
 /// Magic written by XDP into the frame metadata of a packet it has fully classified as
 /// "not ours", so the TC ingress program does not look at it again.
 pub const XDP_META_SKIP: u32 = 0x4657_5301;
@@ -231,4 +281,7 @@ mod pod {
     unsafe impl aya::Pod for FwdMeta {}
     unsafe impl aya::Pod for LocalOrig {}
     unsafe impl aya::Pod for LocalUdpKey {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerValue {}
+    unsafe impl aya::Pod for PeerStats {}
 }

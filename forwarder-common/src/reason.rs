@@ -41,10 +41,14 @@ pub enum Reason {
     Vlan = 17,
     /// A helper that rewrites the packet failed: dropped (should never happen).
     RewriteFailed = 18,
+    /// Sent straight to a same-switch peer (bpf_redirect_neigh).
+    PeerDirect = 19,
+    /// For a peer that does not answer ARP/ND: left to normal routing.
+    PeerFallback = 20,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 18] = [
+pub const ALL_REASONS: [Reason; 20] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -63,6 +67,8 @@ pub const ALL_REASONS: [Reason; 18] = [
     Reason::FibFragNeeded,
     Reason::RewriteFailed,
     Reason::Vlan,
+    Reason::PeerDirect,
+    Reason::PeerFallback,
 ];
 
 impl Reason {
@@ -87,6 +93,8 @@ impl Reason {
             Reason::FibFragNeeded => "fib_frag_needed",
             Reason::RewriteFailed => "rewrite_failed",
             Reason::Vlan => "vlan",
+            Reason::PeerDirect => "peer_direct",
+            Reason::PeerFallback => "peer_fallback",
         }
     }
 
@@ -106,6 +114,21 @@ impl Reason {
                 | Reason::TtlToStack
                 | Reason::FibFragNeeded
         )
+    }
+
+    /// How operators read the code: "forwarded" (a forward's packet, rewritten, and how it
+    /// left), "peer" (sent to a same-switch peer or left to routing for one), "dropped", or
+    /// "passed" (to the kernel untouched).
+    pub const fn kind(self) -> &'static str {
+        if self.is_forwarded() {
+            "forwarded"
+        } else if self.is_drop() {
+            "dropped"
+        } else if matches!(self, Reason::PeerDirect | Reason::PeerFallback) {
+            "peer"
+        } else {
+            "passed"
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod local;
 mod maps;
 mod nat;
 mod parse;
+mod peer;
 mod route;
 mod stats;
 mod verdict;
@@ -22,12 +23,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use forwarder_common::{Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP};
+use forwarder_common::{FAMILY_V4, GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP};
 
 use crate::{
     conntrack::{Plan, Tuple},
-    maps::FWD_TX_PORTS,
-    parse::Ipv4Flow,
+    maps::{FWD_GLOBAL, FWD_TX_PORTS},
+    parse::{Ipv4Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
 };
 
@@ -88,8 +89,32 @@ fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, new: &Tuple) {
 
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
-    let outcome = try_xdp(&ctx);
+    let outcome = match try_xdp(&ctx) {
+        // Peer delivery needs bpf_redirect_neigh, which only TC has.
+        Err(Reason::NoRule | Reason::NotTcpUdp | Reason::Ipv6) if to_peer(&ctx) => Err(Reason::XdpToTc),
+        other => other,
+    };
     verdict::xdp(&ctx, outcome)
+}
+
+#[inline(always)]
+fn peers_enabled() -> bool {
+    FWD_GLOBAL.get(0).map(|g| g.flags & GLOBAL_HAS_PEERS != 0).unwrap_or(false)
+}
+
+#[inline(always)]
+fn to_peer<P: ctx::Packet>(pkt: &P) -> bool {
+    peers_enabled() && parse::parse_l3_dst(pkt).ok().and_then(|d| peer::lookup(&d)).is_some()
+}
+
+#[inline(always)]
+fn v4_dst(addr: [u8; 4], flow: &Ipv4Flow) -> L3Dst {
+    L3Dst {
+        family: FAMILY_V4,
+        addr: [addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        len: flow.tot_len,
+        ttl: flow.ttl,
+    }
 }
 
 /// The XDP fast path: it finishes a packet only when it can do all of it (full checksum,
@@ -104,6 +129,9 @@ fn try_xdp(ctx: &XdpContext) -> verdict::Outcome {
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let (to, forward_id, want_src) = target_of(&plan, &flow);
+    if peers_enabled() && peer::lookup(&v4_dst(to.dst, &flow)).is_some() {
+        return Err(Reason::XdpToTc);
+    }
     let fib = route::lookup(ctx, ingress, &flow, &to, want_src);
     if fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, fib.ifindex) {
         return Err(Reason::XdpToTc);
@@ -145,13 +173,28 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     if ctx.data() + (PULL_LEN as usize) > ctx.data_end() && ctx.len() >= PULL_LEN {
         let _ = ctx.pull_data(PULL_LEN);
     }
-    let flow = parse::parse_ipv4(ctx)?;
-    let plan = conntrack::classify(&flow)?;
+    let flow = match parse::parse_ipv4(ctx) {
+        Ok(f) => f,
+        Err(r) => return to_peer_or(ctx, r),
+    };
+    let plan = match conntrack::classify(&flow) {
+        Ok(p) => p,
+        Err(r) => return to_peer_or(ctx, r),
+    };
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let (to, forward_id, want_src) = target_of(&plan, &flow);
     let fib = route::lookup(ctx, ingress, &flow, &to, want_src);
     let new = commit(ctx, &plan, &flow, &fib)?;
+    if peers_enabled() {
+        let dst = v4_dst(new.dst, &flow);
+        if let Some(p) = peer::lookup(&dst).filter(|p| p.state == PEER_DIRECT) {
+            nat::rewrite_tc(ctx, &flow, &new, false)?;
+            stats::count_forwarded(forward_id, flow.tot_len);
+            let (action, _) = peer::deliver(ctx, &dst, p, true)?;
+            return Ok((action, Reason::RedirectTc));
+        }
+    }
     let sends_itself = flow.ttl > 1 && (fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64);
     nat::rewrite_tc(ctx, &flow, &new, sends_itself)?;
     stats::count_forwarded(forward_id, flow.tot_len);
@@ -172,6 +215,35 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
         }
         FIB_FRAG_NEEDED if fib.rc >= 0 => Ok((TC_ACT_OK, Reason::FibFragNeeded)),
         _ => Ok((TC_ACT_OK, Reason::FibToStack)),
+    }
+}
+
+/// A packet that is not a forward's: when it is addressed to a peer, it goes straight there.
+#[inline(always)]
+fn to_peer_or(ctx: &TcContext, reason: Reason) -> verdict::Outcome {
+    if matches!(reason, Reason::NoRule | Reason::NotTcpUdp | Reason::Ipv6) && peers_enabled() {
+        if let Ok(dst) = parse::parse_l3_dst(ctx) {
+            if let Some(p) = peer::lookup(&dst) {
+                return peer::deliver(ctx, &dst, p, true);
+            }
+        }
+    }
+    Err(reason)
+}
+
+/// Host traffic leaving an interface: packets to a peer go straight to it instead of the
+/// gateway the route names.
+#[classifier]
+pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
+    if !peers_enabled() || peer::already_delivered(&ctx) {
+        return TC_ACT_OK;
+    }
+    match parse::parse_l3_dst(&ctx) {
+        Ok(dst) => match peer::lookup(&dst) {
+            Some(p) => peer::deliver(&ctx, &dst, p, false).map(|(action, _)| action).unwrap_or(TC_ACT_OK),
+            None => TC_ACT_OK,
+        },
+        Err(_) => TC_ACT_OK,
     }
 }
 

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig,
-    IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, MAX_IFACES, REASON_SLOTS,
+    IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue,
+    REASON_SLOTS,
 };
 
 #[map(name = "FWD_RULES")]
@@ -49,3 +50,9 @@ pub static FWD_LOCAL_CONN: LruHashMap<u64, LocalOrig> = LruHashMap::with_max_ent
 
 #[map(name = "FWD_LOCAL_UDP")]
 pub static FWD_LOCAL_UDP: LruHashMap<LocalUdpKey, LocalOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
+
+#[map(name = "FWD_PEERS")]
+pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+#[map(name = "FWD_PEER_STATS")]
+pub static FWD_PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS + 1, 0);

@@ -111,3 +111,45 @@ pub fn parse_ipv4<P: Packet>(pkt: &P) -> Result<Ipv4Flow, Reason> {
         l4_check,
     })
 }
+
+/// The destination of any IPv4/IPv6 packet (for peer delivery, which ignores L4).
+#[derive(Clone, Copy)]
+pub struct L3Dst {
+    pub family: u8,
+    pub addr: [u8; 16],
+    /// L3 length in bytes (IPv4 total length, or IPv6 payload + 40).
+    pub len: u16,
+    /// TTL / hop limit.
+    pub ttl: u8,
+}
+
+pub const IPV6_HOP_LIMIT_OFF: usize = L3_OFF + 7;
+
+#[inline(always)]
+pub fn parse_l3_dst<P: Packet>(pkt: &P) -> Result<L3Dst, Reason> {
+    let eth: [u8; ETH_LEN] = read(pkt, 0)?;
+    match u16::from_be_bytes([eth[12], eth[13]]) {
+        ETH_P_IP => {
+            let ip: [u8; IPV4_LEN] = read(pkt, L3_OFF)?;
+            let d = [ip[16], ip[17], ip[18], ip[19]];
+            Ok(L3Dst {
+                family: forwarder_common::FAMILY_V4,
+                addr: [d[0], d[1], d[2], d[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                len: u16::from_be_bytes([ip[2], ip[3]]),
+                ttl: ip[8],
+            })
+        }
+        ETH_P_IPV6 => {
+            let ip: [u8; 40] = read(pkt, L3_OFF)?;
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&ip[24..40]);
+            Ok(L3Dst {
+                family: forwarder_common::FAMILY_V6,
+                addr,
+                len: u16::from_be_bytes([ip[4], ip[5]]).saturating_add(40),
+                ttl: ip[7],
+            })
+        }
+        _ => Err(Reason::NotIp),
+    }
+}

@@ -55,6 +55,9 @@ pub enum Command {
     },
 }
 
+/// How often the peers' neighbour entries are checked.
+const PEER_WATCH_MS: u64 = 500;
+
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
@@ -101,10 +104,21 @@ async fn run(cfg: Config, pin_path: PathBuf, bpf_debug: bool, cgroup: Option<Pat
             None
         }
     };
+    let mut peers = Vec::new();
     let setup = async {
         inst.apply_forwards(&cfg, &system::local_addresses()?)?;
         for iface in &cfg.interfaces {
             inst.attach(iface)?;
+        }
+        peers = inst.apply_peers(&cfg)?;
+        let mut egress: Vec<&str> = cfg.peers.iter().map(|p| p.interface.as_str()).collect();
+        egress.extend(cfg.interfaces.iter().map(|i| i.name.as_str()));
+        egress.sort();
+        egress.dedup();
+        if !cfg.peers.is_empty() {
+            for name in egress {
+                inst.attach_egress(name)?;
+            }
         }
         if cfg.forwards.iter().any(|f| f.local) {
             let cgroup = cgroup
@@ -125,10 +139,29 @@ async fn run(cfg: Config, pin_path: PathBuf, bpf_debug: bool, cgroup: Option<Pat
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut logger = logger;
+    let mut peer_tick = tokio::time::interval(std::time::Duration::from_millis(PEER_WATCH_MS));
+    let mut peer_direct = vec![false; peers.len()];
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = peer_tick.tick(), if !peers.is_empty() => {
+                for ((peer, id, ifindex), was_direct) in peers.iter().zip(peer_direct.iter_mut()) {
+                    let state = crate::peers::neighbour_state(peer.address, &peer.interface);
+                    let direct = crate::peers::usable(state.as_deref());
+                    if direct != *was_direct {
+                        inst.set_peer_state(peer, *id, *ifindex, direct)?;
+                        info!(peer = %peer.address, interface = %peer.interface, neighbour = ?state,
+                            "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
+                        *was_direct = direct;
+                    }
+                    if !direct {
+                        if let Err(e) = crate::peers::send_probe(peer) {
+                            warn!(peer = %peer.address, "probe: {e}");
+                        }
+                    }
+                }
+            }
             guard = async { match logger.as_mut() { Some(l) => l.readable_mut().await, None => std::future::pending().await } } => {
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();

@@ -98,11 +98,19 @@ impl Default for Conntrack {
     }
 }
 
+/// A same-switch peer reached straight at layer 2.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Peer {
+    pub address: IpAddr,
+    pub interface: String,
+}
+
 /// A validated config.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Config {
     pub interfaces: Vec<Interface>,
     pub forwards: Vec<Forward>,
+    pub peers: Vec<Peer>,
     pub conntrack: Conntrack,
     pub max_forwards: u32,
 }
@@ -116,6 +124,8 @@ struct RawConfig {
     interface: Vec<RawInterface>,
     #[serde(default)]
     forward: Vec<RawForward>,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
     conntrack: Option<RawConntrack>,
     limits: Option<RawLimits>,
 }
@@ -143,6 +153,13 @@ struct RawForward {
     backend: Spanned<String>,
     snat: Option<Spanned<String>>,
     local: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    address: Spanned<String>,
+    interface: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,7 +200,7 @@ impl Config {
         for (i, ri) in raw.interface.iter().enumerate() {
             let field = format!("interface[{i}].name");
             let name = ri.name.get_ref();
-            if name.is_empty() || name.len() > IFNAMSIZ || name.contains('/') || name.contains(char::is_whitespace) {
+            if !valid_ifname(name) {
                 return Err(err(ri.name.span(), &field, format!("{name:?} is not a valid interface name")));
             }
             if !seen_if.insert(name.clone()) {
@@ -262,6 +279,40 @@ impl Config {
             });
         }
 
+        let mut peers: Vec<Peer> = Vec::new();
+        for (i, rp) in raw.peer.iter().enumerate() {
+            let address: IpAddr = rp.address.get_ref().parse().map_err(|_| {
+                err(
+                    rp.address.span(),
+                    &format!("peer[{i}].address"),
+                    format!("{:?} is not an IP address", rp.address.get_ref()),
+                )
+            })?;
+            if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
+                return Err(err(
+                    rp.address.span(),
+                    &format!("peer[{i}].address"),
+                    format!("{address} cannot be a peer"),
+                ));
+            }
+            if peers.iter().any(|p| p.address == address) {
+                return Err(err(
+                    rp.address.span(),
+                    &format!("peer[{i}].address"),
+                    format!("peer {address} is listed twice"),
+                ));
+            }
+            let name = rp.interface.get_ref();
+            if !valid_ifname(name) {
+                return Err(err(
+                    rp.interface.span(),
+                    &format!("peer[{i}].interface"),
+                    format!("{name:?} is not a valid interface name"),
+                ));
+            }
+            peers.push(Peer { address, interface: name.clone() });
+        }
+
         let mut conntrack = Conntrack::default();
         if let Some(ct) = &raw.conntrack {
             if let Some(m) = &ct.max_entries {
@@ -296,8 +347,12 @@ impl Config {
                 message: format!("{} forwards exceed the limit of {max_forwards}", forwards.len()),
             });
         }
-        Ok(Config { interfaces, forwards, conntrack, max_forwards })
+        Ok(Config { interfaces, forwards, peers, conntrack, max_forwards })
     }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty() && name.len() <= IFNAMSIZ && !name.contains('/') && !name.contains(char::is_whitespace)
 }
 
 fn parse_port_range(s: &str) -> Option<(u16, u16)> {
@@ -377,6 +432,24 @@ snat = "auto"
         assert!(e.contains("line 4"), "{e}");
         let e = Config::parse(&CLASSIC.replace("snat = \"auto\"", "snatt = \"auto\"")).unwrap_err().to_string();
         assert!(e.contains("line 11") && e.contains("snatt"), "{e}");
+    }
+
+    #[test]
+    fn peers_parse_and_are_validated() {
+        let c = Config::parse(&format!("{CLASSIC}\n[[peer]]\naddress = \"198.51.100.20\"\ninterface = \"eth0\"\n[[peer]]\naddress = \"2001:db8::20\"\ninterface = \"eth0\"\n")).unwrap();
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[1].address, "2001:db8::20".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            invalid(&format!("{CLASSIC}\n[[peer]]\naddress = \"198.51.100\"\ninterface = \"eth0\"\n")).1,
+            "peer[0].address"
+        );
+        let dup = format!(
+            "{CLASSIC}\n[[peer]]\naddress = \"198.51.100.20\"\ninterface = \"eth0\"\n[[peer]]\naddress = \"198.51.100.20\"\ninterface = \"eth1\"\n"
+        );
+        assert_eq!(
+            invalid(&dup),
+            (17, "peer[1].address".to_string(), "peer 198.51.100.20 is listed twice".to_string())
+        );
     }
 
     #[test]

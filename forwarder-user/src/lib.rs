@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod peers;
 pub mod stats;
 pub mod system;
 

@@ -14,8 +14,8 @@ use aya::{
 };
 use forwarder_common::{
     CtKey, CtValue, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC,
-    IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL, MAP_IFACES,
-    MAP_TX_PORTS,
+    IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL, MAP_IFACES, MAP_PEERS,
+    MAP_TX_PORTS, PeerKey, PeerValue,
 };
 use tracing::{debug, info, warn};
 
@@ -28,6 +28,7 @@ use crate::{
 
 pub const XDP_PROGRAM: &str = "forwarder_xdp";
 pub const TC_INGRESS_PROGRAM: &str = "forwarder_tc_ingress";
+pub const TC_EGRESS_PROGRAM: &str = "forwarder_tc_egress";
 /// cgroup socket-address hooks of local forwards.
 pub const LOCAL_PROGRAMS: [&str; 4] =
     ["forwarder_connect4", "forwarder_getpeername4", "forwarder_sendmsg4", "forwarder_recvmsg4"];
@@ -109,6 +110,12 @@ impl Instance {
             .try_into()
             .map_err(prog_err(TC_INGRESS_PROGRAM))?;
         tc.load().map_err(prog_err(TC_INGRESS_PROGRAM))?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(TC_EGRESS_PROGRAM)
+            .expect("object has the egress program")
+            .try_into()
+            .map_err(prog_err(TC_EGRESS_PROGRAM))?;
+        egress.load().map_err(prog_err(TC_EGRESS_PROGRAM))?;
         for name in LOCAL_PROGRAMS {
             let p: &mut CgroupSockAddr =
                 ebpf.program_mut(name).expect("object has the cgroup programs").try_into().map_err(prog_err(name))?;
@@ -140,7 +147,7 @@ impl Instance {
                 GlobalConfig {
                     snat_port_min: cfg.conntrack.snat_port_min,
                     snat_port_max: cfg.conntrack.snat_port_max,
-                    _pad: 0,
+                    flags: if cfg.peers.is_empty() { 0 } else { forwarder_common::GLOBAL_HAS_PEERS },
                     netns_cookie: system::netns_cookie()?,
                 },
                 0,
@@ -226,6 +233,47 @@ impl Instance {
         })?;
         info!(interface = %iface.name, ifindex, xdp = ?iface.xdp, xdp_egress, veth = is_veth, "attached");
         self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: iface.xdp });
+        Ok(())
+    }
+
+    /// Writes the peers of `cfg` (all in fallback until their neighbour answers); returns
+    /// (peer, id, ifindex) for the watch.
+    pub fn apply_peers(&mut self, cfg: &Config) -> Result<Vec<(crate::config::Peer, u32, u32)>> {
+        let mut peers: HashMap<_, PeerKey, PeerValue> =
+            HashMap::try_from(self.map_mut(MAP_PEERS)).map_err(map_err(MAP_PEERS))?;
+        let mut out = Vec::new();
+        for (i, p) in cfg.peers.iter().enumerate() {
+            let ifindex = system::ifindex(&p.interface)?;
+            let id = i as u32 + 1;
+            peers
+                .insert(crate::peers::key_for(p.address), crate::peers::value_for(ifindex, id, false), 0)
+                .map_err(map_err(MAP_PEERS))?;
+            out.push((p.clone(), id, ifindex));
+        }
+        Ok(out)
+    }
+
+    /// Sets one peer's state (direct or fallback).
+    pub fn set_peer_state(&mut self, peer: &crate::config::Peer, id: u32, ifindex: u32, direct: bool) -> Result<()> {
+        let mut peers: HashMap<_, PeerKey, PeerValue> =
+            HashMap::try_from(self.map_mut(MAP_PEERS)).map_err(map_err(MAP_PEERS))?;
+        peers
+            .insert(crate::peers::key_for(peer.address), crate::peers::value_for(ifindex, id, direct), 0)
+            .map_err(map_err(MAP_PEERS))
+    }
+
+    /// Attaches the TC egress program (host traffic to peers) to an interface.
+    pub fn attach_egress(&mut self, name: &str) -> Result<()> {
+        let _ = tc::qdisc_add_clsact(name);
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_EGRESS_PROGRAM)
+            .expect("loaded")
+            .try_into()
+            .map_err(prog_err(TC_EGRESS_PROGRAM))?;
+        p.attach(name, TcAttachType::Egress)
+            .map_err(|e| Error::Interface { name: name.to_string(), message: format!("attaching TC egress: {e}") })?;
+        info!(interface = name, "peer egress attached");
         Ok(())
     }
 

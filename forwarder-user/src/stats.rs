@@ -3,8 +3,11 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use aya::maps::{Array, MapData, PerCpuArray};
-use forwarder_common::{ALL_REASONS, FwdMeta, FwdStats, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_REASONS};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use forwarder_common::{
+    ALL_REASONS, FwdMeta, FwdStats, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_PEER_STATS, MAP_PEERS, MAP_REASONS,
+    PEER_DIRECT, PeerKey, PeerStats, PeerValue,
+};
 use serde::Serialize;
 
 use crate::{
@@ -36,8 +39,22 @@ pub struct ReasonCounter {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub id: u32,
+    pub address: String,
+    pub ifindex: u32,
+    /// "direct" (the peer answers its neighbour) or "fallback" (normal routing).
+    pub state: &'static str,
+    pub direct_packets: u64,
+    pub direct_bytes: u64,
+    pub fallback_packets: u64,
+    pub fallback_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Snapshot {
     pub forwards: Vec<ForwardCounters>,
+    pub peers: Vec<PeerCounters>,
     pub reasons: Vec<ReasonCounter>,
 }
 
@@ -99,6 +116,35 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             local_connections: s.local_conns,
         });
     }
+    let peer_map: HashMap<MapData, PeerKey, PeerValue> =
+        HashMap::try_from(aya::maps::Map::HashMap(open_pinned(pin_dir, MAP_PEERS)?)).map_err(map_error(MAP_PEERS))?;
+    let peer_stats: PerCpuArray<MapData, PeerStats> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_PEER_STATS)?))
+            .map_err(map_error(MAP_PEER_STATS))?;
+    let mut peers: Vec<PeerCounters> = peer_map
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| {
+            let mut s = PeerStats::default();
+            for c in peer_stats.get(&v.peer_id, 0).iter().flat_map(|vals| vals.iter()) {
+                s.direct_packets += c.direct_packets;
+                s.direct_bytes += c.direct_bytes;
+                s.fallback_packets += c.fallback_packets;
+                s.fallback_bytes += c.fallback_bytes;
+            }
+            PeerCounters {
+                id: v.peer_id,
+                address: addr_from_bytes(&k.addr, k.family).to_string(),
+                ifindex: v.ifindex,
+                state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
+                direct_packets: s.direct_packets,
+                direct_bytes: s.direct_bytes,
+                fallback_packets: s.fallback_packets,
+                fallback_bytes: s.fallback_bytes,
+            }
+        })
+        .collect();
+    peers.sort_by_key(|p| p.id);
     let reasons = ALL_REASONS
         .iter()
         .map(|r| ReasonCounter {
@@ -114,7 +160,7 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             packets: sum_reason(&reasons, *r as u32),
         })
         .collect();
-    Ok(Snapshot { forwards, reasons })
+    Ok(Snapshot { forwards, peers, reasons })
 }
 
 /// The human table of `forwarder stats`.
@@ -131,6 +177,20 @@ pub fn render_table(s: &Snapshot) -> String {
             "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}",
             f.name, f.protocol, f.listen, f.backend, f.packets, f.bytes, f.new_connections, f.local_connections
         );
+    }
+    if !s.peers.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<28} {:<9} {:>12} {:>14} {:>12} {:>14}",
+            "PEER", "STATE", "DIRECT_PKTS", "DIRECT_BYTES", "FALLBACK_PKTS", "FALLBACK_BYTES"
+        );
+        for p in &s.peers {
+            let _ = writeln!(
+                out,
+                "{:<28} {:<9} {:>12} {:>14} {:>12} {:>14}",
+                p.address, p.state, p.direct_packets, p.direct_bytes, p.fallback_packets, p.fallback_bytes
+            );
+        }
     }
     let _ = writeln!(out, "\n{:<18} {:<10} {:>12}", "REASON", "KIND", "PACKETS");
     for r in &s.reasons {

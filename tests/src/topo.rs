@@ -53,3 +53,87 @@ impl Chain {
         self.server.ip(&["route", "add", "192.0.2.0/24", "via", ROUTER_SERVER_ADDR]).map(|_| ())
     }
 }
+
+/// The two-ISP same-switch topology of the peer shortcut:
+///
+/// ```text
+///            ┌──────────── switch (bridge br0) ────────────┐
+///   A 192.0.2.10/25   GW-A 192.0.2.1/25   GW-B 198.51.100.1/24   B 198.51.100.20/24
+///                        │ 203.0.113.1/30         │ 203.0.113.5/30
+///                        └──── internet 203.0.113.2 | .6 ────┘
+/// ```
+/// A's default route is GW-A, B's is GW-B, so without help A → B crosses both ISPs.
+pub struct TwoIsp {
+    pub tag: String,
+    pub a: Netns,
+    pub b: Netns,
+    pub gw_a: Netns,
+    pub gw_b: Netns,
+    pub internet: Netns,
+    pub switch: Netns,
+}
+
+pub const A_ADDR: &str = "192.0.2.10";
+pub const B_ADDR: &str = "198.51.100.20";
+/// Host-side device of A and B (on the switch).
+pub const A_DEV: &str = "a0";
+pub const B_DEV: &str = "b0";
+
+impl TwoIsp {
+    pub fn new() -> Result<Self> {
+        let tag = unique_tag();
+        let n = |s: &str| Netns::new(&format!("fwt-{tag}-{s}"));
+        let t =
+            Self { a: n("a")?, b: n("b")?, gw_a: n("ga")?, gw_b: n("gb")?, internet: n("in")?, switch: n("sw")?, tag };
+        t.switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        t.switch.ip(&["link", "set", "br0", "up"])?;
+        // Each host's leg on the switch.
+        for (ns, dev, port, addr) in [
+            (&t.a, A_DEV, "pa", "192.0.2.10/25"),
+            (&t.gw_a, "s0", "pga", "192.0.2.1/25"),
+            (&t.gw_b, "s0", "pgb", "198.51.100.1/24"),
+            (&t.b, B_DEV, "pb", "198.51.100.20/24"),
+        ] {
+            t.switch.ip(&["link", "add", port, "type", "veth", "peer", "name", dev, "netns", &ns.name])?;
+            t.switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+            ns.ip(&["addr", "add", addr, "dev", dev])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        // The ISPs' uplinks to the internet.
+        for (gw, port, gw_addr, in_addr) in
+            [(&t.gw_a, "ia", "203.0.113.1/30", "203.0.113.2/30"), (&t.gw_b, "ib", "203.0.113.5/30", "203.0.113.6/30")]
+        {
+            t.internet.ip(&["link", "add", port, "type", "veth", "peer", "name", "up0", "netns", &gw.name])?;
+            t.internet.ip(&["addr", "add", in_addr, "dev", port])?;
+            t.internet.ip(&["link", "set", port, "up"])?;
+            gw.ip(&["addr", "add", gw_addr, "dev", "up0"])?;
+            gw.ip(&["link", "set", "up0", "up"])?;
+            gw.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        t.internet.sysctl("net.ipv4.ip_forward", "1")?;
+        t.gw_a.ip(&["route", "add", "default", "via", "203.0.113.2"])?;
+        t.gw_b.ip(&["route", "add", "default", "via", "203.0.113.6"])?;
+        t.internet.ip(&["route", "add", "192.0.2.0/25", "via", "203.0.113.1"])?;
+        t.internet.ip(&["route", "add", "198.51.100.0/24", "via", "203.0.113.5"])?;
+        t.a.ip(&["route", "add", "default", "via", "192.0.2.1"])?;
+        t.b.ip(&["route", "add", "default", "via", "198.51.100.1"])?;
+        Ok(t)
+    }
+
+    /// Packets a namespace has forwarded (Ip ForwDatagrams of /proc/net/snmp).
+    pub fn forwarded(ns: &Netns) -> Result<u64> {
+        let snmp = ns.sh("cat /proc/net/snmp")?;
+        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (ip.next().unwrap_or(""), ip.next().unwrap_or(""));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "ForwDatagrams")
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no ForwDatagrams in /proc/net/snmp"))
+    }
+
+    pub fn gateways_forwarded(&self) -> Result<u64> {
+        Ok(Self::forwarded(&self.gw_a)? + Self::forwarded(&self.gw_b)?)
+    }
+}

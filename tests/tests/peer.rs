@@ -1,0 +1,149 @@
+//! The peer shortcut on the two-ISP same-switch topology (forwarder_tests::topo::TwoIsp).
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use forwarder_tests::{
+    Daemon, Netns,
+    topo::{A_ADDR, A_DEV, B_ADDR, B_DEV, TwoIsp},
+};
+
+fn peer_config(peer: &str, dev: &str) -> String {
+    format!("[[peer]]\naddress = \"{peer}\"\ninterface = \"{dev}\"\n")
+}
+
+/// Pings `to` from `ns`; returns the TTLs of the replies.
+fn ping(ns: &Netns, to: &str, count: u32) -> Vec<u8> {
+    let out = ns.cmd("ping").args(["-n", "-c", &count.to_string(), "-i", "0.2", "-W", "2", to]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("ttl=").and_then(|t| t.parse().ok()))
+        .collect()
+}
+
+fn peer_stats(d: &Daemon) -> serde_json::Value {
+    d.stats().unwrap()["peers"][0].clone()
+}
+
+/// Waits until the daemon reports its peer in `state`.
+fn wait_state(d: &Daemon, state: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while peer_stats(d)["state"] != state {
+        assert!(Instant::now() < deadline, "peer never became {state}: {}\n{}", peer_stats(d), d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP stream of `n` bytes from `from` to a server on B; returns the bytes B received.
+fn tcp_stream(t: &TwoIsp, from: &Netns, n: usize) -> usize {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server =
+        t.b.spawn(move || {
+            let l = TcpListener::bind((B_ADDR, 5001)).unwrap();
+            tx.send(()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(b"done").unwrap();
+            buf.len()
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    from.run(move || {
+        let mut s =
+            TcpStream::connect_timeout(&format!("{B_ADDR}:5001").parse().unwrap(), Duration::from_secs(5)).unwrap();
+        s.write_all(&vec![0x5a; n]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut ack = String::new();
+        s.read_to_string(&mut ack).unwrap();
+        assert_eq!(ack, "done");
+    })
+    .unwrap();
+    server.join().unwrap()
+}
+
+#[test]
+fn without_forwarder_traffic_crosses_both_isps() {
+    let t = TwoIsp::new().unwrap();
+    let before = t.gateways_forwarded().unwrap();
+    let ttls = ping(&t.a, B_ADDR, 3);
+    assert_eq!(ttls, vec![61; 3], "B's replies cross GW-B, the internet and GW-A");
+    let ttls = ping(&t.b, A_ADDR, 3);
+    assert_eq!(ttls, vec![61; 3]);
+    // Each echo and reply is forwarded by both gateways: 4 ping exchanges x 2 gateways x ...
+    assert!(t.gateways_forwarded().unwrap() >= before + 24, "the gateways carried it");
+}
+
+#[test]
+fn with_forwarder_on_both_sides_peers_talk_directly() {
+    let t = TwoIsp::new().unwrap();
+    let da = Daemon::start(&t.a, &format!("{}a", t.tag), &peer_config(B_ADDR, A_DEV)).unwrap();
+    let db = Daemon::start(&t.b, &format!("{}b", t.tag), &peer_config(A_ADDR, B_DEV)).unwrap();
+    wait_state(&da, "direct", Duration::from_secs(10));
+    wait_state(&db, "direct", Duration::from_secs(10));
+
+    let gw_before = t.gateways_forwarded().unwrap();
+    let (a0, b0) = (peer_stats(&da), peer_stats(&db));
+    assert_eq!(ping(&t.a, B_ADDR, 5), vec![64; 5], "TTL arrives undecremented");
+    assert_eq!(ping(&t.b, A_ADDR, 5), vec![64; 5]);
+    let (a1, b1) = (peer_stats(&da), peer_stats(&db));
+    let diff = |x: &serde_json::Value, y: &serde_json::Value, k: &str| y[k].as_u64().unwrap() - x[k].as_u64().unwrap();
+    // A sent 5 echo requests and 5 echo replies to B; so did B to A.
+    assert_eq!(diff(&a0, &a1, "direct_packets"), 10, "{a1}");
+    assert_eq!(diff(&b0, &b1, "direct_packets"), 10, "{b1}");
+    assert_eq!(diff(&a0, &a1, "direct_bytes"), 10 * 84, "ICMP echo of 56 bytes is 84 bytes of IPv4");
+
+    let received = tcp_stream(&t, &t.a, 1_000_000);
+    assert_eq!(received, 1_000_000);
+    assert_eq!(t.gateways_forwarded().unwrap(), gw_before, "the gateways saw none of it");
+    assert_eq!(peer_stats(&da)["fallback_packets"], 0);
+}
+
+#[test]
+fn with_forwarder_on_one_side_the_asymmetric_path_works() {
+    let t = TwoIsp::new().unwrap();
+    let da = Daemon::start(&t.a, &t.tag, &peer_config(B_ADDR, A_DEV)).unwrap();
+    wait_state(&da, "direct", Duration::from_secs(10));
+    // A → B direct (64 when B pings A: A's reply comes straight), B → A via the ISPs.
+    assert_eq!(ping(&t.a, B_ADDR, 3), vec![61; 3], "B's replies still cross the ISPs");
+    assert_eq!(ping(&t.b, A_ADDR, 3), vec![64; 3], "A's replies come straight");
+    assert_eq!(tcp_stream(&t, &t.a, 200_000), 200_000);
+    assert!(peer_stats(&da)["direct_packets"].as_u64().unwrap() > 6);
+}
+
+#[test]
+fn a_peer_that_stops_answering_falls_back_and_recovers() {
+    let t = TwoIsp::new().unwrap();
+    // Quick neighbour timers on A so a silent peer is noticed in seconds, not minutes.
+    for (k, v) in [
+        ("base_reachable_time_ms", "500"),
+        ("delay_first_probe_time", "1"),
+        ("retrans_time_ms", "200"),
+        ("ucast_solicit", "2"),
+        ("mcast_solicit", "2"),
+    ] {
+        t.a.sysctl(&format!("net.ipv4.neigh.{A_DEV}.{k}"), v).unwrap();
+    }
+    let da = Daemon::start(&t.a, &t.tag, &peer_config(B_ADDR, A_DEV)).unwrap();
+    wait_state(&da, "direct", Duration::from_secs(10));
+    assert_eq!(ping(&t.a, B_ADDR, 2).len(), 2);
+
+    t.b.ip(&["link", "set", B_DEV, "down"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while peer_stats(&da)["state"] != "fallback" {
+        assert!(Instant::now() < deadline, "no fallback: {}", peer_stats(&da));
+        ping(&t.a, B_ADDR, 1);
+    }
+    ping(&t.a, B_ADDR, 2);
+    assert!(peer_stats(&da)["fallback_packets"].as_u64().unwrap() >= 2, "fallbacks counted: {}", peer_stats(&da));
+
+    t.b.ip(&["link", "set", B_DEV, "up"]).unwrap();
+    t.b.ip(&["route", "replace", "default", "via", "198.51.100.1"]).unwrap();
+    wait_state(&da, "direct", Duration::from_secs(15));
+    let before = peer_stats(&da)["direct_packets"].as_u64().unwrap();
+    assert_eq!(ping(&t.a, B_ADDR, 3).len(), 3, "B answers again");
+    assert!(peer_stats(&da)["direct_packets"].as_u64().unwrap() >= before + 3, "direct again");
+}
