@@ -147,3 +147,66 @@ fn a_peer_that_stops_answering_falls_back_and_recovers() {
     assert_eq!(ping(&t.a, B_ADDR, 3).len(), 3, "B answers again");
     assert!(peer_stats(&da)["direct_packets"].as_u64().unwrap() >= before + 3, "direct again");
 }
+
+/// Traffic A forwards for others also goes straight to the peer: a LAN client behind A
+/// reaches a forward whose backend is B (DNAT + SNAT, then direct), and plain routed
+/// traffic to B (ping) leaves A direct with its TTL decremented once, by A.
+#[test]
+fn forwarded_traffic_to_a_peer_goes_direct() {
+    let t = TwoIsp::new().unwrap();
+    let lan = Netns::new(&format!("fwt-{}-lan", t.tag)).unwrap();
+    t.a.ip(&["link", "add", "l0", "type", "veth", "peer", "name", "c0", "netns", &lan.name]).unwrap();
+    t.a.ip(&["addr", "add", "203.0.113.129/25", "dev", "l0"]).unwrap();
+    t.a.ip(&["link", "set", "l0", "up"]).unwrap();
+    t.a.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    lan.ip(&["addr", "add", "203.0.113.130/25", "dev", "c0"]).unwrap();
+    lan.ip(&["link", "set", "c0", "up"]).unwrap();
+    lan.ip(&["route", "add", "default", "via", "203.0.113.129"]).unwrap();
+    // The way back to the LAN for B's ping replies, through the ISPs.
+    t.internet.ip(&["route", "add", "203.0.113.128/25", "via", "203.0.113.1"]).unwrap();
+    t.gw_a.ip(&["route", "add", "203.0.113.128/25", "via", A_ADDR]).unwrap();
+
+    let cfg_a = format!(
+        "[[interface]]\nname = \"l0\"\nxdp = \"native\"\n[[interface]]\nname = \"{A_DEV}\"\nxdp = \"native\"\n\
+         [[forward]]\nname = \"to-b\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:3306\"\nbackend = \"{B_ADDR}:5001\"\n{}",
+        peer_config(B_ADDR, A_DEV)
+    );
+    let da = Daemon::start(&t.a, &format!("{}a", t.tag), &cfg_a).unwrap();
+    let db = Daemon::start(&t.b, &format!("{}b", t.tag), &peer_config(A_ADDR, B_DEV)).unwrap();
+    wait_state(&da, "direct", Duration::from_secs(10));
+    wait_state(&db, "direct", Duration::from_secs(10));
+
+    let gw_before = t.gateways_forwarded().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = t
+        .b
+        .spawn(move || {
+            let l = TcpListener::bind((B_ADDR, 5001)).unwrap();
+            tx.send(()).unwrap();
+            let (mut s, peer) = l.accept().unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(format!("B saw {peer}").as_bytes()).unwrap();
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    let reply = lan
+        .run(|| {
+            let mut s = TcpStream::connect_timeout(&"203.0.113.129:3306".parse().unwrap(), Duration::from_secs(5)).unwrap();
+            s.write_all(b"hello").unwrap();
+            let mut r = String::new();
+            s.read_to_string(&mut r).unwrap();
+            r
+        })
+        .unwrap();
+    server.join().unwrap();
+    assert!(reply.starts_with(&format!("B saw {A_ADDR}:")), "SNAT to A's address: {reply}");
+    assert_eq!(t.gateways_forwarded().unwrap(), gw_before, "both legs direct");
+    let s = da.stats().unwrap();
+    assert_eq!(s["forwards"][0]["new_connections"], 1, "{s}");
+
+    let direct_before = peer_stats(&da)["direct_packets"].as_u64().unwrap();
+    let ttls = ping(&lan, B_ADDR, 3);
+    assert_eq!(ttls.len(), 3, "routed ping to B works");
+    assert_eq!(peer_stats(&da)["direct_packets"].as_u64().unwrap() - direct_before, 3, "the echo requests went direct");
+}
