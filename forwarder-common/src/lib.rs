@@ -7,6 +7,7 @@
 //! bytes of a 16-byte address field, the rest zero, so IPv6 fits the same keys.
 #![no_std]
 
+pub mod conntrack;
 pub mod csum;
 pub mod maps;
 pub mod reason;

@@ -126,17 +126,13 @@ pub struct CtValue {
     pub forward_id: u32,
     /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
     pub direction: u8,
-    /// TCP state bits (`TCP_SEEN_*`), 0 for UDP.
-    pub tcp_state: u8,
+    /// State bits (`crate::conntrack::CT_*`) seen on this direction.
+    pub state: u8,
     pub _pad: [u8; 6],
     /// bpf_ktime_get_ns() of the last packet in this direction.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<CtValue>() == 56);
-
-pub const TCP_SEEN_SYN: u8 = 1 << 0;
-pub const TCP_SEEN_FIN: u8 = 1 << 1;
-pub const TCP_SEEN_RST: u8 = 1 << 2;
 
 /// Per-forward counters (one slot per forward id, per CPU).
 #[repr(C)]

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
-    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF, TCP_SEEN_SYN,
+    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
+    conntrack::{CT_ANSWERED, CT_SEEN_SYN, bits_of_tcp_flags},
 };
 
 use crate::{
@@ -73,6 +74,12 @@ pub fn classify(flow: &Ipv4Flow) -> Result<Plan, Reason> {
         if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             entry.last_seen_ns = now;
         }
+        // State bits change a few times per connection: write only then.
+        let answered = if entry.direction == CT_DIR_REPLY { CT_ANSWERED } else { 0 };
+        let bits = entry.state | answered | bits_of_tcp_flags(flow.tcp_flags);
+        if bits != entry.state {
+            entry.state = bits;
+        }
         return Ok(Plan::Tracked {
             new: Tuple {
                 src: addr4(&entry.new_src_addr),
@@ -134,7 +141,7 @@ pub fn commit_new(flow: &Ipv4Flow, fwd: &FwdValue, snat_src: [u8; 4]) -> Result<
         new_dst_port_be: u16::from_ne_bytes(flow.sport),
         forward_id: fwd.forward_id,
         direction: CT_DIR_REPLY,
-        tcp_state: if flow.proto == PROTO_TCP { TCP_SEEN_SYN } else { 0 },
+        state: if flow.proto == PROTO_TCP { CT_SEEN_SYN } else { 0 },
         _pad: [0; 6],
         // SAFETY: helper without arguments.
         last_seen_ns: unsafe { bpf_ktime_get_ns() },

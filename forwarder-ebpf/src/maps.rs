@@ -14,8 +14,10 @@ use forwarder_common::{
 #[map(name = "FWD_RULES")]
 pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, 0);
 
+/// A plain (not LRU) hash: when full, new flows are refused and counted, and established
+/// ones are never evicted; userspace expires idle connections.
 #[map(name = "FWD_CT")]
-pub static FWD_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub static FWD_CT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 #[map(name = "FWD_FWD_STATS")]
 pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);

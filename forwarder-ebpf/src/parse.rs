@@ -39,6 +39,8 @@ pub struct Ipv4Flow {
     pub tot_len: u16,
     /// L4 checksum as on the wire (host-order value of the two bytes).
     pub l4_check: u16,
+    /// TCP flags byte, 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 impl Ipv4Flow {
@@ -79,14 +81,14 @@ pub fn parse_ipv4<P: Packet>(pkt: &P) -> Result<Ipv4Flow, Reason> {
     }
     let proto = ip[9];
     let l4_len = tot_len as usize - IPV4_LEN;
-    let l4_check = match proto {
+    let (l4_check, tcp_flags) = match proto {
         PROTO_TCP => {
             let tcp: [u8; 20] = read(pkt, L4_OFF)?;
             let data_off = (tcp[12] >> 4) as usize * 4;
             if l4_len < 20 || data_off < 20 || data_off > l4_len {
                 return Err(Reason::Malformed);
             }
-            u16::from_be_bytes([tcp[16], tcp[17]])
+            (u16::from_be_bytes([tcp[16], tcp[17]]), tcp[13])
         }
         PROTO_UDP => {
             let udp: [u8; 8] = read(pkt, L4_OFF)?;
@@ -94,7 +96,7 @@ pub fn parse_ipv4<P: Packet>(pkt: &P) -> Result<Ipv4Flow, Reason> {
             if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
                 return Err(Reason::Malformed);
             }
-            u16::from_be_bytes([udp[6], udp[7]])
+            (u16::from_be_bytes([udp[6], udp[7]]), 0)
         }
         _ => return Err(Reason::NotTcpUdp),
     };
@@ -109,6 +111,7 @@ pub fn parse_ipv4<P: Packet>(pkt: &P) -> Result<Ipv4Flow, Reason> {
         tos: ip[1],
         tot_len,
         l4_check,
+        tcp_flags,
     })
 }
 

@@ -4,12 +4,15 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing::{info, warn};
 
 use crate::{
-    config::Config,
-    loader::{self, DEFAULT_PIN_PATH, Instance, LoadOptions, PinLock},
-    stats, system,
+    config::{Config, Forward, Peer},
+    daemon::{self, OnExit, RunOptions},
+    error::Error,
+    loader::{self, DEFAULT_PIN_PATH},
+    metrics::DEFAULT_METRICS_ADDR,
+    state::State,
+    stats, status, system,
 };
 
 #[derive(Parser, Debug)]
@@ -26,10 +29,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load, attach to the config's interfaces, apply forwards, run until SIGINT/SIGTERM.
+    /// Adopts the state an earlier instance left pinned under --pin-path. SIGHUP or a change
+    /// of the config file reloads it.
     Run {
         #[arg(long)]
         config: PathBuf,
-        /// bpffs directory for this instance's pinned maps (one per instance).
+        /// bpffs directory for this instance's pinned maps and links (one per instance).
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
         /// Turn on the kernel programs' aya-log output at debug level (costly; off by default).
@@ -39,6 +44,13 @@ pub enum Command {
         /// mount found in /proc/mounts, i.e. every process of the host).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// What SIGTERM/SIGINT does: `detach` everything (default), or `keep` programs and
+        /// state pinned for the next instance.
+        #[arg(long, value_enum, default_value = "detach")]
+        on_exit: OnExit,
+        /// Address for /metrics, /healthz and /readyz; "off" disables.
+        #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+        metrics_addr: String,
     },
     /// Validate a config; nothing is applied.
     Check {
@@ -52,11 +64,79 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Refresh every second in place, with per-second rates.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Interfaces and modes, program ids, map fill levels, conntrack entries.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every program and map an instance pinned under --pin-path (forwarding stops).
+    Detach {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Live edits of forwards on the running instance (until the next reload of the file).
+    Forward {
+        #[command(subcommand)]
+        action: ForwardAction,
+        #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Live edits of peers on the running instance (until the next reload of the file).
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
+        #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
     },
 }
 
-/// How often the peers' neighbour entries are checked.
-const PEER_WATCH_MS: u64 = 500;
+#[derive(Subcommand, Debug)]
+pub enum ForwardAction {
+    /// Add a forward (validated like the config file).
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        protocol: String,
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        backend: String,
+        #[arg(long, default_value = "auto")]
+        snat: String,
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        local: bool,
+    },
+    /// Remove a forward by name (its connections follow conntrack.on_forward_removed).
+    Del { name: String },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PeerAction {
+    Add {
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        interface: String,
+    },
+    Del {
+        address: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -65,10 +145,19 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
             let cfg = Config::from_file(&config)?;
-            println!("{}: ok ({} interfaces, {} forwards)", config.display(), cfg.interfaces.len(), cfg.forwards.len());
+            println!(
+                "{}: ok ({} interfaces, {} forwards, {} peers)",
+                config.display(),
+                cfg.interfaces.len(),
+                cfg.forwards.len(),
+                cfg.peers.len()
+            );
             Ok(())
         }
-        Command::Stats { pin_path, json } => {
+        Command::Stats { pin_path, json, watch } => {
+            if watch {
+                return stats_watch(&pin_path);
+            }
             let snap = stats::read(&pin_path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snap)?);
@@ -77,101 +166,178 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, pin_path, bpf_debug, cgroup } => {
-            let cfg = Config::from_file(&config)?;
+        Command::Status { pin_path, json } => {
+            let s = status::read(&pin_path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render(&s));
+            }
+            Ok(())
+        }
+        Command::Detach { pin_path } => {
+            loader::check_bpffs(&pin_path)?;
+            let _lock = loader::PinLock::acquire(&pin_path)
+                .context("a running `forwarder run` holds this pin path: stop it (or let it detach) first")?;
+            loader::remove_pins(&pin_path);
+            status::remove(&pin_path);
+            println!("detached: {} removed", pin_path.display());
+            Ok(())
+        }
+        Command::Forward { action, pin_path } => forward_cmd(action, &pin_path),
+        Command::Peer { action, pin_path } => peer_cmd(action, &pin_path),
+        Command::Run { config, pin_path, bpf_debug, cgroup, on_exit, metrics_addr } => {
+            let metrics_addr = match metrics_addr.as_str() {
+                "off" => None,
+                a => Some(a.parse().with_context(|| format!("--metrics-addr {a}"))?),
+            };
+            let opts = RunOptions { config_path: config, pin_path, cgroup, bpf_debug, on_exit, metrics_addr };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(run(cfg, pin_path, bpf_debug, cgroup))
+            rt.block_on(daemon::run(opts))
         }
     }
 }
 
-async fn run(cfg: Config, pin_path: PathBuf, bpf_debug: bool, cgroup: Option<PathBuf>) -> anyhow::Result<()> {
-    let _lock = PinLock::acquire(&pin_path)?;
-    loader::warn_if_forwarding_disabled();
-    let mut opts = LoadOptions::from_config(&cfg);
-    if bpf_debug {
-        opts.bpf_log_level = 5; // aya-log: Debug
-    }
-    let mut inst = Instance::load(&opts)?;
-    let logger = match aya_log::EbpfLogger::init(&mut inst.ebpf) {
-        // SAFETY: the logger owns its ring buffer fd and lives as long as the AsyncFd.
-        Ok(l) => Some(
-            unsafe { tokio::io::unix::AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
-                .map_err(|e| anyhow::anyhow!("kernel log reader: {e}"))?,
-        ),
-        Err(e) => {
-            warn!("kernel-side logs unavailable: {e}");
-            None
-        }
-    };
-    let mut peers = Vec::new();
-    let setup = async {
-        inst.apply_forwards(&cfg, &system::local_addresses()?)?;
-        for iface in &cfg.interfaces {
-            inst.attach(iface)?;
-        }
-        peers = inst.apply_peers(&cfg)?;
-        let mut egress: Vec<&str> = cfg.peers.iter().map(|p| p.interface.as_str()).collect();
-        egress.extend(cfg.interfaces.iter().map(|i| i.name.as_str()));
-        egress.sort();
-        egress.dedup();
-        if !cfg.peers.is_empty() {
-            for name in egress {
-                inst.attach_egress(name)?;
-            }
-        }
-        if cfg.forwards.iter().any(|f| f.local) {
-            let cgroup = cgroup
-                .or_else(system::cgroup2_mount)
-                .context("no cgroup v2 mount found for local forwards (give --cgroup DIR)")?;
-            inst.attach_local(&cgroup)?;
-        }
-        inst.pin_maps(&pin_path)?;
-        anyhow::Ok(())
-    };
-    if let Err(e) = setup.await {
-        // Dropping the instance detaches whatever was attached and removes pins.
-        drop(inst);
-        loader::remove_pins(&pin_path);
-        return Err(e);
-    }
-    info!(pin_path = %pin_path.display(), "running; SIGINT or SIGTERM stops");
+/// A forward given on the command line, validated by the config parser itself.
+fn forward_from_args(
+    name: &str,
+    protocol: &str,
+    listen: &str,
+    backend: &str,
+    snat: &str,
+    local: bool,
+) -> anyhow::Result<Forward> {
+    let text = format!(
+        "[[forward]]\nname = {}\nprotocol = {}\nlisten = {}\nbackend = {}\nsnat = {}\nlocal = {local}\n",
+        toml_str(name),
+        toml_str(protocol),
+        toml_str(listen),
+        toml_str(backend),
+        toml_str(snat)
+    );
+    let cfg = Config::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("config line", "argument line")))?;
+    Ok(cfg.forwards.into_iter().next().expect("one forward"))
+}
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut logger = logger;
-    let mut peer_tick = tokio::time::interval(std::time::Duration::from_millis(PEER_WATCH_MS));
-    let mut peer_direct = vec![false; peers.len()];
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = peer_tick.tick(), if !peers.is_empty() => {
-                for ((peer, id, ifindex), was_direct) in peers.iter().zip(peer_direct.iter_mut()) {
-                    let state = crate::peers::neighbour_state(peer.address, &peer.interface);
-                    let direct = crate::peers::usable(state.as_deref());
-                    if direct != *was_direct {
-                        inst.set_peer_state(peer, *id, *ifindex, direct)?;
-                        info!(peer = %peer.address, interface = %peer.interface, neighbour = ?state,
-                            "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
-                        *was_direct = direct;
-                    }
-                    if !direct {
-                        if let Err(e) = crate::peers::send_probe(peer) {
-                            warn!(peer = %peer.address, "probe: {e}");
-                        }
-                    }
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn forward_cmd(action: ForwardAction, pin: &std::path::Path) -> anyhow::Result<()> {
+    let state = State::open(pin)?;
+    match action {
+        ForwardAction::List { json } => {
+            let list = state.forwards()?;
+            if json {
+                let v: Vec<_> = list.iter().map(|(id, f)| serde_json::json!({"id": id, "forward": f})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (_, f) in list {
+                    println!(
+                        "{:<20} {:<4} {:<22} -> {:<22} snat {:?} local {}",
+                        f.name,
+                        format!("{:?}", f.protocol).to_lowercase(),
+                        f.listen,
+                        f.backend,
+                        f.snat,
+                        f.local
+                    );
                 }
             }
-            guard = async { match logger.as_mut() { Some(l) => l.readable_mut().await, None => std::future::pending().await } } => {
-                let mut guard = guard?;
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
+            Ok(())
+        }
+        ForwardAction::Add { name, protocol, listen, backend, snat, local } => {
+            let new = forward_from_args(&name, &protocol, &listen, &backend, &snat, local)?;
+            let _edit = state.lock_edits()?;
+            let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
+            if all.iter().any(|f| f.name == new.name) {
+                return Err(Error::Invalid(format!("a forward named {:?} exists", new.name)).into());
             }
+            if let Some(f) = all.iter().find(|f| f.protocol == new.protocol && f.listen == new.listen) {
+                return Err(Error::Invalid(format!(
+                    "{} is already the listen address of forward {:?}",
+                    new.listen, f.name
+                ))
+                .into());
+            }
+            all.push(new);
+            let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
+            println!("added {}", r.added.join(", "));
+            Ok(())
+        }
+        ForwardAction::Del { name } => {
+            let _edit = state.lock_edits()?;
+            let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
+            let before = all.len();
+            all.retain(|f| f.name != name);
+            if all.len() == before {
+                return Err(Error::Invalid(format!("no forward named {name:?}")).into());
+            }
+            let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
+            println!("removed {name} ({} connections flushed)", r.flushed_connections);
+            Ok(())
         }
     }
-    info!("stopping: detaching and removing pins");
-    drop(logger);
-    drop(inst);
-    loader::remove_pins(&pin_path);
-    Ok(())
+}
+
+fn peer_cmd(action: PeerAction, pin: &std::path::Path) -> anyhow::Result<()> {
+    let state = State::open(pin)?;
+    match action {
+        PeerAction::List { json } => {
+            let list = state.peers()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for p in list {
+                    println!("{:<28} {:<12} {}", p.address, p.interface, if p.direct { "direct" } else { "fallback" });
+                }
+            }
+            Ok(())
+        }
+        PeerAction::Add { address, interface } => {
+            let text = format!("[[peer]]\naddress = {}\ninterface = {}\n", toml_str(&address), toml_str(&interface));
+            let new = Config::parse(&text)?.peers.remove(0);
+            system::ifindex(&new.interface)?;
+            let _edit = state.lock_edits()?;
+            let mut all: Vec<Peer> =
+                state.peers()?.into_iter().map(|p| Peer { address: p.address, interface: p.interface }).collect();
+            if all.iter().any(|p| p.address == new.address) {
+                return Err(Error::Invalid(format!("peer {} exists", new.address)).into());
+            }
+            all.push(new);
+            state.apply_peers(&all)?;
+            println!("added peer {address} on {interface}");
+            Ok(())
+        }
+        PeerAction::Del { address } => {
+            let addr: std::net::IpAddr =
+                address.parse().map_err(|_| Error::Invalid(format!("{address:?} is not an IP address")))?;
+            let _edit = state.lock_edits()?;
+            let mut all: Vec<Peer> =
+                state.peers()?.into_iter().map(|p| Peer { address: p.address, interface: p.interface }).collect();
+            let before = all.len();
+            all.retain(|p| p.address != addr);
+            if all.len() == before {
+                return Err(Error::Invalid(format!("no peer {addr}")).into());
+            }
+            state.apply_peers(&all)?;
+            println!("removed peer {addr}");
+            Ok(())
+        }
+    }
+}
+
+/// `stats --watch`: the table refreshed in place every second, with per-second rates.
+fn stats_watch(pin: &std::path::Path) -> anyhow::Result<()> {
+    let mut prev = stats::read(pin)?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = stats::read(pin)?;
+        // Clear the screen and home the cursor, then draw.
+        print!("\x1b[2J\x1b[H{}", stats::render_rates(&prev, &now));
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        prev = now;
+    }
 }

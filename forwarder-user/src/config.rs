@@ -81,11 +81,33 @@ pub struct Forward {
     pub local: bool,
 }
 
+/// What happens to the connections of a forward that a reload or `forward del` removes
+/// or changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnForwardRemoved {
+    /// They keep their translation until they end or idle out (like netfilter's conntrack
+    /// after a rule is deleted); only new connections follow the new config.
+    #[default]
+    Drain,
+    /// They are dropped from the connection table at once; their next packets are no
+    /// longer translated.
+    Flush,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Conntrack {
     pub max_entries: u32,
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub on_forward_removed: OnForwardRemoved,
+    /// Idle timeouts in seconds.
+    pub tcp_handshake_timeout: u64,
+    pub tcp_established_timeout: u64,
+    pub tcp_closing_timeout: u64,
+    pub udp_timeout: u64,
+    /// Seconds between two expiry passes over the table.
+    pub gc_interval: u64,
 }
 
 impl Default for Conntrack {
@@ -94,7 +116,24 @@ impl Default for Conntrack {
             max_entries: forwarder_common::DEFAULT_CT_ENTRIES,
             snat_port_min: forwarder_common::DEFAULT_SNAT_PORT_MIN,
             snat_port_max: forwarder_common::DEFAULT_SNAT_PORT_MAX,
+            on_forward_removed: OnForwardRemoved::Drain,
+            tcp_handshake_timeout: 30,
+            tcp_established_timeout: 86_400,
+            tcp_closing_timeout: 30,
+            udp_timeout: 60,
+            gc_interval: 5,
         }
+    }
+}
+
+impl Conntrack {
+    pub fn timeouts(&self) -> forwarder_common::conntrack::Timeouts {
+        forwarder_common::conntrack::Timeouts::from_secs(
+            self.tcp_handshake_timeout,
+            self.tcp_established_timeout,
+            self.tcp_closing_timeout,
+            self.udp_timeout,
+        )
     }
 }
 
@@ -167,6 +206,12 @@ struct RawPeer {
 struct RawConntrack {
     max_entries: Option<Spanned<u32>>,
     snat_ports: Option<Spanned<String>>,
+    on_forward_removed: Option<OnForwardRemoved>,
+    tcp_handshake_timeout: Option<Spanned<u64>>,
+    tcp_established_timeout: Option<Spanned<u64>>,
+    tcp_closing_timeout: Option<Spanned<u64>>,
+    udp_timeout: Option<Spanned<u64>>,
+    gc_interval: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -331,6 +376,27 @@ impl Config {
                 })?;
                 conntrack.snat_port_min = min;
                 conntrack.snat_port_max = max;
+            }
+            if let Some(p) = ct.on_forward_removed {
+                conntrack.on_forward_removed = p;
+            }
+            for (value, field, target) in [
+                (&ct.tcp_handshake_timeout, "conntrack.tcp_handshake_timeout", &mut conntrack.tcp_handshake_timeout),
+                (
+                    &ct.tcp_established_timeout,
+                    "conntrack.tcp_established_timeout",
+                    &mut conntrack.tcp_established_timeout,
+                ),
+                (&ct.tcp_closing_timeout, "conntrack.tcp_closing_timeout", &mut conntrack.tcp_closing_timeout),
+                (&ct.udp_timeout, "conntrack.udp_timeout", &mut conntrack.udp_timeout),
+                (&ct.gc_interval, "conntrack.gc_interval", &mut conntrack.gc_interval),
+            ] {
+                if let Some(v) = value {
+                    if *v.get_ref() == 0 || *v.get_ref() > 365 * 86_400 {
+                        return Err(err(v.span(), field, "must be between 1 and 31536000 seconds".into()));
+                    }
+                    *target = *v.get_ref();
+                }
             }
         }
         let mut max_forwards = forwarder_common::DEFAULT_MAX_FORWARDS;

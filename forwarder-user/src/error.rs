@@ -25,6 +25,8 @@ pub enum Error {
     #[error("pin path {path}: {message}")]
     PinPath { path: String, message: String },
     #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 

@@ -3,11 +3,15 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod peers;
+pub mod state;
 pub mod stats;
+pub mod status;
 pub mod system;
 
 /// The kernel-side object, built by build.rs and embedded so the binary is self-contained.

@@ -1,28 +1,32 @@
-//! Loading the embedded BPF object, writing the maps, attaching to interfaces and pinning.
+//! Loading the embedded BPF object with its maps pinned, attaching the programs through
+//! pinned bpf links, adopting what a previous process left pinned, and detaching.
+//!
+//! Everything an instance creates lives under its pin directory: the maps (`FWD_*`) and the
+//! links (`link_*`). Pinned links keep the programs attached and pinned maps keep the state
+//! when the process ends, even by SIGKILL; the next `forwarder run` with the same pin path
+//! reuses the maps and swaps its freshly loaded programs into the existing links with
+//! `BPF_LINK_UPDATE`, an atomic replacement, so traffic never sees a gap.
 
 use std::{
-    collections::HashSet,
-    net::IpAddr,
-    os::fd::AsRawFd,
+    collections::BTreeSet,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc},
+    maps::MapData,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, links::FdLink, tc,
+    },
 };
-use forwarder_common::{
-    CtKey, CtValue, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC,
-    IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL, MAP_IFACES, MAP_PEERS,
-    MAP_TX_PORTS, PeerKey, PeerValue,
-};
-use tracing::{debug, info, warn};
+use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC};
+use tracing::{info, warn};
 
 use crate::{
     config::{Config, Interface, RedirectMode, XdpMode},
     error::{Error, Result},
-    maps::forward_entries,
+    state::State,
     system,
 };
 
@@ -33,10 +37,28 @@ pub const TC_EGRESS_PROGRAM: &str = "forwarder_tc_egress";
 pub const LOCAL_PROGRAMS: [&str; 4] =
     ["forwarder_connect4", "forwarder_getpeername4", "forwarder_sendmsg4", "forwarder_recvmsg4"];
 
-/// Default bpffs directory of an instance's pinned maps.
+/// Every map the object declares that is pinned (all but aya's own log and data maps).
+pub const PINNED_MAPS: [&str; 13] = [
+    forwarder_common::MAP_FORWARDS,
+    forwarder_common::MAP_CONNTRACK,
+    forwarder_common::MAP_FORWARD_STATS,
+    forwarder_common::MAP_REASONS,
+    forwarder_common::MAP_IFACES,
+    forwarder_common::MAP_TX_PORTS,
+    forwarder_common::MAP_GLOBAL,
+    forwarder_common::MAP_FORWARD_META,
+    forwarder_common::MAP_LOCAL_CONNECTED,
+    forwarder_common::MAP_LOCAL_UDP,
+    forwarder_common::MAP_PEERS,
+    forwarder_common::MAP_PEER_STATS,
+    "FWD_SCRATCH",
+];
+
+/// Default bpffs directory of an instance's pinned state.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/forwarder";
 
-/// Map capacities and kernel-side log level, fixed at load time.
+/// Map capacities and kernel-side log level, fixed when the maps are first created (an
+/// adopted map keeps the size it was created with).
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub max_forwards: u32,
@@ -62,66 +84,88 @@ impl Default for LoadOptions {
 }
 
 /// One attached interface.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Attached {
     pub name: String,
     pub ifindex: u32,
     pub xdp: XdpMode,
+    pub xdp_egress: bool,
 }
 
-/// A loaded instance: the programs and maps, what is attached, what is pinned. Dropping it
-/// detaches everything (aya's links detach on drop).
+/// A loaded instance. Dropping it leaves the pinned state in place (that is what makes
+/// restarts seamless); [`Instance::detach`] removes it.
 pub struct Instance {
     pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+    /// True when the maps were already pinned by an earlier process.
+    pub adopted: bool,
     pub attached: Vec<Attached>,
+    pub egress: BTreeSet<String>,
     /// cgroup the local-forward hooks are attached to.
     pub local_cgroup: Option<PathBuf>,
-    pinned: Option<PathBuf>,
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
+    detach_on_drop: bool,
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
     move |source| Error::Program { name, source }
 }
 
+fn pin_err(path: &Path) -> impl FnOnce(String) -> Error + '_ {
+    move |message| Error::PinPath { path: path.display().to_string(), message }
+}
+
 impl Instance {
-    /// Loads the embedded object and both programs into the kernel (nothing is attached).
-    pub fn load(opts: &LoadOptions) -> Result<Self> {
+    /// Loads the embedded object with every map pinned under `pin_dir` (reusing maps already
+    /// pinned there) and loads all programs into the kernel; nothing is attached yet.
+    pub fn load(opts: &LoadOptions, pin_dir: &Path) -> Result<Self> {
+        mount_default_bpffs(pin_dir);
+        std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))?;
+        let adopted = pin_dir.join(forwarder_common::MAP_FORWARDS).exists();
+        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(MAP_FORWARDS, opts.max_forwards.max(1))
-            .map_max_entries(MAP_FORWARD_STATS, opts.max_forwards + 1)
-            .map_max_entries(MAP_FORWARD_META, opts.max_forwards + 1)
-            .map_max_entries(MAP_CONNTRACK, opts.ct_entries)
+            .map_max_entries(forwarder_common::MAP_FORWARDS, opts.max_forwards.max(1))
+            .map_max_entries(forwarder_common::MAP_FORWARD_STATS, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::MAP_FORWARD_META, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::MAP_CONNTRACK, opts.ct_entries)
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .expect("object has the XDP program")
-            .try_into()
-            .map_err(prog_err(XDP_PROGRAM))?;
+        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load().map_err(prog_err(XDP_PROGRAM))?;
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(TC_INGRESS_PROGRAM)
-            .expect("object has the TC program")
-            .try_into()
-            .map_err(prog_err(TC_INGRESS_PROGRAM))?;
-        tc.load().map_err(prog_err(TC_INGRESS_PROGRAM))?;
-        let egress: &mut SchedClassifier = ebpf
-            .program_mut(TC_EGRESS_PROGRAM)
-            .expect("object has the egress program")
-            .try_into()
-            .map_err(prog_err(TC_EGRESS_PROGRAM))?;
-        egress.load().map_err(prog_err(TC_EGRESS_PROGRAM))?;
-        for name in LOCAL_PROGRAMS {
-            let p: &mut CgroupSockAddr =
-                ebpf.program_mut(name).expect("object has the cgroup programs").try_into().map_err(prog_err(name))?;
+        for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
             p.load().map_err(prog_err(name))?;
         }
-        Ok(Self { ebpf, attached: Vec::new(), local_cgroup: None, pinned: None })
+        for name in LOCAL_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load().map_err(prog_err(name))?;
+        }
+        if adopted {
+            info!(pin_dir = %pin_dir.display(), "adopting pinned state of an earlier instance");
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            adopted,
+            attached: Vec::new(),
+            egress: BTreeSet::new(),
+            local_cgroup: None,
+            detach_on_drop: false,
+        })
+    }
+
+    /// Makes dropping the instance detach everything and remove its pins (tests, and the
+    /// default `run` exit).
+    pub fn detach_on_drop(&mut self, yes: bool) {
+        self.detach_on_drop = yes;
+    }
+
+    /// The pinned maps, for reading and writing state.
+    pub fn state(&self) -> Result<State> {
+        State::open(&self.pin_dir)
     }
 
     pub fn xdp(&self) -> &Xdp {
@@ -132,268 +176,252 @@ impl Instance {
         self.ebpf.program(TC_INGRESS_PROGRAM).expect("loaded").try_into().expect("TC program")
     }
 
-    fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
-        self.ebpf.map_mut(name).expect("object declares every map")
+    fn link_path(&self, kind: &str, target: &str) -> PathBuf {
+        self.pin_dir.join(format!("link_{kind}_{}", target.replace('/', "_")))
     }
 
-    /// Writes global settings and the forwards of `cfg`. Keys of forwards that are no longer
-    /// configured are removed, so the call is idempotent.
-    pub fn apply_forwards(&mut self, cfg: &Config, local_addrs: &[IpAddr]) -> Result<()> {
-        let mut global: Array<_, GlobalConfig> =
-            Array::try_from(self.map_mut(MAP_GLOBAL)).map_err(map_err(MAP_GLOBAL))?;
-        global
-            .set(
-                0,
-                GlobalConfig {
-                    snat_port_min: cfg.conntrack.snat_port_min,
-                    snat_port_max: cfg.conntrack.snat_port_max,
-                    flags: if cfg.peers.is_empty() { 0 } else { forwarder_common::GLOBAL_HAS_PEERS },
-                    netns_cookie: system::netns_cookie()?,
-                },
-                0,
-            )
-            .map_err(map_err(MAP_GLOBAL))?;
+    /// Makes `prog_fd` the program of the pinned link at `path` if there is one (atomic swap);
+    /// returns false when nothing is pinned there.
+    fn update_pinned_link(path: &Path, prog_fd: std::os::fd::BorrowedFd<'_>) -> Result<bool> {
+        if !path.exists() {
+            return Ok(false);
+        }
+        let link = obj_get(path).map_err(|e| pin_err(path)(format!("BPF_OBJ_GET: {e}")))?;
+        link_update(link.as_fd(), prog_fd).map_err(|e| pin_err(path)(format!("BPF_LINK_UPDATE: {e}")))?;
+        Ok(true)
+    }
 
-        let entries = forward_entries(&cfg.forwards, local_addrs);
-        let mut rules: HashMap<_, FwdKey, FwdValue> =
-            HashMap::try_from(self.map_mut(MAP_FORWARDS)).map_err(map_err(MAP_FORWARDS))?;
-        let wanted: HashSet<FwdKey> = entries.iter().flat_map(|e| e.keys.iter().copied()).collect();
-        let stale: Vec<FwdKey> = rules.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
-        for e in &entries {
-            for k in &e.keys {
-                rules.insert(k, e.value, 0).map_err(map_err(MAP_FORWARDS))?;
-            }
-        }
-        for k in &stale {
-            rules.remove(k).map_err(map_err(MAP_FORWARDS))?;
-        }
-        let mut meta: Array<_, FwdMeta> =
-            Array::try_from(self.map_mut(MAP_FORWARD_META)).map_err(map_err(MAP_FORWARD_META))?;
-        for e in &entries {
-            meta.set(e.id, e.meta, 0).map_err(map_err(MAP_FORWARD_META))?;
-        }
-        for id in entries.len() as u32 + 1..meta.len() {
-            if meta.get(&id, 0).map(|m| m.name[0] != 0).unwrap_or(false) {
-                meta.set(id, FwdMeta::default(), 0).map_err(map_err(MAP_FORWARD_META))?;
-            }
-        }
-        info!(forwards = entries.len(), keys = wanted.len(), "forwards applied");
+    /// Pins a fresh link so it outlives this process.
+    fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+        let _ = std::fs::remove_file(path);
+        link.pin(path).map_err(|e| pin_err(path)(e.to_string()))?;
         Ok(())
     }
 
-    /// Records how XDP may treat `ifindex` as an egress, and makes it a devmap target.
-    pub fn set_egress(&mut self, ifindex: u32, flags: u32) -> Result<()> {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> =
-            HashMap::try_from(self.map_mut(MAP_IFACES)).map_err(map_err(MAP_IFACES))?;
-        ifaces.insert(ifindex, IfaceConfig { flags }, 0).map_err(map_err(MAP_IFACES))?;
-        let mut tx: DevMapHash<_> = DevMapHash::try_from(self.map_mut(MAP_TX_PORTS)).map_err(map_err(MAP_TX_PORTS))?;
-        tx.insert(ifindex, ifindex, None, 0)
-            .map_err(|e| Error::Interface { name: ifindex.to_string(), message: format!("devmap: {e}") })?;
-        Ok(())
-    }
-
-    /// Attaches XDP (unless off) and the TC ingress program to an interface.
+    /// Attaches XDP (unless off) and the TC ingress program to an interface, or swaps the
+    /// programs into the links an earlier instance pinned for it.
     pub fn attach(&mut self, iface: &Interface) -> Result<()> {
         let ifindex = system::ifindex(&iface.name)?;
         let is_veth = system::is_veth(&iface.name);
-        let mut flags = 0;
-        if iface.xdp == XdpMode::Generic {
-            flags |= IFACE_XDP_GENERIC;
-        }
         let xdp_egress = match iface.redirect {
             RedirectMode::Xdp => true,
             RedirectMode::Tc => false,
             RedirectMode::Auto => !is_veth,
         };
-        if xdp_egress {
-            flags |= IFACE_XDP_EGRESS_OK;
-        }
-        self.set_egress(ifindex, flags)?;
+        let flags = (if iface.xdp == XdpMode::Generic { IFACE_XDP_GENERIC } else { 0 })
+            | (if xdp_egress { IFACE_XDP_EGRESS_OK } else { 0 });
+        self.state()?.set_egress(ifindex, flags)?;
 
-        if iface.xdp != XdpMode::Off {
-            let mode = if iface.xdp == XdpMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb };
-            let xdp: &mut Xdp =
-                self.ebpf.program_mut(XDP_PROGRAM).expect("loaded").try_into().map_err(prog_err(XDP_PROGRAM))?;
-            xdp.attach(&iface.name, mode).map_err(|e| Error::Interface {
-                name: iface.name.clone(),
-                message: format!("attaching XDP in {:?} mode: {e}", iface.xdp),
-            })?;
-        }
-        // Only needed on kernels without tcx; harmless (EEXIST) otherwise.
-        let _ = tc::qdisc_add_clsact(&iface.name);
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_INGRESS_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .map_err(prog_err(TC_INGRESS_PROGRAM))?;
-        tc.attach(&iface.name, TcAttachType::Ingress).map_err(|e| Error::Interface {
+        let ifname_err = |what: &str, e: &dyn std::fmt::Display| Error::Interface {
             name: iface.name.clone(),
-            message: format!("attaching TC ingress: {e}"),
-        })?;
+            message: format!("{what}: {e}"),
+        };
+        let xdp_path = self.link_path(&format!("xdp_{}", mode_name(iface.xdp)), &iface.name);
+        if iface.xdp != XdpMode::Off {
+            let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+            let fd = xdp.fd().map_err(prog_err(XDP_PROGRAM))?.as_fd();
+            if !Self::update_pinned_link(&xdp_path, fd)? {
+                let mode = if iface.xdp == XdpMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb };
+                let id = xdp
+                    .attach(&iface.name, mode)
+                    .map_err(|e| ifname_err(&format!("attaching XDP in {:?} mode", iface.xdp), &e))?;
+                let link = xdp.take_link(id).map_err(prog_err(XDP_PROGRAM))?;
+                let link: FdLink = link.try_into().map_err(|e| ifname_err("XDP link", &e))?;
+                Self::pin_link(link, &xdp_path)?;
+            }
+        }
+        // An XDP link of another mode, pinned by an earlier config, goes.
+        for other in [XdpMode::Native, XdpMode::Generic] {
+            if other != iface.xdp {
+                unpin_link(&self.link_path(&format!("xdp_{}", mode_name(other)), &iface.name));
+            }
+        }
+        self.attach_tc(&iface.name, TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tcin")?;
         info!(interface = %iface.name, ifindex, xdp = ?iface.xdp, xdp_egress, veth = is_veth, "attached");
-        self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: iface.xdp });
+        self.attached.retain(|a| a.name != iface.name);
+        self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: iface.xdp, xdp_egress });
         Ok(())
     }
 
-    /// Writes the peers of `cfg` (all in fallback until their neighbour answers); returns
-    /// (peer, id, ifindex) for the watch.
-    pub fn apply_peers(&mut self, cfg: &Config) -> Result<Vec<(crate::config::Peer, u32, u32)>> {
-        let mut peers: HashMap<_, PeerKey, PeerValue> =
-            HashMap::try_from(self.map_mut(MAP_PEERS)).map_err(map_err(MAP_PEERS))?;
-        let mut out = Vec::new();
-        for (i, p) in cfg.peers.iter().enumerate() {
-            let ifindex = system::ifindex(&p.interface)?;
-            let id = i as u32 + 1;
-            peers
-                .insert(crate::peers::key_for(p.address), crate::peers::value_for(ifindex, id, false), 0)
-                .map_err(map_err(MAP_PEERS))?;
-            out.push((p.clone(), id, ifindex));
+    fn attach_tc(&mut self, ifname: &str, prog: &'static str, dir: TcAttachType, kind: &str) -> Result<()> {
+        let path = self.link_path(kind, ifname);
+        let p: &mut SchedClassifier = program(&mut self.ebpf, prog)?;
+        let fd = p.fd().map_err(prog_err(prog))?.as_fd();
+        if Self::update_pinned_link(&path, fd)? {
+            return Ok(());
         }
-        Ok(out)
+        // Only needed on kernels without tcx; harmless otherwise.
+        let _ = tc::qdisc_add_clsact(ifname);
+        let err = |e: &dyn std::fmt::Display| Error::Interface {
+            name: ifname.to_string(),
+            message: format!("attaching {prog}: {e}"),
+        };
+        let id = p.attach(ifname, dir).map_err(|e| err(&e))?;
+        let link = p.take_link(id).map_err(prog_err(prog))?;
+        let link: FdLink = link.try_into().map_err(|e| err(&e))?;
+        Self::pin_link(link, &path)
     }
 
-    /// Sets one peer's state (direct or fallback).
-    pub fn set_peer_state(&mut self, peer: &crate::config::Peer, id: u32, ifindex: u32, direct: bool) -> Result<()> {
-        let mut peers: HashMap<_, PeerKey, PeerValue> =
-            HashMap::try_from(self.map_mut(MAP_PEERS)).map_err(map_err(MAP_PEERS))?;
-        peers
-            .insert(crate::peers::key_for(peer.address), crate::peers::value_for(ifindex, id, direct), 0)
-            .map_err(map_err(MAP_PEERS))
+    /// Detaches from an interface that left the config.
+    pub fn detach_interface(&mut self, ifname: &str) {
+        for kind in ["xdp_native", "xdp_generic", "tcin"] {
+            unpin_link(&self.link_path(kind, ifname));
+        }
+        self.attached.retain(|a| a.name != ifname);
+        info!(interface = ifname, "detached");
     }
 
     /// Attaches the TC egress program (host traffic to peers) to an interface.
-    pub fn attach_egress(&mut self, name: &str) -> Result<()> {
-        let _ = tc::qdisc_add_clsact(name);
-        let p: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_EGRESS_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .map_err(prog_err(TC_EGRESS_PROGRAM))?;
-        p.attach(name, TcAttachType::Egress)
-            .map_err(|e| Error::Interface { name: name.to_string(), message: format!("attaching TC egress: {e}") })?;
-        info!(interface = name, "peer egress attached");
+    pub fn attach_egress(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(ifname, TC_EGRESS_PROGRAM, TcAttachType::Egress, "tceg")?;
+        if self.egress.insert(ifname.to_string()) {
+            info!(interface = ifname, "peer egress attached");
+        }
         Ok(())
+    }
+
+    pub fn detach_egress(&mut self, ifname: &str) {
+        unpin_link(&self.link_path("tceg", ifname));
+        self.egress.remove(ifname);
+    }
+
+    /// Names of interfaces with pinned links (attached by this or an earlier instance).
+    pub fn pinned_interfaces(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for e in std::fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            for prefix in ["link_xdp_native_", "link_xdp_generic_", "link_tcin_"] {
+                if let Some(ifname) = name.strip_prefix(prefix) {
+                    out.insert(ifname.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// Attaches the local-forward socket hooks to a cgroup v2 directory (they then apply to
     /// every process in it and below). bpf links stack, so instances and other tools coexist.
     pub fn attach_local(&mut self, cgroup: &Path) -> Result<()> {
-        let fd = std::fs::File::open(cgroup).map_err(|e| Error::Interface {
+        let file = std::fs::File::open(cgroup).map_err(|e| Error::Interface {
             name: cgroup.display().to_string(),
             message: format!("opening the cgroup: {e}"),
         })?;
         for name in LOCAL_PROGRAMS {
-            let p: &mut CgroupSockAddr =
-                self.ebpf.program_mut(name).expect("loaded").try_into().map_err(prog_err(name))?;
-            // Through a bpf link (kernel >= 5.7) the attachment is multi by nature and the
-            // kernel refuses link flags, so the mode must be the default.
-            p.attach(&fd, CgroupAttachMode::Single).map_err(|e| Error::Interface {
+            let path = self.link_path("cg", name);
+            let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let fd = p.fd().map_err(prog_err(name))?.as_fd();
+            if Self::update_pinned_link(&path, fd)? {
+                continue;
+            }
+            let err = |e: &dyn std::fmt::Display| Error::Interface {
                 name: cgroup.display().to_string(),
-                message: format!("attaching {name}: {e:?}"),
-            })?;
+                message: format!("attaching {name}: {e}"),
+            };
+            // Through a bpf link the attachment is multi by nature and the kernel refuses
+            // link flags, so the mode must be the default.
+            let id = p.attach(&file, CgroupAttachMode::Single).map_err(|e| err(&e))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            let link: FdLink = link.try_into().map_err(|e| err(&e))?;
+            Self::pin_link(link, &path)?;
         }
         info!(cgroup = %cgroup.display(), "local forwards attached");
         self.local_cgroup = Some(cgroup.to_path_buf());
         Ok(())
     }
 
-    /// Pins every map under `dir` (created if missing) for `forwarder stats` and tools.
-    pub fn pin_maps(&mut self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::PinPath { path: dir.display().to_string(), message: e.to_string() })?;
-        for (name, map) in self.ebpf.maps() {
-            if name.starts_with('.') || !name.starts_with("FWD_") {
-                continue;
-            }
-            let path = dir.join(name);
-            let _ = std::fs::remove_file(&path);
-            map.pin(&path).map_err(|e| Error::PinPath { path: path.display().to_string(), message: e.to_string() })?;
-            debug!(path = %path.display(), "pinned");
+    pub fn detach_local(&mut self) {
+        for name in LOCAL_PROGRAMS {
+            unpin_link(&self.link_path("cg", name));
         }
-        self.pinned = Some(dir.to_path_buf());
-        Ok(())
+        self.local_cgroup = None;
     }
 
-    /// Removes the pins made by [`Instance::pin_maps`] (the directory too, when empty).
-    pub fn unpin(&mut self) {
-        if let Some(dir) = self.pinned.take() {
-            remove_pins(&dir);
-        }
+    /// Removes every link and map this instance (or an earlier one) pinned: programs are
+    /// detached as the last references go.
+    pub fn detach(mut self) {
+        self.detach_on_drop = true;
     }
 
-    /// Reads one conntrack entry (tests and diagnostics).
-    pub fn conntrack_entry(&self, key: &CtKey) -> Option<CtValue> {
-        let map = self.ebpf.map(MAP_CONNTRACK)?;
-        let ct: aya::maps::HashMap<_, CtKey, CtValue> = aya::maps::HashMap::try_from(map).ok()?;
-        ct.get(key, 0).ok()
-    }
-
-    /// Number of entries in the connection table (walks it: diagnostics, not the hot path).
-    pub fn conntrack_len(&self) -> usize {
-        self.ebpf
-            .map(MAP_CONNTRACK)
-            .and_then(|m| aya::maps::HashMap::<_, CtKey, CtValue>::try_from(m).ok())
-            .map(|ct| ct.keys().count())
-            .unwrap_or(0)
-    }
-
-    /// Per-forward counters summed over CPUs.
-    pub fn forward_stats(&self, id: u32) -> FwdStats {
-        let map = self.ebpf.map(MAP_FORWARD_STATS).expect("map");
-        let arr: PerCpuArray<_, FwdStats> = PerCpuArray::try_from(map).expect("per-cpu array");
-        crate::stats::sum_forward(&arr, id)
-    }
-
-    /// A reason counter summed over CPUs.
-    pub fn reason_count(&self, reason: forwarder_common::Reason) -> u64 {
-        let map = self.ebpf.map(forwarder_common::MAP_REASONS).expect("map");
-        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).expect("per-cpu array");
-        crate::stats::sum_reason(&arr, reason as u32)
-    }
-
-    /// Zeroes the per-reason and per-forward counters and empties the connection table
-    /// (test fixtures start from a known state).
-    pub fn reset_state(&mut self) -> Result<()> {
-        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))?;
-        for name in [forwarder_common::MAP_REASONS] {
-            let mut arr: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map_mut(name)).map_err(map_err(name))?;
-            for i in 0..arr.len() {
-                arr.set(i, vec![0u64; ncpu].try_into().expect("values"), 0).map_err(map_err(name))?;
-            }
-        }
-        let mut arr: PerCpuArray<_, FwdStats> =
-            PerCpuArray::try_from(self.map_mut(MAP_FORWARD_STATS)).map_err(map_err(MAP_FORWARD_STATS))?;
-        for i in 0..arr.len().min(64) {
-            arr.set(i, vec![FwdStats::default(); ncpu].try_into().expect("values"), 0)
-                .map_err(map_err(MAP_FORWARD_STATS))?;
-        }
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map_mut(MAP_CONNTRACK)).map_err(map_err(MAP_CONNTRACK))?;
-        let keys: Vec<CtKey> = ct.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = ct.remove(&k);
-        }
-        Ok(())
+    /// Ids of the loaded programs (for `forwarder status`).
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf.programs().filter_map(|(name, p)| p.info().ok().map(|i| (name.to_string(), i.id()))).collect()
     }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        self.unpin();
+        if self.detach_on_drop {
+            remove_pins(&self.pin_dir);
+        }
     }
 }
 
-/// Removes the map pins forwarder makes under `dir`, then `dir` if it is empty.
+fn mode_name(m: XdpMode) -> &'static str {
+    match m {
+        XdpMode::Native => "native",
+        XdpMode::Generic => "generic",
+        XdpMode::Off => "off",
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name).expect("the object has every program").try_into().map_err(prog_err(name))
+}
+
+/// BPF_OBJ_GET: opens a pinned object.
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr, obj member: pathname (u64), bpf_fd, file_flags, path_fd.
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr of the advertised size; cpath outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_UPDATE: atomically replaces the program of a link (XDP, tcx and cgroup links
+/// support it). aya offers it per program type only; one raw call serves all three here.
+fn link_update(link: std::os::fd::BorrowedFd<'_>, prog_fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // union bpf_attr, link_update member: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = prog_fd.as_raw_fd() as u32;
+    // SAFETY: attr is a zeroed bpf_attr of the advertised size with the link_update fields set.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Unpins a link: once no process holds it, the kernel detaches the program.
+fn unpin_link(path: &Path) {
+    if path.exists() {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(path = %path.display(), "unpinning link: {e}");
+        }
+    }
+}
+
+/// Removes everything forwarder pins under `dir` (links first), then `dir` and its `edit`
+/// lock directory.
 pub fn remove_pins(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("FWD_") {
+    let entries: Vec<_> = std::fs::read_dir(dir).into_iter().flatten().flatten().collect();
+    for prefix in ["link_", "FWD_"] {
+        for e in &entries {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
+    let _ = std::fs::remove_dir(dir.join(crate::state::EDIT_LOCK_DIR));
     let _ = std::fs::remove_dir(dir);
 }
 
@@ -441,7 +469,7 @@ fn mount_default_bpffs(dir: &Path) {
 
 /// Pins need a bpffs. `ip netns exec` remounts /sys in a private mount namespace, hiding the
 /// host's /sys/fs/bpf: say so instead of failing obscurely.
-fn check_bpffs(dir: &Path) -> Result<()> {
+pub fn check_bpffs(dir: &Path) -> Result<()> {
     let probe = if dir.exists() { dir } else { dir.parent().unwrap_or(dir) };
     if is_bpffs(probe) {
         Ok(())

@@ -38,20 +38,19 @@ pub fn key_for(proto: u8, listen: SocketAddr) -> FwdKey {
     FwdKey { addr, port_be: listen.port().to_be(), proto, family }
 }
 
-/// Map entries for `forwards` (ids 1..). `local_addrs` are this host's addresses, used to
-/// expand wildcard listen addresses; an address that another forward names explicitly for
-/// the same protocol and port is left to that forward.
-pub fn forward_entries(forwards: &[Forward], local_addrs: &[IpAddr]) -> Vec<ForwardEntries> {
+/// Map entries for `forwards` with their ids. `local_addrs` are this host's addresses, used
+/// to expand wildcard listen addresses; an address that another forward names explicitly
+/// for the same protocol and port is left to that forward.
+pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> Vec<ForwardEntries> {
     let explicit: std::collections::HashSet<FwdKey> = forwards
         .iter()
-        .filter(|f| !f.listen.ip().is_unspecified())
-        .map(|f| key_for(f.protocol.number(), f.listen))
+        .filter(|(_, f)| !f.listen.ip().is_unspecified())
+        .map(|(_, f)| key_for(f.protocol.number(), f.listen))
         .collect();
     forwards
         .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let id = i as u32 + 1;
+        .map(|(id, f)| {
+            let id = *id;
             let proto = f.protocol.number();
             let keys = if f.listen.ip().is_unspecified() {
                 local_addrs
@@ -113,7 +112,8 @@ snat = "off"
         .unwrap();
         let locals: Vec<IpAddr> =
             vec!["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
-        let e = forward_entries(&cfg.forwards, &locals);
+        let with_ids: Vec<_> = cfg.forwards.iter().cloned().enumerate().map(|(i, f)| (i as u32 + 1, f)).collect();
+        let e = forward_entries(&with_ids, &locals);
         assert_eq!(e[0].id, 1);
         assert_eq!(e[0].keys, vec![key_for(6, "127.0.0.1:3306".parse().unwrap())]);
         assert_eq!(e[0].value.snat_mode, SNAT_AUTO);

@@ -8,7 +8,7 @@ use std::{
 
 use forwarder_common::{PEER_DIRECT, PEER_FALLBACK, PEER_PROBE_MARK, PeerKey, PeerValue};
 
-use crate::{config::Peer, maps::addr_bytes};
+use crate::maps::addr_bytes;
 
 pub fn key_for(addr: IpAddr) -> PeerKey {
     let (addr, family) = addr_bytes(addr);
@@ -39,8 +39,8 @@ pub fn usable(state: Option<&str>) -> bool {
 
 /// Sends one datagram to the peer's discard port, marked so that the egress program sends
 /// it direct even in fallback: the kernel then resolves the peer's neighbour entry again.
-pub fn send_probe(peer: &Peer) -> std::io::Result<()> {
-    let sock = match peer.address {
+pub fn send_probe(address: IpAddr, interface: &str) -> std::io::Result<()> {
+    let sock = match address {
         IpAddr::V4(_) => UdpSocket::bind("0.0.0.0:0")?,
         IpAddr::V6(_) => UdpSocket::bind("[::]:0")?,
     };
@@ -51,12 +51,12 @@ pub fn send_probe(peer: &Peer) -> std::io::Result<()> {
         if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_MARK, (&mark as *const u32).cast(), 4) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let dev = peer.interface.as_bytes();
+        let dev = interface.as_bytes();
         if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, dev.as_ptr().cast(), dev.len() as u32) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
-    sock.send_to(b"forwarder peer probe", SocketAddr::new(peer.address, 9))?;
+    sock.send_to(b"forwarder peer probe", SocketAddr::new(address, 9))?;
     Ok(())
 }
 

@@ -198,3 +198,32 @@ pub fn render_table(s: &Snapshot) -> String {
     }
     out
 }
+
+/// The `stats --watch` screen: per-second rates between two snapshots, then totals.
+pub fn render_rates(prev: &Snapshot, now: &Snapshot) -> String {
+    let mut out = String::new();
+    let _ =
+        writeln!(out, "{:<20} {:>12} {:>14} {:>12}   (per second)", "FORWARD", "PACKETS/s", "BYTES/s", "NEW_CONNS/s");
+    for f in &now.forwards {
+        let p = prev.forwards.iter().find(|p| p.id == f.id && p.name == f.name);
+        let d = |get: fn(&ForwardCounters) -> u64| get(f).saturating_sub(p.map(get).unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "{:<20} {:>12} {:>14} {:>12}",
+            f.name,
+            d(|x| x.packets),
+            d(|x| x.bytes),
+            d(|x| x.new_connections)
+        );
+    }
+    let _ = writeln!(out, "\n{:<18} {:<10} {:>12}", "REASON", "KIND", "PACKETS/s");
+    for r in &now.reasons {
+        let before = prev.reasons.iter().find(|p| p.code == r.code).map(|p| p.packets).unwrap_or(0);
+        let rate = r.packets.saturating_sub(before);
+        if rate > 0 {
+            let _ = writeln!(out, "{:<18} {:<10} {:>12}", r.reason, r.kind, rate);
+        }
+    }
+    let _ = writeln!(out, "\ntotals:\n{}", render_table(now));
+    out
+}

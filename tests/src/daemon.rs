@@ -26,6 +26,7 @@ pub struct Daemon {
     pub config_path: PathBuf,
     log_path: PathBuf,
     ns_path: String,
+    extra: Vec<String>,
 }
 
 impl Daemon {
@@ -44,34 +45,90 @@ impl Daemon {
         std::fs::File::create(&config_path)?.write_all(config.as_bytes())?;
         let log_path = dir.join("forwarder.log");
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}"));
+        let mut d = Self {
+            child: None,
+            cgroup,
+            pin_path,
+            config_path,
+            log_path,
+            ns_path: ns.path(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.launch()?;
+        Ok(d)
+    }
+
+    /// Starts `forwarder run` and waits until it has applied its config (it writes its
+    /// status file, with its pid, as the last set-up step).
+    pub fn launch(&mut self) -> Result<()> {
         let bin = forwarder_bin();
         if !bin.exists() {
             bail!("{} is missing: run `cargo build -p forwarder-user` first (scripts/test.sh does)", bin.display());
         }
-        let child = ns
-            .cmd(bin.to_str().context("path")?)
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path))
+            .arg("--")
+            .arg(&bin)
             .args(["--log-level", "debug", "run", "--config"])
-            .arg(&config_path)
+            .arg(&self.config_path)
             .arg("--pin-path")
-            .arg(&pin_path)
+            .arg(&self.pin_path)
             .arg("--cgroup")
-            .arg(&cgroup.path)
-            .args(extra)
+            .arg(&self.cgroup.path)
+            .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path)?)
+            .stderr(log)
             .spawn()?;
-        let mut d = Self { child: Some(child), cgroup, pin_path, config_path, log_path, ns_path: ns.path() };
+        self.child = Some(child);
+        let status_file = forwarder::status::path_for(&self.pin_path);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.pin_path.join(forwarder_common::MAP_FORWARD_META).exists() {
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("forwarder exited with {status}:\n{}", d.log());
+        loop {
+            let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+            let written = std::fs::read(&status_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .map(|v| v["pid"].as_u64() == Some(pid as u64))
+                .unwrap_or(false);
+            if written {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("forwarder exited with {status}:\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("forwarder did not come up:\n{}", d.log());
+                bail!("forwarder did not come up:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(d)
+    }
+
+    /// SIGKILL: the process dies without any clean-up.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Sends a signal to the running process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// Replaces the config file the way kubelet updates a mounted ConfigMap: the new content
+    /// goes to a fresh file and a symlink is swapped onto the config path atomically.
+    pub fn replace_config(&self, text: &str) -> Result<()> {
+        let dir = self.config_path.parent().context("config dir")?;
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let data = dir.join(format!("..data-{n}"));
+        std::fs::write(&data, text)?;
+        let tmp = dir.join(format!("..swap-{n}"));
+        std::os::unix::fs::symlink(&data, &tmp)?;
+        std::fs::rename(&tmp, &self.config_path)?;
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -120,6 +177,7 @@ impl Drop for Daemon {
             let _ = self.stop();
         }
         forwarder::loader::remove_pins(&self.pin_path);
+        forwarder::status::remove(&self.pin_path);
         if let Some(dir) = self.config_path.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }

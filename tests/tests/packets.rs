@@ -10,10 +10,11 @@
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use forwarder::{
-    config::Config,
+    config::{Config, OnForwardRemoved},
     loader::{Instance, LoadOptions},
+    state::State,
 };
-use forwarder_common::{IFACE_XDP_EGRESS_OK, Reason};
+use forwarder_common::{GlobalConfig, IFACE_XDP_EGRESS_OK, Reason};
 use forwarder_tests::{Netns, unique_tag};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -45,6 +46,7 @@ backend = "203.0.113.20:5353"
 
 struct Fixture {
     inst: Instance,
+    state: State,
     v0: u32,
     v1: u32,
     v0_mac: [u8; 6],
@@ -69,13 +71,24 @@ fn with_fixture(config: &str, test: impl FnOnce(&mut Fixture) + Send + 'static) 
     let (v0, v1) = (ns.ifindex("v0").unwrap(), ns.ifindex("v1").unwrap());
     let (v0_mac, v1_mac) = (ns.mac("v0").unwrap(), ns.mac("v1").unwrap());
     let cfg = Config::parse(config).unwrap();
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}"));
     ns.run(move || {
-        let mut inst = Instance::load(&LoadOptions::from_config(&cfg)).unwrap();
+        let mut inst = Instance::load(&LoadOptions::from_config(&cfg), &pin).unwrap();
+        inst.detach_on_drop(true); // pins removed even if the test panics
+        let state = inst.state().unwrap();
         let locals = vec!["192.0.2.1".parse().unwrap(), "203.0.113.1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
-        inst.apply_forwards(&cfg, &locals).unwrap();
-        inst.set_egress(v0, IFACE_XDP_EGRESS_OK).unwrap();
-        inst.set_egress(v1, IFACE_XDP_EGRESS_OK).unwrap();
-        let mut fx = Fixture { inst, v0, v1, v0_mac, v1_mac };
+        state
+            .set_global(GlobalConfig {
+                snat_port_min: cfg.conntrack.snat_port_min,
+                snat_port_max: cfg.conntrack.snat_port_max,
+                flags: 0,
+                netns_cookie: 0,
+            })
+            .unwrap();
+        state.apply_forwards(&cfg.forwards, &locals, OnForwardRemoved::Drain).unwrap();
+        state.set_egress(v0, IFACE_XDP_EGRESS_OK).unwrap();
+        state.set_egress(v1, IFACE_XDP_EGRESS_OK).unwrap();
+        let mut fx = Fixture { inst, state, v0, v1, v0_mac, v1_mac };
         test(&mut fx);
     })
     .unwrap();
@@ -126,7 +139,15 @@ impl Fixture {
     }
 
     fn reason(&self, r: Reason) -> u64 {
-        self.inst.reason_count(r)
+        self.state.reason_count(r).unwrap()
+    }
+
+    fn stats(&self, id: u32) -> forwarder_common::FwdStats {
+        self.state.forward_stats(id).unwrap()
+    }
+
+    fn conntrack_len(&self) -> usize {
+        self.state.conntrack_len().unwrap()
     }
 }
 
@@ -198,7 +219,7 @@ fn xdp_tcp_syn_gets_dnat_snat_and_reply_gets_reverse_nat() {
         let snat_port = sport;
         assert_eq!(ttl, 63);
         assert_eq!(fx.reason(Reason::RedirectXdp), 1);
-        let s = fx.inst.forward_stats(1);
+        let s = fx.stats(1);
         assert_eq!((s.packets, s.new_conns, s.bytes), (1, 1, 40));
 
         // The backend's SYN-ACK comes back to the SNAT address and port.
@@ -209,7 +230,7 @@ fn xdp_tcp_syn_gets_dnat_snat_and_reply_gets_reverse_nat() {
         assert_eq!((smac, dmac), (fx.v0_mac, CLIENT_MAC));
         assert_eq!((src, sport, dst, dport), (ROUTER_IN, 3306, CLIENT, 40000), "client sees only the listen address");
         assert_eq!(ttl, 63);
-        let s = fx.inst.forward_stats(1);
+        let s = fx.stats(1);
         assert_eq!((s.packets, s.new_conns), (2, 1), "a reply is no new connection");
 
         // Established data packet with payload, same flow.
@@ -218,7 +239,7 @@ fn xdp_tcp_syn_gets_dnat_snat_and_reply_gets_reverse_nat() {
         assert_eq!(verdict, XDP_REDIRECT);
         let (_, _, src, dst, _, data_sport, _) = check(&out);
         assert_eq!((src, dst, data_sport), (ROUTER_OUT, SERVER, snat_port), "same flow, same SNAT port");
-        assert_eq!(fx.inst.forward_stats(1).new_conns, 1);
+        assert_eq!(fx.stats(1).new_conns, 1);
     });
 }
 
@@ -247,7 +268,7 @@ fn tc_tcp_and_udp_get_the_same_rewrite() {
         let (_, _, src, dst, _, sport, dport) = check(&out);
         assert_eq!((src, sport, dst, dport), (ROUTER_IN, 53, CLIENT, 5000));
         assert_eq!(fx.reason(Reason::RedirectTc), 4);
-        assert_eq!(fx.inst.forward_stats(2).new_conns, 1);
+        assert_eq!(fx.stats(2).new_conns, 1);
     });
 }
 
@@ -352,8 +373,8 @@ fn frames_forwarder_does_not_handle_pass_untouched_with_their_reason() {
             assert_eq!((verdict, out == frame), (TC_ACT_OK, true), "{name}: TC passes it untouched");
             assert_eq!(fx.reason(reason), before + 1, "{name}: TC counts it too when it sees it first");
         }
-        assert_eq!(fx.inst.conntrack_len(), 0, "nothing tracked");
-        assert_eq!(fx.inst.forward_stats(1).packets, 0);
+        assert_eq!(fx.conntrack_len(), 0, "nothing tracked");
+        assert_eq!(fx.stats(1).packets, 0);
     });
 }
 
@@ -377,7 +398,7 @@ fn partial_checksum_frames_go_to_tc_untouched() {
         assert_eq!((verdict, meta), (XDP_PASS, 0), "handed to TC without the skip mark");
         assert_eq!(out, f);
         assert_eq!(fx.reason(Reason::XdpToTc), 1);
-        assert_eq!(fx.inst.conntrack_len(), 0, "XDP commits nothing it does not finish");
+        assert_eq!(fx.conntrack_len(), 0, "XDP commits nothing it does not finish");
     });
 }
 
@@ -403,7 +424,7 @@ fn concurrent_flows_never_share_a_snat_port_and_exhaustion_is_counted() {
         // few more before the range is full.
         assert!(dropped >= 16 && ports.len() + dropped == 80, "{} ports, {dropped} dropped", ports.len());
         assert_eq!(fx.reason(Reason::PortsExhausted), dropped as u64);
-        assert_eq!(fx.inst.conntrack_len(), 2 * ports.len());
+        assert_eq!(fx.conntrack_len(), 2 * ports.len());
     });
 }
 

@@ -178,9 +178,8 @@ fn forwarded_traffic_to_a_peer_goes_direct() {
 
     let gw_before = t.gateways_forwarded().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let server = t
-        .b
-        .spawn(move || {
+    let server =
+        t.b.spawn(move || {
             let l = TcpListener::bind((B_ADDR, 5001)).unwrap();
             tx.send(()).unwrap();
             let (mut s, peer) = l.accept().unwrap();
@@ -192,7 +191,8 @@ fn forwarded_traffic_to_a_peer_goes_direct() {
     rx.recv().unwrap();
     let reply = lan
         .run(|| {
-            let mut s = TcpStream::connect_timeout(&"203.0.113.129:3306".parse().unwrap(), Duration::from_secs(5)).unwrap();
+            let mut s =
+                TcpStream::connect_timeout(&"203.0.113.129:3306".parse().unwrap(), Duration::from_secs(5)).unwrap();
             s.write_all(b"hello").unwrap();
             let mut r = String::new();
             s.read_to_string(&mut r).unwrap();

@@ -1,0 +1,88 @@
+//! Connection-state bits kept by the kernel in each conntrack entry, and the timeout rule
+//! userspace's expiry applies to a connection (both of its entries together).
+
+/// The flow's first packet was a TCP SYN (set at creation).
+pub const CT_SEEN_SYN: u8 = 1 << 0;
+/// A FIN was seen in this direction.
+pub const CT_SEEN_FIN: u8 = 1 << 1;
+/// A RST was seen in this direction.
+pub const CT_SEEN_RST: u8 = 1 << 2;
+/// A packet went this way on a reply entry: the backend answered.
+pub const CT_ANSWERED: u8 = 1 << 3;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// State bits a TCP segment with `flags` adds to its direction's entry.
+#[inline(always)]
+pub fn bits_of_tcp_flags(flags: u8) -> u8 {
+    (if flags & TCP_FIN != 0 { CT_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { CT_SEEN_RST } else { 0 })
+}
+
+/// Idle timeouts, in nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connection the backend has not answered yet.
+    pub tcp_handshake: u64,
+    pub tcp_established: u64,
+    /// After a FIN or RST in either direction.
+    pub tcp_closing: u64,
+    pub udp: u64,
+}
+
+impl Timeouts {
+    pub const fn from_secs(tcp_handshake: u64, tcp_established: u64, tcp_closing: u64, udp: u64) -> Self {
+        const NS: u64 = 1_000_000_000;
+        Self {
+            tcp_handshake: tcp_handshake * NS,
+            tcp_established: tcp_established * NS,
+            tcp_closing: tcp_closing * NS,
+            udp: udp * NS,
+        }
+    }
+}
+
+/// The timeout that applies to a connection whose entries together carry `state` bits.
+pub fn timeout_for(is_tcp: bool, state: u8, t: &Timeouts) -> u64 {
+    if !is_tcp {
+        t.udp
+    } else if state & (CT_SEEN_FIN | CT_SEEN_RST) != 0 {
+        t.tcp_closing
+    } else if state & CT_ANSWERED != 0 {
+        t.tcp_established
+    } else {
+        t.tcp_handshake
+    }
+}
+
+/// Whether a connection idle for `idle_ns` has expired.
+pub fn expired(is_tcp: bool, state: u8, idle_ns: u64, t: &Timeouts) -> bool {
+    idle_ns > timeout_for(is_tcp, state, t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timeouts = Timeouts::from_secs(30, 3600, 10, 60);
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn tcp_moves_from_handshake_to_established_to_closing() {
+        assert!(expired(true, CT_SEEN_SYN, 31 * S, &T), "unanswered SYN");
+        assert!(!expired(true, CT_SEEN_SYN | CT_ANSWERED, 31 * S, &T), "answered: established");
+        assert!(expired(true, CT_SEEN_SYN | CT_ANSWERED, 3601 * S, &T));
+        assert!(expired(true, CT_ANSWERED | CT_SEEN_FIN, 11 * S, &T), "closing");
+        assert!(expired(true, CT_ANSWERED | CT_SEEN_RST, 11 * S, &T));
+        assert!(!expired(true, CT_ANSWERED | CT_SEEN_FIN, 9 * S, &T));
+    }
+
+    #[test]
+    fn udp_has_one_timeout_and_flags_map_to_bits() {
+        assert!(!expired(false, CT_ANSWERED, 59 * S, &T));
+        assert!(expired(false, 0, 61 * S, &T));
+        assert_eq!(bits_of_tcp_flags(0x11), CT_SEEN_FIN);
+        assert_eq!(bits_of_tcp_flags(0x14), CT_SEEN_RST);
+        assert_eq!(bits_of_tcp_flags(0x02), 0);
+    }
+}

@@ -1,0 +1,338 @@
+//! `forwarder run`: set-up (adopting pinned state), reloads, the peer watch, connection
+//! expiry, the metrics endpoint, and what happens at exit.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use forwarder_common::GlobalConfig;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    loader::{self, Instance, LoadOptions, PinLock},
+    state::{self, State},
+    status, system,
+};
+
+/// What SIGTERM/SIGINT does to the pinned state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum OnExit {
+    /// Detach every program and remove the pins (forwarding stops).
+    Detach,
+    /// Leave programs attached and maps pinned: forwarding goes on, and the next
+    /// `forwarder run` with the same pin path adopts it (rolling restarts, upgrades).
+    Keep,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub pin_path: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub bpf_debug: bool,
+    pub on_exit: OnExit,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Counters of the daemon itself (metrics).
+#[derive(Default)]
+pub struct DaemonCounters {
+    pub ready: AtomicBool,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub ct_expired: AtomicU64,
+    pub ct_entries: AtomicU64,
+    pub ct_capacity: AtomicU64,
+}
+
+/// How often the peers' neighbour entries are checked.
+const PEER_WATCH: Duration = Duration::from_millis(500);
+/// How often the config file is checked for changes (kubelet swaps a symlink; content
+/// comparison catches every way a file can change).
+const CONFIG_WATCH: Duration = Duration::from_secs(1);
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let cfg = Config::from_file(&opts.config_path)?;
+    let _lock = PinLock::acquire(&opts.pin_path)?;
+    loader::warn_if_forwarding_disabled();
+    let mut load = LoadOptions::from_config(&cfg);
+    if opts.bpf_debug {
+        load.bpf_log_level = 5; // aya-log: Debug
+    }
+    let mut inst = Instance::load(&load, &opts.pin_path)?;
+    let fresh = !inst.adopted;
+    let logger = match aya_log::EbpfLogger::init(&mut inst.ebpf) {
+        // SAFETY: the logger owns its ring buffer fd and lives as long as the AsyncFd.
+        Ok(l) => Some(
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("kernel log reader: {e}"))?,
+        ),
+        Err(e) => {
+            warn!("kernel-side logs unavailable: {e}");
+            None
+        }
+    };
+    if let Err(e) = apply_config(&mut inst, &cfg, opts.cgroup.as_deref()) {
+        // A first start leaves nothing behind; an adopting one leaves the old state running.
+        if fresh {
+            inst.detach();
+        }
+        return Err(e);
+    }
+    let counters = Arc::new(DaemonCounters::default());
+    counters.ready.store(true, Ordering::SeqCst);
+    status::write(&opts, &inst, &cfg)?;
+    info!(pin_path = %opts.pin_path.display(), adopted = inst.adopted, "running; SIGHUP reloads, SIGINT/SIGTERM stops");
+
+    let stop_gc = Arc::new(AtomicBool::new(false));
+    let gc = spawn_expiry(opts.pin_path.clone(), cfg.clone(), counters.clone(), stop_gc.clone());
+    if let Some(addr) = opts.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
+        info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
+        tokio::spawn(crate::metrics::serve(listener, opts.pin_path.clone(), counters.clone()));
+    }
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) =
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
+    let mut logger = logger;
+    let mut peer_tick = tokio::time::interval(PEER_WATCH);
+    let mut config_tick = tokio::time::interval(CONFIG_WATCH);
+    let mut current = cfg;
+    let mut config_text = std::fs::read(&opts.config_path).unwrap_or_default();
+    loop {
+        let reload_now = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { info!("SIGHUP: reloading"); true }
+            _ = config_tick.tick() => {
+                let text = std::fs::read(&opts.config_path).unwrap_or_default();
+                let changed = text != config_text;
+                if changed { info!(path = %opts.config_path.display(), "config file changed: reloading"); }
+                changed
+            }
+            _ = peer_tick.tick() => {
+                if let Err(e) = watch_peers(&mut inst, &current) { warn!("peer watch: {e:#}"); }
+                false
+            }
+            guard = async { match logger.as_mut() { Some(l) => l.readable_mut().await, None => std::future::pending().await } } => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+                false
+            }
+        };
+        if reload_now {
+            config_text = std::fs::read(&opts.config_path).unwrap_or_default();
+            counters.reloads.fetch_add(1, Ordering::Relaxed);
+            match reload(&mut inst, &current, &opts) {
+                Ok(new) => {
+                    current = new;
+                    status::write(&opts, &inst, &current)?;
+                }
+                Err(e) => {
+                    counters.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    error!("reload refused, the running state is unchanged: {e:#}");
+                }
+            }
+        }
+    }
+    stop_gc.store(true, Ordering::SeqCst);
+    let _ = gc.join();
+    drop(logger);
+    status::remove(&opts.pin_path);
+    match opts.on_exit {
+        OnExit::Detach => {
+            info!("stopping: detaching and removing pins");
+            inst.detach();
+        }
+        OnExit::Keep => info!("stopping: programs stay attached and state stays pinned for the next instance"),
+    }
+    Ok(())
+}
+
+/// Makes the kernel state match `cfg`: settings, forwards (a diff: unchanged forwards keep
+/// their connections), peers, attachments. Everything that can be checked without
+/// changing anything is checked first.
+pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow::Result<()> {
+    for name in cfg.interfaces.iter().map(|i| &i.name).chain(cfg.peers.iter().map(|p| &p.interface)) {
+        system::ifindex(name)?;
+    }
+    let cgroup = if cfg.forwards.iter().any(|f| f.local) {
+        Some(
+            cgroup
+                .map(Path::to_path_buf)
+                .or_else(system::cgroup2_mount)
+                .context("no cgroup v2 mount found for local forwards (give --cgroup DIR)")?,
+        )
+    } else {
+        None
+    };
+    let state = inst.state()?;
+    let _edit = state.lock_edits()?;
+    let flags = state.global()?.flags;
+    state.set_global(GlobalConfig {
+        snat_port_min: cfg.conntrack.snat_port_min,
+        snat_port_max: cfg.conntrack.snat_port_max,
+        flags,
+        netns_cookie: system::netns_cookie()?,
+    })?;
+    for (name, want) in [
+        (forwarder_common::MAP_CONNTRACK, cfg.conntrack.max_entries),
+        (forwarder_common::MAP_FORWARD_META, cfg.max_forwards + 1),
+    ] {
+        let have = state.capacity(name)?;
+        if have != want {
+            warn!(map = name, have, want, "map size differs from the config: it changes only after `forwarder detach`");
+        }
+    }
+    state.apply_forwards(&cfg.forwards, &system::local_addresses()?, cfg.conntrack.on_forward_removed)?;
+    state.apply_peers(&cfg.peers)?;
+    for gone in inst.pinned_interfaces() {
+        if !cfg.interfaces.iter().any(|i| i.name == gone) {
+            inst.detach_interface(&gone);
+        }
+    }
+    for iface in &cfg.interfaces {
+        inst.attach(iface)?;
+    }
+    let mut egress: Vec<String> = cfg.peers.iter().map(|p| p.interface.clone()).collect();
+    if !cfg.peers.is_empty() {
+        egress.extend(cfg.interfaces.iter().map(|i| i.name.clone()));
+    }
+    for name in inst.egress.clone() {
+        if !egress.contains(&name) {
+            inst.detach_egress(&name);
+        }
+    }
+    for name in egress {
+        inst.attach_egress(&name)?;
+    }
+    match cgroup {
+        Some(dir) => inst.attach_local(&dir)?,
+        None => inst.detach_local(),
+    }
+    Ok(())
+}
+
+/// Reload: the new config is parsed and checked whole; if anything is wrong the running
+/// state stays exactly as it was.
+fn reload(inst: &mut Instance, current: &Config, opts: &RunOptions) -> anyhow::Result<Config> {
+    let new = Config::from_file(&opts.config_path)?;
+    if let Err(e) = apply_config(inst, &new, opts.cgroup.as_deref()) {
+        warn!("applying the new config failed ({e:#}); restoring the previous one");
+        apply_config(inst, current, opts.cgroup.as_deref()).context("restoring the previous config")?;
+        return Err(e);
+    }
+    info!(forwards = new.forwards.len(), peers = new.peers.len(), "reloaded");
+    Ok(new)
+}
+
+/// Keeps each peer's state in step with its neighbour entry; probes peers in fallback; and
+/// attaches the egress program where a live `peer add` put a peer.
+fn watch_peers(inst: &mut Instance, cfg: &Config) -> anyhow::Result<()> {
+    let state = inst.state()?;
+    let peers = state.peers()?;
+    for p in &peers {
+        if !inst.egress.contains(&p.interface) {
+            inst.attach_egress(&p.interface)?;
+            for i in &cfg.interfaces {
+                inst.attach_egress(&i.name)?;
+            }
+        }
+        let neigh = crate::peers::neighbour_state(p.address, &p.interface);
+        let direct = crate::peers::usable(neigh.as_deref());
+        if direct != p.direct {
+            state.set_peer_state(p, direct)?;
+            info!(peer = %p.address, interface = %p.interface, neighbour = ?neigh,
+                "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
+        }
+        if !direct {
+            if let Err(e) = crate::peers::send_probe(p.address, &p.interface) {
+                warn!(peer = %p.address, "probe: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connection expiry in its own thread: it walks the table at `gc_interval` and removes
+/// connections idle past their timeout (both entries at once). The datapath never waits on
+/// it.
+fn spawn_expiry(
+    pin: PathBuf,
+    cfg: Config,
+    counters: Arc<DaemonCounters>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let timeouts = cfg.conntrack.timeouts();
+        let interval = Duration::from_secs(cfg.conntrack.gc_interval);
+        let mut next = std::time::Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            if std::time::Instant::now() >= next {
+                next = std::time::Instant::now() + interval;
+                match State::open(&pin).and_then(|s| expire_once(&s, &timeouts)) {
+                    Ok((expired, left, capacity)) => {
+                        counters.ct_expired.fetch_add(expired as u64, Ordering::Relaxed);
+                        counters.ct_entries.store(left as u64, Ordering::Relaxed);
+                        counters.ct_capacity.store(capacity as u64, Ordering::Relaxed);
+                        if capacity > 0 && left * 10 >= capacity as usize * 9 {
+                            warn!(entries = left, capacity, "connection table over 90% full");
+                        }
+                    }
+                    Err(e) => warn!("conntrack expiry: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// One expiry pass; returns (connections expired, entries left, capacity).
+pub fn expire_once(
+    state: &State,
+    timeouts: &forwarder_common::conntrack::Timeouts,
+) -> crate::error::Result<(usize, usize, u32)> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    let entries = state.conntrack()?;
+    let by_key: std::collections::HashMap<_, _> = entries.iter().copied().collect();
+    let mut doomed = Vec::new();
+    let mut paired = std::collections::HashSet::new();
+    for (orig, (v, reply_key)) in state::connections(&entries) {
+        let reply = by_key.get(&reply_key);
+        paired.insert(reply_key);
+        let last = v.last_seen_ns.max(reply.map(|r| r.last_seen_ns).unwrap_or(0));
+        let bits = v.state | reply.map(|r| r.state).unwrap_or(0);
+        let is_tcp = orig.proto == forwarder_common::PROTO_TCP;
+        if forwarder_common::conntrack::expired(is_tcp, bits, now.saturating_sub(last), timeouts) {
+            doomed.push(orig);
+            doomed.push(reply_key);
+        }
+    }
+    // Reply entries whose original is gone (a half-made flow): expire on their own clock.
+    for (k, v) in &entries {
+        if v.direction != forwarder_common::CT_DIR_ORIGINAL && !paired.contains(k) {
+            let is_tcp = k.proto == forwarder_common::PROTO_TCP;
+            if forwarder_common::conntrack::expired(is_tcp, v.state, now.saturating_sub(v.last_seen_ns), timeouts) {
+                doomed.push(*k);
+            }
+        }
+    }
+    state.remove_conntrack(&doomed)?;
+    let capacity = state.capacity(forwarder_common::MAP_CONNTRACK)?;
+    let expired = doomed.len() / 2;
+    if expired > 0 {
+        info!(expired, "idle connections expired");
+    }
+    Ok((expired, entries.len() - doomed.len(), capacity))
+}

@@ -1,0 +1,388 @@
+//! An instance's state, held in its pinned maps: forwards, peers, settings, counters and the
+//! connection table. The daemon and the CLI's live edits both go through here, so the maps
+//! are the single source of truth and survive restarts.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
+use forwarder_common::{
+    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_PEERS,
+    GlobalConfig, IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL,
+    MAP_IFACES, MAP_PEERS, MAP_REASONS, MAP_TX_PORTS, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO,
+    SNAT_OFF,
+};
+use tracing::info;
+
+use crate::{
+    config::{Forward, OnForwardRemoved, Peer, Protocol, Snat},
+    error::{Error, Result},
+    loader::{check_bpffs, open_pinned},
+    maps::{addr_from_bytes, forward_entries},
+    peers,
+};
+
+/// Directory under the pin path whose flock serialises changes (reloads, live edits).
+pub const EDIT_LOCK_DIR: &str = "edit";
+
+/// Connections flushed or kept when forwards go away: see [`OnForwardRemoved`].
+pub const GLOBAL_FLUSH_ON_REMOVE: u32 = 1 << 1;
+
+pub struct State {
+    dir: PathBuf,
+}
+
+/// Held while a change is applied.
+pub struct EditLock {
+    _f: std::fs::File,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// What an apply changed, for logs and tests.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub flushed_connections: usize,
+}
+
+/// A peer as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerEntry {
+    pub id: u32,
+    pub address: IpAddr,
+    pub interface: String,
+    pub ifindex: u32,
+    pub direct: bool,
+}
+
+impl State {
+    pub fn open(dir: &Path) -> Result<Self> {
+        check_bpffs(dir)?;
+        if !dir.join(MAP_FORWARDS).exists() {
+            return Err(Error::PinPath {
+                path: dir.display().to_string(),
+                message: "no forwarder state here (is `forwarder run` running with this --pin-path?)".into(),
+            });
+        }
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, name: &'static str) -> Result<Map> {
+        Map::from_map_data(open_pinned(&self.dir, name)?).map_err(map_err(name))
+    }
+
+    /// Serialises changes between the daemon's reloads and CLI edits.
+    pub fn lock_edits(&self) -> Result<EditLock> {
+        let dir = self.dir.join(EDIT_LOCK_DIR);
+        let _ = std::fs::create_dir(&dir);
+        let f = std::fs::File::open(&dir)?;
+        // SAFETY: flock on a valid fd; blocks until the other editor is done.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        Ok(EditLock { _f: f })
+    }
+
+    pub fn global(&self) -> Result<GlobalConfig> {
+        let a: Array<_, GlobalConfig> = Array::try_from(self.map(MAP_GLOBAL)?).map_err(map_err(MAP_GLOBAL))?;
+        a.get(&0, 0).map_err(map_err(MAP_GLOBAL))
+    }
+
+    pub fn set_global(&self, g: GlobalConfig) -> Result<()> {
+        let mut a: Array<_, GlobalConfig> = Array::try_from(self.map(MAP_GLOBAL)?).map_err(map_err(MAP_GLOBAL))?;
+        a.set(0, g, 0).map_err(map_err(MAP_GLOBAL))
+    }
+
+    fn set_global_flag(&self, flag: u32, on: bool) -> Result<()> {
+        let mut g = self.global()?;
+        g.flags = if on { g.flags | flag } else { g.flags & !flag };
+        self.set_global(g)
+    }
+
+    pub fn capacity(&self, name: &'static str) -> Result<u32> {
+        Ok(open_pinned(&self.dir, name)?.info().map_err(map_err(name))?.max_entries())
+    }
+
+    /// The configured forwards, by id.
+    pub fn forwards(&self) -> Result<Vec<(u32, Forward)>> {
+        let meta: Array<_, FwdMeta> =
+            Array::try_from(self.map(MAP_FORWARD_META)?).map_err(map_err(MAP_FORWARD_META))?;
+        let mut out = Vec::new();
+        for id in 1..meta.len() {
+            let Ok(m) = meta.get(&id, 0) else { continue };
+            if m.name[0] != 0 {
+                out.push((id, forward_of_meta(&m)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the forwards exactly `desired`: unchanged forwards keep their id, counters and
+    /// connections; new ones get free ids; the connections of removed or changed forwards
+    /// follow `policy`. Rule keys are inserted before stale ones are removed, so every
+    /// moment a packet sees either the old or the new rule.
+    pub fn apply_forwards(
+        &self,
+        desired: &[Forward],
+        local_addrs: &[IpAddr],
+        policy: OnForwardRemoved,
+    ) -> Result<ApplyReport> {
+        let current: BTreeMap<String, (u32, Forward)> =
+            self.forwards()?.into_iter().map(|(id, f)| (f.name.clone(), (id, f))).collect();
+        let capacity = self.capacity(MAP_FORWARD_META)?;
+        let mut report = ApplyReport::default();
+        let kept_ids: HashSet<u32> =
+            desired.iter().filter_map(|f| current.get(&f.name).filter(|(_, c)| c == f).map(|(id, _)| *id)).collect();
+        let mut free = (1..capacity).filter(|id| !kept_ids.contains(id) && !current.values().any(|(cid, _)| cid == id));
+        let mut with_ids = Vec::new();
+        let mut retired = Vec::new();
+        for f in desired {
+            match current.get(&f.name) {
+                Some((id, c)) if c == f => with_ids.push((*id, f.clone())),
+                Some((id, _)) => {
+                    // Changed: its old connections keep their old rewrite (drain) or go
+                    // (flush); new connections get a fresh id and the new rule.
+                    retired.push(*id);
+                    report.changed.push(f.name.clone());
+                    let id = free
+                        .next()
+                        .ok_or_else(|| Error::Invalid("no free forward id (raise limits.max_forwards)".into()))?;
+                    with_ids.push((id, f.clone()));
+                }
+                None => {
+                    report.added.push(f.name.clone());
+                    let id = free
+                        .next()
+                        .ok_or_else(|| Error::Invalid("no free forward id (raise limits.max_forwards)".into()))?;
+                    with_ids.push((id, f.clone()));
+                }
+            }
+        }
+        for (name, (id, _)) in &current {
+            if !desired.iter().any(|f| &f.name == name) {
+                retired.push(*id);
+                report.removed.push(name.clone());
+            }
+        }
+
+        let entries = forward_entries(&with_ids, local_addrs);
+        let mut rules: HashMap<_, FwdKey, FwdValue> =
+            HashMap::try_from(self.map(MAP_FORWARDS)?).map_err(map_err(MAP_FORWARDS))?;
+        let wanted: HashSet<FwdKey> = entries.iter().flat_map(|e| e.keys.iter().copied()).collect();
+        let stale: Vec<FwdKey> = rules.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
+        for e in &entries {
+            for k in &e.keys {
+                rules.insert(k, e.value, 0).map_err(map_err(MAP_FORWARDS))?;
+            }
+        }
+        for k in &stale {
+            rules.remove(k).map_err(map_err(MAP_FORWARDS))?;
+        }
+        let mut meta: Array<_, FwdMeta> =
+            Array::try_from(self.map(MAP_FORWARD_META)?).map_err(map_err(MAP_FORWARD_META))?;
+        for e in &entries {
+            meta.set(e.id, e.meta, 0).map_err(map_err(MAP_FORWARD_META))?;
+        }
+        for id in &retired {
+            if !with_ids.iter().any(|(i, _)| i == id) {
+                meta.set(*id, FwdMeta::default(), 0).map_err(map_err(MAP_FORWARD_META))?;
+            }
+        }
+        self.set_global_flag(GLOBAL_FLUSH_ON_REMOVE, policy == OnForwardRemoved::Flush)?;
+        if policy == OnForwardRemoved::Flush && !retired.is_empty() {
+            report.flushed_connections = self.flush_connections_of(&retired)?;
+        }
+        if !report.added.is_empty() || !report.changed.is_empty() || !report.removed.is_empty() {
+            info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
+                flushed = report.flushed_connections, "forwards applied");
+        }
+        Ok(report)
+    }
+
+    /// The removal policy recorded by the daemon (CLI edits follow it).
+    pub fn removal_policy(&self) -> Result<OnForwardRemoved> {
+        Ok(if self.global()?.flags & GLOBAL_FLUSH_ON_REMOVE != 0 {
+            OnForwardRemoved::Flush
+        } else {
+            OnForwardRemoved::Drain
+        })
+    }
+
+    /// Deletes both entries of every connection of the given forwards; returns connections.
+    pub fn flush_connections_of(&self, ids: &[u32]) -> Result<usize> {
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        let doomed: Vec<(CtKey, CtValue)> =
+            ct.iter().filter_map(|r| r.ok()).filter(|(_, v)| ids.contains(&v.forward_id)).collect();
+        for (k, _) in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.iter().filter(|(_, v)| v.direction == CT_DIR_ORIGINAL).count())
+    }
+
+    pub fn peers(&self) -> Result<Vec<PeerEntry>> {
+        let m: HashMap<_, PeerKey, PeerValue> = HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
+        let mut out: Vec<PeerEntry> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| PeerEntry {
+                id: v.peer_id,
+                address: addr_from_bytes(&k.addr, k.family),
+                interface: nix::net::if_::if_indextoname(v.ifindex)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| format!("#{}", v.ifindex)),
+                ifindex: v.ifindex,
+                direct: v.state == PEER_DIRECT,
+            })
+            .collect();
+        out.sort_by_key(|p| p.id);
+        Ok(out)
+    }
+
+    /// Makes the peers exactly `desired`; a peer that stays keeps its id and state.
+    pub fn apply_peers(&self, desired: &[Peer]) -> Result<()> {
+        let current = self.peers()?;
+        let mut m: HashMap<_, PeerKey, PeerValue> =
+            HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
+        let mut used: HashSet<u32> = HashSet::new();
+        let mut plan = Vec::new();
+        for p in desired {
+            let ifindex = crate::system::ifindex(&p.interface)?;
+            let same = current.iter().find(|c| c.address == p.address && c.ifindex == ifindex);
+            plan.push((p, ifindex, same.map(|c| (c.id, c.direct))));
+            if let Some(c) = same {
+                used.insert(c.id);
+            }
+        }
+        let mut free = (1..=forwarder_common::MAX_PEERS).filter(|id| !used.contains(id));
+        for (p, ifindex, kept) in plan {
+            let (id, direct) = match kept {
+                Some(k) => k,
+                None => (free.next().ok_or_else(|| Error::Invalid("too many peers".into()))?, false),
+            };
+            m.insert(peers::key_for(p.address), peers::value_for(ifindex, id, direct), 0)
+                .map_err(map_err(MAP_PEERS))?;
+        }
+        for c in current {
+            if !desired.iter().any(|p| p.address == c.address) {
+                let _ = m.remove(&peers::key_for(c.address));
+            }
+        }
+        self.set_global_flag(GLOBAL_HAS_PEERS, !desired.is_empty())
+    }
+
+    pub fn set_peer_state(&self, peer: &PeerEntry, direct: bool) -> Result<()> {
+        let mut m: HashMap<_, PeerKey, PeerValue> =
+            HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
+        m.insert(peers::key_for(peer.address), peers::value_for(peer.ifindex, peer.id, direct), 0)
+            .map_err(map_err(MAP_PEERS))
+    }
+
+    /// Records how XDP may treat `ifindex` as an egress, and makes it a devmap target.
+    pub fn set_egress(&self, ifindex: u32, flags: u32) -> Result<()> {
+        let mut ifaces: HashMap<_, u32, IfaceConfig> =
+            HashMap::try_from(self.map(MAP_IFACES)?).map_err(map_err(MAP_IFACES))?;
+        ifaces.insert(ifindex, IfaceConfig { flags }, 0).map_err(map_err(MAP_IFACES))?;
+        let mut tx: DevMapHash<_> = DevMapHash::try_from(self.map(MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?;
+        tx.insert(ifindex, ifindex, None, 0)
+            .map_err(|e| Error::Interface { name: ifindex.to_string(), message: format!("devmap: {e}") })?;
+        Ok(())
+    }
+
+    /// Every conntrack entry (diagnostics, expiry).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        Ok(ct.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    pub fn conntrack_entry(&self, key: &CtKey) -> Option<CtValue> {
+        let ct: HashMap<_, CtKey, CtValue> = HashMap::try_from(self.map(MAP_CONNTRACK).ok()?).ok()?;
+        ct.get(key, 0).ok()
+    }
+
+    pub fn conntrack_len(&self) -> Result<usize> {
+        let ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        Ok(ct.keys().filter(|k| k.is_ok()).count())
+    }
+
+    pub fn remove_conntrack(&self, keys: &[CtKey]) -> Result<()> {
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        for k in keys {
+            let _ = ct.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Per-forward counters summed over CPUs.
+    pub fn forward_stats(&self, id: u32) -> Result<FwdStats> {
+        let arr: PerCpuArray<MapData, FwdStats> =
+            PerCpuArray::try_from(self.map(MAP_FORWARD_STATS)?).map_err(map_err(MAP_FORWARD_STATS))?;
+        Ok(crate::stats::sum_forward(&arr, id))
+    }
+
+    /// A reason counter summed over CPUs.
+    pub fn reason_count(&self, reason: Reason) -> Result<u64> {
+        let arr: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(self.map(MAP_REASONS)?).map_err(map_err(MAP_REASONS))?;
+        Ok(crate::stats::sum_reason(&arr, reason as u32))
+    }
+}
+
+/// The config form of a stored forward.
+fn forward_of_meta(m: &FwdMeta) -> Forward {
+    let name_len = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
+    let listen = SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be));
+    let backend =
+        SocketAddr::new(addr_from_bytes(&m.value.backend_addr, m.value.family), u16::from_be(m.value.backend_port_be));
+    let snat = match m.value.snat_mode {
+        SNAT_OFF => Snat::Off,
+        SNAT_AUTO => Snat::Auto,
+        _ => {
+            Snat::Address(addr_from_bytes(&m.value.snat_addr, if m.value.family == FAMILY_V6 { FAMILY_V6 } else { 4 }))
+        }
+    };
+    Forward {
+        name: String::from_utf8_lossy(&m.name[..name_len]).into_owned(),
+        protocol: if m.key.proto == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp },
+        listen,
+        backend,
+        snat,
+        local: m.value.flags & FWD_FLAG_LOCAL != 0,
+    }
+}
+
+/// Conntrack connections grouped: original-direction key → (its value, reply key).
+pub fn connections(entries: &[(CtKey, CtValue)]) -> StdHashMap<CtKey, (CtValue, CtKey)> {
+    entries
+        .iter()
+        .filter(|(_, v)| v.direction == CT_DIR_ORIGINAL)
+        .map(|(k, v)| {
+            let reply = CtKey {
+                src_addr: v.new_dst_addr,
+                dst_addr: v.new_src_addr,
+                src_port_be: v.new_dst_port_be,
+                dst_port_be: v.new_src_port_be,
+                proto: k.proto,
+                family: k.family,
+                _pad: [0; 2],
+            };
+            (*k, (*v, reply))
+        })
+        .collect()
+}

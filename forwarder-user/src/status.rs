@@ -1,0 +1,171 @@
+//! `forwarder status`: what the running daemon attached (a small JSON file it keeps under
+//! /run/forwarder) together with the live fill levels of its pinned maps.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::Config,
+    daemon::RunOptions,
+    error::Result,
+    loader::{Attached, Instance},
+    state::State,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub config: String,
+    pub pin_path: String,
+    pub interfaces: Vec<AttachedInfo>,
+    pub egress_interfaces: Vec<String>,
+    pub local_cgroup: Option<String>,
+    pub programs: Vec<(String, u32)>,
+    pub adopted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachedInfo {
+    pub name: String,
+    pub ifindex: u32,
+    pub xdp: String,
+    pub xdp_egress: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Whether the daemon that wrote the status is still alive.
+    pub daemon_running: bool,
+    pub daemon: Option<DaemonStatus>,
+    pub maps: Vec<MapFill>,
+    pub conntrack_entries: usize,
+    pub conntrack_connections: usize,
+    pub forwards: usize,
+    pub peers: usize,
+}
+
+/// The daemon's status file for a pin path.
+pub fn path_for(pin: &Path) -> PathBuf {
+    let name: String =
+        pin.display().to_string().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    PathBuf::from("/run/forwarder").join(format!("{name}.json"))
+}
+
+pub fn write(opts: &RunOptions, inst: &Instance, _cfg: &Config) -> Result<()> {
+    let s = DaemonStatus {
+        pid: std::process::id(),
+        config: opts.config_path.display().to_string(),
+        pin_path: opts.pin_path.display().to_string(),
+        interfaces: inst.attached.iter().map(info).collect(),
+        egress_interfaces: inst.egress.iter().cloned().collect(),
+        local_cgroup: inst.local_cgroup.as_ref().map(|p| p.display().to_string()),
+        programs: inst.program_ids(),
+        adopted: inst.adopted,
+    };
+    let path = path_for(&opts.pin_path);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&s).expect("serialisable"))?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}
+
+fn info(a: &Attached) -> AttachedInfo {
+    AttachedInfo {
+        name: a.name.clone(),
+        ifindex: a.ifindex,
+        xdp: format!("{:?}", a.xdp).to_lowercase(),
+        xdp_egress: a.xdp_egress,
+    }
+}
+
+pub fn remove(pin: &Path) {
+    let _ = std::fs::remove_file(path_for(pin));
+}
+
+pub fn read(pin: &Path) -> Result<Status> {
+    let state = State::open(pin)?;
+    let daemon: Option<DaemonStatus> = std::fs::read(path_for(pin)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let daemon_running = daemon.as_ref().map(|d| Path::new(&format!("/proc/{}", d.pid)).exists()).unwrap_or(false);
+    let ct = state.conntrack()?;
+    let forwards = state.forwards()?.len();
+    let peers = state.peers()?.len();
+    let maps = vec![
+        MapFill {
+            map: forwarder_common::MAP_CONNTRACK,
+            entries: ct.len(),
+            capacity: state.capacity(forwarder_common::MAP_CONNTRACK)?,
+        },
+        MapFill {
+            map: forwarder_common::MAP_FORWARD_META,
+            entries: forwards,
+            capacity: state.capacity(forwarder_common::MAP_FORWARD_META)? - 1,
+        },
+        MapFill {
+            map: forwarder_common::MAP_PEERS,
+            entries: peers,
+            capacity: state.capacity(forwarder_common::MAP_PEERS)?,
+        },
+    ];
+    let conns = ct.iter().filter(|(_, v)| v.direction == forwarder_common::CT_DIR_ORIGINAL).count();
+    Ok(Status {
+        daemon_running,
+        daemon,
+        maps,
+        conntrack_entries: ct.len(),
+        conntrack_connections: conns,
+        forwards,
+        peers,
+    })
+}
+
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    match &s.daemon {
+        Some(d) => {
+            let _ = writeln!(
+                out,
+                "daemon: pid {} ({}), config {}, pin path {}{}",
+                d.pid,
+                if s.daemon_running { "running" } else { "not running: state left pinned" },
+                d.config,
+                d.pin_path,
+                if d.adopted { ", adopted earlier state" } else { "" }
+            );
+            for i in &d.interfaces {
+                let _ = writeln!(
+                    out,
+                    "interface {:<12} ifindex {:<4} xdp {:<8} xdp-redirect-into {}",
+                    i.name, i.ifindex, i.xdp, i.xdp_egress
+                );
+            }
+            if !d.egress_interfaces.is_empty() {
+                let _ = writeln!(out, "peer egress on: {}", d.egress_interfaces.join(", "));
+            }
+            if let Some(c) = &d.local_cgroup {
+                let _ = writeln!(out, "local forwards: cgroup {c}");
+            }
+            for (name, id) in &d.programs {
+                let _ = writeln!(out, "program {name:<24} id {id}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "daemon: no status file (state is pinned, no daemon recorded)");
+        }
+    }
+    for m in &s.maps {
+        let pct = if m.capacity > 0 { m.entries as f64 * 100.0 / m.capacity as f64 } else { 0.0 };
+        let _ = writeln!(out, "map {:<14} {:>8} / {:<8} ({pct:.1}% full)", m.map, m.entries, m.capacity);
+    }
+    let _ = writeln!(out, "conntrack: {} connections ({} entries)", s.conntrack_connections, s.conntrack_entries);
+    out
+}
