@@ -1,0 +1,460 @@
+//! Operations end to end: restarts without drops (even SIGKILL), live edits, reloads and
+//! their policies, metrics, connection expiry and a full table.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use forwarder_tests::{
+    Chain, Daemon, Netns,
+    topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
+};
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[[interface]]
+name = "rc"
+xdp = "native"
+
+[[interface]]
+name = "rs"
+xdp = "native"
+
+[[forward]]
+name = "classic"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "{SERVER_ADDR}:3197"
+{extra}"#
+    )
+}
+
+/// A TCP echo server on the backend at `port`, for any number of connections.
+fn echo_server(ns: &Netns, port: u16) {
+    let (tx, rx) = mpsc::channel();
+    ns.spawn(move || {
+        let l = TcpListener::bind((SERVER_ADDR, port)).unwrap();
+        tx.send(()).unwrap();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+    .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// An open connection through the router that can be exercised later.
+struct Conn(TcpStream);
+
+impl Conn {
+    fn open(ns: &Netns, port: u16) -> std::io::Result<Conn> {
+        ns.run(move || {
+            let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{port}").parse().unwrap();
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            Ok(Conn(s))
+        })
+        .unwrap()
+    }
+
+    /// Sends a message and reads its echo.
+    fn ping(&mut self, msg: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(msg)?;
+        let mut back = vec![0u8; msg.len()];
+        self.0.read_exact(&mut back)?;
+        assert_eq!(back, msg);
+        Ok(())
+    }
+}
+
+fn forward_names(d: &Daemon) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+    v.as_array().unwrap().iter().map(|f| f["forward"]["name"].as_str().unwrap().to_string()).collect()
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A stream of known bytes keeps flowing while the daemon is SIGKILLed and started again:
+/// pinned links keep the programs attached and pinned maps keep the connection.
+#[test]
+fn sigkill_and_restart_lose_no_byte() {
+    let chain = Chain::new().unwrap();
+    let mut d = Daemon::start(&chain.router, &chain.tag, &config("")).unwrap();
+    const TOTAL: usize = 3_000_000;
+    let (tx, rx) = mpsc::channel();
+    let server = chain
+        .server
+        .spawn(move || {
+            let l = TcpListener::bind((SERVER_ADDR, 3197)).unwrap();
+            tx.send(()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = 0usize;
+            let mut buf = [0u8; 65536];
+            loop {
+                let n = s.read(&mut buf).expect("no reset while the daemon restarts");
+                if n == 0 {
+                    break;
+                }
+                for (i, b) in buf[..n].iter().enumerate() {
+                    assert_eq!(*b, ((got + i) % 251) as u8, "byte {} intact", got + i);
+                }
+                got += n;
+            }
+            s.write_all(&got.to_be_bytes()).unwrap();
+            got
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    let client = chain
+        .client
+        .spawn(|| {
+            let mut s = TcpStream::connect((ROUTER_CLIENT_ADDR, 3306)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+            for chunk in data.chunks(10_000) {
+                s.write_all(chunk).expect("no reset while the daemon restarts");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n).unwrap();
+            usize::from_be_bytes(n)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    d.kill().unwrap();
+    assert!(d.pin_path.join("FWD_CT").exists(), "state stays pinned after SIGKILL");
+    std::thread::sleep(Duration::from_millis(400));
+    d.launch().unwrap();
+    assert!(d.log().contains("adopting pinned state"), "{}", d.log());
+    assert_eq!(client.join().unwrap(), TOTAL);
+    assert_eq!(server.join().unwrap(), TOTAL);
+    assert_eq!(d.stats().unwrap()["forwards"][0]["new_connections"], 1, "counters survived the restart");
+}
+
+/// `forward add/del` on the live instance: new flows follow at once, flows of untouched
+/// forwards keep going; `peer add/del/list` likewise.
+#[test]
+fn live_forward_and_peer_edits() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, &config("")).unwrap();
+    echo_server(&chain.server, 3197);
+    echo_server(&chain.server, 3198);
+    let mut kept = Conn::open(&chain.client, 3306).unwrap();
+    kept.ping(b"before").unwrap();
+
+    assert!(Conn::open(&chain.client, 4406).is_err(), "no forward on 4406 yet");
+    d.cli(&[
+        "forward",
+        "add",
+        "--name",
+        "extra",
+        "--protocol",
+        "tcp",
+        "--listen",
+        "0.0.0.0:4406",
+        "--backend",
+        "203.0.113.20:3198",
+    ])
+    .unwrap();
+    assert_eq!(forward_names(&d), vec!["classic", "extra"]);
+    let mut new = Conn::open(&chain.client, 4406).expect("the new forward works at once");
+    new.ping(b"via extra").unwrap();
+    kept.ping(b"after add").unwrap();
+
+    // Bad input is refused and changes nothing.
+    let err = d.cli(&[
+        "forward",
+        "add",
+        "--name",
+        "bad",
+        "--protocol",
+        "tcp",
+        "--listen",
+        "0.0.0.0:5506",
+        "--backend",
+        "nowhere",
+    ]);
+    assert!(err.unwrap_err().to_string().contains("backend"));
+    assert!(
+        d.cli(&[
+            "forward",
+            "add",
+            "--name",
+            "dup",
+            "--protocol",
+            "tcp",
+            "--listen",
+            "0.0.0.0:3306",
+            "--backend",
+            "203.0.113.20:1"
+        ])
+        .is_err()
+    );
+    assert_eq!(forward_names(&d), vec!["classic", "extra"]);
+
+    d.cli(&["forward", "del", "extra"]).unwrap();
+    assert_eq!(forward_names(&d), vec!["classic"]);
+    assert!(Conn::open(&chain.client, 4406).is_err(), "new flows follow the removal at once");
+    kept.ping(b"after del").unwrap();
+
+    d.cli(&["peer", "add", "--address", "203.0.113.20", "--interface", "rs"]).unwrap();
+    let peers: serde_json::Value = serde_json::from_str(&d.cli(&["peer", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(peers[0]["address"], "203.0.113.20");
+    assert_eq!(peers[0]["interface"], "rs");
+    wait_for("the new peer to go direct", Duration::from_secs(10), || {
+        let p: serde_json::Value = serde_json::from_str(&d.cli(&["peer", "list", "--json"]).unwrap()).unwrap();
+        p[0]["direct"] == true
+    });
+    kept.ping(b"with a peer").unwrap();
+    d.cli(&["peer", "del", "203.0.113.20"]).unwrap();
+    assert_eq!(d.cli(&["peer", "list", "--json"]).unwrap().trim(), "[]");
+}
+
+/// SIGHUP with a broken config is refused and nothing changes; a good config swapped in the
+/// way kubelet does it is picked up; removed forwards drain by default.
+#[test]
+fn reload_refuses_broken_config_and_drains_removed_forwards() {
+    let chain = Chain::new().unwrap();
+    let two = config(
+        "[[forward]]\nname = \"second\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:4406\"\nbackend = \"203.0.113.20:3198\"\n",
+    );
+    let d = Daemon::start(&chain.router, &chain.tag, &two).unwrap();
+    echo_server(&chain.server, 3197);
+    echo_server(&chain.server, 3198);
+    let mut first = Conn::open(&chain.client, 3306).unwrap();
+    let mut second = Conn::open(&chain.client, 4406).unwrap();
+    second.ping(b"x").unwrap();
+    let before = d.cli(&["forward", "list", "--json"]).unwrap();
+
+    std::fs::write(
+        &d.config_path,
+        two.replace("protocol = \"tcp\"\nlisten = \"0.0.0.0:4406\"", "protocol = \"tcp\"\nlisten = \"0.0.0.0:99999\""),
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for("the refusal", Duration::from_secs(5), || d.log().contains("reload refused"));
+    assert_eq!(d.cli(&["forward", "list", "--json"]).unwrap(), before, "state unchanged");
+    first.ping(b"still").unwrap();
+    second.ping(b"still").unwrap();
+    assert!(Conn::open(&chain.client, 4406).is_ok(), "new flows still follow the old config");
+
+    // Drop "second" (kubelet-style symlink swap, picked up by the file watch).
+    d.replace_config(&config("")).unwrap();
+    wait_for("the reload", Duration::from_secs(5), || forward_names(&d) == vec!["classic"]);
+    assert!(Conn::open(&chain.client, 4406).is_err(), "no new flows for a removed forward");
+    second.ping(b"drained, not cut").unwrap();
+    first.ping(b"untouched").unwrap();
+}
+
+/// With `on_forward_removed = "flush"`, connections of a removed forward are cut at once.
+#[test]
+fn reload_with_flush_policy_cuts_removed_forwards() {
+    let chain = Chain::new().unwrap();
+    let policy = "[conntrack]\non_forward_removed = \"flush\"\n";
+    let two = config(&format!(
+        "[[forward]]\nname = \"second\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:4406\"\nbackend = \"203.0.113.20:3198\"\n{policy}"
+    ));
+    let d = Daemon::start(&chain.router, &chain.tag, &two).unwrap();
+    echo_server(&chain.server, 3197);
+    echo_server(&chain.server, 3198);
+    let mut first = Conn::open(&chain.client, 3306).unwrap();
+    let mut second = Conn::open(&chain.client, 4406).unwrap();
+    second.ping(b"x").unwrap();
+    d.replace_config(&config(policy)).unwrap();
+    wait_for("the reload", Duration::from_secs(5), || forward_names(&d) == vec!["classic"]);
+    assert!(second.ping(b"cut").is_err(), "a flushed connection no longer passes");
+    first.ping(b"untouched").unwrap();
+}
+
+fn http_get(ns: &Netns, path: &'static str) -> (u16, String) {
+    ns.run(move || {
+        let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    })
+    .unwrap()
+}
+
+/// /metrics parses as Prometheus text and agrees with `forwarder stats --json`; health and
+/// readiness answer; `forwarder status` tells what is attached.
+#[test]
+fn metrics_health_and_status() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, &config("")).unwrap();
+    echo_server(&chain.server, 3197);
+    for _ in 0..3 {
+        Conn::open(&chain.client, 3306).unwrap().ping(b"metrics").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = d.stats().unwrap();
+    let (code, body) = http_get(&chain.router, "/metrics");
+    assert_eq!(code, 200);
+    let scrape =
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
+    let value = |metric: &str, label: (&str, &str)| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && s.labels.get(label.0) == Some(label.1))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{metric} {label:?} missing"))
+    };
+    let f = &stats["forwards"][0];
+    assert_eq!(value("forwarder_forward_new_connections_total", ("forward", "classic")), 3.0);
+    assert_eq!(
+        value("forwarder_forward_new_connections_total", ("forward", "classic")) as u64,
+        f["new_connections"].as_u64().unwrap()
+    );
+    // Packets may still trickle (FIN/ACKs) between the two reads: metrics read second.
+    let packets = value("forwarder_forward_packets_total", ("forward", "classic")) as u64;
+    assert!(packets >= f["packets"].as_u64().unwrap() && packets > 0);
+    let no_rule =
+        stats["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == "redirect_tc").unwrap()["packets"]
+            .as_u64()
+            .unwrap();
+    assert!(value("forwarder_packets_total", ("reason", "redirect_tc")) as u64 >= no_rule);
+    assert_eq!(http_get(&chain.router, "/healthz").0, 200);
+    assert_eq!(http_get(&chain.router, "/readyz").0, 200);
+    assert_eq!(http_get(&chain.router, "/nope").0, 404);
+
+    let status: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["daemon_running"], true);
+    let ifaces: Vec<&str> =
+        status["daemon"]["interfaces"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(ifaces, vec!["rc", "rs"]);
+    assert_eq!(status["daemon"]["interfaces"][0]["xdp"], "native");
+    assert!(
+        status["daemon"]["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p[0] == "forwarder_xdp" && p[1].as_u64() > Some(0))
+    );
+    assert_eq!(status["forwards"], 1);
+    let table = d.cli(&["status"]).unwrap();
+    assert!(table.contains("FWD_CT") && table.contains("interface rc"), "{table}");
+}
+
+/// Idle flows expire after their timeout; a full table refuses new flows (counted) while
+/// established ones keep working.
+#[test]
+fn idle_flows_expire_and_a_full_table_keeps_established_flows() {
+    let chain = Chain::new().unwrap();
+    let cfg = config(
+        "[[forward]]\nname = \"udp\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:5353\"\nbackend = \"203.0.113.20:5353\"\n\
+         [conntrack]\nmax_entries = 64\nudp_timeout = 3\ngc_interval = 1\n",
+    );
+    let d = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
+    chain
+        .server
+        .spawn(|| {
+            let s = UdpSocket::bind((SERVER_ADDR, 5353)).unwrap();
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let answered = chain
+        .client
+        .run(|| {
+            // 40 flows for a table of 64 entries (32 connections).
+            let socks: Vec<UdpSocket> = (0..40).map(|_| UdpSocket::bind("0.0.0.0:0").unwrap()).collect();
+            let mut answered = Vec::new();
+            for s in &socks {
+                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                s.send_to(b"hi", (ROUTER_CLIENT_ADDR, 5353)).unwrap();
+                let mut b = [0u8; 16];
+                answered.push(s.recv_from(&mut b).is_ok());
+            }
+            // The flows that got in keep working while the table is full.
+            let first = socks.iter().zip(&answered).find(|(_, a)| **a).map(|(s, _)| s).unwrap();
+            first.send_to(b"again", (ROUTER_CLIENT_ADDR, 5353)).unwrap();
+            let mut b = [0u8; 16];
+            assert!(first.recv_from(&mut b).is_ok(), "an established flow works in a full table");
+            answered.iter().filter(|a| **a).count()
+        })
+        .unwrap();
+    assert_eq!(answered, 32, "exactly the table's worth of flows got in");
+    let full = d.stats().unwrap()["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reason"] == "conntrack_full")
+        .unwrap()["packets"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(full, 8, "refused new flows are counted");
+    let status: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["conntrack_connections"], 32);
+
+    wait_for("idle flows to expire", Duration::from_secs(10), || {
+        let s: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
+        s["conntrack_entries"] == 0
+    });
+    assert!(d.log().contains("idle connections expired"));
+    // Room again for new flows.
+    chain
+        .client
+        .run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(b"new", (ROUTER_CLIENT_ADDR, 5353)).unwrap();
+            let mut b = [0u8; 16];
+            assert!(s.recv_from(&mut b).is_ok());
+        })
+        .unwrap();
+}
+
+/// `--on-exit keep`: SIGTERM leaves forwarding running without a daemon; the next one
+/// adopts it; `forwarder detach` removes everything.
+#[test]
+fn on_exit_keep_then_adopt_then_detach() {
+    let chain = Chain::new().unwrap();
+    let mut d = Daemon::start_with(&chain.router, &chain.tag, &config(""), &["--on-exit", "keep"]).unwrap();
+    echo_server(&chain.server, 3197);
+    let mut c = Conn::open(&chain.client, 3306).unwrap();
+    c.ping(b"one").unwrap();
+    assert!(d.stop().unwrap().success());
+    c.ping(b"no daemon, still forwarding").unwrap();
+    Conn::open(&chain.client, 3306).unwrap().ping(b"new flows too").unwrap();
+    d.launch().unwrap();
+    c.ping(b"adopted").unwrap();
+    assert!(d.stop().unwrap().success());
+    assert!(d.pin_path.exists());
+    d.cli(&["detach"]).unwrap();
+    assert!(!d.pin_path.exists(), "detach removed the pins");
+    let link = chain.router.ip(&["-d", "link", "show", "dev", "rc"]).unwrap();
+    assert!(!link.contains("prog/xdp"), "XDP detached: {link}");
+    assert!(c.ping(b"gone").is_err(), "forwarding stopped");
+}
