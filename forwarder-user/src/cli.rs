@@ -51,11 +51,17 @@ pub enum Command {
         /// Address for /metrics, /healthz and /readyz; "off" disables.
         #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
         metrics_addr: String,
+        /// Adds the config's `[node.NAME]` section (a DaemonSet passes spec.nodeName).
+        #[arg(long, env = "FORWARDER_NODE_NAME")]
+        node_name: Option<String>,
     },
-    /// Validate a config; nothing is applied.
+    /// Validate a config (every node section too); nothing is applied.
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Show the result for this node's section.
+        #[arg(long, env = "FORWARDER_NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Counters of the running instance.
     Stats {
@@ -143,8 +149,8 @@ pub fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match cli.command {
-        Command::Check { config } => {
-            let cfg = Config::from_file(&config)?;
+        Command::Check { config, node_name } => {
+            let cfg = Config::from_file_for_node(&config, node_name.as_deref())?;
             println!(
                 "{}: ok ({} interfaces, {} forwards, {} peers)",
                 config.display(),
@@ -186,12 +192,13 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Forward { action, pin_path } => forward_cmd(action, &pin_path),
         Command::Peer { action, pin_path } => peer_cmd(action, &pin_path),
-        Command::Run { config, pin_path, bpf_debug, cgroup, on_exit, metrics_addr } => {
+        Command::Run { config, pin_path, bpf_debug, cgroup, on_exit, metrics_addr, node_name } => {
             let metrics_addr = match metrics_addr.as_str() {
                 "off" => None,
                 a => Some(a.parse().with_context(|| format!("--metrics-addr {a}"))?),
             };
-            let opts = RunOptions { config_path: config, pin_path, cgroup, bpf_debug, on_exit, metrics_addr };
+            let opts =
+                RunOptions { config_path: config, pin_path, cgroup, bpf_debug, on_exit, metrics_addr, node_name };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(daemon::run(opts))
         }

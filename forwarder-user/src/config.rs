@@ -167,6 +167,20 @@ struct RawConfig {
     peer: Vec<RawPeer>,
     conntrack: Option<RawConntrack>,
     limits: Option<RawLimits>,
+    /// Per-node additions, selected by `--node-name` (a DaemonSet passes the node's name).
+    #[serde(default)]
+    node: std::collections::BTreeMap<String, RawNode>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    #[serde(default)]
+    interface: Vec<RawInterface>,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
 }
 
 #[derive(Deserialize)]
@@ -231,9 +245,41 @@ impl Config {
         Self::parse(&text)
     }
 
+    /// Like [`Config::from_file`], with the `[node.NAME]` sections of `node` added.
+    pub fn from_file_for_node(path: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), source: e })?;
+        Self::parse_for_node(&text, node)
+    }
+
     /// Parses and validates a whole config; the first problem found is returned with its line.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_for_node(text, None)
+    }
+
+    /// Parses a config and adds the interfaces, forwards and peers of its `[node.NAME]`
+    /// section for `node`. Every node's section is validated (merged with the common part),
+    /// so a mistake in another node's section is still refused here.
+    pub fn parse_for_node(text: &str, node: Option<&str>) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        for name in raw.node.keys() {
+            Self::build(text, &raw, Some(name))?;
+        }
+        Self::build(text, &raw, node)
+    }
+
+    fn build(text: &str, raw: &RawConfig, node: Option<&str>) -> Result<Self, ConfigError> {
+        let section = node.and_then(|n| raw.node.get(n).map(|s| (n, s)));
+        fn items<'a, T>(top: &'a [T], what: &str, section: Option<(&str, &'a [T])>) -> Vec<(String, &'a T)> {
+            let mut v: Vec<(String, &T)> = top.iter().enumerate().map(|(i, x)| (format!("{what}[{i}]"), x)).collect();
+            if let Some((n, xs)) = section {
+                v.extend(xs.iter().enumerate().map(|(i, x)| (format!("node.{n}.{what}[{i}]"), x)));
+            }
+            v
+        }
+        let iface_items = items(&raw.interface, "interface", section.map(|(n, s)| (n, s.interface.as_slice())));
+        let forward_items = items(&raw.forward, "forward", section.map(|(n, s)| (n, s.forward.as_slice())));
+        let peer_items = items(&raw.peer, "peer", section.map(|(n, s)| (n, s.peer.as_slice())));
         let err = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
             line: line_of(text, span.start),
             field: field.to_string(),
@@ -242,8 +288,8 @@ impl Config {
 
         let mut interfaces = Vec::new();
         let mut seen_if = HashSet::new();
-        for (i, ri) in raw.interface.iter().enumerate() {
-            let field = format!("interface[{i}].name");
+        for (prefix, ri) in &iface_items {
+            let field = format!("{prefix}.name");
             let name = ri.name.get_ref();
             if !valid_ifname(name) {
                 return Err(err(ri.name.span(), &field, format!("{name:?} is not a valid interface name")));
@@ -257,8 +303,8 @@ impl Config {
         let mut forwards = Vec::new();
         let mut seen_names = HashSet::new();
         let mut seen_listen = HashSet::new();
-        for (i, rf) in raw.forward.iter().enumerate() {
-            let f = |name: &str| format!("forward[{i}].{name}");
+        for (prefix, rf) in &forward_items {
+            let f = |name: &str| format!("{prefix}.{name}");
             let name = rf.name.get_ref();
             if name.is_empty() || name.len() > MAX_NAME_LEN {
                 return Err(err(rf.name.span(), &f("name"), format!("must be 1 to {MAX_NAME_LEN} bytes long")));
@@ -325,25 +371,25 @@ impl Config {
         }
 
         let mut peers: Vec<Peer> = Vec::new();
-        for (i, rp) in raw.peer.iter().enumerate() {
+        for (prefix, rp) in &peer_items {
             let address: IpAddr = rp.address.get_ref().parse().map_err(|_| {
                 err(
                     rp.address.span(),
-                    &format!("peer[{i}].address"),
+                    &format!("{prefix}.address"),
                     format!("{:?} is not an IP address", rp.address.get_ref()),
                 )
             })?;
             if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
                 return Err(err(
                     rp.address.span(),
-                    &format!("peer[{i}].address"),
+                    &format!("{prefix}.address"),
                     format!("{address} cannot be a peer"),
                 ));
             }
             if peers.iter().any(|p| p.address == address) {
                 return Err(err(
                     rp.address.span(),
-                    &format!("peer[{i}].address"),
+                    &format!("{prefix}.address"),
                     format!("peer {address} is listed twice"),
                 ));
             }
@@ -351,7 +397,7 @@ impl Config {
             if !valid_ifname(name) {
                 return Err(err(
                     rp.interface.span(),
-                    &format!("peer[{i}].interface"),
+                    &format!("{prefix}.interface"),
                     format!("{name:?} is not a valid interface name"),
                 ));
             }
@@ -516,6 +562,25 @@ snat = "auto"
             invalid(&dup),
             (17, "peer[1].address".to_string(), "peer 198.51.100.20 is listed twice".to_string())
         );
+    }
+
+    #[test]
+    fn node_sections_add_to_the_common_part_and_are_all_validated() {
+        let text = format!(
+            "{CLASSIC}\n[[node.worker-1.interface]]\nname = \"eth1\"\n[[node.worker-1.peer]]\naddress = \"198.51.100.20\"\ninterface = \"eth1\"\n\
+             [[node.worker-2.forward]]\nname = \"w2\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:53\"\nbackend = \"192.0.2.53:53\"\n"
+        );
+        let w1 = Config::parse_for_node(&text, Some("worker-1")).unwrap();
+        assert_eq!(w1.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), vec!["eth0", "eth1"]);
+        assert_eq!((w1.peers.len(), w1.forwards.len()), (1, 1));
+        let w2 = Config::parse_for_node(&text, Some("worker-2")).unwrap();
+        assert_eq!((w2.interfaces.len(), w2.peers.len(), w2.forwards.len()), (1, 0, 2));
+        let other = Config::parse_for_node(&text, Some("worker-9")).unwrap();
+        assert_eq!(other, Config::parse(&text).unwrap(), "a node without a section gets the common part");
+        // A duplicate in worker-2's section is refused even when loading for worker-1.
+        let bad = text.replace("name = \"w2\"", "name = \"mysql\"");
+        let e = Config::parse_for_node(&bad, Some("worker-1")).unwrap_err().to_string();
+        assert!(e.contains("node.worker-2.forward[0].name"), "{e}");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub bpf_debug: bool,
     pub on_exit: OnExit,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Selects the config's `[node.NAME]` section.
+    pub node_name: Option<String>,
 }
 
 /// Counters of the daemon itself (metrics).
@@ -59,7 +61,7 @@ const PEER_WATCH: Duration = Duration::from_millis(500);
 const CONFIG_WATCH: Duration = Duration::from_secs(1);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let cfg = Config::from_file(&opts.config_path)?;
+    let cfg = Config::from_file_for_node(&opts.config_path, opts.node_name.as_deref())?;
     let _lock = PinLock::acquire(&opts.pin_path)?;
     loader::warn_if_forwarding_disabled();
     let mut load = LoadOptions::from_config(&cfg);
@@ -225,7 +227,7 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
 /// Reload: the new config is parsed and checked whole; if anything is wrong the running
 /// state stays exactly as it was.
 fn reload(inst: &mut Instance, current: &Config, opts: &RunOptions) -> anyhow::Result<Config> {
-    let new = Config::from_file(&opts.config_path)?;
+    let new = Config::from_file_for_node(&opts.config_path, opts.node_name.as_deref())?;
     if let Err(e) = apply_config(inst, &new, opts.cgroup.as_deref()) {
         warn!("applying the new config failed ({e:#}); restoring the previous one");
         apply_config(inst, current, opts.cgroup.as_deref()).context("restoring the previous config")?;
