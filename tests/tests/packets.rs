@@ -467,3 +467,121 @@ fn ttl_expiring_and_unroutable_backends_are_left_to_the_stack() {
         assert_eq!(fx.reason(Reason::FibToStack), 1);
     });
 }
+
+/// A small seeded PRNG (xorshift64*): the same seed gives the same frames on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// (IPv4 header checksum valid, L4 checksum valid) of a frame etherparse can read.
+fn checksums_valid(frame: &[u8]) -> Option<(bool, bool)> {
+    let h = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { return None };
+    let payload = h.payload.slice();
+    let l4 = match h.transport.as_ref()? {
+        TransportHeader::Tcp(t) => t.checksum == t.calc_checksum_ipv4(ip, payload).ok()?,
+        TransportHeader::Udp(u) => u.checksum == 0 || u.checksum == u.calc_checksum_ipv4(ip, payload).ok()?,
+        _ => return None,
+    };
+    Some((ip.header_checksum == ip.calc_header_checksum(), l4))
+}
+
+fn all_reasons(fx: &Fixture) -> u64 {
+    forwarder_common::ALL_REASONS.iter().map(|r| fx.reason(*r)).sum()
+}
+
+/// Thousands of mutated frames through XDP and TC: every output is either the input
+/// unchanged or a rewrite to the backend / back to the client whose checksums are exactly
+/// as valid as the input's, and the reason counters add up to the frames sent.
+#[test]
+fn mutated_frames_are_left_alone_or_rewritten_correctly() {
+    with_fixture(CONFIG, |fx| {
+        let seed = std::env::var("FWT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f0f0_u64);
+        let mut rng = Rng(seed);
+        // Open a TCP and a UDP flow so that reply-direction frames match too.
+        let (_, out, _) = fx.xdp(&tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b""), fx.v0);
+        let tcp_port = check(&out).5;
+        let (_, out, _) = fx.xdp(&udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5000, 53, b"q"), fx.v0);
+        let udp_port = check(&out).5;
+        let bases: Vec<(Vec<u8>, u32)> = vec![
+            (tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, false, &[1u8; 100]), fx.v0),
+            (tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40001, 3306, true, b""), fx.v0),
+            (udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5000, 53, b"query"), fx.v0),
+            (tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, tcp_port, false, &[2u8; 60]), fx.v1),
+            (udp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 5353, udp_port, b"answer"), fx.v1),
+            (tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 80, false, b"other"), fx.v0),
+        ];
+        const FRAMES: usize = 3000;
+        let (mut rewritten, mut untouched) = (0, 0);
+        for i in 0..FRAMES {
+            let (base, ifindex) = &bases[rng.below(bases.len())];
+            let mut f = base.clone();
+            match rng.below(4) {
+                // Flip 1-3 bytes of the headers.
+                0 | 1 => {
+                    for _ in 0..=rng.below(3) {
+                        let at = rng.below(f.len().min(60));
+                        f[at] ^= 1 << rng.below(8);
+                    }
+                }
+                // A random byte anywhere, payload included.
+                2 => {
+                    let at = rng.below(f.len());
+                    f[at] = rng.next() as u8;
+                }
+                // Truncated or padded.
+                _ => {
+                    let len = rng.below(f.len() + 40);
+                    f.resize(len.max(14), rng.next() as u8);
+                }
+            }
+            let before = all_reasons(fx);
+            let use_tc = i % 2 == 1;
+            let (verdict, out) = if use_tc {
+                if f.len() < 34 && f[12..14] == [8, 0] {
+                    continue; // the kernel refuses to build an skb this short
+                }
+                fx.tc(&f, *ifindex)
+            } else {
+                let (v, out, _) = fx.xdp(&f, *ifindex);
+                (v, out)
+            };
+            assert_eq!(all_reasons(fx), before + 1, "frame {i}: counted exactly once");
+            let dropped = if use_tc { verdict == 2 } else { verdict == XDP_DROP };
+            assert!(!dropped, "frame {i}: nothing here is a drop");
+            if out == f {
+                untouched += 1;
+                continue;
+            }
+            rewritten += 1;
+            let want = checksums_valid(&f).expect("only parseable TCP/UDP frames are rewritten");
+            assert_eq!(
+                checksums_valid(&out),
+                Some(want),
+                "frame {i}: checksums exactly as valid as the input's\n{f:02x?}\n{out:02x?}"
+            );
+            let h = PacketHeaders::from_ethernet_slice(&out).unwrap();
+            let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { panic!() };
+            let to_backend = ip.destination == SERVER && ip.source == ROUTER_OUT;
+            // Mutated client addresses and ports open flows of their own, so the way back
+            // may lead to any client; its source is always the listen address.
+            let to_client = ip.source == ROUTER_IN;
+            assert!(to_backend || to_client, "frame {i}: rewritten only to the backend or back to the client: {ip:?}");
+            assert_eq!(out.len(), f.len(), "frame {i}: length unchanged");
+        }
+        assert!(
+            rewritten > 300 && untouched > 300,
+            "both outcomes exercised: {rewritten} rewritten, {untouched} untouched"
+        );
+    });
+}
