@@ -16,8 +16,7 @@ pub enum Reason {
     Fragment = 5,
     /// IP but neither TCP nor UDP: passed.
     NotTcpUdp = 6,
-    /// IPv6 (forwards are IPv4 for now): passed.
-    Ipv6 = 7,
+    // 7 was "ipv6" before IPv6 forwards existed: retired, never reused.
     /// XDP handed a matching packet to the TC program (checksum offload pending on the
     /// frame, or the egress device cannot take XDP frames, or the FIB had no direct answer).
     XdpToTc = 8,
@@ -45,17 +44,23 @@ pub enum Reason {
     PeerDirect = 19,
     /// For a peer that does not answer ARP/ND: left to normal routing.
     PeerFallback = 20,
+    /// IPv6 with extension headers: passed to the stack untouched.
+    Ipv6Extension = 21,
+    /// ICMP/ICMPv6 error that quotes no forwarded connection: passed to the stack.
+    IcmpError = 22,
+    /// ICMP/ICMPv6 error about a forwarded connection, translated (outer and quoted
+    /// headers) and sent on towards the other side.
+    IcmpTranslated = 23,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 20] = [
+pub const ALL_REASONS: [Reason; 22] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
     Reason::IpOptions,
     Reason::Fragment,
     Reason::NotTcpUdp,
-    Reason::Ipv6,
     Reason::XdpToTc,
     Reason::FibToStack,
     Reason::FibNoNeigh,
@@ -69,9 +74,41 @@ pub const ALL_REASONS: [Reason; 20] = [
     Reason::Vlan,
     Reason::PeerDirect,
     Reason::PeerFallback,
+    Reason::Ipv6Extension,
+    Reason::IcmpError,
+    Reason::IcmpTranslated,
 ];
 
 impl Reason {
+    /// The reason with this stable code.
+    pub const fn from_code(code: u32) -> Option<Reason> {
+        match code {
+            1 => Some(Reason::NoRule),
+            2 => Some(Reason::NotIp),
+            3 => Some(Reason::Malformed),
+            4 => Some(Reason::IpOptions),
+            5 => Some(Reason::Fragment),
+            6 => Some(Reason::NotTcpUdp),
+            8 => Some(Reason::XdpToTc),
+            9 => Some(Reason::FibToStack),
+            10 => Some(Reason::FibNoNeigh),
+            11 => Some(Reason::TtlToStack),
+            12 => Some(Reason::ConntrackFull),
+            13 => Some(Reason::PortsExhausted),
+            14 => Some(Reason::RedirectXdp),
+            15 => Some(Reason::RedirectTc),
+            16 => Some(Reason::FibFragNeeded),
+            17 => Some(Reason::Vlan),
+            18 => Some(Reason::RewriteFailed),
+            19 => Some(Reason::PeerDirect),
+            20 => Some(Reason::PeerFallback),
+            21 => Some(Reason::Ipv6Extension),
+            22 => Some(Reason::IcmpError),
+            23 => Some(Reason::IcmpTranslated),
+            _ => None,
+        }
+    }
+
     /// Stable name used in `forwarder stats` output and metrics.
     pub const fn name(self) -> &'static str {
         match self {
@@ -81,7 +118,6 @@ impl Reason {
             Reason::IpOptions => "ip_options",
             Reason::Fragment => "fragment",
             Reason::NotTcpUdp => "not_tcp_udp",
-            Reason::Ipv6 => "ipv6",
             Reason::XdpToTc => "xdp_to_tc",
             Reason::FibToStack => "fib_to_stack",
             Reason::FibNoNeigh => "fib_no_neigh",
@@ -95,6 +131,9 @@ impl Reason {
             Reason::Vlan => "vlan",
             Reason::PeerDirect => "peer_direct",
             Reason::PeerFallback => "peer_fallback",
+            Reason::Ipv6Extension => "ipv6_extension",
+            Reason::IcmpError => "icmp_error",
+            Reason::IcmpTranslated => "icmp_translated",
         }
     }
 
@@ -126,6 +165,8 @@ impl Reason {
             "dropped"
         } else if matches!(self, Reason::PeerDirect | Reason::PeerFallback) {
             "peer"
+        } else if matches!(self, Reason::IcmpTranslated) {
+            "icmp"
         } else {
             "passed"
         }
@@ -135,6 +176,14 @@ impl Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for r in ALL_REASONS {
+            assert_eq!(Reason::from_code(r as u32), Some(r));
+        }
+        assert_eq!(Reason::from_code(7), None, "retired");
+    }
 
     #[test]
     fn codes_are_unique_and_fit_the_map() {

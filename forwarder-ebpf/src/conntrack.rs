@@ -13,23 +13,24 @@ use forwarder_common::{
 
 use crate::{
     maps::{CtScratch, FWD_CT, FWD_GLOBAL, FWD_RULES, FWD_SCRATCH},
-    parse::Ipv4Flow,
+    parse::Flow,
     stats,
 };
 
-/// An IPv4 address + port tuple of one direction (network order).
+/// An address + port tuple of one direction (network order; IPv4 in the first 4 bytes).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Tuple {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub sport: [u8; 2],
     pub dport: [u8; 2],
 }
 
 /// What to do with a matching packet.
 pub enum Plan {
-    /// A tracked flow: rewrite to `new`.
-    Tracked { new: Tuple, forward_id: u32 },
+    /// A tracked flow: rewrite as its entry says.
+    Tracked { entry: &'static CtValue },
     /// First packet of a flow for this forward (the rule, in the map).
     New { fwd: &'static FwdValue },
 }
@@ -42,31 +43,21 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 const PORT_ATTEMPTS: u32 = 8;
 
 #[inline(always)]
-fn addr16(a: [u8; 4]) -> [u8; 16] {
-    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-}
-
-#[inline(always)]
-fn addr4(a: &[u8; 16]) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
-}
-
-#[inline(always)]
-fn ct_key(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> CtKey {
+pub fn ct_key(family: u8, src: [u8; 16], dst: [u8; 16], sport: [u8; 2], dport: [u8; 2], proto: u8) -> CtKey {
     CtKey {
-        src_addr: addr16(src),
-        dst_addr: addr16(dst),
+        src_addr: src,
+        dst_addr: dst,
         src_port_be: u16::from_ne_bytes(sport),
         dst_port_be: u16::from_ne_bytes(dport),
         proto,
-        family: FAMILY_V4,
+        family,
         _pad: [0; 2],
     }
 }
 
 #[inline(always)]
-pub fn classify(flow: &Ipv4Flow) -> Result<Plan, Reason> {
-    let key = ct_key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+pub fn classify(flow: &Flow) -> Result<Plan, Reason> {
+    let key = ct_key(flow.family, flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
     if let Some(entry) = FWD_CT.get_ptr_mut(&key) {
         // SAFETY: map value pointer from a successful lookup.
         let entry = unsafe { &mut *entry };
@@ -80,22 +71,10 @@ pub fn classify(flow: &Ipv4Flow) -> Result<Plan, Reason> {
         if bits != entry.state {
             entry.state = bits;
         }
-        return Ok(Plan::Tracked {
-            new: Tuple {
-                src: addr4(&entry.new_src_addr),
-                dst: addr4(&entry.new_dst_addr),
-                sport: entry.new_src_port_be.to_ne_bytes(),
-                dport: entry.new_dst_port_be.to_ne_bytes(),
-            },
-            forward_id: entry.forward_id,
-        });
+        return Ok(Plan::Tracked { entry });
     }
-    let fkey = FwdKey {
-        addr: addr16(flow.dst),
-        port_be: u16::from_ne_bytes(flow.dport),
-        proto: flow.proto,
-        family: FAMILY_V4,
-    };
+    let fkey =
+        FwdKey { addr: flow.dst, port_be: u16::from_ne_bytes(flow.dport), proto: flow.proto, family: flow.family };
     // SAFETY: the value is copied out at once.
     match unsafe { FWD_RULES.get(&fkey) } {
         Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => Ok(Plan::New { fwd }),
@@ -114,9 +93,12 @@ fn pick_port(h: u32, i: u32, min: u16, max: u16) -> u16 {
 }
 
 #[inline(always)]
-fn flow_hash(flow: &Ipv4Flow) -> u32 {
-    let a = u32::from_ne_bytes(flow.src);
-    let b = u32::from_ne_bytes(flow.dst);
+fn flow_hash(flow: &Flow) -> u32 {
+    // The low 4 bytes of each address: all of IPv4, the interface-id end of IPv6.
+    let (s, d) = (&flow.src, &flow.dst);
+    let off = if flow.family == FAMILY_V4 { 0 } else { 12 };
+    let a = u32::from_ne_bytes([s[off], s[off + 1], s[off + 2], s[off + 3]]);
+    let b = u32::from_ne_bytes([d[off], d[off + 1], d[off + 2], d[off + 3]]);
     let c = (u16::from_ne_bytes(flow.sport) as u32) << 16 | u16::from_ne_bytes(flow.dport) as u32;
     let mut h = a.wrapping_mul(0x9e37_79b1) ^ b.rotate_left(13);
     h = h.wrapping_mul(0x85eb_ca6b) ^ c;
@@ -128,15 +110,15 @@ fn flow_hash(flow: &Ipv4Flow) -> u32 {
 /// Keys and values are built in a per-CPU scratch slot: the stack (512 bytes) is too small
 /// for them next to the FIB parameters.
 #[inline(always)]
-pub fn commit_new(flow: &Ipv4Flow, fwd: &FwdValue, snat_src: [u8; 4]) -> Result<Tuple, Reason> {
+pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tuple) -> Result<(), Reason> {
     let scratch = FWD_SCRATCH.get_ptr_mut(0).ok_or(Reason::ConntrackFull)?;
     // SAFETY: per-CPU slot, used by this program run only.
     let CtScratch { key, value } = unsafe { &mut *scratch };
-    let backend = addr4(&fwd.backend_addr);
+    let backend = fwd.backend_addr;
     let bport = fwd.backend_port_be.to_ne_bytes();
     *value = CtValue {
-        new_src_addr: addr16(flow.dst),
-        new_dst_addr: addr16(flow.src),
+        new_src_addr: flow.dst,
+        new_dst_addr: flow.src,
         new_src_port_be: u16::from_ne_bytes(flow.dport),
         new_dst_port_be: u16::from_ne_bytes(flow.sport),
         forward_id: fwd.forward_id,
@@ -147,17 +129,20 @@ pub fn commit_new(flow: &Ipv4Flow, fwd: &FwdValue, snat_src: [u8; 4]) -> Result<
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
 
-    let new = if fwd.snat_mode == SNAT_OFF {
-        *key = ct_key(backend, flow.src, bport, flow.sport, flow.proto);
+    if fwd.snat_mode == SNAT_OFF {
+        *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
         FWD_CT.insert(&*key, &*value, BPF_ANY as u64).map_err(|_| Reason::ConntrackFull)?;
-        Tuple { src: flow.src, dst: backend, sport: flow.sport, dport: bport }
+        new.src = flow.src;
+        new.dst = backend;
+        new.sport = flow.sport;
+        new.dport = bport;
     } else {
         let (min, max) = match FWD_GLOBAL.get(0) {
             Some(g) if g.snat_port_min != 0 => (g.snat_port_min, g.snat_port_max),
             _ => (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
         };
         let h = flow_hash(flow);
-        *key = ct_key(backend, snat_src, bport, [0; 2], flow.proto);
+        *key = ct_key(flow.family, backend, *snat_src, bport, [0; 2], flow.proto);
         let mut chosen: Option<[u8; 2]> = None;
         let mut i = 0;
         while i < PORT_ATTEMPTS {
@@ -176,20 +161,23 @@ pub fn commit_new(flow: &Ipv4Flow, fwd: &FwdValue, snat_src: [u8; 4]) -> Result<
         let Some(port) = chosen else {
             return Err(Reason::PortsExhausted);
         };
-        Tuple { src: snat_src, dst: backend, sport: port, dport: bport }
-    };
+        new.src = *snat_src;
+        new.dst = backend;
+        new.sport = port;
+        new.dport = bport;
+    }
 
     value.direction = CT_DIR_ORIGINAL;
-    value.new_src_addr = addr16(new.src);
-    value.new_dst_addr = addr16(new.dst);
+    value.new_src_addr = new.src;
+    value.new_dst_addr = new.dst;
     value.new_src_port_be = u16::from_ne_bytes(new.sport);
     value.new_dst_port_be = u16::from_ne_bytes(new.dport);
-    *key = ct_key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    *key = ct_key(flow.family, flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
     if FWD_CT.insert(&*key, &*value, BPF_ANY as u64).is_err() {
-        *key = ct_key(new.dst, new.src, new.dport, new.sport, flow.proto);
+        *key = ct_key(flow.family, new.dst, new.src, new.dport, new.sport, flow.proto);
         let _ = FWD_CT.remove(&*key);
         return Err(Reason::ConntrackFull);
     }
     stats::count_new_conn(fwd.forward_id);
-    Ok(new)
+    Ok(())
 }

@@ -2,16 +2,17 @@
 #![no_std]
 #![no_main]
 
-mod conntrack;
+pub mod conntrack;
 mod csum;
 mod ctx;
+mod icmp;
 mod l2;
 mod local;
-mod maps;
+pub mod maps;
 mod nat;
-mod parse;
+pub mod parse;
 mod peer;
-mod route;
+pub mod route;
 mod stats;
 mod verdict;
 
@@ -23,48 +24,63 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use forwarder_common::{FAMILY_V4, GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP};
+use forwarder_common::{GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP};
 
 use crate::{
     conntrack::{Plan, Tuple},
     maps::{FWD_GLOBAL, FWD_TX_PORTS},
-    parse::{Ipv4Flow, L3Dst},
+    parse::{Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
 };
 
-/// Where a planned packet goes and, for a new flow, which source SNAT should use.
+/// Where a planned packet goes (into `to`) and, for a new flow, whether SNAT wants the
+/// route's source; returns the forward id.
 #[inline(always)]
-fn target_of(plan: &Plan, flow: &Ipv4Flow) -> (Tuple, u32, bool) {
+fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (u32, bool) {
     match plan {
-        Plan::Tracked { new, forward_id } => (*new, *forward_id, false),
+        Plan::Tracked { entry } => {
+            to.src = entry.new_src_addr;
+            to.dst = entry.new_dst_addr;
+            to.sport = entry.new_src_port_be.to_ne_bytes();
+            to.dport = entry.new_dst_port_be.to_ne_bytes();
+            (entry.forward_id, false)
+        }
         Plan::New { fwd } => {
-            let to = Tuple {
-                src: flow.src,
-                dst: [fwd.backend_addr[0], fwd.backend_addr[1], fwd.backend_addr[2], fwd.backend_addr[3]],
-                sport: flow.sport,
-                dport: fwd.backend_port_be.to_ne_bytes(),
-            };
-            (to, fwd.forward_id, fwd.snat_mode == SNAT_AUTO)
+            to.src = flow.src;
+            to.dst = fwd.backend_addr;
+            to.sport = flow.sport;
+            to.dport = fwd.backend_port_be.to_ne_bytes();
+            (fwd.forward_id, fwd.snat_mode == SNAT_AUTO)
         }
     }
 }
 
-/// Commits a new flow (if it is one) and returns the tuple to rewrite to.
+/// Commits a new flow (if it is one) and leaves the tuple to rewrite to in `new`.
 #[inline(always)]
-fn commit<C: EbpfContext>(ctx: &C, plan: &Plan, flow: &Ipv4Flow, fib: &Fib) -> Result<Tuple, Reason> {
+fn commit<C: EbpfContext>(
+    ctx: &C,
+    plan: &Plan,
+    flow: &Flow,
+    fib: &Fib,
+    to: &Tuple,
+    new: &mut Tuple,
+) -> Result<(), Reason> {
     match plan {
-        Plan::Tracked { new, .. } => Ok(*new),
+        Plan::Tracked { .. } => {
+            *new = *to;
+            Ok(())
+        }
         Plan::New { fwd } => {
             let snat_src = match fwd.snat_mode {
-                SNAT_FIXED => [fwd.snat_addr[0], fwd.snat_addr[1], fwd.snat_addr[2], fwd.snat_addr[3]],
+                SNAT_FIXED => &fwd.snat_addr,
                 // Route's preferred source; for a backend on this host (no forwarding
                 // answer) the address the client reached, which is ours too.
-                _ if fib.src != [0; 4] => fib.src,
-                _ => flow.dst,
+                _ if fib.src != [0; 16] => &fib.src,
+                _ => &flow.dst,
             };
-            let new = conntrack::commit_new(flow, fwd, snat_src)?;
-            log_new_flow(ctx, flow, &new);
-            Ok(new)
+            conntrack::commit_new(flow, fwd, snat_src, new)?;
+            log_new_flow(ctx, flow, new);
+            Ok(())
         }
     }
 }
@@ -72,18 +88,16 @@ fn commit<C: EbpfContext>(ctx: &C, plan: &Plan, flow: &Ipv4Flow, fib: &Fib) -> R
 /// Debug log of a new flow (aya-log; the loader keeps the level at 0 unless asked).
 /// Out of line so its stack use stays off the hot path.
 #[inline(never)]
-fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, new: &Tuple) {
+fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
     debug!(
         ctx,
-        "new flow {}:{} -> {}:{} now {}:{} -> {}:{}",
-        u32::from_be_bytes(flow.src),
+        "new flow proto {} port {} -> {} now {} -> {} (family {})",
+        flow.proto,
         u16::from_be_bytes(flow.sport),
-        u32::from_be_bytes(flow.dst),
         u16::from_be_bytes(flow.dport),
-        u32::from_be_bytes(new.src),
         u16::from_be_bytes(new.sport),
-        u32::from_be_bytes(new.dst),
-        u16::from_be_bytes(new.dport)
+        u16::from_be_bytes(new.dport),
+        flow.family
     );
 }
 
@@ -91,7 +105,9 @@ fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, new: &Tuple) {
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
     let outcome = match try_xdp(&ctx) {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.
-        Err(Reason::NoRule | Reason::NotTcpUdp | Reason::Ipv6) if to_peer(&ctx) => Err(Reason::XdpToTc),
+        Err(Reason::NoRule | Reason::NotTcpUdp) if to_peer(&ctx) => Err(Reason::XdpToTc),
+        // Translating ICMP errors needs the skb helpers: TC does it.
+        Err(Reason::IcmpError) => Err(Reason::XdpToTc),
         other => other,
     };
     verdict::xdp(&ctx, outcome)
@@ -108,13 +124,8 @@ fn to_peer<P: ctx::Packet>(pkt: &P) -> bool {
 }
 
 #[inline(always)]
-fn v4_dst(addr: [u8; 4], flow: &Ipv4Flow) -> L3Dst {
-    L3Dst {
-        family: FAMILY_V4,
-        addr: [addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        len: flow.tot_len,
-        ttl: flow.ttl,
-    }
+fn l3_dst(addr: [u8; 16], flow: &Flow) -> L3Dst {
+    L3Dst { family: flow.family, addr, len: flow.l3_len, ttl: flow.ttl }
 }
 
 /// The XDP fast path: it finishes a packet only when it can do all of it (full checksum,
@@ -122,25 +133,26 @@ fn v4_dst(addr: [u8; 4], flow: &Ipv4Flow) -> L3Dst {
 /// untouched to the TC program, so no state is committed twice.
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> verdict::Outcome {
-    let flow = parse::parse_ipv4(ctx)?;
-    let plan = conntrack::classify(&flow)?;
-    if csum::looks_partial(&flow) || flow.ttl <= 1 {
+    let w = maps::work()?;
+    parse::parse_flow(ctx, &mut w.flow)?;
+    let plan = conntrack::classify(&w.flow)?;
+    if csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
         return Err(Reason::XdpToTc);
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let (to, forward_id, want_src) = target_of(&plan, &flow);
-    if peers_enabled() && peer::lookup(&v4_dst(to.dst, &flow)).is_some() {
+    let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
+    if peers_enabled() && peer::lookup(&l3_dst(w.to.dst, &w.flow)).is_some() {
         return Err(Reason::XdpToTc);
     }
-    let fib = route::lookup(ctx, ingress, &flow, &to, want_src);
-    if fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, fib.ifindex) {
+    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, &mut w.params, &mut w.fib);
+    if w.fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, w.fib.ifindex) {
         return Err(Reason::XdpToTc);
     }
-    let new = commit(ctx, &plan, &flow, &fib)?;
-    nat::rewrite_xdp(ctx, &flow, &new, true)?;
-    l2::set_macs_xdp(ctx, fib.dmac, fib.smac)?;
-    stats::count_forwarded(forward_id, flow.tot_len);
-    let action = FWD_TX_PORTS.redirect(fib.ifindex, 0).unwrap_or_else(|a| a);
+    commit(ctx, &plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
+    l2::set_macs_xdp(ctx, w.fib.dmac, w.fib.smac)?;
+    stats::count_forwarded(forward_id, w.flow.l3_len);
+    let action = FWD_TX_PORTS.redirect(w.fib.ifindex, 0).unwrap_or_else(|a| a);
     Ok((action as i32, Reason::RedirectXdp))
 }
 
@@ -149,8 +161,17 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     if xdp_said_skip(&ctx) {
         return TC_ACT_OK;
     }
-    let outcome = try_tc(&ctx);
+    let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb));
+    if outcome == Err(Reason::IcmpError) {
+        outcome = verdict::unpack(icmp::translate(ctx.skb.skb));
+    }
     verdict::tc(outcome)
+}
+
+/// The TCP/UDP path in its own frame (see icmp::translate).
+#[inline(never)]
+fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
+    verdict::pack(try_tc(&TcContext::new(skb)))
 }
 
 #[inline(always)]
@@ -173,31 +194,32 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     if ctx.data() + (PULL_LEN as usize) > ctx.data_end() && ctx.len() >= PULL_LEN {
         let _ = ctx.pull_data(PULL_LEN);
     }
-    let flow = match parse::parse_ipv4(ctx) {
-        Ok(f) => f,
-        Err(r) => return to_peer_or(ctx, r),
-    };
-    let plan = match conntrack::classify(&flow) {
+    let w = maps::work()?;
+    if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {
+        return to_peer_or(ctx, r);
+    }
+    let plan = match conntrack::classify(&w.flow) {
         Ok(p) => p,
         Err(r) => return to_peer_or(ctx, r),
     };
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let (to, forward_id, want_src) = target_of(&plan, &flow);
-    let fib = route::lookup(ctx, ingress, &flow, &to, want_src);
-    let new = commit(ctx, &plan, &flow, &fib)?;
+    let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
+    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, &mut w.params, &mut w.fib);
+    commit(ctx, &plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    let (flow, new, fib) = (&w.flow, &w.new, &w.fib);
     if peers_enabled() {
-        let dst = v4_dst(new.dst, &flow);
+        let dst = l3_dst(new.dst, flow);
         if let Some(p) = peer::lookup(&dst).filter(|p| p.state == PEER_DIRECT) {
-            nat::rewrite_tc(ctx, &flow, &new, false)?;
-            stats::count_forwarded(forward_id, flow.tot_len);
+            nat::rewrite_tc(ctx, flow, new, false)?;
+            stats::count_forwarded(forward_id, flow.l3_len);
             let (action, _) = peer::deliver(ctx, &dst, p, true)?;
             return Ok((action, Reason::RedirectTc));
         }
     }
     let sends_itself = flow.ttl > 1 && (fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64);
-    nat::rewrite_tc(ctx, &flow, &new, sends_itself)?;
-    stats::count_forwarded(forward_id, flow.tot_len);
+    nat::rewrite_tc(ctx, flow, new, sends_itself)?;
+    stats::count_forwarded(forward_id, flow.l3_len);
     if flow.ttl <= 1 {
         return Ok((TC_ACT_OK, Reason::TtlToStack));
     }
@@ -221,7 +243,7 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
 /// A packet that is not a forward's: when it is addressed to a peer, it goes straight there.
 #[inline(always)]
 fn to_peer_or(ctx: &TcContext, reason: Reason) -> verdict::Outcome {
-    if matches!(reason, Reason::NoRule | Reason::NotTcpUdp | Reason::Ipv6) && peers_enabled() {
+    if matches!(reason, Reason::NoRule | Reason::NotTcpUdp) && peers_enabled() {
         if let Ok(dst) = parse::parse_l3_dst(ctx) {
             if let Some(p) = peer::lookup(&dst) {
                 return peer::deliver(ctx, &dst, p, true);

@@ -58,3 +58,27 @@ pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MA
 
 #[map(name = "FWD_PEER_STATS")]
 pub static FWD_PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS + 1, 0);
+
+/// Per-CPU working memory of one program run: the parsed flow, the tuples, the FIB
+/// parameters. The 512-byte stack cannot hold them all (kernel-internal).
+#[repr(C)]
+pub struct Work {
+    pub flow: crate::parse::Flow,
+    pub to: crate::conntrack::Tuple,
+    pub new: crate::conntrack::Tuple,
+    pub fib: crate::route::Fib,
+    pub params: aya_ebpf::bindings::bpf_fib_lookup,
+    pub icmp: crate::icmp::IcmpWork,
+}
+
+#[map(name = "FWD_WORK")]
+pub static FWD_WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's working memory. XDP and TC of one packet run one after the other on a CPU,
+/// so one slot serves both.
+#[inline(always)]
+pub fn work() -> Result<&'static mut Work, forwarder_common::Reason> {
+    let slot = FWD_WORK.get_ptr_mut(0).ok_or(forwarder_common::Reason::Malformed)?;
+    // SAFETY: per-CPU slot, used by one program run at a time.
+    Ok(unsafe { &mut *slot })
+}

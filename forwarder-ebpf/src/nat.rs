@@ -1,20 +1,21 @@
 //! The address/port rewrite of a packet with its checksums, once for XDP (direct writes,
 //! RFC 1624 incremental updates) and once for TC (kernel helpers, which also know about
-//! checksum offload state).
+//! checksum offload state). IPv4 and IPv6; IPv6 has no header checksum, and its addresses
+//! enter the L4 pseudo header with all 16 bytes.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use forwarder_common::{
-    PROTO_UDP, Reason,
-    csum::{sum4, update},
-};
+use forwarder_common::{PROTO_UDP, Reason, csum::update};
 
 use crate::{
     conntrack::Tuple,
+    csum::sum_addr,
     ctx::{read, write},
-    parse::{IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, Ipv4Flow, L4_DPORT_OFF, L4_SPORT_OFF},
+    parse::{
+        Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF, IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF,
+    },
 };
 
 #[inline(always)]
@@ -22,19 +23,20 @@ fn sum2(b: [u8; 2]) -> u32 {
     u16::from_be_bytes(b) as u32
 }
 
-/// Rewrites addresses and ports to `new` and, when `dec_ttl`, decrements the TTL (the packet
-/// is being forwarded by us rather than the stack).
 #[inline(always)]
-pub fn rewrite_xdp(ctx: &XdpContext, flow: &Ipv4Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
-    let old_addrs = sum4(flow.src) + sum4(flow.dst);
-    let new_addrs = sum4(new.src) + sum4(new.dst);
-    let ttl_word = [flow.ttl, flow.proto];
-    let new_ttl_word = [flow.ttl.wrapping_sub(dec_ttl as u8), flow.proto];
+fn v4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
 
-    let ip_check = u16::from_be_bytes(read::<2, _>(ctx, IPV4_CHECK_OFF)?);
-    let ip_check = update(ip_check, old_addrs + sum2(ttl_word), new_addrs + sum2(new_ttl_word));
+/// Rewrites addresses and ports to `new` and, when `dec_ttl`, decrements the TTL / hop
+/// limit (the packet is being forwarded by us rather than the stack).
+#[inline(always)]
+pub fn rewrite_xdp(ctx: &XdpContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
+    let v6 = flow.is_v6();
+    let old_addrs = sum_addr(&flow.src, v6) + sum_addr(&flow.dst, v6);
+    let new_addrs = sum_addr(&new.src, v6) + sum_addr(&new.dst, v6);
+    let new_ttl = flow.ttl.wrapping_sub(dec_ttl as u8);
 
-    let l4_off = flow.l4_check_off();
     if !(flow.proto == PROTO_UDP && flow.l4_check == 0) {
         let old = old_addrs + sum2(flow.sport) + sum2(flow.dport);
         let new_sum = new_addrs + sum2(new.sport) + sum2(new.dport);
@@ -42,23 +44,35 @@ pub fn rewrite_xdp(ctx: &XdpContext, flow: &Ipv4Flow, new: &Tuple, dec_ttl: bool
         if flow.proto == PROTO_UDP && c == 0 {
             c = 0xffff; // a computed zero is sent as all ones; zero means "no checksum"
         }
-        write(ctx, l4_off, c.to_be_bytes())?;
+        write(ctx, flow.l4_check_off(), c.to_be_bytes())?;
     }
-    write(ctx, IPV4_TTL_OFF, [new_ttl_word[0]])?;
-    write(ctx, IPV4_CHECK_OFF, ip_check.to_be_bytes())?;
-    write(ctx, IPV4_SRC_OFF, new.src)?;
-    write(ctx, IPV4_DST_OFF, new.dst)?;
-    write(ctx, L4_SPORT_OFF, new.sport)?;
-    write(ctx, L4_DPORT_OFF, new.dport)?;
+    let l4 = flow.l4_off();
+    write(ctx, l4, new.sport)?;
+    write(ctx, l4 + 2, new.dport)?;
+    if v6 {
+        write(ctx, IPV6_HOP_LIMIT_OFF, [new_ttl])?;
+        write(ctx, IPV6_SRC_OFF, new.src)?;
+        write(ctx, IPV6_DST_OFF, new.dst)?;
+    } else {
+        let ttl_word = [flow.ttl, flow.proto];
+        let ip_check = u16::from_be_bytes(read::<2, _>(ctx, IPV4_CHECK_OFF)?);
+        let ip_check = update(ip_check, old_addrs + sum2(ttl_word), new_addrs + sum2([new_ttl, flow.proto]));
+        write(ctx, IPV4_TTL_OFF, [new_ttl])?;
+        write(ctx, IPV4_CHECK_OFF, ip_check.to_be_bytes())?;
+        write(ctx, IPV4_SRC_OFF, v4(&new.src))?;
+        write(ctx, IPV4_DST_OFF, v4(&new.dst))?;
+    }
     Ok(())
 }
 
+/// Replaces a 4-byte word of an address, with its share of the checksums.
 #[inline(always)]
-fn store_addr(
+fn replace_word(
     ctx: &TcContext,
     off: usize,
     l4_check_off: usize,
     l4_flags: u64,
+    ip_check: bool,
     old: [u8; 4],
     new: [u8; 4],
 ) -> Result<(), Reason> {
@@ -67,9 +81,30 @@ fn store_addr(
     }
     let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
     ctx.l4_csum_replace(l4_check_off, from, to, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)
-        .and_then(|_| ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4))
+        .and_then(|_| if ip_check { ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4) } else { Ok(()) })
         .and_then(|_| ctx.store(off, &new, 0))
         .map_err(|_| Reason::RewriteFailed)
+}
+
+#[inline(always)]
+fn store_addr(
+    ctx: &TcContext,
+    off: usize,
+    l4_check_off: usize,
+    l4_flags: u64,
+    v6: bool,
+    old: &[u8; 16],
+    new: &[u8; 16],
+) -> Result<(), Reason> {
+    let words = if v6 { 4 } else { 1 };
+    let mut i = 0;
+    while i < words {
+        let o = [old[4 * i], old[4 * i + 1], old[4 * i + 2], old[4 * i + 3]];
+        let n = [new[4 * i], new[4 * i + 1], new[4 * i + 2], new[4 * i + 3]];
+        replace_word(ctx, off + 4 * i, l4_check_off, l4_flags, !v6, o, n)?;
+        i += 1;
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -90,23 +125,34 @@ fn store_port(
         .map_err(|_| Reason::RewriteFailed)
 }
 
+/// Decrements the TTL / hop limit of a packet TC sends itself.
+#[inline(always)]
+pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result<(), Reason> {
+    let new_ttl = ttl.wrapping_sub(1);
+    if v6 {
+        return ctx.store(IPV6_HOP_LIMIT_OFF, &new_ttl, 0).map_err(|_| Reason::RewriteFailed);
+    }
+    let old = u16::from_ne_bytes([ttl, proto]) as u64;
+    let new = u16::from_ne_bytes([new_ttl, proto]) as u64;
+    ctx.l3_csum_replace(IPV4_CHECK_OFF, old, new, 2)
+        .and_then(|_| ctx.store(IPV4_TTL_OFF, &new_ttl, 0))
+        .map_err(|_| Reason::RewriteFailed)
+}
+
 /// TC variant of [`rewrite_xdp`], through the skb helpers.
 #[inline(always)]
-pub fn rewrite_tc(ctx: &TcContext, flow: &Ipv4Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
-    let l4_off = flow.l4_check_off();
+pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
+    let v6 = flow.is_v6();
+    let l4_check = flow.l4_check_off();
     // UDP: leave a zero ("no checksum") as it is.
     let l4_flags = if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    store_addr(ctx, IPV4_SRC_OFF, l4_off, l4_flags, flow.src, new.src)?;
-    store_addr(ctx, IPV4_DST_OFF, l4_off, l4_flags, flow.dst, new.dst)?;
-    store_port(ctx, L4_SPORT_OFF, l4_off, l4_flags, flow.sport, new.sport)?;
-    store_port(ctx, L4_DPORT_OFF, l4_off, l4_flags, flow.dport, new.dport)?;
+    let (src_off, dst_off) = if v6 { (IPV6_SRC_OFF, IPV6_DST_OFF) } else { (IPV4_SRC_OFF, IPV4_DST_OFF) };
+    store_addr(ctx, src_off, l4_check, l4_flags, v6, &flow.src, &new.src)?;
+    store_addr(ctx, dst_off, l4_check, l4_flags, v6, &flow.dst, &new.dst)?;
+    store_port(ctx, flow.l4_off(), l4_check, l4_flags, flow.sport, new.sport)?;
+    store_port(ctx, flow.l4_off() + 2, l4_check, l4_flags, flow.dport, new.dport)?;
     if dec_ttl {
-        let old = u16::from_ne_bytes([flow.ttl, flow.proto]) as u64;
-        let new_ttl = flow.ttl.wrapping_sub(1);
-        let new = u16::from_ne_bytes([new_ttl, flow.proto]) as u64;
-        ctx.l3_csum_replace(IPV4_CHECK_OFF, old, new, 2)
-            .and_then(|_| ctx.store(IPV4_TTL_OFF, &new_ttl, 0))
-            .map_err(|_| Reason::RewriteFailed)?;
+        decrement_ttl_tc(ctx, v6, flow.ttl, flow.proto)?;
     }
     Ok(())
 }

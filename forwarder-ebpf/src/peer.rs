@@ -12,7 +12,7 @@ use forwarder_common::{FAMILY_V4, PEER_DIRECT, PEER_PROBE_MARK, PeerKey, PeerVal
 
 use crate::{
     maps::{FWD_PEER_STATS, FWD_PEERS},
-    parse::{IPV4_CHECK_OFF, IPV4_TTL_OFF, IPV6_HOP_LIMIT_OFF, L3Dst},
+    parse::{IPV4_TTL_OFF, L3Dst},
 };
 
 /// skb->tc_index of a packet we redirected to a peer: the egress hook of the peer's device
@@ -95,16 +95,8 @@ pub fn deliver(ctx: &TcContext, dst: &L3Dst, peer: &PeerValue, forwarding: bool)
 
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, dst: &L3Dst) -> Result<(), Reason> {
-    let new_ttl = dst.ttl - 1;
-    if dst.family == FAMILY_V4 {
-        let proto: u8 = ctx.load(IPV4_TTL_OFF + 1).map_err(|_| Reason::Malformed)?;
-        let old = u16::from_ne_bytes([dst.ttl, proto]) as u64;
-        let new = u16::from_ne_bytes([new_ttl, proto]) as u64;
-        ctx.l3_csum_replace(IPV4_CHECK_OFF, old, new, 2)
-            .and_then(|_| ctx.store(IPV4_TTL_OFF, &new_ttl, 0))
-            .map_err(|_| Reason::RewriteFailed)
-    } else {
-        // IPv6 has no header checksum.
-        ctx.store(IPV6_HOP_LIMIT_OFF, &new_ttl, 0).map_err(|_| Reason::RewriteFailed)
-    }
+    let v6 = dst.family != FAMILY_V4;
+    // The IPv4 header checksum covers TTL and protocol as one word.
+    let proto: u8 = if v6 { 0 } else { ctx.load(IPV4_TTL_OFF + 1).map_err(|_| Reason::Malformed)? };
+    crate::nat::decrement_ttl_tc(ctx, v6, dst.ttl, proto)
 }

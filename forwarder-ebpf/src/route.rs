@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC};
 
-use crate::{conntrack::Tuple, maps::FWD_IFACES, parse::Ipv4Flow};
+use crate::{conntrack::Tuple, maps::FWD_IFACES, parse::Flow};
 
 pub use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_FRAG_NEEDED as FIB_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH as FIB_NO_NEIGH,
@@ -15,8 +15,10 @@ pub use aya_ebpf::bindings::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// The FIB's answer for a rewritten packet.
+#[repr(C)]
 pub struct Fib {
     /// BPF_FIB_LKUP_RET_* (negative on a helper error).
     pub rc: i64,
@@ -24,30 +26,74 @@ pub struct Fib {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     /// Preferred source address of the route (when asked for), else zero.
-    pub src: [u8; 4],
+    pub src: [u8; 16],
 }
 
 /// Looks up the route for `to` as if the packet arrived on `ingress`. With `want_src` the
 /// kernel also fills in the route's preferred source address (SNAT auto).
 #[inline(always)]
-pub fn lookup<C: EbpfContext>(ctx: &C, ingress: u32, flow: &Ipv4Flow, to: &Tuple, want_src: bool) -> Fib {
+pub fn lookup<C: EbpfContext>(
+    ctx: &C,
+    ingress: u32,
+    flow: &Flow,
+    to: &Tuple,
+    want_src: bool,
+    p: &mut bpf_fib_lookup,
+    out: &mut Fib,
+) {
     // SAFETY: plain-old-data C struct, all-zero is a valid starting value.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
+    *p = unsafe { core::mem::zeroed() };
     p.l4_protocol = flow.proto;
     p.sport = u16::from_ne_bytes(to.sport);
     p.dport = u16::from_ne_bytes(to.dport);
-    p.__bindgen_anon_1.tot_len = flow.tot_len;
-    p.__bindgen_anon_2.tos = flow.tos;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(to.src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(to.dst);
+    p.__bindgen_anon_1.tot_len = flow.l3_len;
+    if flow.is_v6() {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = words(&to.src);
+        p.__bindgen_anon_4.ipv6_dst = words(&to.dst);
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_2.tos = flow.tos;
+        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([to.src[0], to.src[1], to.src[2], to.src[3]]);
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([to.dst[0], to.dst[1], to.dst[2], to.dst[3]]);
+    }
     p.ifindex = ingress;
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { fib_lookup_helper(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
-    // SAFETY: union members written by the kernel for AF_INET.
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
-    Fib { rc, ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, src: if want_src { src } else { [0; 4] } }
+    let rc = unsafe { fib_lookup_helper(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
+    out.rc = rc;
+    out.ifindex = p.ifindex;
+    out.smac = p.smac;
+    out.dmac = p.dmac;
+    out.src = [0u8; 16];
+    if want_src {
+        // SAFETY: union members written by the kernel for the family asked.
+        if flow.is_v6() {
+            out.src = bytes(unsafe { &p.__bindgen_anon_3.ipv6_src });
+        } else {
+            let v4 = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+            out.src[0] = v4[0];
+            out.src[1] = v4[1];
+            out.src[2] = v4[2];
+            out.src[3] = v4[3];
+        }
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn bytes(w: &[u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
 }
 
 /// XDP_REDIRECT delivers only when the receiver takes XDP frames (a veth peer needs an XDP

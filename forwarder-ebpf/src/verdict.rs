@@ -14,6 +14,22 @@ use crate::stats::count_reason;
 /// `how`), `Err(reason)` for everything else.
 pub type Outcome = Result<(i32, Reason), Reason>;
 
+/// Packs an outcome into the 64 bits a BPF function may return: bit 63 set for `Ok`, the
+/// reason code above bit 32, the action below.
+#[inline(always)]
+pub fn pack(o: Outcome) -> u64 {
+    match o {
+        Ok((action, reason)) => 1 << 63 | (reason as u64) << 32 | action as u32 as u64,
+        Err(reason) => (reason as u64) << 32,
+    }
+}
+
+#[inline(always)]
+pub fn unpack(raw: u64) -> Outcome {
+    let reason = Reason::from_code((raw >> 32) as u32 & 0x7fff_ffff).unwrap_or(Reason::RewriteFailed);
+    if raw >> 63 == 1 { Ok((raw as u32 as i32, reason)) } else { Err(reason) }
+}
+
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext, outcome: Outcome) -> u32 {
     match outcome {

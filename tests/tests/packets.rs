@@ -355,7 +355,7 @@ fn frames_forwarder_does_not_handle_pass_untouched_with_their_reason() {
             .syn()
             .write(&mut v6, b"")
             .unwrap();
-        cases.push(("ipv6", v6, Reason::Ipv6));
+        cases.push(("ipv6 without a rule", v6, Reason::NoRule));
         cases.push(("empty", vec![0u8; 14], Reason::NotIp));
 
         for (name, frame, reason) in cases {

@@ -1,0 +1,226 @@
+//! ICMP and ICMPv6 errors about forwarded connections (destination unreachable,
+//! fragmentation needed / packet too big, time exceeded), translated so that path-MTU
+//! discovery and traceroute work through the NAT: the outer destination, the quoted
+//! (inner) header and all three checksums are rewritten to what the original sender knows,
+//! as netfilter does for "related" packets.
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use forwarder_common::{FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason, csum::update};
+
+use crate::{
+    conntrack::{Tuple, ct_key},
+    csum::sum_addr,
+    l2,
+    maps::FWD_CT,
+    nat::decrement_ttl_tc,
+    parse::{Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
+    route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
+    verdict::Outcome,
+};
+
+/// Translates an ICMP error whose quoted packet belongs to a tracked connection. Out of
+/// line, called beside (not below) the TCP/UDP path: both have many locals and the
+/// verifier limits the stack of a call chain to 512 bytes.
+#[inline(never)]
+pub fn translate(skb: *mut __sk_buff) -> u64 {
+    crate::verdict::pack(try_translate(&TcContext::new(skb)))
+}
+
+#[inline(always)]
+fn load2(ctx: &TcContext, off: usize) -> Result<[u8; 2], Reason> {
+    ctx.load::<[u8; 2]>(off).map_err(|_| Reason::IcmpError)
+}
+
+/// Addresses of a translation, in per-CPU working memory (too many for the stack).
+#[repr(C)]
+pub struct IcmpWork {
+    pub osrc: [u8; 16],
+    pub odst: [u8; 16],
+    pub isrc: [u8; 16],
+    pub idst: [u8; 16],
+    pub new_isrc: [u8; 16],
+    pub new_idst: [u8; 16],
+    pub new_osrc: [u8; 16],
+}
+
+#[inline(always)]
+fn load16(ctx: &TcContext, off: usize, v6: bool, a: &mut [u8; 16]) -> Result<(), Reason> {
+    if v6 {
+        *a = ctx.load::<[u8; 16]>(off).map_err(|_| Reason::IcmpError)?;
+    } else {
+        let b = ctx.load::<[u8; 4]>(off).map_err(|_| Reason::IcmpError)?;
+        *a = [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    }
+    Ok(())
+}
+
+/// Replaces 2 bytes inside the ICMP message, keeping the ICMP checksum right.
+#[inline(always)]
+fn swap2(ctx: &TcContext, off: usize, icmp_check: usize, old: [u8; 2], new: [u8; 2]) -> Result<(), Reason> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(icmp_check, u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64, 2)
+        .and_then(|_| ctx.store(off, &new, 0))
+        .map_err(|_| Reason::RewriteFailed)
+}
+
+/// Replaces an address (4 or 16 bytes) at `off`. `l4_flags` carries BPF_F_PSEUDO_HDR for an
+/// outer IPv6 address (part of the ICMPv6 pseudo header); `ip_check` updates the outer
+/// IPv4 header checksum; `l4_check` is the checksum to keep right (None: none).
+#[inline(always)]
+fn swap_addr(
+    ctx: &TcContext,
+    off: usize,
+    v6: bool,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    l4_check: Option<usize>,
+    l4_flags: u64,
+    ip_check: bool,
+) -> Result<(), Reason> {
+    let words = if v6 { 4 } else { 1 };
+    let mut i = 0;
+    while i < words {
+        let o = [old[4 * i], old[4 * i + 1], old[4 * i + 2], old[4 * i + 3]];
+        let n = [new[4 * i], new[4 * i + 1], new[4 * i + 2], new[4 * i + 3]];
+        if o != n {
+            let (from, to) = (u32::from_ne_bytes(o) as u64, u32::from_ne_bytes(n) as u64);
+            if let Some(c) = l4_check {
+                ctx.l4_csum_replace(c, from, to, l4_flags | 4).map_err(|_| Reason::RewriteFailed)?;
+            }
+            if ip_check {
+                ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4).map_err(|_| Reason::RewriteFailed)?;
+            }
+            ctx.store(off + 4 * i, &n, 0).map_err(|_| Reason::RewriteFailed)?;
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn sum2(b: [u8; 2]) -> u32 {
+    u16::from_be_bytes(b) as u32
+}
+
+#[inline(always)]
+fn try_translate(ctx: &TcContext) -> Outcome {
+    let w = crate::maps::work()?;
+    let (family, osrc, odst, proto, ttl, tos, l3_len, icmp_off) = parse_l3(ctx).map_err(|_| Reason::IcmpError)?;
+    let a = &mut w.icmp;
+    a.osrc = osrc;
+    a.odst = odst;
+    let v6 = family == FAMILY_V6;
+    let icmp_check = icmp_off + 2;
+    let inner_l3 = icmp_off + 8;
+
+    // The quoted header: IPv4 without options or IPv6 without extensions, then TCP/UDP.
+    let (iproto, inner_l4, isrc_off, idst_off) = if v6 {
+        let vtc = ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)?;
+        if vtc >> 4 != 6 {
+            return Err(Reason::IcmpError);
+        }
+        (ctx.load::<u8>(inner_l3 + 6).map_err(|_| Reason::IcmpError)?, inner_l3 + 40, inner_l3 + 8, inner_l3 + 24)
+    } else {
+        if ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)? != 0x45 {
+            return Err(Reason::IcmpError);
+        }
+        (ctx.load::<u8>(inner_l3 + 9).map_err(|_| Reason::IcmpError)?, inner_l3 + 20, inner_l3 + 12, inner_l3 + 16)
+    };
+    if iproto != PROTO_TCP && iproto != PROTO_UDP {
+        return Err(Reason::IcmpError);
+    }
+    load16(ctx, isrc_off, v6, &mut a.isrc)?;
+    load16(ctx, idst_off, v6, &mut a.idst)?;
+    let isport = load2(ctx, inner_l4)?;
+    let idport = load2(ctx, inner_l4 + 2)?;
+
+    // Replies to the quoted packet would travel idst -> isrc: that direction's entry says
+    // what the sender of the quoted packet originally used and expects.
+    let key = ct_key(family, a.idst, a.isrc, idport, isport, iproto);
+    // SAFETY: map value reference valid for this program run.
+    let Some(entry) = (unsafe { FWD_CT.get(&key) }) else {
+        return Err(Reason::IcmpError);
+    };
+    a.new_isrc = entry.new_dst_addr;
+    a.new_idst = entry.new_src_addr;
+    let new_isport = entry.new_dst_port_be.to_ne_bytes();
+    let new_idport = entry.new_src_port_be.to_ne_bytes();
+    // An error from the far end itself speaks with the address the sender knows it by.
+    a.new_osrc = if a.osrc == a.idst { a.new_idst } else { a.osrc };
+
+    // Quoted L4 checksum, when the quote is long enough to hold it.
+    let pkt_len = ctx.len() as usize;
+    let inner_check_off = inner_l4 + if iproto == PROTO_TCP { 16 } else { 6 };
+    if inner_check_off + 2 <= pkt_len {
+        let old = load2(ctx, inner_check_off)?;
+        if !(iproto == PROTO_UDP && old == [0, 0]) {
+            let before = sum_addr(&a.isrc, v6) + sum_addr(&a.idst, v6) + sum2(isport) + sum2(idport);
+            let after = sum_addr(&a.new_isrc, v6) + sum_addr(&a.new_idst, v6) + sum2(new_isport) + sum2(new_idport);
+            let new = update(u16::from_be_bytes(old), before, after).to_be_bytes();
+            swap2(ctx, inner_check_off, icmp_check, old, new)?;
+        }
+    }
+    // Quoted IPv4 header checksum.
+    if !v6 {
+        let off = inner_l3 + 10;
+        let old = load2(ctx, off)?;
+        let before = sum_addr(&a.isrc, false) + sum_addr(&a.idst, false);
+        let after = sum_addr(&a.new_isrc, false) + sum_addr(&a.new_idst, false);
+        swap2(ctx, off, icmp_check, old, update(u16::from_be_bytes(old), before, after).to_be_bytes())?;
+    }
+    swap2(ctx, inner_l4, icmp_check, isport, new_isport)?;
+    swap2(ctx, inner_l4 + 2, icmp_check, idport, new_idport)?;
+    swap_addr(ctx, isrc_off, v6, &a.isrc, &a.new_isrc, Some(icmp_check), 0, false)?;
+    swap_addr(ctx, idst_off, v6, &a.idst, &a.new_idst, Some(icmp_check), 0, false)?;
+
+    // Outer header: ICMPv6's checksum covers the addresses (pseudo header), ICMPv4's not.
+    let (osrc_off, odst_off) = if v6 { (IPV6_SRC_OFF, IPV6_DST_OFF) } else { (IPV4_SRC_OFF, IPV4_DST_OFF) };
+    let outer_l4 = if v6 { Some(icmp_check) } else { None };
+    swap_addr(ctx, osrc_off, v6, &a.osrc, &a.new_osrc, outer_l4, BPF_F_PSEUDO_HDR as u64, !v6)?;
+    // The error goes to the quoted packet's original sender.
+    swap_addr(ctx, odst_off, v6, &a.odst, &a.new_isrc, outer_l4, BPF_F_PSEUDO_HDR as u64, !v6)?;
+
+    // On towards the original sender.
+    w.flow = Flow {
+        family,
+        src: w.icmp.new_osrc,
+        dst: w.icmp.new_isrc,
+        sport: [0; 2],
+        dport: [0; 2],
+        proto,
+        ttl,
+        tos,
+        l3_len,
+        l4_check: 0,
+        tcp_flags: 0,
+    };
+    w.to = Tuple { src: w.icmp.new_osrc, dst: w.icmp.new_isrc, sport: [0; 2], dport: [0; 2] };
+    // SAFETY: reading a context field.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    route::lookup(ctx, ingress, &w.flow, &w.to, false, &mut w.params, &mut w.fib);
+    let fib = &w.fib;
+    if ttl <= 1 {
+        return Ok((TC_ACT_OK, Reason::IcmpTranslated));
+    }
+    if fib.rc == FIB_SUCCESS as i64 {
+        decrement_ttl_tc(ctx, v6, ttl, proto)?;
+        l2::set_macs_tc(ctx, fib.dmac, fib.smac)?;
+        // SAFETY: helper call.
+        return Ok((unsafe { bpf_redirect(fib.ifindex, 0) } as i32, Reason::IcmpTranslated));
+    }
+    if fib.rc == FIB_NO_NEIGH as i64 {
+        decrement_ttl_tc(ctx, v6, ttl, proto)?;
+        // SAFETY: helper call; a null neighbour lets the kernel resolve it.
+        return Ok((
+            unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+            Reason::IcmpTranslated,
+        ));
+    }
+    Ok((TC_ACT_OK, Reason::IcmpTranslated))
+}
