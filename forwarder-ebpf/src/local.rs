@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use forwarder_common::{FAMILY_V4, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey};
+use forwarder_common::{FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey};
 
 use crate::{
     maps::{FWD_GLOBAL, FWD_LOCAL_CONN, FWD_LOCAL_UDP, FWD_RULES},
@@ -26,89 +26,105 @@ fn ours(ctx: &SockAddrContext) -> bool {
 
 /// The socket's destination as the program gave it: (address, port as on the wire).
 #[inline(always)]
-fn dest(ctx: &SockAddrContext) -> ([u8; 4], u16) {
-    // SAFETY: reading context fields the hook allows to read.
-    unsafe { ((*ctx.sock_addr).user_ip4.to_ne_bytes(), (*ctx.sock_addr).user_port as u16) }
+fn dest(ctx: &SockAddrContext, v6: bool) -> ([u8; 16], u16) {
+    // SAFETY: reading context fields the hook allows to read (user_ip6 in the *6 hooks).
+    unsafe {
+        let port = (*ctx.sock_addr).user_port as u16;
+        if v6 {
+            let w = (*ctx.sock_addr).user_ip6;
+            let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+            ([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]], port)
+        } else {
+            let a = (*ctx.sock_addr).user_ip4.to_ne_bytes();
+            ([a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], port)
+        }
+    }
 }
 
 #[inline(always)]
-fn set_dest(ctx: &SockAddrContext, addr: [u8; 4], port_be: u16) {
-    // SAFETY: the hook allows writing user_ip4/user_port.
+fn set_dest(ctx: &SockAddrContext, v6: bool, a: &[u8; 16], port_be: u16) {
+    // SAFETY: the hooks allow writing user_ip4/user_ip6 and user_port.
     unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr);
+        if v6 {
+            (*ctx.sock_addr).user_ip6 = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+        } else {
+            (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        }
         (*ctx.sock_addr).user_port = port_be as u32;
     }
 }
 
 #[inline(always)]
-fn addr16(a: [u8; 4]) -> [u8; 16] {
-    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+fn family(v6: bool) -> u8 {
+    if v6 { FAMILY_V6 } else { FAMILY_V4 }
 }
 
 #[inline(always)]
-fn local_rule(ctx: &SockAddrContext, addr: [u8; 4], port_be: u16) -> Option<&'static FwdValue> {
+fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> Option<&'static FwdValue> {
     // SAFETY: reading a context field.
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
-    let key = FwdKey { addr: addr16(addr), port_be, proto, family: FAMILY_V4 };
+    let key = FwdKey { addr, port_be, proto, family: family(v6) };
     // SAFETY: map value reference valid for this program run.
-    unsafe { FWD_RULES.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == FAMILY_V4)
-}
-
-#[inline(always)]
-fn backend(f: &FwdValue) -> [u8; 4] {
-    [f.backend_addr[0], f.backend_addr[1], f.backend_addr[2], f.backend_addr[3]]
+    unsafe { FWD_RULES.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
 }
 
 /// connect(): TCP and connected UDP.
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) {
+pub fn connect(ctx: &SockAddrContext, v6: bool) {
     if !ours(ctx) {
         return;
     }
-    let (addr, port) = dest(ctx);
+    let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(f) = local_rule(ctx, addr, port) else {
+    let Some(f) = local_rule(ctx, v6, addr, port) else {
         // A socket connecting again elsewhere must not keep an old getpeername answer.
         let _ = FWD_LOCAL_CONN.remove(&cookie);
         return;
     };
-    let orig = LocalOrig { addr: addr16(addr), port_be: port, family: FAMILY_V4, _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, backend(f), f.backend_port_be);
+    let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
+    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
     let _ = FWD_LOCAL_CONN.insert(&cookie, &orig, 0);
     stats::count_local_conn(f.forward_id);
 }
 
 /// getpeername(): what the program dialled, not the backend.
 #[inline(always)]
-pub fn getpeername4(ctx: &SockAddrContext) {
+pub fn getpeername(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: value copied at once.
+    // SAFETY: map value reference valid for this program run.
     if let Some(orig) = unsafe { FWD_LOCAL_CONN.get(&cookie) } {
-        set_dest(ctx, [orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]], orig.port_be);
+        if orig.family == family(v6) {
+            set_dest(ctx, v6, &orig.addr, orig.port_be);
+        }
     }
 }
 
 /// sendmsg()/sendto() on unconnected UDP sockets.
 #[inline(always)]
-pub fn sendmsg4(ctx: &SockAddrContext) {
+pub fn sendmsg(ctx: &SockAddrContext, v6: bool) {
     if !ours(ctx) {
         return;
     }
-    let (addr, port) = dest(ctx);
-    let Some(f) = local_rule(ctx, addr, port) else { return };
+    let (addr, port) = dest(ctx, v6);
+    let Some(f) = local_rule(ctx, v6, addr, port) else { return };
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalUdpKey {
         socket_cookie: cookie,
         backend_addr: f.backend_addr,
         backend_port_be: f.backend_port_be,
-        family: FAMILY_V4,
+        family: family(v6),
         _pad: [0; 5],
     };
-    let orig = LocalOrig { addr: addr16(addr), port_be: port, family: FAMILY_V4, _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, backend(f), f.backend_port_be);
+    let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
+    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
     // The first datagram of a socket to this forward counts as a local connection.
     if FWD_LOCAL_UDP.insert(&key, &orig, BPF_NOEXIST as u64).is_ok() {
         stats::count_local_conn(f.forward_id);
@@ -118,19 +134,19 @@ pub fn sendmsg4(ctx: &SockAddrContext) {
 /// recvmsg()/recvfrom() on unconnected UDP sockets: replies appear to come from the address
 /// the program sent to.
 #[inline(always)]
-pub fn recvmsg4(ctx: &SockAddrContext) {
-    let (addr, port) = dest(ctx);
+pub fn recvmsg(ctx: &SockAddrContext, v6: bool) {
+    let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalUdpKey {
         socket_cookie: cookie,
-        backend_addr: addr16(addr),
+        backend_addr: addr,
         backend_port_be: port,
-        family: FAMILY_V4,
+        family: family(v6),
         _pad: [0; 5],
     };
-    // SAFETY: value copied at once.
+    // SAFETY: map value reference valid for this program run.
     if let Some(orig) = unsafe { FWD_LOCAL_UDP.get(&key) } {
-        set_dest(ctx, [orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]], orig.port_be);
+        set_dest(ctx, v6, &orig.addr, orig.port_be);
     }
 }

@@ -274,25 +274,49 @@ const SOCK_ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn forwarder_connect4(ctx: SockAddrContext) -> i32 {
-    local::connect4(&ctx);
+    local::connect(&ctx, false);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn forwarder_connect6(ctx: SockAddrContext) -> i32 {
+    local::connect(&ctx, true);
     SOCK_ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn forwarder_getpeername4(ctx: SockAddrContext) -> i32 {
-    local::getpeername4(&ctx);
+    local::getpeername(&ctx, false);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn forwarder_getpeername6(ctx: SockAddrContext) -> i32 {
+    local::getpeername(&ctx, true);
     SOCK_ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn forwarder_sendmsg4(ctx: SockAddrContext) -> i32 {
-    local::sendmsg4(&ctx);
+    local::sendmsg(&ctx, false);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn forwarder_sendmsg6(ctx: SockAddrContext) -> i32 {
+    local::sendmsg(&ctx, true);
     SOCK_ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn forwarder_recvmsg4(ctx: SockAddrContext) -> i32 {
-    local::recvmsg4(&ctx);
+    local::recvmsg(&ctx, false);
+    SOCK_ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn forwarder_recvmsg6(ctx: SockAddrContext) -> i32 {
+    local::recvmsg(&ctx, true);
     SOCK_ALLOW
 }
 

@@ -328,12 +328,11 @@ impl Config {
                     "needs a concrete address and a port other than 0".into(),
                 ));
             }
-            if listen.is_ipv6() || backend.is_ipv6() {
-                let span = if listen.is_ipv6() { rf.listen.span() } else { rf.backend.span() };
+            if listen.is_ipv6() != backend.is_ipv6() {
                 return Err(err(
-                    span,
-                    &f(if listen.is_ipv6() { "listen" } else { "backend" }),
-                    "IPv6 forwards are not supported yet".into(),
+                    rf.backend.span(),
+                    &f("backend"),
+                    "must be of the same address family as listen (IPv4 or IPv6)".into(),
                 ));
             }
             let snat = match &rf.snat {
@@ -592,6 +591,15 @@ snat = "auto"
             (40000, 40010, 1024)
         );
         assert_eq!(invalid(&format!("{CLASSIC}\n[conntrack]\nsnat_ports = \"5-4\"\n")).1, "conntrack.snat_ports");
-        assert_eq!(invalid(&CLASSIC.replace("0.0.0.0:3306", "[::]:3306")).1, "forward[0].listen");
+        assert_eq!(
+            invalid(&CLASSIC.replace("0.0.0.0:3306", "[::]:3306")).1,
+            "forward[0].backend",
+            "families must match"
+        );
+        let v6 = Config::parse(
+            &CLASSIC.replace("0.0.0.0:3306", "[::]:3306").replace("203.0.113.20:3197", "[2001:db8::20]:3197"),
+        )
+        .unwrap();
+        assert!(v6.forwards[0].backend.is_ipv6());
     }
 }

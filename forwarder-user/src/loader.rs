@@ -34,8 +34,16 @@ pub const XDP_PROGRAM: &str = "forwarder_xdp";
 pub const TC_INGRESS_PROGRAM: &str = "forwarder_tc_ingress";
 pub const TC_EGRESS_PROGRAM: &str = "forwarder_tc_egress";
 /// cgroup socket-address hooks of local forwards.
-pub const LOCAL_PROGRAMS: [&str; 4] =
-    ["forwarder_connect4", "forwarder_getpeername4", "forwarder_sendmsg4", "forwarder_recvmsg4"];
+pub const LOCAL_PROGRAMS: [&str; 8] = [
+    "forwarder_connect4",
+    "forwarder_connect6",
+    "forwarder_getpeername4",
+    "forwarder_getpeername6",
+    "forwarder_sendmsg4",
+    "forwarder_sendmsg6",
+    "forwarder_recvmsg4",
+    "forwarder_recvmsg6",
+];
 
 /// Every map the object declares that is pinned (all but aya's own log and data maps).
 pub const PINNED_MAPS: [&str; 13] = [

@@ -137,3 +137,62 @@ impl TwoIsp {
         Ok(Self::forwarded(&self.gw_a)? + Self::forwarded(&self.gw_b)?)
     }
 }
+
+/// client ─ router ─ mid ─ server, dual stack, for PMTU and TTL-expiry tests: the mid
+/// router's link to the server can have a smaller MTU, and packets can expire at mid.
+///
+/// ```text
+/// client 192.0.2.2 2001:db8:1::2 ── rc | router | rm 198.51.100.1 2001:db8:3::1 ──
+///   mr 198.51.100.2 2001:db8:3::2 | mid | ms 203.0.113.1 2001:db8:2::1 ── s0 server 203.0.113.20 2001:db8:2::20
+/// ```
+pub struct Line {
+    pub tag: String,
+    pub client: Netns,
+    pub server: Netns,
+    pub mid: Netns,
+    pub router: Netns,
+}
+
+pub const LINE_ROUTER_V6: &str = "2001:db8:1::1";
+pub const LINE_SERVER_V6: &str = "2001:db8:2::20";
+pub const LINE_MID_V4: &str = "198.51.100.2";
+
+impl Line {
+    /// `mid_mtu`: MTU of mid's interface towards the server (the far end keeps 1500, so
+    /// the server's MSS does not reveal the narrow link: only PMTU discovery does).
+    pub fn new(mid_mtu: u32) -> Result<Self> {
+        let tag = unique_tag();
+        let client = Netns::new(&format!("fwt-{tag}-c"))?;
+        let server = Netns::new(&format!("fwt-{tag}-s"))?;
+        let mid = Netns::new(&format!("fwt-{tag}-m"))?;
+        let router = Netns::new(&format!("fwt-{tag}-r"))?;
+        router.ip(&["link", "add", "rc", "type", "veth", "peer", "name", "c0", "netns", &client.name])?;
+        router.ip(&["link", "add", "rm", "type", "veth", "peer", "name", "mr", "netns", &mid.name])?;
+        mid.ip(&["link", "add", "ms", "type", "veth", "peer", "name", "s0", "netns", &server.name])?;
+        mid.ip(&["link", "set", "ms", "mtu", &mid_mtu.to_string()])?;
+        for (ns, dev, addrs) in [
+            (&client, "c0", ["192.0.2.2/24", "2001:db8:1::2/64"]),
+            (&router, "rc", ["192.0.2.1/24", "2001:db8:1::1/64"]),
+            (&router, "rm", ["198.51.100.1/24", "2001:db8:3::1/64"]),
+            (&mid, "mr", ["198.51.100.2/24", "2001:db8:3::2/64"]),
+            (&mid, "ms", ["203.0.113.1/24", "2001:db8:2::1/64"]),
+            (&server, "s0", ["203.0.113.20/24", "2001:db8:2::20/64"]),
+        ] {
+            for a in addrs {
+                ns.ip(&["addr", "add", a, "dev", dev, "nodad"])?;
+            }
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        for ns in [&router, &mid] {
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        client.ip(&["route", "add", "default", "via", "192.0.2.1"])?;
+        client.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"])?;
+        router.ip(&["route", "add", "203.0.113.0/24", "via", "198.51.100.2"])?;
+        router.ip(&["-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:3::2"])?;
+        server.ip(&["route", "add", "default", "via", "203.0.113.1"])?;
+        server.ip(&["-6", "route", "add", "default", "via", "2001:db8:2::1"])?;
+        Ok(Self { tag, client, server, mid, router })
+    }
+}

@@ -1,0 +1,182 @@
+//! IPv6 forwards and ICMP/ICMPv6 errors about forwarded connections, end to end.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use forwarder_tests::{
+    Daemon, Netns,
+    topo::{LINE_ROUTER_V6, LINE_SERVER_V6, Line},
+};
+
+const CONFIG: &str = r#"
+[[interface]]
+name = "rc"
+xdp = "native"
+
+[[interface]]
+name = "rm"
+xdp = "native"
+
+[[forward]]
+name = "tcp4"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+
+[[forward]]
+name = "tcp6"
+protocol = "tcp"
+listen = "[::]:3306"
+backend = "[2001:db8:2::20]:3197"
+
+[[forward]]
+name = "udp4"
+protocol = "udp"
+listen = "0.0.0.0:5353"
+backend = "203.0.113.20:5353"
+
+[[forward]]
+name = "udp6"
+protocol = "udp"
+listen = "[::]:5353"
+backend = "[2001:db8:2::20]:5353"
+"#;
+
+/// A TCP sink on the server: counts the bytes of each connection and answers the count.
+fn sink(ns: &Netns, addr: &'static str, conns: usize) -> std::thread::JoinHandle<Vec<(SocketAddr, usize)>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = ns
+        .spawn(move || {
+            let l = TcpListener::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..conns {
+                let (mut s, peer) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut n = 0;
+                let mut buf = [0u8; 65536];
+                loop {
+                    let k = s.read(&mut buf).unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    n += k;
+                }
+                s.write_all(&(n as u64).to_be_bytes()).unwrap();
+                seen.push((peer, n));
+            }
+            seen
+        })
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    h
+}
+
+fn upload(ns: &Netns, to: &'static str, n: usize) -> usize {
+    ns.run(move || {
+        let to: SocketAddr = to.parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through forwarder");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&vec![0x42u8; n]).expect("upload completes");
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).expect("server's count");
+        u64::from_be_bytes(count) as usize
+    })
+    .unwrap()
+}
+
+#[test]
+fn ipv6_tcp_forward_and_local_ipv6() {
+    let line = Line::new(1500).unwrap();
+    let d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let server = sink(&line.server, "[2001:db8:2::20]:3197", 2);
+    assert_eq!(upload(&line.client, "[2001:db8:1::1]:3306", 300_000), 300_000);
+    // A program on the router dialling [::1]:3306 reaches the IPv6 backend too.
+    let r = d
+        .cgroup
+        .command(&line.router, env!("CARGO_BIN_EXE_fwt-probe"))
+        .unwrap()
+        .args(["tcp", "[::1]:3306", "hello over ::1"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["peer"], "[::1]:3306", "{v}");
+    let seen = server.join().unwrap();
+    assert_eq!(seen[0].0.ip().to_string(), "2001:db8:3::1", "SNAT to the router's IPv6 address");
+    assert_eq!(seen[1].1, "hello over ::1".len());
+    let s = d.stats().unwrap();
+    let tcp6 = s["forwards"].as_array().unwrap().iter().find(|f| f["name"] == "tcp6").unwrap().clone();
+    assert_eq!(tcp6["new_connections"], 1, "{s}");
+    assert_eq!(tcp6["local_connections"], 1, "{s}");
+    assert!(tcp6["packets"].as_u64().unwrap() > 20);
+    let _ = LINE_ROUTER_V6;
+}
+
+/// The mid router's link to the server is narrower than the server's own MTU: only PMTU
+/// discovery, through the translated "fragmentation needed" / "packet too big", lets an
+/// upload through the forwarder complete.
+#[test]
+fn path_mtu_discovery_works_through_the_forwarder() {
+    let line = Line::new(1280).unwrap();
+    let d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let server4 = sink(&line.server, "203.0.113.20:3197", 1);
+    assert_eq!(upload(&line.client, "192.0.2.1:3306", 1_000_000), 1_000_000);
+    server4.join().unwrap();
+    let server6 = sink(&line.server, "[2001:db8:2::20]:3197", 1);
+    assert_eq!(upload(&line.client, "[2001:db8:1::1]:3306", 1_000_000), 1_000_000);
+    server6.join().unwrap();
+    let s = d.stats().unwrap();
+    let translated =
+        s["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == "icmp_translated").unwrap()["packets"]
+            .as_u64()
+            .unwrap();
+    assert!(translated >= 2, "an ICMP and an ICMPv6 error were translated: {s}");
+    let _ = LINE_SERVER_V6;
+}
+
+/// A datagram whose TTL / hop limit runs out at the mid router: the time-exceeded error
+/// comes back translated, so the client's own socket receives it (the kernel matches it to
+/// the socket by the quoted header, and checks the checksums).
+#[test]
+fn ttl_expiry_beyond_the_forwarder_returns_a_translated_error() {
+    let line = Line::new(1500).unwrap();
+    let d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    for (to, v6) in [("192.0.2.1:5353", false), ("[2001:db8:1::1]:5353", true)] {
+        let err = line
+            .client
+            .run(move || {
+                let s = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+                s.connect(to).unwrap();
+                let one: libc::c_int = 1;
+                let two: libc::c_int = 2;
+                // SAFETY: valid socket and option buffers.
+                unsafe {
+                    let (level, recverr, ttl) = if v6 {
+                        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR, libc::IPV6_UNICAST_HOPS)
+                    } else {
+                        (libc::IPPROTO_IP, libc::IP_RECVERR, libc::IP_TTL)
+                    };
+                    assert_eq!(libc::setsockopt(s.as_raw_fd(), level, recverr, (&one as *const i32).cast(), 4), 0);
+                    assert_eq!(libc::setsockopt(s.as_raw_fd(), level, ttl, (&two as *const i32).cast(), 4), 0);
+                }
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.send(b"expires at mid").unwrap();
+                let mut b = [0u8; 64];
+                s.recv(&mut b).err().map(|e| e.raw_os_error())
+            })
+            .unwrap();
+        assert_eq!(err, Some(Some(libc::EHOSTUNREACH)), "{to}: the socket got the time-exceeded error");
+    }
+    let s = d.stats().unwrap();
+    let translated =
+        s["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == "icmp_translated").unwrap()["packets"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(translated, 2, "{s}");
+}
