@@ -94,11 +94,12 @@ fn pick_port(h: u32, i: u32, min: u16, max: u16) -> u16 {
 
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
-    // The low 4 bytes of each address: all of IPv4, the interface-id end of IPv6.
-    let (s, d) = (&flow.src, &flow.dst);
-    let off = if flow.family == FAMILY_V4 { 0 } else { 12 };
-    let a = u32::from_ne_bytes([s[off], s[off + 1], s[off + 2], s[off + 3]]);
-    let b = u32::from_ne_bytes([d[off], d[off + 1], d[off + 2], d[off + 3]]);
+    // Every address word counts: IPv6 flows that differ only in their upper bits must not
+    // all compete for the same few source ports.
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+    let fold =
+        |a: &[u8; 16]| word(a, 0) ^ word(a, 1).rotate_left(7) ^ word(a, 2).rotate_left(14) ^ word(a, 3).rotate_left(21);
+    let (a, b) = (fold(&flow.src), fold(&flow.dst));
     let c = (u16::from_ne_bytes(flow.sport) as u32) << 16 | u16::from_ne_bytes(flow.dport) as u32;
     let mut h = a.wrapping_mul(0x9e37_79b1) ^ b.rotate_left(13);
     h = h.wrapping_mul(0x85eb_ca6b) ^ c;

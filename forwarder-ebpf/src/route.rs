@@ -66,7 +66,9 @@ pub fn lookup<C: EbpfContext>(
     out.smac = p.smac;
     out.dmac = p.dmac;
     out.src = [0u8; 16];
-    if want_src {
+    // The kernel fills the source in only when it found a route with a device; otherwise
+    // the field still holds what we passed in.
+    if want_src && (rc == FIB_SUCCESS as i64 || rc == FIB_NO_NEIGH as i64) {
         // SAFETY: union members written by the kernel for the family asked.
         if flow.is_v6() {
             out.src = bytes(unsafe { &p.__bindgen_anon_3.ipv6_src });
