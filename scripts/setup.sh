@@ -31,4 +31,9 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
     PATH=/usr/lib/llvm-22/bin:$PATH LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
         cargo install --locked bpf-linker@0.13.0 --no-default-features --features llvm-22
 fi
+# cargo-fuzz drives libFuzzer on rustup's preinstalled nightly (no download needed).
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz"
+    cargo install --locked cargo-fuzz@0.13.2
+fi
 echo "setup: done"

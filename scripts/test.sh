@@ -10,3 +10,5 @@ bash scripts/setup.sh
 # The end-to-end tests run the real binary (target/debug/forwarder).
 cargo build --package forwarder-user
 cargo test --workspace --exclude forwarder-ebpf "$@"
+# Bounded fuzzing of the config parser and checksum arithmetic.
+bash scripts/fuzz.sh 20

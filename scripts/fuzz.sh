@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Bounded cargo-fuzz runs (libFuzzer + ASan, rustup's nightly): the config parser and the
+# checksum arithmetic the packet path shares. Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+cd "$(dirname "$0")/../fuzz"
+seconds="${1:-20}"
+# The fuzzers link the userspace library only: skip building the kernel object.
+export AYA_BUILD_SKIP=1
+for target in config checksum; do
+    echo "fuzz: $target for ${seconds}s"
+    cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" 2>&1 | tail -n 2
+done
