@@ -25,8 +25,30 @@ pub struct Daemon {
     pub pin_path: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
+    /// The test's scratch directory (config, log), removed on drop.
+    dir: PathBuf,
     ns_path: String,
     extra: Vec<String>,
+    /// Set by [`Daemon::start_exact`]: the whole command line instead of the usual one.
+    exact: Option<ExactCommand>,
+}
+
+struct ExactCommand {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// A command line run exactly as given, e.g. a container's command and args with its
+/// mounts mapped to test paths. `pin_path`, `config_path` and `cgroup` are those the
+/// command line names: the guard waits on, cleans up and queries them.
+pub struct ExactLaunch {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// The whole environment (nothing is inherited, as in a container).
+    pub env: Vec<(String, String)>,
+    pub pin_path: PathBuf,
+    pub config_path: PathBuf,
+    pub cgroup: crate::Cgroup,
 }
 
 impl Daemon {
@@ -39,8 +61,7 @@ impl Daemon {
     /// [`Daemon::start`] with extra `forwarder run` arguments.
     pub fn start_with(ns: &Netns, tag: &str, config: &str, extra: &[&str]) -> Result<Self> {
         let cgroup = crate::Cgroup::new(tag)?;
-        let dir = std::env::temp_dir().join(format!("forwarder-test-{tag}"));
-        std::fs::create_dir_all(&dir)?;
+        let dir = Self::scratch_dir(tag)?;
         let config_path = dir.join("forwarder.toml");
         std::fs::File::create(&config_path)?.write_all(config.as_bytes())?;
         let log_path = dir.join("forwarder.log");
@@ -51,11 +72,44 @@ impl Daemon {
             pin_path,
             config_path,
             log_path,
+            dir,
             ns_path: ns.path(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            exact: None,
         };
         d.launch()?;
         Ok(d)
+    }
+
+    /// The per-test scratch directory (created; removed when the daemon is dropped).
+    pub fn scratch_dir(tag: &str) -> Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("forwarder-test-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Starts `launch.argv` in `ns` exactly as given (no arguments added); returns once the
+    /// instance has applied its config, like [`Daemon::start`].
+    pub fn start_exact(ns: &Netns, tag: &str, launch: ExactLaunch) -> Result<Self> {
+        let dir = Self::scratch_dir(tag)?;
+        let mut d = Self {
+            child: None,
+            cgroup: launch.cgroup,
+            pin_path: launch.pin_path,
+            config_path: launch.config_path,
+            log_path: dir.join("forwarder.log"),
+            dir,
+            ns_path: ns.path(),
+            extra: Vec::new(),
+            exact: Some(ExactCommand { argv: launch.argv, env: launch.env }),
+        };
+        d.launch()?;
+        Ok(d)
+    }
+
+    /// The process id of the running instance.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Starts `forwarder run` and waits until it has applied its config (it writes its
@@ -66,20 +120,23 @@ impl Daemon {
             bail!("{} is missing: run `cargo build -p forwarder-user` first (scripts/test.sh does)", bin.display());
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        let child = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.ns_path))
-            .arg("--")
-            .arg(&bin)
-            .args(["--log-level", "debug", "run", "--config"])
-            .arg(&self.config_path)
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .arg("--cgroup")
-            .arg(&self.cgroup.path)
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path)).arg("--");
+        if let Some(ExactCommand { argv, env }) = &self.exact {
+            // Both streams in the log, as a container's stdout and stderr both go to its log.
+            cmd.args(argv).env_clear().envs(env.iter().cloned()).stdout(log.try_clone()?);
+        } else {
+            cmd.arg(&bin)
+                .args(["--log-level", "debug", "run", "--config"])
+                .arg(&self.config_path)
+                .arg("--pin-path")
+                .arg(&self.pin_path)
+                .arg("--cgroup")
+                .arg(&self.cgroup.path)
+                .args(&self.extra)
+                .stdout(Stdio::null());
+        }
+        let child = cmd.stderr(log).spawn()?;
         self.child = Some(child);
         let status_file = forwarder::status::path_for(&self.pin_path);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -178,8 +235,6 @@ impl Drop for Daemon {
         }
         forwarder::loader::remove_pins(&self.pin_path);
         forwarder::status::remove(&self.pin_path);
-        if let Some(dir) = self.config_path.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -4,10 +4,21 @@
 
 pub mod cgroup;
 pub mod daemon;
+pub mod kubelet;
 pub mod netns;
 pub mod topo;
 
 pub use cgroup::Cgroup;
-pub use daemon::Daemon;
+pub use daemon::{Daemon, ExactLaunch};
+pub use kubelet::ConfigMapVolume;
 pub use netns::{Netns, unique_tag};
 pub use topo::Chain;
+
+/// Polls `ok` every 100 ms; panics naming `what` if it is still false after `within`.
+pub fn wait_for(what: &str, within: std::time::Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

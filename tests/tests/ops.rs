@@ -5,12 +5,13 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use forwarder_tests::{
     Chain, Daemon, Netns,
     topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
+    wait_for,
 };
 
 fn config(extra: &str) -> String {
@@ -82,14 +83,6 @@ impl Conn {
 fn forward_names(d: &Daemon) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
     v.as_array().unwrap().iter().map(|f| f["forward"]["name"].as_str().unwrap().to_string()).collect()
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A stream of known bytes keeps flowing while the daemon is SIGKILLed and started again:
