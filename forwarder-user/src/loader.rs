@@ -216,38 +216,50 @@ impl Instance {
             RedirectMode::Tc => false,
             RedirectMode::Auto => !is_veth,
         };
-        let flags = (if iface.xdp == XdpMode::Generic { IFACE_XDP_GENERIC } else { 0 })
-            | (if xdp_egress { IFACE_XDP_EGRESS_OK } else { 0 });
-        self.state()?.set_egress(ifindex, flags)?;
-
         let ifname_err = |what: &str, e: &dyn std::fmt::Display| Error::Interface {
             name: iface.name.clone(),
             message: format!("{what}: {e}"),
         };
-        let xdp_path = self.link_path(&format!("xdp_{}", mode_name(iface.xdp)), &iface.name);
-        if iface.xdp != XdpMode::Off {
+        // Native where the driver supports it, generic otherwise.
+        let mut mode = iface.xdp;
+        if mode != XdpMode::Off {
+            let native_path = self.link_path("xdp_native", &iface.name);
+            let generic_path = self.link_path("xdp_generic", &iface.name);
             let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
             let fd = xdp.fd().map_err(prog_err(XDP_PROGRAM))?.as_fd();
-            if !Self::update_pinned_link(&xdp_path, fd)? {
-                let mode = if iface.xdp == XdpMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb };
-                let id = xdp
-                    .attach(&iface.name, mode)
-                    .map_err(|e| ifname_err(&format!("attaching XDP in {:?} mode", iface.xdp), &e))?;
+            if mode == XdpMode::Native && !native_path.exists() && Self::update_pinned_link(&generic_path, fd)? {
+                mode = XdpMode::Generic; // an earlier instance fell back already
+            } else if !Self::update_pinned_link(if mode == XdpMode::Native { &native_path } else { &generic_path }, fd)?
+            {
+                let attached = match xdp
+                    .attach(&iface.name, if mode == XdpMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb })
+                {
+                    Err(e) if mode == XdpMode::Native => {
+                        warn!(interface = %iface.name, "native XDP unavailable ({e}); using generic XDP");
+                        mode = XdpMode::Generic;
+                        xdp.attach(&iface.name, AyaXdpMode::Skb)
+                    }
+                    other => other,
+                };
+                let id = attached.map_err(|e| ifname_err(&format!("attaching XDP in {mode:?} mode"), &e))?;
                 let link = xdp.take_link(id).map_err(prog_err(XDP_PROGRAM))?;
                 let link: FdLink = link.try_into().map_err(|e| ifname_err("XDP link", &e))?;
-                Self::pin_link(link, &xdp_path)?;
+                Self::pin_link(link, if mode == XdpMode::Native { &native_path } else { &generic_path })?;
             }
         }
         // An XDP link of another mode, pinned by an earlier config, goes.
         for other in [XdpMode::Native, XdpMode::Generic] {
-            if other != iface.xdp {
+            if other != mode {
                 unpin_link(&self.link_path(&format!("xdp_{}", mode_name(other)), &iface.name));
             }
         }
+        let flags = (if mode == XdpMode::Generic { IFACE_XDP_GENERIC } else { 0 })
+            | (if xdp_egress { IFACE_XDP_EGRESS_OK } else { 0 });
+        self.state()?.set_egress(ifindex, flags)?;
         self.attach_tc(&iface.name, TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tcin")?;
-        info!(interface = %iface.name, ifindex, xdp = ?iface.xdp, xdp_egress, veth = is_veth, "attached");
+        info!(interface = %iface.name, ifindex, xdp = ?mode, xdp_egress, veth = is_veth, "attached");
         self.attached.retain(|a| a.name != iface.name);
-        self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: iface.xdp, xdp_egress });
+        self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: mode, xdp_egress });
         Ok(())
     }
 

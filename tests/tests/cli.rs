@@ -122,3 +122,40 @@ fn stats_table_and_json_and_a_second_instance_on_the_same_pin_path_is_refused() 
     assert!(String::from_utf8_lossy(&out.stderr).contains("another forwarder instance"));
     assert!(daemon.pin_path.exists(), "the running instance keeps its pins");
 }
+
+/// `xdp = "native"` on a device whose driver has no native XDP (a bridge) falls back
+/// to generic XDP, and `status` says so.
+#[test]
+fn native_xdp_falls_back_to_generic_where_the_driver_lacks_it() {
+    let chain = Chain::new().unwrap();
+    chain.router.ip(&["link", "add", "d0", "type", "bridge"]).unwrap();
+    chain.router.ip(&["link", "set", "d0", "up"]).unwrap();
+    let cfg = GOOD.replace("name = \"rc\"", "name = \"d0\"");
+    let d = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["daemon"]["interfaces"][0]["xdp"], "generic", "{status}");
+    assert!(d.log().contains("native XDP unavailable"));
+    let link = chain.router.ip(&["-d", "link", "show", "dev", "d0"]).unwrap();
+    assert!(link.contains("xdpgeneric"), "{link}");
+}
+
+/// `stats --watch` redraws a table of per-second rates in place.
+#[test]
+fn stats_watch_shows_rates() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, GOOD).unwrap();
+    let mut child = chain
+        .router
+        .cmd(forwarder_bin().to_str().unwrap())
+        .args(["stats", "--watch", "--pin-path"])
+        .arg(&d.pin_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\x1b[2J\x1b[H"), "clears and redraws in place");
+    assert!(text.contains("PACKETS/s") && text.contains("mysql"), "{text}");
+}

@@ -180,3 +180,14 @@ fn ttl_expiry_beyond_the_forwarder_returns_a_translated_error() {
             .unwrap();
     assert_eq!(translated, 2, "{s}");
 }
+
+/// An echo request to a listen address is answered by the host, forwarder or not.
+#[test]
+fn ping_to_a_listen_address_is_answered_by_the_host() {
+    let line = Line::new(1500).unwrap();
+    let _d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    for to in ["192.0.2.1", "2001:db8:1::1"] {
+        let out = line.client.cmd("ping").args(["-n", "-c", "2", "-i", "0.2", "-W", "2", to]).output().unwrap();
+        assert!(out.status.success(), "{to}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
