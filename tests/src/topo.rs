@@ -133,6 +133,41 @@ impl TwoIsp {
             .ok_or_else(|| anyhow::anyhow!("no ForwDatagrams in /proc/net/snmp"))
     }
 
+    /// Adds IPv6 to the topology: A 2001:db8:a::10/64 (GW-A ::1), B 2001:db8:b::20/64
+    /// (GW-B ::1), uplinks 2001:db8:f1::/64 and 2001:db8:f2::/64.
+    pub fn with_ipv6(self) -> Result<Self> {
+        for (ns, dev, addr) in [
+            (&self.a, A_DEV, "2001:db8:a::10/64"),
+            (&self.gw_a, "s0", "2001:db8:a::1/64"),
+            (&self.gw_b, "s0", "2001:db8:b::1/64"),
+            (&self.b, B_DEV, "2001:db8:b::20/64"),
+            (&self.gw_a, "up0", "2001:db8:f1::1/64"),
+            (&self.internet, "ia", "2001:db8:f1::2/64"),
+            (&self.gw_b, "up0", "2001:db8:f2::1/64"),
+            (&self.internet, "ib", "2001:db8:f2::2/64"),
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", dev, "nodad"])?;
+        }
+        for ns in [&self.gw_a, &self.gw_b, &self.internet] {
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        self.a.ip(&["-6", "route", "add", "default", "via", "2001:db8:a::1"])?;
+        self.b.ip(&["-6", "route", "add", "default", "via", "2001:db8:b::1"])?;
+        self.gw_a.ip(&["-6", "route", "add", "default", "via", "2001:db8:f1::2"])?;
+        self.gw_b.ip(&["-6", "route", "add", "default", "via", "2001:db8:f2::2"])?;
+        self.internet.ip(&["-6", "route", "add", "2001:db8:a::/64", "via", "2001:db8:f1::1"])?;
+        self.internet.ip(&["-6", "route", "add", "2001:db8:b::/64", "via", "2001:db8:f2::1"])?;
+        Ok(self)
+    }
+
+    /// IPv6 packets a namespace has forwarded (Ip6OutForwDatagrams of /proc/net/snmp6).
+    pub fn forwarded6(ns: &Netns) -> Result<u64> {
+        let snmp = ns.sh("cat /proc/net/snmp6")?;
+        snmp.lines()
+            .find_map(|l| l.strip_prefix("Ip6OutForwDatagrams").map(|v| v.trim().parse().unwrap_or(0)))
+            .ok_or_else(|| anyhow::anyhow!("no Ip6OutForwDatagrams"))
+    }
+
     pub fn gateways_forwarded(&self) -> Result<u64> {
         Ok(Self::forwarded(&self.gw_a)? + Self::forwarded(&self.gw_b)?)
     }

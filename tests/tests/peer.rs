@@ -210,3 +210,26 @@ fn forwarded_traffic_to_a_peer_goes_direct() {
     assert_eq!(ttls.len(), 3, "routed ping to B works");
     assert_eq!(peer_stats(&da)["direct_packets"].as_u64().unwrap() - direct_before, 3, "the echo requests went direct");
 }
+
+/// IPv6 peers: with forwarder on both sides ping6 goes direct (hop limit undecremented, the
+/// gateways forward nothing), neighbour discovery resolving the peer.
+#[test]
+fn ipv6_peers_talk_directly() {
+    let t = TwoIsp::new().unwrap().with_ipv6().unwrap();
+    let (a6, b6) = ("2001:db8:a::10", "2001:db8:b::20");
+    let before = TwoIsp::forwarded6(&t.gw_a).unwrap() + TwoIsp::forwarded6(&t.gw_b).unwrap();
+    assert_eq!(ping(&t.a, b6, 2), vec![61; 2], "without forwarder: through both ISPs");
+    assert!(TwoIsp::forwarded6(&t.gw_a).unwrap() + TwoIsp::forwarded6(&t.gw_b).unwrap() > before);
+    let da = Daemon::start(&t.a, &format!("{}a", t.tag), &peer_config(b6, A_DEV)).unwrap();
+    let db = Daemon::start(&t.b, &format!("{}b", t.tag), &peer_config(a6, B_DEV)).unwrap();
+    wait_state(&da, "direct", Duration::from_secs(10));
+    wait_state(&db, "direct", Duration::from_secs(10));
+    let gw = TwoIsp::forwarded6(&t.gw_a).unwrap() + TwoIsp::forwarded6(&t.gw_b).unwrap();
+    assert_eq!(ping(&t.a, b6, 3), vec![64; 3], "hop limit arrives undecremented");
+    assert_eq!(
+        TwoIsp::forwarded6(&t.gw_a).unwrap() + TwoIsp::forwarded6(&t.gw_b).unwrap(),
+        gw,
+        "gateways saw none of it"
+    );
+    assert!(peer_stats(&da)["direct_packets"].as_u64().unwrap() >= 3);
+}
