@@ -6,8 +6,8 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
-    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FWD_FLAG_INGRESS,
+    FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
     conntrack::{CT_ANSWERED, CT_SEEN_SYN, bits_of_tcp_flags},
 };
 

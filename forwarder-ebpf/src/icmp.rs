@@ -16,8 +16,8 @@ use crate::{
     csum::sum_addr,
     l2,
     maps::FWD_CT,
-    nat::decrement_ttl_tc,
-    parse::{Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
+    nat::{decrement_ttl_tc, replace_addr},
+    parse::{Flow, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
     route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
     verdict::Outcome,
 };
@@ -67,40 +67,6 @@ fn swap2(ctx: &TcContext, off: usize, icmp_check: usize, old: [u8; 2], new: [u8;
     ctx.l4_csum_replace(icmp_check, u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64, 2)
         .and_then(|_| ctx.store(off, &new, 0))
         .map_err(|_| Reason::RewriteFailed)
-}
-
-/// Replaces an address (4 or 16 bytes) at `off`. `l4_flags` carries BPF_F_PSEUDO_HDR for an
-/// outer IPv6 address (part of the ICMPv6 pseudo header); `ip_check` updates the outer
-/// IPv4 header checksum; `l4_check` is the checksum to keep right (None: none).
-#[inline(always)]
-fn swap_addr(
-    ctx: &TcContext,
-    off: usize,
-    v6: bool,
-    old: &[u8; 16],
-    new: &[u8; 16],
-    l4_check: Option<usize>,
-    l4_flags: u64,
-    ip_check: bool,
-) -> Result<(), Reason> {
-    let words = if v6 { 4 } else { 1 };
-    let mut i = 0;
-    while i < words {
-        let o = [old[4 * i], old[4 * i + 1], old[4 * i + 2], old[4 * i + 3]];
-        let n = [new[4 * i], new[4 * i + 1], new[4 * i + 2], new[4 * i + 3]];
-        if o != n {
-            let (from, to) = (u32::from_ne_bytes(o) as u64, u32::from_ne_bytes(n) as u64);
-            if let Some(c) = l4_check {
-                ctx.l4_csum_replace(c, from, to, l4_flags | 4).map_err(|_| Reason::RewriteFailed)?;
-            }
-            if ip_check {
-                ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4).map_err(|_| Reason::RewriteFailed)?;
-            }
-            ctx.store(off + 4 * i, &n, 0).map_err(|_| Reason::RewriteFailed)?;
-        }
-        i += 1;
-    }
-    Ok(())
 }
 
 #[inline(always)]
@@ -176,15 +142,15 @@ fn try_translate(ctx: &TcContext) -> Outcome {
     }
     swap2(ctx, inner_l4, icmp_check, isport, new_isport)?;
     swap2(ctx, inner_l4 + 2, icmp_check, idport, new_idport)?;
-    swap_addr(ctx, isrc_off, v6, &a.isrc, &a.new_isrc, Some(icmp_check), 0, false)?;
-    swap_addr(ctx, idst_off, v6, &a.idst, &a.new_idst, Some(icmp_check), 0, false)?;
+    replace_addr(ctx, isrc_off, v6, &a.isrc, &a.new_isrc, Some((icmp_check, 0)), false)?;
+    replace_addr(ctx, idst_off, v6, &a.idst, &a.new_idst, Some((icmp_check, 0)), false)?;
 
     // Outer header: ICMPv6's checksum covers the addresses (pseudo header), ICMPv4's not.
     let (osrc_off, odst_off) = if v6 { (IPV6_SRC_OFF, IPV6_DST_OFF) } else { (IPV4_SRC_OFF, IPV4_DST_OFF) };
-    let outer_l4 = if v6 { Some(icmp_check) } else { None };
-    swap_addr(ctx, osrc_off, v6, &a.osrc, &a.new_osrc, outer_l4, BPF_F_PSEUDO_HDR as u64, !v6)?;
+    let outer_l4 = if v6 { Some((icmp_check, BPF_F_PSEUDO_HDR as u64)) } else { None };
+    replace_addr(ctx, osrc_off, v6, &a.osrc, &a.new_osrc, outer_l4, !v6)?;
     // The error goes to the quoted packet's original sender.
-    swap_addr(ctx, odst_off, v6, &a.odst, &a.new_isrc, outer_l4, BPF_F_PSEUDO_HDR as u64, !v6)?;
+    replace_addr(ctx, odst_off, v6, &a.odst, &a.new_isrc, outer_l4, !v6)?;
 
     // On towards the original sender.
     w.flow = Flow {

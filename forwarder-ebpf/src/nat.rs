@@ -65,43 +65,35 @@ pub fn rewrite_xdp(ctx: &XdpContext, flow: &Flow, new: &Tuple, dec_ttl: bool) ->
     Ok(())
 }
 
-/// Replaces a 4-byte word of an address, with its share of the checksums.
+/// Replaces an address (4 or 16 bytes) at `off` word by word, keeping the checksums right:
+/// `l4` is the L4 (or ICMP) checksum to update, with its helper flags (BPF_F_PSEUDO_HDR
+/// when the address is part of that checksum's pseudo header); `ip_check` updates the
+/// IPv4 header checksum too. Shared by the NAT and the ICMP translation.
 #[inline(always)]
-fn replace_word(
+pub fn replace_addr(
     ctx: &TcContext,
     off: usize,
-    l4_check_off: usize,
-    l4_flags: u64,
-    ip_check: bool,
-    old: [u8; 4],
-    new: [u8; 4],
-) -> Result<(), Reason> {
-    if old == new {
-        return Ok(());
-    }
-    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
-    ctx.l4_csum_replace(l4_check_off, from, to, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)
-        .and_then(|_| if ip_check { ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4) } else { Ok(()) })
-        .and_then(|_| ctx.store(off, &new, 0))
-        .map_err(|_| Reason::RewriteFailed)
-}
-
-#[inline(always)]
-fn store_addr(
-    ctx: &TcContext,
-    off: usize,
-    l4_check_off: usize,
-    l4_flags: u64,
     v6: bool,
     old: &[u8; 16],
     new: &[u8; 16],
+    l4: Option<(usize, u64)>,
+    ip_check: bool,
 ) -> Result<(), Reason> {
     let words = if v6 { 4 } else { 1 };
     let mut i = 0;
     while i < words {
         let o = [old[4 * i], old[4 * i + 1], old[4 * i + 2], old[4 * i + 3]];
         let n = [new[4 * i], new[4 * i + 1], new[4 * i + 2], new[4 * i + 3]];
-        replace_word(ctx, off + 4 * i, l4_check_off, l4_flags, !v6, o, n)?;
+        if o != n {
+            let (from, to) = (u32::from_ne_bytes(o) as u64, u32::from_ne_bytes(n) as u64);
+            if let Some((check_off, flags)) = l4 {
+                ctx.l4_csum_replace(check_off, from, to, flags | 4).map_err(|_| Reason::RewriteFailed)?;
+            }
+            if ip_check {
+                ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4).map_err(|_| Reason::RewriteFailed)?;
+            }
+            ctx.store(off + 4 * i, &n, 0).map_err(|_| Reason::RewriteFailed)?;
+        }
         i += 1;
     }
     Ok(())
@@ -147,8 +139,9 @@ pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> R
     // UDP: leave a zero ("no checksum") as it is.
     let l4_flags = if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let (src_off, dst_off) = if v6 { (IPV6_SRC_OFF, IPV6_DST_OFF) } else { (IPV4_SRC_OFF, IPV4_DST_OFF) };
-    store_addr(ctx, src_off, l4_check, l4_flags, v6, &flow.src, &new.src)?;
-    store_addr(ctx, dst_off, l4_check, l4_flags, v6, &flow.dst, &new.dst)?;
+    let l4 = Some((l4_check, l4_flags | BPF_F_PSEUDO_HDR as u64));
+    replace_addr(ctx, src_off, v6, &flow.src, &new.src, l4, !v6)?;
+    replace_addr(ctx, dst_off, v6, &flow.dst, &new.dst, l4, !v6)?;
     store_port(ctx, flow.l4_off(), l4_check, l4_flags, flow.sport, new.sport)?;
     store_port(ctx, flow.l4_off() + 2, l4_check, l4_flags, flow.dport, new.dport)?;
     if dec_ttl {
