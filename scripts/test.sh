@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The end-to-end tests run the real binary (target/debug/forwarder).
 cargo build --package forwarder-user
-cargo test --workspace --exclude forwarder-ebpf "$@"
-# Bounded fuzzing of the config parser and checksum arithmetic.
+# Bounded fuzzing of the config parser and checksum arithmetic (first, so that the test
+# runner's summary closes the output).
 bash scripts/fuzz.sh 20
+cargo test --workspace --exclude forwarder-ebpf "$@"
