@@ -161,6 +161,8 @@ pub struct ScalingResult {
     pub apply: Vec<scaling::ApplyTimes>,
     /// contender id → forwards → delivered packets/s (many flows).
     pub packet_rate: BTreeMap<&'static str, BTreeMap<usize, Summary>>,
+    /// contender id → forwards → CPU ns per delivered packet (many flows).
+    pub cpu_ns_per_packet: BTreeMap<&'static str, BTreeMap<usize, Summary>>,
     pub errors: Vec<String>,
 }
 
@@ -300,8 +302,14 @@ fn measure_contender(
 }
 
 fn measure_scaling(plan: &Plan) -> ScalingResult {
-    let mut result = ScalingResult { apply: Vec::new(), packet_rate: BTreeMap::new(), errors: Vec::new() };
+    let mut result = ScalingResult {
+        apply: Vec::new(),
+        packet_rate: BTreeMap::new(),
+        cpu_ns_per_packet: BTreeMap::new(),
+        errors: Vec::new(),
+    };
     let mut rates: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
     for &n in &plan.scaling_sizes {
         eprintln!("bench: rule scaling: applying {n} forwards");
         match scaling::apply_times(n) {
@@ -316,15 +324,20 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
                 eprintln!("bench: rule scaling {}: {} with {n} forwards", rep + 1, c.id());
                 let duration = Duration::from_secs_f64(plan.scaling_udp_seconds);
                 match scaling::packet_rate(c, n, plan.many_flows, duration) {
-                    Ok(pps) => rates.entry((c, n)).or_default().push(pps),
+                    Ok(rate) => {
+                        rates.entry((c, n)).or_default().push(rate.delivered_pps);
+                        cpu.entry((c, n)).or_default().extend(rate.cpu_ns_per_packet);
+                    }
                     Err(e) => result.errors.push(format!("{} with {n} forwards: {e:#}", c.id())),
                 }
             }
         }
     }
-    for ((c, n), s) in rates {
-        if let Some(summary) = Summary::of(&s) {
-            result.packet_rate.entry(c.id()).or_default().insert(n, summary);
+    for (samples, into) in [(rates, &mut result.packet_rate), (cpu, &mut result.cpu_ns_per_packet)] {
+        for ((c, n), s) in samples {
+            if let Some(summary) = Summary::of(&s) {
+                into.entry(c.id()).or_default().insert(n, summary);
+            }
         }
     }
     result

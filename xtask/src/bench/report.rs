@@ -170,28 +170,19 @@ pub fn markdown(r: &Results) -> String {
                 a.forwards, a.forwarder_seconds, a.iptables_restore_seconds, a.nft_seconds
             );
         }
-        md.push_str("\nDelivered packet rate (many flows, Mpps) with N forwards installed, and its change from the smallest N:\n\n| contender |");
         let sizes = &r.plan.scaling_sizes;
-        for n in sizes {
-            let _ = write!(md, " {n} |");
-        }
-        md.push_str("\n|---|");
-        md.push_str(&"---:|".repeat(sizes.len()));
-        md.push('\n');
-        for (id, by_n) in &s.packet_rate {
-            let _ = write!(md, "| {id} |");
-            let first = sizes.first().and_then(|n| by_n.get(n)).map(|s| s.median);
-            for n in sizes {
-                match by_n.get(n) {
-                    Some(v) => {
-                        let change = ratio(Some(v.median), first).map(|q| (q - 1.0) * 100.0).unwrap_or(0.0);
-                        let _ = write!(md, " {:.3} ({change:+.0}%) |", v.median * 1e-6);
-                    }
-                    None => md.push_str(" n/a |"),
-                }
-            }
-            md.push('\n');
-        }
+        md.push_str(&scaling_table(
+            "Delivered packet rate (many flows, Mpps) with N forwards installed, and its change from the smallest N",
+            sizes,
+            &s.packet_rate,
+            1e-6,
+        ));
+        md.push_str(&scaling_table(
+            "CPU time per delivered packet (many flows, ns) with N forwards installed",
+            sizes,
+            &s.cpu_ns_per_packet,
+            1.0,
+        ));
         for e in &s.errors {
             let _ = writeln!(md, "\n- {e}");
         }
@@ -204,6 +195,36 @@ pub fn markdown(r: &Results) -> String {
     );
     for t in &r.testrun {
         let _ = writeln!(md, "| {} | {} | {:.1} | {} |", t.program, t.path, t.ns_per_packet, t.verdict);
+    }
+    md
+}
+
+fn scaling_table(
+    title: &str,
+    sizes: &[usize],
+    by_contender: &std::collections::BTreeMap<&'static str, std::collections::BTreeMap<usize, super::stats::Summary>>,
+    scale: f64,
+) -> String {
+    let mut md = format!("\n{title}:\n\n| contender |");
+    for n in sizes {
+        let _ = write!(md, " {n} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(sizes.len()));
+    md.push('\n');
+    for (id, by_n) in by_contender {
+        let _ = write!(md, "| {id} |");
+        let first = sizes.first().and_then(|n| by_n.get(n)).map(|s| s.median);
+        for n in sizes {
+            match by_n.get(n) {
+                Some(v) => {
+                    let change = ratio(Some(v.median), first).map(|q| (q - 1.0) * 100.0).unwrap_or(0.0);
+                    let _ = write!(md, " {:.3} ({change:+.0}%) |", v.median * scale);
+                }
+                None => md.push_str(" n/a |"),
+            }
+        }
+        md.push('\n');
     }
     md
 }

@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::Serialize;
 
-use super::{contenders::Contender, generator::Generator, topology::BenchTopo, workloads::udp_rate};
+use super::{
+    contenders::Contender,
+    generator::Generator,
+    topology::BenchTopo,
+    workloads::{UdpRate, udp_rate},
+};
 
 /// Contenders whose packet rate is measured at each size.
 pub const SCALED: [Contender; 3] = [Contender::Iptables, Contender::Nftables, Contender::ForwarderXdpNative];
@@ -51,10 +56,11 @@ pub fn apply_times(forwards: usize) -> Result<ApplyTimes> {
     })
 }
 
-/// Delivered packet rate of `flows` UDP flows through `contender` with `forwards` forwards.
-pub fn packet_rate(contender: Contender, forwards: usize, flows: u32, duration: Duration) -> Result<f64> {
+/// Packet rate and CPU per packet of `flows` UDP flows through `contender` with `forwards`
+/// forwards.
+pub fn packet_rate(contender: Contender, forwards: usize, flows: u32, duration: Duration) -> Result<UdpRate> {
     let topo = BenchTopo::new()?;
     let running = contender.start(&topo, extra_for(forwards))?;
     let generator = Generator::new(&topo, contender.addressing().udp_target(), flows)?;
-    Ok(udp_rate(&topo, &generator, duration, &running.pids())?.delivered_pps)
+    Ok(udp_rate(&topo, &generator, duration, &running.pids())?)
 }
