@@ -21,7 +21,7 @@ use self::{
     generator::Generator,
     stats::Summary,
     topology::BenchTopo,
-    workloads::{echo, tcp_throughput, udp_rate},
+    workloads::{connection_rate, latency, tcp_throughput, udp_rate},
 };
 
 /// How long and how often: `--quick` (under 2 minutes) or full (under 15).
@@ -221,10 +221,15 @@ pub fn run(opts: Options) -> Result<Results> {
         for i in 0..n {
             let contender = opts.contenders[(i + rep) % n];
             eprintln!("bench: repetition {}/{}: {}", rep + 1, plan.repetitions, contender.id());
-            if let Err(e) = measure_contender(contender, &plan, &mut samples) {
+            let mut failed = Vec::new();
+            if let Err(e) = measure_contender(contender, &plan, &mut samples, &mut failed) {
                 eprintln!("bench: {}: {e:#}", contender.id());
-                errors.entry(contender).or_default().push(format!("repetition {}: {e:#}", rep + 1));
+                failed.push(format!("{e:#}"));
             }
+            errors
+                .entry(contender)
+                .or_default()
+                .extend(failed.into_iter().map(|e| format!("repetition {}: {e}", rep + 1)));
         }
         eprintln!("bench: repetition {}/{}: BPF_PROG_TEST_RUN", rep + 1, plan.repetitions);
         let topo = BenchTopo::new()?;
@@ -266,16 +271,24 @@ pub fn run(opts: Options) -> Result<Results> {
     Ok(results)
 }
 
-/// All per-contender figures of one repetition, on a fresh topology.
+/// All per-contender figures of one repetition, on a fresh topology. A figure that fails is
+/// reported in `errors` and the others are still measured.
 fn measure_contender(
     contender: Contender,
     plan: &Plan,
     samples: &mut BTreeMap<(Contender, Figure), Vec<f64>>,
+    errors: &mut Vec<String>,
 ) -> Result<()> {
     let topo = BenchTopo::new()?;
     let running = contender.start(&topo, 0)?;
     let addressing = contender.addressing();
     let mut record = |f: Figure, v: f64| samples.entry((contender, f)).or_default().push(v);
+    let mut attempt = |what: &str, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("bench: {}: {what}: {e:#}", contender.id());
+            errors.push(format!("{what}: {e:#}"));
+        }
+    };
     let udp_time = Duration::from_secs_f64(plan.udp_seconds);
     for (flows, delivered, offered, cpu) in [
         (1, Figure::UdpOneFlowPps, Figure::UdpOneFlowOfferedPps, Figure::CpuNsPerPacketOneFlow),
@@ -293,11 +306,16 @@ fn measure_contender(
         return Ok(());
     }
     topo.router_gro(false)?;
-    record(Figure::TcpBitsPerSecond, tcp_throughput(&topo, addressing, plan.iperf_seconds)?);
-    let e = echo(&topo, addressing, plan.round_trips, Duration::from_secs_f64(plan.connect_seconds))?;
-    record(Figure::LatencyP50Us, e.latency_p50_us);
-    record(Figure::LatencyP99Us, e.latency_p99_us);
-    record(Figure::ConnectionsPerSecond, e.connections_per_second);
+    let r = tcp_throughput(&topo, addressing, plan.iperf_seconds).map(|bps| record(Figure::TcpBitsPerSecond, bps));
+    attempt("TCP throughput", r);
+    let r = latency(&topo, addressing, plan.round_trips).map(|(p50, p99)| {
+        record(Figure::LatencyP50Us, p50);
+        record(Figure::LatencyP99Us, p99);
+    });
+    attempt("latency", r);
+    let r = connection_rate(&topo, addressing, Duration::from_secs_f64(plan.connect_seconds))
+        .map(|rate| record(Figure::ConnectionsPerSecond, rate));
+    attempt("connections", r);
     Ok(())
 }
 

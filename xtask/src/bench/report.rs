@@ -189,8 +189,10 @@ pub fn markdown(r: &Results) -> String {
     }
     md.push_str(
         "\n## BPF_PROG_TEST_RUN\n\nNanoseconds per packet of the programs alone (UDP, 60 bytes), in a router \
-         namespace with routes and neighbours. Repeated paths are the kernel's mean over the repeats; a new flow can \
-         only be timed one run at a time, so its figure also holds the timer's own cost.\n\n\
+         namespace with routes and neighbours: the median of single runs per path (with `repeat` the kernel runs \
+         the program again on the frame the previous run rewrote, which would time another path). A single run \
+         includes the timer's own cost and cold caches: the `timer floor` row is a near-empty program measured the \
+         same way.\n\n\
          | program | path | ns/packet | verdict |\n|---|---|---:|---:|\n",
     );
     for t in &r.testrun {

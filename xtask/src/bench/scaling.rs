@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::{
     contenders::Contender,
     generator::Generator,
+    stats::median,
     topology::BenchTopo,
     workloads::{UdpRate, udp_rate},
 };
@@ -46,8 +47,13 @@ pub fn apply_times(forwards: usize) -> Result<ApplyTimes> {
     };
     let iptables_restore_seconds = timed_start(Contender::Iptables, extra)?;
     let nft_seconds = timed_start(Contender::Nftables, extra)?;
-    let baseline = timed_start(Contender::ForwarderXdpNative, 0)?;
-    let with_forwards = timed_start(Contender::ForwarderXdpNative, extra)?;
+    // Start-up varies by tens of milliseconds: medians of three starts each.
+    let median_start = |extra: usize| -> Result<f64> {
+        let starts = (0..3).map(|_| timed_start(Contender::ForwarderXdpNative, extra)).collect::<Result<Vec<_>>>()?;
+        Ok(median(&starts).unwrap_or(f64::NAN))
+    };
+    let baseline = median_start(0)?;
+    let with_forwards = median_start(extra)?;
     Ok(ApplyTimes {
         forwards,
         forwarder_seconds: (with_forwards - baseline).max(0.0),
