@@ -35,7 +35,8 @@ enum Task {
         /// Skip the rule-scaling figures.
         #[arg(long)]
         no_scaling: bool,
-        /// Output directory (default docs/bench; the README table is updated only then).
+        /// Output directory (default: docs/bench and the README table for a full run,
+        /// target/bench-quick for --quick).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -68,8 +69,11 @@ fn main() -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?
             };
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let update_readme = out.is_none().then(|| root.join("README.md"));
-            let out_dir = out.unwrap_or_else(|| root.join("docs/bench"));
+            // Only a full run is the project's record (docs/bench and the README table).
+            let record = out.is_none() && !quick;
+            let update_readme = record.then(|| root.join("README.md"));
+            let default_out = if quick { root.join("target/bench-quick") } else { root.join("docs/bench") };
+            let out_dir = out.unwrap_or(default_out);
             let results = bench::run(bench::Options {
                 plan,
                 contenders,

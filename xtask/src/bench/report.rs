@@ -293,7 +293,7 @@ pub fn update_readme(r: &Results, readme: &Path) -> Result<()> {
     );
     let new = match (text.find(README_START), text.find(README_END)) {
         (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + README_END.len()..]),
-        _ => format!("{}\n## Benchmarks\n\n{section}\n", text.trim_end()),
+        _ => format!("{}\n\n## Benchmarks\n\n{section}\n", text.trim_end()),
     };
     std::fs::write(readme, new)?;
     Ok(())
