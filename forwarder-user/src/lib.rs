@@ -16,3 +16,8 @@ pub mod system;
 
 /// The kernel-side object, built by build.rs and embedded so the binary is self-contained.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
+
+/// Helper programs of `cargo xtask bench` (forwarder-ebpf/src/bin/forwarder-bench.rs): the
+/// redirect-only ceiling, the live-frames packet generator and the counting sink. Never loaded
+/// by `forwarder` itself.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-bench"));

@@ -329,6 +329,24 @@ impl State {
         Ok(())
     }
 
+    /// Zeroes the reason and per-forward counters and empties the connection table (test
+    /// and benchmark fixtures start from a known state).
+    pub fn reset(&self) -> Result<()> {
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))?;
+        let mut reasons: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(self.map(MAP_REASONS)?).map_err(map_err(MAP_REASONS))?;
+        for i in 0..reasons.len() {
+            reasons.set(i, vec![0u64; ncpu].try_into().expect("one per CPU"), 0).map_err(map_err(MAP_REASONS))?;
+        }
+        let mut stats: PerCpuArray<MapData, FwdStats> =
+            PerCpuArray::try_from(self.map(MAP_FORWARD_STATS)?).map_err(map_err(MAP_FORWARD_STATS))?;
+        for i in 0..stats.len() {
+            stats.set(i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).map_err(map_err(MAP_FORWARD_STATS))?;
+        }
+        let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
+        self.remove_conntrack(&keys)
+    }
+
     /// Per-forward counters summed over CPUs.
     pub fn forward_stats(&self, id: u32) -> Result<FwdStats> {
         let arr: PerCpuArray<MapData, FwdStats> =

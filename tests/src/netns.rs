@@ -71,6 +71,20 @@ impl Netns {
         }))
     }
 
+    /// Like [`Netns::run`] for closures that borrow from the caller (benchmark generators
+    /// driving loaded programs).
+    pub fn run_scoped<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = File::open(self.path()).with_context(|| format!("open {}", self.path()))?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .map_err(|e| anyhow::anyhow!("thread in {} panicked: {e:?}", self.name))
+        })
+    }
+
     pub fn ifindex(&self, dev: &str) -> Result<u32> {
         let out = self.ip(&["-j", "link", "show", "dev", dev])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;

@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask demo` (the README's main job).
+//! Project tasks: `cargo xtask demo` (the README's main job) and `cargo xtask bench`.
 
+mod bench;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -19,11 +20,71 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         connections: usize,
     },
+    /// Measure forwarder beside plain routing, iptables, nftables, socat and a redirect-only
+    /// XDP ceiling on the same namespace topology; write docs/bench/ and the README table.
+    Bench {
+        /// Short run (under 2 minutes): shorter figures, rule scaling to 1k forwards.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions (default: 2 quick, 5 full).
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Only these contenders (comma-separated ids, e.g. iptables,forwarder-xdp-native).
+        #[arg(long, value_delimiter = ',')]
+        contenders: Vec<String>,
+        /// Skip the rule-scaling figures.
+        #[arg(long)]
+        no_scaling: bool,
+        /// Output directory (default: docs/bench and the README table for a full run,
+        /// target/bench-quick for --quick).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo { connections } => demo::run(connections),
+        Task::Bench { quick, reps, contenders, no_scaling, out } => {
+            let plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
+            build_forwarder()?;
+            if plan.forwarder_release {
+                let status = std::process::Command::new(env!("CARGO"))
+                    .args(["build", "--quiet", "--release", "--package", "forwarder-user"])
+                    .status()?;
+                anyhow::ensure!(status.success(), "building forwarder (release) failed");
+                let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/forwarder");
+                // SAFETY: no other thread exists yet.
+                unsafe { std::env::set_var("FORWARDER_BIN", bin) };
+            }
+            let contenders = if contenders.is_empty() {
+                bench::contenders::Contender::ALL.to_vec()
+            } else {
+                contenders
+                    .iter()
+                    .map(|id| {
+                        bench::contenders::Contender::from_id(id)
+                            .ok_or_else(|| anyhow::anyhow!("unknown contender {id:?}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            // Only a full run is the project's record (docs/bench and the README table).
+            let record = out.is_none() && !quick;
+            let update_readme = record.then(|| root.join("README.md"));
+            let default_out = if quick { root.join("target/bench-quick") } else { root.join("docs/bench") };
+            let out_dir = out.unwrap_or(default_out);
+            let results = bench::run(bench::Options {
+                plan,
+                contenders,
+                scaling: !no_scaling,
+                out_dir: out_dir.clone(),
+                update_readme,
+            })?;
+            println!("{}", bench::report::headline_table(&results));
+            println!("written: {}", out_dir.display());
+            Ok(())
+        }
     }
 }
 

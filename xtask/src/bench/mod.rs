@@ -1,0 +1,362 @@
+//! `cargo xtask bench`: forwarder beside the usual ways of forwarding a port, measured in one
+//! run on the same namespace topology, interleaved so drift hits every contender alike.
+//! Speed is only ever reported as figures and ratios against peers of the same run.
+
+pub mod contenders;
+pub mod generator;
+pub mod report;
+pub mod scaling;
+pub mod stats;
+pub mod testrun;
+pub mod topology;
+pub mod workloads;
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use self::{
+    contenders::Contender,
+    generator::Generator,
+    stats::Summary,
+    topology::BenchTopo,
+    workloads::{connection_rate, latency, tcp_throughput, udp_rate},
+};
+
+/// How long and how often: `--quick` (under 2 minutes) or full (under 15).
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub mode: &'static str,
+    pub repetitions: usize,
+    /// Run the release build of `forwarder` (start-up with 100k forwards is parsing-bound;
+    /// quick mode keeps the debug build the tests have already built).
+    pub forwarder_release: bool,
+    pub udp_seconds: f64,
+    pub many_flows: u32,
+    pub iperf_seconds: u32,
+    pub round_trips: usize,
+    pub connect_seconds: f64,
+    pub scaling_sizes: Vec<usize>,
+    pub scaling_udp_seconds: f64,
+    /// Single BPF_PROG_TEST_RUN runs per path (fewer than the SNAT ports: each new flow takes one).
+    pub testrun_runs: u32,
+}
+
+impl Plan {
+    pub fn quick(repetitions: Option<usize>) -> Self {
+        Self {
+            mode: "quick",
+            repetitions: repetitions.unwrap_or(2),
+            forwarder_release: false,
+            udp_seconds: 0.5,
+            many_flows: 256,
+            iperf_seconds: 1,
+            round_trips: 1000,
+            connect_seconds: 0.5,
+            scaling_sizes: vec![1, 1_000],
+            scaling_udp_seconds: 0.5,
+            testrun_runs: 1000,
+        }
+    }
+
+    pub fn full(repetitions: Option<usize>) -> Self {
+        Self {
+            mode: "full",
+            repetitions: repetitions.unwrap_or(5),
+            forwarder_release: true,
+            udp_seconds: 2.0,
+            many_flows: 1024,
+            iperf_seconds: 3,
+            round_trips: 5000,
+            connect_seconds: 2.0,
+            scaling_sizes: vec![1, 1_000, 10_000, 100_000],
+            scaling_udp_seconds: 1.5,
+            testrun_runs: 5000,
+        }
+    }
+}
+
+/// Every per-contender figure: id, heading, unit, whether more is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Figure {
+    UdpOneFlowPps,
+    UdpOneFlowOfferedPps,
+    UdpManyFlowsPps,
+    UdpManyFlowsOfferedPps,
+    CpuNsPerPacketOneFlow,
+    CpuNsPerPacketManyFlows,
+    TcpBitsPerSecond,
+    LatencyP50Us,
+    LatencyP99Us,
+    ConnectionsPerSecond,
+}
+
+impl Figure {
+    pub const ALL: [Figure; 10] = [
+        Figure::UdpOneFlowPps,
+        Figure::UdpOneFlowOfferedPps,
+        Figure::UdpManyFlowsPps,
+        Figure::UdpManyFlowsOfferedPps,
+        Figure::CpuNsPerPacketOneFlow,
+        Figure::CpuNsPerPacketManyFlows,
+        Figure::TcpBitsPerSecond,
+        Figure::LatencyP50Us,
+        Figure::LatencyP99Us,
+        Figure::ConnectionsPerSecond,
+    ];
+
+    pub fn heading(self) -> &'static str {
+        match self {
+            Figure::UdpOneFlowPps => "UDP 1 flow, delivered",
+            Figure::UdpOneFlowOfferedPps => "UDP 1 flow, offered",
+            Figure::UdpManyFlowsPps => "UDP many flows, delivered",
+            Figure::UdpManyFlowsOfferedPps => "UDP many flows, offered",
+            Figure::CpuNsPerPacketOneFlow => "CPU/packet, 1 flow",
+            Figure::CpuNsPerPacketManyFlows => "CPU/packet, many flows",
+            Figure::TcpBitsPerSecond => "TCP (iperf3)",
+            Figure::LatencyP50Us => "RR latency p50",
+            Figure::LatencyP99Us => "RR latency p99",
+            Figure::ConnectionsPerSecond => "new TCP conn/s",
+        }
+    }
+
+    /// Unit after scaling with [`Figure::scale`].
+    pub fn unit(self) -> &'static str {
+        match self {
+            Figure::UdpOneFlowPps
+            | Figure::UdpOneFlowOfferedPps
+            | Figure::UdpManyFlowsPps
+            | Figure::UdpManyFlowsOfferedPps => "Mpps",
+            Figure::CpuNsPerPacketOneFlow | Figure::CpuNsPerPacketManyFlows => "ns",
+            Figure::TcpBitsPerSecond => "Gbit/s",
+            Figure::LatencyP50Us | Figure::LatencyP99Us => "µs",
+            Figure::ConnectionsPerSecond => "/s",
+        }
+    }
+
+    pub fn scale(self) -> f64 {
+        match self.unit() {
+            "Mpps" => 1e-6,
+            "Gbit/s" => 1e-9,
+            _ => 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ContenderResult {
+    pub id: &'static str,
+    pub description: &'static str,
+    pub figures: BTreeMap<Figure, Summary>,
+    /// Figures that failed in some repetition, with the error.
+    pub errors: Vec<String>,
+    /// Why some figures are missing by design.
+    pub limitation: Option<&'static str>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalingResult {
+    pub apply: Vec<scaling::ApplyTimes>,
+    /// contender id → forwards → delivered packets/s (many flows).
+    pub packet_rate: BTreeMap<&'static str, BTreeMap<usize, Summary>>,
+    /// contender id → forwards → CPU ns per delivered packet (many flows).
+    pub cpu_ns_per_packet: BTreeMap<&'static str, BTreeMap<usize, Summary>>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub load_average_before: String,
+}
+
+impl Machine {
+    pub fn describe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Self {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim()))
+                .unwrap_or("unknown")
+                .to_string(),
+            load_average_before: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub plan: Plan,
+    pub contenders: Vec<ContenderResult>,
+    pub scaling: Option<ScalingResult>,
+    pub testrun: Vec<testrun::PathTime>,
+    pub seconds: f64,
+}
+
+pub struct Options {
+    pub plan: Plan,
+    pub contenders: Vec<Contender>,
+    pub scaling: bool,
+    pub out_dir: PathBuf,
+    pub update_readme: Option<PathBuf>,
+}
+
+pub fn run(opts: Options) -> Result<Results> {
+    let started = std::time::Instant::now();
+    let machine = Machine::describe();
+    let plan = opts.plan.clone();
+    let mut samples: BTreeMap<(Contender, Figure), Vec<f64>> = BTreeMap::new();
+    let mut errors: BTreeMap<Contender, Vec<String>> = BTreeMap::new();
+    let mut testrun_samples: BTreeMap<(&'static str, &'static str), (Vec<f64>, u32)> = BTreeMap::new();
+    for rep in 0..plan.repetitions {
+        // Rotate the order each repetition so no contender always runs first or last.
+        let n = opts.contenders.len();
+        for i in 0..n {
+            let contender = opts.contenders[(i + rep) % n];
+            eprintln!("bench: repetition {}/{}: {}", rep + 1, plan.repetitions, contender.id());
+            let mut failed = Vec::new();
+            if let Err(e) = measure_contender(contender, &plan, &mut samples, &mut failed) {
+                eprintln!("bench: {}: {e:#}", contender.id());
+                failed.push(format!("{e:#}"));
+            }
+            errors
+                .entry(contender)
+                .or_default()
+                .extend(failed.into_iter().map(|e| format!("repetition {}: {e}", rep + 1)));
+        }
+        eprintln!("bench: repetition {}/{}: BPF_PROG_TEST_RUN", rep + 1, plan.repetitions);
+        let topo = BenchTopo::new()?;
+        for t in testrun::measure(&topo, plan.testrun_runs)? {
+            let entry = testrun_samples.entry((t.program, t.path)).or_default();
+            entry.0.push(t.ns_per_packet);
+            entry.1 = t.verdict;
+        }
+    }
+    let contenders = opts
+        .contenders
+        .iter()
+        .map(|&c| ContenderResult {
+            id: c.id(),
+            description: c.describe(),
+            figures: Figure::ALL
+                .iter()
+                .filter_map(|&f| samples.get(&(c, f)).and_then(|s| Summary::of(s)).map(|s| (f, s)))
+                .collect(),
+            errors: errors.remove(&c).unwrap_or_default(),
+            limitation: c.limitation(),
+        })
+        .collect();
+    let testrun = testrun_samples
+        .into_iter()
+        .map(|((program, path), (s, verdict))| testrun::PathTime {
+            program,
+            path,
+            ns_per_packet: stats::median(&s).unwrap_or(f64::NAN),
+            verdict,
+        })
+        .collect();
+    let scaling = opts.scaling.then(|| measure_scaling(&plan));
+    let results = Results { machine, plan, contenders, scaling, testrun, seconds: started.elapsed().as_secs_f64() };
+    report::write(&results, &opts.out_dir)?;
+    if let Some(readme) = &opts.update_readme {
+        report::update_readme(&results, readme)?;
+    }
+    Ok(results)
+}
+
+/// All per-contender figures of one repetition, on a fresh topology. A figure that fails is
+/// reported in `errors` and the others are still measured.
+fn measure_contender(
+    contender: Contender,
+    plan: &Plan,
+    samples: &mut BTreeMap<(Contender, Figure), Vec<f64>>,
+    errors: &mut Vec<String>,
+) -> Result<()> {
+    let topo = BenchTopo::new()?;
+    let running = contender.start(&topo, 0)?;
+    let addressing = contender.addressing();
+    let mut record = |f: Figure, v: f64| samples.entry((contender, f)).or_default().push(v);
+    let mut attempt = |what: &str, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("bench: {}: {what}: {e:#}", contender.id());
+            errors.push(format!("{what}: {e:#}"));
+        }
+    };
+    let udp_time = Duration::from_secs_f64(plan.udp_seconds);
+    for (flows, delivered, offered, cpu) in [
+        (1, Figure::UdpOneFlowPps, Figure::UdpOneFlowOfferedPps, Figure::CpuNsPerPacketOneFlow),
+        (plan.many_flows, Figure::UdpManyFlowsPps, Figure::UdpManyFlowsOfferedPps, Figure::CpuNsPerPacketManyFlows),
+    ] {
+        let generator = Generator::new(&topo, addressing.udp_target(), flows)?;
+        let rate = udp_rate(&topo, &generator, udp_time, &running.pids())?;
+        record(delivered, rate.delivered_pps);
+        record(offered, rate.offered_pps);
+        if let Some(ns) = rate.cpu_ns_per_packet {
+            record(cpu, ns);
+        }
+    }
+    if !contender.carries_tcp() {
+        return Ok(());
+    }
+    topo.router_gro(false)?;
+    let r = tcp_throughput(&topo, addressing, plan.iperf_seconds).map(|bps| record(Figure::TcpBitsPerSecond, bps));
+    attempt("TCP throughput", r);
+    let r = latency(&topo, addressing, plan.round_trips).map(|(p50, p99)| {
+        record(Figure::LatencyP50Us, p50);
+        record(Figure::LatencyP99Us, p99);
+    });
+    attempt("latency", r);
+    let r = connection_rate(&topo, addressing, Duration::from_secs_f64(plan.connect_seconds))
+        .map(|rate| record(Figure::ConnectionsPerSecond, rate));
+    attempt("connections", r);
+    Ok(())
+}
+
+fn measure_scaling(plan: &Plan) -> ScalingResult {
+    let mut result = ScalingResult {
+        apply: Vec::new(),
+        packet_rate: BTreeMap::new(),
+        cpu_ns_per_packet: BTreeMap::new(),
+        errors: Vec::new(),
+    };
+    let mut rates: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
+    for &n in &plan.scaling_sizes {
+        eprintln!("bench: rule scaling: applying {n} forwards");
+        match scaling::apply_times(n) {
+            Ok(t) => result.apply.push(t),
+            Err(e) => result.errors.push(format!("applying {n} forwards: {e:#}")),
+        }
+    }
+    // Interleaved like the main figures; fewer repetitions (the question is flatness).
+    for rep in 0..plan.repetitions.min(3) {
+        for &n in &plan.scaling_sizes {
+            for c in scaling::SCALED {
+                eprintln!("bench: rule scaling {}: {} with {n} forwards", rep + 1, c.id());
+                let duration = Duration::from_secs_f64(plan.scaling_udp_seconds);
+                match scaling::packet_rate(c, n, plan.many_flows, duration) {
+                    Ok(rate) => {
+                        rates.entry((c, n)).or_default().push(rate.delivered_pps);
+                        cpu.entry((c, n)).or_default().extend(rate.cpu_ns_per_packet);
+                    }
+                    Err(e) => result.errors.push(format!("{} with {n} forwards: {e:#}", c.id())),
+                }
+            }
+        }
+    }
+    for (samples, into) in [(rates, &mut result.packet_rate), (cpu, &mut result.cpu_ns_per_packet)] {
+        for ((c, n), s) in samples {
+            if let Some(summary) = Summary::of(&s) {
+                into.entry(c.id()).or_default().insert(n, summary);
+            }
+        }
+    }
+    result
+}

@@ -1,0 +1,366 @@
+//! Output: results.json (everything, for machines), results.md (tables with ratios to
+//! iptables and to the redirect-only ceiling) and chart.svg (packet rates).
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use super::{ContenderResult, Figure, Results, stats::ratio};
+
+const REFERENCE: &str = "iptables";
+const CEILING: &str = "redirect-only";
+const README_START: &str = "<!-- bench:start (written by cargo xtask bench) -->";
+const README_END: &str = "<!-- bench:end -->";
+
+/// The figures of the headline table (README and the top of results.md).
+const HEADLINE: [Figure; 6] = [
+    Figure::UdpOneFlowPps,
+    Figure::UdpManyFlowsPps,
+    Figure::CpuNsPerPacketManyFlows,
+    Figure::TcpBitsPerSecond,
+    Figure::LatencyP99Us,
+    Figure::ConnectionsPerSecond,
+];
+
+pub fn write(results: &Results, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(results)? + "\n")?;
+    std::fs::write(dir.join("results.md"), markdown(results))?;
+    std::fs::write(dir.join("chart.svg"), chart(results))?;
+    let m = &results.machine;
+    std::fs::write(
+        dir.join("machine.txt"),
+        format!(
+            "uname -r: {}\nnproc: {}\nCPU: {}\nload average before the run: {}\n",
+            m.kernel, m.cpus, m.cpu_model, m.load_average_before
+        ),
+    )?;
+    Ok(())
+}
+
+fn find<'a>(results: &'a Results, id: &str) -> Option<&'a ContenderResult> {
+    results.contenders.iter().find(|c| c.id == id)
+}
+
+fn value(c: Option<&ContenderResult>, f: Figure) -> Option<f64> {
+    c.and_then(|c| c.figures.get(&f)).map(|s| s.median)
+}
+
+fn fmt_value(f: Figure, v: f64) -> String {
+    let v = v * f.scale();
+    match v.abs() {
+        x if x >= 100.0 => format!("{v:.0}"),
+        x if x >= 10.0 => format!("{v:.1}"),
+        _ => format!("{v:.2}"),
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "–".into())
+}
+
+/// A row per contender: each headline figure with its ratios to iptables and the ceiling.
+pub fn headline_table(results: &Results) -> String {
+    let mut t = String::from("| contender |");
+    for f in HEADLINE {
+        let _ = write!(t, " {} ({}) |", f.heading(), f.unit());
+    }
+    t.push_str("\n|---|");
+    t.push_str(&"---:|".repeat(HEADLINE.len()));
+    t.push('\n');
+    let reference = find(results, REFERENCE);
+    let ceiling = find(results, CEILING);
+    for c in &results.contenders {
+        let _ = write!(t, "| {} |", c.id);
+        for f in HEADLINE {
+            match value(Some(c), f) {
+                Some(v) => {
+                    let _ = write!(
+                        t,
+                        " {} ({} ipt, {} ceil) |",
+                        fmt_value(f, v),
+                        fmt_ratio(ratio(Some(v), value(reference, f))),
+                        fmt_ratio(ratio(Some(v), value(ceiling, f)))
+                    );
+                }
+                None => t.push_str(" n/a |"),
+            }
+        }
+        t.push('\n');
+    }
+    t
+}
+
+fn full_table(results: &Results) -> String {
+    let mut t = String::from("| figure | unit |");
+    for c in &results.contenders {
+        let _ = write!(t, " {} |", c.id);
+    }
+    t.push_str("\n|---|---|");
+    t.push_str(&"---:|".repeat(results.contenders.len()));
+    t.push('\n');
+    for f in Figure::ALL {
+        let _ = write!(t, "| {} | {} |", f.heading(), f.unit());
+        for c in &results.contenders {
+            match c.figures.get(&f) {
+                Some(s) => {
+                    let _ = write!(t, " {} ±{:.0}% |", fmt_value(f, s.median), s.spread() * 100.0);
+                }
+                None => t.push_str(" n/a |"),
+            }
+        }
+        t.push('\n');
+    }
+    t
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut md = String::from("# forwarder benchmark\n\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask bench{}` ({} mode, {} repetitions, {:.0} s). Machine: {} CPUs, {}, kernel {}; load \
+         average before the run: {}.\n",
+        if r.plan.mode == "quick" { " --quick" } else { "" },
+        r.plan.mode,
+        r.plan.repetitions,
+        r.seconds,
+        r.machine.cpus,
+        r.machine.cpu_model,
+        r.machine.kernel,
+        r.machine.load_average_before,
+    );
+    md.push_str(
+        "Topology: client ─ veth ─ router ─ veth ─ server in network namespaces, a fresh one per contender and \
+         repetition; contenders interleaved, order rotated per repetition. Values are medians; `±` is the largest \
+         distance of a repetition from the median. Ratios: to iptables DNAT+SNAT (`ipt`) and to the redirect-only \
+         XDP ceiling (`ceil`); for CPU and latency, lower is better, so a ratio below 1 is better.\n\n",
+    );
+    md.push_str("## Headline\n\n");
+    md.push_str(&headline_table(r));
+    md.push_str("\n## Every figure\n\n");
+    md.push_str(&full_table(r));
+    let _ = write!(
+        md,
+        "\nUDP: minimum-size frames (60 bytes) from the bench's own generator (BPF_PROG_TEST_RUN live frames, XDP_TX \
+         on the client's veth, one thread), counted and dropped by an XDP sink on the server's veth; \"many flows\" = \
+         {} source ports. The offered rate is what the generator injected; where delivered equals offered, the \
+         generator (on the same 2 CPUs) was the limit and CPU time per packet is the figure that compares. CPU per \
+         packet is the CPU time of the tasks that handle the packets (the generator thread, with the XDP, netfilter \
+         and sink work that runs as softirq in its context; ksoftirqd; socat), per packet delivered: the \
+         generator's own share is the same for everyone, so the differences are the router's. TCP: one iperf3 stream, {} s. Latency: {} request/responses of 32 \
+         bytes on one connection. Connections: connect, one request/response, close, for {} s.\n",
+        r.plan.many_flows, r.plan.iperf_seconds, r.plan.round_trips, r.plan.connect_seconds
+    );
+    for c in &r.contenders {
+        if let Some(l) = c.limitation {
+            let _ = writeln!(md, "\n- **{}**: {l}", c.id);
+        }
+        for e in &c.errors {
+            let _ = writeln!(md, "\n- **{}**: {e}", c.id);
+        }
+    }
+    if let Some(s) = &r.scaling {
+        let build = if r.plan.forwarder_release { "" } else { ", debug build of forwarder in quick mode" };
+        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own 3 (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule:\n\n", build));
+        md.push_str("| forwards | forwarder | iptables-restore | nft -f |\n|---:|---:|---:|---:|\n");
+        for a in &s.apply {
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} s | {:.3} s | {:.3} s |",
+                a.forwards, a.forwarder_seconds, a.iptables_restore_seconds, a.nft_seconds
+            );
+        }
+        let sizes = &r.plan.scaling_sizes;
+        md.push_str(&scaling_table(
+            "Delivered packet rate (many flows, Mpps) with N forwards installed, and its change from the smallest N",
+            sizes,
+            &s.packet_rate,
+            1e-6,
+        ));
+        md.push_str(&scaling_table(
+            "CPU time per delivered packet (many flows, ns) with N forwards installed",
+            sizes,
+            &s.cpu_ns_per_packet,
+            1.0,
+        ));
+        for e in &s.errors {
+            let _ = writeln!(md, "\n- {e}");
+        }
+    }
+    md.push_str(
+        "\n## BPF_PROG_TEST_RUN\n\nNanoseconds per packet of the programs alone (UDP, 60 bytes), in a router \
+         namespace with routes and neighbours: the median of single runs per path (with `repeat` the kernel runs \
+         the program again on the frame the previous run rewrote, which would time another path). A single run \
+         includes the timer's own cost and cold caches: the `timer floor` row is a near-empty program measured the \
+         same way.\n\n\
+         | program | path | ns/packet | verdict |\n|---|---|---:|---:|\n",
+    );
+    for t in &r.testrun {
+        let _ = writeln!(md, "| {} | {} | {:.1} | {} |", t.program, t.path, t.ns_per_packet, t.verdict);
+    }
+    md
+}
+
+fn scaling_table(
+    title: &str,
+    sizes: &[usize],
+    by_contender: &std::collections::BTreeMap<&'static str, std::collections::BTreeMap<usize, super::stats::Summary>>,
+    scale: f64,
+) -> String {
+    let mut md = format!("\n{title}:\n\n| contender |");
+    for n in sizes {
+        let _ = write!(md, " {n} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(sizes.len()));
+    md.push('\n');
+    for (id, by_n) in by_contender {
+        let _ = write!(md, "| {id} |");
+        let first = sizes.first().and_then(|n| by_n.get(n)).map(|s| s.median);
+        for n in sizes {
+            match by_n.get(n) {
+                Some(v) => {
+                    let change = ratio(Some(v.median), first).map(|q| (q - 1.0) * 100.0).unwrap_or(0.0);
+                    let _ = write!(md, " {:.3} ({change:+.0}%) |", v.median * scale);
+                }
+                None => md.push_str(" n/a |"),
+            }
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Horizontal bars of the delivered UDP rates, one group per contender.
+pub fn chart(r: &Results) -> String {
+    let series = [(Figure::UdpOneFlowPps, "#4e79a7"), (Figure::UdpManyFlowsPps, "#f28e2b")];
+    let max = r
+        .contenders
+        .iter()
+        .flat_map(|c| series.iter().filter_map(|(f, _)| value(Some(c), *f)))
+        .fold(0.0f64, f64::max)
+        .max(1.0);
+    let (label_w, bar_w, row_h, top) = (190.0, 480.0, 40.0, 50.0);
+    let height = top + row_h * r.contenders.len() as f64 + 20.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">Delivered UDP packets/s (Mpps), 60-byte frames</text>\n\
+         <rect x=\"{label_w}\" y=\"28\" width=\"10\" height=\"10\" fill=\"{c1}\"/><text x=\"{l1}\" y=\"37\">1 flow</text>\n\
+         <rect x=\"{l2}\" y=\"28\" width=\"10\" height=\"10\" fill=\"{c2}\"/><text x=\"{l3}\" y=\"37\">{n} flows</text>\n",
+        w = label_w + bar_w + 80.0,
+        c1 = series[0].1,
+        c2 = series[1].1,
+        l1 = label_w + 14.0,
+        l2 = label_w + 80.0,
+        l3 = label_w + 94.0,
+        n = r.plan.many_flows,
+    );
+    for (i, c) in r.contenders.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let _ = writeln!(svg, "<text x=\"10\" y=\"{}\">{}</text>", y + 22.0, c.id);
+        for (j, (f, color)) in series.iter().enumerate() {
+            let v = value(Some(c), *f).unwrap_or(0.0);
+            let by = y + 4.0 + j as f64 * 16.0;
+            let w = bar_w * v / max;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{label_w}\" y=\"{by}\" width=\"{w:.1}\" height=\"14\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\">{:.3}</text>",
+                label_w + w + 4.0,
+                by + 11.0,
+                v * 1e-6
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Replaces the headline table between the README's bench markers (appending the section
+/// when the markers are missing).
+pub fn update_readme(r: &Results, readme: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(readme)?;
+    let section = format!(
+        "{README_START}\n{}\n{}\nMachine: {} CPUs, {}, kernel {}; {} mode, {} repetitions. Full results, rule \
+         scaling and BPF_PROG_TEST_RUN times: [docs/bench/results.md](docs/bench/results.md).\n{README_END}",
+        headline_table(r),
+        "Each cell: median (ratio to iptables, ratio to the redirect-only ceiling).",
+        r.machine.cpus,
+        r.machine.cpu_model,
+        r.machine.kernel,
+        r.plan.mode,
+        r.plan.repetitions
+    );
+    let new = match (text.find(README_START), text.find(README_END)) {
+        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + README_END.len()..]),
+        _ => format!("{}\n\n## Benchmarks\n\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(readme, new)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::bench::{Machine, Plan, stats::Summary};
+
+    fn results() -> Results {
+        let contender = |id, pps: f64| ContenderResult {
+            id,
+            description: "",
+            figures: BTreeMap::from([(Figure::UdpOneFlowPps, Summary::of(&[pps, pps * 1.1, pps * 0.9]).unwrap())]),
+            errors: vec![],
+            limitation: None,
+        };
+        Results {
+            machine: Machine {
+                kernel: "6.18".into(),
+                cpus: 2,
+                cpu_model: "cpu".into(),
+                load_average_before: "0".into(),
+            },
+            plan: Plan::quick(Some(1)),
+            contenders: vec![
+                contender("iptables", 1e6),
+                contender("forwarder-xdp-native", 4e6),
+                contender("redirect-only", 5e6),
+            ],
+            scaling: None,
+            testrun: vec![],
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn headline_has_ratios_to_iptables_and_ceiling() {
+        let t = headline_table(&results());
+        let row = t.lines().find(|l| l.starts_with("| forwarder-xdp-native")).unwrap();
+        assert!(row.contains("4.00 (4.00× ipt, 0.80× ceil)"), "{row}");
+        assert!(row.contains("n/a"), "figures not measured say so: {row}");
+    }
+
+    #[test]
+    fn readme_section_is_replaced_not_duplicated() {
+        let dir = std::env::temp_dir().join(format!("bench-readme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let readme = dir.join("README.md");
+        std::fs::write(&readme, "# x\n\ntext\n").unwrap();
+        update_readme(&results(), &readme).unwrap();
+        update_readme(&results(), &readme).unwrap();
+        let text = std::fs::read_to_string(&readme).unwrap();
+        assert_eq!(text.matches("## Benchmarks").count(), 1);
+        assert_eq!(text.matches(README_START).count(), 1);
+        assert!(text.starts_with("# x\n\ntext\n"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn chart_is_svg_with_a_bar_per_contender_and_flow_count() {
+        let svg = chart(&results());
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // One legend swatch starts at the bars' left edge, then two bars per contender.
+        assert_eq!(svg.matches("<rect x=\"190\"").count(), 1 + 3 * 2);
+    }
+}

@@ -1,0 +1,163 @@
+//! The bench's sandbox: forwarder_tests' client ─ router ─ server chain, made ready for
+//! packet-rate measurement. A fresh one per contender run, so no contender inherits another's
+//! conntrack entries, rules or programs; dropping it removes everything.
+//!
+//! ```text
+//! client 192.0.2.2 ── c0 ═ rc ── router 192.0.2.1 | 203.0.113.1 ── rs ═ s0 ── server 203.0.113.20
+//!   generator (live frames, XDP_TX on c0)                            sink (XDP on s0: count + drop)
+//! ```
+//! - Static neighbours everywhere: no ARP during a run, and XDP's FIB lookups answer at once.
+//! - GRO on c0, rc, rs: a veth takes XDP_REDIRECTed (and live-frame XDP_TX) frames only when
+//!   it runs XDP or has GRO on; every contender gets the same receivers. The TCP figures turn
+//!   GRO off on the router again ([`BenchTopo::router_gro`]): veths start without it, and
+//!   forwarder's TC path stalls TCP on GRO-merged packets (see docs/bench/results.md).
+//! - The sink on s0 counts the bench's UDP frames and drops them: the delivered rate is
+//!   counted where a real server would receive, at a cost that is the same for everyone.
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use forwarder_tests::{
+    Chain,
+    topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_ADDR, ROUTER_SERVER_DEV, SERVER_ADDR},
+};
+
+/// Ports of the bench's forwards: what the client addresses on the router, and where the
+/// server listens. Contenders without NAT are addressed at the server directly.
+pub const UDP_LISTEN_PORT: u16 = 7000;
+pub const UDP_BACKEND_PORT: u16 = 7001;
+pub const IPERF_LISTEN_PORT: u16 = 5201;
+pub const IPERF_BACKEND_PORT: u16 = 5202;
+pub const ECHO_LISTEN_PORT: u16 = 8000;
+pub const ECHO_BACKEND_PORT: u16 = 8001;
+
+pub const CLIENT_DEV: &str = "c0";
+pub const SERVER_DEV: &str = "s0";
+
+pub struct BenchTopo {
+    // Field order is drop order: the sink's link goes before the namespaces.
+    sink: Ebpf,
+    pub chain: Chain,
+    pub client_mac: [u8; 6],
+    pub router_client_mac: [u8; 6],
+    pub router_server_mac: [u8; 6],
+    pub server_mac: [u8; 6],
+    pub client_ifindex: u32,
+    pub router_server_ifindex: u32,
+}
+
+impl BenchTopo {
+    pub fn new() -> Result<Self> {
+        let chain = Chain::new().context("creating the namespace sandbox")?;
+        chain.server_route_via_router()?;
+        let client_mac = chain.client.mac(CLIENT_DEV)?;
+        let server_mac = chain.server.mac(SERVER_DEV)?;
+        let router_client_mac = chain.router.mac(ROUTER_CLIENT_DEV)?;
+        let router_server_mac = chain.router.mac(ROUTER_SERVER_DEV)?;
+        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        for (ns, addr, lladdr, dev) in [
+            (&chain.router, CLIENT_ADDR, mac(client_mac), ROUTER_CLIENT_DEV),
+            (&chain.router, SERVER_ADDR, mac(server_mac), ROUTER_SERVER_DEV),
+            (&chain.client, ROUTER_CLIENT_ADDR, mac(router_client_mac), CLIENT_DEV),
+            (&chain.server, ROUTER_SERVER_ADDR, mac(router_server_mac), SERVER_DEV),
+        ] {
+            ns.ip(&["neigh", "replace", addr, "lladdr", &lladdr, "dev", dev, "nud", "permanent"])?;
+        }
+        forwarder_tests::netns::run_ok(chain.client.cmd("ethtool").args(["-K", CLIENT_DEV, "gro", "on"]))?;
+        let client_ifindex = chain.client.ifindex(CLIENT_DEV)?;
+        let router_server_ifindex = chain.router.ifindex(ROUTER_SERVER_DEV)?;
+        let sink = chain.server.run(attach_sink)??;
+        let topo = Self {
+            sink,
+            chain,
+            client_mac,
+            router_client_mac,
+            router_server_mac,
+            server_mac,
+            client_ifindex,
+            router_server_ifindex,
+        };
+        topo.router_gro(true)?;
+        Ok(topo)
+    }
+
+    /// GRO on or off on both router devices.
+    pub fn router_gro(&self, on: bool) -> Result<()> {
+        for dev in [ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV] {
+            let state = if on { "on" } else { "off" };
+            forwarder_tests::netns::run_ok(self.chain.router.cmd("ethtool").args(["-K", dev, "gro", state]))?;
+        }
+        Ok(())
+    }
+
+    /// Bench UDP frames the server's sink has counted so far.
+    pub fn delivered(&self) -> Result<u64> {
+        let map = self.sink.map("BENCH_SINK").context("sink map")?;
+        let counts: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Ok(counts.get(&0, 0)?.iter().sum())
+    }
+}
+
+/// Loads a fresh copy of the bench helper object (each user gets its own maps).
+pub fn load_bench_object() -> Result<Ebpf> {
+    Ok(Ebpf::load(forwarder::BENCH_OBJECT)?)
+}
+
+/// Loads program `name` of a bench object into the kernel and returns it.
+pub fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+    prog.load()?;
+    Ok(prog)
+}
+
+/// Runs in the server namespace: the counting sink in native mode on s0.
+fn attach_sink() -> Result<Ebpf> {
+    let mut ebpf = load_bench_object()?;
+    let mut ports: Array<_, [u16; 2]> = Array::try_from(ebpf.map_mut("BENCH_PORTS").context("ports map")?)?;
+    // Both ports: frames of contenders without NAT arrive still addressed to the listen port.
+    ports.set(0, [UDP_LISTEN_PORT, UDP_BACKEND_PORT], 0)?;
+    load_xdp(&mut ebpf, "bench_sink")?.attach(SERVER_DEV, XdpMode::Driver).context("attaching the sink")?;
+    Ok(ebpf)
+}
+
+/// Where a contender's client traffic is addressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addressing {
+    /// At the router's forward (NAT contenders).
+    Forward,
+    /// At the server itself (plain routing and the redirect-only ceiling: no NAT).
+    Direct,
+}
+
+impl Addressing {
+    pub fn udp_target(self) -> ([u8; 4], u16) {
+        match self {
+            Addressing::Forward => {
+                (ROUTER_CLIENT_ADDR.parse::<std::net::Ipv4Addr>().unwrap().octets(), UDP_LISTEN_PORT)
+            }
+            Addressing::Direct => (SERVER_ADDR.parse::<std::net::Ipv4Addr>().unwrap().octets(), UDP_BACKEND_PORT),
+        }
+    }
+
+    pub fn iperf_target(self) -> (&'static str, u16) {
+        match self {
+            Addressing::Forward => (ROUTER_CLIENT_ADDR, IPERF_LISTEN_PORT),
+            Addressing::Direct => (SERVER_ADDR, IPERF_BACKEND_PORT),
+        }
+    }
+
+    pub fn echo_target(self) -> std::net::SocketAddr {
+        match self {
+            Addressing::Forward => format!("{ROUTER_CLIENT_ADDR}:{ECHO_LISTEN_PORT}"),
+            Addressing::Direct => format!("{SERVER_ADDR}:{ECHO_BACKEND_PORT}"),
+        }
+        .parse()
+        .expect("literal address")
+    }
+}
+
+/// The router's address on the server side (SNAT source of the NAT contenders).
+pub const SNAT_ADDR: &str = ROUTER_SERVER_ADDR;

@@ -1,0 +1,48 @@
+//! CI smoke test of `cargo xtask bench --quick` with one repetition: every contender must
+//! produce its figures. Speed itself is never asserted (ratios only mean something within one
+//! run on one machine). Needs root, like the other namespace tests.
+
+use std::process::Command;
+
+#[test]
+fn quick_bench_gives_every_contender_its_figures() {
+    let out_dir = std::env::temp_dir().join(format!("forwarder-bench-smoke-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["bench", "--quick", "--reps", "1", "--out"])
+        .arg(&out_dir)
+        .status()
+        .expect("run xtask");
+    assert!(status.success(), "cargo xtask bench --quick failed");
+    let json = std::fs::read_to_string(out_dir.join("results.json")).expect("results.json");
+    let results: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    for file in ["results.md", "chart.svg"] {
+        assert!(out_dir.join(file).exists(), "{file} missing");
+    }
+    let contenders = results["contenders"].as_array().expect("contenders");
+    assert_eq!(contenders.len(), 8, "every contender ran");
+    for c in contenders {
+        let figures = c["figures"].as_object().expect("figures");
+        // The ceiling only redirects: it has the packet-rate figures, and says why not more.
+        let expected: &[&str] = if c["limitation"].is_null() {
+            &[
+                "udp_one_flow_pps",
+                "udp_many_flows_pps",
+                "cpu_ns_per_packet_one_flow",
+                "tcp_bits_per_second",
+                "latency_p99_us",
+                "connections_per_second",
+            ]
+        } else {
+            &["udp_one_flow_pps", "udp_many_flows_pps", "cpu_ns_per_packet_one_flow"]
+        };
+        for f in expected {
+            let median = figures.get(*f).and_then(|s| s["median"].as_f64());
+            assert!(median.is_some(), "{}: no {f} ({:?})", c["id"], c["errors"]);
+        }
+        assert!(figures["udp_one_flow_pps"]["median"].as_f64().unwrap() > 0.0, "{}: nothing delivered", c["id"]);
+    }
+    let scaling = &results["scaling"];
+    assert!(scaling["apply"].as_array().is_some_and(|a| !a.is_empty()), "rule scaling timed");
+    assert!(results["testrun"].as_array().is_some_and(|t| t.len() >= 9), "every BPF_PROG_TEST_RUN path timed");
+    let _ = std::fs::remove_dir_all(out_dir);
+}
