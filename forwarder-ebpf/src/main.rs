@@ -144,7 +144,7 @@ fn try_xdp(ctx: &XdpContext) -> verdict::Outcome {
     if peers_enabled() && peer::lookup(&l3_dst(w.to.dst, &w.flow)).is_some() {
         return Err(Reason::XdpToTc);
     }
-    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, &mut w.params, &mut w.fib);
+    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, true, &mut w.params, &mut w.fib);
     if w.fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, w.fib.ifindex) {
         return Err(Reason::XdpToTc);
     }
@@ -205,7 +205,7 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
-    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, &mut w.params, &mut w.fib);
+    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, false, &mut w.params, &mut w.fib);
     commit(ctx, &plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
     let (flow, new, fib) = (&w.flow, &w.new, &w.fib);
     if peers_enabled() {

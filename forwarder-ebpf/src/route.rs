@@ -30,7 +30,9 @@ pub struct Fib {
 }
 
 /// Looks up the route for `to` as if the packet arrived on `ingress`. With `want_src` the
-/// kernel also fills in the route's preferred source address (SNAT auto).
+/// kernel also fills in the route's preferred source address (SNAT auto). `check_len`: XDP
+/// passes the packet's length for the MTU check; TC passes none, so the kernel checks the
+/// skb itself, which knows about GSO packets far larger than the MTU.
 #[inline(always)]
 pub fn lookup<C: EbpfContext>(
     ctx: &C,
@@ -38,6 +40,7 @@ pub fn lookup<C: EbpfContext>(
     flow: &Flow,
     to: &Tuple,
     want_src: bool,
+    check_len: bool,
     p: &mut bpf_fib_lookup,
     out: &mut Fib,
 ) {
@@ -46,7 +49,7 @@ pub fn lookup<C: EbpfContext>(
     p.l4_protocol = flow.proto;
     p.sport = u16::from_ne_bytes(to.sport);
     p.dport = u16::from_ne_bytes(to.dport);
-    p.__bindgen_anon_1.tot_len = flow.l3_len;
+    p.__bindgen_anon_1.tot_len = if check_len { flow.l3_len } else { 0 };
     if flow.is_v6() {
         p.family = AF_INET6;
         p.__bindgen_anon_3.ipv6_src = words(&to.src);
