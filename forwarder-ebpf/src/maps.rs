@@ -61,13 +61,14 @@ pub static FWD_PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entrie
 
 /// Per-CPU working memory of one program run: the parsed flow, the tuples, the FIB
 /// parameters. The 512-byte stack cannot hold them all (kernel-internal).
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct Work {
+    /// First, so it is 8-aligned: route::lookup clears it with 64-bit stores.
+    pub params: aya_ebpf::bindings::bpf_fib_lookup,
     pub flow: crate::parse::Flow,
     pub to: crate::conntrack::Tuple,
     pub new: crate::conntrack::Tuple,
     pub fib: crate::route::Fib,
-    pub params: aya_ebpf::bindings::bpf_fib_lookup,
     pub icmp: crate::icmp::IcmpWork,
 }
 

@@ -44,8 +44,17 @@ pub fn lookup<C: EbpfContext>(
     p: &mut bpf_fib_lookup,
     out: &mut Fib,
 ) {
-    // SAFETY: plain-old-data C struct, all-zero is a valid starting value.
-    *p = unsafe { core::mem::zeroed() };
+    // Cleared as eight 64-bit stores: `mem::zeroed()` compiles to a call of a byte-loop
+    // memset subprogram, per packet (found by the benchmark's profile).
+    const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == 64);
+    let cells = p as *mut bpf_fib_lookup as *mut u64;
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: p is the 8-aligned first field of the per-CPU Work area, 64 bytes long;
+        // all-zero is a valid bpf_fib_lookup.
+        unsafe { cells.add(i).write_volatile(0) };
+        i += 1;
+    }
     p.l4_protocol = flow.proto;
     p.sport = u16::from_ne_bytes(to.sport);
     p.dport = u16::from_ne_bytes(to.dport);
