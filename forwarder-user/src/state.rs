@@ -341,7 +341,9 @@ impl State {
         let mut stats: PerCpuArray<MapData, FwdStats> =
             PerCpuArray::try_from(self.map(MAP_FORWARD_STATS)?).map_err(map_err(MAP_FORWARD_STATS))?;
         for i in 0..stats.len() {
-            stats.set(i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).map_err(map_err(MAP_FORWARD_STATS))?;
+            stats
+                .set(i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0)
+                .map_err(map_err(MAP_FORWARD_STATS))?;
         }
         let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
         self.remove_conntrack(&keys)
