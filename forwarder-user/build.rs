@@ -8,9 +8,13 @@ fn main() -> anyhow::Result<()> {
     // own switch); an empty object stands in so the crate still compiles.
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("forwarder");
-        if !out.exists() {
-            std::fs::write(out, [])?;
+        let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+        // One placeholder per kernel-side binary the library embeds.
+        for name in ["forwarder", "forwarder-bench"] {
+            let out = out_dir.join(name);
+            if !out.exists() {
+                std::fs::write(out, [])?;
+            }
         }
         return Ok(());
     }

@@ -7,7 +7,14 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-20}"
 # The fuzzers link the userspace library only: skip building the kernel object.
 export AYA_BUILD_SKIP=1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for target in config checksum; do
     echo "fuzz: $target for ${seconds}s"
-    cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" 2>&1 | tail -n 2
+    if ! cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" >"$log" 2>&1; then
+        cat "$log"
+        echo "fuzz: $target failed"
+        exit 1
+    fi
+    tail -n 1 "$log"
 done
