@@ -29,6 +29,31 @@ pub fn update(check: u16, old_sum: u32, new_sum: u32) -> u16 {
     !fold(sum)
 }
 
+/// The constant part of an RFC 1624 update: replacing words summing to `old_sum` by words
+/// summing to `new_sum` adds `delta(old_sum, new_sum)` to any checksum over them (see
+/// [`apply_delta`]). A connection's rewrite changes the same words of every packet, so
+/// its delta is computed once and kept with it.
+#[inline(always)]
+pub fn delta(old_sum: u32, new_sum: u32) -> u16 {
+    fold((!fold(old_sum)) as u32 + fold(new_sum) as u32)
+}
+
+/// [`update`] with a precomputed [`delta`]: `apply_delta(c, delta(o, n)) == update(c, o, n)`.
+#[inline(always)]
+pub fn apply_delta(check: u16, delta: u16) -> u16 {
+    !fold((!check) as u32 + delta as u32)
+}
+
+/// Delta of an IPv4 TTL decrement for the header checksum: the word (TTL, protocol) loses
+/// 0x0100 whatever the TTL (as long as it is at least 1).
+pub const TTL_DECREMENT_DELTA: u16 = !0x0100;
+
+/// Sum of two deltas (both changes applied).
+#[inline(always)]
+pub fn add_deltas(a: u16, b: u16) -> u16 {
+    fold(a as u32 + b as u32)
+}
+
 /// Update of a checksum field that holds a CHECKSUM_PARTIAL seed: the non-inverted folded
 /// sum of the pseudo header, which the NIC (or the kernel) completes over the payload later.
 /// Only pseudo-header words may change, and the seed moves the other way from a full sum.
@@ -73,6 +98,37 @@ mod tests {
         let c = checksum(&h);
         h[10..12].copy_from_slice(&c.to_be_bytes());
         h
+    }
+
+    #[test]
+    fn precomputed_delta_equals_incremental_update_and_recompute() {
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            seed
+        };
+        for i in 0..20_000 {
+            // Corner cases first: unchanged words, all-zero and all-ones words.
+            let (a, b) = match i {
+                0 => ([0, 0, 0, 0], [0, 0, 0, 0]),
+                1 => ([0xff; 4], [0, 0, 0, 0]),
+                2 => ([0, 0, 0, 0], [0xff; 4]),
+                3 => ([192, 0, 2, 1], [192, 0, 2, 1]),
+                _ => (next().to_be_bytes(), next().to_be_bytes()),
+            };
+            let ttl = (next() % 255) as u8 + 1;
+            let before = header([203, 0, 113, 9], a, ttl);
+            let after = header([203, 0, 113, 9], b, ttl - 1);
+            let check = u16::from_be_bytes([before[10], before[11]]);
+            let d = add_deltas(delta(sum4(a), sum4(b)), TTL_DECREMENT_DELTA);
+            assert_eq!(apply_delta(check, delta(sum4(a), sum4(b))), update(check, sum4(a), sum4(b)));
+            let mut h = before;
+            h[8] = ttl - 1;
+            h[16..20].copy_from_slice(&b);
+            h[10..12].copy_from_slice(&apply_delta(check, d).to_be_bytes());
+            assert_eq!(checksum(&h), 0, "{a:?} -> {b:?}, ttl {ttl}");
+            assert_eq!(h[..10], after[..10]);
+        }
     }
 
     #[test]

@@ -5,8 +5,20 @@ use core::mem::size_of;
 
 /// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash).
 pub const MAP_FORWARDS: &str = "FWD_RULES";
-/// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (LRU hash).
-pub const MAP_CONNTRACK: &str = "FWD_CT";
+/// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (hash).
+/// `_V2`: the value grew a cached next hop (docs/maps.md); the loader migrates entries of
+/// a pinned [`MAP_CONNTRACK_V1`] left by an earlier version.
+pub const MAP_CONNTRACK: &str = "FWD_CT_V2";
+/// The connection table of versions before the next-hop cache: [`CtKey`] -> [`CtValueV1`].
+pub const MAP_CONNTRACK_V1: &str = "FWD_CT";
+/// Route generation: index 0 -> u32 (array of one). Userspace bumps it whenever routes,
+/// neighbours, links, addresses or the config change; a connection's cached next hop is
+/// used only while the generation it was looked up under is current.
+pub const MAP_ROUTE_GEN: &str = "FWD_ROUTE_GEN";
+/// A cached next hop is looked up again after this many jiffies even without a route
+/// change (1 s at HZ=250; 2.5 s at most, at HZ=100). It also bounds how stale
+/// `CtValue::last_seen_ns` gets, since the fast path does not refresh it.
+pub const NH_MAX_AGE_JIFFIES: u32 = 250;
 /// Per-forward counters: forward id -> [`FwdStats`] (per-CPU array).
 pub const MAP_FORWARD_STATS: &str = "FWD_FWD_STATS";
 /// Per-reason packet counters: [`crate::Reason`] code -> u64 (per-CPU array).
@@ -115,7 +127,8 @@ pub const CT_DIR_ORIGINAL: u8 = 0;
 /// The backend's replies towards the client.
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// The rewrite to apply to packets of one direction of a tracked flow.
+/// The rewrite to apply to packets of one direction of a tracked flow, and the next hop
+/// the fast path sends them to (IPv4 through XDP; filled in by the full path).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
@@ -128,11 +141,58 @@ pub struct CtValue {
     pub direction: u8,
     /// State bits (`crate::conntrack::CT_*`) seen on this direction.
     pub state: u8,
+    /// RFC 1624 deltas of this direction's rewrite (see `crate::csum::delta`): IPv4 header
+    /// checksum (addresses and the TTL decrement) and L4 checksum (pseudo header and ports).
+    pub nh_l3_delta: u16,
+    /// Egress ifindex of the cached next hop; 0 when nothing is cached.
+    pub nh_ifindex: u32,
+    /// bpf_ktime_get_ns() of the last packet in this direction (refreshed by the full path,
+    /// at least every [`NH_MAX_AGE_JIFFIES`] while packets flow).
+    pub last_seen_ns: u64,
+    pub nh_dmac: [u8; 6],
+    pub nh_smac: [u8; 6],
+    pub nh_l4_delta: u16,
+    pub _pad: [u8; 2],
+    /// Route generation ([`MAP_ROUTE_GEN`]) the next hop was looked up under.
+    pub nh_gen: u32,
+    /// Low 32 bits of jiffies when the next hop was looked up.
+    pub nh_jiffies: u32,
+}
+const _: () = assert!(size_of::<CtValue>() == 80);
+
+/// [`CtValue`] of versions before the next-hop cache (map [`MAP_CONNTRACK_V1`]), read
+/// once when migrating a pinned table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValueV1 {
+    pub new_src_addr: [u8; 16],
+    pub new_dst_addr: [u8; 16],
+    pub new_src_port_be: u16,
+    pub new_dst_port_be: u16,
+    pub forward_id: u32,
+    pub direction: u8,
+    pub state: u8,
     pub _pad: [u8; 6],
-    /// bpf_ktime_get_ns() of the last packet in this direction.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<CtValue>() == 56);
+const _: () = assert!(size_of::<CtValueV1>() == 56);
+
+impl From<CtValueV1> for CtValue {
+    /// The same connection, without a cached next hop (the full path fills it in).
+    fn from(v: CtValueV1) -> Self {
+        CtValue {
+            new_src_addr: v.new_src_addr,
+            new_dst_addr: v.new_dst_addr,
+            new_src_port_be: v.new_src_port_be,
+            new_dst_port_be: v.new_dst_port_be,
+            forward_id: v.forward_id,
+            direction: v.direction,
+            state: v.state,
+            last_seen_ns: v.last_seen_ns,
+            ..CtValue::default()
+        }
+    }
+}
 
 /// Per-forward counters (one slot per forward id, per CPU).
 #[repr(C)]
@@ -271,6 +331,7 @@ mod pod {
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtValueV1 {}
     unsafe impl aya::Pod for FwdStats {}
     unsafe impl aya::Pod for IfaceConfig {}
     unsafe impl aya::Pod for GlobalConfig {}

@@ -51,10 +51,13 @@ pub enum Reason {
     /// ICMP/ICMPv6 error about a forwarded connection, translated (outer and quoted
     /// headers) and sent on towards the other side.
     IcmpTranslated = 23,
+    /// Rewritten and sent by XDP_REDIRECT from the connection's cached next hop: the
+    /// established-flow fast path, without a FIB lookup (a subset of no other code).
+    RedirectXdpCached = 24,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 22] = [
+pub const ALL_REASONS: [Reason; 23] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -77,6 +80,7 @@ pub const ALL_REASONS: [Reason; 22] = [
     Reason::Ipv6Extension,
     Reason::IcmpError,
     Reason::IcmpTranslated,
+    Reason::RedirectXdpCached,
 ];
 
 impl Reason {
@@ -105,6 +109,7 @@ impl Reason {
             21 => Some(Reason::Ipv6Extension),
             22 => Some(Reason::IcmpError),
             23 => Some(Reason::IcmpTranslated),
+            24 => Some(Reason::RedirectXdpCached),
             _ => None,
         }
     }
@@ -134,6 +139,7 @@ impl Reason {
             Reason::Ipv6Extension => "ipv6_extension",
             Reason::IcmpError => "icmp_error",
             Reason::IcmpTranslated => "icmp_translated",
+            Reason::RedirectXdpCached => "redirect_xdp_cached",
         }
     }
 
@@ -147,6 +153,7 @@ impl Reason {
         matches!(
             self,
             Reason::RedirectXdp
+                | Reason::RedirectXdpCached
                 | Reason::RedirectTc
                 | Reason::FibToStack
                 | Reason::FibNoNeigh

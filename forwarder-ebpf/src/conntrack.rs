@@ -3,16 +3,18 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FWD_FLAG_INGRESS,
-    FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
+    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
     conntrack::{CT_ANSWERED, CT_SEEN_SYN, bits_of_tcp_flags},
+    csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
 };
 
 use crate::{
-    maps::{CtScratch, FWD_CT, FWD_GLOBAL, FWD_RULES, FWD_SCRATCH},
+    csum::sum_addr,
+    maps::{CtScratch, FWD_CT, FWD_GLOBAL, FWD_ROUTE_GEN, FWD_RULES, FWD_SCRATCH},
     parse::Flow,
     stats,
 };
@@ -29,8 +31,9 @@ pub struct Tuple {
 
 /// What to do with a matching packet.
 pub enum Plan {
-    /// A tracked flow: rewrite as its entry says.
-    Tracked { entry: &'static CtValue },
+    /// A tracked flow: rewrite as its entry says (a map value: the fast path's cache is
+    /// written through it).
+    Tracked { entry: &'static mut CtValue },
     /// First packet of a flow for this forward (the rule, in the map).
     New { fwd: &'static FwdValue },
 }
@@ -55,22 +58,43 @@ pub fn ct_key(family: u8, src: [u8; 16], dst: [u8; 16], sport: [u8; 2], dport: [
     }
 }
 
+/// The key of an IPv4 flow, built from whole 64-bit words: field by field, the compiler
+/// clears the twelve unused address bytes with calls to a byte-loop memset subprogram.
+/// Addresses and ports as they sit in the packet (network order, read as native words).
 #[inline(always)]
-pub fn classify(flow: &Flow) -> Result<Plan, Reason> {
-    let key = ct_key(flow.family, flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
-    if let Some(entry) = FWD_CT.get_ptr_mut(&key) {
+pub fn ct_key_v4(src: u32, dst: u32, ports: u32, proto: u8) -> CtKey {
+    let words: [u64; 5] =
+        [src as u64, 0, dst as u64, 0, ports as u64 | (proto as u64) << 32 | (FAMILY_V4 as u64) << 40];
+    // SAFETY: CtKey is repr(C), 40 bytes without implicit padding, any bytes valid; BPF is
+    // little-endian (bpfel), so the words lay the fields out in order: src, zeros, dst,
+    // zeros, source port, destination port, protocol, family, padding.
+    unsafe { core::mem::transmute::<[u64; 5], CtKey>(words) }
+}
+
+/// The key of a parsed flow's own direction.
+#[inline(always)]
+pub fn flow_key(flow: &Flow) -> CtKey {
+    if flow.is_v6() {
+        return ct_key(flow.family, flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    }
+    let word = |a: &[u8; 16]| u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    let ports = u32::from_ne_bytes([flow.sport[0], flow.sport[1], flow.dport[0], flow.dport[1]]);
+    ct_key_v4(word(&flow.src), word(&flow.dst), ports, flow.proto)
+}
+
+/// Tracked flow, new flow of a forward, or no match. `untracked`: the caller has already
+/// looked the flow up in the connection table and found nothing.
+#[inline(always)]
+pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
+    let key = flow_key(flow);
+    if let Some(entry) = if untracked { None } else { FWD_CT.get_ptr_mut(&key) } {
         // SAFETY: map value pointer from a successful lookup.
         let entry = unsafe { &mut *entry };
         let now = unsafe { bpf_ktime_get_ns() };
         if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             entry.last_seen_ns = now;
         }
-        // State bits change a few times per connection: write only then.
-        let answered = if entry.direction == CT_DIR_REPLY { CT_ANSWERED } else { 0 };
-        let bits = entry.state | answered | bits_of_tcp_flags(flow.tcp_flags);
-        if bits != entry.state {
-            entry.state = bits;
-        }
+        note_state(entry, flow.tcp_flags);
         return Ok(Plan::Tracked { entry });
     }
     let fkey =
@@ -79,6 +103,18 @@ pub fn classify(flow: &Flow) -> Result<Plan, Reason> {
     match unsafe { FWD_RULES.get(&fkey) } {
         Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => Ok(Plan::New { fwd }),
         _ => Err(Reason::NoRule),
+    }
+}
+
+/// Records what a packet of this direction says about the connection (TCP flags; any
+/// packet of the reply direction means answered). State bits change a few times per
+/// connection: the entry is written only then.
+#[inline(always)]
+pub fn note_state(entry: &mut CtValue, tcp_flags: u8) {
+    let answered = if entry.direction == CT_DIR_REPLY { CT_ANSWERED } else { 0 };
+    let bits = entry.state | answered | bits_of_tcp_flags(tcp_flags);
+    if bits != entry.state {
+        entry.state = bits;
     }
 }
 
@@ -130,9 +166,16 @@ pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tu
         forward_id: fwd.forward_id,
         direction: CT_DIR_REPLY,
         state: if flow.proto == PROTO_TCP { CT_SEEN_SYN } else { 0 },
-        _pad: [0; 6],
+        nh_l3_delta: 0,
+        nh_ifindex: 0,
         // SAFETY: helper without arguments.
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        nh_dmac: [0; 6],
+        nh_smac: [0; 6],
+        nh_l4_delta: 0,
+        _pad: [0; 2],
+        nh_gen: 0,
+        nh_jiffies: 0,
     };
 
     if fwd.snat_mode == SNAT_OFF {
@@ -186,4 +229,50 @@ pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tu
     }
     stats::count_new_conn(fwd.forward_id);
     Ok(())
+}
+
+/// The connection-table entry of a flow the full path has just handled: the tracked entry,
+/// or the one `commit_new` has just written.
+#[inline(always)]
+pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
+    match plan {
+        Plan::Tracked { entry } => Some(entry),
+        Plan::New { .. } => {
+            let key = flow_key(flow);
+            // SAFETY: map value pointer from a successful lookup.
+            FWD_CT.get_ptr_mut(&key).map(|e| unsafe { &mut *e })
+        }
+    }
+}
+
+/// Keeps the next hop the full path has just found (and the checksum deltas of the
+/// rewrite) in the entry, so the next packets of this direction skip the FIB lookup
+/// (see fastpath). IPv4 through XDP only. `ifindex` is written last, so the fast path,
+/// which runs only when it is non-zero, never sees a next hop half written.
+#[inline(always)]
+pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, ifindex: u32, dmac: [u8; 6], smac: [u8; 6]) {
+    let old_addrs = sum_addr(&flow.src, false) + sum_addr(&flow.dst, false);
+    let new_addrs = sum_addr(&new.src, false) + sum_addr(&new.dst, false);
+    let ports = |p: [u8; 2], q: [u8; 2]| u16::from_be_bytes(p) as u32 + u16::from_be_bytes(q) as u32;
+    // SAFETY: a map value; volatile so the stores keep their order (see above).
+    unsafe {
+        core::ptr::write_volatile(&mut entry.nh_ifindex, 0);
+    }
+    entry.nh_l3_delta = add_deltas(delta(old_addrs, new_addrs), TTL_DECREMENT_DELTA);
+    entry.nh_l4_delta = delta(old_addrs + ports(flow.sport, flow.dport), new_addrs + ports(new.sport, new.dport));
+    entry.nh_dmac = dmac;
+    entry.nh_smac = smac;
+    entry.nh_gen = route_generation();
+    // SAFETY: helper without arguments.
+    entry.nh_jiffies = unsafe { bpf_jiffies64() } as u32;
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile(&mut entry.nh_ifindex, ifindex);
+    }
+}
+
+/// The current route generation (0 until userspace sets one).
+#[inline(always)]
+pub fn route_generation() -> u32 {
+    FWD_ROUTE_GEN.get(0).copied().unwrap_or(0)
 }

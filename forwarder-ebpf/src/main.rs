@@ -5,6 +5,7 @@
 pub mod conntrack;
 mod csum;
 mod ctx;
+mod fastpath;
 mod icmp;
 mod l2;
 mod local;
@@ -28,6 +29,7 @@ use forwarder_common::{GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FI
 
 use crate::{
     conntrack::{Plan, Tuple},
+    fastpath::Fast,
     maps::{FWD_GLOBAL, FWD_TX_PORTS},
     parse::{Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
@@ -103,7 +105,12 @@ fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
 
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
-    let outcome = match try_xdp(&ctx) {
+    let untracked = match fastpath::try_cached(&ctx) {
+        Fast::Done(outcome) => return verdict::xdp(&ctx, outcome),
+        Fast::Untracked => true,
+        Fast::Full => false,
+    };
+    let outcome = match try_xdp(&ctx, untracked) {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.
         Err(Reason::NoRule | Reason::NotTcpUdp) if to_peer(&ctx) => Err(Reason::XdpToTc),
         // Translating ICMP errors needs the skb helpers: TC does it.
@@ -130,12 +137,13 @@ fn l3_dst(addr: [u8; 16], flow: &Flow) -> L3Dst {
 
 /// The XDP fast path: it finishes a packet only when it can do all of it (full checksum,
 /// FIB answer with a neighbour, an egress that takes XDP frames); otherwise the packet goes
-/// untouched to the TC program, so no state is committed twice.
+/// untouched to the TC program, so no state is committed twice. IPv4 connections keep the
+/// next hop found here for the fast path. `untracked`: the fast path found no connection.
 #[inline(always)]
-fn try_xdp(ctx: &XdpContext) -> verdict::Outcome {
+fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     let w = maps::work()?;
     parse::parse_flow(ctx, &mut w.flow)?;
-    let plan = conntrack::classify(&w.flow)?;
+    let plan = conntrack::classify(&w.flow, untracked)?;
     if csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
         return Err(Reason::XdpToTc);
     }
@@ -149,6 +157,11 @@ fn try_xdp(ctx: &XdpContext) -> verdict::Outcome {
         return Err(Reason::XdpToTc);
     }
     commit(ctx, &plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    if !w.flow.is_v6() {
+        if let Some(entry) = conntrack::entry_of(plan, &w.flow) {
+            conntrack::cache_next_hop(entry, &w.flow, &w.new, w.fib.ifindex, w.fib.dmac, w.fib.smac);
+        }
+    }
     nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
     l2::set_macs_xdp(ctx, w.fib.dmac, w.fib.smac)?;
     stats::count_forwarded(forward_id, w.flow.l3_len);
@@ -198,7 +211,7 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {
         return to_peer_or(ctx, r);
     }
-    let plan = match conntrack::classify(&w.flow) {
+    let plan = match conntrack::classify(&w.flow, false) {
         Ok(p) => p,
         Err(r) => return to_peer_or(ctx, r),
     };

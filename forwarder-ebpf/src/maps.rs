@@ -16,8 +16,13 @@ pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFA
 
 /// A plain (not LRU) hash: when full, new flows are refused and counted, and established
 /// ones are never evicted; userspace expires idle connections.
-#[map(name = "FWD_CT")]
+#[map(name = "FWD_CT_V2")]
 pub static FWD_CT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// Route generation (index 0), bumped by userspace on every route, neighbour, link, address
+/// or config change; cached next hops of another generation are not used.
+#[map(name = "FWD_ROUTE_GEN")]
+pub static FWD_ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "FWD_FWD_STATS")]
 pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);

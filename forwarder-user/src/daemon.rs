@@ -52,6 +52,8 @@ pub struct DaemonCounters {
     pub ct_expired: AtomicU64,
     pub ct_entries: AtomicU64,
     pub ct_capacity: AtomicU64,
+    /// Route-generation bumps by the rtnetlink watch.
+    pub route_changes: AtomicU64,
 }
 
 /// How often the peers' neighbour entries are checked.
@@ -95,6 +97,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let stop_gc = Arc::new(AtomicBool::new(false));
     let gc = spawn_expiry(opts.pin_path.clone(), cfg.clone(), counters.clone(), stop_gc.clone());
+    let watch_counters = counters.clone();
+    let route_watch = match crate::routewatch::spawn(opts.pin_path.clone(), stop_gc.clone(), move || {
+        watch_counters.route_changes.fetch_add(1, Ordering::Relaxed);
+    }) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!("route watch unavailable ({e}); cached next hops expire by age only");
+            None
+        }
+    };
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
         info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
@@ -148,6 +160,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     stop_gc.store(true, Ordering::SeqCst);
     let _ = gc.join();
+    if let Some(h) = route_watch {
+        let _ = h.join();
+    }
     drop(logger);
     status::remove(&opts.pin_path);
     match opts.on_exit {
@@ -221,6 +236,8 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
         Some(dir) => inst.attach_local(&dir)?,
         None => inst.detach_local(),
     }
+    // Interfaces may have come or gone as XDP egresses: no cached next hop survives.
+    state.bump_route_generation()?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod peers;
+pub mod routewatch;
 pub mod state;
 pub mod stats;
 pub mod status;

@@ -46,9 +46,10 @@ pub const LOCAL_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map the object declares that is pinned (all but aya's own log and data maps).
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 14] = [
     forwarder_common::MAP_FORWARDS,
     forwarder_common::MAP_CONNTRACK,
+    forwarder_common::MAP_ROUTE_GEN,
     forwarder_common::MAP_FORWARD_STATS,
     forwarder_common::MAP_REASONS,
     forwarder_common::MAP_IFACES,
@@ -154,6 +155,7 @@ impl Instance {
         if adopted {
             info!(pin_dir = %pin_dir.display(), "adopting pinned state of an earlier instance");
         }
+        migrate_conntrack_v1(&mut ebpf, pin_dir);
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -427,6 +429,41 @@ fn unpin_link(path: &Path) {
         if let Err(e) = std::fs::remove_file(path) {
             warn!(path = %path.display(), "unpinning link: {e}");
         }
+    }
+}
+
+/// Carries the connections of a connection table pinned by a version before the next-hop
+/// cache (`FWD_CT`, 56-byte values) into `FWD_CT_V2`, then removes the old pin, so an
+/// upgrade in place keeps every tracked connection. Best effort: a table that cannot be
+/// read as the old layout is left where it is, with a warning.
+fn migrate_conntrack_v1(ebpf: &mut Ebpf, pin_dir: &Path) {
+    use aya::maps::HashMap;
+    use forwarder_common::{CtKey, CtValue, CtValueV1, MAP_CONNTRACK, MAP_CONNTRACK_V1};
+    let old_path = pin_dir.join(MAP_CONNTRACK_V1);
+    if !old_path.exists() {
+        return;
+    }
+    let result = (|| -> std::result::Result<usize, String> {
+        let old = MapData::from_pin(&old_path).map_err(|e| e.to_string())?;
+        let old: HashMap<_, CtKey, CtValueV1> =
+            HashMap::try_from(aya::maps::Map::from_map_data(old).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        let new = ebpf.map_mut(MAP_CONNTRACK).ok_or("no connection table in the object")?;
+        let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(new).map_err(|e| e.to_string())?;
+        let mut moved = 0;
+        for entry in old.iter() {
+            let (k, v) = entry.map_err(|e| e.to_string())?;
+            new.insert(k, CtValue::from(v), 0).map_err(|e| e.to_string())?;
+            moved += 1;
+        }
+        Ok(moved)
+    })();
+    match result {
+        Ok(moved) => {
+            let _ = std::fs::remove_file(&old_path);
+            info!(connections = moved, "connection table migrated from {MAP_CONNTRACK_V1} to {MAP_CONNTRACK}");
+        }
+        Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
     }
 }
 

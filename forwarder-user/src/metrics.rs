@@ -140,6 +140,11 @@ pub fn render(pin: &Path, c: &DaemonCounters) -> crate::error::Result<String> {
             "Reloads refused; the running state stayed as it was.",
             c.reload_failures.load(Ordering::Relaxed),
         ),
+        (
+            "forwarder_route_changes_total",
+            "Batches of route, neighbour, link or address changes that invalidated cached next hops.",
+            c.route_changes.load(Ordering::Relaxed),
+        ),
     ] {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {v}");

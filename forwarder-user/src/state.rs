@@ -13,8 +13,8 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
 use forwarder_common::{
     CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_PEERS,
     GlobalConfig, IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL,
-    MAP_IFACES, MAP_PEERS, MAP_REASONS, MAP_TX_PORTS, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO,
-    SNAT_OFF,
+    MAP_IFACES, MAP_PEERS, MAP_REASONS, MAP_ROUTE_GEN, MAP_TX_PORTS, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue,
+    Reason, SNAT_AUTO, SNAT_OFF,
 };
 use tracing::info;
 
@@ -104,6 +104,21 @@ impl State {
     pub fn set_global(&self, g: GlobalConfig) -> Result<()> {
         let mut a: Array<_, GlobalConfig> = Array::try_from(self.map(MAP_GLOBAL)?).map_err(map_err(MAP_GLOBAL))?;
         a.set(0, g, 0).map_err(map_err(MAP_GLOBAL))
+    }
+
+    /// Invalidates every next hop the fast path has cached (see docs/maps.md
+    /// `FWD_ROUTE_GEN`): after route, neighbour, link, address, interface, forward or peer
+    /// changes, the next packet of each connection takes the full path with a FIB lookup.
+    pub fn bump_route_generation(&self) -> Result<u32> {
+        let mut a: Array<_, u32> = Array::try_from(self.map(MAP_ROUTE_GEN)?).map_err(map_err(MAP_ROUTE_GEN))?;
+        let next = a.get(&0, 0).map_err(map_err(MAP_ROUTE_GEN))?.wrapping_add(1);
+        a.set(0, next, 0).map_err(map_err(MAP_ROUTE_GEN))?;
+        Ok(next)
+    }
+
+    pub fn route_generation(&self) -> Result<u32> {
+        let a: Array<_, u32> = Array::try_from(self.map(MAP_ROUTE_GEN)?).map_err(map_err(MAP_ROUTE_GEN))?;
+        a.get(&0, 0).map_err(map_err(MAP_ROUTE_GEN))
     }
 
     fn set_global_flag(&self, flag: u32, on: bool) -> Result<()> {
@@ -205,6 +220,7 @@ impl State {
         if policy == OnForwardRemoved::Flush && !retired.is_empty() {
             report.flushed_connections = self.flush_connections_of(&retired)?;
         }
+        self.bump_route_generation()?;
         if !report.added.is_empty() || !report.changed.is_empty() || !report.removed.is_empty() {
             info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
                 flushed = report.flushed_connections, "forwards applied");
@@ -281,14 +297,17 @@ impl State {
                 let _ = m.remove(&peers::key_for(c.address));
             }
         }
-        self.set_global_flag(GLOBAL_HAS_PEERS, !desired.is_empty())
+        self.set_global_flag(GLOBAL_HAS_PEERS, !desired.is_empty())?;
+        // A destination that became a peer must leave the fast path.
+        self.bump_route_generation().map(drop)
     }
 
     pub fn set_peer_state(&self, peer: &PeerEntry, direct: bool) -> Result<()> {
         let mut m: HashMap<_, PeerKey, PeerValue> =
             HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
         m.insert(peers::key_for(peer.address), peers::value_for(peer.ifindex, peer.id, direct), 0)
-            .map_err(map_err(MAP_PEERS))
+            .map_err(map_err(MAP_PEERS))?;
+        self.bump_route_generation().map(drop)
     }
 
     /// Records how XDP may treat `ifindex` as an egress, and makes it a devmap target.

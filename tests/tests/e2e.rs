@@ -304,9 +304,88 @@ fn xdp_redirect_path_when_receivers_take_xdp_frames() {
     server.join().unwrap();
     let f = forward_stats(&daemon);
     let stats = daemon.stats().unwrap();
-    let (by_xdp, first) = (reason(&daemon, "redirect_xdp"), reason(&daemon, "fib_no_neigh"));
+    let cached = reason(&daemon, "redirect_xdp_cached");
+    let (by_xdp, first) = (reason(&daemon, "redirect_xdp") + cached, reason(&daemon, "fib_no_neigh"));
     // Only packets sent before the neighbour was resolved go through TC (redirect_neigh).
     assert!(first <= 2 && reason(&daemon, "xdp_to_tc") == first, "{stats}");
     assert_eq!(by_xdp + first, f["packets"].as_u64().unwrap(), "XDP forwarded all others: {stats}");
     assert!(by_xdp > 50, "{stats}");
+    assert!(cached * 2 > by_xdp, "most established packets take the cached next hop: {stats}");
+}
+
+/// Cached next hops follow the neighbour table: the daemon's rtnetlink watch moves the
+/// route generation on the change, after which no packet goes to the old next hop. The
+/// server's neighbour entry on the router is pointed at a MAC nobody has (the server
+/// drops such frames), then back.
+#[test]
+fn cached_next_hops_follow_neighbour_changes() {
+    let chain = Chain::new().unwrap();
+    chain.client.sh("ethtool -K c0 tx off gro on >/dev/null").unwrap();
+    chain.server.sh("ethtool -K s0 tx off gro on >/dev/null").unwrap();
+    let cfg = config("native", "udp", "auto").replace("xdp = \"native\"", "xdp = \"native\"\nredirect = \"xdp\"");
+    let daemon = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
+    let m = chain.server.mac("s0").unwrap();
+    let server_mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
+    let server = chain
+        .server
+        .spawn(move || {
+            let s = UdpSocket::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                s.send_to(&buf[..n], peer).unwrap();
+                if &buf[..n] == b"bye" {
+                    break;
+                }
+            }
+        })
+        .unwrap();
+    let client = chain
+        .client
+        .spawn(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect((ROUTER_CLIENT_ADDR, LISTEN_PORT)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+            s
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let answered = |msg: &'static [u8]| {
+        let s = client.try_clone().unwrap();
+        chain
+            .client
+            .run(move || {
+                s.send(msg).unwrap();
+                let mut buf = [0u8; 64];
+                matches!(s.recv(&mut buf), Ok(n) if &buf[..n] == msg)
+            })
+            .unwrap()
+    };
+    let generation = || forwarder::state::State::open(&daemon.pin_path).unwrap().route_generation().unwrap();
+    // Waits until the daemon has seen the change (the generation moved past `before`).
+    let wait_for_bump = |before: u32| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while generation() == before {
+            assert!(std::time::Instant::now() < deadline, "route watch did not react:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for _ in 0..20 {
+        assert!(answered(b"ping"), "forwarded before the change");
+    }
+    // Neighbour resolution at the start moves the generation too; later packets are cached.
+    assert!(reason(&daemon, "redirect_xdp_cached") >= 20, "{}", daemon.stats().unwrap());
+
+    let before = generation();
+    chain.router.ip(&["neigh", "replace", SERVER_ADDR, "lladdr", "02:00:00:00:de:ad", "dev", "rs"]).unwrap();
+    wait_for_bump(before);
+    assert!(!answered(b"lost"), "nothing goes to the old next hop once the watch has seen the change");
+
+    let before = generation();
+    chain.router.ip(&["neigh", "replace", SERVER_ADDR, "lladdr", &server_mac, "dev", "rs"]).unwrap();
+    wait_for_bump(before);
+    assert!(answered(b"back"), "forwarded to the restored next hop");
+    assert!(answered(b"bye"));
+    server.join().unwrap();
 }

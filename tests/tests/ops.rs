@@ -135,7 +135,7 @@ fn sigkill_and_restart_lose_no_byte() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
     d.kill().unwrap();
-    assert!(d.pin_path.join("FWD_CT").exists(), "state stays pinned after SIGKILL");
+    assert!(d.pin_path.join(forwarder_common::MAP_CONNTRACK).exists(), "state stays pinned after SIGKILL");
     std::thread::sleep(Duration::from_millis(400));
     d.launch().unwrap();
     assert!(d.log().contains("adopting pinned state"), "{}", d.log());
@@ -450,4 +450,74 @@ fn on_exit_keep_then_adopt_then_detach() {
     let link = chain.router.ip(&["-d", "link", "show", "dev", "rc"]).unwrap();
     assert!(!link.contains("prog/xdp"), "XDP detached: {link}");
     assert!(c.ping(b"gone").is_err(), "forwarding stopped");
+}
+
+/// Removes a pin directory on every exit path (the test may fail before an instance owns it).
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        forwarder::loader::remove_pins(&self.0);
+    }
+}
+
+fn hex(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("0x{b:02x}")).collect()
+}
+
+/// An upgrade in place keeps tracked connections: the connection table a version before
+/// the next-hop cache pinned (`FWD_CT`, 56-byte values) is carried into `FWD_CT_V2` and
+/// its pin removed. The old table is made here with bpftool, as the old version made it.
+#[test]
+fn connections_pinned_by_an_older_version_are_migrated() {
+    use forwarder_common::{CtKey, CtValue, CtValueV1, MAP_CONNTRACK, MAP_CONNTRACK_V1};
+    let pin = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{}", forwarder_tests::unique_tag())));
+    std::fs::create_dir_all(&pin.0).unwrap();
+    let old_path = pin.0.join(MAP_CONNTRACK_V1);
+    let bpftool = |args: &[String]| {
+        let out = std::process::Command::new("bpftool").args(args).output().unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let s = |v: &str| v.to_string();
+    let path = old_path.display().to_string();
+    bpftool(
+        &[s("map"), s("create"), path.clone(), s("type"), s("hash"), s("key"), s("40"), s("value"), s("56")]
+            .into_iter()
+            .chain([s("entries"), s("1024"), s("name"), s(MAP_CONNTRACK_V1)])
+            .collect::<Vec<_>>(),
+    );
+    let mut key =
+        CtKey { proto: 6, family: 4, src_port_be: 40000u16.to_be(), dst_port_be: 3306u16.to_be(), ..CtKey::default() };
+    key.src_addr[..4].copy_from_slice(&[192, 0, 2, 2]);
+    key.dst_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+    let mut old = CtValueV1 {
+        new_src_port_be: 20001u16.to_be(),
+        new_dst_port_be: 3197u16.to_be(),
+        forward_id: 7,
+        state: 3,
+        last_seen_ns: 123_456_789,
+        ..CtValueV1::default()
+    };
+    old.new_src_addr[..4].copy_from_slice(&[203, 0, 113, 1]);
+    old.new_dst_addr[..4].copy_from_slice(&[203, 0, 113, 20]);
+    // SAFETY: both are repr(C) without padding; read as plain bytes.
+    let bytes = |p: *const u8, n: usize| unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+    let key_bytes = bytes(&key as *const CtKey as *const u8, std::mem::size_of::<CtKey>());
+    let value_bytes = bytes(&old as *const CtValueV1 as *const u8, std::mem::size_of::<CtValueV1>());
+    bpftool(
+        &[s("map"), s("update"), s("pinned"), path.clone(), s("key")]
+            .into_iter()
+            .chain(hex(&key_bytes))
+            .chain([s("value")])
+            .chain(hex(&value_bytes))
+            .collect::<Vec<_>>(),
+    );
+
+    let inst = forwarder::loader::Instance::load(&forwarder::loader::LoadOptions::default(), &pin.0).unwrap();
+    let table = inst.state().unwrap().conntrack().unwrap();
+    assert_eq!(table, vec![(key, CtValue::from(old))], "the connection, without a cached next hop");
+    assert_eq!(table[0].1.nh_ifindex, 0);
+    assert!(!old_path.exists(), "old table unpinned");
+    assert!(pin.0.join(MAP_CONNTRACK).exists());
+    drop(inst);
 }

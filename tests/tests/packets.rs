@@ -268,6 +268,103 @@ fn xdp_tcp_syn_gets_dnat_snat_and_reply_gets_reverse_nat() {
     });
 }
 
+/// The fast path: once the full path has forwarded a packet of a connection, the next ones
+/// of that direction are rewritten from the entry's cached next hop and checksum deltas,
+/// byte for byte as the full path would; a bump of the route generation sends the next
+/// packet through the full path (and its FIB lookup) again.
+#[test]
+fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
+    with_fixture(CONFIG, |fx| {
+        let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40100, 3306, true, b"");
+        let (_, out, _) = fx.xdp(&syn, fx.v0);
+        let snat_port = check(&out).5;
+        let reply = tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, true, b"");
+        assert_eq!(fx.xdp(&reply, fx.v1).0, XDP_REDIRECT);
+        assert_eq!((fx.reason(Reason::RedirectXdp), fx.reason(Reason::RedirectXdpCached)), (2, 0));
+
+        let mut q0 = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6100, 53, b"no checksum");
+        q0[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        let frames = [
+            (tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40100, 3306, false, &[7u8; 333]), fx.v0),
+            (tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, false, &[9u8; 77]), fx.v1),
+            (udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6101, 53, b"query"), fx.v0),
+            (q0, fx.v0),
+        ];
+        // UDP flows: the first datagram opens the flow and fills the cache.
+        for (f, ifindex) in &frames[2..] {
+            assert_eq!(fx.xdp(f, *ifindex).0, XDP_REDIRECT);
+        }
+        let full_path = fx.reason(Reason::RedirectXdp);
+        for (i, (f, ifindex)) in frames.iter().enumerate() {
+            // A packet of the current generation first (the previous frame's bump made every
+            // cached next hop stale): the full path, which caches the next hop again.
+            if i > 0 {
+                assert_eq!(fx.xdp(f, *ifindex).0, XDP_REDIRECT, "frame {i}");
+            }
+            let cached_before = fx.reason(Reason::RedirectXdpCached);
+            let (verdict, cached, _) = fx.xdp(f, *ifindex);
+            assert_eq!(verdict, XDP_REDIRECT, "frame {i}");
+            assert_eq!(fx.reason(Reason::RedirectXdpCached), cached_before + 1, "frame {i} took the fast path");
+            fx.state.bump_route_generation().unwrap();
+            let (verdict, full, _) = fx.xdp(f, *ifindex);
+            assert_eq!(verdict, XDP_REDIRECT, "frame {i}");
+            assert_eq!(fx.reason(Reason::RedirectXdpCached), cached_before + 1, "frame {i}: new generation");
+            assert_eq!(cached, full, "frame {i}: the fast path rewrites exactly as the full path");
+            check(&cached);
+        }
+        assert_eq!(fx.reason(Reason::RedirectXdp), full_path + 2 * frames.len() as u64 - 1);
+        let zero_out = fx.xdp(&frames[3].0, fx.v0).1;
+        let h = PacketHeaders::from_ethernet_slice(&zero_out).unwrap();
+        let Some(TransportHeader::Udp(u)) = h.transport else { panic!() };
+        assert_eq!(u.checksum, 0, "zero UDP checksum stays zero on the fast path");
+        // Counters: the cached packets count for their forward like any other.
+        assert_eq!(fx.stats(1).packets, 2 + 2 + 3);
+
+        // What the fast path must not take: TTL about to expire, a fragment, IP options, a
+        // pending checksum (CHECKSUM_PARTIAL seed), a frame shorter than its IP length.
+        let data = &frames[0].0;
+        let cached = fx.reason(Reason::RedirectXdpCached);
+        let mut ttl1 = data.clone();
+        ttl1[14 + 8] = 1;
+        let mut frag = data.clone();
+        frag[14 + 6] |= 0x20; // more fragments
+        let mut options = data.clone();
+        options[14] = 0x46;
+        let mut partial = data.clone();
+        let seed = forwarder_common::csum::ipv4_pseudo_seed(CLIENT, ROUTER_IN, 6, (data.len() - 34) as u16);
+        partial[14 + 20 + 16..14 + 20 + 18].copy_from_slice(&seed.to_be_bytes());
+        let truncated = data[..data.len() - 10].to_vec();
+        for (name, f) in
+            [("ttl", ttl1), ("fragment", frag), ("options", options), ("partial", partial), ("short", truncated)]
+        {
+            let (verdict, out, _) = fx.xdp(&f, fx.v0);
+            assert_eq!((verdict, out == f), (XDP_PASS, true), "{name}: passed untouched");
+        }
+        assert_eq!(fx.reason(Reason::RedirectXdpCached), cached, "none of them on the fast path");
+    });
+}
+
+/// A cached next hop follows the neighbour table once the generation moves (the daemon
+/// bumps it on every rtnetlink route/neighbour event; tests/tests/e2e.rs checks that part).
+#[test]
+fn cached_next_hop_follows_a_neighbour_change_after_a_generation_bump() {
+    with_fixture(CONFIG, |fx| {
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6200, 53, b"query");
+        assert_eq!(check(&fx.xdp(&q, fx.v0).1).1, SERVER_MAC);
+        let new_mac = [0x02, 0, 0, 0, 0, 0x21];
+        // This thread is in the fixture's namespace, and so is the command it starts.
+        let status = std::process::Command::new("ip")
+            .args(["neigh", "replace", "203.0.113.20", "lladdr", "02:00:00:00:00:21", "dev", "v1", "nud", "permanent"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(check(&fx.xdp(&q, fx.v0).1).1, SERVER_MAC, "same generation: still cached");
+        fx.state.bump_route_generation().unwrap();
+        assert_eq!(check(&fx.xdp(&q, fx.v0).1).1, new_mac, "new generation: looked up again");
+        assert_eq!(check(&fx.xdp(&q, fx.v0).1).1, new_mac, "and cached again");
+    });
+}
+
 #[test]
 fn tc_tcp_and_udp_get_the_same_rewrite() {
     with_fixture(CONFIG, |fx| {

@@ -189,10 +189,12 @@ pub fn markdown(r: &Results) -> String {
     }
     md.push_str(
         "\n## BPF_PROG_TEST_RUN\n\nNanoseconds per packet of the programs alone (UDP, 60 bytes), in a router \
-         namespace with routes and neighbours: the median of single runs per path (with `repeat` the kernel runs \
-         the program again on the frame the previous run rewrote, which would time another path). A single run \
-         includes the timer's own cost and cold caches: the `timer floor` row is a near-empty program measured the \
-         same way.\n\n\
+         namespace with routes and neighbours. Single runs: the median of one-packet runs per path; they include \
+         the timer's and the syscall's own cost and cold caches (the `timer floor` row is a near-empty program \
+         measured the same way). `warm` rows: BPF_PROG_TEST_RUN with `repeat` (the kernel's mean over 60 runs \
+         back to back), for paths whose output takes the same path again: no match, and an identity forward \
+         (backend = listen, SNAT off) for established and reverse, whose rewrite leaves the frame as it was but \
+         for TTL and MACs. An established packet takes the fast path (cached next hop, verdict 4).\n\n\
          | program | path | ns/packet | verdict |\n|---|---|---:|---:|\n",
     );
     for t in &r.testrun {

@@ -59,7 +59,20 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
     let (client_mac, router_client_mac) = (topo.client_mac, topo.router_client_mac);
     let (server_mac, router_server_mac) = (topo.server_mac, topo.router_server_mac);
     topo.chain.router.run(move || -> Result<Vec<PathTime>> {
-        let cfg = Config::parse(&forwarder_config("native", 0))?;
+        let mut cfg = Config::parse(&forwarder_config("native", 0))?;
+        // A forward whose rewrite is the identity (backend = listen, no SNAT): its packets
+        // come out as they went in but for TTL and MACs, so `repeat` times the same path
+        // again and again, warm (see `warm_runs`).
+        let warm_addr = std::net::SocketAddr::from((ip(SERVER_ADDR), WARM_PORT));
+        cfg.forwards.push(forwarder::config::Forward {
+            name: "warm".into(),
+            protocol: forwarder::config::Protocol::Udp,
+            listen: warm_addr,
+            backend: warm_addr,
+            snat: forwarder::config::Snat::Off,
+            local: false,
+        });
+        cfg.max_forwards += 1;
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/fwb-{}", forwarder_tests::unique_tag()));
         let mut inst = Instance::load(&LoadOptions::from_config(&cfg), &pin)?;
         inst.detach_on_drop(true); // pins go even if a measurement fails
@@ -98,11 +111,42 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
                 (ip(ROUTER_SERVER_ADDR), snat_port),
             )?;
             time("reverse", median_of_runs(runs, |_| run(&reply, rs))?);
+            time(
+                "no match, warm",
+                warm_runs(runs, |repeat| run_warm(&inst, hook, &frame_from(40_000, 7777)?, rc, repeat))?,
+            );
+            let identity = udp_frame(client_mac, router_client_mac, (client, 31_000), (ip(SERVER_ADDR), WARM_PORT))?;
+            run(&identity, rc)?;
+            time("established, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity, rc, repeat))?);
+            let identity_reply =
+                udp_frame(server_mac, router_server_mac, (ip(SERVER_ADDR), WARM_PORT), (client, 31_000))?;
+            time("reverse, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity_reply, rs, repeat))?);
         }
         let frame = udp_frame(client_mac, router_client_mac, (client, 30_000), to_forward)?;
         times.extend(bench_programs(&frame, rc, rs, runs)?);
         Ok(times)
     })?
+}
+
+/// Port of the identity forward (on the server's address) used for the warm figures.
+const WARM_PORT: u16 = 4242;
+/// Runs per warm measurement: each forwarded run takes one off the TTL (64 in the
+/// generator's frames), and the path must stay the same for all of them.
+const WARM_REPEAT: u32 = 60;
+
+/// Warm nanoseconds per packet: BPF_PROG_TEST_RUN with `repeat`, so the kernel times
+/// `WARM_REPEAT` runs back to back on hot caches and the syscall's own cost is spread over
+/// them; median over `runs / 50` calls. Only for paths that leave the frame on the same
+/// path (no match; the identity forward's established and reverse packets).
+fn warm_runs(runs: u32, mut run: impl FnMut(u32) -> Result<Run>) -> Result<(f64, u32)> {
+    let mut samples = Vec::new();
+    let mut verdict = 0;
+    for _ in 0..(runs / 50).max(5) {
+        let r = run(WARM_REPEAT)?;
+        samples.push(r.ns);
+        verdict = r.verdict;
+    }
+    Ok((median(&samples).context("no runs")?, verdict))
 }
 
 fn ns(d: Duration) -> f64 {
@@ -147,11 +191,25 @@ fn test_run<P: TestRun<Result = aya::programs::TestRunResult> + ?Sized>(
 where
     for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>>,
 {
+    test_run_repeat(prog, frame, ctx, 1)
+}
+
+/// `repeat` runs in one call; the kernel reports the mean time of one run.
+fn test_run_repeat<P: TestRun<Result = aya::programs::TestRunResult> + ?Sized>(
+    prog: &P,
+    frame: &[u8],
+    ctx: &[u8],
+    repeat: u32,
+) -> Result<(Run, Vec<u8>)>
+where
+    for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>>,
+{
     let mut out = vec![0u8; frame.len() + 256];
     let r = prog.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
         ctx_in: Some(ctx),
+        repeat,
         ..TestRunOptions::default()
     })?;
     out.truncate(r.data_size_out as usize);
@@ -159,16 +217,24 @@ where
 }
 
 fn run_once(inst: &Instance, hook: Hook, frame: &[u8], ifindex: u32) -> Result<(Run, Vec<u8>)> {
+    run_repeat(inst, hook, frame, ifindex, 1)
+}
+
+fn run_repeat(inst: &Instance, hook: Hook, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(Run, Vec<u8>)> {
     match hook {
-        Hook::Xdp => test_run(inst.xdp(), frame, &xdp_md(frame.len(), ifindex)),
+        Hook::Xdp => test_run_repeat(inst.xdp(), frame, &xdp_md(frame.len(), ifindex), repeat),
         Hook::Tc => {
             // struct __sk_buff: ingress_ifindex at byte 36, ifindex at 40.
             let mut ctx = vec![0u8; 44];
             ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
             ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-            test_run(inst.tc_ingress(), frame, &ctx)
+            test_run_repeat(inst.tc_ingress(), frame, &ctx, repeat)
         }
     }
+}
+
+fn run_warm(inst: &Instance, hook: Hook, frame: &[u8], ifindex: u32, repeat: u32) -> Result<Run> {
+    run_repeat(inst, hook, frame, ifindex, repeat).map(|(r, _)| r)
 }
 
 fn udp_source_port(frame: &[u8]) -> Result<u16> {
@@ -196,8 +262,10 @@ fn bench_programs(frame: &[u8], ingress: u32, egress: u32, runs: u32) -> Result<
     not_ip[12..14].copy_from_slice(&[0x08, 0x06]);
     let sink = program("bench_sink")?;
     let (floor_ns, floor_verdict) = median_of_runs(runs, |_| test_run(sink, &not_ip, &ctx))?;
+    let (warm_ns, warm_verdict) = warm_runs(runs, |repeat| Ok(test_run_repeat(redirect, frame, &ctx, repeat)?.0))?;
     Ok(vec![
         PathTime { program: "redirect-only", path: "any", ns_per_packet: ns, verdict },
+        PathTime { program: "redirect-only", path: "any, warm", ns_per_packet: warm_ns, verdict: warm_verdict },
         PathTime {
             program: "timer floor",
             path: "near-empty program",
