@@ -55,9 +55,14 @@ pub fn timeout_for(is_tcp: bool, state: u8, t: &Timeouts) -> u64 {
     }
 }
 
-/// Whether a connection idle for `idle_ns` has expired.
+/// How far `last_seen_ns` may lag a busy connection's last packet: the full path refreshes
+/// it at most once a second, and the fast path hands a connection back to the full path
+/// only every `NH_MAX_AGE_JIFFIES` (up to 2.5 s at HZ=100). Expiry waits this much longer.
+pub const LAST_SEEN_SLACK_NS: u64 = 3_000_000_000;
+
+/// Whether a connection whose entries were last refreshed `idle_ns` ago has expired.
 pub fn expired(is_tcp: bool, state: u8, idle_ns: u64, t: &Timeouts) -> bool {
-    idle_ns > timeout_for(is_tcp, state, t)
+    idle_ns > timeout_for(is_tcp, state, t) + LAST_SEEN_SLACK_NS
 }
 
 #[cfg(test)]
@@ -69,18 +74,18 @@ mod tests {
 
     #[test]
     fn tcp_moves_from_handshake_to_established_to_closing() {
-        assert!(expired(true, CT_SEEN_SYN, 31 * S, &T), "unanswered SYN");
-        assert!(!expired(true, CT_SEEN_SYN | CT_ANSWERED, 31 * S, &T), "answered: established");
-        assert!(expired(true, CT_SEEN_SYN | CT_ANSWERED, 3601 * S, &T));
-        assert!(expired(true, CT_ANSWERED | CT_SEEN_FIN, 11 * S, &T), "closing");
-        assert!(expired(true, CT_ANSWERED | CT_SEEN_RST, 11 * S, &T));
-        assert!(!expired(true, CT_ANSWERED | CT_SEEN_FIN, 9 * S, &T));
+        assert!(expired(true, CT_SEEN_SYN, 34 * S, &T), "unanswered SYN");
+        assert!(!expired(true, CT_SEEN_SYN | CT_ANSWERED, 34 * S, &T), "answered: established");
+        assert!(expired(true, CT_SEEN_SYN | CT_ANSWERED, 3604 * S, &T));
+        assert!(expired(true, CT_ANSWERED | CT_SEEN_FIN, 14 * S, &T), "closing");
+        assert!(expired(true, CT_ANSWERED | CT_SEEN_RST, 14 * S, &T));
+        assert!(!expired(true, CT_ANSWERED | CT_SEEN_FIN, 12 * S, &T), "within the refresh slack");
     }
 
     #[test]
     fn udp_has_one_timeout_and_flags_map_to_bits() {
-        assert!(!expired(false, CT_ANSWERED, 59 * S, &T));
-        assert!(expired(false, 0, 61 * S, &T));
+        assert!(!expired(false, CT_ANSWERED, 62 * S, &T));
+        assert!(expired(false, 0, 64 * S, &T));
         assert_eq!(bits_of_tcp_flags(0x11), CT_SEEN_FIN);
         assert_eq!(bits_of_tcp_flags(0x14), CT_SEEN_RST);
         assert_eq!(bits_of_tcp_flags(0x02), 0);

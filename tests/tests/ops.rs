@@ -411,7 +411,7 @@ fn idle_flows_expire_and_a_full_table_keeps_established_flows() {
     let status: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
     assert_eq!(status["conntrack_connections"], 32);
 
-    wait_for("idle flows to expire", Duration::from_secs(10), || {
+    wait_for("idle flows to expire", Duration::from_secs(20), || {
         let s: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
         s["conntrack_entries"] == 0
     });
