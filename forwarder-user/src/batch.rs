@@ -95,3 +95,23 @@ pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> std::io::Result<Vec<(K
         first = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn failures_report_progress_for_the_fallback() {
+        // Not a map: the first chunk fails, nothing is known to be written.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let keys: Vec<u32> = (0..10_000).collect();
+        let (done, e) = update(f.as_fd(), &keys, &keys).unwrap_err();
+        assert_eq!(done, 0);
+        assert!(e.raw_os_error().is_some(), "{e}");
+        assert!(lookup_all::<u32, u32>(f.as_fd()).is_err());
+        // Nothing to write: no call at all.
+        assert!(update::<u32, u32>(f.as_fd(), &[], &[]).is_ok());
+    }
+}
