@@ -586,7 +586,7 @@ mod tests {
         assert_eq!(p.with_ids[0], (2, fwd(1)));
         assert_eq!(p.with_ids[p.with_ids.len() - 2].0, N + 1);
         assert_eq!(p.with_ids[p.with_ids.len() - 1].0, N + 2);
-        // Quadratic diffing took minutes here; linear takes milliseconds (debug build).
+        // The old quadratic diffing made ~5·10^9 name comparisons here; linear takes well under a second.
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     }
 }
