@@ -13,6 +13,8 @@ use toml::Spanned;
 
 use crate::error::ConfigError;
 
+mod fast;
+
 /// XDP attach mode of an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -261,19 +263,33 @@ impl Config {
     /// section for `node`. Every node's section is validated (merged with the common part),
     /// so a mistake in another node's section is still refused here.
     pub fn parse_for_node(text: &str, node: Option<&str>) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw = Self::raw(text, true)?;
         for name in raw.node.keys() {
             Self::build(text, &raw, Some(name))?;
         }
         Self::build(text, &raw, node)
     }
 
+    /// The config as written: by the fast path for plain configs if `fast`, else (or if the
+    /// fast path gives up) by `toml`.
+    fn raw(text: &str, fast: bool) -> Result<RawConfig, ConfigError> {
+        match fast.then(|| fast::parse(text)).flatten() {
+            Some(raw) => Ok(raw),
+            None => toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string())),
+        }
+    }
+
     fn build(text: &str, raw: &RawConfig, node: Option<&str>) -> Result<Self, ConfigError> {
         let section = node.and_then(|n| raw.node.get(n).map(|s| (n, s)));
-        fn items<'a, T>(top: &'a [T], what: &str, section: Option<(&str, &'a [T])>) -> Vec<(String, &'a T)> {
-            let mut v: Vec<(String, &T)> = top.iter().enumerate().map(|(i, x)| (format!("{what}[{i}]"), x)).collect();
+        fn items<'a, T>(
+            top: &'a [T],
+            what: &'static str,
+            section: Option<(&'a str, &'a [T])>,
+        ) -> Vec<(Prefix<'a>, &'a T)> {
+            let mut v: Vec<(Prefix, &T)> =
+                top.iter().enumerate().map(|(index, x)| (Prefix { node: None, what, index }, x)).collect();
             if let Some((n, xs)) = section {
-                v.extend(xs.iter().enumerate().map(|(i, x)| (format!("node.{n}.{what}[{i}]"), x)));
+                v.extend(xs.iter().enumerate().map(|(index, x)| (Prefix { node: Some(n), what, index }, x)));
             }
             v
         }
@@ -301,15 +317,16 @@ impl Config {
         }
 
         let mut forwards = Vec::new();
-        let mut seen_names = HashSet::new();
-        let mut seen_listen = HashSet::new();
+        let mut seen_names = HashSet::with_capacity(forward_items.len());
+        let mut seen_listen = HashSet::with_capacity(forward_items.len());
+        forwards.reserve(forward_items.len());
         for (prefix, rf) in &forward_items {
             let f = |name: &str| format!("{prefix}.{name}");
             let name = rf.name.get_ref();
             if name.is_empty() || name.len() > MAX_NAME_LEN {
                 return Err(err(rf.name.span(), &f("name"), format!("must be 1 to {MAX_NAME_LEN} bytes long")));
             }
-            if !seen_names.insert(name.clone()) {
+            if !seen_names.insert(name.as_str()) {
                 return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
             }
             let listen: SocketAddr = rf.listen.get_ref().parse().map_err(|_| {
@@ -462,6 +479,24 @@ impl Config {
     }
 }
 
+/// Where an item sits in the config, e.g. `forward[3]` or `node.NAME.peer[0]`: formatted
+/// only for error messages.
+#[derive(Clone, Copy)]
+struct Prefix<'a> {
+    node: Option<&'a str>,
+    what: &'static str,
+    index: usize,
+}
+
+impl std::fmt::Display for Prefix<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(n) = self.node {
+            write!(f, "node.{n}.")?;
+        }
+        write!(f, "{}[{}]", self.what, self.index)
+    }
+}
+
 fn valid_ifname(name: &str) -> bool {
     !name.is_empty() && name.len() <= IFNAMSIZ && !name.contains('/') && !name.contains(char::is_whitespace)
 }
@@ -601,5 +636,161 @@ snat = "auto"
         )
         .unwrap();
         assert!(v6.forwards[0].backend.is_ipv6());
+    }
+
+    /// The outcome of parsing `text` with the fast path allowed or not, as text.
+    fn outcomes(text: &str) -> (String, String) {
+        let run = |fast| match Config::raw(text, fast).and_then(|raw| Config::build(text, &raw, None)) {
+            Ok(c) => format!("{c:?}"),
+            Err(e) => e.to_string(),
+        };
+        (run(true), run(false))
+    }
+
+    const PLAIN: &str = "[[interface]]\nname = \"eth0\"\nxdp = \"generic\"\nredirect = \"tc\"\n\n\
+        [[forward]]\nname = \"web\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:80\"\nbackend = \"203.0.113.1:8080\"\n\
+        snat = \"198.51.100.7\"\nlocal = false\n\n\
+        [[peer]]\naddress = \"198.51.100.20\"\ninterface = \"eth0\"\n\n\
+        [conntrack]\nmax_entries = 1024\nsnat_ports = \"40000-40010\"\non_forward_removed = \"flush\"\n\
+        tcp_handshake_timeout = 10\ntcp_established_timeout = 3600\ntcp_closing_timeout = 20\nudp_timeout = 30\n\
+        gc_interval = 2\n\n[limits]\nmax_forwards = 16\n";
+
+    #[test]
+    fn fast_path_takes_plain_configs_and_agrees_with_toml() {
+        for text in [CLASSIC, PLAIN, "", "# nothing\n\n"] {
+            assert!(fast::parse(text).is_some(), "fast path refused:\n{text}");
+            let (fast, slow) = outcomes(text);
+            assert_eq!(fast, slow, "{text}");
+        }
+        let c = Config::parse(PLAIN).unwrap();
+        assert_eq!(c.forwards[0].snat, Snat::Address("198.51.100.7".parse().unwrap()));
+        assert!(!c.forwards[0].local);
+        assert_eq!(
+            (c.conntrack.on_forward_removed, c.conntrack.gc_interval, c.max_forwards),
+            (OnForwardRemoved::Flush, 2, 16)
+        );
+        assert_eq!(c.interfaces[0].redirect, RedirectMode::Tc);
+    }
+
+    #[test]
+    fn fast_path_never_accepts_what_toml_would_read_differently() {
+        // (replace, by, whether the fast path takes the result)
+        let edits: &[(&str, &str, bool)] = &[
+            ("name = \"web\"", "name = \"web\" # a comment", true),
+            ("name = \"web\"", "name = \"web\"#a comment", true),
+            ("name = \"web\"", "name\t=\t\"web\"\t", true),
+            ("name = \"web\"", "  name = \"web\"", true),
+            ("name = \"web\"", "name = \"wéb\"", true),
+            ("name = \"web\"", "name = \"w\\u0065b\"", false),
+            ("name = \"web\"", "name = 'web'", false),
+            ("name = \"web\"", "name = \"\"\"web\"\"\"", false),
+            ("name = \"web\"", "name = \"web", false),
+            ("name = \"web\"", "name = \"web\" \"x\"", false),
+            ("name = \"web\"", "\"name\" = \"web\"", false),
+            ("name = \"web\"", "forward.name = \"web\"", false),
+            ("name = \"web\"", "name = \"web\"\nname = \"web2\"", false),
+            ("name = \"web\"", "name = \"\"", true),
+            ("name = \"web\"", "name = \"web\x01\"", false),
+            ("name = \"web\"", "name=", false),
+            ("name = \"web\"", "", false),
+            ("name = \"web\"", "nam = \"web\"", false),
+            ("protocol = \"tcp\"", "protocol = \"TCP\"", false),
+            ("protocol = \"tcp\"", "protocol = 6", false),
+            ("local = false", "local = true", true),
+            ("local = false", "local = \"false\"", false),
+            ("local = false", "local = False", false),
+            ("local = false", "local = false#x", false),
+            ("xdp = \"generic\"", "xdp = \"turbo\"", false),
+            ("redirect = \"tc\"", "redirect = \"xdp\"", true),
+            ("redirect = \"tc\"", "redirect = \"auto\"", true),
+            ("redirect = \"tc\"", "", true),
+            ("xdp = \"generic\"", "", true),
+            ("max_entries = 1024", "max_entries = 1024 # entries", true),
+            ("max_entries = 1024", "max_entries = 1024#entries", false),
+            ("max_entries = 1024", "max_entries = 01024", false),
+            ("max_entries = 1024", "max_entries = +1024", false),
+            ("max_entries = 1024", "max_entries = -1024", false),
+            ("max_entries = 1024", "max_entries = 1_024", false),
+            ("max_entries = 1024", "max_entries = 0x400", false),
+            ("max_entries = 1024", "max_entries = 1024.0", false),
+            ("max_entries = 1024", "max_entries = 0", true),
+            ("max_entries = 1024", "max_entries = 4294967296", false),
+            ("max_entries = 1024", "max_entries = \"1024\"", false),
+            ("udp_timeout = 30", "udp_timeout = 9223372036854775807", true),
+            ("udp_timeout = 30", "udp_timeout = 9223372036854775808", false),
+            ("on_forward_removed = \"flush\"", "on_forward_removed = \"drain\"", true),
+            ("on_forward_removed = \"flush\"", "on_forward_removed = \"keep\"", false),
+            ("max_forwards = 16", "max_forwards = 0", true),
+            ("max_forwards = 16", "max_forwards = 16\nmax_forwards = 17", false),
+            ("max_forwards = 16", "max_forwards = 16\nextra = 1", false),
+            ("[limits]", "[limits]\n[limits]", false),
+            ("[limits]", "[conntrack]", false),
+            ("[limits]", "[[limits]]", false),
+            ("[conntrack]", "[conntrack] # the table", true),
+            ("[[forward]]", "[[forward]] # a forward", true),
+            ("[[forward]]", "[[forward]]#a forward", true),
+            ("[[forward]]", "  [[forward]]", true),
+            ("[[forward]]", "[[ forward ]]", false),
+            ("[[forward]]", "[forward]", false),
+            ("[[forward]]", "[[forward]] x", false),
+            ("[[forward]]", "[[node.a.forward]]", false),
+            ("[[forward]]", "[[forward]]\n[forward.x]", false),
+            ("[[interface]]", "top = 1\n[[interface]]", false),
+            ("[[interface]]", "\u{feff}[[interface]]", false),
+            ("[[peer]]", "# \x7f\n[[peer]]", false),
+            ("\n", "\r\n", false),
+        ];
+        for (from, to, fast_path) in edits {
+            let text = PLAIN.replacen(from, to, 1);
+            assert_ne!(text, PLAIN, "{from:?} not in PLAIN");
+            let (fast, slow) = outcomes(&text);
+            assert_eq!(fast, slow, "{from:?} -> {to:?}");
+            assert_eq!(fast::parse(&text).is_some(), *fast_path, "{from:?} -> {to:?}");
+        }
+    }
+
+    fn big_config(n: usize) -> String {
+        let mut text = String::from("[limits]\nmax_forwards = 1048576\n");
+        for i in 0..n {
+            use std::fmt::Write;
+            let (a, p) = (1 + i / 60_000, 1024 + i % 60_000);
+            let _ = write!(
+                text,
+                "\n[[forward]]\nname = \"x{i}\"\nprotocol = \"udp\"\nlisten = \"198.51.100.{a}:{p}\"\nbackend = \"203.0.113.2:9\"\n"
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn a_100k_forward_config_parses_and_errors_name_the_line() {
+        let text = big_config(100_000);
+        assert!(fast::parse(&text).is_some());
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.forwards.len(), 100_000);
+        assert_eq!(c.forwards[99_999].listen, "198.51.100.2:41023".parse().unwrap());
+        // The 50,000th forward (index 49,999) starts on line 3 + 6 * 49,999 + 1.
+        let header = 3 + 6 * 49_999 + 1;
+        let bad = text.replacen(
+            "backend = \"203.0.113.2:9\"\n\n[[forward]]\nname = \"x49999\"",
+            "backend = \"203.0.113.2:9\"\n\n[[forward]]\nname = \"x49999\"\nsnat = \"sometimes\"",
+            1,
+        );
+        assert_eq!(
+            invalid(&bad),
+            (
+                header + 2,
+                "forward[49999].snat".to_string(),
+                "\"sometimes\": expected \"auto\", \"off\" or an address of the backend's family".to_string()
+            )
+        );
+        let dup = text.replacen("name = \"x49999\"", "name = \"x7\"", 1);
+        assert_eq!(
+            invalid(&dup),
+            (header + 1, "forward[49999].name".to_string(), "forward name \"x7\" is used twice".to_string())
+        );
+        // A syntax mistake there is reported by toml, with its line.
+        let e = Config::parse(&text.replacen("name = \"x49999\"", "name = x49999", 1)).unwrap_err().to_string();
+        assert!(e.contains(&format!("line {}", header + 1)), "{e}");
     }
 }
