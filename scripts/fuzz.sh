@@ -11,7 +11,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for target in config checksum; do
     echo "fuzz: $target for ${seconds}s"
-    if ! cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" >"$log" 2>&1; then
+    # Committed seeds (fuzz/seeds/TARGET) start the search from realistic inputs.
+    corpus=("corpus/$target")
+    mkdir -p "corpus/$target"
+    if [ -d "seeds/$target" ]; then corpus+=("seeds/$target"); fi
+    if ! cargo +nightly fuzz run "$target" "${corpus[@]}" -- -max_total_time="$seconds" >"$log" 2>&1; then
         cat "$log"
         echo "fuzz: $target failed"
         exit 1

@@ -479,6 +479,18 @@ impl Config {
     }
 }
 
+/// The outcome of parsing `text` with the fast path allowed and with `toml` alone, as text
+/// (the config's Debug form or the error): the two must always agree. For the tests and
+/// the config fuzz target, not an API.
+#[doc(hidden)]
+pub fn fast_path_outcomes(text: &str) -> (String, String) {
+    let run = |fast| match Config::raw(text, fast).and_then(|raw| Config::build(text, &raw, None)) {
+        Ok(c) => format!("{c:?}"),
+        Err(e) => e.to_string(),
+    };
+    (run(true), run(false))
+}
+
 /// Where an item sits in the config, e.g. `forward[3]` or `node.NAME.peer[0]`: formatted
 /// only for error messages.
 #[derive(Clone, Copy)]
@@ -638,13 +650,8 @@ snat = "auto"
         assert!(v6.forwards[0].backend.is_ipv6());
     }
 
-    /// The outcome of parsing `text` with the fast path allowed or not, as text.
     fn outcomes(text: &str) -> (String, String) {
-        let run = |fast| match Config::raw(text, fast).and_then(|raw| Config::build(text, &raw, None)) {
-            Ok(c) => format!("{c:?}"),
-            Err(e) => e.to_string(),
-        };
-        (run(true), run(false))
+        fast_path_outcomes(text)
     }
 
     const PLAIN: &str = "[[interface]]\nname = \"eth0\"\nxdp = \"generic\"\nredirect = \"tc\"\n\n\

@@ -522,6 +522,7 @@ mod tests {
         create_pinned_map(&dir.join(MAP_FORWARDS), HASH, size, std::mem::size_of::<FwdValue>(), max_forwards);
         create_pinned_map(&dir.join(MAP_FORWARD_META), ARRAY, 4, std::mem::size_of::<FwdMeta>(), max_forwards + 1);
         create_pinned_map(&dir.join(MAP_GLOBAL), ARRAY, 4, std::mem::size_of::<GlobalConfig>(), 1);
+        create_pinned_map(&dir.join(MAP_ROUTE_GEN), ARRAY, 4, 4, 1);
         create_pinned_map(
             &dir.join(MAP_CONNTRACK),
             HASH,
@@ -532,13 +533,23 @@ mod tests {
         (State::open(&dir).unwrap(), dir)
     }
 
-    /// Root only (creates BPF maps): `cargo test --release -p forwarder-user --lib --
-    /// --ignored --nocapture apply_100k` prints how long the map writes take.
+    /// Removes the test's pins on every exit path.
+    struct Pins(PathBuf);
+
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            crate::loader::remove_pins(&self.0);
+        }
+    }
+
+    /// Batched writes and reads (several batches of 8192) through real pinned maps: add,
+    /// re-apply unchanged, reload with a removal and a change. Root (creates BPF maps), as
+    /// every test here runs. `--release --nocapture` prints how long the map writes take.
     #[test]
-    #[ignore = "needs root and a bpffs at /sys/fs/bpf"]
-    fn apply_100k_forwards_to_pinned_maps() {
-        const N: u32 = 100_000;
+    fn apply_many_forwards_to_pinned_maps() {
+        const N: u32 = 30_000;
         let (state, dir) = pinned_state(N + 1);
+        let _pins = Pins(dir.clone());
         let desired: Vec<Forward> = (0..N).map(fwd).collect();
         let t = std::time::Instant::now();
         let r = state.apply_forwards(&desired, &[], OnForwardRemoved::Drain).unwrap();
@@ -560,7 +571,6 @@ mod tests {
         assert!(stored.iter().any(|(id, f)| *id == 1 + N && f == &changed[N as usize / 2]));
         let rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(state.map(MAP_FORWARDS).unwrap()).unwrap();
         assert_eq!(rules.keys().count(), N as usize - 1);
-        crate::loader::remove_pins(&dir);
     }
 
     #[test]

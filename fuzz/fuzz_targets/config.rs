@@ -1,11 +1,14 @@
 //! The config parser on arbitrary input: it must return a config or an error naming a line,
 //! never panic; and a config it accepts must be accepted again after a round trip through
-//! `forward add`-style validation of each forward.
+//! `forward add`-style validation of each forward. The fast path for plain configs and the
+//! `toml` crate must agree on every input.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    let (fast, toml) = forwarder::config::fast_path_outcomes(text);
+    assert_eq!(fast, toml, "fast path and toml disagree on {text:?}");
     for node in [None, Some("worker-1")] {
         match forwarder::config::Config::parse_for_node(text, node) {
             Ok(cfg) => {
