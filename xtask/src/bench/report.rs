@@ -194,7 +194,8 @@ pub fn markdown(r: &Results) -> String {
          measured the same way). `warm` rows: BPF_PROG_TEST_RUN with `repeat` (the kernel's mean over 60 runs \
          back to back), for paths whose output takes the same path again: no match, and an identity forward \
          (backend = listen, SNAT off) for established and reverse, whose rewrite leaves the frame as it was but \
-         for TTL and MACs. An established packet takes the fast path (cached next hop, verdict 4).\n\n\
+         for TTL and MACs; the warm `timer floor` row is the test-run loop's own cost per run. An established \
+         packet takes the fast path (cached next hop, verdict 4).\n\n\
          | program | path | ns/packet | verdict |\n|---|---|---:|---:|\n",
     );
     for t in &r.testrun {

@@ -263,6 +263,8 @@ fn bench_programs(frame: &[u8], ingress: u32, egress: u32, runs: u32) -> Result<
     let sink = program("bench_sink")?;
     let (floor_ns, floor_verdict) = median_of_runs(runs, |_| test_run(sink, &not_ip, &ctx))?;
     let (warm_ns, warm_verdict) = warm_runs(runs, |repeat| Ok(test_run_repeat(redirect, frame, &ctx, repeat)?.0))?;
+    let (floor_warm, floor_warm_verdict) =
+        warm_runs(runs, |repeat| Ok(test_run_repeat(sink, &not_ip, &ctx, repeat)?.0))?;
     Ok(vec![
         PathTime { program: "redirect-only", path: "any", ns_per_packet: ns, verdict },
         PathTime { program: "redirect-only", path: "any, warm", ns_per_packet: warm_ns, verdict: warm_verdict },
@@ -271,6 +273,12 @@ fn bench_programs(frame: &[u8], ingress: u32, egress: u32, runs: u32) -> Result<
             path: "near-empty program",
             ns_per_packet: floor_ns,
             verdict: floor_verdict,
+        },
+        PathTime {
+            program: "timer floor",
+            path: "near-empty program, warm",
+            ns_per_packet: floor_warm,
+            verdict: floor_warm_verdict,
         },
     ])
 }
