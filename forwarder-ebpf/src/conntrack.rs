@@ -71,6 +71,15 @@ pub fn ct_key_v4(src: u32, dst: u32, ports: u32, proto: u8) -> CtKey {
     unsafe { core::mem::transmute::<[u64; 5], CtKey>(words) }
 }
 
+/// The forward key of an IPv4 destination, from whole words (see [`ct_key_v4`]).
+#[inline(always)]
+pub fn fwd_key_v4(dst: u32, dport: [u8; 2], proto: u8) -> FwdKey {
+    let tail = u16::from_ne_bytes(dport) as u32 | (proto as u32) << 16 | (FAMILY_V4 as u32) << 24;
+    // SAFETY: FwdKey is repr(C), 20 bytes without implicit padding, any bytes valid; the
+    // little-endian words lay out address, zeros, port, protocol, family.
+    unsafe { core::mem::transmute::<[u32; 5], FwdKey>([dst, 0, 0, 0, tail]) }
+}
+
 /// The key of a parsed flow's own direction.
 #[inline(always)]
 pub fn flow_key(flow: &Flow) -> CtKey {

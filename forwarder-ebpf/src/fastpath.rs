@@ -6,14 +6,14 @@
 
 use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use forwarder_common::{
-    NH_MAX_AGE_JIFFIES, PROTO_TCP, PROTO_UDP, Reason,
+    FWD_FLAG_INGRESS, NH_MAX_AGE_JIFFIES, PROTO_TCP, PROTO_UDP, Reason,
     csum::{apply_delta, fold, sum4},
 };
 
 use crate::{
-    conntrack::{ct_key_v4, note_state, route_generation},
+    conntrack::{ct_key_v4, fwd_key_v4, note_state, route_generation},
     ctx::{read, write},
-    maps::{FWD_CT, FWD_TX_PORTS},
+    maps::{FWD_CT, FWD_RULES, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
     stats,
     verdict::Outcome,
@@ -23,9 +23,12 @@ use crate::{
 pub enum Fast {
     /// Handled: forwarded from the cache (or, should a write fail, dropped).
     Done(Outcome),
-    /// An IPv4 TCP/UDP packet of no tracked connection: the full path need not look it up
-    /// in the connection table again.
+    /// An IPv4 TCP/UDP packet of no tracked connection for a forward's listen address: a
+    /// new flow (the full path need not look it up in the connection table again).
     Untracked,
+    /// An IPv4 TCP/UDP packet of no connection and no forward: not ours (host traffic pays
+    /// two lookups, without the full parse).
+    NoMatch,
     /// Everything else: the full path decides.
     Full,
 }
@@ -85,7 +88,12 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let (src, dst) = ([addrs[0], addrs[1], addrs[2], addrs[3]], [addrs[4], addrs[5], addrs[6], addrs[7]]);
     let key = ct_key_v4(word(src), word(dst), word([l4[0], l4[1], l4[2], l4[3]]), proto);
     let Some(entry) = FWD_CT.get_ptr_mut(&key) else {
-        return Ok(Fast::Untracked);
+        let rule = fwd_key_v4(word(dst), [l4[2], l4[3]], proto);
+        // SAFETY: only the flags are read, at once.
+        return Ok(match unsafe { FWD_RULES.get(&rule) } {
+            Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => Fast::Untracked,
+            _ => Fast::NoMatch,
+        });
     };
     // SAFETY: map value pointer from a successful lookup.
     let entry = unsafe { &mut *entry };

@@ -105,12 +105,13 @@ fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
 
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
-    let untracked = match fastpath::try_cached(&ctx) {
+    let result = match fastpath::try_cached(&ctx) {
         Fast::Done(outcome) => return verdict::xdp(&ctx, outcome),
-        Fast::Untracked => true,
-        Fast::Full => false,
+        Fast::NoMatch => Err(Reason::NoRule),
+        Fast::Untracked => try_xdp(&ctx, true),
+        Fast::Full => try_xdp(&ctx, false),
     };
-    let outcome = match try_xdp(&ctx, untracked) {
+    let outcome = match result {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.
         Err(Reason::NoRule | Reason::NotTcpUdp) if to_peer(&ctx) => Err(Reason::XdpToTc),
         // Translating ICMP errors needs the skb helpers: TC does it.
