@@ -335,9 +335,11 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
             Err(e) => result.errors.push(format!("applying {n} forwards: {e:#}")),
         }
     }
-    // Interleaved like the main figures; fewer repetitions (the question is flatness).
-    for rep in 0..plan.repetitions.min(3) {
-        for &n in &plan.scaling_sizes {
+    // Interleaved like the main figures, the order of sizes rotated every repetition so that
+    // drift on a shared machine does not line up with the number of forwards.
+    for rep in 0..plan.repetitions {
+        let sizes = &plan.scaling_sizes;
+        for &n in sizes.iter().cycle().skip(rep % sizes.len().max(1)).take(sizes.len()) {
             for c in scaling::SCALED {
                 eprintln!("bench: rule scaling {}: {} with {n} forwards", rep + 1, c.id());
                 let duration = Duration::from_secs_f64(plan.scaling_udp_seconds);
