@@ -141,17 +141,30 @@ impl Instance {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
-        xdp.load().map_err(prog_err(XDP_PROGRAM))?;
-        for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
-            p.load().map_err(prog_err(name))?;
-        }
-        for name in LOCAL_PROGRAMS {
-            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            p.load().map_err(prog_err(name))?;
-        }
+        let loaded = loader.load(crate::EBPF_OBJECT).map_err(Error::from).and_then(|mut ebpf| {
+            let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
+            xdp.load().map_err(prog_err(XDP_PROGRAM))?;
+            for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
+                let p: &mut SchedClassifier = program(&mut ebpf, name)?;
+                p.load().map_err(prog_err(name))?;
+            }
+            for name in LOCAL_PROGRAMS {
+                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                p.load().map_err(prog_err(name))?;
+            }
+            Ok(ebpf)
+        });
+        let mut ebpf = match loaded {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                // Maps are pinned as the object loads: a first start that fails (a program
+                // the verifier refuses, say) leaves nothing behind. Adopted state stays.
+                if !adopted {
+                    remove_pins(pin_dir);
+                }
+                return Err(e);
+            }
+        };
         if adopted {
             info!(pin_dir = %pin_dir.display(), "adopting pinned state of an earlier instance");
         }

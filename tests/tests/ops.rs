@@ -521,3 +521,14 @@ fn connections_pinned_by_an_older_version_are_migrated() {
     assert!(pin.0.join(MAP_CONNTRACK).exists());
     drop(inst);
 }
+
+/// A first start that fails while loading (here: a connection table the kernel refuses to
+/// create) leaves no pinned maps behind.
+#[test]
+fn a_failed_first_load_leaves_no_pins() {
+    let pin = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{}", forwarder_tests::unique_tag())));
+    let opts = forwarder::loader::LoadOptions { ct_entries: 0, ..forwarder::loader::LoadOptions::default() };
+    let err = forwarder::loader::Instance::load(&opts, &pin.0).err().expect("a table of 0 entries is refused");
+    let left: Vec<_> = std::fs::read_dir(&pin.0).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "pins left after {err}: {left:?}");
+}
