@@ -42,6 +42,18 @@ impl Timeouts {
     }
 }
 
+/// Source port (host order) for SNAT attempt `i` of a flow with hash `h`, inside
+/// [min, max]. Attempts walk the range with a stride coprime with its size, so the first
+/// `span` attempts are all distinct ports; the hash spreads flows over the whole range.
+#[inline(always)]
+pub fn pick_port(h: u32, i: u32, min: u16, max: u16) -> u16 {
+    let span = if max < min { 1 } else { max as u64 - min as u64 + 1 };
+    // 7919 is prime: coprime with every span that is not a multiple of it.
+    let step = if span % 7919 == 0 { 1 } else { 7919 % span };
+    let offset = (h as u64 % span + i as u64 * step) % span;
+    (min as u64 + offset) as u16
+}
+
 /// The timeout that applies to a connection whose entries together carry `state` bits.
 pub fn timeout_for(is_tcp: bool, state: u8, t: &Timeouts) -> u64 {
     if !is_tcp {
@@ -80,6 +92,30 @@ mod tests {
         assert!(expired(true, CT_ANSWERED | CT_SEEN_FIN, 14 * S, &T), "closing");
         assert!(expired(true, CT_ANSWERED | CT_SEEN_RST, 14 * S, &T));
         assert!(!expired(true, CT_ANSWERED | CT_SEEN_FIN, 12 * S, &T), "within the refresh slack");
+    }
+
+    #[test]
+    fn snat_attempts_are_distinct_ports_inside_the_range() {
+        for (min, max) in
+            [(20000, 32767), (30000, 30063), (1000, 1000 + 7918), (5, 5 + 2 * 7919 - 1), (7, 9), (1, 65535)]
+        {
+            let span = (max - min) as usize + 1;
+            for h in [0, 1, 7919, 0xdead_beef, u32::MAX] {
+                // no_std: distinctness by pairwise comparison.
+                let mut ports = [0u16; 32];
+                for (i, p) in ports.iter_mut().enumerate() {
+                    *p = pick_port(h, i as u32, min, max);
+                    assert!((min..=max).contains(p), "{min}-{max}");
+                }
+                let n = span.min(32);
+                for i in 0..n {
+                    for j in i + 1..n {
+                        assert_ne!(ports[i], ports[j], "{min}-{max}, hash {h:#x}, attempts {i} and {j}");
+                    }
+                }
+            }
+        }
+        assert_eq!(pick_port(123, 0, 9, 3), 9, "an empty range yields its start");
     }
 
     #[test]
