@@ -152,7 +152,10 @@ pub struct CtValue {
     pub nh_dmac: [u8; 6],
     pub nh_smac: [u8; 6],
     pub nh_l4_delta: u16,
-    pub _pad: [u8; 2],
+    /// Largest L3 length the FIB has passed for this next hop (its MTU check): longer
+    /// packets take the full path, which checks them (and forwards, or hands them to the
+    /// stack for fragmentation or an ICMP "too big").
+    pub nh_len_ok: u16,
     /// Route generation ([`MAP_ROUTE_GEN`]) the next hop was looked up under.
     pub nh_gen: u32,
     /// Low 32 bits of jiffies when the next hop was looked up.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
-    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
+    FWD_FLAG_INGRESS, FwdKey, FwdValue, NH_MAX_AGE_JIFFIES, PROTO_TCP, Reason, SNAT_OFF,
     conntrack::{CT_ANSWERED, CT_SEEN_SYN, bits_of_tcp_flags, pick_port},
     csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
 };
@@ -175,7 +175,7 @@ pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tu
         nh_dmac: [0; 6],
         nh_smac: [0; 6],
         nh_l4_delta: 0,
-        _pad: [0; 2],
+        nh_len_ok: 0,
         nh_gen: 0,
         nh_jiffies: 0,
     };
@@ -253,6 +253,15 @@ pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
 /// which runs only when it is non-zero, never sees a next hop half written.
 #[inline(always)]
 pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, ifindex: u32, dmac: [u8; 6], smac: [u8; 6]) {
+    let generation = route_generation();
+    // SAFETY: helper without arguments (inlined by the verifier).
+    let now = unsafe { bpf_jiffies64() } as u32;
+    // The FIB has just passed this packet's length; a still-current entry for the same
+    // egress keeps the larger length it passed before.
+    let current = entry.nh_ifindex == ifindex
+        && entry.nh_gen == generation
+        && now.wrapping_sub(entry.nh_jiffies) < NH_MAX_AGE_JIFFIES;
+    let len_ok = if current && entry.nh_len_ok > flow.l3_len { entry.nh_len_ok } else { flow.l3_len };
     let old_addrs = sum_addr(&flow.src, false) + sum_addr(&flow.dst, false);
     let new_addrs = sum_addr(&new.src, false) + sum_addr(&new.dst, false);
     let ports = |p: [u8; 2], q: [u8; 2]| u16::from_be_bytes(p) as u32 + u16::from_be_bytes(q) as u32;
@@ -264,9 +273,9 @@ pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, ifindex: u3
     entry.nh_l4_delta = delta(old_addrs + ports(flow.sport, flow.dport), new_addrs + ports(new.sport, new.dport));
     entry.nh_dmac = dmac;
     entry.nh_smac = smac;
-    entry.nh_gen = route_generation();
-    // SAFETY: helper without arguments.
-    entry.nh_jiffies = unsafe { bpf_jiffies64() } as u32;
+    entry.nh_len_ok = len_ok;
+    entry.nh_gen = generation;
+    entry.nh_jiffies = now;
     // SAFETY: as above.
     unsafe {
         core::ptr::write_volatile(&mut entry.nh_ifindex, ifindex);

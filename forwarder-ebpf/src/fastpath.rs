@@ -101,7 +101,11 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let ifindex = unsafe { core::ptr::read_volatile(&entry.nh_ifindex) };
     // SAFETY: inlined helper without arguments.
     let age = (unsafe { bpf_jiffies64() } as u32).wrapping_sub(entry.nh_jiffies);
-    if ifindex == 0 || age >= NH_MAX_AGE_JIFFIES || entry.nh_gen != route_generation() {
+    if ifindex == 0
+        || age >= NH_MAX_AGE_JIFFIES
+        || entry.nh_gen != route_generation()
+        || tot_len > entry.nh_len_ok as usize
+    {
         return Ok(Fast::Full);
     }
     let l4_check = be16(read(ctx, check_off)?);

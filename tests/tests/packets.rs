@@ -296,11 +296,10 @@ fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
         }
         let full_path = fx.reason(Reason::RedirectXdp);
         for (i, (f, ifindex)) in frames.iter().enumerate() {
-            // A packet of the current generation first (the previous frame's bump made every
-            // cached next hop stale): the full path, which caches the next hop again.
-            if i > 0 {
-                assert_eq!(fx.xdp(f, *ifindex).0, XDP_REDIRECT, "frame {i}");
-            }
+            // The frame once through the full path first: the previous frame's bump made every
+            // cached next hop stale, and the handshake's packets were shorter than this one
+            // (the cache takes only packets as long as the FIB's MTU check has passed).
+            assert_eq!(fx.xdp(f, *ifindex).0, XDP_REDIRECT, "frame {i}");
             let cached_before = fx.reason(Reason::RedirectXdpCached);
             let (verdict, cached, _) = fx.xdp(f, *ifindex);
             assert_eq!(verdict, XDP_REDIRECT, "frame {i}");
@@ -312,13 +311,13 @@ fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             assert_eq!(cached, full, "frame {i}: the fast path rewrites exactly as the full path");
             check(&cached);
         }
-        assert_eq!(fx.reason(Reason::RedirectXdp), full_path + 2 * frames.len() as u64 - 1);
+        assert_eq!(fx.reason(Reason::RedirectXdp), full_path + 2 * frames.len() as u64);
         let zero_out = fx.xdp(&frames[3].0, fx.v0).1;
         let h = PacketHeaders::from_ethernet_slice(&zero_out).unwrap();
         let Some(TransportHeader::Udp(u)) = h.transport else { panic!() };
         assert_eq!(u.checksum, 0, "zero UDP checksum stays zero on the fast path");
         // Counters: the cached packets count for their forward like any other.
-        assert_eq!(fx.stats(1).packets, 2 + 2 + 3);
+        assert_eq!(fx.stats(1).packets, 2 + 3 + 3);
 
         // What the fast path must not take: TTL about to expire, a fragment, IP options, a
         // pending checksum (CHECKSUM_PARTIAL seed), a frame shorter than its IP length.
@@ -341,6 +340,37 @@ fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             assert_eq!((verdict, out == f), (XDP_PASS, true), "{name}: passed untouched");
         }
         assert_eq!(fx.reason(Reason::RedirectXdpCached), cached, "none of them on the fast path");
+    });
+}
+
+/// The fast path never sends a packet longer than the FIB's MTU check has passed for the
+/// cached next hop: longer ones take the full path, which hands a packet too big for the
+/// egress to the stack (fragmentation or ICMP "too big") and raises the bound for one that
+/// fits.
+#[test]
+fn packets_longer_than_the_cached_next_hop_has_passed_take_the_full_path() {
+    with_fixture(CONFIG, |fx| {
+        // This thread is in the fixture's namespace, and so is the command it starts.
+        let status = std::process::Command::new("ip").args(["link", "set", "v1", "mtu", "1000"]).status().unwrap();
+        assert!(status.success());
+        let datagram = |n: usize| udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6300, 53, &vec![7u8; n]);
+        let cached = |fx: &Fixture| fx.reason(Reason::RedirectXdpCached);
+        let (small, mid, big) = (datagram(10), datagram(500), datagram(1200));
+        assert_eq!(fx.xdp(&small, fx.v0).0, XDP_REDIRECT);
+        assert_eq!(fx.xdp(&small, fx.v0).0, XDP_REDIRECT);
+        assert_eq!(cached(fx), 1);
+
+        let to_tc = fx.reason(Reason::XdpToTc);
+        let (verdict, out, _) = fx.xdp(&big, fx.v0);
+        assert_eq!((verdict, out == big), (XDP_PASS, true), "too big for the egress: untouched, to TC");
+        assert_eq!((cached(fx), fx.reason(Reason::XdpToTc)), (1, to_tc + 1));
+
+        let full = fx.reason(Reason::RedirectXdp);
+        assert_eq!(fx.xdp(&mid, fx.v0).0, XDP_REDIRECT);
+        assert_eq!((cached(fx), fx.reason(Reason::RedirectXdp)), (1, full + 1), "longer than passed: full path");
+        assert_eq!(fx.xdp(&mid, fx.v0).0, XDP_REDIRECT);
+        assert_eq!(fx.xdp(&small, fx.v0).0, XDP_REDIRECT);
+        assert_eq!(cached(fx), 3, "then cached, and shorter packets stay on the fast path");
     });
 }
 
