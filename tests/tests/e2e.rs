@@ -326,11 +326,13 @@ fn cached_next_hops_follow_neighbour_changes() {
     let daemon = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
     let m = chain.server.mac("s0").unwrap();
     let server_mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
     let server = chain
         .server
         .spawn(move || {
             let s = UdpSocket::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            ready_tx.send(()).unwrap();
             let mut buf = [0u8; 64];
             while let Ok((n, peer)) = s.recv_from(&mut buf) {
                 s.send_to(&buf[..n], peer).unwrap();
@@ -340,6 +342,7 @@ fn cached_next_hops_follow_neighbour_changes() {
             }
         })
         .unwrap();
+    ready.recv_timeout(Duration::from_secs(10)).unwrap();
     let client = chain
         .client
         .spawn(|| {
