@@ -223,7 +223,7 @@ pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tu
     value.new_dst_addr = new.dst;
     value.new_src_port_be = u16::from_ne_bytes(new.sport);
     value.new_dst_port_be = u16::from_ne_bytes(new.dport);
-    *key = ct_key(flow.family, flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    *key = flow_key(flow);
     if FWD_CT.insert(&*key, &*value, BPF_ANY as u64).is_err() {
         *key = ct_key(flow.family, new.dst, new.src, new.dport, new.sport, flow.proto);
         let _ = FWD_CT.remove(&*key);

@@ -7,7 +7,7 @@
 use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use forwarder_common::{
     FWD_FLAG_INGRESS, NH_MAX_AGE_JIFFIES, PROTO_TCP, PROTO_UDP, Reason,
-    csum::{apply_delta, fold, sum4},
+    csum::{apply_delta, ipv4_pseudo_seed},
 };
 
 use crate::{
@@ -66,19 +66,22 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         return Ok(Fast::Full);
     }
     let tot_len = be16([ver_tos[2], ver_tos[3]]) as usize;
+    if tot_len + ETH_LEN > ctx.data_end() - ctx.data() {
+        return Ok(Fast::Full);
+    }
     let l4_len = tot_len.wrapping_sub(L4_OFF_V4 - L3_OFF);
     let addrs: [u8; 8] = read(ctx, IPV4_SRC_OFF)?;
     let l4: [u8; 8] = read(ctx, L4_OFF_V4)?;
     let (check_off, flags) = if proto == PROTO_TCP {
         let tcp: [u8; 4] = read(ctx, L4_OFF_V4 + 12)?;
         let data_off = (tcp[0] >> 4) as usize * 4;
-        if tot_len + ETH_LEN > ctx.data_end() - ctx.data() || l4_len < 20 || data_off < 20 || data_off > l4_len {
+        if l4_len < 20 || data_off < 20 || data_off > l4_len {
             return Ok(Fast::Full);
         }
         (L4_OFF_V4 + 16, tcp[1])
     } else {
         let udp_len = be16([l4[4], l4[5]]) as usize;
-        if tot_len + ETH_LEN > ctx.data_end() - ctx.data() || l4_len < 8 || udp_len < 8 || udp_len > l4_len {
+        if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
             return Ok(Fast::Full);
         }
         (L4_OFF_V4 + 6, 0)
@@ -111,12 +114,12 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let l4_check = be16(read(ctx, check_off)?);
     let no_udp_check = proto == PROTO_UDP && l4_check == 0;
     // A CHECKSUM_PARTIAL seed (see csum::looks_partial) needs TC's checksum helpers.
-    if !no_udp_check && l4_check == fold(sum4(src) + sum4(dst) + proto as u32 + l4_len as u32) {
+    if !no_udp_check && l4_check == ipv4_pseudo_seed(src, dst, proto, l4_len as u16) {
         return Ok(Fast::Full);
     }
     note_state(entry, flags);
     let ttl = frag_ttl_proto[2] - 1;
-    let rewrite = |check_off: usize| -> Result<(), Reason> {
+    let rewrite = || -> Result<(), Reason> {
         if !no_udp_check {
             let mut c = apply_delta(l4_check, entry.nh_l4_delta);
             if proto == PROTO_UDP && c == 0 {
@@ -136,7 +139,7 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     };
     // The packet was read up to past every offset written, so this cannot fail; were it to,
     // a half-rewritten packet must not go on.
-    if rewrite(check_off).is_err() {
+    if rewrite().is_err() {
         return Ok(Fast::Done(Err(Reason::RewriteFailed)));
     }
     stats::count_forwarded(entry.forward_id, tot_len as u16);

@@ -95,10 +95,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     status::write(&opts, &inst, &cfg)?;
     info!(pin_path = %opts.pin_path.display(), adopted = inst.adopted, "running; SIGHUP reloads, SIGINT/SIGTERM stops");
 
-    let stop_gc = Arc::new(AtomicBool::new(false));
-    let gc = spawn_expiry(opts.pin_path.clone(), cfg.clone(), counters.clone(), stop_gc.clone());
+    let stop_threads = Arc::new(AtomicBool::new(false));
+    let gc = spawn_expiry(opts.pin_path.clone(), cfg.clone(), counters.clone(), stop_threads.clone());
     let watch_counters = counters.clone();
-    let route_watch = match crate::routewatch::spawn(opts.pin_path.clone(), stop_gc.clone(), move || {
+    let route_watch = match crate::routewatch::spawn(opts.pin_path.clone(), stop_threads.clone(), move || {
         watch_counters.route_changes.fetch_add(1, Ordering::Relaxed);
     }) {
         Ok(h) => Some(h),
@@ -158,7 +158,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
         }
     }
-    stop_gc.store(true, Ordering::SeqCst);
+    stop_threads.store(true, Ordering::SeqCst);
     let _ = gc.join();
     if let Some(h) = route_watch {
         let _ = h.join();

@@ -11,6 +11,20 @@ fn write_config(text: &str) -> (tempdir::Dir, std::path::PathBuf) {
     (dir, p)
 }
 
+/// `forwarder run` in the router namespace with `config` and `pin`, for starts that must
+/// fail: its output once it has exited.
+fn run_once(chain: &Chain, config: &str, pin: &str) -> std::process::Output {
+    let (_dir, p) = write_config(config);
+    chain
+        .router
+        .cmd(forwarder_bin().to_str().unwrap())
+        .args(["run", "--config"])
+        .arg(&p)
+        .args(["--pin-path", pin])
+        .output()
+        .unwrap()
+}
+
 mod tempdir {
     /// A directory under the system temp dir, removed on drop.
     pub struct Dir(pub std::path::PathBuf);
@@ -61,16 +75,8 @@ fn check_names_line_and_field_of_an_error() {
 #[test]
 fn run_refuses_a_bad_config_and_applies_nothing() {
     let chain = Chain::new().unwrap();
-    let (_d, p) = write_config(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
     let pin = format!("/sys/fs/bpf/fwt-{}", unique_tag());
-    let out = chain
-        .router
-        .cmd(forwarder_bin().to_str().unwrap())
-        .args(["run", "--config"])
-        .arg(&p)
-        .args(["--pin-path", &pin])
-        .output()
-        .unwrap();
+    let out = run_once(&chain, &GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""), &pin);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 8") && err.contains("protocol") && err.contains("sctp"), "{err}");
@@ -82,16 +88,8 @@ fn run_refuses_a_bad_config_and_applies_nothing() {
 #[test]
 fn run_refuses_a_missing_interface_and_cleans_up() {
     let chain = Chain::new().unwrap();
-    let (_d, p) = write_config(&GOOD.replace("name = \"rc\"", "name = \"nosuch0\""));
     let pin = format!("/sys/fs/bpf/fwt-{}", unique_tag());
-    let out = chain
-        .router
-        .cmd(forwarder_bin().to_str().unwrap())
-        .args(["run", "--config"])
-        .arg(&p)
-        .args(["--pin-path", &pin])
-        .output()
-        .unwrap();
+    let out = run_once(&chain, &GOOD.replace("name = \"rc\"", "name = \"nosuch0\""), &pin);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch0"));
     assert!(!std::path::Path::new(&pin).exists(), "nothing left pinned");
@@ -108,16 +106,7 @@ fn stats_table_and_json_and_a_second_instance_on_the_same_pin_path_is_refused() 
     assert_eq!(json["forwards"][0]["listen"], "0.0.0.0:3306");
     assert!(json["reasons"].as_array().unwrap().len() >= 18);
 
-    let (_d, p) = write_config(GOOD);
-    let out = chain
-        .router
-        .cmd(forwarder_bin().to_str().unwrap())
-        .args(["run", "--config"])
-        .arg(&p)
-        .arg("--pin-path")
-        .arg(&daemon.pin_path)
-        .output()
-        .unwrap();
+    let out = run_once(&chain, GOOD, daemon.pin_path.to_str().unwrap());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another forwarder instance"));
     assert!(daemon.pin_path.exists(), "the running instance keeps its pins");
