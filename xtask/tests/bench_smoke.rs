@@ -44,13 +44,18 @@ fn quick_bench_gives_every_contender_its_figures() {
     let scaling = &results["scaling"];
     assert!(scaling["apply"].as_array().is_some_and(|a| !a.is_empty()), "rule scaling timed");
     assert!(results["testrun"].as_array().is_some_and(|t| t.len() >= 9), "every BPF_PROG_TEST_RUN path timed");
-    // The warm rows time the paths they name: the identity forward's packets are redirected.
+    // The warm rows time the paths they name: the identity forward's packets are redirected,
+    // and the lookup programs found the key the bench inserted.
     let row = |program: &str, path: &str| {
         results["testrun"].as_array().unwrap().iter().find(|t| t["program"] == program && t["path"] == path).cloned()
     };
-    for (program, path, verdict) in
-        [("xdp", "established, warm", 4), ("xdp", "reverse, warm", 4), ("tc", "established, warm", 7)]
-    {
+    for (program, path, verdict) in [
+        ("xdp", "established, warm", 4),
+        ("xdp", "reverse, warm", 4),
+        ("tc", "established, warm", 7),
+        ("lookup + redirect", "40-byte key, warm", 4),
+        ("lookup + redirect", "16-byte key, warm", 4),
+    ] {
         let t = row(program, path).unwrap_or_else(|| panic!("{program} {path} timed"));
         assert_eq!(t["verdict"], verdict, "{program} {path}: {t}");
         assert!(t["ns_per_packet"].as_f64().is_some_and(|ns| ns > 0.0), "{t}");

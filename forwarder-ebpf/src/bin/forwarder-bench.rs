@@ -5,6 +5,9 @@
 //! - `bench_redirect_only`: the ceiling. The least an XDP forwarder can do on this path:
 //!   set the next hop's Ethernet addresses (so the receiver's stack takes the frame) and
 //!   `bpf_redirect_map` it to the one egress in a devmap. No parsing, no state, no rewrite.
+//! - `bench_lookup_redirect_40` and `_16`: the ceiling plus one hash lookup, with a 40-byte
+//!   key (forwarder's connection key) and a 16-byte one: the least a forwarder that keeps
+//!   per-connection state does per packet, to set the established path's time against.
 //! - `bench_trafficgen`: the packet generator, run with BPF_PROG_TEST_RUN live frames (as
 //!   xdp-trafficgen does): writes a UDP frame from a template, varies the source port over
 //!   N flows and sends it with XDP_TX. The template is written every time because live-frame
@@ -22,7 +25,7 @@ mod ctx;
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
-    maps::{Array, DevMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use forwarder_common::{Reason, csum};
@@ -65,13 +68,56 @@ static BENCH_PORTS: Array<[u16; 2]> = Array::with_max_entries(1, 0);
 #[map(name = "BENCH_SINK")]
 static BENCH_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Keys of the lookup programs: 40 bytes (as forwarder's `CtKey`) and 16. Both are built
+/// from the frame's IPv4 addresses and UDP ports (words `a`, `b`, `c`): `[a, 0, b, 0, c]`
+/// and `[a | b << 32, c]`; the bench inserts the same keys (xdp testrun.rs, `lookup_keys`).
+#[map(name = "BENCH_KEY40")]
+static BENCH_KEY40: HashMap<[u64; 5], u64> = HashMap::with_max_entries(BENCH_KEY_ENTRIES, 0);
+
+#[map(name = "BENCH_KEY16")]
+static BENCH_KEY16: HashMap<[u64; 2], u64> = HashMap::with_max_entries(BENCH_KEY_ENTRIES, 0);
+
+/// As many as forwarder's default connection table, so the bucket array is as large.
+const BENCH_KEY_ENTRIES: u32 = forwarder_common::DEFAULT_CT_ENTRIES;
+
 #[xdp]
 pub fn bench_redirect_only(ctx: XdpContext) -> u32 {
+    redirect(&ctx)
+}
+
+#[inline(always)]
+fn redirect(ctx: &XdpContext) -> u32 {
     let Some(l2) = BENCH_L2.get(0) else { return XDP_ABORTED };
-    if ctx::write(&ctx, 0, *l2).is_err() {
+    if ctx::write(ctx, 0, *l2).is_err() {
         return XDP_PASS;
     }
     BENCH_TX.redirect(0, 0).unwrap_or(XDP_ABORTED)
+}
+
+/// The address and port words of an IPv4 UDP frame without options.
+#[inline(always)]
+fn tuple_words(ctx: &XdpContext) -> Option<[u64; 3]> {
+    let b: [u8; 12] = ctx::read(ctx, 14 + 12).ok()?;
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as u64;
+    Some([w(0), w(4), w(8)])
+}
+
+#[xdp]
+pub fn bench_lookup_redirect_40(ctx: XdpContext) -> u32 {
+    let Some([a, b, c]) = tuple_words(&ctx) else { return XDP_PASS };
+    if BENCH_KEY40.get_ptr(&[a, 0, b, 0, c]).is_none() {
+        return XDP_PASS;
+    }
+    redirect(&ctx)
+}
+
+#[xdp]
+pub fn bench_lookup_redirect_16(ctx: XdpContext) -> u32 {
+    let Some([a, b, c]) = tuple_words(&ctx) else { return XDP_PASS };
+    if BENCH_KEY16.get_ptr(&[a | b << 32, c]).is_none() {
+        return XDP_PASS;
+    }
+    redirect(&ctx)
 }
 
 #[xdp]

@@ -93,7 +93,18 @@ impl Generator {
 
 /// A minimum-size UDP frame with full IPv4 and UDP checksums (etherparse computes them).
 pub fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.0, dst.0, 64).udp(src.1, dst.1);
+    udp_frame_ttl(src_mac, dst_mac, src, dst, 64)
+}
+
+/// [`udp_frame`] with the given TTL.
+pub fn udp_frame_ttl(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.0, dst.0, ttl).udp(src.1, dst.1);
     let payload = [0u8; PAYLOAD_LEN];
     let mut frame = Vec::with_capacity(builder.size(PAYLOAD_LEN));
     builder.write(&mut frame, &payload)?;

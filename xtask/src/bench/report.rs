@@ -191,11 +191,15 @@ pub fn markdown(r: &Results) -> String {
         "\n## BPF_PROG_TEST_RUN\n\nNanoseconds per packet of the programs alone (UDP, 60 bytes), in a router \
          namespace with routes and neighbours. Single runs: the median of one-packet runs per path; they include \
          the timer's and the syscall's own cost and cold caches (the `timer floor` row is a near-empty program \
-         measured the same way). `warm` rows: BPF_PROG_TEST_RUN with `repeat` (the kernel's mean over 60 runs \
-         back to back), for paths whose output takes the same path again: no match, and an identity forward \
-         (backend = listen, SNAT off) for established and reverse, whose rewrite leaves the frame as it was but \
-         for TTL and MACs; the warm `timer floor` row is the test-run loop's own cost per run. An established \
-         packet takes the fast path (cached next hop, verdict 4).\n\n\
+         measured the same way). `warm` rows: the marginal cost of one more run back to back on hot caches, from \
+         pairs of BPF_PROG_TEST_RUN calls with `repeat` 50 and 250 (the difference of their totals over 200 \
+         runs, so what each call pays once is left out), for paths whose output takes the same path again: no \
+         match, and an identity forward (backend = listen, SNAT off) for established and reverse, whose rewrite \
+         leaves the frame as it was but for TTL (255 in these frames) and MACs; the warm `timer floor` row is \
+         the test-run loop's own cost per run, included in every warm row. `lookup + redirect`: the ceiling \
+         plus one hash-map lookup that hits (40-byte key as forwarder's connection key, and 16-byte), the least \
+         a forwarder with per-connection state does. An established packet takes the fast path (cached next \
+         hop, verdict 4).\n\n\
          | program | path | ns/packet | verdict |\n|---|---|---:|---:|\n",
     );
     for t in &r.testrun {

@@ -5,9 +5,9 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
-    maps::{Array, DevMap},
+    maps::{Array, DevMap, HashMap},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use etherparse::{SlicedPacket, TransportSlice};
@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::{
     contenders::forwarder_config,
-    generator::udp_frame,
+    generator::{udp_frame, udp_frame_ttl},
     stats::median,
     topology::{BenchTopo, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp},
 };
@@ -111,15 +111,13 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
                 (ip(ROUTER_SERVER_ADDR), snat_port),
             )?;
             time("reverse", median_of_runs(runs, |_| run(&reply, rs))?);
-            time(
-                "no match, warm",
-                warm_runs(runs, |repeat| run_warm(&inst, hook, &frame_from(40_000, 7777)?, rc, repeat))?,
-            );
-            let identity = udp_frame(client_mac, router_client_mac, (client, 31_000), (ip(SERVER_ADDR), WARM_PORT))?;
+            let no_match = udp_frame_ttl(client_mac, router_client_mac, (client, 40_000), (to_forward.0, 7777), 255)?;
+            time("no match, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &no_match, rc, repeat))?);
+            let to_warm = (ip(SERVER_ADDR), WARM_PORT);
+            let identity = udp_frame_ttl(client_mac, router_client_mac, (client, 31_000), to_warm, 255)?;
             run(&identity, rc)?;
             time("established, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity, rc, repeat))?);
-            let identity_reply =
-                udp_frame(server_mac, router_server_mac, (ip(SERVER_ADDR), WARM_PORT), (client, 31_000))?;
+            let identity_reply = udp_frame_ttl(server_mac, router_server_mac, to_warm, (client, 31_000), 255)?;
             time("reverse, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity_reply, rs, repeat))?);
         }
         let frame = udp_frame(client_mac, router_client_mac, (client, 30_000), to_forward)?;
@@ -130,23 +128,34 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
 
 /// Port of the identity forward (on the server's address) used for the warm figures.
 const WARM_PORT: u16 = 4242;
-/// Runs per warm measurement: each forwarded run takes one off the TTL (64 in the
-/// generator's frames), and the path must stay the same for all of them.
-const WARM_REPEAT: u32 = 60;
+/// Runs per call of a warm measurement, fewer and more: each forwarded run takes one off the
+/// TTL (255 in the warm frames), and the path must stay the same for all of them.
+const WARM_REPEATS: (u32, u32) = (50, 250);
 
-/// Warm nanoseconds per packet: BPF_PROG_TEST_RUN with `repeat`, so the kernel times
-/// `WARM_REPEAT` runs back to back on hot caches and the syscall's own cost is spread over
-/// them; median over `runs / 50` calls. Only for paths that leave the frame on the same
-/// path (no match; the identity forward's established and reverse packets).
+/// Warm nanoseconds per packet: the marginal cost of one more run on hot caches. Each
+/// sample is a pair of BPF_PROG_TEST_RUN calls with `repeat` = 50 and 250 (the kernel
+/// reports each call's mean); the difference of their totals over the 200 extra runs leaves
+/// out what every call pays once (the syscall, the timer, the first run on caches and
+/// branch predictors the way into the kernel has cleared), which a mean over a few dozen
+/// runs would still carry. Median over `runs / 50` pairs. Only for paths that leave the
+/// frame on the same path (no match; the identity forward's established and reverse
+/// packets); both calls must end in the same verdict.
 fn warm_runs(runs: u32, mut run: impl FnMut(u32) -> Result<Run>) -> Result<(f64, u32)> {
+    let (few, many) = WARM_REPEATS;
     let mut samples = Vec::new();
     let mut verdict = 0;
     for _ in 0..(runs / 50).max(5) {
-        let r = run(WARM_REPEAT)?;
-        samples.push(r.ns);
-        verdict = r.verdict;
+        let (a, b) = (run(few)?, run(many)?);
+        ensure!(a.verdict == b.verdict, "warm runs left their path (verdict {} then {})", a.verdict, b.verdict);
+        samples.push(marginal_ns((few, a.ns), (many, b.ns)));
+        verdict = b.verdict;
     }
     Ok((median(&samples).context("no runs")?, verdict))
+}
+
+/// Nanoseconds per extra run between two calls of `(repeat, mean ns per run)`.
+fn marginal_ns((few, few_ns): (u32, f64), (many, many_ns): (u32, f64)) -> f64 {
+    (many_ns * many as f64 - few_ns * few as f64) / (many - few) as f64
 }
 
 fn ns(d: Duration) -> f64 {
@@ -265,7 +274,20 @@ fn bench_programs(frame: &[u8], ingress: u32, egress: u32, runs: u32) -> Result<
     let (warm_ns, warm_verdict) = warm_runs(runs, |repeat| Ok(test_run_repeat(redirect, frame, &ctx, repeat)?.0))?;
     let (floor_warm, floor_warm_verdict) =
         warm_runs(runs, |repeat| Ok(test_run_repeat(sink, &not_ip, &ctx, repeat)?.0))?;
-    Ok(vec![
+    let (key40, key16) = lookup_keys(frame)?;
+    HashMap::<_, [u64; 5], u64>::try_from(ebpf.map_mut("BENCH_KEY40").context("BENCH_KEY40")?)?.insert(key40, 1, 0)?;
+    HashMap::<_, [u64; 2], u64>::try_from(ebpf.map_mut("BENCH_KEY16").context("BENCH_KEY16")?)?.insert(key16, 1, 0)?;
+    load_xdp(&mut ebpf, "bench_lookup_redirect_40")?;
+    load_xdp(&mut ebpf, "bench_lookup_redirect_16")?;
+    let mut lookup_rows = Vec::new();
+    for (name, path) in
+        [("bench_lookup_redirect_40", "40-byte key, warm"), ("bench_lookup_redirect_16", "16-byte key, warm")]
+    {
+        let prog: &Xdp = ebpf.program(name).context("bench program")?.try_into()?;
+        let (ns, verdict) = warm_runs(runs, |repeat| Ok(test_run_repeat(prog, frame, &ctx, repeat)?.0))?;
+        lookup_rows.push(PathTime { program: "lookup + redirect", path, ns_per_packet: ns, verdict });
+    }
+    let rows = vec![
         PathTime { program: "redirect-only", path: "any", ns_per_packet: ns, verdict },
         PathTime { program: "redirect-only", path: "any, warm", ns_per_packet: warm_ns, verdict: warm_verdict },
         PathTime {
@@ -280,5 +302,29 @@ fn bench_programs(frame: &[u8], ingress: u32, egress: u32, runs: u32) -> Result<
             ns_per_packet: floor_warm,
             verdict: floor_warm_verdict,
         },
-    ])
+    ];
+    Ok(rows.into_iter().chain(lookup_rows).collect())
+}
+
+/// The keys the lookup programs build from an IPv4 UDP frame (see forwarder-bench.rs).
+fn lookup_keys(frame: &[u8]) -> Result<([u64; 5], [u64; 2])> {
+    let word = |i: usize| -> Result<u64> {
+        let b = frame.get(14 + 12 + 4 * i..14 + 16 + 4 * i).context("frame too short")?;
+        Ok(u32::from_ne_bytes(b.try_into()?) as u64)
+    };
+    let (a, b, c) = (word(0)?, word(1)?, word(2)?);
+    Ok(([a, 0, b, 0, c], [a | b << 32, c]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::marginal_ns;
+
+    #[test]
+    fn marginal_cost_leaves_out_the_per_call_cost() {
+        // 1000 ns per call plus 40 ns per run: means of 60 and 44 ns per run.
+        let (few, many) = (50u32, 250u32);
+        let mean = |n: u32| (1000.0 + 40.0 * n as f64) / n as f64;
+        assert!((marginal_ns((few, mean(few)), (many, mean(many))) - 40.0).abs() < 1e-9);
+    }
 }
