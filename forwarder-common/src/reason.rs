@@ -54,10 +54,13 @@ pub enum Reason {
     /// Rewritten and sent by XDP_REDIRECT from the connection's cached next hop: the
     /// established-flow fast path, without a FIB lookup (a subset of no other code).
     RedirectXdpCached = 24,
+    /// As `RedirectXdpCached`, from this CPU's flow cache (a copy of the connection's
+    /// entry found by indexing, without the connection table's hash lookup).
+    RedirectXdpFlowCache = 25,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 23] = [
+pub const ALL_REASONS: [Reason; 24] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -81,6 +84,7 @@ pub const ALL_REASONS: [Reason; 23] = [
     Reason::IcmpError,
     Reason::IcmpTranslated,
     Reason::RedirectXdpCached,
+    Reason::RedirectXdpFlowCache,
 ];
 
 impl Reason {
@@ -110,6 +114,7 @@ impl Reason {
             22 => Some(Reason::IcmpError),
             23 => Some(Reason::IcmpTranslated),
             24 => Some(Reason::RedirectXdpCached),
+            25 => Some(Reason::RedirectXdpFlowCache),
             _ => None,
         }
     }
@@ -140,6 +145,7 @@ impl Reason {
             Reason::IcmpError => "icmp_error",
             Reason::IcmpTranslated => "icmp_translated",
             Reason::RedirectXdpCached => "redirect_xdp_cached",
+            Reason::RedirectXdpFlowCache => "redirect_xdp_flow_cache",
         }
     }
 
@@ -154,6 +160,7 @@ impl Reason {
             self,
             Reason::RedirectXdp
                 | Reason::RedirectXdpCached
+                | Reason::RedirectXdpFlowCache
                 | Reason::RedirectTc
                 | Reason::FibToStack
                 | Reason::FibNoNeigh

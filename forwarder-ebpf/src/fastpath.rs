@@ -1,26 +1,34 @@
 //! The established-flow fast path (XDP, IPv4): a packet of a tracked connection whose entry
 //! holds a current next hop is rewritten with the entry's precomputed checksum deltas and
-//! redirected, without the full parse, the forward lookup or the FIB lookup. Anything
-//! else (and anything unusual about the packet) goes to the full path, which also fills
-//! the cache in (conntrack::cache_next_hop).
+//! redirected, without the full parse, the forward lookup or the FIB lookup.
+//!
+//! Two tiers. The first is this CPU's flow cache: a slot found by indexing, without the
+//! connection table's hash lookup (the largest part of this path's cost), that holds a copy
+//! of the entry's rewrite and next hop. The second is the entry itself, which (re)fills the
+//! slot. A slot is only as current as the entry's next hop it was copied from (the same
+//! generation and age), and a packet that would add a state bit (FIN, RST, a first reply)
+//! goes to the entry. Anything else, and anything unusual about the packet, goes to the full
+//! path, which also fills the entry's next hop in (conntrack::cache_next_hop).
 
 use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use forwarder_common::{
-    FWD_FLAG_INGRESS, NH_MAX_AGE_JIFFIES, PROTO_TCP, PROTO_UDP, Reason,
+    FWD_FLAG_INGRESS, FlowCacheSlot, NH_MAX_AGE_JIFFIES, PROTO_TCP, PROTO_UDP, Reason,
+    conntrack::bits_of_tcp_flags,
     csum::{apply_delta, ipv4_pseudo_seed},
+    flow_cache_slot,
 };
 
 use crate::{
     conntrack::{ct_key_v4, fwd_key_v4, note_state, route_generation},
     ctx::{read, write},
-    maps::{FWD_CT, FWD_RULES, FWD_TX_PORTS},
+    maps::{FWD_CT, FWD_FLOW_CACHE, FWD_RULES, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
     stats,
     verdict::Outcome,
 };
 
 /// What the fast path made of a packet.
-pub enum Fast {
+enum Fast {
     /// Handled: forwarded from the cache (or, should a write fail, dropped).
     Done(Outcome),
     /// An IPv4 TCP/UDP packet of no tracked connection for a forward's listen address: a
@@ -33,6 +41,24 @@ pub enum Fast {
     Full,
 }
 
+/// [`try_cached_out_of_line`]'s answers below 2^32 (a packed outcome is above).
+pub const NOT_CACHED_NO_MATCH: u32 = 0;
+pub const NOT_CACHED_UNTRACKED: u32 = 1;
+pub const NOT_CACHED_FULL: u32 = 2;
+
+/// The fast path in its own frame (its stack and the full path's would not fit in one):
+/// a packed outcome (verdict::pack, at least 2^32) when it handled the packet, else a
+/// `NOT_CACHED_*` code.
+#[inline(never)]
+pub fn try_cached_out_of_line(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    match forward_cached(&XdpContext::new(raw)) {
+        Ok(Fast::Done(outcome)) => crate::verdict::pack(outcome),
+        Ok(Fast::NoMatch) => NOT_CACHED_NO_MATCH as u64,
+        Ok(Fast::Untracked) => NOT_CACHED_UNTRACKED as u64,
+        Ok(Fast::Full) | Err(_) => NOT_CACHED_FULL as u64,
+    }
+}
+
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 
 #[inline(always)]
@@ -40,21 +66,37 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-#[inline(always)]
-pub fn try_cached(ctx: &XdpContext) -> Fast {
-    match forward_cached(ctx) {
-        Ok(f) => f,
-        Err(_) => Fast::Full,
+/// The headers of a packet the fast path may take, read in place.
+struct Headers {
+    /// Source and destination address, source and destination port, as in the packet.
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: [u8; 4],
+    proto: u8,
+    ttl: u8,
+    tot_len: usize,
+    /// Offset of the L4 checksum, and its value.
+    check_off: usize,
+    l4_check: u16,
+    tcp_flags: u8,
+}
+
+impl Headers {
+    /// UDP without a checksum (zero): it stays without one.
+    #[inline(always)]
+    fn no_udp_check(&self) -> bool {
+        self.proto == PROTO_UDP && self.l4_check == 0
     }
 }
 
+/// The headers of a plain IPv4 TCP/UDP packet, or `None` for the cases parse.rs takes
+/// apart and the fast path leaves to it.
 #[inline(always)]
-fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
+fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
     if read::<2, _>(ctx, 12)? != ETH_P_IP {
-        return Ok(Fast::Full);
+        return Ok(None);
     }
-    // Version 4 without options, not a fragment (DF may be set), TCP or UDP, TTL to spare:
-    // the cases parse.rs takes apart, the fast path leaves to it.
+    // Version 4 without options, not a fragment (DF may be set), TCP or UDP, TTL to spare.
     let ver_tos: [u8; 4] = read(ctx, L3_OFF)?;
     let frag_ttl_proto: [u8; 4] = read(ctx, L3_OFF + 6)?;
     let proto = frag_ttl_proto[3];
@@ -63,35 +105,83 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         || frag_ttl_proto[2] <= 1
         || (proto != PROTO_TCP && proto != PROTO_UDP)
     {
-        return Ok(Fast::Full);
+        return Ok(None);
     }
     let tot_len = be16([ver_tos[2], ver_tos[3]]) as usize;
     if tot_len + ETH_LEN > ctx.data_end() - ctx.data() {
-        return Ok(Fast::Full);
+        return Ok(None);
     }
     let l4_len = tot_len.wrapping_sub(L4_OFF_V4 - L3_OFF);
     let addrs: [u8; 8] = read(ctx, IPV4_SRC_OFF)?;
     let l4: [u8; 8] = read(ctx, L4_OFF_V4)?;
-    let (check_off, flags) = if proto == PROTO_TCP {
+    let (check_off, tcp_flags) = if proto == PROTO_TCP {
         let tcp: [u8; 4] = read(ctx, L4_OFF_V4 + 12)?;
         let data_off = (tcp[0] >> 4) as usize * 4;
         if l4_len < 20 || data_off < 20 || data_off > l4_len {
-            return Ok(Fast::Full);
+            return Ok(None);
         }
         (L4_OFF_V4 + 16, tcp[1])
     } else {
         let udp_len = be16([l4[4], l4[5]]) as usize;
         if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
-            return Ok(Fast::Full);
+            return Ok(None);
         }
         (L4_OFF_V4 + 6, 0)
     };
+    let h = Headers {
+        src: [addrs[0], addrs[1], addrs[2], addrs[3]],
+        dst: [addrs[4], addrs[5], addrs[6], addrs[7]],
+        ports: [l4[0], l4[1], l4[2], l4[3]],
+        proto,
+        ttl: frag_ttl_proto[2],
+        tot_len,
+        check_off,
+        l4_check: be16(read(ctx, check_off)?),
+        tcp_flags,
+    };
+    // A CHECKSUM_PARTIAL seed (see csum::looks_partial) needs TC's checksum helpers.
+    if !h.no_udp_check() && h.l4_check == ipv4_pseudo_seed(h.src, h.dst, proto, l4_len as u16) {
+        return Ok(None);
+    }
+    Ok(Some(h))
+}
 
-    let word = |b: [u8; 4]| u32::from_ne_bytes(b);
-    let (src, dst) = ([addrs[0], addrs[1], addrs[2], addrs[3]], [addrs[4], addrs[5], addrs[6], addrs[7]]);
-    let key = ct_key_v4(word(src), word(dst), word([l4[0], l4[1], l4[2], l4[3]]), proto);
+/// A next hop looked up under `generation` at `jiffies` is still current.
+#[inline(always)]
+fn current(generation: u32, jiffies: u32, now_generation: u32, now: u32) -> bool {
+    generation == now_generation && now.wrapping_sub(jiffies) < NH_MAX_AGE_JIFFIES
+}
+
+#[inline(always)]
+fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
+    let Some(h) = headers(ctx)? else {
+        return Ok(Fast::Full);
+    };
+    let word = u32::from_ne_bytes;
+    let (src, dst, ports, proto) = (word(h.src), word(h.dst), word(h.ports), h.proto);
+    let generation = route_generation();
+    // SAFETY: inlined helper without arguments.
+    let now = unsafe { bpf_jiffies64() } as u32;
+    let Some(slot) = FWD_FLOW_CACHE.get_ptr_mut(flow_cache_slot(src, dst, ports, proto)) else {
+        return Ok(Fast::Full);
+    };
+    // SAFETY: per-CPU slot, used by one program run at a time.
+    let slot = unsafe { &mut *slot };
+    if slot.ifindex != 0
+        && slot.src == src
+        && slot.dst == dst
+        && slot.ports == ports
+        && slot.proto == proto
+        && current(slot.generation, slot.jiffies, generation, now)
+        && h.tot_len <= slot.len_ok as usize
+        && bits_of_tcp_flags(h.tcp_flags) & !slot.state == 0
+    {
+        return Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpFlowCache)));
+    }
+
+    let key = ct_key_v4(src, dst, ports, proto);
     let Some(entry) = FWD_CT.get_ptr_mut(&key) else {
-        let rule = fwd_key_v4(word(dst), [l4[2], l4[3]], proto);
+        let rule = fwd_key_v4(dst, [h.ports[2], h.ports[3]], proto);
         // SAFETY: only the flags are read, at once.
         return Ok(match unsafe { FWD_RULES.get(&rule) } {
             Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => Fast::Untracked,
@@ -102,47 +192,63 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let entry = unsafe { &mut *entry };
     // SAFETY: a map value; read once, see conntrack::cache_next_hop.
     let ifindex = unsafe { core::ptr::read_volatile(&entry.nh_ifindex) };
-    // SAFETY: inlined helper without arguments.
-    let age = (unsafe { bpf_jiffies64() } as u32).wrapping_sub(entry.nh_jiffies);
-    if ifindex == 0
-        || age >= NH_MAX_AGE_JIFFIES
-        || entry.nh_gen != route_generation()
-        || tot_len > entry.nh_len_ok as usize
+    if ifindex == 0 || !current(entry.nh_gen, entry.nh_jiffies, generation, now) || h.tot_len > entry.nh_len_ok as usize
     {
         return Ok(Fast::Full);
     }
-    let l4_check = be16(read(ctx, check_off)?);
-    let no_udp_check = proto == PROTO_UDP && l4_check == 0;
-    // A CHECKSUM_PARTIAL seed (see csum::looks_partial) needs TC's checksum helpers.
-    if !no_udp_check && l4_check == ipv4_pseudo_seed(src, dst, proto, l4_len as u16) {
-        return Ok(Fast::Full);
-    }
-    note_state(entry, flags);
-    let ttl = frag_ttl_proto[2] - 1;
-    let rewrite = || -> Result<(), Reason> {
-        if !no_udp_check {
-            let mut c = apply_delta(l4_check, entry.nh_l4_delta);
-            if proto == PROTO_UDP && c == 0 {
-                c = 0xffff; // a computed zero is sent as all ones; zero means "no checksum"
-            }
-            write(ctx, check_off, c.to_be_bytes())?;
-        }
-        let ip_check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), entry.nh_l3_delta);
-        write(ctx, IPV4_CHECK_OFF, ip_check.to_be_bytes())?;
-        write(ctx, IPV4_TTL_OFF, [ttl])?;
-        let (s, d) = (&entry.new_src_addr, &entry.new_dst_addr);
-        write(ctx, IPV4_SRC_OFF, [s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3]])?;
-        let (sp, dp) = (entry.new_src_port_be.to_ne_bytes(), entry.new_dst_port_be.to_ne_bytes());
-        write(ctx, L4_OFF_V4, [sp[0], sp[1], dp[0], dp[1]])?;
-        let (m, n) = (&entry.nh_dmac, &entry.nh_smac);
-        write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]])
-    };
+    note_state(entry, h.tcp_flags);
+    // The slot, field by field (a struct copy would be a byte-loop call).
+    let (a, b) = (&entry.new_src_addr, &entry.new_dst_addr);
+    let (sp, dp) = (entry.new_src_port_be.to_ne_bytes(), entry.new_dst_port_be.to_ne_bytes());
+    slot.src = src;
+    slot.dst = dst;
+    slot.ports = ports;
+    slot.proto = proto;
+    slot.state = entry.state;
+    slot.l3_delta = entry.nh_l3_delta;
+    slot.l4_delta = entry.nh_l4_delta;
+    slot.new_src = [a[0], a[1], a[2], a[3]];
+    slot.new_dst = [b[0], b[1], b[2], b[3]];
+    slot.new_ports = [sp[0], sp[1], dp[0], dp[1]];
+    slot.forward_id = entry.forward_id;
+    slot.ifindex = ifindex;
+    slot.generation = entry.nh_gen;
+    slot.jiffies = entry.nh_jiffies;
+    slot.len_ok = entry.nh_len_ok;
+    slot.dmac = entry.nh_dmac;
+    slot.smac = entry.nh_smac;
+    Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpCached)))
+}
+
+/// Rewrites the packet as `s` says, counts it for its forward and redirects it; `how` is
+/// the tier that found it.
+#[inline(always)]
+fn send(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
     // The packet was read up to past every offset written, so this cannot fail; were it to,
     // a half-rewritten packet must not go on.
-    if rewrite().is_err() {
-        return Ok(Fast::Done(Err(Reason::RewriteFailed)));
+    if rewrite(ctx, h, s).is_err() {
+        return Err(Reason::RewriteFailed);
     }
-    stats::count_forwarded(entry.forward_id, tot_len as u16);
-    let action = FWD_TX_PORTS.redirect(ifindex, 0).unwrap_or_else(|a| a);
-    Ok(Fast::Done(Ok((action as i32, Reason::RedirectXdpCached))))
+    stats::count_forwarded(s.forward_id, h.tot_len as u16);
+    let action = FWD_TX_PORTS.redirect(s.ifindex, 0).unwrap_or_else(|a| a);
+    Ok((action as i32, how))
+}
+
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
+    if !h.no_udp_check() {
+        let mut c = apply_delta(h.l4_check, s.l4_delta);
+        if h.proto == PROTO_UDP && c == 0 {
+            c = 0xffff; // a computed zero is sent as all ones; zero means "no checksum"
+        }
+        write(ctx, h.check_off, c.to_be_bytes())?;
+    }
+    let ip_check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), s.l3_delta);
+    write(ctx, IPV4_CHECK_OFF, ip_check.to_be_bytes())?;
+    write(ctx, IPV4_TTL_OFF, [h.ttl - 1])?;
+    let (a, b) = (&s.new_src, &s.new_dst);
+    write(ctx, IPV4_SRC_OFF, [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]])?;
+    write(ctx, L4_OFF_V4, s.new_ports)?;
+    let (m, n) = (&s.dmac, &s.smac);
+    write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]])
 }

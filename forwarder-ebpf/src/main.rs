@@ -29,7 +29,6 @@ use forwarder_common::{GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FI
 
 use crate::{
     conntrack::{Plan, Tuple},
-    fastpath::Fast,
     maps::{FWD_GLOBAL, FWD_TX_PORTS},
     parse::{Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
@@ -105,11 +104,22 @@ fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
 
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
-    let result = match fastpath::try_cached(&ctx) {
-        Fast::Done(outcome) => return verdict::xdp(&ctx, outcome),
-        Fast::NoMatch => Err(Reason::NoRule),
-        Fast::Untracked => try_xdp(&ctx, true),
-        Fast::Full => try_xdp(&ctx, false),
+    let fast = fastpath::try_cached_out_of_line(ctx.ctx);
+    if fast >= 1 << 32 {
+        return verdict::xdp(&ctx, verdict::unpack(fast));
+    }
+    not_cached(ctx.ctx, fast as u32)
+}
+
+/// Everything after the fast path, in its own frame (the fast path's stack and the full
+/// path's would not fit in one): `how` is what the fast path found (`fastpath::NOT_CACHED_*`).
+#[inline(never)]
+fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32) -> u32 {
+    let ctx = XdpContext::new(raw);
+    let result = match how {
+        fastpath::NOT_CACHED_NO_MATCH => Err(Reason::NoRule),
+        fastpath::NOT_CACHED_UNTRACKED => try_xdp(&ctx, true),
+        _ => try_xdp(&ctx, false),
     };
     let outcome = match result {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig,
-    IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue,
-    REASON_SLOTS,
+    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FlowCacheSlot, FwdKey, FwdMeta,
+    FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, MAX_IFACES, MAX_PEERS,
+    PeerKey, PeerStats, PeerValue, REASON_SLOTS,
 };
 
 #[map(name = "FWD_RULES")]
@@ -23,6 +23,10 @@ pub static FWD_CT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_C
 /// or config change; cached next hops of another generation are not used.
 #[map(name = "FWD_ROUTE_GEN")]
 pub static FWD_ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// This CPU's flow cache (forwarder_common::FlowCacheSlot; kernel-internal, see fastpath).
+#[map(name = "FWD_FLOW_CACHE")]
+pub static FWD_FLOW_CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[map(name = "FWD_FWD_STATS")]
 pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);

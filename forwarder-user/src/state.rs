@@ -244,6 +244,9 @@ impl State {
         for (k, _) in &doomed {
             let _ = ct.remove(k);
         }
+        if !doomed.is_empty() {
+            self.bump_route_generation()?; // no flow cache slot outlives its entry
+        }
         Ok(doomed.iter().filter(|(_, v)| v.direction == CT_DIR_ORIGINAL).count())
     }
 
@@ -337,11 +340,16 @@ impl State {
         Ok(ct.keys().filter(|k| k.is_ok()).count())
     }
 
+    /// Deletes these entries. Moves the route generation too: the XDP flow cache keeps
+    /// copies of entries, which must not outlive them.
     pub fn remove_conntrack(&self, keys: &[CtKey]) -> Result<()> {
         let mut ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
         for k in keys {
             let _ = ct.remove(k);
+        }
+        if !keys.is_empty() {
+            self.bump_route_generation()?;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use forwarder::{
     loader::{Instance, LoadOptions},
     state::State,
 };
-use forwarder_common::{GlobalConfig, IFACE_XDP_EGRESS_OK, Reason};
+use forwarder_common::{GlobalConfig, IFACE_XDP_EGRESS_OK, Reason, conntrack::CT_SEEN_FIN, flow_cache_slot};
 use forwarder_tests::{Netns, unique_tag};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -301,14 +301,22 @@ fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             // (the cache takes only packets as long as the FIB's MTU check has passed).
             assert_eq!(fx.xdp(f, *ifindex).0, XDP_REDIRECT, "frame {i}");
             let cached_before = fx.reason(Reason::RedirectXdpCached);
+            let flow_cache_before = fx.reason(Reason::RedirectXdpFlowCache);
             let (verdict, cached, _) = fx.xdp(f, *ifindex);
             assert_eq!(verdict, XDP_REDIRECT, "frame {i}");
             assert_eq!(fx.reason(Reason::RedirectXdpCached), cached_before + 1, "frame {i} took the fast path");
+            // The entry filled this CPU's flow cache slot: the next packet is found there.
+            let (verdict, from_slot, _) = fx.xdp(f, *ifindex);
+            assert_eq!(verdict, XDP_REDIRECT, "frame {i}");
+            assert_eq!(fx.reason(Reason::RedirectXdpFlowCache), flow_cache_before + 1, "frame {i}: flow cache");
+            assert_eq!(fx.reason(Reason::RedirectXdpCached), cached_before + 1, "frame {i}: not the entry");
             fx.state.bump_route_generation().unwrap();
             let (verdict, full, _) = fx.xdp(f, *ifindex);
             assert_eq!(verdict, XDP_REDIRECT, "frame {i}");
             assert_eq!(fx.reason(Reason::RedirectXdpCached), cached_before + 1, "frame {i}: new generation");
+            assert_eq!(fx.reason(Reason::RedirectXdpFlowCache), flow_cache_before + 1, "frame {i}: new generation");
             assert_eq!(cached, full, "frame {i}: the fast path rewrites exactly as the full path");
+            assert_eq!(from_slot, full, "frame {i}: so does the flow cache");
             check(&cached);
         }
         assert_eq!(fx.reason(Reason::RedirectXdp), full_path + 2 * frames.len() as u64);
@@ -317,12 +325,17 @@ fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
         let Some(TransportHeader::Udp(u)) = h.transport else { panic!() };
         assert_eq!(u.checksum, 0, "zero UDP checksum stays zero on the fast path");
         // Counters: the cached packets count for their forward like any other.
-        assert_eq!(fx.stats(1).packets, 2 + 3 + 3);
+        assert_eq!(fx.stats(1).packets, 2 + 4 + 4);
 
         // What the fast path must not take: TTL about to expire, a fragment, IP options, a
         // pending checksum (CHECKSUM_PARTIAL seed), a frame shorter than its IP length.
         let data = &frames[0].0;
-        let cached = fx.reason(Reason::RedirectXdpCached);
+        // Through the full path and the entry into the flow cache again, so that a packet
+        // of this tuple would be found there.
+        let entry_hits = fx.reason(Reason::RedirectXdpCached);
+        assert_eq!((fx.xdp(data, fx.v0).0, fx.xdp(data, fx.v0).0), (XDP_REDIRECT, XDP_REDIRECT));
+        assert_eq!(fx.reason(Reason::RedirectXdpCached), entry_hits + 1);
+        let cached = fast_path(fx);
         let mut ttl1 = data.clone();
         ttl1[14 + 8] = 1;
         let mut frag = data.clone();
@@ -339,8 +352,13 @@ fn established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             let (verdict, out, _) = fx.xdp(&f, fx.v0);
             assert_eq!((verdict, out == f), (XDP_PASS, true), "{name}: passed untouched");
         }
-        assert_eq!(fx.reason(Reason::RedirectXdpCached), cached, "none of them on the fast path");
+        assert_eq!(fast_path(fx), cached, "none of them on the fast path");
     });
+}
+
+/// Packets of both fast-path tiers: from the connection's entry and from the flow cache.
+fn fast_path(fx: &Fixture) -> u64 {
+    fx.reason(Reason::RedirectXdpCached) + fx.reason(Reason::RedirectXdpFlowCache)
 }
 
 /// The fast path never sends a packet longer than the FIB's MTU check has passed for the
@@ -354,7 +372,7 @@ fn packets_longer_than_the_cached_next_hop_has_passed_take_the_full_path() {
         let status = std::process::Command::new("ip").args(["link", "set", "v1", "mtu", "1000"]).status().unwrap();
         assert!(status.success());
         let datagram = |n: usize| udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6300, 53, &vec![7u8; n]);
-        let cached = |fx: &Fixture| fx.reason(Reason::RedirectXdpCached);
+        let cached = fast_path;
         let (small, mid, big) = (datagram(10), datagram(500), datagram(1200));
         assert_eq!(fx.xdp(&small, fx.v0).0, XDP_REDIRECT);
         assert_eq!(fx.xdp(&small, fx.v0).0, XDP_REDIRECT);
@@ -392,6 +410,94 @@ fn cached_next_hop_follows_a_neighbour_change_after_a_generation_bump() {
         fx.state.bump_route_generation().unwrap();
         assert_eq!(check(&fx.xdp(&q, fx.v0).1).1, new_mac, "new generation: looked up again");
         assert_eq!(check(&fx.xdp(&q, fx.v0).1).1, new_mac, "and cached again");
+    });
+}
+
+/// The flow cache (first tier of the fast path) holds copies of connection entries: a slot
+/// is never used once its connection is gone, and a packet that changes the connection's
+/// state (a FIN here) goes to the entry, which records it.
+#[test]
+fn flow_cache_slots_never_outlive_their_connection_and_leave_state_to_the_entry() {
+    with_fixture(CONFIG, |fx| {
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6400, 53, b"query");
+        for _ in 0..3 {
+            assert_eq!(fx.xdp(&q, fx.v0).0, XDP_REDIRECT);
+        }
+        let tiers = |fx: &Fixture| {
+            (
+                fx.reason(Reason::RedirectXdp),
+                fx.reason(Reason::RedirectXdpCached),
+                fx.reason(Reason::RedirectXdpFlowCache),
+            )
+        };
+        assert_eq!(tiers(fx), (1, 1, 1), "full path, entry, flow cache");
+        // The connection removed (as idle expiry or a flush does): its slot is not used, the
+        // next datagram is a new flow.
+        let keys: Vec<_> = fx.state.conntrack().unwrap().into_iter().map(|(k, _)| k).collect();
+        fx.state.remove_conntrack(&keys).unwrap();
+        let new_conns = fx.stats(2).new_conns;
+        assert_eq!(fx.xdp(&q, fx.v0).0, XDP_REDIRECT);
+        assert_eq!(tiers(fx), (2, 1, 1), "a new flow, through the full path");
+        assert_eq!((fx.stats(2).new_conns, fx.conntrack_len()), (new_conns + 1, 2));
+
+        let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40200, 3306, true, b"");
+        let snat_port = check(&fx.xdp(&syn, fx.v0).1).5;
+        let syn_ack = tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, true, b"");
+        assert_eq!(fx.xdp(&syn_ack, fx.v1).0, XDP_REDIRECT);
+        let data = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40200, 3306, false, b"data");
+        for _ in 0..3 {
+            assert_eq!(fx.xdp(&data, fx.v0).0, XDP_REDIRECT);
+        }
+        assert_eq!(tiers(fx), (5, 2, 2), "handshake and data: full path, entry, flow cache");
+        let mut fin = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac)
+            .ipv4(CLIENT, ROUTER_IN, 64)
+            .tcp(40200, 3306, 1004, 65000)
+            .ack(5000)
+            .fin()
+            .write(&mut fin, b"")
+            .unwrap();
+        let (verdict, via_entry, _) = fx.xdp(&fin, fx.v0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(tiers(fx), (5, 3, 2), "a FIN goes to the entry");
+        let fin_seen =
+            fx.state.conntrack().unwrap().into_iter().any(|(k, v)| {
+                k.src_addr[..4] == CLIENT && k.src_port_be == 40200u16.to_be() && v.state & CT_SEEN_FIN != 0
+            });
+        assert!(fin_seen, "the entry recorded the FIN");
+        let (verdict, via_slot, _) = fx.xdp(&fin, fx.v0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(tiers(fx), (5, 3, 3), "a FIN again adds nothing: the refilled slot takes it");
+        assert_eq!(via_slot, via_entry);
+        check(&via_slot);
+    });
+}
+
+/// Flows whose tuples fall into the same flow cache slot each keep their own rewrite: the
+/// slot holds one of them, the other finds a foreign key there and takes its entry.
+#[test]
+fn flows_sharing_a_flow_cache_slot_keep_their_own_rewrite() {
+    with_fixture(CONFIG, |fx| {
+        let word = u32::from_ne_bytes;
+        let slot = |sport: u16| {
+            let ([a, b], [c, d]) = (sport.to_be_bytes(), 53u16.to_be_bytes());
+            flow_cache_slot(word(CLIENT), word(ROUTER_IN), word([a, b, c, d]), 17)
+        };
+        let first = 7000u16;
+        let second = (first + 1..u16::MAX).find(|p| slot(*p) == slot(first)).expect("a colliding port");
+        let qa = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, first, 53, b"a");
+        let qb = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, second, 53, b"b");
+        let port_a = check(&fx.xdp(&qa, fx.v0).1).5;
+        let port_b = check(&fx.xdp(&qb, fx.v0).1).5;
+        assert_ne!(port_a, port_b);
+        for _ in 0..3 {
+            assert_eq!(check(&fx.xdp(&qa, fx.v0).1).5, port_a);
+            assert_eq!(check(&fx.xdp(&qb, fx.v0).1).5, port_b);
+        }
+        assert_eq!(fx.reason(Reason::RedirectXdpCached), 6, "alternating: each from its entry");
+        assert_eq!(fx.reason(Reason::RedirectXdpFlowCache), 0);
+        let (_, out, _) = fx.xdp(&qb, fx.v0);
+        assert_eq!((check(&out).5, fx.reason(Reason::RedirectXdpFlowCache)), (port_b, 1), "in a row: the slot");
     });
 }
 
