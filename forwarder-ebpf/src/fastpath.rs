@@ -197,7 +197,8 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         return Ok(Fast::Full);
     }
     note_state(entry, h.tcp_flags);
-    // The slot, field by field (a struct copy would be a byte-loop call).
+    // The slot, field by field and arrays byte by byte: a struct or array copy would be a
+    // call to a byte-loop memmove.
     let (a, b) = (&entry.new_src_addr, &entry.new_dst_addr);
     let (sp, dp) = (entry.new_src_port_be.to_ne_bytes(), entry.new_dst_port_be.to_ne_bytes());
     slot.src = src;
@@ -215,8 +216,9 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     slot.generation = entry.nh_gen;
     slot.jiffies = entry.nh_jiffies;
     slot.len_ok = entry.nh_len_ok;
-    slot.dmac = entry.nh_dmac;
-    slot.smac = entry.nh_smac;
+    let (d, m) = (&entry.nh_dmac, &entry.nh_smac);
+    slot.dmac = [d[0], d[1], d[2], d[3], d[4], d[5]];
+    slot.smac = [m[0], m[1], m[2], m[3], m[4], m[5]];
     Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpCached)))
 }
 
