@@ -189,10 +189,11 @@ pub struct FlowCacheSlot {
     pub state: u8,
     /// As [`CtValue::nh_l3_delta`].
     pub l3_delta: u16,
-    /// The rewrite: source and destination address, source and destination port.
-    pub new_src: [u8; 4],
-    pub new_dst: [u8; 4],
-    pub new_ports: [u8; 4],
+    /// The rewrite: source and destination address, source and destination port (words
+    /// as the key's).
+    pub new_src: u32,
+    pub new_dst: u32,
+    pub new_ports: u32,
     pub forward_id: u32,
     /// Egress ifindex; 0 for an empty slot.
     pub ifindex: u32,

@@ -66,12 +66,14 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-/// The headers of a packet the fast path may take, read in place.
+/// The headers of a packet the fast path may take, read in place. Addresses and ports are
+/// kept as the native-endian words of their bytes in the packet (as in [`FlowCacheSlot`]):
+/// as words they are a few registers, as byte arrays a dozen values spilled to the stack.
 struct Headers {
-    /// Source and destination address, source and destination port, as in the packet.
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: [u8; 4],
+    src: u32,
+    dst: u32,
+    /// Source port then destination port.
+    ports: u32,
     proto: u8,
     ttl: u8,
     tot_len: usize,
@@ -87,6 +89,11 @@ impl Headers {
     fn no_udp_check(&self) -> bool {
         self.proto == PROTO_UDP && self.l4_check == 0
     }
+}
+
+#[inline(always)]
+fn word(ctx: &XdpContext, offset: usize) -> Result<u32, Reason> {
+    Ok(u32::from_ne_bytes(read(ctx, offset)?))
 }
 
 /// The headers of a plain IPv4 TCP/UDP packet, or `None` for the cases parse.rs takes
@@ -112,26 +119,24 @@ fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
         return Ok(None);
     }
     let l4_len = tot_len.wrapping_sub(L4_OFF_V4 - L3_OFF);
-    let addrs: [u8; 8] = read(ctx, IPV4_SRC_OFF)?;
-    let l4: [u8; 8] = read(ctx, L4_OFF_V4)?;
     let (check_off, tcp_flags) = if proto == PROTO_TCP {
-        let tcp: [u8; 4] = read(ctx, L4_OFF_V4 + 12)?;
+        let tcp: [u8; 2] = read(ctx, L4_OFF_V4 + 12)?;
         let data_off = (tcp[0] >> 4) as usize * 4;
         if l4_len < 20 || data_off < 20 || data_off > l4_len {
             return Ok(None);
         }
         (L4_OFF_V4 + 16, tcp[1])
     } else {
-        let udp_len = be16([l4[4], l4[5]]) as usize;
+        let udp_len = be16(read(ctx, L4_OFF_V4 + 4)?) as usize;
         if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
             return Ok(None);
         }
         (L4_OFF_V4 + 6, 0)
     };
     let h = Headers {
-        src: [addrs[0], addrs[1], addrs[2], addrs[3]],
-        dst: [addrs[4], addrs[5], addrs[6], addrs[7]],
-        ports: [l4[0], l4[1], l4[2], l4[3]],
+        src: word(ctx, IPV4_SRC_OFF)?,
+        dst: word(ctx, IPV4_SRC_OFF + 4)?,
+        ports: word(ctx, L4_OFF_V4)?,
         proto,
         ttl: frag_ttl_proto[2],
         tot_len,
@@ -140,7 +145,8 @@ fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
         tcp_flags,
     };
     // A CHECKSUM_PARTIAL seed (see csum::looks_partial) needs TC's checksum helpers.
-    if !h.no_udp_check() && h.l4_check == ipv4_pseudo_seed(h.src, h.dst, proto, l4_len as u16) {
+    let seed = ipv4_pseudo_seed(h.src.to_ne_bytes(), h.dst.to_ne_bytes(), proto, l4_len as u16);
+    if !h.no_udp_check() && h.l4_check == seed {
         return Ok(None);
     }
     Ok(Some(h))
@@ -157,8 +163,7 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let Some(h) = headers(ctx)? else {
         return Ok(Fast::Full);
     };
-    let word = u32::from_ne_bytes;
-    let (src, dst, ports, proto) = (word(h.src), word(h.dst), word(h.ports), h.proto);
+    let (src, dst, ports, proto) = (h.src, h.dst, h.ports, h.proto);
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
@@ -181,7 +186,8 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
 
     let key = ct_key_v4(src, dst, ports, proto);
     let Some(entry) = FWD_CT.get_ptr_mut(&key) else {
-        let rule = fwd_key_v4(dst, [h.ports[2], h.ports[3]], proto);
+        let p = ports.to_ne_bytes();
+        let rule = fwd_key_v4(dst, [p[2], p[3]], proto);
         // SAFETY: only the flags are read, at once.
         return Ok(match unsafe { FWD_RULES.get(&rule) } {
             Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => Fast::Untracked,
@@ -201,6 +207,7 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     // call to a byte-loop memmove.
     let (a, b) = (&entry.new_src_addr, &entry.new_dst_addr);
     let (sp, dp) = (entry.new_src_port_be.to_ne_bytes(), entry.new_dst_port_be.to_ne_bytes());
+    let word = u32::from_ne_bytes;
     slot.src = src;
     slot.dst = dst;
     slot.ports = ports;
@@ -208,9 +215,9 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     slot.state = entry.state;
     slot.l3_delta = entry.nh_l3_delta;
     slot.l4_delta = entry.nh_l4_delta;
-    slot.new_src = [a[0], a[1], a[2], a[3]];
-    slot.new_dst = [b[0], b[1], b[2], b[3]];
-    slot.new_ports = [sp[0], sp[1], dp[0], dp[1]];
+    slot.new_src = word([a[0], a[1], a[2], a[3]]);
+    slot.new_dst = word([b[0], b[1], b[2], b[3]]);
+    slot.new_ports = word([sp[0], sp[1], dp[0], dp[1]]);
     slot.forward_id = entry.forward_id;
     slot.ifindex = ifindex;
     slot.generation = entry.nh_gen;
@@ -248,9 +255,9 @@ fn rewrite(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reaso
     let ip_check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), s.l3_delta);
     write(ctx, IPV4_CHECK_OFF, ip_check.to_be_bytes())?;
     write(ctx, IPV4_TTL_OFF, [h.ttl - 1])?;
-    let (a, b) = (&s.new_src, &s.new_dst);
-    write(ctx, IPV4_SRC_OFF, [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]])?;
-    write(ctx, L4_OFF_V4, s.new_ports)?;
+    write(ctx, IPV4_SRC_OFF, s.new_src.to_ne_bytes())?;
+    write(ctx, IPV4_SRC_OFF + 4, s.new_dst.to_ne_bytes())?;
+    write(ctx, L4_OFF_V4, s.new_ports.to_ne_bytes())?;
     let (m, n) = (&s.dmac, &s.smac);
     write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]])
 }
