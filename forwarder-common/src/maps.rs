@@ -21,7 +21,7 @@ pub const MAP_ROUTE_GEN: &str = "FWD_ROUTE_GEN";
 pub const NH_MAX_AGE_JIFFIES: u32 = 250;
 /// The XDP flow cache: slot -> [`FlowCacheSlot`] (per-CPU array of [`FLOW_CACHE_SLOTS`],
 /// kernel-internal, not pinned). A copy of an established IPv4 connection's rewrite and
-/// next hop, found by indexing instead of hashing; see [`flow_cache_slot`].
+/// next hop, found by indexing instead of hashing; see [`flow_cache_bucket`].
 pub const MAP_FLOW_CACHE: &str = "FWD_FLOW_CACHE";
 /// log2 of [`FLOW_CACHE_SLOTS`].
 pub const FLOW_CACHE_BITS: u32 = 12;
@@ -208,18 +208,48 @@ pub struct FlowCacheSlot {
 }
 const _: () = assert!(size_of::<FlowCacheSlot>() == 64);
 
-/// The flow cache slot of an IPv4 tuple (words as in [`FlowCacheSlot`]). Collisions only
-/// cost a miss (the slot's key is compared in full), so a sender that picks colliding
-/// tuples slows its own flows to the entry lookup, no more.
+impl FlowCacheSlot {
+    /// The slot holds a copy for this tuple (words as in the key fields).
+    #[inline(always)]
+    pub fn holds(&self, src: u32, dst: u32, ports: u32, proto: u8) -> bool {
+        self.ifindex != 0 && self.src == src && self.dst == dst && self.ports == ports && self.proto == proto
+    }
+
+    /// The copy is as current as its entry's next hop would be ([`next_hop_current`]).
+    #[inline(always)]
+    pub fn current(&self, generation: u32, now: u32) -> bool {
+        self.ifindex != 0 && next_hop_current(self.generation, self.jiffies, generation, now)
+    }
+
+    /// A new copy for this tuple may go here: the slot is empty, stale, or this tuple's.
+    #[inline(always)]
+    pub fn free_for(&self, src: u32, dst: u32, ports: u32, proto: u8, generation: u32, now: u32) -> bool {
+        !self.current(generation, now) || self.holds(src, dst, ports, proto)
+    }
+}
+
+/// A next hop looked up under route generation `generation` at `jiffies` (low 32 bits) is
+/// still current at `now` under `now_generation`: the same generation, younger than
+/// [`NH_MAX_AGE_JIFFIES`].
 #[inline(always)]
-pub fn flow_cache_slot(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
+pub fn next_hop_current(generation: u32, jiffies: u32, now_generation: u32, now: u32) -> bool {
+    generation == now_generation && now.wrapping_sub(jiffies) < NH_MAX_AGE_JIFFIES
+}
+
+/// The first of the two slots (a bucket) where an IPv4 tuple (words as in
+/// [`FlowCacheSlot`]) may be cached; it is even, the other one follows. Two ways, so two
+/// flows that hash alike both stay cached; a third takes turns with the second. Collisions
+/// only cost a miss (the key is compared in full), so a sender that picks colliding tuples
+/// slows its own flows to the entry lookup, no more.
+#[inline(always)]
+pub fn flow_cache_bucket(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
     // MurmurHash3's finaliser: every input bit reaches the index bits.
     let mut h = src ^ dst.rotate_left(16) ^ ports.wrapping_mul(0x9e37_79b1) ^ proto as u32;
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
-    (h ^ (h >> 16)) & (FLOW_CACHE_SLOTS - 1)
+    (h ^ (h >> 16)) & (FLOW_CACHE_SLOTS - 2)
 }
 
 /// [`CtValue`] of versions before the next-hop cache (map [`MAP_CONNTRACK_V1`]), read
@@ -410,20 +440,45 @@ mod pod {
 mod tests {
     use super::*;
 
-    /// Consecutive client ports (the usual many-flows pattern) spread over the slots.
+    /// Consecutive client ports (the usual many-flows pattern) spread over the buckets.
     #[test]
-    fn flow_cache_slots_spread_consecutive_ports() {
+    fn flow_cache_buckets_spread_consecutive_ports() {
         let word = |b: [u8; 4]| u32::from_ne_bytes(b);
         let (src, dst) = (word([192, 0, 2, 2]), word([203, 0, 113, 20]));
-        let mut used = [false; FLOW_CACHE_SLOTS as usize];
+        let mut per_bucket = [0u32; FLOW_CACHE_SLOTS as usize / 2];
         for port in 20_000u16..21_024 {
             let [a, b] = port.to_be_bytes();
-            let slot = flow_cache_slot(src, dst, word([a, b, 0x0c, 0xea]), 17);
-            assert!(slot < FLOW_CACHE_SLOTS);
-            used[slot as usize] = true;
+            let first = flow_cache_bucket(src, dst, word([a, b, 0x0c, 0xea]), 17);
+            assert!(first % 2 == 0 && first + 1 < FLOW_CACHE_SLOTS);
+            per_bucket[first as usize / 2] += 1;
         }
-        let distinct = used.iter().filter(|u| **u).count();
-        // A random function fills 4096 * (1 - e^(-1/4)) = 906 slots on average.
-        assert!(distinct > 870, "{distinct} distinct slots for 1024 flows");
+        // A random function leaves 2048 * P(Poisson(1/2) > 2) = 29 buckets with a third
+        // flow on average (the flows that take turns).
+        let crowded = per_bucket.iter().filter(|n| **n > 2).count();
+        assert!(crowded < 60, "{crowded} buckets with more than two of 1024 flows");
+    }
+
+    #[test]
+    fn a_slot_is_free_when_empty_stale_or_the_same_flow() {
+        let slot = FlowCacheSlot {
+            src: 1,
+            dst: 2,
+            ports: 3,
+            proto: 17,
+            ifindex: 4,
+            generation: 7,
+            jiffies: 1000,
+            ..Default::default()
+        };
+        assert!(slot.holds(1, 2, 3, 17) && !slot.holds(1, 2, 3, 6) && !slot.holds(9, 2, 3, 17));
+        assert!(slot.current(7, 1000 + NH_MAX_AGE_JIFFIES - 1));
+        assert!(!slot.current(7, 1000 + NH_MAX_AGE_JIFFIES), "too old");
+        assert!(!slot.current(8, 1000), "another generation");
+        assert!(slot.current(7, 1000u32.wrapping_add(0)), "jiffies wrap like the entry's");
+        assert!(!slot.free_for(9, 2, 3, 17, 7, 1001), "another flow's current copy");
+        assert!(slot.free_for(1, 2, 3, 17, 7, 1001), "this flow's");
+        assert!(slot.free_for(9, 2, 3, 17, 8, 1001), "stale");
+        assert!(FlowCacheSlot::default().free_for(9, 2, 3, 17, 0, 0), "empty");
+        assert!(!FlowCacheSlot::default().holds(0, 0, 0, 0), "an empty slot holds nothing");
     }
 }

@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
-    FWD_FLAG_INGRESS, FwdKey, FwdValue, NH_MAX_AGE_JIFFIES, PROTO_TCP, Reason, SNAT_OFF,
+    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
     conntrack::{CT_ANSWERED, CT_SEEN_SYN, bits_of_tcp_flags, pick_port},
     csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
+    next_hop_current,
 };
 
 use crate::{
@@ -258,9 +259,7 @@ pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, ifindex: u3
     let now = unsafe { bpf_jiffies64() } as u32;
     // The FIB has just passed this packet's length; a still-current entry for the same
     // egress keeps the larger length it passed before.
-    let current = entry.nh_ifindex == ifindex
-        && entry.nh_gen == generation
-        && now.wrapping_sub(entry.nh_jiffies) < NH_MAX_AGE_JIFFIES;
+    let current = entry.nh_ifindex == ifindex && next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now);
     let len_ok = if current && entry.nh_len_ok > flow.l3_len { entry.nh_len_ok } else { flow.l3_len };
     let old_addrs = sum_addr(&flow.src, false) + sum_addr(&flow.dst, false);
     let new_addrs = sum_addr(&new.src, false) + sum_addr(&new.dst, false);

@@ -12,10 +12,10 @@
 
 use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use forwarder_common::{
-    FWD_FLAG_INGRESS, FlowCacheSlot, NH_MAX_AGE_JIFFIES, PROTO_TCP, PROTO_UDP, Reason,
+    FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
     conntrack::bits_of_tcp_flags,
     csum::{apply_delta, ipv4_pseudo_seed},
-    flow_cache_slot,
+    flow_cache_bucket, next_hop_current,
 };
 
 use crate::{
@@ -152,12 +152,6 @@ fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
     Ok(Some(h))
 }
 
-/// A next hop looked up under `generation` at `jiffies` is still current.
-#[inline(always)]
-fn current(generation: u32, jiffies: u32, now_generation: u32, now: u32) -> bool {
-    generation == now_generation && now.wrapping_sub(jiffies) < NH_MAX_AGE_JIFFIES
-}
-
 #[inline(always)]
 fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let Some(h) = headers(ctx)? else {
@@ -167,21 +161,23 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
-    let Some(slot) = FWD_FLOW_CACHE.get_ptr_mut(flow_cache_slot(src, dst, ports, proto)) else {
+    let first = flow_cache_bucket(src, dst, ports, proto);
+    let (Some(s0), Some(s1)) = (FWD_FLOW_CACHE.get_ptr_mut(first), FWD_FLOW_CACHE.get_ptr_mut(first + 1)) else {
         return Ok(Fast::Full);
     };
-    // SAFETY: per-CPU slot, used by one program run at a time.
-    let slot = unsafe { &mut *slot };
-    if slot.ifindex != 0
-        && slot.src == src
-        && slot.dst == dst
-        && slot.ports == ports
-        && slot.proto == proto
-        && current(slot.generation, slot.jiffies, generation, now)
-        && h.tot_len <= slot.len_ok as usize
-        && bits_of_tcp_flags(h.tcp_flags) & !slot.state == 0
-    {
-        return Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpFlowCache)));
+    // SAFETY: per-CPU slots, used by one program run at a time.
+    let (s0, s1) = unsafe { (&mut *s0, &mut *s1) };
+    let serves = |s: &FlowCacheSlot| {
+        s.holds(src, dst, ports, proto)
+            && s.current(generation, now)
+            && h.tot_len <= s.len_ok as usize
+            && bits_of_tcp_flags(h.tcp_flags) & !s.state == 0
+    };
+    if serves(s0) {
+        return Ok(Fast::Done(send(ctx, &h, s0, Reason::RedirectXdpFlowCache)));
+    }
+    if serves(s1) {
+        return Ok(Fast::Done(send(ctx, &h, s1, Reason::RedirectXdpFlowCache)));
     }
 
     let key = ct_key_v4(src, dst, ports, proto);
@@ -198,11 +194,16 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let entry = unsafe { &mut *entry };
     // SAFETY: a map value; read once, see conntrack::cache_next_hop.
     let ifindex = unsafe { core::ptr::read_volatile(&entry.nh_ifindex) };
-    if ifindex == 0 || !current(entry.nh_gen, entry.nh_jiffies, generation, now) || h.tot_len > entry.nh_len_ok as usize
+    if ifindex == 0
+        || !next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now)
+        || h.tot_len > entry.nh_len_ok as usize
     {
         return Ok(Fast::Full);
     }
     note_state(entry, h.tcp_flags);
+    // The first slot unless it holds another flow's current copy: two flows of a bucket
+    // both stay, a third takes turns in the second slot.
+    let slot = if s0.free_for(src, dst, ports, proto, generation, now) { s0 } else { s1 };
     // The slot, field by field and arrays byte by byte: a struct or array copy would be a
     // call to a byte-loop memmove.
     let (a, b) = (&entry.new_src_addr, &entry.new_dst_addr);

@@ -14,7 +14,7 @@ use forwarder::{
     loader::{Instance, LoadOptions},
     state::State,
 };
-use forwarder_common::{GlobalConfig, IFACE_XDP_EGRESS_OK, Reason, conntrack::CT_SEEN_FIN, flow_cache_slot};
+use forwarder_common::{GlobalConfig, IFACE_XDP_EGRESS_OK, Reason, conntrack::CT_SEEN_FIN, flow_cache_bucket};
 use forwarder_tests::{Netns, unique_tag};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -473,31 +473,37 @@ fn flow_cache_slots_never_outlive_their_connection_and_leave_state_to_the_entry(
     });
 }
 
-/// Flows whose tuples fall into the same flow cache slot each keep their own rewrite: the
-/// slot holds one of them, the other finds a foreign key there and takes its entry.
+/// Flows whose tuples fall into the same flow cache bucket (two slots) each keep their own
+/// rewrite: two of them both stay cached, a third takes turns with the second.
 #[test]
-fn flows_sharing_a_flow_cache_slot_keep_their_own_rewrite() {
+fn flows_sharing_a_flow_cache_bucket_keep_their_own_rewrite() {
     with_fixture(CONFIG, |fx| {
         let word = u32::from_ne_bytes;
-        let slot = |sport: u16| {
+        let bucket = |sport: u16| {
             let ([a, b], [c, d]) = (sport.to_be_bytes(), 53u16.to_be_bytes());
-            flow_cache_slot(word(CLIENT), word(ROUTER_IN), word([a, b, c, d]), 17)
+            flow_cache_bucket(word(CLIENT), word(ROUTER_IN), word([a, b, c, d]), 17)
         };
         let first = 7000u16;
-        let second = (first + 1..u16::MAX).find(|p| slot(*p) == slot(first)).expect("a colliding port");
-        let qa = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, first, 53, b"a");
-        let qb = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, second, 53, b"b");
-        let port_a = check(&fx.xdp(&qa, fx.v0).1).5;
-        let port_b = check(&fx.xdp(&qb, fx.v0).1).5;
-        assert_ne!(port_a, port_b);
+        let mut same = (first + 1..u16::MAX).filter(|p| bucket(*p) == bucket(first));
+        let (second, third) = (same.next().expect("a colliding port"), same.next().expect("another"));
+        let query = |port: u16| udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, port, 53, b"q");
+        let (qa, qb, qc) = (query(first), query(second), query(third));
+        let port_of = |f: &[u8]| check(&fx.xdp(f, fx.v0).1).5;
+        let tiers = |fx: &Fixture| (fx.reason(Reason::RedirectXdpCached), fx.reason(Reason::RedirectXdpFlowCache));
+        // New flows (full path), then each from its entry into a slot of the bucket.
+        let (pa, pb, pc) = (port_of(&qa), port_of(&qb), port_of(&qc));
+        assert!(pa != pb && pb != pc && pa != pc);
+        assert_eq!((port_of(&qa), port_of(&qb)), (pa, pb));
+        assert_eq!(tiers(fx), (2, 0));
         for _ in 0..3 {
-            assert_eq!(check(&fx.xdp(&qa, fx.v0).1).5, port_a);
-            assert_eq!(check(&fx.xdp(&qb, fx.v0).1).5, port_b);
+            assert_eq!((port_of(&qa), port_of(&qb)), (pa, pb));
         }
-        assert_eq!(fx.reason(Reason::RedirectXdpCached), 6, "alternating: each from its entry");
-        assert_eq!(fx.reason(Reason::RedirectXdpFlowCache), 0);
-        let (_, out, _) = fx.xdp(&qb, fx.v0);
-        assert_eq!((check(&out).5, fx.reason(Reason::RedirectXdpFlowCache)), (port_b, 1), "in a row: the slot");
+        assert_eq!(tiers(fx), (2, 6), "two flows of a bucket both stay cached");
+        assert_eq!(port_of(&qc), pc);
+        assert_eq!((port_of(&qa), port_of(&qc)), (pa, pc));
+        assert_eq!(tiers(fx), (3, 8), "the third took the second slot; the first kept its own");
+        assert_eq!(port_of(&qb), pb);
+        assert_eq!(tiers(fx), (4, 8), "the second, displaced, from its entry");
     });
 }
 
