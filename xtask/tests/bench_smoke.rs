@@ -41,6 +41,14 @@ fn quick_bench_gives_every_contender_its_figures() {
         }
         assert!(figures["udp_one_flow_pps"]["median"].as_f64().unwrap() > 0.0, "{}: nothing delivered", c["id"]);
     }
+    // forwarder's counters say how its UDP packets left: with XDP native and one flow,
+    // nearly all from the flow cache (the first through the full path, then one entry hit
+    // per CPU the flow meets).
+    let native = contenders.iter().find(|c| c["id"] == "forwarder-xdp-native").expect("XDP native ran");
+    let one_flow = native["udp_reasons"]["1 flow"].as_object().expect("reason counts of the one-flow workload");
+    let total: u64 = one_flow.values().filter_map(|v| v.as_u64()).sum();
+    let from_cache = one_flow.get("redirect_xdp_flow_cache").and_then(|v| v.as_u64()).unwrap_or(0);
+    assert!(total > 0 && from_cache * 10 > total * 9, "{one_flow:?}");
     let scaling = &results["scaling"];
     assert!(scaling["apply"].as_array().is_some_and(|a| !a.is_empty()), "rule scaling timed");
     assert!(results["testrun"].as_array().is_some_and(|t| t.len() >= 9), "every BPF_PROG_TEST_RUN path timed");

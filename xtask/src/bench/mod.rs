@@ -154,7 +154,14 @@ pub struct ContenderResult {
     pub errors: Vec<String>,
     /// Why some figures are missing by design.
     pub limitation: Option<&'static str>,
+    /// forwarder's contenders: how the UDP workloads' packets left the router, by reason
+    /// code (`1 flow`, `many flows` → reason name → packets, over all repetitions), from
+    /// the daemon's counters. Empty for the others.
+    pub udp_reasons: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
 }
+
+/// Per contender and UDP workload: reason name → packets.
+type ReasonCounts = BTreeMap<(Contender, &'static str), BTreeMap<&'static str, u64>>;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ScalingResult {
@@ -215,6 +222,7 @@ pub fn run(opts: Options) -> Result<Results> {
     let mut samples: BTreeMap<(Contender, Figure), Vec<f64>> = BTreeMap::new();
     let mut errors: BTreeMap<Contender, Vec<String>> = BTreeMap::new();
     let mut testrun_samples: BTreeMap<(&'static str, &'static str), (Vec<f64>, u32)> = BTreeMap::new();
+    let mut reasons: ReasonCounts = BTreeMap::new();
     for rep in 0..plan.repetitions {
         // Rotate the order each repetition so no contender always runs first or last.
         let n = opts.contenders.len();
@@ -222,7 +230,7 @@ pub fn run(opts: Options) -> Result<Results> {
             let contender = opts.contenders[(i + rep) % n];
             eprintln!("bench: repetition {}/{}: {}", rep + 1, plan.repetitions, contender.id());
             let mut failed = Vec::new();
-            if let Err(e) = measure_contender(contender, &plan, &mut samples, &mut failed) {
+            if let Err(e) = measure_contender(contender, &plan, &mut samples, &mut reasons, &mut failed) {
                 eprintln!("bench: {}: {e:#}", contender.id());
                 failed.push(format!("{e:#}"));
             }
@@ -251,6 +259,10 @@ pub fn run(opts: Options) -> Result<Results> {
                 .collect(),
             errors: errors.remove(&c).unwrap_or_default(),
             limitation: c.limitation(),
+            udp_reasons: ["1 flow", "many flows"]
+                .into_iter()
+                .filter_map(|w| reasons.get(&(c, w)).map(|r| (w, r.clone())))
+                .collect(),
         })
         .collect();
     let testrun = testrun_samples
@@ -277,6 +289,7 @@ fn measure_contender(
     contender: Contender,
     plan: &Plan,
     samples: &mut BTreeMap<(Contender, Figure), Vec<f64>>,
+    reasons: &mut ReasonCounts,
     errors: &mut Vec<String>,
 ) -> Result<()> {
     let topo = BenchTopo::new()?;
@@ -290,12 +303,27 @@ fn measure_contender(
         }
     };
     let udp_time = Duration::from_secs_f64(plan.udp_seconds);
-    for (flows, delivered, offered, cpu) in [
-        (1, Figure::UdpOneFlowPps, Figure::UdpOneFlowOfferedPps, Figure::CpuNsPerPacketOneFlow),
-        (plan.many_flows, Figure::UdpManyFlowsPps, Figure::UdpManyFlowsOfferedPps, Figure::CpuNsPerPacketManyFlows),
+    for (workload, flows, delivered, offered, cpu) in [
+        ("1 flow", 1, Figure::UdpOneFlowPps, Figure::UdpOneFlowOfferedPps, Figure::CpuNsPerPacketOneFlow),
+        (
+            "many flows",
+            plan.many_flows,
+            Figure::UdpManyFlowsPps,
+            Figure::UdpManyFlowsOfferedPps,
+            Figure::CpuNsPerPacketManyFlows,
+        ),
     ] {
         let generator = Generator::new(&topo, addressing.udp_target(), flows)?;
+        let before = reason_counts(&running);
         let rate = udp_rate(&topo, &generator, udp_time, &running.pids())?;
+        if let (Some(before), Some(after)) = (before, reason_counts(&running)) {
+            let counts = reasons.entry((contender, workload)).or_default();
+            for ((name, a), (_, b)) in after.iter().zip(&before) {
+                if a > b {
+                    *counts.entry(name).or_default() += a - b;
+                }
+            }
+        }
         record(delivered, rate.delivered_pps);
         record(offered, rate.offered_pps);
         if let Some(ns) = rate.cpu_ns_per_packet {
@@ -317,6 +345,12 @@ fn measure_contender(
         .map(|rate| record(Figure::ConnectionsPerSecond, rate));
     attempt("connections", r);
     Ok(())
+}
+
+/// The daemon's per-reason counters, for forwarder's contenders.
+fn reason_counts(running: &contenders::Running) -> Option<Vec<(&'static str, u64)>> {
+    let state = forwarder::state::State::open(&running.daemon.as_ref()?.pin_path).ok()?;
+    forwarder_common::ALL_REASONS.iter().map(|r| Some((r.name(), state.reason_count(*r).ok()?))).collect()
 }
 
 fn measure_scaling(plan: &Plan) -> ScalingResult {

@@ -1,7 +1,7 @@
 //! Output: results.json (everything, for machines), results.md (tables with ratios to
 //! iptables and to the redirect-only ceiling) and chart.svg (packet rates).
 
-use std::{fmt::Write as _, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
 
@@ -159,6 +159,7 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "\n- **{}**: {e}", c.id);
         }
     }
+    md.push_str(&reasons_section(r));
     if let Some(s) = &r.scaling {
         let build = if r.plan.forwarder_release { "" } else { ", debug build of forwarder in quick mode" };
         md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own 3 (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule:\n\n", build));
@@ -306,10 +307,38 @@ pub fn update_readme(r: &Results, readme: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How forwarder's UDP packets left the router, from its reason counters.
+fn reasons_section(r: &Results) -> String {
+    let mut md = String::new();
+    for c in r.contenders.iter().filter(|c| !c.udp_reasons.is_empty()) {
+        if md.is_empty() {
+            md.push_str(
+                "\n## How forwarder's packets left (UDP figures)\n\nfrom its reason counters over all \
+                 repetitions: `redirect_xdp_flow_cache` and `redirect_xdp_cached` are the fast path (flow cache, \
+                 connection entry), `redirect_xdp` the full path with a FIB lookup, `xdp_to_tc` packets XDP left to \
+                 the TC program (counted again under how TC sent them).\n\n| contender | workload | packets by reason |\n|---|---|---|\n",
+            );
+        }
+        for (workload, counts) in &c.udp_reasons {
+            let _ = writeln!(md, "| {} | {workload} | {} |", c.id, reason_shares(counts));
+        }
+    }
+    md
+}
+
+/// `name N (share%)`, largest first.
+fn reason_shares(counts: &BTreeMap<&'static str, u64>) -> String {
+    let total: u64 = counts.values().sum();
+    let mut v: Vec<_> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    v.iter()
+        .map(|(name, n)| format!("`{name}` {n} ({:.2}%)", **n as f64 * 100.0 / total.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::bench::{Machine, Plan, stats::Summary};
 
@@ -320,6 +349,7 @@ mod tests {
             figures: BTreeMap::from([(Figure::UdpOneFlowPps, Summary::of(&[pps, pps * 1.1, pps * 0.9]).unwrap())]),
             errors: vec![],
             limitation: None,
+            udp_reasons: BTreeMap::new(),
         };
         Results {
             machine: Machine {
@@ -338,6 +368,20 @@ mod tests {
             testrun: vec![],
             seconds: 1.0,
         }
+    }
+
+    #[test]
+    fn reasons_are_listed_largest_first_with_shares() {
+        let counts =
+            BTreeMap::from([("redirect_xdp", 1u64), ("redirect_xdp_cached", 9), ("redirect_xdp_flow_cache", 990)]);
+        assert_eq!(
+            reason_shares(&counts),
+            "`redirect_xdp_flow_cache` 990 (99.00%), `redirect_xdp_cached` 9 (0.90%), `redirect_xdp` 1 (0.10%)"
+        );
+        let mut r = results();
+        assert!(!markdown(&r).contains("How forwarder's packets left"), "no section without counts");
+        r.contenders[1].udp_reasons.insert("1 flow", counts);
+        assert!(markdown(&r).contains("| forwarder-xdp-native | 1 flow | `redirect_xdp_flow_cache` 990 (99.00%)"));
     }
 
     #[test]
