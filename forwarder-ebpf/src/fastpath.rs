@@ -194,10 +194,8 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let entry = unsafe { &mut *entry };
     // SAFETY: a map value; read once, see conntrack::cache_next_hop.
     let ifindex = unsafe { core::ptr::read_volatile(&entry.nh_ifindex) };
-    if ifindex == 0
-        || !next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now)
-        || h.tot_len > entry.nh_len_ok as usize
-    {
+    let (nh_gen, nh_jiffies) = (entry.nh_gen, entry.nh_jiffies);
+    if ifindex == 0 || !next_hop_current(nh_gen, nh_jiffies, generation, now) || h.tot_len > entry.nh_len_ok as usize {
         return Ok(Fast::Full);
     }
     note_state(entry, h.tcp_flags);
@@ -221,12 +219,25 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     slot.new_ports = word([sp[0], sp[1], dp[0], dp[1]]);
     slot.forward_id = entry.forward_id;
     slot.ifindex = ifindex;
-    slot.generation = entry.nh_gen;
-    slot.jiffies = entry.nh_jiffies;
+    slot.generation = nh_gen;
+    slot.jiffies = nh_jiffies;
     slot.len_ok = entry.nh_len_ok;
     let (d, m) = (&entry.nh_dmac, &entry.nh_smac);
     slot.dmac = [d[0], d[1], d[2], d[3], d[4], d[5]];
     slot.smac = [m[0], m[1], m[2], m[3], m[4], m[5]];
+    // The full path on another CPU may have rewritten this next hop meanwhile (it clears
+    // nh_ifindex first, then writes the fields, generation and jiffies, then nh_ifindex):
+    // a copy mixing two next hops must not be kept, nor used.
+    // SAFETY: map value fields, read again from memory.
+    let settled = unsafe {
+        core::ptr::read_volatile(&entry.nh_ifindex) == ifindex
+            && core::ptr::read_volatile(&entry.nh_gen) == nh_gen
+            && core::ptr::read_volatile(&entry.nh_jiffies) == nh_jiffies
+    };
+    if !settled {
+        slot.ifindex = 0;
+        return Ok(Fast::Full);
+    }
     Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpCached)))
 }
 
