@@ -236,17 +236,10 @@ impl State {
 
     /// Deletes both entries of every connection of the given forwards; returns connections.
     pub fn flush_connections_of(&self, ids: &[u32]) -> Result<usize> {
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
         let ids: HashSet<u32> = ids.iter().copied().collect();
         let doomed: Vec<(CtKey, CtValue)> =
-            ct.iter().filter_map(|r| r.ok()).filter(|(_, v)| ids.contains(&v.forward_id)).collect();
-        for (k, _) in &doomed {
-            let _ = ct.remove(k);
-        }
-        if !doomed.is_empty() {
-            self.bump_route_generation()?; // no flow cache slot outlives its entry
-        }
+            self.conntrack()?.into_iter().filter(|(_, v)| ids.contains(&v.forward_id)).collect();
+        self.remove_conntrack(&doomed.iter().map(|(k, _)| *k).collect::<Vec<_>>())?;
         Ok(doomed.iter().filter(|(_, v)| v.direction == CT_DIR_ORIGINAL).count())
     }
 

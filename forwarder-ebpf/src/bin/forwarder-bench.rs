@@ -70,7 +70,7 @@ static BENCH_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Keys of the lookup programs: 40 bytes (as forwarder's `CtKey`) and 16. Both are built
 /// from the frame's IPv4 addresses and UDP ports (words `a`, `b`, `c`): `[a, 0, b, 0, c]`
-/// and `[a | b << 32, c]`; the bench inserts the same keys (xdp testrun.rs, `lookup_keys`).
+/// and `[a | b << 32, c]`; the bench inserts the same keys (xtask/src/bench/testrun.rs, `lookup_keys`).
 #[map(name = "BENCH_KEY40")]
 static BENCH_KEY40: HashMap<[u64; 5], u64> = HashMap::with_max_entries(BENCH_KEY_ENTRIES, 0);
 
