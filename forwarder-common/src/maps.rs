@@ -6,9 +6,12 @@ use core::mem::size_of;
 /// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash).
 pub const MAP_FORWARDS: &str = "FWD_RULES";
 /// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (hash).
-/// `_V2`: the value grew a cached next hop (docs/maps.md); the loader migrates entries of
-/// a pinned [`MAP_CONNTRACK_V1`] left by an earlier version.
-pub const MAP_CONNTRACK: &str = "FWD_CT_V2";
+/// `_V3`: the value grew netfilter's TCP states, flags and sequence tracking (docs/maps.md);
+/// the loader migrates entries of a pinned [`MAP_CONNTRACK_V2`] or [`MAP_CONNTRACK_V1`]
+/// left by an earlier version.
+pub const MAP_CONNTRACK: &str = "FWD_CT_V3";
+/// The connection table with a next-hop cache and state bits: [`CtKey`] -> [`CtValueV2`].
+pub const MAP_CONNTRACK_V2: &str = "FWD_CT_V2";
 /// The connection table of versions before the next-hop cache: [`CtKey`] -> [`CtValueV1`].
 pub const MAP_CONNTRACK_V1: &str = "FWD_CT";
 /// Route generation: index 0 -> u32 (array of one). Userspace bumps it whenever routes,
@@ -35,8 +38,11 @@ pub const MAP_REASONS: &str = "FWD_REASONS";
 pub const MAP_IFACES: &str = "FWD_IFACES";
 /// Egress devices XDP may redirect into: ifindex -> ifindex (devmap hash).
 pub const MAP_TX_PORTS: &str = "FWD_TX_PORTS";
-/// Global settings: index 0 -> [`GlobalConfig`] (array of one).
-pub const MAP_GLOBAL: &str = "FWD_GLOBAL";
+/// Global settings: index 0 -> [`GlobalConfig`] (array of one). `_V2`: the SNAT range
+/// grew a hole; userspace writes the whole value at every start, so the older
+/// [`MAP_GLOBAL_V1`] pin is only removed.
+pub const MAP_GLOBAL: &str = "FWD_GLOBAL_V2";
+pub const MAP_GLOBAL_V1: &str = "FWD_GLOBAL";
 /// Connected local sockets whose destination was rewritten: socket cookie -> [`LocalOrig`].
 pub const MAP_LOCAL_CONNECTED: &str = "FWD_LOCAL_CONN";
 /// Unconnected local UDP sockets: [`LocalUdpKey`] -> [`LocalOrig`].
@@ -63,10 +69,12 @@ pub const DEFAULT_MAX_FORWARDS: u32 = 4096;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const MAX_IFACES: u32 = 256;
 pub const REASON_SLOTS: u32 = 64;
-/// Default SNAT source-port range: below Linux's ephemeral range (32768-60999), so our
-/// ports never collide with the host's own outgoing connections.
-pub const DEFAULT_SNAT_PORT_MIN: u16 = 20000;
-pub const DEFAULT_SNAT_PORT_MAX: u16 = 32767;
+/// Default SNAT source-port range (as netfilter's MASQUERADE: every unprivileged port).
+/// The host's own ephemeral range (`net.ipv4.ip_local_port_range`) is cut out of it at
+/// start-up ([`GlobalConfig::snat_hole_min`]), so forwarded flows and the host's own
+/// connections never share a port.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 1024;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
 
 /// A forward's listen side: what a packet's destination must be to match.
 /// Wildcard listen addresses (0.0.0.0, ::) are expanded by userspace into one key per
@@ -147,7 +155,8 @@ pub struct CtValue {
     pub forward_id: u32,
     /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
     pub direction: u8,
-    /// State bits (`crate::conntrack::CT_*`) seen on this direction.
+    /// The connection's state, the same in both of its entries: `crate::conntrack::TCP_*`
+    /// (netfilter's TCP states) or `UDP_*`.
     pub state: u8,
     /// RFC 1624 deltas of this direction's rewrite (see `crate::csum::delta`): IPv4 header
     /// checksum (addresses and the TTL decrement) and L4 checksum (pseudo header and ports).
@@ -168,8 +177,80 @@ pub struct CtValue {
     pub nh_gen: u32,
     /// Low 32 bits of jiffies when the next hop was looked up.
     pub nh_jiffies: u32,
+    /// TCP: the sequence just past the highest segment seen in this direction (host order),
+    /// valid with `crate::conntrack::CT_SEQ_KNOWN`; RSTs are checked against it.
+    pub seq_end: u32,
+    /// The connection's `crate::conntrack::CT_*` flags (assured), the same in both entries,
+    /// and this direction's `CT_SEQ_KNOWN`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<CtValue>() == 80);
+const _: () = assert!(size_of::<CtValue>() == 88);
+
+/// [`CtValue`] of the versions with a next-hop cache but no TCP states (map
+/// [`MAP_CONNTRACK_V2`]): `state` held per-direction bits ([`V2_SEEN_FIN`], ...). Read once
+/// when migrating a pinned table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValueV2 {
+    pub new_src_addr: [u8; 16],
+    pub new_dst_addr: [u8; 16],
+    pub new_src_port_be: u16,
+    pub new_dst_port_be: u16,
+    pub forward_id: u32,
+    pub direction: u8,
+    pub state: u8,
+    pub nh_l3_delta: u16,
+    pub nh_ifindex: u32,
+    pub last_seen_ns: u64,
+    pub nh_dmac: [u8; 6],
+    pub nh_smac: [u8; 6],
+    pub nh_l4_delta: u16,
+    pub nh_len_ok: u16,
+    pub nh_gen: u32,
+    pub nh_jiffies: u32,
+}
+const _: () = assert!(size_of::<CtValueV2>() == 80);
+
+/// [`CtValueV2::state`] bits: a FIN, a RST was seen in this direction; a reply entry saw a
+/// packet (the backend answered).
+pub const V2_SEEN_FIN: u8 = 1 << 1;
+pub const V2_SEEN_RST: u8 = 1 << 2;
+pub const V2_ANSWERED: u8 = 1 << 3;
+
+impl CtValueV2 {
+    /// This entry as a V3 one, given the state bits of both entries of its connection: the
+    /// nearest netfilter state (RST: CLOSE; a FIN: FIN_WAIT;
+    /// answered: ESTABLISHED and assured; else SYN_SENT), sequence not yet known.
+    pub fn upgrade(&self, is_tcp: bool, connection_bits: u8) -> CtValue {
+        use crate::conntrack::*;
+        let answered = connection_bits & V2_ANSWERED != 0;
+        let (state, flags) = if !is_tcp {
+            if answered { (UDP_REPLIED, CT_ASSURED) } else { (UDP_UNREPLIED, 0) }
+        } else if connection_bits & V2_SEEN_RST != 0 {
+            (TCP_CLOSE, CT_ASSURED * answered as u8)
+        } else if connection_bits & V2_SEEN_FIN != 0 {
+            (TCP_FIN_WAIT, CT_ASSURED * answered as u8)
+        } else if answered {
+            (TCP_ESTABLISHED, CT_ASSURED)
+        } else {
+            (TCP_SYN_SENT, 0)
+        };
+        CtValue {
+            new_src_addr: self.new_src_addr,
+            new_dst_addr: self.new_dst_addr,
+            new_src_port_be: self.new_src_port_be,
+            new_dst_port_be: self.new_dst_port_be,
+            forward_id: self.forward_id,
+            direction: self.direction,
+            state,
+            last_seen_ns: self.last_seen_ns,
+            flags,
+            // The next hop is looked up again.
+            ..CtValue::default()
+        }
+    }
+}
 
 /// One slot of the flow cache ([`MAP_FLOW_CACHE`]): a copy of one direction of a tracked
 /// IPv4 connection, made by the XDP fast path from the connection's entry when that entry
@@ -185,7 +266,8 @@ pub struct FlowCacheSlot {
     pub dst: u32,
     pub ports: u32,
     pub proto: u8,
-    /// The entry's state bits (`crate::conntrack::CT_*`) when copied.
+    /// The connection's state when copied (`crate::conntrack::TCP_*`): a TCP slot serves
+    /// only an established connection's segments without SYN, FIN or RST.
     pub state: u8,
     /// As [`CtValue::nh_l3_delta`].
     pub l3_delta: u16,
@@ -204,7 +286,9 @@ pub struct FlowCacheSlot {
     pub len_ok: u16,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// TCP: the sequence of the packet that filled the slot (host order); the slot serves
+    /// only segments less than `conntrack::SEQ_SYNC_BYTES` past it.
+    pub seq: u32,
 }
 const _: () = assert!(size_of::<FlowCacheSlot>() == 64);
 
@@ -269,10 +353,10 @@ pub struct CtValueV1 {
 }
 const _: () = assert!(size_of::<CtValueV1>() == 56);
 
-impl From<CtValueV1> for CtValue {
-    /// The same connection, without a cached next hop (the full path fills it in).
+impl From<CtValueV1> for CtValueV2 {
+    /// The same connection, without a cached next hop (V1 state bits are V2's).
     fn from(v: CtValueV1) -> Self {
-        CtValue {
+        CtValueV2 {
             new_src_addr: v.new_src_addr,
             new_dst_addr: v.new_dst_addr,
             new_src_port_be: v.new_src_port_be,
@@ -281,7 +365,7 @@ impl From<CtValueV1> for CtValue {
             direction: v.direction,
             state: v.state,
             last_seen_ns: v.last_seen_ns,
-            ..CtValue::default()
+            ..CtValueV2::default()
         }
     }
 }
@@ -325,8 +409,34 @@ pub struct GlobalConfig {
     /// Cookie of the network namespace this instance serves. The cgroup socket hooks see
     /// sockets of every namespace and rewrite only those of this one (0: none).
     pub netns_cookie: u64,
+    /// Ports inside `snat_port_min..=snat_port_max` that SNAT never uses (the host's
+    /// ephemeral range), host order; none when `snat_hole_min > snat_hole_max`.
+    pub snat_hole_min: u16,
+    pub snat_hole_max: u16,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<GlobalConfig>() == 16);
+const _: () = assert!(size_of::<GlobalConfig>() == 24);
+
+impl GlobalConfig {
+    /// The SNAT ports; the default range when none is set.
+    #[inline(always)]
+    pub fn snat_ports(&self) -> crate::conntrack::PortRange {
+        if self.snat_port_min == 0 {
+            return crate::conntrack::PortRange {
+                min: DEFAULT_SNAT_PORT_MIN,
+                max: DEFAULT_SNAT_PORT_MAX,
+                hole_min: 1,
+                hole_max: 0,
+            };
+        }
+        crate::conntrack::PortRange {
+            min: self.snat_port_min,
+            max: self.snat_port_max,
+            hole_min: self.snat_hole_min,
+            hole_max: self.snat_hole_max,
+        }
+    }
+}
 
 /// At least one peer is configured: the fast path looks destinations up in `FWD_PEERS`.
 pub const GLOBAL_HAS_PEERS: u32 = 1 << 0;
@@ -424,6 +534,7 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for CtValueV1 {}
+    unsafe impl aya::Pod for CtValueV2 {}
     unsafe impl aya::Pod for FlowCacheSlot {}
     unsafe impl aya::Pod for FwdStats {}
     unsafe impl aya::Pod for IfaceConfig {}
@@ -439,6 +550,23 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_entries_upgrade_to_the_nearest_state() {
+        use crate::conntrack::*;
+        let v = CtValueV2 { forward_id: 3, last_seen_ns: 9, nh_ifindex: 5, ..Default::default() };
+        let up = |tcp, bits| {
+            let n = v.upgrade(tcp, bits);
+            assert_eq!((n.forward_id, n.last_seen_ns, n.nh_ifindex), (3, 9, 0), "kept, next hop looked up again");
+            (n.state, n.flags)
+        };
+        assert_eq!(up(true, 1), (TCP_SYN_SENT, 0));
+        assert_eq!(up(true, 1 | V2_ANSWERED), (TCP_ESTABLISHED, CT_ASSURED));
+        assert_eq!(up(true, V2_ANSWERED | V2_SEEN_FIN), (TCP_FIN_WAIT, CT_ASSURED));
+        assert_eq!(up(true, V2_SEEN_RST), (TCP_CLOSE, 0));
+        assert_eq!(up(false, 0), (UDP_UNREPLIED, 0));
+        assert_eq!(up(false, V2_ANSWERED), (UDP_REPLIED, CT_ASSURED));
+    }
 
     /// Consecutive client ports (the usual many-flows pattern) spread over the buckets.
     #[test]

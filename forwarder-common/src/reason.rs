@@ -57,10 +57,26 @@ pub enum Reason {
     /// As `RedirectXdpCached`, from this CPU's flow cache (a copy of the connection's
     /// entry found by indexing, without the connection table's hash lookup).
     RedirectXdpFlowCache = 25,
+    /// A TCP segment for a forward's listen address that is not a SYN and belongs to no
+    /// tracked connection (only a SYN opens one; a SYN-ACK answering the host's own
+    /// connection from that port, say): passed to the stack untouched.
+    TcpNotSyn = 26,
+    /// A TCP segment the connection's state does not allow (netfilter's INVALID: an ACK
+    /// before the SYN-ACK, a FIN before the handshake, ...): dropped.
+    CtInvalid = 27,
+    /// An RST whose sequence lies outside its connection's window (a blind reset): dropped,
+    /// the connection's state unchanged.
+    RstOutOfWindow = 28,
+    /// Not a packet: an unassured connection (handshake never completed, UDP never
+    /// answered) was dropped to make room for a new one (netfilter's early_drop).
+    EarlyDrop = 29,
+    /// A datagram for a forward's listen port that belongs to a connected socket of this
+    /// host (its own conversation from that port): passed to the stack untouched.
+    HostSocket = 30,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 24] = [
+pub const ALL_REASONS: [Reason; 29] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -85,6 +101,11 @@ pub const ALL_REASONS: [Reason; 24] = [
     Reason::IcmpTranslated,
     Reason::RedirectXdpCached,
     Reason::RedirectXdpFlowCache,
+    Reason::TcpNotSyn,
+    Reason::CtInvalid,
+    Reason::RstOutOfWindow,
+    Reason::EarlyDrop,
+    Reason::HostSocket,
 ];
 
 impl Reason {
@@ -115,6 +136,11 @@ impl Reason {
             23 => Some(Reason::IcmpTranslated),
             24 => Some(Reason::RedirectXdpCached),
             25 => Some(Reason::RedirectXdpFlowCache),
+            26 => Some(Reason::TcpNotSyn),
+            27 => Some(Reason::CtInvalid),
+            28 => Some(Reason::RstOutOfWindow),
+            29 => Some(Reason::EarlyDrop),
+            30 => Some(Reason::HostSocket),
             _ => None,
         }
     }
@@ -146,12 +172,29 @@ impl Reason {
             Reason::IcmpTranslated => "icmp_translated",
             Reason::RedirectXdpCached => "redirect_xdp_cached",
             Reason::RedirectXdpFlowCache => "redirect_xdp_flow_cache",
+            Reason::TcpNotSyn => "tcp_not_syn",
+            Reason::CtInvalid => "ct_invalid",
+            Reason::RstOutOfWindow => "rst_out_of_window",
+            Reason::EarlyDrop => "early_drop",
+            Reason::HostSocket => "host_socket",
         }
     }
 
     /// True when packets counted under this code were dropped.
     pub const fn is_drop(self) -> bool {
-        matches!(self, Reason::ConntrackFull | Reason::PortsExhausted | Reason::RewriteFailed)
+        matches!(
+            self,
+            Reason::ConntrackFull
+                | Reason::PortsExhausted
+                | Reason::RewriteFailed
+                | Reason::CtInvalid
+                | Reason::RstOutOfWindow
+        )
+    }
+
+    /// True for a code that counts connection-table events, not packets.
+    pub const fn is_event(self) -> bool {
+        matches!(self, Reason::EarlyDrop)
     }
 
     /// True when packets counted under this code were forwarded (rewritten).
@@ -171,9 +214,12 @@ impl Reason {
 
     /// How operators read the code: "forwarded" (a forward's packet, rewritten, and how it
     /// left), "peer" (sent to a same-switch peer or left to routing for one), "dropped", or
-    /// "passed" (to the kernel untouched).
+    /// "passed" (to the kernel untouched); "event" is no packet's outcome (a connection
+    /// dropped early), so packet totals leave it out.
     pub const fn kind(self) -> &'static str {
-        if self.is_forwarded() {
+        if self.is_event() {
+            "event"
+        } else if self.is_forwarded() {
             "forwarded"
         } else if self.is_drop() {
             "dropped"

@@ -2,13 +2,18 @@
 //! commit of a new flow (source-port choice and both direction entries).
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    EbpfContext,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_loop},
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FAMILY_V4,
-    FWD_FLAG_INGRESS, FwdKey, FwdValue, PROTO_TCP, Reason, SNAT_OFF,
-    conntrack::{CT_ANSWERED, CT_SEEN_SYN, bits_of_tcp_flags, pick_port},
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_INGRESS, FwdKey, FwdValue, GlobalConfig,
+    PROTO_TCP, Reason, SNAT_OFF,
+    conntrack::{
+        CT_ASSURED, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK, TCP_ESTABLISHED,
+        TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port, rst_acceptable,
+        segment_end, seq_after, tcp_step,
+    },
     csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
     next_hop_current,
 };
@@ -17,6 +22,7 @@ use crate::{
     csum::sum_addr,
     maps::{CtScratch, FWD_CT, FWD_GLOBAL, FWD_ROUTE_GEN, FWD_RULES, FWD_SCRATCH},
     parse::Flow,
+    sock::host_socket,
     stats,
 };
 
@@ -43,10 +49,10 @@ const EEXIST: i32 = -17;
 /// Refresh `last_seen` at most once a second: a write per packet would bounce the entry's
 /// cache line between CPUs.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
-/// Source ports tried for a new flow before giving up: all distinct (see `pick_port`), so
-/// with a fraction f of the range in use a new flow is refused with probability f^32
-/// (0.1% at 80% full; 8 attempts failed 17% of flows there). Attempts past the first cost
-/// only while ports collide.
+/// Source ports of the range tried for a new flow (after the client's own) before an early
+/// drop or giving up: all distinct (see `pick_port`), so with a fraction f of the range in
+/// use a new flow finds no free port with probability f^32 (0.1% at 80% full). Attempts
+/// past the first cost only while ports collide.
 const PORT_ATTEMPTS: u32 = 32;
 
 #[inline(always)]
@@ -96,7 +102,8 @@ pub fn flow_key(flow: &Flow) -> CtKey {
 }
 
 /// Tracked flow, new flow of a forward, or no match. `untracked`: the caller has already
-/// looked the flow up in the connection table and found nothing.
+/// looked the flow up in the connection table and found nothing. A tracked connection's
+/// state is not touched here (see [`track`]).
 #[inline(always)]
 pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
     let key = flow_key(flow);
@@ -107,27 +114,104 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
         if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             entry.last_seen_ns = now;
         }
-        note_state(entry, flow.tcp_flags);
         return Ok(Plan::Tracked { entry });
     }
     let fkey =
         FwdKey { addr: flow.dst, port_be: u16::from_ne_bytes(flow.dport), proto: flow.proto, family: flow.family };
     // SAFETY: the value is copied out at once.
     match unsafe { FWD_RULES.get(&fkey) } {
-        Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => Ok(Plan::New { fwd }),
+        Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => {
+            // Only a SYN opens a TCP connection (a SYN-ACK to a listen port answers a
+            // connection of the host's own, from that port).
+            if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+                return Err(Reason::TcpNotSyn);
+            }
+            Ok(Plan::New { fwd })
+        }
         _ => Err(Reason::NoRule),
     }
 }
 
-/// Records what a packet of this direction says about the connection (TCP flags; any
-/// packet of the reply direction means answered). State bits change a few times per
-/// connection: the entry is written only then.
+/// What a packet of a tracked connection does to it: netfilter's TCP state machine (a new
+/// SYN on a closed connection reopens it with the same mapping; an RST outside the window
+/// and segments the state does not allow are refused), UDP's first answer, and this
+/// direction's sequence. Runs once per packet, by the program that forwards it.
 #[inline(always)]
-pub fn note_state(entry: &mut CtValue, tcp_flags: u8) {
-    let answered = if entry.direction == CT_DIR_REPLY { CT_ANSWERED } else { 0 };
-    let bits = entry.state | answered | bits_of_tcp_flags(tcp_flags);
-    if bits != entry.state {
-        entry.state = bits;
+pub fn track(entry: &mut CtValue, flow: &Flow) -> Result<(), Reason> {
+    let reply = entry.direction == CT_DIR_REPLY;
+    if flow.proto != PROTO_TCP {
+        if reply && entry.state == UDP_UNREPLIED {
+            set_connection_state(entry, flow, UDP_REPLIED, CT_ASSURED, false);
+        }
+        return Ok(());
+    }
+    let old = entry.state;
+    let seq_known = entry.flags & CT_SEQ_KNOWN != 0;
+    let new = match tcp_step(old, reply, flow.tcp_flags) {
+        Step::Invalid => return Err(Reason::CtInvalid),
+        Step::Ignore => return Ok(()),
+        Step::To(new) => new,
+    };
+    if flow.tcp_flags & TCP_RST != 0 && !rst_acceptable(flow.tcp_seq, entry.seq_end, seq_known) {
+        return Err(Reason::RstOutOfWindow);
+    }
+    let reopen = is_reopen(old, new);
+    let assured = entry.flags & CT_ASSURED;
+    let flags = if reopen {
+        0
+    } else if new == TCP_ESTABLISHED {
+        CT_ASSURED
+    } else {
+        assured
+    };
+    if new != old || flags != assured {
+        set_connection_state(entry, flow, new, flags, reopen);
+    }
+    record_seq(entry, flow);
+    Ok(())
+}
+
+/// Records the end of this segment as the direction's highest sequence when it is.
+#[inline(always)]
+pub fn record_seq(entry: &mut CtValue, flow: &Flow) {
+    let end = segment_end(flow.tcp_seq, flow.tcp_payload as u32, flow.tcp_flags);
+    if entry.flags & CT_SEQ_KNOWN == 0 || seq_after(end, entry.seq_end) {
+        entry.seq_end = end;
+        entry.flags |= CT_SEQ_KNOWN;
+    }
+}
+
+/// Writes a connection's state and flags into this entry and its other direction's.
+/// `reopen` forgets both directions' sequences.
+#[inline(always)]
+fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, reopen: bool) {
+    let keep = if reopen { 0 } else { CT_SEQ_KNOWN };
+    entry.state = state;
+    entry.flags = flags | (entry.flags & keep);
+    let Some(scratch) = FWD_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU slot, used by this program run only.
+    let other = unsafe { &mut (*scratch).other };
+    *other = other_direction(entry, flow.family, flow.proto);
+    if let Some(peer) = FWD_CT.get_ptr_mut(&*other) {
+        // SAFETY: map value pointer from a successful lookup.
+        let peer = unsafe { &mut *peer };
+        peer.state = state;
+        peer.flags = flags | (peer.flags & keep);
+    }
+}
+
+/// The key of the other direction of the connection `entry` belongs to: its rewritten
+/// tuple, reversed.
+#[inline(always)]
+fn other_direction(entry: &CtValue, family: u8, proto: u8) -> CtKey {
+    CtKey {
+        src_addr: entry.new_dst_addr,
+        dst_addr: entry.new_src_addr,
+        src_port_be: entry.new_dst_port_be,
+        dst_port_be: entry.new_src_port_be,
+        proto,
+        family,
+        _pad: [0; 2],
     }
 }
 
@@ -150,17 +234,68 @@ fn flow_hash(flow: &Flow) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Whether the connection whose entry sits at `key` may give way to a new one (unassured,
+/// and old enough: see [`early_drop_age`]).
+#[inline(always)]
+fn droppable_at(key: &CtKey, now: u64) -> bool {
+    // SAFETY: read at once.
+    match unsafe { FWD_CT.get(key) } {
+        Some(e) => e.flags & CT_ASSURED == 0 && now.wrapping_sub(e.last_seen_ns) >= early_drop_age(key.proto),
+        None => false,
+    }
+}
+
+/// The least idle time of an unassured connection dropped early. A UDP flow's copies in
+/// the flow cache may serve it for up to ~3 s without refreshing its entry, so UDP waits
+/// until no copy can be current; TCP copies serve established connections only.
+#[inline(always)]
+fn early_drop_age(proto: u8) -> u64 {
+    if proto == PROTO_TCP { EARLY_DROP_MIN_AGE_NS } else { LAST_SEEN_SLACK_NS + EARLY_DROP_MIN_AGE_NS }
+}
+
+/// Removes the connection whose entry sits at `key` (both its entries), counted as an
+/// early drop; `other` is scratch for its other key.
+#[inline(always)]
+fn early_drop(key: &CtKey, other: &mut CtKey) {
+    // SAFETY: copied out at once.
+    let Some(e) = (unsafe { FWD_CT.get(key) }) else { return };
+    *other = other_direction(e, key.family, key.proto);
+    let _ = FWD_CT.remove(&*other);
+    let _ = FWD_CT.remove(key);
+    stats::count_reason(Reason::EarlyDrop);
+}
+
 /// Records a new flow in both directions and returns the tuple its packets are rewritten
 /// to. `snat_src` is the source address for SNAT (ignored when the forward has SNAT off).
 /// Keys and values are built in a per-CPU scratch slot: the stack (512 bytes) is too small
 /// for them next to the FIB parameters.
+///
+/// The reply entry goes in first: it reserves the source port (the client's own when that
+/// reply tuple is free, as netfilter keeps it; else a walk of the range), skipping ports
+/// a host socket holds, and taking the port of an unassured connection (early drop) when
+/// none is free. The original-direction entry follows with BPF_NOEXIST: should another CPU
+/// have committed the same flow meanwhile, this one drops its reservation and adopts that
+/// entry's translation, so a flow never becomes two.
 #[inline(always)]
-pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tuple) -> Result<(), Reason> {
+pub fn commit_new<C: EbpfContext>(
+    ctx: &C,
+    flow: &Flow,
+    fwd: &FwdValue,
+    snat_src: &[u8; 16],
+    new: &mut Tuple,
+) -> Result<(), Reason> {
+    if flow.proto != PROTO_TCP
+        && host_socket(ctx.as_ptr(), flow.proto, flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, true)
+    {
+        return Err(Reason::HostSocket);
+    }
     let scratch = FWD_SCRATCH.get_ptr_mut(0).ok_or(Reason::ConntrackFull)?;
     // SAFETY: per-CPU slot, used by this program run only.
-    let CtScratch { key, value } = unsafe { &mut *scratch };
+    let CtScratch { key, value, other } = unsafe { &mut *scratch };
     let backend = fwd.backend_addr;
     let bport = fwd.backend_port_be.to_ne_bytes();
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     *value = CtValue {
         new_src_addr: flow.dst,
         new_dst_addr: flow.src,
@@ -168,51 +303,47 @@ pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tu
         new_dst_port_be: u16::from_ne_bytes(flow.sport),
         forward_id: fwd.forward_id,
         direction: CT_DIR_REPLY,
-        state: if flow.proto == PROTO_TCP { CT_SEEN_SYN } else { 0 },
+        state: if flow.proto == PROTO_TCP { TCP_SYN_SENT } else { UDP_UNREPLIED },
         nh_l3_delta: 0,
         nh_ifindex: 0,
-        // SAFETY: helper without arguments.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: now,
         nh_dmac: [0; 6],
         nh_smac: [0; 6],
         nh_l4_delta: 0,
         nh_len_ok: 0,
         nh_gen: 0,
         nh_jiffies: 0,
+        seq_end: 0,
+        flags: 0,
+        _pad: [0; 3],
     };
 
     if fwd.snat_mode == SNAT_OFF {
         *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
-        FWD_CT.insert(&*key, &*value, BPF_ANY as u64).map_err(|_| Reason::ConntrackFull)?;
+        match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            // The same flow committed by another CPU: the original entry below adopts it.
+            Err(EEXIST) if same_reply(key, value) => {}
+            // Another forward's connection to this backend from the same client tuple (the
+            // config refuses two SNAT-off forwards to one backend), or a stale one.
+            Err(EEXIST) if droppable_at(key, now) => {
+                early_drop(key, other);
+                FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64).map_err(|_| Reason::PortsExhausted)?;
+            }
+            Err(EEXIST) => return Err(Reason::PortsExhausted),
+            Err(_) => return Err(Reason::ConntrackFull),
+        }
         new.src = flow.src;
         new.dst = backend;
         new.sport = flow.sport;
         new.dport = bport;
     } else {
-        let (min, max) = match FWD_GLOBAL.get(0) {
-            Some(g) if g.snat_port_min != 0 => (g.snat_port_min, g.snat_port_max),
-            _ => (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
+        let range = match FWD_GLOBAL.get(0) {
+            Some(g) => g.snat_ports(),
+            None => GlobalConfig::default().snat_ports(),
         };
-        let h = flow_hash(flow);
         *key = ct_key(flow.family, backend, *snat_src, bport, [0; 2], flow.proto);
-        let mut chosen: Option<[u8; 2]> = None;
-        let mut i = 0;
-        while i < PORT_ATTEMPTS {
-            let port = pick_port(h, i, min, max).to_be_bytes();
-            key.dst_port_be = u16::from_ne_bytes(port);
-            match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
-                Ok(()) => {
-                    chosen = Some(port);
-                    break;
-                }
-                Err(EEXIST) => {}
-                Err(_) => return Err(Reason::ConntrackFull),
-            }
-            i += 1;
-        }
-        let Some(port) = chosen else {
-            return Err(Reason::PortsExhausted);
-        };
+        let port = reserve_port(ctx, flow, range, now)?;
         new.src = *snat_src;
         new.dst = backend;
         new.sport = port;
@@ -224,18 +355,185 @@ pub fn commit_new(flow: &Flow, fwd: &FwdValue, snat_src: &[u8; 16], new: &mut Tu
     value.new_dst_addr = new.dst;
     value.new_src_port_be = u16::from_ne_bytes(new.sport);
     value.new_dst_port_be = u16::from_ne_bytes(new.dport);
-    *key = flow_key(flow);
-    if FWD_CT.insert(&*key, &*value, BPF_ANY as u64).is_err() {
-        *key = ct_key(flow.family, new.dst, new.src, new.dport, new.sport, flow.proto);
-        let _ = FWD_CT.remove(&*key);
-        return Err(Reason::ConntrackFull);
+    if flow.proto == PROTO_TCP {
+        value.seq_end = segment_end(flow.tcp_seq, flow.tcp_payload as u32, flow.tcp_flags);
+        value.flags = CT_SEQ_KNOWN;
     }
-    stats::count_new_conn(fwd.forward_id);
-    Ok(())
+    *other = flow_key(flow);
+    match FWD_CT.insert(&*other, &*value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            stats::count_new_conn(fwd.forward_id);
+            Ok(())
+        }
+        Err(e) => {
+            // Another CPU won (EEXIST): its translation is the flow's. Either way the
+            // reservation made above goes (the winner's reply entry is its own).
+            let _ = FWD_CT.remove(&*key);
+            if e != EEXIST {
+                return Err(Reason::ConntrackFull);
+            }
+            // SAFETY: copied out at once.
+            let winner = unsafe { FWD_CT.get(&*other) }.ok_or(Reason::ConntrackFull)?;
+            new.src = winner.new_src_addr;
+            new.dst = winner.new_dst_addr;
+            new.sport = winner.new_src_port_be.to_ne_bytes();
+            new.dport = winner.new_dst_port_be.to_ne_bytes();
+            Ok(())
+        }
+    }
+}
+
+/// The reply entry at `key` is the one `value` would be (the same flow, committed by
+/// another CPU at the same time).
+#[inline(always)]
+fn same_reply(key: &CtKey, value: &CtValue) -> bool {
+    // SAFETY: read at once.
+    match unsafe { FWD_CT.get(key) } {
+        Some(e) => {
+            e.new_src_addr == value.new_src_addr
+                && e.new_dst_addr == value.new_dst_addr
+                && e.new_src_port_be == value.new_src_port_be
+                && e.new_dst_port_be == value.new_dst_port_be
+        }
+        None => false,
+    }
+}
+
+/// Chooses the SNAT source port of a new flow by inserting its reply entry (`key`, whose
+/// destination port is filled in here, and `value`, both in the per-CPU scratch): the
+/// client's port when the range has it and that reply tuple is free, else up to
+/// [`PORT_ATTEMPTS`] distinct ports of the range; ports a host socket uses are skipped;
+/// with none free, an unassured connection found on the way gives its port up. Returns
+/// the port (network order). The two walks run under bpf_loop: the verifier checks each
+/// step once instead of every unrolled attempt.
+#[inline(always)]
+fn reserve_port<C: EbpfContext>(ctx: &C, flow: &Flow, range: PortRange, now: u64) -> Result<[u8; 2], Reason> {
+    if range.size() == 0 {
+        return Err(Reason::PortsExhausted);
+    }
+    let mut walk = PortWalk {
+        ctx: ctx.as_ptr(),
+        now,
+        h: flow_hash(flow),
+        client_port: u16::from_be_bytes(flow.sport),
+        port: 0,
+        range,
+        status: WALK_NOTHING,
+    };
+    let walk_ptr = &mut walk as *mut PortWalk as *mut core::ffi::c_void;
+    // SAFETY: static callbacks, a context on this stack that outlives the calls.
+    unsafe { bpf_loop(PORT_ATTEMPTS + 1, free_port_step as *mut _, walk_ptr, 0) };
+    if walk.status == WALK_NOTHING || walk.status == WALK_FULL {
+        // SAFETY: as above.
+        unsafe { bpf_loop(PORT_ATTEMPTS + 1, early_drop_step as *mut _, walk_ptr, 0) };
+    }
+    match walk.status {
+        WALK_FOUND if walk.port != 0 => Ok(walk.port.to_be_bytes()),
+        WALK_FULL => Err(Reason::ConntrackFull),
+        _ => Err(Reason::PortsExhausted),
+    }
+}
+
+const WALK_NOTHING: u32 = 0;
+const WALK_FOUND: u32 = 1;
+const WALK_FULL: u32 = 2;
+
+/// The state of a port walk, shared with its bpf_loop steps.
+#[repr(C)]
+struct PortWalk {
+    /// The program's context (for the socket lookups).
+    ctx: *mut core::ffi::c_void,
+    now: u64,
+    h: u32,
+    client_port: u16,
+    /// The port reserved (host order) once `status` is `WALK_FOUND`.
+    port: u16,
+    range: PortRange,
+    status: u32,
+}
+
+impl PortWalk {
+    /// Attempt `i`'s port: the client's own first (0: not in the range, skipped).
+    #[inline(always)]
+    fn candidate(&self, i: u32) -> u16 {
+        if i == 0 {
+            if self.range.contains(self.client_port) { self.client_port } else { 0 }
+        } else {
+            pick_port(self.h, i - 1, &self.range)
+        }
+    }
+}
+
+/// One attempt at a free port: the reply entry inserted if the tuple is free and no host
+/// socket uses it. Returns 1 (stop) once found, or when the table is full.
+#[inline(never)]
+extern "C" fn free_port_step(i: u32, walk: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: the PortWalk reserve_port passed.
+    let walk = unsafe { &mut *(walk as *mut PortWalk) };
+    let Some(scratch) = FWD_SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: per-CPU slot, used by this program run only.
+    let CtScratch { key, value, .. } = unsafe { &mut *scratch };
+    let port = walk.candidate(i);
+    if port == 0 {
+        return 0;
+    }
+    let port_be = port.to_be_bytes();
+    key.dst_port_be = u16::from_ne_bytes(port_be);
+    if host_socket(walk.ctx, key.proto, key.family, &key.src_addr, &key.dst_addr, bport_of(key), port_be, false) {
+        return 0;
+    }
+    match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            walk.port = port;
+            walk.status = WALK_FOUND;
+            1
+        }
+        Err(EEXIST) => 0,
+        Err(_) => {
+            walk.status = WALK_FULL;
+            1
+        }
+    }
+}
+
+/// One attempt at an early drop: the connection holding attempt `i`'s port gives it up if
+/// it may (unassured, idle long enough), and the new reply entry takes it. Returns 1
+/// (stop) once that was tried.
+#[inline(never)]
+extern "C" fn early_drop_step(i: u32, walk: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: the PortWalk reserve_port passed.
+    let walk = unsafe { &mut *(walk as *mut PortWalk) };
+    let Some(scratch) = FWD_SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: per-CPU slot, used by this program run only.
+    let CtScratch { key, value, other } = unsafe { &mut *scratch };
+    let port = walk.candidate(i);
+    if port == 0 {
+        return 0;
+    }
+    let port_be = port.to_be_bytes();
+    key.dst_port_be = u16::from_ne_bytes(port_be);
+    if !droppable_at(key, walk.now) {
+        return 0;
+    }
+    early_drop(key, other);
+    match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            walk.port = port;
+            walk.status = WALK_FOUND;
+        }
+        Err(EEXIST) => walk.status = WALK_NOTHING,
+        Err(_) => walk.status = WALK_FULL,
+    }
+    1
+}
+
+#[inline(always)]
+fn bport_of(key: &CtKey) -> [u8; 2] {
+    key.src_port_be.to_ne_bytes()
 }
 
 /// The connection-table entry of a flow the full path has just handled: the tracked entry,
-/// or the one `commit_new` has just written.
+/// or the one `commit_new` has just written (or adopted).
 #[inline(always)]
 pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
     match plan {

@@ -6,20 +6,25 @@
 //! connection table's hash lookup (the largest part of this path's cost), that holds a copy
 //! of the entry's rewrite and next hop. The second is the entry itself, which (re)fills the
 //! slot. A slot is only as current as the entry's next hop it was copied from (the same
-//! generation and age), and a packet that would add a state bit (FIN, RST, a first reply)
-//! goes to the entry. Anything else, and anything unusual about the packet, goes to the full
-//! path, which also fills the entry's next hop in (conntrack::cache_next_hop).
+//! generation and age); a TCP slot serves only plain segments of an established connection
+//! whose sequence is less than `SEQ_SYNC_BYTES` past the one the entry recorded, so the
+//! entry keeps each direction's sequence (for its RST check) within that much, and a copy
+//! of a closed connection does not serve the next one on its tuple. The entry tier records
+//! sequences; a packet that would move the connection's state (SYN, FIN, RST, the
+//! handshake's last ACK, a first UDP answer) and anything unusual about the packet go to
+//! the full path (conntrack::track), which also fills the entry's next hop in
+//! (conntrack::cache_next_hop).
 
 use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use forwarder_common::{
-    FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
-    conntrack::bits_of_tcp_flags,
+    CT_DIR_REPLY, CtValue, FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
+    conntrack::{CT_SEQ_KNOWN, SEQ_SYNC_BYTES, UDP_UNREPLIED, segment_end, seq_after, tcp_keeps_state},
     csum::{apply_delta, ipv4_pseudo_seed},
     flow_cache_bucket, next_hop_current,
 };
 
 use crate::{
-    conntrack::{ct_key_v4, fwd_key_v4, note_state, route_generation},
+    conntrack::{ct_key_v4, fwd_key_v4, route_generation},
     ctx::{read, write},
     maps::{FWD_CT, FWD_FLOW_CACHE, FWD_RULES, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
@@ -81,6 +86,9 @@ struct Headers {
     check_off: usize,
     l4_check: u16,
     tcp_flags: u8,
+    /// TCP sequence (host order) and the sequence just past this segment.
+    seq: u32,
+    seq_end: u32,
 }
 
 impl Headers {
@@ -115,23 +123,24 @@ fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
         return Ok(None);
     }
     let tot_len = be16([ver_tos[2], ver_tos[3]]) as usize;
-    if tot_len + ETH_LEN > ctx.data_end() - ctx.data() {
+    if tot_len < L4_OFF_V4 - L3_OFF || tot_len + ETH_LEN > ctx.data_end() - ctx.data() {
         return Ok(None);
     }
-    let l4_len = tot_len.wrapping_sub(L4_OFF_V4 - L3_OFF);
-    let (check_off, tcp_flags) = if proto == PROTO_TCP {
+    let l4_len = tot_len - (L4_OFF_V4 - L3_OFF);
+    let (check_off, tcp_flags, seq, seq_end) = if proto == PROTO_TCP {
+        let seq = u32::from_be_bytes(read(ctx, L4_OFF_V4 + 4)?);
         let tcp: [u8; 2] = read(ctx, L4_OFF_V4 + 12)?;
         let data_off = (tcp[0] >> 4) as usize * 4;
         if l4_len < 20 || data_off < 20 || data_off > l4_len {
             return Ok(None);
         }
-        (L4_OFF_V4 + 16, tcp[1])
+        (L4_OFF_V4 + 16, tcp[1], seq, segment_end(seq, (l4_len - data_off) as u32, tcp[1]))
     } else {
         let udp_len = be16(read(ctx, L4_OFF_V4 + 4)?) as usize;
         if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
             return Ok(None);
         }
-        (L4_OFF_V4 + 6, 0)
+        (L4_OFF_V4 + 6, 0, 0, 0)
     };
     let h = Headers {
         src: word(ctx, IPV4_SRC_OFF)?,
@@ -143,6 +152,8 @@ fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
         check_off,
         l4_check: be16(read(ctx, check_off)?),
         tcp_flags,
+        seq,
+        seq_end,
     };
     // A CHECKSUM_PARTIAL seed (see csum::looks_partial) needs TC's checksum helpers.
     let seed = ipv4_pseudo_seed(h.src.to_ne_bytes(), h.dst.to_ne_bytes(), proto, l4_len as u16);
@@ -171,7 +182,8 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         s.holds(src, dst, ports, proto)
             && s.current(generation, now)
             && h.tot_len <= s.len_ok as usize
-            && bits_of_tcp_flags(h.tcp_flags) & !s.state == 0
+            && (proto != PROTO_TCP
+                || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
     };
     if serves(s0) {
         return Ok(Fast::Done(send(ctx, &h, s0, Reason::RedirectXdpFlowCache)));
@@ -195,10 +207,17 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     // SAFETY: a map value; read once, see conntrack::cache_next_hop.
     let ifindex = unsafe { core::ptr::read_volatile(&entry.nh_ifindex) };
     let (nh_gen, nh_jiffies) = (entry.nh_gen, entry.nh_jiffies);
-    if ifindex == 0 || !next_hop_current(nh_gen, nh_jiffies, generation, now) || h.tot_len > entry.nh_len_ok as usize {
+    if ifindex == 0
+        || !next_hop_current(nh_gen, nh_jiffies, generation, now)
+        || h.tot_len > entry.nh_len_ok as usize
+        || moves_state(entry, &h)
+    {
         return Ok(Fast::Full);
     }
-    note_state(entry, h.tcp_flags);
+    if proto == PROTO_TCP && (entry.flags & CT_SEQ_KNOWN == 0 || seq_after(h.seq_end, entry.seq_end)) {
+        entry.seq_end = h.seq_end;
+        entry.flags |= CT_SEQ_KNOWN;
+    }
     // The first slot unless it holds another flow's current copy: two flows of a bucket
     // both stay, a third takes turns in the second slot.
     let slot = if s0.free_for(src, dst, ports, proto, generation, now) { s0 } else { s1 };
@@ -222,6 +241,7 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     slot.generation = nh_gen;
     slot.jiffies = nh_jiffies;
     slot.len_ok = entry.nh_len_ok;
+    slot.seq = h.seq;
     let (d, m) = (&entry.nh_dmac, &entry.nh_smac);
     slot.dmac = [d[0], d[1], d[2], d[3], d[4], d[5]];
     slot.smac = [m[0], m[1], m[2], m[3], m[4], m[5]];
@@ -239,6 +259,18 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         return Ok(Fast::Full);
     }
     Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpCached)))
+}
+
+/// Whether the packet would move its connection's state (the full path's conntrack::track
+/// does that): a TCP segment other than a plain one of an established connection, the
+/// first answer of a UDP flow.
+#[inline(always)]
+fn moves_state(entry: &CtValue, h: &Headers) -> bool {
+    if h.proto == PROTO_TCP {
+        !tcp_keeps_state(entry.state, h.tcp_flags)
+    } else {
+        entry.direction == CT_DIR_REPLY && entry.state == UDP_UNREPLIED
+    }
 }
 
 /// Rewrites the packet as `s` says, counts it for its forward and redirects it; `how` is

@@ -165,6 +165,8 @@ fn try_translate(ctx: &TcContext) -> Outcome {
         l3_len,
         l4_check: 0,
         tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_payload: 0,
     };
     w.to = Tuple { src: w.icmp.new_osrc, dst: w.icmp.new_isrc, sport: [0; 2], dport: [0; 2] };
     // SAFETY: reading a context field.

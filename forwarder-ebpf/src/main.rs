@@ -14,6 +14,7 @@ mod nat;
 pub mod parse;
 mod peer;
 pub mod route;
+mod sock;
 mod stats;
 mod verdict;
 
@@ -56,18 +57,21 @@ fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (u32, bool) {
     }
 }
 
-/// Commits a new flow (if it is one) and leaves the tuple to rewrite to in `new`.
+/// Commits the packet to the connection table: a tracked connection's state moves on
+/// (conntrack::track), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
+/// Called once per packet, by the program that goes on to forward it.
 #[inline(always)]
 fn commit<C: EbpfContext>(
     ctx: &C,
-    plan: &Plan,
+    plan: &mut Plan,
     flow: &Flow,
     fib: &Fib,
     to: &Tuple,
     new: &mut Tuple,
 ) -> Result<(), Reason> {
     match plan {
-        Plan::Tracked { .. } => {
+        Plan::Tracked { entry } => {
+            conntrack::track(entry, flow)?;
             *new = *to;
             Ok(())
         }
@@ -79,7 +83,7 @@ fn commit<C: EbpfContext>(
                 _ if fib.src != [0; 16] => &fib.src,
                 _ => &flow.dst,
             };
-            conntrack::commit_new(flow, fwd, snat_src, new)?;
+            conntrack::commit_new(ctx, flow, fwd, snat_src, new)?;
             log_new_flow(ctx, flow, new);
             Ok(())
         }
@@ -154,7 +158,7 @@ fn l3_dst(addr: [u8; 16], flow: &Flow) -> L3Dst {
 fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     let w = maps::work()?;
     parse::parse_flow(ctx, &mut w.flow)?;
-    let plan = conntrack::classify(&w.flow, untracked)?;
+    let mut plan = conntrack::classify(&w.flow, untracked)?;
     if csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
         return Err(Reason::XdpToTc);
     }
@@ -167,7 +171,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     if w.fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, w.fib.ifindex) {
         return Err(Reason::XdpToTc);
     }
-    commit(ctx, &plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
     if !w.flow.is_v6() {
         if let Some(entry) = conntrack::entry_of(plan, &w.flow) {
             conntrack::cache_next_hop(entry, &w.flow, &w.new, w.fib.ifindex, w.fib.dmac, w.fib.smac);
@@ -222,7 +226,7 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {
         return to_peer_or(ctx, r);
     }
-    let plan = match conntrack::classify(&w.flow, false) {
+    let mut plan = match conntrack::classify(&w.flow, false) {
         Ok(p) => p,
         Err(r) => return to_peer_or(ctx, r),
     };
@@ -230,7 +234,7 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
     route::lookup(ctx, ingress, &w.flow, &w.to, want_src, false, &mut w.params, &mut w.fib);
-    commit(ctx, &plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
     let (flow, new, fib) = (&w.flow, &w.new, &w.fib);
     if peers_enabled() {
         let dst = l3_dst(new.dst, flow);

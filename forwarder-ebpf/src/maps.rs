@@ -16,7 +16,7 @@ pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFA
 
 /// A plain (not LRU) hash: when full, new flows are refused and counted, and established
 /// ones are never evicted; userspace expires idle connections.
-#[map(name = "FWD_CT_V2")]
+#[map(name = "FWD_CT_V3")]
 pub static FWD_CT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 /// Route generation (index 0), bumped by userspace on every route, neighbour, link, address
@@ -40,7 +40,7 @@ pub static FWD_IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX
 #[map(name = "FWD_TX_PORTS")]
 pub static FWD_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 
-#[map(name = "FWD_GLOBAL")]
+#[map(name = "FWD_GLOBAL_V2")]
 pub static FWD_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "FWD_META")]
@@ -51,6 +51,8 @@ pub static FWD_META: Array<FwdMeta> = Array::with_max_entries(DEFAULT_MAX_FORWAR
 pub struct CtScratch {
     pub key: CtKey,
     pub value: CtValue,
+    /// A second key: the other entry of a connection being dropped or adopted.
+    pub other: CtKey,
 }
 
 #[map(name = "FWD_SCRATCH")]

@@ -49,6 +49,9 @@ pub struct Flow {
     pub l4_check: u16,
     /// TCP flags byte, 0 for UDP.
     pub tcp_flags: u8,
+    /// TCP sequence number (host order) and payload length; 0 for UDP.
+    pub tcp_seq: u32,
+    pub tcp_payload: u16,
 }
 
 impl Flow {
@@ -145,14 +148,15 @@ pub fn parse_l3<P: Packet>(pkt: &P) -> Result<(u8, [u8; 16], [u8; 16], u8, u8, u
 pub fn parse_flow<P: Packet>(pkt: &P, flow: &mut Flow) -> Result<(), Reason> {
     let (family, src, dst, proto, ttl, tos, l3_len, l4_off) = parse_l3(pkt)?;
     let l4_len = l3_len as usize - (l4_off - L3_OFF);
-    let (l4_check, tcp_flags) = match proto {
+    let (l4_check, tcp_flags, tcp_seq, tcp_payload) = match proto {
         PROTO_TCP => {
             let tcp: [u8; 20] = read(pkt, l4_off)?;
             let data_off = (tcp[12] >> 4) as usize * 4;
             if l4_len < 20 || data_off < 20 || data_off > l4_len {
                 return Err(Reason::Malformed);
             }
-            (u16::from_be_bytes([tcp[16], tcp[17]]), tcp[13])
+            let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+            (u16::from_be_bytes([tcp[16], tcp[17]]), tcp[13], seq, (l4_len - data_off) as u16)
         }
         PROTO_UDP => {
             let udp: [u8; 8] = read(pkt, l4_off)?;
@@ -160,7 +164,7 @@ pub fn parse_flow<P: Packet>(pkt: &P, flow: &mut Flow) -> Result<(), Reason> {
             if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
                 return Err(Reason::Malformed);
             }
-            (u16::from_be_bytes([udp[6], udp[7]]), 0)
+            (u16::from_be_bytes([udp[6], udp[7]]), 0, 0, 0)
         }
         PROTO_ICMP if family == FAMILY_V4 => return Err(icmp_kind(pkt, l4_off, family)),
         PROTO_ICMPV6 if family == FAMILY_V6 => return Err(icmp_kind(pkt, l4_off, family)),
@@ -179,6 +183,8 @@ pub fn parse_flow<P: Packet>(pkt: &P, flow: &mut Flow) -> Result<(), Reason> {
         l3_len,
         l4_check,
         tcp_flags,
+        tcp_seq,
+        tcp_payload,
     };
     Ok(())
 }

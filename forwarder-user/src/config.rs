@@ -9,6 +9,10 @@ use std::{
 };
 
 use serde::Deserialize;
+use forwarder_common::conntrack::{
+    TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_NONE, TCP_STATES, TCP_SYN_RECV, TCP_SYN_SENT,
+    TCP_SYN_SENT2, TCP_TIME_WAIT, Timeouts,
+};
 use toml::Spanned;
 
 use crate::error::ConfigError;
@@ -102,42 +106,61 @@ pub struct Conntrack {
     pub max_entries: u32,
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Leave the host's ephemeral range (`net.ipv4.ip_local_port_range`) out of the SNAT
+    /// ports, so forwarded flows and the host's own connections never share a port.
+    pub snat_avoid_local_ports: bool,
     pub on_forward_removed: OnForwardRemoved,
-    /// Idle timeouts in seconds.
-    pub tcp_handshake_timeout: u64,
-    pub tcp_established_timeout: u64,
-    pub tcp_closing_timeout: u64,
-    pub udp_timeout: u64,
+    /// Idle timeouts in seconds per TCP state (indexed by `forwarder_common::conntrack::TCP_*`).
+    pub tcp_timeouts: [u64; TCP_STATES],
+    pub udp_unreplied_timeout: u64,
+    pub udp_replied_timeout: u64,
     /// Seconds between two expiry passes over the table.
     pub gc_interval: u64,
 }
 
 impl Default for Conntrack {
     fn default() -> Self {
+        let (tcp, udp_unreplied, udp_replied) = Timeouts::NETFILTER_SECS;
         Self {
             max_entries: forwarder_common::DEFAULT_CT_ENTRIES,
             snat_port_min: forwarder_common::DEFAULT_SNAT_PORT_MIN,
             snat_port_max: forwarder_common::DEFAULT_SNAT_PORT_MAX,
+            snat_avoid_local_ports: true,
             on_forward_removed: OnForwardRemoved::Drain,
-            tcp_handshake_timeout: 30,
-            tcp_established_timeout: 86_400,
-            tcp_closing_timeout: 30,
-            udp_timeout: 60,
+            tcp_timeouts: tcp,
+            udp_unreplied_timeout: udp_unreplied,
+            udp_replied_timeout: udp_replied,
             gc_interval: 5,
         }
     }
 }
 
 impl Conntrack {
-    pub fn timeouts(&self) -> forwarder_common::conntrack::Timeouts {
-        forwarder_common::conntrack::Timeouts::from_secs(
-            self.tcp_handshake_timeout,
-            self.tcp_established_timeout,
-            self.tcp_closing_timeout,
-            self.udp_timeout,
-        )
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts::from_secs(self.tcp_timeouts, self.udp_unreplied_timeout, self.udp_replied_timeout)
     }
 }
+
+/// The timeout keys of `[conntrack]`: each sets the timeout of these TCP states (or of UDP,
+/// `UDP_UNREPLIED` / `UDP_REPLIED` marked by 100 + state). A group key (the four of earlier
+/// versions) comes before the keys of its single states, which override it.
+const TIMEOUT_KEYS: [(&str, &[u8]); 13] = [
+    ("tcp_handshake_timeout", &[TCP_NONE, TCP_SYN_SENT, TCP_SYN_RECV, TCP_SYN_SENT2]),
+    ("tcp_established_timeout", &[TCP_ESTABLISHED]),
+    ("tcp_closing_timeout", &[TCP_FIN_WAIT, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_TIME_WAIT, TCP_CLOSE]),
+    ("udp_timeout", &[UDP_KEY_UNREPLIED, UDP_KEY_REPLIED]),
+    ("tcp_syn_sent_timeout", &[TCP_SYN_SENT, TCP_SYN_SENT2]),
+    ("tcp_syn_recv_timeout", &[TCP_SYN_RECV]),
+    ("tcp_fin_wait_timeout", &[TCP_FIN_WAIT]),
+    ("tcp_close_wait_timeout", &[TCP_CLOSE_WAIT]),
+    ("tcp_last_ack_timeout", &[TCP_LAST_ACK]),
+    ("tcp_time_wait_timeout", &[TCP_TIME_WAIT]),
+    ("tcp_close_timeout", &[TCP_CLOSE]),
+    ("udp_unreplied_timeout", &[UDP_KEY_UNREPLIED]),
+    ("udp_replied_timeout", &[UDP_KEY_REPLIED]),
+];
+const UDP_KEY_UNREPLIED: u8 = 100;
+const UDP_KEY_REPLIED: u8 = 101;
 
 /// A same-switch peer reached straight at layer 2.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -223,11 +246,42 @@ struct RawConntrack {
     max_entries: Option<Spanned<u32>>,
     snat_ports: Option<Spanned<String>>,
     on_forward_removed: Option<OnForwardRemoved>,
+    snat_avoid_local_ports: Option<bool>,
     tcp_handshake_timeout: Option<Spanned<u64>>,
     tcp_established_timeout: Option<Spanned<u64>>,
     tcp_closing_timeout: Option<Spanned<u64>>,
     udp_timeout: Option<Spanned<u64>>,
+    tcp_syn_sent_timeout: Option<Spanned<u64>>,
+    tcp_syn_recv_timeout: Option<Spanned<u64>>,
+    tcp_fin_wait_timeout: Option<Spanned<u64>>,
+    tcp_close_wait_timeout: Option<Spanned<u64>>,
+    tcp_last_ack_timeout: Option<Spanned<u64>>,
+    tcp_time_wait_timeout: Option<Spanned<u64>>,
+    tcp_close_timeout: Option<Spanned<u64>>,
+    udp_unreplied_timeout: Option<Spanned<u64>>,
+    udp_replied_timeout: Option<Spanned<u64>>,
     gc_interval: Option<Spanned<u64>>,
+}
+
+impl RawConntrack {
+    /// The timeout keys' values in [`TIMEOUT_KEYS`] order.
+    fn timeouts(&self) -> [&Option<Spanned<u64>>; 13] {
+        [
+            &self.tcp_handshake_timeout,
+            &self.tcp_established_timeout,
+            &self.tcp_closing_timeout,
+            &self.udp_timeout,
+            &self.tcp_syn_sent_timeout,
+            &self.tcp_syn_recv_timeout,
+            &self.tcp_fin_wait_timeout,
+            &self.tcp_close_wait_timeout,
+            &self.tcp_last_ack_timeout,
+            &self.tcp_time_wait_timeout,
+            &self.tcp_close_timeout,
+            &self.udp_unreplied_timeout,
+            &self.udp_replied_timeout,
+        ]
+    }
 }
 
 #[derive(Deserialize)]
@@ -319,6 +373,9 @@ impl Config {
         let mut forwards = Vec::new();
         let mut seen_names = HashSet::with_capacity(forward_items.len());
         let mut seen_listen = HashSet::with_capacity(forward_items.len());
+        // SNAT-off forwards to one backend would share reply tuples (the client's address
+        // and port): a client using both at once could not be told apart.
+        let mut snat_off_backends = HashSet::new();
         forwards.reserve(forward_items.len());
         for (prefix, rf) in &forward_items {
             let f = |name: &str| format!("{prefix}.{name}");
@@ -369,6 +426,18 @@ impl Config {
                     },
                 },
             };
+            if snat == Snat::Off && !snat_off_backends.insert((rf.protocol, backend)) {
+                let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span());
+                return Err(err(
+                    span,
+                    &f("snat"),
+                    format!(
+                        "another forward with snat = \"off\" has backend {backend} ({:?}): replies could not be told \
+                         apart; give one of them SNAT",
+                        rf.protocol
+                    ),
+                ));
+            }
             if !seen_listen.insert((rf.protocol, listen)) {
                 return Err(err(
                     rf.listen.span(),
@@ -442,23 +511,29 @@ impl Config {
             if let Some(p) = ct.on_forward_removed {
                 conntrack.on_forward_removed = p;
             }
-            for (value, field, target) in [
-                (&ct.tcp_handshake_timeout, "conntrack.tcp_handshake_timeout", &mut conntrack.tcp_handshake_timeout),
-                (
-                    &ct.tcp_established_timeout,
-                    "conntrack.tcp_established_timeout",
-                    &mut conntrack.tcp_established_timeout,
-                ),
-                (&ct.tcp_closing_timeout, "conntrack.tcp_closing_timeout", &mut conntrack.tcp_closing_timeout),
-                (&ct.udp_timeout, "conntrack.udp_timeout", &mut conntrack.udp_timeout),
-                (&ct.gc_interval, "conntrack.gc_interval", &mut conntrack.gc_interval),
-            ] {
-                if let Some(v) = value {
-                    if *v.get_ref() == 0 || *v.get_ref() > 365 * 86_400 {
-                        return Err(err(v.span(), field, "must be between 1 and 31536000 seconds".into()));
-                    }
-                    *target = *v.get_ref();
+            if let Some(a) = ct.snat_avoid_local_ports {
+                conntrack.snat_avoid_local_ports = a;
+            }
+            let seconds = |v: &Spanned<u64>, field: &str| {
+                if *v.get_ref() == 0 || *v.get_ref() > 365 * 86_400 {
+                    return Err(err(v.span(), &format!("conntrack.{field}"), "must be between 1 and 31536000 seconds".into()));
                 }
+                Ok(*v.get_ref())
+            };
+            for ((field, states), value) in TIMEOUT_KEYS.iter().zip(ct.timeouts()) {
+                if let Some(v) = value {
+                    let secs = seconds(v, field)?;
+                    for &state in *states {
+                        match state {
+                            UDP_KEY_UNREPLIED => conntrack.udp_unreplied_timeout = secs,
+                            UDP_KEY_REPLIED => conntrack.udp_replied_timeout = secs,
+                            s => conntrack.tcp_timeouts[s as usize] = secs,
+                        }
+                    }
+                }
+            }
+            if let Some(v) = &ct.gc_interval {
+                conntrack.gc_interval = seconds(v, "gc_interval")?;
             }
         }
         let mut max_forwards = forwarder_common::DEFAULT_MAX_FORWARDS;
@@ -582,6 +657,40 @@ snat = "auto"
             "{CLASSIC}\n[[forward]]\nname = \"b\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:3306\"\nbackend = \"192.0.2.1:2\"\n"
         );
         assert_eq!(invalid(&dup_listen).1, "forward[1].listen");
+        let off = CLASSIC.replace("snat = \"auto\"", "snat = \"off\"");
+        let shared_backend = format!(
+            "{off}\n[[forward]]\nname = \"b\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:3307\"\nbackend = \"203.0.113.20:3197\"\nsnat = \"off\"\n"
+        );
+        let (line, field, message) = invalid(&shared_backend);
+        assert_eq!((line, field.as_str()), (18, "forward[1].snat"), "{message}");
+        assert!(message.contains("203.0.113.20:3197"), "{message}");
+        // With SNAT on either, or another protocol, they can share it.
+        Config::parse(&shared_backend.replacen("snat = \"off\"", "snat = \"auto\"", 1)).unwrap();
+        Config::parse(&shared_backend.replace("protocol = \"tcp\"\nlisten = \"0.0.0.0:3307\"", "protocol = \"udp\"\nlisten = \"0.0.0.0:3307\"")).unwrap();
+    }
+
+    #[test]
+    fn timeouts_default_to_netfilters_and_old_keys_set_their_states() {
+        use forwarder_common::conntrack::*;
+        let c = Config::parse(CLASSIC).unwrap().conntrack;
+        assert_eq!(c.timeouts(), Timeouts::netfilter());
+        assert!(c.snat_avoid_local_ports);
+        assert_eq!((c.snat_port_min, c.snat_port_max), (1024, 65535));
+        let c = Config::parse(&format!(
+            "{CLASSIC}\n[conntrack]\ntcp_closing_timeout = 7\ntcp_time_wait_timeout = 9\ntcp_handshake_timeout = 11\n\
+             udp_timeout = 13\nudp_replied_timeout = 17\ntcp_established_timeout = 19\nsnat_avoid_local_ports = false\n"
+        ))
+        .unwrap()
+        .conntrack;
+        let t = |s: u8| c.tcp_timeouts[s as usize];
+        assert_eq!((t(TCP_FIN_WAIT), t(TCP_CLOSE_WAIT), t(TCP_LAST_ACK), t(TCP_CLOSE)), (7, 7, 7, 7));
+        assert_eq!(t(TCP_TIME_WAIT), 9, "the single state's key wins over its group's");
+        assert_eq!((t(TCP_SYN_SENT), t(TCP_SYN_RECV)), (11, 11));
+        assert_eq!(t(TCP_ESTABLISHED), 19);
+        assert_eq!((c.udp_unreplied_timeout, c.udp_replied_timeout), (13, 17));
+        assert!(!c.snat_avoid_local_ports);
+        let (_, field, _) = invalid(&format!("{CLASSIC}\n[conntrack]\ntcp_syn_recv_timeout = 0\n"));
+        assert_eq!(field, "conntrack.tcp_syn_recv_timeout");
     }
 
     #[test]

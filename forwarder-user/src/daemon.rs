@@ -129,7 +129,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     info!(pin_path = %opts.pin_path.display(), adopted = inst.adopted, "running; SIGHUP reloads, SIGINT/SIGTERM stops");
 
     let stop_threads = Arc::new(AtomicBool::new(false));
-    let gc = spawn_expiry(opts.pin_path.clone(), cfg.clone(), counters.clone(), stop_threads.clone());
+    let applied_conntrack = Arc::new(std::sync::Mutex::new(cfg.conntrack.clone()));
+    let gc = spawn_expiry(opts.pin_path.clone(), applied_conntrack.clone(), counters.clone(), stop_threads.clone());
     let watch_counters = counters.clone();
     let route_watch = match crate::routewatch::spawn(opts.pin_path.clone(), stop_threads.clone(), move || {
         watch_counters.route_changes.fetch_add(1, Ordering::Relaxed);
@@ -187,6 +188,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             counters.reloads.fetch_add(1, Ordering::Relaxed);
             match reload(&mut inst, &current, &opts) {
                 Ok(new) => {
+                    *applied_conntrack.lock().unwrap_or_else(|e| e.into_inner()) = new.conntrack.clone();
                     current = new;
                     status::write(&opts, &inst, &current)?;
                 }
@@ -234,11 +236,15 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
     let state = inst.state()?;
     let _edit = state.lock_edits()?;
     let flags = state.global()?.flags;
+    let (snat_hole_min, snat_hole_max) = snat_hole(&cfg.conntrack)?;
     state.set_global(GlobalConfig {
         snat_port_min: cfg.conntrack.snat_port_min,
         snat_port_max: cfg.conntrack.snat_port_max,
         flags,
         netns_cookie: system::netns_cookie()?,
+        snat_hole_min,
+        snat_hole_max,
+        _pad: 0,
     })?;
     for (name, want) in [
         (forwarder_common::MAP_CONNTRACK, cfg.conntrack.max_entries),
@@ -326,16 +332,19 @@ fn watch_peers(inst: &mut Instance, cfg: &Config) -> anyhow::Result<()> {
 /// it.
 fn spawn_expiry(
     pin: PathBuf,
-    cfg: Config,
+    conntrack: Arc<std::sync::Mutex<crate::config::Conntrack>>,
     counters: Arc<DaemonCounters>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let timeouts = cfg.conntrack.timeouts();
-        let interval = Duration::from_secs(cfg.conntrack.gc_interval);
         let mut next = std::time::Instant::now();
         while !stop.load(Ordering::SeqCst) {
             if std::time::Instant::now() >= next {
+                // The applied config's, read each pass: a reload changes them.
+                let (timeouts, interval) = {
+                    let ct = conntrack.lock().unwrap_or_else(|e| e.into_inner());
+                    (ct.timeouts(), Duration::from_secs(ct.gc_interval))
+                };
                 next = std::time::Instant::now() + interval;
                 match State::open(&pin).and_then(|s| expire_once(&s, &timeouts)) {
                     Ok((expired, left, capacity)) => {
@@ -354,45 +363,99 @@ fn spawn_expiry(
     })
 }
 
-/// One expiry pass; returns (connections expired, entries left, capacity).
+/// The ports SNAT leaves out: the host's ephemeral range, unless the config says otherwise
+/// (`conntrack.snat_avoid_local_ports`); (1, 0) for none. Refuses a range with nothing left.
+fn snat_hole(ct: &crate::config::Conntrack) -> anyhow::Result<(u16, u16)> {
+    if !ct.snat_avoid_local_ports {
+        return Ok((1, 0));
+    }
+    let (lo, hi) = system::local_port_range()?;
+    let range = forwarder_common::conntrack::PortRange {
+        min: ct.snat_port_min,
+        max: ct.snat_port_max,
+        hole_min: lo,
+        hole_max: hi,
+    };
+    if range.size() == 0 {
+        anyhow::bail!(
+            "conntrack.snat_ports {}-{} lies inside the host's ephemeral ports (net.ipv4.ip_local_port_range {lo} {hi}), \
+             which SNAT leaves to the host's own connections: choose ports outside it, or set \
+             conntrack.snat_avoid_local_ports = false",
+            ct.snat_port_min,
+            ct.snat_port_max
+        );
+    }
+    Ok((lo, hi))
+}
+
+/// One expiry pass; returns (connections expired or dropped early, entries left, capacity).
+/// Connections idle past their state's timeout go; then, while the table is over 90% full,
+/// unassured connections (handshake never completed, UDP never answered) go too, the
+/// longest idle first, down to 80% (netfilter's early_drop, done ahead of need: the
+/// kernel side drops them one at a time only where their SNAT ports collide).
 pub fn expire_once(
     state: &State,
     timeouts: &forwarder_common::conntrack::Timeouts,
 ) -> crate::error::Result<(usize, usize, u32)> {
+    use forwarder_common::conntrack::{CT_ASSURED, expired};
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0);
     let entries = state.conntrack()?;
+    let capacity = state.capacity(forwarder_common::MAP_CONNTRACK)?;
     let by_key: std::collections::HashMap<_, _> = entries.iter().copied().collect();
     let mut doomed = Vec::new();
+    let mut unassured = Vec::new();
     let mut paired = std::collections::HashSet::new();
     for (orig, (v, reply_key)) in state::connections(&entries) {
         let reply = by_key.get(&reply_key);
         paired.insert(reply_key);
         let last = v.last_seen_ns.max(reply.map(|r| r.last_seen_ns).unwrap_or(0));
-        let bits = v.state | reply.map(|r| r.state).unwrap_or(0);
         let is_tcp = orig.proto == forwarder_common::PROTO_TCP;
-        if forwarder_common::conntrack::expired(is_tcp, bits, now.saturating_sub(last), timeouts) {
+        // Both entries carry the connection's state; a transition writes the one the
+        // packet hit first, so take the further of the two.
+        let st = reply.map(|r| r.state.max(v.state)).unwrap_or(v.state);
+        if expired(is_tcp, st, now.saturating_sub(last), timeouts) {
             doomed.push(orig);
             doomed.push(reply_key);
+        } else if v.flags & CT_ASSURED == 0 {
+            unassured.push((last, orig, reply_key));
         }
     }
     // Reply entries whose original is gone (a half-made flow): expire on their own clock.
     for (k, v) in &entries {
         if v.direction != forwarder_common::CT_DIR_ORIGINAL && !paired.contains(k) {
             let is_tcp = k.proto == forwarder_common::PROTO_TCP;
-            if forwarder_common::conntrack::expired(is_tcp, v.state, now.saturating_sub(v.last_seen_ns), timeouts) {
+            if expired(is_tcp, v.state, now.saturating_sub(v.last_seen_ns), timeouts) {
                 doomed.push(*k);
             }
         }
     }
-    state.remove_conntrack(&doomed)?;
-    let capacity = state.capacity(forwarder_common::MAP_CONNTRACK)?;
-    let expired = doomed.len() / 2;
-    if expired > 0 {
-        info!(expired, "idle connections expired");
+    let expired_count = doomed.len() / 2;
+    let mut left = entries.len() - doomed.len();
+    let high = capacity as usize / 10 * 9;
+    let mut early = 0;
+    if left > high {
+        let low = capacity as usize / 10 * 8;
+        unassured.sort_unstable_by_key(|(last, _, _)| *last);
+        for (_, orig, reply) in unassured {
+            if left <= low {
+                break;
+            }
+            doomed.push(orig);
+            doomed.push(reply);
+            left -= 2;
+            early += 1;
+        }
     }
-    Ok((expired, entries.len() - doomed.len(), capacity))
+    state.remove_conntrack(&doomed)?;
+    if expired_count > 0 {
+        info!(expired = expired_count, "idle connections expired");
+    }
+    if early > 0 {
+        warn!(dropped = early, "connection table over 90% full: unassured connections dropped early");
+    }
+    Ok((expired_count + early, left, capacity))
 }
 
 #[cfg(test)]

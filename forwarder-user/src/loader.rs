@@ -168,7 +168,9 @@ impl Instance {
         if adopted {
             info!(pin_dir = %pin_dir.display(), "adopting pinned state of an earlier instance");
         }
-        migrate_conntrack_v1(&mut ebpf, pin_dir);
+        migrate_conntrack(&mut ebpf, pin_dir);
+        // Settings are written whole at every start; an older layout's pin only goes.
+        let _ = std::fs::remove_file(pin_dir.join(forwarder_common::MAP_GLOBAL_V1));
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -445,39 +447,64 @@ fn unpin_link(path: &Path) {
     }
 }
 
-/// Carries the connections of a connection table pinned by a version before the next-hop
-/// cache (`FWD_CT`, 56-byte values) into `FWD_CT_V2`, then removes the old pin, so an
-/// upgrade in place keeps every tracked connection. Best effort: a table that cannot be
-/// read as the old layout is left where it is, with a warning.
-fn migrate_conntrack_v1(ebpf: &mut Ebpf, pin_dir: &Path) {
+/// Carries the connections of a connection table pinned by an earlier version (`FWD_CT`,
+/// 56-byte values without a next-hop cache, or `FWD_CT_V2`, 80-byte values with state bits)
+/// into `FWD_CT_V3`, then removes the old pin, so an upgrade in place keeps every tracked
+/// connection. Each connection's state is derived from the bits of both its entries
+/// ([`forwarder_common::CtValueV2::upgrade`]). Best effort: a table that cannot be read as
+/// its layout is left where it is, with a warning.
+fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
+    use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2};
+    type Read = fn(&Path) -> std::result::Result<Vec<(forwarder_common::CtKey, CtValueV2)>, String>;
+    let v1: Read = |p| Ok(read_pinned_table::<CtValueV1>(p)?.into_iter().map(|(k, v)| (k, v.into())).collect());
+    for (name, read) in [(MAP_CONNTRACK_V2, read_pinned_table::<CtValueV2> as Read), (MAP_CONNTRACK_V1, v1)] {
+        let old_path = pin_dir.join(name);
+        if !old_path.exists() {
+            continue;
+        }
+        match read(&old_path).and_then(|old| insert_upgraded(ebpf, &old)) {
+            Ok(moved) => {
+                let _ = std::fs::remove_file(&old_path);
+                info!(connections = moved, "connection table migrated from {name} to {}", forwarder_common::MAP_CONNTRACK);
+            }
+            Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
+        }
+    }
+}
+
+fn read_pinned_table<V: aya::Pod>(path: &Path) -> std::result::Result<Vec<(forwarder_common::CtKey, V)>, String> {
     use aya::maps::HashMap;
-    use forwarder_common::{CtKey, CtValue, CtValueV1, MAP_CONNTRACK, MAP_CONNTRACK_V1};
-    let old_path = pin_dir.join(MAP_CONNTRACK_V1);
-    if !old_path.exists() {
-        return;
+    let old = MapData::from_pin(path).map_err(|e| e.to_string())?;
+    let old: HashMap<_, forwarder_common::CtKey, V> =
+        HashMap::try_from(aya::maps::Map::from_map_data(old).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    old.iter().map(|e| e.map_err(|e| e.to_string())).collect()
+}
+
+/// Inserts V2 entries as V3 ones; returns the connections moved.
+fn insert_upgraded(
+    ebpf: &mut Ebpf,
+    old: &[(forwarder_common::CtKey, forwarder_common::CtValueV2)],
+) -> std::result::Result<usize, String> {
+    use aya::maps::HashMap;
+    use forwarder_common::{CT_DIR_ORIGINAL, CtKey, CtValue, MAP_CONNTRACK, PROTO_TCP};
+    let by_key: std::collections::HashMap<CtKey, u8> = old.iter().map(|(k, v)| (*k, v.state)).collect();
+    let new = ebpf.map_mut(MAP_CONNTRACK).ok_or("no connection table in the object")?;
+    let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(new).map_err(|e| e.to_string())?;
+    let mut moved = 0;
+    for (k, v) in old {
+        // The other entry of the connection: the rewritten tuple, reversed.
+        let other = CtKey {
+            src_addr: v.new_dst_addr,
+            dst_addr: v.new_src_addr,
+            src_port_be: v.new_dst_port_be,
+            dst_port_be: v.new_src_port_be,
+            ..*k
+        };
+        let bits = v.state | by_key.get(&other).copied().unwrap_or(0);
+        new.insert(k, v.upgrade(k.proto == PROTO_TCP, bits), 0).map_err(|e| e.to_string())?;
+        moved += (v.direction == CT_DIR_ORIGINAL) as usize;
     }
-    let result = (|| -> std::result::Result<usize, String> {
-        let old = MapData::from_pin(&old_path).map_err(|e| e.to_string())?;
-        let old: HashMap<_, CtKey, CtValueV1> =
-            HashMap::try_from(aya::maps::Map::from_map_data(old).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-        let new = ebpf.map_mut(MAP_CONNTRACK).ok_or("no connection table in the object")?;
-        let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(new).map_err(|e| e.to_string())?;
-        let mut moved = 0;
-        for entry in old.iter() {
-            let (k, v) = entry.map_err(|e| e.to_string())?;
-            new.insert(k, CtValue::from(v), 0).map_err(|e| e.to_string())?;
-            moved += 1;
-        }
-        Ok(moved)
-    })();
-    match result {
-        Ok(moved) => {
-            let _ = std::fs::remove_file(&old_path);
-            info!(connections = moved, "connection table migrated from {MAP_CONNTRACK_V1} to {MAP_CONNTRACK}");
-        }
-        Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
-    }
+    Ok(moved)
 }
 
 /// Removes everything forwarder pins under `dir` (links first), then `dir` and its `edit`

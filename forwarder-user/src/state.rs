@@ -333,6 +333,13 @@ impl State {
         Ok(ct.keys().filter(|k| k.is_ok()).count())
     }
 
+    /// Writes one entry (tests, and tools that age or repair entries).
+    pub fn put_conntrack(&self, key: &CtKey, value: &CtValue) -> Result<()> {
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        ct.insert(key, value, 0).map_err(map_err(MAP_CONNTRACK))
+    }
+
     /// Deletes these entries. Moves the route generation too: the XDP flow cache keeps
     /// copies of entries, which must not outlive them.
     pub fn remove_conntrack(&self, keys: &[CtKey]) -> Result<()> {

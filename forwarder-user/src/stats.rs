@@ -33,7 +33,8 @@ pub struct ForwardCounters {
 pub struct ReasonCounter {
     pub code: u32,
     pub reason: &'static str,
-    /// "forwarded" (how rewritten packets left), "dropped", or "passed" (to the stack).
+    /// [`forwarder_common::Reason::kind`]: "forwarded" (how rewritten packets left),
+    /// "dropped", "passed" (to the stack), "peer", "icmp", or "event" (not packets).
     pub kind: &'static str,
     pub packets: u64,
 }
@@ -150,13 +151,7 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         .map(|r| ReasonCounter {
             code: *r as u32,
             reason: r.name(),
-            kind: if r.is_forwarded() {
-                "forwarded"
-            } else if r.is_drop() {
-                "dropped"
-            } else {
-                "passed"
-            },
+            kind: r.kind(),
             packets: sum_reason(&reasons, *r as u32),
         })
         .collect();

@@ -71,3 +71,29 @@ pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
         (fstype == "cgroup2").then(|| std::path::PathBuf::from(dir))
     })
 }
+
+/// This namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 shares):
+/// the ports the kernel picks for the host's own outgoing connections.
+pub fn local_port_range() -> Result<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").map_err(Error::Io)?;
+    parse_port_range_sysctl(&text).ok_or_else(|| {
+        Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("ip_local_port_range: {text:?}")))
+    })
+}
+
+fn parse_port_range_sysctl(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(|p| p.parse::<u16>());
+    let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
+    (lo <= hi).then_some((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ephemeral_range_parses_as_the_kernel_writes_it() {
+        assert_eq!(super::parse_port_range_sysctl("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(super::parse_port_range_sysctl("1024 1024"), Some((1024, 1024)));
+        assert_eq!(super::parse_port_range_sysctl("9 1"), None);
+        assert_eq!(super::parse_port_range_sysctl(""), None);
+    }
+}

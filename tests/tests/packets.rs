@@ -14,7 +14,11 @@ use forwarder::{
     loader::{Instance, LoadOptions},
     state::State,
 };
-use forwarder_common::{GlobalConfig, IFACE_XDP_EGRESS_OK, Reason, conntrack::CT_SEEN_FIN, flow_cache_bucket};
+use forwarder_common::{
+    CtKey, CtValue, GlobalConfig, IFACE_XDP_EGRESS_OK, Reason,
+    conntrack::{CT_ASSURED, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT},
+    flow_cache_bucket,
+};
 use forwarder_tests::{Netns, unique_tag};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -108,6 +112,10 @@ fn with_fixture(config: &str, test: impl FnOnce(&mut Fixture) + Send + 'static) 
                 snat_port_max: cfg.conntrack.snat_port_max,
                 flags: 0,
                 netns_cookie: 0,
+                // No hole: the fixtures choose their ranges themselves.
+                snat_hole_min: 1,
+                snat_hole_max: 0,
+                _pad: 0,
             })
             .unwrap();
         state.apply_forwards(&cfg.forwards, &locals, OnForwardRemoved::Drain).unwrap();
@@ -163,6 +171,12 @@ impl Fixture {
         (r.return_value, out)
     }
 
+    /// The XDP program's fd number, for test runs from several threads at once.
+    fn xdp_fd(&self) -> i32 {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.inst.xdp().fd().unwrap().as_fd().as_raw_fd()
+    }
+
     fn reason(&self, r: Reason) -> u64 {
         self.state.reason_count(r).unwrap()
     }
@@ -187,7 +201,8 @@ fn tcp_frame(
     payload: &[u8],
 ) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1000, 65000);
-    let b = if syn { b.syn() } else { b.ack(5000) };
+    // The server's `syn` frames answer the client's: SYN-ACK.
+    let b = if syn && src_mac == SERVER_MAC { b.syn().ack(1001) } else if syn { b.syn() } else { b.ack(5000) };
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
     v
@@ -240,7 +255,7 @@ fn xdp_tcp_syn_gets_dnat_snat_and_reply_gets_reverse_nat() {
         let (smac, dmac, src, dst, ttl, sport, dport) = check(&out);
         assert_eq!((smac, dmac), (fx.v1_mac, SERVER_MAC), "next hop from the FIB");
         assert_eq!((src, dst, dport), (ROUTER_OUT, SERVER, 3197), "DNAT to the backend, SNAT to the egress address");
-        assert!((20000..=32767).contains(&sport), "SNAT port {sport} in the default range");
+        assert_eq!(sport, 40000, "the client's port, free in the default range, is kept");
         let snat_port = sport;
         assert_eq!(ttl, 63);
         assert_eq!(fx.reason(Reason::RedirectXdp), 1);
@@ -457,20 +472,39 @@ fn flow_cache_slots_never_outlive_their_connection_and_leave_state_to_the_entry(
             .fin()
             .write(&mut fin, b"")
             .unwrap();
-        let (verdict, via_entry, _) = fx.xdp(&fin, fx.v0);
+        let (verdict, first_fin, _) = fx.xdp(&fin, fx.v0);
         assert_eq!(verdict, XDP_REDIRECT);
-        assert_eq!(tiers(fx), (5, 3, 2), "a FIN goes to the entry");
-        let fin_seen =
-            fx.state.conntrack().unwrap().into_iter().any(|(k, v)| {
-                k.src_addr[..4] == CLIENT && k.src_port_be == 40200u16.to_be() && v.state & CT_SEEN_FIN != 0
-            });
-        assert!(fin_seen, "the entry recorded the FIN");
-        let (verdict, via_slot, _) = fx.xdp(&fin, fx.v0);
+        assert_eq!(tiers(fx), (6, 2, 2), "a FIN moves the state: the full path takes it, not the copies");
+        assert_eq!(tcp_states(fx, 40200), (TCP_FIN_WAIT, TCP_FIN_WAIT), "recorded in both entries");
+        let (verdict, again, _) = fx.xdp(&fin, fx.v0);
         assert_eq!(verdict, XDP_REDIRECT);
-        assert_eq!(tiers(fx), (5, 3, 3), "a FIN again adds nothing: the refilled slot takes it");
-        assert_eq!(via_slot, via_entry);
-        check(&via_slot);
+        assert_eq!(tiers(fx), (7, 2, 2), "a FIN again goes to the full path too");
+        assert_eq!(tcp_states(fx, 40200).0, TCP_LAST_ACK, "netfilter's reading of a second FIN");
+        assert_eq!(again, first_fin);
+        check(&again);
     });
+}
+
+/// The original and reply entries of the client's flow from `client_port` (IPv4, TCP).
+fn tcp_entries(fx: &Fixture, client_port: u16) -> ((CtKey, CtValue), (CtKey, CtValue)) {
+    let all = fx.state.conntrack().unwrap();
+    let orig = *all
+        .iter()
+        .find(|(k, _)| k.proto == 6 && k.src_addr[..4] == CLIENT && k.src_port_be == client_port.to_be())
+        .expect("original entry");
+    let reply = *all
+        .iter()
+        .find(|(k, _)| {
+            k.proto == 6 && k.dst_addr == orig.1.new_src_addr && k.dst_port_be == orig.1.new_src_port_be
+        })
+        .expect("reply entry");
+    (orig, reply)
+}
+
+/// The state each entry of the client's flow from `client_port` holds.
+fn tcp_states(fx: &Fixture, client_port: u16) -> (u8, u8) {
+    let ((_, o), (_, r)) = tcp_entries(fx, client_port);
+    (o.state, r.state)
 }
 
 /// Flows whose tuples fall into the same flow cache bucket (two slots) each keep their own
@@ -785,7 +819,7 @@ fn tcp6_frame(
     payload: &[u8],
 ) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src, dst, 64).tcp(sport, dport, 1000, 65000);
-    let b = if syn { b.syn() } else { b.ack(5000) };
+    let b = if syn && src_mac == SERVER_MAC { b.syn().ack(1001) } else if syn { b.syn() } else { b.ack(5000) };
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
     v
@@ -885,9 +919,13 @@ fn mutated_frames_are_left_alone_or_rewritten_correctly() {
         let seed =
             std::env::var("FWT_SEED").ok().and_then(|s| s.parse().ok()).filter(|s| *s != 0).unwrap_or(0x5eed_f0f0_u64);
         let mut rng = Rng(seed);
-        // Open a TCP and a UDP flow so that reply-direction frames match too.
+        // Open a TCP (handshake completed) and a UDP flow so that reply-direction frames
+        // match too.
         let (_, out, _) = fx.xdp(&tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b""), fx.v0);
         let tcp_port = check(&out).5;
+        fx.xdp(&tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, tcp_port, true, b""), fx.v1);
+        fx.xdp(&tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, false, b""), fx.v0);
+        assert_eq!(tcp_states(fx, 40000), (TCP_ESTABLISHED, TCP_ESTABLISHED));
         let (_, out, _) = fx.xdp(&udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5000, 53, b"q"), fx.v0);
         let udp_port = check(&out).5;
         let bases: Vec<(Vec<u8>, u32)> = vec![
@@ -902,6 +940,7 @@ fn mutated_frames_are_left_alone_or_rewritten_correctly() {
         ];
         const FRAMES: usize = 3000;
         let (mut rewritten, mut untouched) = (0, 0);
+        let mut refused_before = 0;
         for i in 0..FRAMES {
             let (base, ifindex) = &bases[rng.below(bases.len())];
             let mut f = base.clone();
@@ -937,6 +976,13 @@ fn mutated_frames_are_left_alone_or_rewritten_correctly() {
             };
             assert_eq!(all_reasons(fx), before + 1, "frame {i}: counted exactly once");
             let dropped = if use_tc { verdict == 2 } else { verdict == XDP_DROP };
+            // Mutated flags or sequences may be segments the connection's state refuses
+            // (a FIN or an RST where netfilter would not take one): dropped, and only so.
+            let refused = fx.reason(Reason::CtInvalid) + fx.reason(Reason::RstOutOfWindow);
+            if dropped && refused > refused_before {
+                refused_before = refused;
+                continue;
+            }
             if dropped {
                 let counts: Vec<(&str, u64)> = forwarder_common::ALL_REASONS
                     .iter()
@@ -976,4 +1022,345 @@ fn mutated_frames_are_left_alone_or_rewritten_correctly() {
             "both outcomes exercised: {rewritten} rewritten, {untouched} untouched"
         );
     });
+}
+
+/// A TCP segment from the client (`reply` false) or the server with these flags and
+/// sequence number.
+fn segment(fx: &Fixture, reply: bool, client_port: u16, snat_port: u16, flags: u8, seq: u32, payload: &[u8]) -> (Vec<u8>, u32) {
+    let (src_mac, dst_mac, src, dst, sport, dport, ifindex) = if reply {
+        (SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, fx.v1)
+    } else {
+        (CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, client_port, 3306, fx.v0)
+    };
+    let mut b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, seq, 65000);
+    if flags & 0x02 != 0 {
+        b = b.syn();
+    }
+    if flags & 0x10 != 0 {
+        b = b.ack(1);
+    }
+    if flags & 0x01 != 0 {
+        b = b.fin();
+    }
+    if flags & 0x04 != 0 {
+        b = b.rst();
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    (v, ifindex)
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const SYNACK: u8 = 0x12;
+const FINACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+/// Opens a connection from `client_port` through XDP (handshake done): its SNAT port.
+fn handshake(fx: &Fixture, client_port: u16) -> u16 {
+    let (syn, i) = segment(fx, false, client_port, 0, SYN, 100, b"");
+    let (verdict, out, _) = fx.xdp(&syn, i);
+    assert_eq!(verdict, XDP_REDIRECT, "SYN");
+    let snat = check(&out).5;
+    for (reply, flags, seq) in [(true, SYNACK, 900), (false, ACK, 101)] {
+        let (f, i) = segment(fx, reply, client_port, snat, flags, seq, b"");
+        assert_eq!(fx.xdp(&f, i).0, XDP_REDIRECT, "flags {flags:#x}");
+    }
+    snat
+}
+
+/// netfilter's TCP states, end to end through the programs: the handshake, data, the
+/// server closing first, the client closing, TIME_WAIT; then the client reusing its port
+/// reopens the connection with the same mapping. Both entries hold the state throughout.
+#[test]
+fn tcp_connections_walk_netfilters_states_and_a_new_syn_reopens_them() {
+    with_fixture(CONFIG, |fx| {
+        let (syn, i) = segment(fx, false, 40500, 0, SYN, 100, b"");
+        let (verdict, out, _) = fx.xdp(&syn, i);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let snat = check(&out).5;
+        assert_eq!(tcp_states(fx, 40500), (TCP_SYN_SENT, TCP_SYN_SENT));
+        let steps: &[(bool, u8, u32, u8, bool)] = &[
+            (true, SYNACK, 900, TCP_SYN_RECV, false),
+            (false, ACK, 101, TCP_ESTABLISHED, true),
+            (false, ACK, 101, TCP_ESTABLISHED, true), // data below
+            (true, FINACK, 901, TCP_FIN_WAIT, true),
+            (false, ACK, 111, 5 /* CLOSE_WAIT */, true),
+            (false, FINACK, 111, TCP_LAST_ACK, true),
+            (true, ACK, 902, TCP_TIME_WAIT, true),
+        ];
+        for (n, &(reply, flags, seq, want, assured)) in steps.iter().enumerate() {
+            let payload: &[u8] = if n == 2 { b"0123456789" } else { b"" };
+            let (f, i) = segment(fx, reply, 40500, snat, flags, seq, payload);
+            // Through TC every other step: both programs keep the same state machine.
+            let verdict = if n % 2 == 0 { fx.xdp(&f, i).0 } else { fx.tc(&f, i).0 };
+            assert!(verdict == XDP_REDIRECT || verdict == TC_ACT_REDIRECT, "step {n}: forwarded");
+            let ((_, o), (_, r)) = tcp_entries(fx, 40500);
+            assert_eq!((o.state, r.state), (want, want), "step {n}");
+            assert_eq!(o.flags & CT_ASSURED != 0, assured, "step {n}: assured");
+            assert_eq!(r.flags & CT_ASSURED, o.flags & CT_ASSURED, "step {n}: both entries");
+        }
+        // The client reuses its port: the SYN reopens the connection, same SNAT port,
+        // unassured again, no new entries.
+        let new_conns = fx.stats(1).new_conns;
+        let (syn, i) = segment(fx, false, 40500, 0, SYN, 5_000_000, b"");
+        let (verdict, out, _) = fx.xdp(&syn, i);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(check(&out).5, snat, "reopened with the same mapping");
+        let ((_, o), (_, r)) = tcp_entries(fx, 40500);
+        assert_eq!((o.state, r.state, o.flags & CT_ASSURED), (TCP_SYN_SENT, TCP_SYN_SENT, 0));
+        assert_eq!((fx.stats(1).new_conns, fx.conntrack_len()), (new_conns, 2));
+        // And it completes as any other.
+        for (reply, flags, seq) in [(true, SYNACK, 77_000), (false, ACK, 5_000_001)] {
+            let (f, i) = segment(fx, reply, 40500, snat, flags, seq, b"");
+            assert_eq!(fx.xdp(&f, i).0, XDP_REDIRECT);
+        }
+        assert_eq!(tcp_states(fx, 40500), (TCP_ESTABLISHED, TCP_ESTABLISHED));
+    });
+}
+
+/// Only a SYN opens a TCP connection: other segments for a listen port without a tracked
+/// connection (the SYN-ACK answering the host's own connection from that port, a stray
+/// ACK) reach the stack untouched, on both programs.
+#[test]
+fn only_a_syn_opens_a_tcp_flow() {
+    with_fixture(CONFIG, |fx| {
+        for flags in [SYNACK, ACK, FINACK, RST, ACK | 0x08] {
+            let (f, i) = segment(fx, false, 40600, 0, flags, 7, b"");
+            let before = fx.reason(Reason::TcpNotSyn);
+            let (verdict, out, _) = fx.xdp(&f, i);
+            assert_eq!((verdict, out == f), (XDP_PASS, true), "flags {flags:#x}: XDP passes it untouched");
+            let (verdict, out) = fx.tc(&f, i);
+            assert_eq!((verdict, out == f), (TC_ACT_OK, true), "flags {flags:#x}: TC too");
+            assert_eq!(fx.reason(Reason::TcpNotSyn), before + 2, "flags {flags:#x}: counted");
+        }
+        assert_eq!(fx.conntrack_len(), 0, "nothing tracked");
+    });
+}
+
+/// An RST outside the window of its sender (a blind reset with a made-up sequence) is
+/// dropped and leaves the connection as it was; one at the sender's sequence closes it.
+/// Segments the state does not allow are dropped too.
+#[test]
+fn rsts_outside_the_window_and_invalid_segments_are_dropped() {
+    with_fixture(CONFIG, |fx| {
+        let snat = handshake(fx, 40700);
+        for (reply, seq) in [(false, 101u32.wrapping_add(1 << 30)), (true, 901u32.wrapping_sub(64 << 20))] {
+            let (rst, i) = segment(fx, reply, 40700, snat, RST, seq, b"");
+            assert_eq!(fx.xdp(&rst, i).0, XDP_DROP, "reply {reply}: blind RST");
+            assert_eq!(fx.tc(&rst, i).0, 2 /* TC_ACT_SHOT */);
+            assert_eq!(tcp_states(fx, 40700), (TCP_ESTABLISHED, TCP_ESTABLISHED), "state unchanged");
+        }
+        assert_eq!(fx.reason(Reason::RstOutOfWindow), 4);
+        let (rst, i) = segment(fx, true, 40700, snat, RST | ACK, 901, b"");
+        assert_eq!(fx.xdp(&rst, i).0, XDP_REDIRECT, "the server's RST at its sequence");
+        assert_eq!(tcp_states(fx, 40700), (TCP_CLOSE, TCP_CLOSE));
+
+        // Before the backend answers, the client may not acknowledge anything.
+        let (syn, i) = segment(fx, false, 40701, 0, SYN, 100, b"");
+        let snat = check(&fx.xdp(&syn, i).1).5;
+        let (ack, i) = segment(fx, false, 40701, snat, ACK, 101, b"");
+        assert_eq!(fx.xdp(&ack, i).0, XDP_DROP);
+        assert_eq!(fx.reason(Reason::CtInvalid), 1);
+        assert_eq!(tcp_states(fx, 40701), (TCP_SYN_SENT, TCP_SYN_SENT));
+        // The backend refusing (RST-ACK, no sequence of its own seen yet) closes it.
+        let (rst, i) = segment(fx, true, 40701, snat, RST | ACK, 0, b"");
+        assert_eq!(fx.xdp(&rst, i).0, XDP_REDIRECT);
+        assert_eq!(tcp_states(fx, 40701), (TCP_CLOSE, TCP_CLOSE));
+    });
+}
+
+/// SNAT keeps the client's source port when that reply tuple is free (as netfilter does),
+/// else takes another; ports a host socket holds are never handed out.
+#[test]
+fn snat_keeps_the_client_port_when_free_and_skips_host_sockets() {
+    with_fixture(CONFIG, |fx| {
+        let (syn, i) = segment(fx, false, 41500, 0, SYN, 100, b"");
+        assert_eq!(check(&fx.xdp(&syn, i).1).5, 41500, "the client's port");
+        // Another client with the same port: that reply tuple is taken.
+        let mut other = syn.clone();
+        other[14 + 15] = 3; // 192.0.2.3
+        let other = {
+            let h = PacketHeaders::from_ethernet_slice(&other).unwrap();
+            let Some(NetHeaders::Ipv4(mut ip, _)) = h.net else { panic!() };
+            ip.header_checksum = ip.calc_header_checksum();
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, fx.v0_mac)
+                .ipv4(ip.source, ROUTER_IN, 64)
+                .tcp(41500, 3306, 100, 65000)
+                .syn()
+                .write(&mut v, b"")
+                .unwrap();
+            v
+        };
+        let port = check(&fx.xdp(&other, fx.v0).1).5;
+        assert_ne!(port, 41500);
+        // A host socket on a port (this thread is in the fixture's namespace): a client
+        // with that port gets another one, for TCP and UDP alike.
+        let tcp_listener = std::net::TcpListener::bind("0.0.0.0:41600").unwrap();
+        let (syn, i) = segment(fx, false, 41600, 0, SYN, 100, b"");
+        assert_ne!(check(&fx.xdp(&syn, i).1).5, 41600, "TCP port of a host socket skipped");
+        let udp = std::net::UdpSocket::bind("203.0.113.1:41601").unwrap();
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 41601, 53, b"q");
+        assert_ne!(check(&fx.xdp(&q, fx.v0).1).5, 41601, "UDP port of a host socket skipped");
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 41602, 53, b"q");
+        assert_eq!(check(&fx.xdp(&q, fx.v0).1).5, 41602, "UDP keeps the client's port too");
+        drop((tcp_listener, udp));
+    });
+}
+
+/// A datagram to a listen port that belongs to a connected socket of the host (its own
+/// conversation from that port) is left to the host, not forwarded.
+#[test]
+fn datagrams_of_a_connected_host_socket_are_left_to_it() {
+    with_fixture(CONFIG, |fx| {
+        // This thread is in the fixture's namespace: the host's own socket on 192.0.2.1:53,
+        // connected to the client's 6700.
+        let sock = std::net::UdpSocket::bind("192.0.2.1:53").unwrap();
+        sock.connect("192.0.2.2:6700").unwrap();
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6700, 53, b"answer to the host");
+        let (verdict, out, _) = fx.xdp(&q, fx.v0);
+        assert_eq!((verdict, out == q), (XDP_PASS, true));
+        assert_eq!(fx.reason(Reason::HostSocket), 1);
+        // Another client port is the forward's (a socket bound but not connected to it
+        // does not take it: DNAT comes first, as with netfilter).
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6701, 53, b"query");
+        assert_eq!(fx.xdp(&q, fx.v0).0, XDP_REDIRECT);
+        assert_eq!(fx.conntrack_len(), 2);
+        drop(sock);
+    });
+}
+
+/// With every SNAT port of the range held, a new flow takes the port of an unassured
+/// connection idle for a while (netfilter's early_drop), counted; assured connections
+/// and young handshakes are never dropped.
+#[test]
+fn a_full_port_range_drops_unassured_connections_early_never_assured_ones() {
+    let cfg = format!("{CONFIG}\n[conntrack]\nsnat_ports = \"30000-30031\"\n");
+    with_fixture(&cfg, |fx| {
+        // 16 assured connections, 16 half-open ones (SYN only).
+        for p in 0..16u16 {
+            handshake(fx, 42000 + p);
+        }
+        for p in 16..32u16 {
+            let (syn, i) = segment(fx, false, 42000 + p, 0, SYN, 100, b"");
+            assert_eq!(fx.xdp(&syn, i).0, XDP_REDIRECT);
+        }
+        assert_eq!(fx.conntrack_len(), 64);
+        let (syn, i) = segment(fx, false, 42100, 0, SYN, 100, b"");
+        assert_eq!(fx.xdp(&syn, i).0, XDP_DROP, "the half-open ones are too young to give way");
+        assert_eq!((fx.reason(Reason::PortsExhausted), fx.reason(Reason::EarlyDrop)), (1, 0));
+        // Age every entry by 2 s.
+        for (k, mut v) in fx.state.conntrack().unwrap() {
+            v.last_seen_ns -= 2_000_000_000;
+            fx.state.put_conntrack(&k, &v).unwrap();
+        }
+        for n in 0..16u16 {
+            let (syn, i) = segment(fx, false, 42100 + n, 0, SYN, 100, b"");
+            assert_eq!(fx.xdp(&syn, i).0, XDP_REDIRECT, "flow {n} takes a half-open one's port");
+        }
+        assert_eq!(fx.reason(Reason::EarlyDrop), 16);
+        assert_eq!(fx.conntrack_len(), 64, "dropped ones leave both entries");
+        for p in 0..16u16 {
+            assert_eq!(tcp_states(fx, 42000 + p), (TCP_ESTABLISHED, TCP_ESTABLISHED), "assured {p} kept");
+        }
+        let (syn, i) = segment(fx, false, 42200, 0, SYN, 100, b"");
+        assert_eq!(fx.xdp(&syn, i).0, XDP_DROP, "only assured and young ones left");
+    });
+}
+
+/// The same new flow on two CPUs at once ends as one connection: the second CPU adopts
+/// the first one's translation instead of taking a port of its own.
+#[test]
+fn one_new_flow_on_two_cpus_at_once_becomes_one_connection() {
+    with_fixture(CONFIG, |fx| {
+        const FLOWS: u16 = 400;
+        let frames: Vec<Vec<u8>> = (0..FLOWS).map(|p| segment(fx, false, 43000 + p, 0, SYN, 100, b"").0).collect();
+        let prog_fd = fx.xdp_fd();
+        let v0 = fx.v0;
+        let barrier = std::sync::Barrier::new(2);
+        let outs: Vec<Vec<(u32, Vec<u8>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2usize)
+                .map(|cpu| {
+                    let (frames, barrier) = (&frames, &barrier);
+                    s.spawn(move || {
+                        pin_to_cpu(cpu);
+                        frames
+                            .iter()
+                            .map(|f| {
+                                barrier.wait();
+                                xdp_test_run_fd(prog_fd, f, v0)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (n, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            assert_eq!((a.0, b.0), (XDP_REDIRECT, XDP_REDIRECT), "flow {n}");
+            assert_eq!(check(&a.1).5, check(&b.1).5, "flow {n}: one SNAT port");
+        }
+        assert_eq!(fx.conntrack_len(), 2 * FLOWS as usize, "one entry pair per flow");
+        assert_eq!(fx.stats(1).new_conns, FLOWS as u64, "counted once");
+    });
+}
+
+fn pin_to_cpu(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu % num_cpus()).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// BPF_PROG_TEST_RUN of an XDP program by fd, as [`Fixture::xdp`] does (usable from
+/// several threads at once): (verdict, output frame).
+fn xdp_test_run_fd(prog_fd: i32, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    // union bpf_attr.test: prog_fd, retval, data_size_in, data_size_out, data_in,
+    // data_out, repeat, duration, ctx_size_in, ctx_size_out, ctx_in, ctx_out, flags, cpu.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    let mut attr = TestAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    const BPF_PROG_TEST_RUN: i64 = 10;
+    // SAFETY: the attribute points at buffers that outlive the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestAttr, std::mem::size_of::<TestAttr>())
+    };
+    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    out.truncate(attr.data_size_out as usize);
+    let meta = out.len() - frame.len();
+    (attr.retval, out[meta..].to_vec())
 }
