@@ -465,15 +465,51 @@ fn hex(bytes: &[u8]) -> Vec<String> {
     bytes.iter().map(|b| format!("0x{b:02x}")).collect()
 }
 
-/// An upgrade in place keeps tracked connections: the connection table a version before
-/// the next-hop cache pinned (`FWD_CT`, 56-byte values) is carried into `FWD_CT_V2` and
-/// its pin removed. The old table is made here with bpftool, as the old version made it.
+/// An upgrade in place keeps tracked connections: the connection table an earlier version
+/// pinned (`FWD_CT`, 56-byte values before the next-hop cache; `FWD_CT_V2`, 80-byte values
+/// with state bits) is carried into `FWD_CT_V3`, each connection in the netfilter state its
+/// bits say, and its pin removed. The old tables are made here with bpftool, as the old
+/// versions made them.
 #[test]
 fn connections_pinned_by_an_older_version_are_migrated() {
-    use forwarder_common::{CtKey, CtValue, CtValueV1, MAP_CONNTRACK, MAP_CONNTRACK_V1};
+    use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2};
+    // The V1 layout is V2's first 40 bytes, padding, then last_seen_ns at 48.
+    let v1 = |v: &CtValueV2| {
+        let mut o = CtValueV1 {
+            new_src_addr: v.new_src_addr,
+            new_dst_addr: v.new_dst_addr,
+            new_src_port_be: v.new_src_port_be,
+            new_dst_port_be: v.new_dst_port_be,
+            forward_id: v.forward_id,
+            direction: v.direction,
+            state: v.state,
+            last_seen_ns: v.last_seen_ns,
+            ..CtValueV1::default()
+        };
+        o._pad = [0; 6];
+        as_bytes(&o)
+    };
+    migrate_from(MAP_CONNTRACK_V1, 56, &v1);
+    migrate_from(MAP_CONNTRACK_V2, 80, &|v: &CtValueV2| as_bytes(v));
+}
+
+fn as_bytes<T>(v: &T) -> Vec<u8> {
+    // SAFETY: repr(C) map types without padding; read as plain bytes.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }.to_vec()
+}
+
+/// An old table `name` (values of `value_size` bytes, written by `encode`) holding one
+/// established TCP connection (the original entry saw the SYN, the reply entry answered)
+/// becomes one ESTABLISHED, assured connection in the current table, without a cached next
+/// hop; the old pin goes.
+fn migrate_from(name: &str, value_size: usize, encode: &dyn Fn(&forwarder_common::CtValueV2) -> Vec<u8>) {
+    use forwarder_common::{
+        CT_DIR_REPLY, CtKey, CtValueV2, MAP_CONNTRACK, V2_ANSWERED,
+        conntrack::{CT_ASSURED, TCP_ESTABLISHED},
+    };
     let pin = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{}", forwarder_tests::unique_tag())));
     std::fs::create_dir_all(&pin.0).unwrap();
-    let old_path = pin.0.join(MAP_CONNTRACK_V1);
+    let old_path = pin.0.join(name);
     let bpftool = |args: &[String]| {
         let out = std::process::Command::new("bpftool").args(args).output().unwrap();
         assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -481,43 +517,78 @@ fn connections_pinned_by_an_older_version_are_migrated() {
     let s = |v: &str| v.to_string();
     let path = old_path.display().to_string();
     bpftool(
-        &[s("map"), s("create"), path.clone(), s("type"), s("hash"), s("key"), s("40"), s("value"), s("56")]
+        &[s("map"), s("create"), path.clone(), s("type"), s("hash"), s("key"), s("40"), s("value")]
             .into_iter()
-            .chain([s("entries"), s("1024"), s("name"), s(MAP_CONNTRACK_V1)])
+            .chain([value_size.to_string(), s("entries"), s("1024"), s("name"), s(name)])
             .collect::<Vec<_>>(),
     );
-    let mut key =
-        CtKey { proto: 6, family: 4, src_port_be: 40000u16.to_be(), dst_port_be: 3306u16.to_be(), ..CtKey::default() };
-    key.src_addr[..4].copy_from_slice(&[192, 0, 2, 2]);
-    key.dst_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
-    let mut old = CtValueV1 {
+    let v4 = |a: [u8; 4]| {
+        let mut x = [0u8; 16];
+        x[..4].copy_from_slice(&a);
+        x
+    };
+    let (client, listen, snat, backend) = (v4([192, 0, 2, 2]), v4([192, 0, 2, 1]), v4([203, 0, 113, 1]), v4([203, 0, 113, 20]));
+    let orig_key = CtKey {
+        src_addr: client,
+        dst_addr: listen,
+        src_port_be: 40000u16.to_be(),
+        dst_port_be: 3306u16.to_be(),
+        proto: 6,
+        family: 4,
+        _pad: [0; 2],
+    };
+    let orig = CtValueV2 {
+        new_src_addr: snat,
+        new_dst_addr: backend,
         new_src_port_be: 20001u16.to_be(),
         new_dst_port_be: 3197u16.to_be(),
         forward_id: 7,
-        state: 3,
+        state: 1,
         last_seen_ns: 123_456_789,
-        ..CtValueV1::default()
+        ..CtValueV2::default()
     };
-    old.new_src_addr[..4].copy_from_slice(&[203, 0, 113, 1]);
-    old.new_dst_addr[..4].copy_from_slice(&[203, 0, 113, 20]);
-    // SAFETY: both are repr(C) without padding; read as plain bytes.
-    let bytes = |p: *const u8, n: usize| unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
-    let key_bytes = bytes(&key as *const CtKey as *const u8, std::mem::size_of::<CtKey>());
-    let value_bytes = bytes(&old as *const CtValueV1 as *const u8, std::mem::size_of::<CtValueV1>());
-    bpftool(
-        &[s("map"), s("update"), s("pinned"), path.clone(), s("key")]
-            .into_iter()
-            .chain(hex(&key_bytes))
-            .chain([s("value")])
-            .chain(hex(&value_bytes))
-            .collect::<Vec<_>>(),
-    );
+    let reply_key = CtKey {
+        src_addr: backend,
+        dst_addr: snat,
+        src_port_be: 3197u16.to_be(),
+        dst_port_be: 20001u16.to_be(),
+        ..orig_key
+    };
+    let reply = CtValueV2 {
+        new_src_addr: listen,
+        new_dst_addr: client,
+        new_src_port_be: 3306u16.to_be(),
+        new_dst_port_be: 40000u16.to_be(),
+        direction: CT_DIR_REPLY,
+        state: 1 | V2_ANSWERED,
+        ..orig
+    };
+    for (k, v) in [(orig_key, orig), (reply_key, reply)] {
+        bpftool(
+            &[s("map"), s("update"), s("pinned"), path.clone(), s("key")]
+                .into_iter()
+                .chain(hex(&as_bytes(&k)))
+                .chain([s("value")])
+                .chain(hex(&encode(&v)))
+                .collect::<Vec<_>>(),
+        );
+    }
 
     let inst = forwarder::loader::Instance::load(&forwarder::loader::LoadOptions::default(), &pin.0).unwrap();
-    let table = inst.state().unwrap().conntrack().unwrap();
-    assert_eq!(table, vec![(key, CtValue::from(old))], "the connection, without a cached next hop");
-    assert_eq!(table[0].1.nh_ifindex, 0);
-    assert!(!old_path.exists(), "old table unpinned");
+    let mut table = inst.state().unwrap().conntrack().unwrap();
+    table.sort_by_key(|(_, v)| v.direction);
+    assert_eq!(table.len(), 2, "{name}: both entries");
+    for ((k, v), (old_k, old_v)) in table.iter().zip([(orig_key, orig), (reply_key, reply)]) {
+        assert_eq!(*k, old_k, "{name}");
+        assert_eq!(
+            (v.new_src_addr, v.new_dst_addr, v.new_src_port_be, v.new_dst_port_be, v.forward_id, v.direction),
+            (old_v.new_src_addr, old_v.new_dst_addr, old_v.new_src_port_be, old_v.new_dst_port_be, 7, old_v.direction),
+            "{name}: the same translation"
+        );
+        assert_eq!((v.state, v.flags & CT_ASSURED), (TCP_ESTABLISHED, CT_ASSURED), "{name}: established, assured");
+        assert_eq!((v.last_seen_ns, v.nh_ifindex), (123_456_789, 0), "{name}: no cached next hop");
+    }
+    assert!(!old_path.exists(), "{name}: old table unpinned");
     assert!(pin.0.join(MAP_CONNTRACK).exists());
     drop(inst);
 }
