@@ -94,8 +94,8 @@ const TABLE: [[[u8; TCP_STATES]; 6]; 2] = [
         [IV, IV, IG, IG, IG, IG, IG, IG, IG, SR], // synack
         [IV, IV, FW, FW, LA, LA, LA, TW, CL, IV], // fin
         [ES, IV, ES, ES, CW, CW, TW, TW, CL, IV], // ack
-        [IV, CL, CL, CL, CL, CL, CL, CL, CL, CL],  // rst
-        [IV; TCP_STATES],                          // none
+        [IV, CL, CL, CL, CL, CL, CL, CL, CL, CL], // rst
+        [IV; TCP_STATES],                         // none
     ],
     // Reply direction (backend to client).
     [
@@ -103,8 +103,8 @@ const TABLE: [[[u8; TCP_STATES]; 6]; 2] = [
         [IV, SR, IG, IG, IG, IG, IG, IG, IG, SR], // synack
         [IV, IV, FW, FW, LA, LA, LA, TW, CL, IV], // fin
         [IV, IG, SR, ES, CW, CW, TW, TW, CL, IG], // ack
-        [IV, CL, CL, CL, CL, CL, CL, CL, CL, CL],  // rst
-        [IV; TCP_STATES],                          // none
+        [IV, CL, CL, CL, CL, CL, CL, CL, CL, CL], // rst
+        [IV; TCP_STATES],                         // none
     ],
 ];
 
@@ -187,7 +187,9 @@ pub fn rst_acceptable(seq: u32, seq_end: u32, known: bool) -> bool {
 /// and one for a FIN (netfilter's segment_seq_plus_len).
 #[inline(always)]
 pub fn segment_end(seq: u32, payload_len: u32, flags: u8) -> u32 {
-    seq.wrapping_add(payload_len).wrapping_add((flags & TCP_SYN != 0) as u32).wrapping_add((flags & TCP_FIN != 0) as u32)
+    seq.wrapping_add(payload_len)
+        .wrapping_add((flags & TCP_SYN != 0) as u32)
+        .wrapping_add((flags & TCP_FIN != 0) as u32)
 }
 
 /// Idle timeouts, in nanoseconds: one per TCP state, and UDP unanswered / answered.
@@ -297,7 +299,9 @@ impl PortRange {
     #[inline(always)]
     pub fn contains(&self, port: u16) -> bool {
         let (hole_start, hole_len) = self.hole();
-        port >= self.min && port <= self.max && !(hole_len > 0 && (port as u32) >= hole_start && (port as u32) < hole_start + hole_len)
+        port >= self.min
+            && port <= self.max
+            && !(hole_len > 0 && (port as u32) >= hole_start && (port as u32) < hole_start + hole_len)
     }
 }
 

@@ -8,11 +8,11 @@ use std::{
     path::Path,
 };
 
-use serde::Deserialize;
 use forwarder_common::conntrack::{
-    TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_NONE, TCP_STATES, TCP_SYN_RECV, TCP_SYN_SENT,
-    TCP_SYN_SENT2, TCP_TIME_WAIT, Timeouts,
+    TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_NONE, TCP_STATES, TCP_SYN_RECV,
+    TCP_SYN_SENT, TCP_SYN_SENT2, TCP_TIME_WAIT, Timeouts,
 };
+use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::ConfigError;
@@ -516,7 +516,11 @@ impl Config {
             }
             let seconds = |v: &Spanned<u64>, field: &str| {
                 if *v.get_ref() == 0 || *v.get_ref() > 365 * 86_400 {
-                    return Err(err(v.span(), &format!("conntrack.{field}"), "must be between 1 and 31536000 seconds".into()));
+                    return Err(err(
+                        v.span(),
+                        &format!("conntrack.{field}"),
+                        "must be between 1 and 31536000 seconds".into(),
+                    ));
                 }
                 Ok(*v.get_ref())
             };
@@ -666,7 +670,13 @@ snat = "auto"
         assert!(message.contains("203.0.113.20:3197"), "{message}");
         // With SNAT on either, or another protocol, they can share it.
         Config::parse(&shared_backend.replacen("snat = \"off\"", "snat = \"auto\"", 1)).unwrap();
-        Config::parse(&shared_backend.replace("protocol = \"tcp\"\nlisten = \"0.0.0.0:3307\"", "protocol = \"udp\"\nlisten = \"0.0.0.0:3307\"")).unwrap();
+        Config::parse(
+            &shared_backend.replace(
+                "protocol = \"tcp\"\nlisten = \"0.0.0.0:3307\"",
+                "protocol = \"udp\"\nlisten = \"0.0.0.0:3307\"",
+            ),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -465,7 +465,11 @@ fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
         match read(&old_path).and_then(|old| insert_upgraded(ebpf, &old)) {
             Ok(moved) => {
                 let _ = std::fs::remove_file(&old_path);
-                info!(connections = moved, "connection table migrated from {name} to {}", forwarder_common::MAP_CONNTRACK);
+                info!(
+                    connections = moved,
+                    "connection table migrated from {name} to {}",
+                    forwarder_common::MAP_CONNTRACK
+                );
             }
             Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
         }

@@ -80,7 +80,7 @@ pub fn render(pin: &Path, c: &DaemonCounters) -> crate::error::Result<String> {
         &mut out,
         "forwarder_packets_total",
         "counter",
-        "Packets by what happened to them (reason code; kind forwarded|peer|passed|dropped).",
+        "Packets by what happened to them (reason code; kind forwarded|peer|icmp|passed|dropped; kind event counts connection-table events, not packets).",
     );
     for r in &s.reasons {
         let _ = writeln!(out, "forwarder_packets_total{{reason=\"{}\",kind=\"{}\"}} {}", r.reason, r.kind, r.packets);

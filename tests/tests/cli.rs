@@ -105,6 +105,28 @@ fn stats_table_and_json_and_a_second_instance_on_the_same_pin_path_is_refused() 
     assert_eq!(json["forwards"][0]["name"], "mysql");
     assert_eq!(json["forwards"][0]["listen"], "0.0.0.0:3306");
     assert!(json["reasons"].as_array().unwrap().len() >= 18);
+    // Each reason's kind as README tells operators to read it.
+    let kind = |name: &str| {
+        json["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == name).unwrap()["kind"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for (name, want) in [
+        ("redirect_xdp_flow_cache", "forwarded"),
+        ("no_rule", "passed"),
+        ("tcp_not_syn", "passed"),
+        ("host_socket", "passed"),
+        ("ports_exhausted", "dropped"),
+        ("ct_invalid", "dropped"),
+        ("rst_out_of_window", "dropped"),
+        ("peer_direct", "peer"),
+        ("peer_fallback", "peer"),
+        ("icmp_translated", "icmp"),
+        ("early_drop", "event"),
+    ] {
+        assert_eq!(kind(name), want, "{name}");
+    }
 
     let out = run_once(&chain, GOOD, daemon.pin_path.to_str().unwrap());
     assert!(!out.status.success());

@@ -429,6 +429,53 @@ fn idle_flows_expire_and_a_full_table_keeps_established_flows() {
         .unwrap();
 }
 
+/// The expiry follows the applied config: a reload that shortens a timeout ends the
+/// connections it now covers (the pass reads the timeouts anew each time).
+#[test]
+fn a_reload_changes_the_timeouts_of_the_expiry() {
+    let chain = Chain::new().unwrap();
+    let forward =
+        "[[forward]]\nname = \"udp\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:5353\"\nbackend = \"203.0.113.20:5353\"\n";
+    let d = Daemon::start(
+        &chain.router,
+        &chain.tag,
+        &config(&format!("{forward}[conntrack]\nudp_timeout = 3600\ngc_interval = 1\n")),
+    )
+    .unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    chain
+        .server
+        .spawn(move || {
+            let s = UdpSocket::bind((SERVER_ADDR, 5353)).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        })
+        .unwrap();
+    ready_rx.recv().unwrap();
+    chain
+        .client
+        .run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(b"hi", (ROUTER_CLIENT_ADDR, 5353)).unwrap();
+            let mut b = [0u8; 16];
+            assert!(s.recv_from(&mut b).is_ok());
+        })
+        .unwrap();
+    let connections = |d: &Daemon| {
+        let s: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
+        s["conntrack_connections"].as_u64().unwrap()
+    };
+    assert_eq!(connections(&d), 1);
+    d.replace_config(&config(&format!("{forward}[conntrack]\nudp_timeout = 1\ngc_interval = 1\n"))).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    // 1 s of timeout and 3 s of last-seen slack, then the next pass.
+    wait_for("the reloaded timeout to end the connection", Duration::from_secs(20), || connections(&d) == 0);
+}
+
 /// `--on-exit keep`: SIGTERM leaves forwarding running without a daemon; the next one
 /// adopts it; `forwarder detach` removes everything.
 #[test]
@@ -527,7 +574,8 @@ fn migrate_from(name: &str, value_size: usize, encode: &dyn Fn(&forwarder_common
         x[..4].copy_from_slice(&a);
         x
     };
-    let (client, listen, snat, backend) = (v4([192, 0, 2, 2]), v4([192, 0, 2, 1]), v4([203, 0, 113, 1]), v4([203, 0, 113, 20]));
+    let (client, listen, snat, backend) =
+        (v4([192, 0, 2, 2]), v4([192, 0, 2, 1]), v4([203, 0, 113, 1]), v4([203, 0, 113, 20]));
     let orig_key = CtKey {
         src_addr: client,
         dst_addr: listen,

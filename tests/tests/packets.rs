@@ -16,7 +16,9 @@ use forwarder::{
 };
 use forwarder_common::{
     CtKey, CtValue, GlobalConfig, IFACE_XDP_EGRESS_OK, Reason,
-    conntrack::{CT_ASSURED, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT},
+    conntrack::{
+        CT_ASSURED, TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT,
+    },
     flow_cache_bucket,
 };
 use forwarder_tests::{Netns, unique_tag};
@@ -202,7 +204,13 @@ fn tcp_frame(
 ) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1000, 65000);
     // The server's `syn` frames answer the client's: SYN-ACK.
-    let b = if syn && src_mac == SERVER_MAC { b.syn().ack(1001) } else if syn { b.syn() } else { b.ack(5000) };
+    let b = if syn && src_mac == SERVER_MAC {
+        b.syn().ack(1001)
+    } else if syn {
+        b.syn()
+    } else {
+        b.ack(5000)
+    };
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
     v
@@ -494,9 +502,7 @@ fn tcp_entries(fx: &Fixture, client_port: u16) -> ((CtKey, CtValue), (CtKey, CtV
         .expect("original entry");
     let reply = *all
         .iter()
-        .find(|(k, _)| {
-            k.proto == 6 && k.dst_addr == orig.1.new_src_addr && k.dst_port_be == orig.1.new_src_port_be
-        })
+        .find(|(k, _)| k.proto == 6 && k.dst_addr == orig.1.new_src_addr && k.dst_port_be == orig.1.new_src_port_be)
         .expect("reply entry");
     (orig, reply)
 }
@@ -819,7 +825,13 @@ fn tcp6_frame(
     payload: &[u8],
 ) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src, dst, 64).tcp(sport, dport, 1000, 65000);
-    let b = if syn && src_mac == SERVER_MAC { b.syn().ack(1001) } else if syn { b.syn() } else { b.ack(5000) };
+    let b = if syn && src_mac == SERVER_MAC {
+        b.syn().ack(1001)
+    } else if syn {
+        b.syn()
+    } else {
+        b.ack(5000)
+    };
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
     v
@@ -1026,7 +1038,15 @@ fn mutated_frames_are_left_alone_or_rewritten_correctly() {
 
 /// A TCP segment from the client (`reply` false) or the server with these flags and
 /// sequence number.
-fn segment(fx: &Fixture, reply: bool, client_port: u16, snat_port: u16, flags: u8, seq: u32, payload: &[u8]) -> (Vec<u8>, u32) {
+fn segment(
+    fx: &Fixture,
+    reply: bool,
+    client_port: u16,
+    snat_port: u16,
+    flags: u8,
+    seq: u32,
+    payload: &[u8],
+) -> (Vec<u8>, u32) {
     let (src_mac, dst_mac, src, dst, sport, dport, ifindex) = if reply {
         (SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, fx.v1)
     } else {
