@@ -369,7 +369,10 @@ fn snat_hole(ct: &crate::config::Conntrack) -> anyhow::Result<(u16, u16)> {
     if !ct.snat_avoid_local_ports {
         return Ok((1, 0));
     }
-    let (lo, hi) = system::local_port_range()?;
+    let (lo, hi) = system::local_port_range().unwrap_or_else(|e| {
+        warn!("reading net.ipv4.ip_local_port_range: {e}; assuming Linux's default 32768-60999");
+        (32768, 60999)
+    });
     let range = forwarder_common::conntrack::PortRange {
         min: ct.snat_port_min,
         max: ct.snat_port_max,
