@@ -510,13 +510,13 @@ pub fn peer_echo_tcp(ns: &Netns, addr: SocketAddr) -> Result<JoinHandle<std::io:
 }
 
 /// A UDP server in `ns` on `addr`: answers each datagram with the sender's address, `\n`
-/// and every byte + 1, until 5 s pass without one. Returns once bound; the thread returns
+/// and every byte + 1, until 3 s pass without one. Returns once bound; the thread returns
 /// the datagrams answered.
 pub fn peer_echo_udp(ns: &Netns, addr: SocketAddr) -> Result<JoinHandle<std::io::Result<u64>>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = ns.spawn(move || {
         let s = std::net::UdpSocket::bind(addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let _ = tx.send(());
         let mut buf = [0u8; 2048];
         let mut answered = 0;
