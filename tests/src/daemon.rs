@@ -11,11 +11,17 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::{Netns, run_ok};
 
-/// The `forwarder` binary under test: $FORWARDER_BIN, else the workspace's debug build.
+/// The `forwarder` binary under test: $FORWARDER_BIN, else the debug build of the target
+/// directory this test binary was built in (`target/debug/deps/TEST` → `target/debug`, so a
+/// `CARGO_TARGET_DIR` elsewhere works), else the workspace's `target/debug`.
 pub fn forwarder_bin() -> PathBuf {
-    std::env::var_os("FORWARDER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/forwarder"))
+    if let Some(bin) = std::env::var_os("FORWARDER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().skip(1).take(2).map(|dir| dir.join("forwarder")).find(|bin| bin.is_file()));
+    beside_exe.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/forwarder"))
 }
 
 pub struct Daemon {

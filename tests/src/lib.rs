@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod kubelet;
 pub mod netns;
 pub mod topo;
+pub mod traffic;
 
 pub use cgroup::Cgroup;
 pub use daemon::{Daemon, ExactLaunch};
