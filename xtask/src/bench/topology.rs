@@ -33,6 +33,10 @@ pub const IPERF_LISTEN_PORT: u16 = 5201;
 pub const IPERF_BACKEND_PORT: u16 = 5202;
 pub const ECHO_LISTEN_PORT: u16 = 8000;
 pub const ECHO_BACKEND_PORT: u16 = 8001;
+/// The connection-churn workload's own forward: its connections take SNAT ports and
+/// connection-table entries of their own, not those the sequential connections left.
+pub const CHURN_LISTEN_PORT: u16 = 8080;
+pub const CHURN_BACKEND_PORT: u16 = 8081;
 
 pub const CLIENT_DEV: &str = "c0";
 pub const SERVER_DEV: &str = "s0";
@@ -150,9 +154,17 @@ impl Addressing {
     }
 
     pub fn echo_target(self) -> std::net::SocketAddr {
+        self.tcp_target(ECHO_LISTEN_PORT, ECHO_BACKEND_PORT)
+    }
+
+    pub fn churn_target(self) -> std::net::SocketAddr {
+        self.tcp_target(CHURN_LISTEN_PORT, CHURN_BACKEND_PORT)
+    }
+
+    fn tcp_target(self, listen_port: u16, backend_port: u16) -> std::net::SocketAddr {
         match self {
-            Addressing::Forward => format!("{ROUTER_CLIENT_ADDR}:{ECHO_LISTEN_PORT}"),
-            Addressing::Direct => format!("{SERVER_ADDR}:{ECHO_BACKEND_PORT}"),
+            Addressing::Forward => format!("{ROUTER_CLIENT_ADDR}:{listen_port}"),
+            Addressing::Direct => format!("{SERVER_ADDR}:{backend_port}"),
         }
         .parse()
         .expect("literal address")
