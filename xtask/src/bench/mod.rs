@@ -2,6 +2,7 @@
 //! run on the same namespace topology, interleaved so drift hits every contender alike.
 //! Speed is only ever reported as figures and ratios against peers of the same run.
 
+pub mod cleanup;
 pub mod contenders;
 pub mod generator;
 pub mod report;
@@ -264,6 +265,7 @@ pub struct Options {
 }
 
 pub fn run(opts: Options) -> Result<Results> {
+    cleanup::install()?;
     let started = std::time::Instant::now();
     let machine = Machine::describe();
     let plan = opts.plan.clone();
@@ -284,6 +286,8 @@ pub fn run(opts: Options) -> Result<Results> {
                 eprintln!("bench: {}: {e:#}", contender.id());
                 failed.push(format!("{e:#}"));
             }
+            // Nothing is written after a signal: a partial run is not a result.
+            cleanup::check()?;
             errors
                 .entry(contender)
                 .or_default()
@@ -292,6 +296,7 @@ pub fn run(opts: Options) -> Result<Results> {
         eprintln!("bench: repetition {}/{}: BPF_PROG_TEST_RUN", rep + 1, plan.repetitions);
         let topo = BenchTopo::new()?;
         for t in testrun::measure(&topo, plan.testrun_runs)? {
+            cleanup::check()?;
             let entry = testrun_samples.entry((t.program, t.path)).or_default();
             entry.0.push(t.ns_per_packet);
             entry.1 = t.verdict;
@@ -326,6 +331,7 @@ pub fn run(opts: Options) -> Result<Results> {
         })
         .collect();
     let scaling = opts.scaling.then(|| measure_scaling(&plan));
+    cleanup::check()?;
     let results = Results { machine, plan, contenders, scaling, testrun, seconds: started.elapsed().as_secs_f64() };
     report::write(&results, &opts.out_dir)?;
     if let Some(readme) = &opts.update_readme {
@@ -372,6 +378,7 @@ fn measure_contender(
             Figure::CpuNsPerPacketManyFlows,
         ),
     ] {
+        cleanup::check()?;
         let generator = Generator::new(&topo, addressing.udp_target(), flows)?;
         let before = reason_counts(&running);
         let rate = udp_rate(&topo, &generator, udp_time, &running.pids())?;
@@ -388,18 +395,22 @@ fn measure_contender(
         return Ok(());
     }
     topo.router_gro(false)?;
+    cleanup::check()?;
     let r = tcp_throughput(&topo, addressing, plan.iperf_seconds).map(|bps| record(Figure::TcpBitsPerSecond, bps));
     attempt("TCP throughput", r);
+    cleanup::check()?;
     let r = latency(&topo, addressing, plan.round_trips).map(|(p50, p99)| {
         record(Figure::LatencyP50Us, p50);
         record(Figure::LatencyP99Us, p99);
     });
     attempt("latency", r);
+    cleanup::check()?;
     let r = connection_rate(&topo, addressing, Duration::from_secs_f64(plan.connect_seconds)).map(|rate| {
         record(Figure::ConnectionsPerSecond, rate.per_second);
         record(Figure::ConnectionsFailed, rate.failed as f64);
     });
     attempt("connections", r);
+    cleanup::check()?;
     let churn_plan = ChurnPlan {
         duration: Duration::from_secs_f64(plan.churn_seconds),
         window: Duration::from_secs_f64(plan.churn_window_seconds),
@@ -452,6 +463,9 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
     let mut rates: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
     for &n in &plan.scaling_sizes {
+        if cleanup::interrupted() {
+            return result;
+        }
         eprintln!("bench: rule scaling: applying {n} forwards");
         match scaling::apply_times(n) {
             Ok(t) => result.apply.push(t),
@@ -464,6 +478,9 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
         let sizes = &plan.scaling_sizes;
         for &n in sizes.iter().cycle().skip(rep % sizes.len().max(1)).take(sizes.len()) {
             for c in scaling::SCALED {
+                if cleanup::interrupted() {
+                    return result;
+                }
                 eprintln!("bench: rule scaling {}: {} with {n} forwards", rep + 1, c.id());
                 let duration = Duration::from_secs_f64(plan.scaling_udp_seconds);
                 match scaling::packet_rate(c, n, plan.many_flows, duration) {

@@ -14,6 +14,7 @@
 //! - The sink on s0 counts the bench's UDP frames and drops them: the delivered rate is
 //!   counted where a real server would receive, at a cost that is the same for everyone.
 
+use super::cleanup;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
@@ -51,11 +52,15 @@ pub struct BenchTopo {
     pub server_mac: [u8; 6],
     pub client_ifindex: u32,
     pub router_server_ifindex: u32,
+    /// Last: unregistered once everything above is gone (see [`cleanup`]).
+    _registration: cleanup::Registration,
 }
 
 impl BenchTopo {
     pub fn new() -> Result<Self> {
+        cleanup::check()?;
         let chain = Chain::new().context("creating the namespace sandbox")?;
+        let registration = cleanup::Registration::new(&chain.tag);
         chain.server_route_via_router()?;
         let client_mac = chain.client.mac(CLIENT_DEV)?;
         let server_mac = chain.server.mac(SERVER_DEV)?;
@@ -83,6 +88,7 @@ impl BenchTopo {
             server_mac,
             client_ifindex,
             router_server_ifindex,
+            _registration: registration,
         };
         topo.router_gro(true)?;
         Ok(topo)

@@ -19,6 +19,7 @@ use forwarder_tests::{netns::run_ok, topo::SERVER_ADDR};
 use serde::Serialize;
 
 use super::{
+    cleanup,
     contenders::{ProcessGroup, wait_listening},
     generator::Generator,
     stats::{
@@ -155,6 +156,7 @@ pub fn connection_rate(topo: &BenchTopo, addressing: Addressing, connect_for: Du
         let start = Instant::now();
         let (mut completed, mut failed) = (0u64, 0u64);
         while start.elapsed() < connect_for {
+            cleanup::check()?;
             match connect(target).and_then(|mut s| round_trip(&mut s)) {
                 Ok(()) => completed += 1,
                 Err(_) => failed += 1,
@@ -386,7 +388,7 @@ pub fn churn(topo: &BenchTopo, addressing: Addressing, plan: ChurnPlan, router_p
                     s.spawn(|| {
                         let cpu_start = thread_cpu_time();
                         let end = windows.end();
-                        while Instant::now() < end {
+                        while Instant::now() < end && !cleanup::interrupted() {
                             windows.record(churn_connection(target));
                         }
                         thread_cpu_time() - cpu_start
@@ -396,6 +398,7 @@ pub fn churn(topo: &BenchTopo, addressing: Addressing, plan: ChurnPlan, router_p
             clients.into_iter().map(|c| c.join().unwrap_or_default()).sum()
         })
     })?;
+    cleanup::check()?;
     let server_errors = server.errors.load(Ordering::Relaxed);
     let server_cpu = server.stop();
     let ticks = (tasks_ticks(&softirq) + tasks_ticks_with_children(router_pids)).saturating_sub(ticks_before);
