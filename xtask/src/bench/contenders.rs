@@ -292,7 +292,9 @@ pub fn nft_rules(extra: usize) -> String {
 
 /// socat on the router: one process per forward, as an `ssh -L` or a sidecar proxy would be.
 /// UDP one way (`-u`, one socket for every flow): a forking UDP listener would start a
-/// process per flow.
+/// process per flow. TCP listeners with the backlog the bench's own servers have (128):
+/// socat's default of 5 overflows under the churn workload's 32 clients, and the
+/// handshakes it drops become response timeouts.
 fn start_socat(router: &Netns) -> Result<Vec<ProcessGroup>> {
     let mut procs = Vec::new();
     let mut udp = router.cmd("socat");
@@ -309,7 +311,7 @@ fn start_socat(router: &Netns) -> Result<Vec<ProcessGroup>> {
     ] {
         let mut tcp = router.cmd("socat");
         tcp.args([
-            &format!("TCP4-LISTEN:{listen},bind={ROUTER_CLIENT_ADDR},fork,reuseaddr,nodelay"),
+            &format!("TCP4-LISTEN:{listen},bind={ROUTER_CLIENT_ADDR},fork,reuseaddr,nodelay,backlog=128"),
             &format!("TCP4:{SERVER_ADDR}:{backend},nodelay"),
         ]);
         procs.push(ProcessGroup::spawn(tcp)?);
