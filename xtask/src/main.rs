@@ -23,7 +23,7 @@ enum Task {
     /// Measure forwarder beside plain routing, iptables, nftables, socat and a redirect-only
     /// XDP ceiling on the same namespace topology; write docs/bench/ and the README table.
     Bench {
-        /// Short run (under 2 minutes): shorter figures, rule scaling to 1k forwards.
+        /// Short run (about 2.5 minutes): shorter figures, rule scaling to 1k forwards.
         #[arg(long)]
         quick: bool,
         /// Repetitions (default: 2 quick, 5 full).

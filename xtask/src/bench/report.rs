@@ -317,7 +317,9 @@ pub fn update_readme(r: &Results, readme: &Path) -> Result<()> {
         "{README_START}\n{}\n{}\nMachine: {} CPUs, {}, kernel {}; {} mode, {} repetitions. Full results, rule \
          scaling and BPF_PROG_TEST_RUN times: [docs/bench/results.md](docs/bench/results.md).\n{README_END}",
         headline_table(r),
-        "Each cell: median (ratio to iptables, ratio to the redirect-only ceiling).",
+        "Each cell: median (ratio to iptables, ratio to the redirect-only ceiling); failed connections: the total \
+         over all repetitions. Churn: 32 clients, connect / request / response / server closes, requests/s per \
+         window.",
         r.machine.cpus,
         r.machine.cpu_model,
         r.machine.kernel,
