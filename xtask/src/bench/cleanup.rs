@@ -113,4 +113,12 @@ fn force_cleanup() {
         }
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("forwarder-test-{tag}")));
     }
+    // The BPF_PROG_TEST_RUN instance pins under fwb-{tag} with a tag of this process's own
+    // (forwarder_tests::unique_tag: "{pid % 100000}x{n}").
+    let ours = format!("fwb-{}x", std::process::id() % 100_000);
+    for entry in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&ours) {
+            forwarder::loader::remove_pins(&entry.path());
+        }
+    }
 }
