@@ -23,7 +23,7 @@ enum Task {
     /// Measure forwarder beside plain routing, iptables, nftables, socat and a redirect-only
     /// XDP ceiling on the same namespace topology; write docs/bench/ and the README table.
     Bench {
-        /// Short run (under 2 minutes): shorter figures, rule scaling to 1k forwards.
+        /// Short run (about 2.5 minutes): shorter figures, rule scaling to 1k forwards.
         #[arg(long)]
         quick: bool,
         /// Repetitions (default: 2 quick, 5 full).
@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
                     .args(["build", "--quiet", "--release", "--package", "forwarder-user"])
                     .status()?;
                 anyhow::ensure!(status.success(), "building forwarder (release) failed");
-                let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/forwarder");
+                let bin = target_dir().join("release/forwarder");
                 // SAFETY: no other thread exists yet.
                 unsafe { std::env::set_var("FORWARDER_BIN", bin) };
             }
@@ -88,10 +88,25 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Builds the `forwarder` binary (and its embedded kernel object) if anything changed.
+/// Cargo's target directory: $CARGO_TARGET_DIR (relative to the current directory, as cargo
+/// reads it), else the workspace's `target`.
+fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::env::current_dir().unwrap_or_default().join(dir),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// Builds the `forwarder` binary (and its embedded kernel object) if anything changed, and
+/// points $FORWARDER_BIN at it (in cargo's target directory, wherever that is) unless the
+/// caller named a binary. Call before any thread exists.
 pub fn build_forwarder() -> anyhow::Result<()> {
     let status =
         std::process::Command::new(env!("CARGO")).args(["build", "--quiet", "--package", "forwarder-user"]).status()?;
     anyhow::ensure!(status.success(), "building forwarder failed");
+    if std::env::var_os("FORWARDER_BIN").is_none() {
+        // SAFETY: the caller runs this before starting any thread.
+        unsafe { std::env::set_var("FORWARDER_BIN", target_dir().join("debug/forwarder")) };
+    }
     Ok(())
 }

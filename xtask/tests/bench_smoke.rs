@@ -7,11 +7,19 @@ use std::process::Command;
 #[test]
 fn quick_bench_gives_every_contender_its_figures() {
     let out_dir = std::env::temp_dir().join(format!("forwarder-bench-smoke-{}", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["bench", "--quick", "--reps", "1", "--out"])
         .arg(&out_dir)
-        .status()
+        .spawn()
         .expect("run xtask");
+    let status = child.wait().expect("wait for xtask");
+    // Every sandbox of the run is gone (forwarder_tests names them fwt-{pid % 100000}x{n}-…;
+    // other tests' namespaces may exist meanwhile).
+    let ours = format!("fwt-{}x", child.id() % 100_000);
+    let list = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let left: Vec<_> =
+        String::from_utf8_lossy(&list.stdout).lines().filter(|l| l.starts_with(&ours)).map(str::to_string).collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(status.success(), "cargo xtask bench --quick failed");
     let json = std::fs::read_to_string(out_dir.join("results.json")).expect("results.json");
     let results: serde_json::Value = serde_json::from_str(&json).expect("JSON");
@@ -31,6 +39,10 @@ fn quick_bench_gives_every_contender_its_figures() {
                 "tcp_bits_per_second",
                 "latency_p99_us",
                 "connections_per_second",
+                "connections_failed",
+                "churn_requests_per_second",
+                "churn_min_window_requests_per_second",
+                "churn_failed_connections",
             ]
         } else {
             &["udp_one_flow_pps", "udp_many_flows_pps", "cpu_ns_per_packet_one_flow"]
@@ -40,7 +52,27 @@ fn quick_bench_gives_every_contender_its_figures() {
             assert!(median.is_some(), "{}: no {f} ({:?})", c["id"], c["errors"]);
         }
         assert!(figures["udp_one_flow_pps"]["median"].as_f64().unwrap() > 0.0, "{}: nothing delivered", c["id"]);
+        // Connection churn: every window counted and every failure reported (a count, zero
+        // or more: forwarder may run out of SNAT ports, which must show, not fail the run).
+        let churn = c["churn"].as_array().expect("churn runs");
+        if c["limitation"].is_null() {
+            assert_eq!(churn.len(), 1, "{}: one churn run per repetition ({:?})", c["id"], c["errors"]);
+            let run = &churn[0];
+            let windows = run["windows"].as_array().expect("windows");
+            assert!(windows.len() >= 2, "{}: churn windows {windows:?}", c["id"]);
+            assert!(windows.iter().all(|w| w["requests_per_second"].as_f64().is_some()), "{windows:?}");
+            let failed = run["failed"].as_u64().expect("a failure count");
+            let by_kind: u64 =
+                run["failures"].as_object().expect("failures by kind").values().filter_map(|v| v.as_u64()).sum();
+            assert_eq!(failed, by_kind, "{}: every failure has a kind", c["id"]);
+            assert!(run["completed"].as_u64().is_some_and(|n| n > 0), "{}: no churn connection completed", c["id"]);
+            assert!(run["cpu_us_per_connection"].as_f64().is_some_and(|us| us > 0.0), "{}: CPU/connection", c["id"]);
+        } else {
+            assert!(churn.is_empty(), "{}: no TCP, no churn", c["id"]);
+        }
     }
+    let md = std::fs::read_to_string(out_dir.join("results.md")).expect("results.md");
+    assert!(md.contains("## Connection churn"), "results.md has the churn section");
     // forwarder's counters say how its UDP packets left: with XDP native and one flow,
     // nearly all from the flow cache (the first through the full path, then one entry hit
     // per CPU the flow meets).

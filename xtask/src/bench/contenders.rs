@@ -23,8 +23,8 @@ use forwarder_tests::{
 use serde::Serialize;
 
 use super::topology::{
-    Addressing, BenchTopo, ECHO_BACKEND_PORT, ECHO_LISTEN_PORT, IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, SNAT_ADDR,
-    UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
+    Addressing, BenchTopo, CHURN_BACKEND_PORT, CHURN_LISTEN_PORT, ECHO_BACKEND_PORT, ECHO_LISTEN_PORT,
+    IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, SNAT_ADDR, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -155,6 +155,14 @@ impl Running {
     pub fn pids(&self) -> Vec<u32> {
         self.processes.iter().map(|p| p.child.id()).collect()
     }
+
+    /// Every process of the contender on the router: socat's, and forwarder's daemon (which
+    /// expires connections and frees their SNAT ports).
+    pub fn router_pids(&self) -> Vec<u32> {
+        let mut pids = self.pids();
+        pids.extend(self.daemon.as_ref().and_then(|d| d.pid()));
+        pids
+    }
 }
 
 /// A process started in its own process group, killed with the group on drop (socat forks a
@@ -216,10 +224,11 @@ pub fn extra_forwards(count: usize) -> impl Iterator<Item = (Ipv4Addr, u16)> {
 }
 
 /// The bench's forwards: (protocol, listen port, backend port).
-const FORWARDS: [(&str, u16, u16); 3] = [
+pub const FORWARDS: [(&str, u16, u16); 4] = [
     ("udp", UDP_LISTEN_PORT, UDP_BACKEND_PORT),
     ("tcp", IPERF_LISTEN_PORT, IPERF_BACKEND_PORT),
     ("tcp", ECHO_LISTEN_PORT, ECHO_BACKEND_PORT),
+    ("tcp", CHURN_LISTEN_PORT, CHURN_BACKEND_PORT),
 ];
 
 /// forwarder's config: the bench's forwards plus `extra` unused ones, on both router devices.
@@ -283,7 +292,9 @@ pub fn nft_rules(extra: usize) -> String {
 
 /// socat on the router: one process per forward, as an `ssh -L` or a sidecar proxy would be.
 /// UDP one way (`-u`, one socket for every flow): a forking UDP listener would start a
-/// process per flow.
+/// process per flow. TCP listeners with the backlog the bench's own servers have (128):
+/// socat's default of 5 overflows under the churn workload's 32 clients, and the
+/// handshakes it drops become response timeouts.
 fn start_socat(router: &Netns) -> Result<Vec<ProcessGroup>> {
     let mut procs = Vec::new();
     let mut udp = router.cmd("socat");
@@ -293,15 +304,19 @@ fn start_socat(router: &Netns) -> Result<Vec<ProcessGroup>> {
         &format!("UDP4-SENDTO:{SERVER_ADDR}:{UDP_BACKEND_PORT}"),
     ]);
     procs.push(ProcessGroup::spawn(udp)?);
-    for (listen, backend) in [(IPERF_LISTEN_PORT, IPERF_BACKEND_PORT), (ECHO_LISTEN_PORT, ECHO_BACKEND_PORT)] {
+    for (listen, backend) in [
+        (IPERF_LISTEN_PORT, IPERF_BACKEND_PORT),
+        (ECHO_LISTEN_PORT, ECHO_BACKEND_PORT),
+        (CHURN_LISTEN_PORT, CHURN_BACKEND_PORT),
+    ] {
         let mut tcp = router.cmd("socat");
         tcp.args([
-            &format!("TCP4-LISTEN:{listen},bind={ROUTER_CLIENT_ADDR},fork,reuseaddr,nodelay"),
+            &format!("TCP4-LISTEN:{listen},bind={ROUTER_CLIENT_ADDR},fork,reuseaddr,nodelay,backlog=128"),
             &format!("TCP4:{SERVER_ADDR}:{backend},nodelay"),
         ]);
         procs.push(ProcessGroup::spawn(tcp)?);
     }
-    for port in [UDP_LISTEN_PORT, IPERF_LISTEN_PORT, ECHO_LISTEN_PORT] {
+    for port in [UDP_LISTEN_PORT, IPERF_LISTEN_PORT, ECHO_LISTEN_PORT, CHURN_LISTEN_PORT] {
         wait_listening(router, port)?;
     }
     Ok(procs)

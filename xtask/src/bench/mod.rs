@@ -2,6 +2,7 @@
 //! run on the same namespace topology, interleaved so drift hits every contender alike.
 //! Speed is only ever reported as figures and ratios against peers of the same run.
 
+pub mod cleanup;
 pub mod contenders;
 pub mod generator;
 pub mod report;
@@ -21,10 +22,11 @@ use self::{
     generator::Generator,
     stats::Summary,
     topology::BenchTopo,
-    workloads::{connection_rate, latency, tcp_throughput, udp_rate},
+    workloads::{Churn, ChurnPlan, churn, connection_rate, latency, tcp_throughput, udp_rate},
 };
 
-/// How long and how often: `--quick` (under 2 minutes) or full (under 15).
+/// How long and how often: `--quick` (about 2 minutes) or full (about half an hour: the churn
+/// workload alone is 30 s per TCP contender and repetition).
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     pub mode: &'static str,
@@ -37,6 +39,10 @@ pub struct Plan {
     pub iperf_seconds: u32,
     pub round_trips: usize,
     pub connect_seconds: f64,
+    /// Connection churn: how long, the window requests/s are counted in, how many clients.
+    pub churn_seconds: f64,
+    pub churn_window_seconds: f64,
+    pub churn_clients: usize,
     pub scaling_sizes: Vec<usize>,
     pub scaling_udp_seconds: f64,
     /// Single BPF_PROG_TEST_RUN runs per path (fewer than the SNAT ports: each new flow takes one).
@@ -54,6 +60,9 @@ impl Plan {
             iperf_seconds: 1,
             round_trips: 1000,
             connect_seconds: 0.5,
+            churn_seconds: 4.0,
+            churn_window_seconds: 1.0,
+            churn_clients: 32,
             scaling_sizes: vec![1, 1_000],
             scaling_udp_seconds: 0.5,
             testrun_runs: 1000,
@@ -70,6 +79,9 @@ impl Plan {
             iperf_seconds: 3,
             round_trips: 5000,
             connect_seconds: 2.0,
+            churn_seconds: 30.0,
+            churn_window_seconds: 5.0,
+            churn_clients: 32,
             scaling_sizes: vec![1, 1_000, 10_000, 100_000],
             scaling_udp_seconds: 1.5,
             testrun_runs: 5000,
@@ -91,10 +103,15 @@ pub enum Figure {
     LatencyP50Us,
     LatencyP99Us,
     ConnectionsPerSecond,
+    ConnectionsFailed,
+    ChurnRequestsPerSecond,
+    ChurnMinWindowRequestsPerSecond,
+    ChurnFailedConnections,
+    CpuUsPerConnection,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 10] = [
+    pub const ALL: [Figure; 15] = [
         Figure::UdpOneFlowPps,
         Figure::UdpOneFlowOfferedPps,
         Figure::UdpManyFlowsPps,
@@ -105,6 +122,11 @@ impl Figure {
         Figure::LatencyP50Us,
         Figure::LatencyP99Us,
         Figure::ConnectionsPerSecond,
+        Figure::ConnectionsFailed,
+        Figure::ChurnRequestsPerSecond,
+        Figure::ChurnMinWindowRequestsPerSecond,
+        Figure::ChurnFailedConnections,
+        Figure::CpuUsPerConnection,
     ];
 
     pub fn heading(self) -> &'static str {
@@ -119,6 +141,11 @@ impl Figure {
             Figure::LatencyP50Us => "RR latency p50",
             Figure::LatencyP99Us => "RR latency p99",
             Figure::ConnectionsPerSecond => "new TCP conn/s",
+            Figure::ConnectionsFailed => "new TCP conn failed",
+            Figure::ChurnRequestsPerSecond => "churn req/s, median window",
+            Figure::ChurnMinWindowRequestsPerSecond => "churn req/s, worst window",
+            Figure::ChurnFailedConnections => "churn failed conns",
+            Figure::CpuUsPerConnection => "CPU/connection, churn",
         }
     }
 
@@ -131,9 +158,18 @@ impl Figure {
             | Figure::UdpManyFlowsOfferedPps => "Mpps",
             Figure::CpuNsPerPacketOneFlow | Figure::CpuNsPerPacketManyFlows => "ns",
             Figure::TcpBitsPerSecond => "Gbit/s",
-            Figure::LatencyP50Us | Figure::LatencyP99Us => "µs",
-            Figure::ConnectionsPerSecond => "/s",
+            Figure::LatencyP50Us | Figure::LatencyP99Us | Figure::CpuUsPerConnection => "µs",
+            Figure::ConnectionsPerSecond | Figure::ChurnRequestsPerSecond | Figure::ChurnMinWindowRequestsPerSecond => {
+                "/s"
+            }
+            Figure::ConnectionsFailed | Figure::ChurnFailedConnections => "count",
         }
+    }
+
+    /// A count of events (failures): reported as the total over the repetitions, never a
+    /// median, so that one repetition's failures are not hidden by the others'.
+    pub fn is_count(self) -> bool {
+        self.unit() == "count"
     }
 
     pub fn scale(self) -> f64 {
@@ -158,6 +194,19 @@ pub struct ContenderResult {
     /// code (`1 flow`, `many flows` → reason name → packets, over all repetitions), from
     /// the daemon's counters. Empty for the others.
     pub udp_reasons: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// The connection-churn workload, per repetition: every window and failure.
+    pub churn: Vec<ChurnRepetition>,
+}
+
+/// One repetition's churn run of one contender.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChurnRepetition {
+    pub repetition: usize,
+    #[serde(flatten)]
+    pub run: Churn,
+    /// forwarder's contenders: how the router handled the packets of the run, by reason code
+    /// (`ports_exhausted` and `conntrack_full` are refused new connections).
+    pub reasons: BTreeMap<&'static str, u64>,
 }
 
 /// Per contender and UDP workload: reason name → packets.
@@ -216,6 +265,7 @@ pub struct Options {
 }
 
 pub fn run(opts: Options) -> Result<Results> {
+    cleanup::install()?;
     let started = std::time::Instant::now();
     let machine = Machine::describe();
     let plan = opts.plan.clone();
@@ -223,6 +273,7 @@ pub fn run(opts: Options) -> Result<Results> {
     let mut errors: BTreeMap<Contender, Vec<String>> = BTreeMap::new();
     let mut testrun_samples: BTreeMap<(&'static str, &'static str), (Vec<f64>, u32)> = BTreeMap::new();
     let mut reasons: ReasonCounts = BTreeMap::new();
+    let mut churns: BTreeMap<Contender, Vec<ChurnRepetition>> = BTreeMap::new();
     for rep in 0..plan.repetitions {
         // Rotate the order each repetition so no contender always runs first or last.
         let n = opts.contenders.len();
@@ -230,10 +281,13 @@ pub fn run(opts: Options) -> Result<Results> {
             let contender = opts.contenders[(i + rep) % n];
             eprintln!("bench: repetition {}/{}: {}", rep + 1, plan.repetitions, contender.id());
             let mut failed = Vec::new();
-            if let Err(e) = measure_contender(contender, &plan, &mut samples, &mut reasons, &mut failed) {
+            let mut collected = Collected { samples: &mut samples, reasons: &mut reasons, churns: &mut churns };
+            if let Err(e) = measure_contender(contender, &plan, rep + 1, &mut collected, &mut failed) {
                 eprintln!("bench: {}: {e:#}", contender.id());
                 failed.push(format!("{e:#}"));
             }
+            // Nothing is written after a signal: a partial run is not a result.
+            cleanup::check()?;
             errors
                 .entry(contender)
                 .or_default()
@@ -242,6 +296,7 @@ pub fn run(opts: Options) -> Result<Results> {
         eprintln!("bench: repetition {}/{}: BPF_PROG_TEST_RUN", rep + 1, plan.repetitions);
         let topo = BenchTopo::new()?;
         for t in testrun::measure(&topo, plan.testrun_runs)? {
+            cleanup::check()?;
             let entry = testrun_samples.entry((t.program, t.path)).or_default();
             entry.0.push(t.ns_per_packet);
             entry.1 = t.verdict;
@@ -263,6 +318,7 @@ pub fn run(opts: Options) -> Result<Results> {
                 .into_iter()
                 .filter_map(|w| reasons.get(&(c, w)).map(|r| (w, r.clone())))
                 .collect(),
+            churn: churns.remove(&c).unwrap_or_default(),
         })
         .collect();
     let testrun = testrun_samples
@@ -275,6 +331,7 @@ pub fn run(opts: Options) -> Result<Results> {
         })
         .collect();
     let scaling = opts.scaling.then(|| measure_scaling(&plan));
+    cleanup::check()?;
     let results = Results { machine, plan, contenders, scaling, testrun, seconds: started.elapsed().as_secs_f64() };
     report::write(&results, &opts.out_dir)?;
     if let Some(readme) = &opts.update_readme {
@@ -283,18 +340,26 @@ pub fn run(opts: Options) -> Result<Results> {
     Ok(results)
 }
 
+/// Where the repetitions' figures go.
+struct Collected<'a> {
+    samples: &'a mut BTreeMap<(Contender, Figure), Vec<f64>>,
+    reasons: &'a mut ReasonCounts,
+    churns: &'a mut BTreeMap<Contender, Vec<ChurnRepetition>>,
+}
+
 /// All per-contender figures of one repetition, on a fresh topology. A figure that fails is
 /// reported in `errors` and the others are still measured.
 fn measure_contender(
     contender: Contender,
     plan: &Plan,
-    samples: &mut BTreeMap<(Contender, Figure), Vec<f64>>,
-    reasons: &mut ReasonCounts,
+    repetition: usize,
+    collected: &mut Collected,
     errors: &mut Vec<String>,
 ) -> Result<()> {
     let topo = BenchTopo::new()?;
     let running = contender.start(&topo, 0)?;
     let addressing = contender.addressing();
+    let Collected { samples, reasons, churns } = collected;
     let mut record = |f: Figure, v: f64| samples.entry((contender, f)).or_default().push(v);
     let mut attempt = |what: &str, r: Result<()>| {
         if let Err(e) = r {
@@ -313,16 +378,12 @@ fn measure_contender(
             Figure::CpuNsPerPacketManyFlows,
         ),
     ] {
+        cleanup::check()?;
         let generator = Generator::new(&topo, addressing.udp_target(), flows)?;
         let before = reason_counts(&running);
         let rate = udp_rate(&topo, &generator, udp_time, &running.pids())?;
-        if let (Some(before), Some(after)) = (before, reason_counts(&running)) {
-            let counts = reasons.entry((contender, workload)).or_default();
-            for ((name, a), (_, b)) in after.iter().zip(&before) {
-                if a > b {
-                    *counts.entry(name).or_default() += a - b;
-                }
-            }
+        if before.is_some() {
+            add_reason_deltas(reasons.entry((contender, workload)).or_default(), before, reason_counts(&running));
         }
         record(delivered, rate.delivered_pps);
         record(offered, rate.offered_pps);
@@ -334,17 +395,56 @@ fn measure_contender(
         return Ok(());
     }
     topo.router_gro(false)?;
+    cleanup::check()?;
     let r = tcp_throughput(&topo, addressing, plan.iperf_seconds).map(|bps| record(Figure::TcpBitsPerSecond, bps));
     attempt("TCP throughput", r);
+    cleanup::check()?;
     let r = latency(&topo, addressing, plan.round_trips).map(|(p50, p99)| {
         record(Figure::LatencyP50Us, p50);
         record(Figure::LatencyP99Us, p99);
     });
     attempt("latency", r);
-    let r = connection_rate(&topo, addressing, Duration::from_secs_f64(plan.connect_seconds))
-        .map(|rate| record(Figure::ConnectionsPerSecond, rate));
+    cleanup::check()?;
+    let r = connection_rate(&topo, addressing, Duration::from_secs_f64(plan.connect_seconds)).map(|rate| {
+        record(Figure::ConnectionsPerSecond, rate.per_second);
+        record(Figure::ConnectionsFailed, rate.failed as f64);
+    });
     attempt("connections", r);
+    cleanup::check()?;
+    let churn_plan = ChurnPlan {
+        duration: Duration::from_secs_f64(plan.churn_seconds),
+        window: Duration::from_secs_f64(plan.churn_window_seconds),
+        clients: plan.churn_clients,
+    };
+    let before = reason_counts(&running);
+    let r = churn(&topo, addressing, churn_plan, &running.router_pids()).map(|run| {
+        record(Figure::ChurnRequestsPerSecond, run.median_window().unwrap_or(0.0));
+        record(Figure::ChurnMinWindowRequestsPerSecond, run.min_window().unwrap_or(0.0));
+        record(Figure::ChurnFailedConnections, run.failed as f64);
+        if let Some(us) = run.cpu_us_per_connection {
+            record(Figure::CpuUsPerConnection, us);
+        }
+        let mut counts = BTreeMap::new();
+        add_reason_deltas(&mut counts, before, reason_counts(&running));
+        churns.entry(contender).or_default().push(ChurnRepetition { repetition, run, reasons: counts });
+    });
+    attempt("connection churn", r);
     Ok(())
+}
+
+/// Adds what each reason counter rose by between `before` and `after` to `counts`.
+fn add_reason_deltas(
+    counts: &mut BTreeMap<&'static str, u64>,
+    before: Option<Vec<(&'static str, u64)>>,
+    after: Option<Vec<(&'static str, u64)>>,
+) {
+    if let (Some(before), Some(after)) = (before, after) {
+        for ((name, a), (_, b)) in after.iter().zip(&before) {
+            if a > b {
+                *counts.entry(name).or_default() += a - b;
+            }
+        }
+    }
 }
 
 /// The daemon's per-reason counters, for forwarder's contenders.
@@ -363,6 +463,9 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
     let mut rates: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<(Contender, usize), Vec<f64>> = BTreeMap::new();
     for &n in &plan.scaling_sizes {
+        if cleanup::interrupted() {
+            return result;
+        }
         eprintln!("bench: rule scaling: applying {n} forwards");
         match scaling::apply_times(n) {
             Ok(t) => result.apply.push(t),
@@ -375,6 +478,9 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
         let sizes = &plan.scaling_sizes;
         for &n in sizes.iter().cycle().skip(rep % sizes.len().max(1)).take(sizes.len()) {
             for c in scaling::SCALED {
+                if cleanup::interrupted() {
+                    return result;
+                }
                 eprintln!("bench: rule scaling {}: {} with {n} forwards", rep + 1, c.id());
                 let duration = Duration::from_secs_f64(plan.scaling_udp_seconds);
                 match scaling::packet_rate(c, n, plan.many_flows, duration) {

@@ -13,13 +13,17 @@ const README_START: &str = "<!-- bench:start (written by cargo xtask bench) -->"
 const README_END: &str = "<!-- bench:end -->";
 
 /// The figures of the headline table (README and the top of results.md).
-const HEADLINE: [Figure; 6] = [
+const HEADLINE: [Figure; 10] = [
     Figure::UdpOneFlowPps,
     Figure::UdpManyFlowsPps,
     Figure::CpuNsPerPacketManyFlows,
     Figure::TcpBitsPerSecond,
     Figure::LatencyP99Us,
     Figure::ConnectionsPerSecond,
+    Figure::ChurnRequestsPerSecond,
+    Figure::ChurnMinWindowRequestsPerSecond,
+    Figure::ChurnFailedConnections,
+    Figure::CpuUsPerConnection,
 ];
 
 pub fn write(results: &Results, dir: &Path) -> Result<()> {
@@ -42,11 +46,15 @@ fn find<'a>(results: &'a Results, id: &str) -> Option<&'a ContenderResult> {
     results.contenders.iter().find(|c| c.id == id)
 }
 
+/// The reported value: the median over the repetitions, or for counts their total.
 fn value(c: Option<&ContenderResult>, f: Figure) -> Option<f64> {
-    c.and_then(|c| c.figures.get(&f)).map(|s| s.median)
+    c.and_then(|c| c.figures.get(&f)).map(|s| if f.is_count() { s.samples.iter().sum() } else { s.median })
 }
 
 fn fmt_value(f: Figure, v: f64) -> String {
+    if f.is_count() || v == 0.0 {
+        return format!("{v:.0}");
+    }
     let v = v * f.scale();
     match v.abs() {
         x if x >= 100.0 => format!("{v:.0}"),
@@ -74,6 +82,10 @@ pub fn headline_table(results: &Results) -> String {
         let _ = write!(t, "| {} |", c.id);
         for f in HEADLINE {
             match value(Some(c), f) {
+                // A count has no ratio: zero is the aim.
+                Some(v) if f.is_count() => {
+                    let _ = write!(t, " {} |", fmt_value(f, v));
+                }
                 Some(v) => {
                     let _ = write!(
                         t,
@@ -103,6 +115,15 @@ fn full_table(results: &Results) -> String {
         let _ = write!(t, "| {} | {} |", f.heading(), f.unit());
         for c in &results.contenders {
             match c.figures.get(&f) {
+                Some(s) if f.is_count() => {
+                    let total = fmt_value(f, s.samples.iter().sum());
+                    if s.samples.len() > 1 && s.max > 0.0 {
+                        let each: Vec<String> = s.samples.iter().map(|v| fmt_value(f, *v)).collect();
+                        let _ = write!(t, " {total} ({}) |", each.join("+"));
+                    } else {
+                        let _ = write!(t, " {total} |");
+                    }
+                }
                 Some(s) => {
                     let _ = write!(t, " {} ±{:.0}% |", fmt_value(f, s.median), s.spread() * 100.0);
                 }
@@ -132,8 +153,9 @@ pub fn markdown(r: &Results) -> String {
     md.push_str(
         "Topology: client ─ veth ─ router ─ veth ─ server in network namespaces, a fresh one per contender and \
          repetition; contenders interleaved, order rotated per repetition. Values are medians; `±` is the largest \
-         distance of a repetition from the median. Ratios: to iptables DNAT+SNAT (`ipt`) and to the redirect-only \
-         XDP ceiling (`ceil`); for CPU and latency, lower is better, so a ratio below 1 is better.\n\n",
+         distance of a repetition from the median; counts (failed connections) are totals over every repetition. \
+         Ratios: to iptables DNAT+SNAT (`ipt`) and to the redirect-only XDP ceiling (`ceil`); for CPU and latency, \
+         lower is better, so a ratio below 1 is better.\n\n",
     );
     md.push_str("## Headline\n\n");
     md.push_str(&headline_table(r));
@@ -148,7 +170,9 @@ pub fn markdown(r: &Results) -> String {
          packet is the CPU time of the tasks that handle the packets (the generator thread, with the XDP, netfilter \
          and sink work that runs as softirq in its context; ksoftirqd; socat), per packet delivered: the \
          generator's own share is the same for everyone, so the differences are the router's. TCP: one iperf3 stream, {} s. Latency: {} request/responses of 32 \
-         bytes on one connection. Connections: connect, one request/response, close, for {} s.\n",
+         bytes on one connection. Connections: connect, one request/response, close, one after another for {} s, \
+         with no cap on their number; a connection that fails is counted (`new TCP conn failed`) and the next one \
+         tried. Churn: see below.\n",
         r.plan.many_flows, r.plan.iperf_seconds, r.plan.round_trips, r.plan.connect_seconds
     );
     for c in &r.contenders {
@@ -159,10 +183,11 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "\n- **{}**: {e}", c.id);
         }
     }
+    md.push_str(&churn_section(r));
     md.push_str(&reasons_section(r));
     if let Some(s) = &r.scaling {
         let build = if r.plan.forwarder_release { "" } else { ", debug build of forwarder in quick mode" };
-        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own 3 (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule:\n\n", build));
+        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own {} (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule:\n\n", super::contenders::FORWARDS.len(), build));
         md.push_str("| forwards | forwarder | iptables-restore | nft -f |\n|---:|---:|---:|---:|\n");
         for a in &s.apply {
             let _ = writeln!(
@@ -292,7 +317,9 @@ pub fn update_readme(r: &Results, readme: &Path) -> Result<()> {
         "{README_START}\n{}\n{}\nMachine: {} CPUs, {}, kernel {}; {} mode, {} repetitions. Full results, rule \
          scaling and BPF_PROG_TEST_RUN times: [docs/bench/results.md](docs/bench/results.md).\n{README_END}",
         headline_table(r),
-        "Each cell: median (ratio to iptables, ratio to the redirect-only ceiling).",
+        "Each cell: median (ratio to iptables, ratio to the redirect-only ceiling); failed connections: the total \
+         over all repetitions. Churn: 32 clients, connect / request / response / server closes, requests/s per \
+         window.",
         r.machine.cpus,
         r.machine.cpu_model,
         r.machine.kernel,
@@ -305,6 +332,97 @@ pub fn update_readme(r: &Results, readme: &Path) -> Result<()> {
     };
     std::fs::write(readme, new)?;
     Ok(())
+}
+
+/// The connection-churn workload: windows, failures and CPU per connection.
+fn churn_section(r: &Results) -> String {
+    let mut md = String::new();
+    if r.contenders.iter().all(|c| c.churn.is_empty()) {
+        return md;
+    }
+    let _ = write!(
+        md,
+        "\n## Connection churn\n\n{} clients, each connecting, sending a 32-byte request, reading the 32-byte \
+         response and the server's close (the server closes first, as HTTP with `Connection: close`), one \
+         connection after another for {} s per repetition, on a forward of its own (its SNAT ports and \
+         connection entries are not those of the sequential connections). Requests/s are counted per {} s \
+         window: the median window and the worst one (median over the repetitions; `worst of all` is the \
+         slowest window of any repetition). A connection that does not complete (no handshake, reset, or \
+         no response or close within 3 s) is failed: every one is counted, by kind. CPU per connection is the \
+         CPU time of the tasks that carry the connections (the client and server threads, with the router's \
+         softirq work in their context; ksoftirqd; the contender's processes: socat and the children it \
+         reaped, forwarder's daemon) per completed connection: both ends' own TCP work is in every figure, \
+         and kernel routing's is that floor.\n\n\
+         | contender | req/s, median window | worst window | worst of all | failed | failed by kind | CPU/connection \
+         (µs) | completed |\n|---|---:|---:|---:|---:|---|---:|---:|\n",
+        r.plan.churn_clients, r.plan.churn_seconds, r.plan.churn_window_seconds
+    );
+    for c in r.contenders.iter().filter(|c| !c.churn.is_empty()) {
+        let runs: Vec<_> = c.churn.iter().map(|run| &run.run).collect();
+        let worst = runs.iter().filter_map(|run| run.min_window()).min_by(f64::total_cmp);
+        let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+        for run in &runs {
+            for (k, n) in &run.failures {
+                *kinds.entry(k).or_default() += n;
+            }
+        }
+        let show = |f: Figure| value(Some(c), f).map(|v| fmt_value(f, v)).unwrap_or_else(|| "n/a".into());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.id,
+            show(Figure::ChurnRequestsPerSecond),
+            show(Figure::ChurnMinWindowRequestsPerSecond),
+            worst.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into()),
+            runs.iter().map(|run| run.failed).sum::<u64>(),
+            if kinds.is_empty() {
+                "–".to_string()
+            } else {
+                kinds.iter().map(|(k, n)| format!("`{k}` {n}")).collect::<Vec<_>>().join(", ")
+            },
+            show(Figure::CpuUsPerConnection),
+            runs.iter().map(|run| run.completed).sum::<u64>(),
+        );
+    }
+    md.push_str(
+        "\nRequests/s of every window (failed connections in brackets where there were any), per repetition:\n\n",
+    );
+    for c in r.contenders.iter().filter(|c| !c.churn.is_empty()) {
+        for run in &c.churn {
+            let windows: Vec<String> = run
+                .run
+                .windows
+                .iter()
+                .map(|w| {
+                    if w.failed > 0 {
+                        format!("{:.0} [{}]", w.requests_per_second, w.failed)
+                    } else {
+                        format!("{:.0}", w.requests_per_second)
+                    }
+                })
+                .collect();
+            let _ = writeln!(md, "- {} #{}: {}", c.id, run.repetition, windows.join(", "));
+        }
+    }
+    let with_reasons: Vec<_> =
+        r.contenders.iter().filter(|c| c.churn.iter().any(|run| !run.reasons.is_empty())).collect();
+    if !with_reasons.is_empty() {
+        md.push_str(
+            "\nHow forwarder handled the churn's packets, from its reason counters over all repetitions \
+             (`ports_exhausted` and `conntrack_full`: new connections refused, their packets dropped):\n\n\
+             | contender | packets by reason |\n|---|---|\n",
+        );
+        for c in with_reasons {
+            let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+            for run in &c.churn {
+                for (k, n) in &run.reasons {
+                    *counts.entry(k).or_default() += n;
+                }
+            }
+            let _ = writeln!(md, "| {} | {} |", c.id, reason_shares(&counts));
+        }
+    }
+    md
 }
 
 /// How forwarder's UDP packets left the router, from its reason counters.
@@ -350,6 +468,7 @@ mod tests {
             errors: vec![],
             limitation: None,
             udp_reasons: BTreeMap::new(),
+            churn: vec![],
         };
         Results {
             machine: Machine {
@@ -382,6 +501,48 @@ mod tests {
         assert!(!markdown(&r).contains("How forwarder's packets left"), "no section without counts");
         r.contenders[1].udp_reasons.insert("1 flow", counts);
         assert!(markdown(&r).contains("| forwarder-xdp-native | 1 flow | `redirect_xdp_flow_cache` 990 (99.00%)"));
+    }
+
+    #[test]
+    fn failures_are_totals_never_medians() {
+        let mut r = results();
+        let failed = Summary::of(&[0.0, 0.0, 7.0]).unwrap();
+        r.contenders[1].figures.insert(Figure::ChurnFailedConnections, failed);
+        let row = headline_table(&r).lines().find(|l| l.starts_with("| forwarder-xdp-native")).unwrap().to_string();
+        assert!(row.contains("| 7 |"), "{row}");
+        let full = full_table(&r);
+        let row = full.lines().find(|l| l.starts_with("| churn failed conns")).unwrap();
+        assert!(row.contains("7 (0+0+7)"), "{row}");
+    }
+
+    #[test]
+    fn churn_section_lists_windows_failures_and_reasons() {
+        use crate::bench::{
+            ChurnRepetition,
+            workloads::{Churn, ChurnWindow},
+        };
+        let mut r = results();
+        assert!(!markdown(&r).contains("## Connection churn"), "no section without churn runs");
+        let window = |rps: f64, failed| ChurnWindow { requests_per_second: rps, completed: rps as u64, failed };
+        let run = Churn {
+            window_seconds: 1.0,
+            windows: vec![window(9000.0, 0), window(1000.0, 32), window(0.0, 0)],
+            completed: 10_000,
+            failed: 32,
+            failures: BTreeMap::from([("connect_timeout", 32)]),
+            cpu_us_per_connection: Some(50.0),
+            server_errors: 0,
+        };
+        let reasons = BTreeMap::from([("ports_exhausted", 96u64), ("redirect_tc", 904)]);
+        r.contenders[1].churn.push(ChurnRepetition { repetition: 1, run, reasons });
+        let md = markdown(&r);
+        assert!(md.contains("## Connection churn"));
+        assert!(
+            md.contains("| forwarder-xdp-native | n/a | n/a | 0 | 32 | `connect_timeout` 32 | n/a | 10000 |"),
+            "{md}"
+        );
+        assert!(md.contains("- forwarder-xdp-native #1: 9000, 1000 [32], 0"), "{md}");
+        assert!(md.contains("`ports_exhausted` 96 (9.60%)"), "{md}");
     }
 
     #[test]

@@ -18,8 +18,8 @@ use super::{
 /// Contenders whose packet rate is measured at each size.
 pub const SCALED: [Contender; 3] = [Contender::Iptables, Contender::Nftables, Contender::ForwarderXdpNative];
 
-/// The bench's own forwards (UDP, iperf3, echo) count towards N.
-const OWN_FORWARDS: usize = 3;
+/// The bench's own forwards (UDP, iperf3, echo, churn) count towards N.
+const OWN_FORWARDS: usize = super::contenders::FORWARDS.len();
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ApplyTimes {
@@ -35,7 +35,7 @@ pub fn extra_for(forwards: usize) -> usize {
 
 /// Times applying `forwards` forwards each way, each on a fresh router namespace.
 /// forwarder's figure is what a user waits for: the start-up of `forwarder run` with N
-/// forwards (parse, validate, map writes) minus its start-up with the bench's own three,
+/// forwards (parse, validate, map writes) minus its start-up with the bench's own four,
 /// which is the same program loading and attaching.
 pub fn apply_times(forwards: usize) -> Result<ApplyTimes> {
     let extra = extra_for(forwards);

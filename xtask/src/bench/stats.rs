@@ -61,17 +61,27 @@ pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// utime + stime of a task, in clock ticks, from its /proc/PID/stat line. The command name
-/// (field 2) may hold spaces and parentheses, so fields are counted after its last ')'.
+/// utime + stime of a task, in clock ticks, from its /proc/PID/stat line.
 pub fn task_ticks(stat_line: &str) -> Result<u64> {
+    Ok(stat_fields(stat_line, &[14, 15])?.iter().sum())
+}
+
+/// [`task_ticks`] plus cutime + cstime: the time of the children it has waited for.
+pub fn task_ticks_with_children(stat_line: &str) -> Result<u64> {
+    Ok(stat_fields(stat_line, &[14, 15, 16, 17])?.iter().sum())
+}
+
+/// Numeric fields (numbered as in proc(5)) of a /proc/PID/stat line. The command name
+/// (field 2) may hold spaces and parentheses, so fields are counted after its last ')'.
+fn stat_fields(stat_line: &str, numbers: &[usize]) -> Result<Vec<u64>> {
     let rest = stat_line.rsplit_once(')').context("no ')' in the stat line")?.1;
     // After the name: state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
-    // cmajflt utime(14) stime(15).
+    // cmajflt utime(14) stime(15) cutime(16) cstime(17).
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> Result<u64> {
-        f.get(n - 3).with_context(|| format!("stat line has no field {n}"))?.parse().context("stat field")
-    };
-    Ok(field(14)? + field(15)?)
+    numbers
+        .iter()
+        .map(|&n| f.get(n - 3).with_context(|| format!("stat line has no field {n}"))?.parse().context("stat field"))
+        .collect()
 }
 
 /// Thread CPU time of the calling thread.
@@ -142,6 +152,7 @@ mod tests {
     fn task_ticks_after_an_awkward_name() {
         let line = "1234 (soc at) (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 3 4 20 0 1 0 99 1000 50";
         assert_eq!(task_ticks(line).unwrap(), 325);
+        assert_eq!(task_ticks_with_children(line).unwrap(), 325 + 3 + 4);
         assert!(task_ticks("1234 (x) S 1").is_err());
         assert!(task_ticks("no name").is_err());
     }

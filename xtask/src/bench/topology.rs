@@ -14,6 +14,7 @@
 //! - The sink on s0 counts the bench's UDP frames and drops them: the delivered rate is
 //!   counted where a real server would receive, at a cost that is the same for everyone.
 
+use super::cleanup;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
@@ -33,6 +34,10 @@ pub const IPERF_LISTEN_PORT: u16 = 5201;
 pub const IPERF_BACKEND_PORT: u16 = 5202;
 pub const ECHO_LISTEN_PORT: u16 = 8000;
 pub const ECHO_BACKEND_PORT: u16 = 8001;
+/// The connection-churn workload's own forward: its connections take SNAT ports and
+/// connection-table entries of their own, not those the sequential connections left.
+pub const CHURN_LISTEN_PORT: u16 = 8080;
+pub const CHURN_BACKEND_PORT: u16 = 8081;
 
 pub const CLIENT_DEV: &str = "c0";
 pub const SERVER_DEV: &str = "s0";
@@ -47,11 +52,15 @@ pub struct BenchTopo {
     pub server_mac: [u8; 6],
     pub client_ifindex: u32,
     pub router_server_ifindex: u32,
+    /// Last: unregistered once everything above is gone (see [`cleanup`]).
+    _registration: cleanup::Registration,
 }
 
 impl BenchTopo {
     pub fn new() -> Result<Self> {
+        cleanup::check()?;
         let chain = Chain::new().context("creating the namespace sandbox")?;
+        let registration = cleanup::Registration::new(&chain.tag);
         chain.server_route_via_router()?;
         let client_mac = chain.client.mac(CLIENT_DEV)?;
         let server_mac = chain.server.mac(SERVER_DEV)?;
@@ -79,6 +88,7 @@ impl BenchTopo {
             server_mac,
             client_ifindex,
             router_server_ifindex,
+            _registration: registration,
         };
         topo.router_gro(true)?;
         Ok(topo)
@@ -150,9 +160,17 @@ impl Addressing {
     }
 
     pub fn echo_target(self) -> std::net::SocketAddr {
+        self.tcp_target(ECHO_LISTEN_PORT, ECHO_BACKEND_PORT)
+    }
+
+    pub fn churn_target(self) -> std::net::SocketAddr {
+        self.tcp_target(CHURN_LISTEN_PORT, CHURN_BACKEND_PORT)
+    }
+
+    fn tcp_target(self, listen_port: u16, backend_port: u16) -> std::net::SocketAddr {
         match self {
-            Addressing::Forward => format!("{ROUTER_CLIENT_ADDR}:{ECHO_LISTEN_PORT}"),
-            Addressing::Direct => format!("{SERVER_ADDR}:{ECHO_BACKEND_PORT}"),
+            Addressing::Forward => format!("{ROUTER_CLIENT_ADDR}:{listen_port}"),
+            Addressing::Direct => format!("{SERVER_ADDR}:{backend_port}"),
         }
         .parse()
         .expect("literal address")
