@@ -152,7 +152,15 @@ pub fn track(entry: &mut CtValue, flow: &Flow) -> Result<(), Reason> {
         Step::Ignore => return Ok(()),
         Step::To(new) => new,
     };
-    if flow.tcp_flags & TCP_RST != 0 && !rst_acceptable(flow.tcp_seq, entry.seq_end, seq_known) {
+    // Once the handshake is done, only an RST near its sender's sequence ends the
+    // connection. During the handshake an RST may carry the acknowledgement of a SYN-ACK
+    // it refuses instead (RFC 793: a client answers a SYN-ACK for another connection on
+    // its tuple, a backend's leftover, with <SEQ=SEG.ACK><CTL=RST>): it must reach the
+    // backend, or every retry meets the same leftover.
+    if flow.tcp_flags & TCP_RST != 0
+        && entry.flags & CT_ASSURED != 0
+        && !rst_acceptable(flow.tcp_seq, entry.seq_end, seq_known)
+    {
         return Err(Reason::RstOutOfWindow);
     }
     let reopen = is_reopen(old, new);

@@ -1159,7 +1159,8 @@ fn only_a_syn_opens_a_tcp_flow() {
 }
 
 /// An RST outside the window of its sender (a blind reset with a made-up sequence) is
-/// dropped and leaves the connection as it was; one at the sender's sequence closes it.
+/// dropped and leaves an established connection as it was; one at the sender's sequence
+/// closes it. During the handshake RSTs are not checked (they may answer a stale SYN-ACK).
 /// Segments the state does not allow are dropped too.
 #[test]
 fn rsts_outside_the_window_and_invalid_segments_are_dropped() {
@@ -1187,6 +1188,22 @@ fn rsts_outside_the_window_and_invalid_segments_are_dropped() {
         let (rst, i) = segment(fx, true, 40701, snat, RST | ACK, 0, b"");
         assert_eq!(fx.xdp(&rst, i).0, XDP_REDIRECT);
         assert_eq!(tcp_states(fx, 40701), (TCP_CLOSE, TCP_CLOSE));
+
+        // During the handshake the client refuses a SYN-ACK that is not for its SYN (the
+        // backend's leftover of an earlier connection on the tuple) with an RST carrying
+        // that SYN-ACK's acknowledgement, far from its own sequence: it reaches the backend.
+        let (syn, i) = segment(fx, false, 40702, 0, SYN, 100, b"");
+        let snat = check(&fx.xdp(&syn, i).1).5;
+        let (stale, i) = segment(fx, true, 40702, snat, SYNACK, 777_000, b"");
+        assert_eq!(fx.xdp(&stale, i).0, XDP_REDIRECT);
+        let (rst, i) = segment(fx, false, 40702, snat, RST, 3_000_000_000, b"");
+        assert_eq!(fx.xdp(&rst, i).0, XDP_REDIRECT, "not assured yet: no window check");
+        assert_eq!(tcp_states(fx, 40702), (TCP_CLOSE, TCP_CLOSE));
+        // The client's retried SYN reopens it.
+        let (syn, i) = segment(fx, false, 40702, 0, SYN, 100, b"");
+        assert_eq!(check(&fx.xdp(&syn, i).1).5, snat);
+        assert_eq!(tcp_states(fx, 40702), (TCP_SYN_SENT, TCP_SYN_SENT));
+        assert_eq!(fx.reason(Reason::RstOutOfWindow), 4, "only the blind RSTs above were refused");
     });
 }
 
