@@ -73,6 +73,29 @@ fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> 
     unsafe { FWD_RULES.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
 }
 
+/// True when `addr`:`port_be` (the source of a datagram being received) is the peer the
+/// socket is connected to.
+#[inline(always)]
+fn from_peer(ctx: &SockAddrContext, v6: bool, addr: &[u8; 16], port_be: u16) -> bool {
+    // SAFETY: the hooks may read `sk` (never null in sock_addr programs), and of it the
+    // peer's address and port.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        if sk.is_null() || (*sk).dst_port != port_be {
+            return false;
+        }
+        if v6 {
+            let w = (*sk).dst_ip6;
+            w[0] == u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+                && w[1] == u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]])
+                && w[2] == u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]])
+                && w[3] == u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]])
+        } else {
+            (*sk).dst_ip4 == u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+        }
+    }
+}
+
 /// connect(): TCP and connected UDP.
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext, v6: bool) {
@@ -131,13 +154,21 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) {
     }
 }
 
-/// recvmsg()/recvfrom() on unconnected UDP sockets: replies appear to come from the address
-/// the program sent to.
+/// recvmsg()/recvfrom() with a source address: datagrams from a backend appear to come
+/// from the address the program connected or sent to.
 #[inline(always)]
 pub fn recvmsg(ctx: &SockAddrContext, v6: bool) {
     let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A connected socket (glibc's resolver calls recvfrom on one): from its peer.
+    // SAFETY: map value reference valid for this program run.
+    if let Some(orig) = unsafe { FWD_LOCAL_CONN.get(&cookie) } {
+        if orig.family == family(v6) && from_peer(ctx, v6, &addr, port) {
+            set_dest(ctx, v6, &orig.addr, orig.port_be);
+            return;
+        }
+    }
     let key = LocalUdpKey {
         socket_cookie: cookie,
         backend_addr: addr,

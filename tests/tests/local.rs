@@ -1,6 +1,7 @@
 //! Local forwards end to end: programs on the router itself (in its namespace and a test
 //! cgroup) reach a forward through localhost, the router's own addresses and the listen
-//! address, over TCP and unconnected UDP, and see what they dialled.
+//! address, over TCP and UDP (connected or not, through IPv4 and dual-stack IPv6 sockets),
+//! and see what they dialled.
 
 use std::{
     io::{Read, Write},
@@ -66,10 +67,15 @@ fn tcp_server(ns: &Netns, addr: &'static str, who: &'static str, conns: usize) -
 }
 
 fn udp_server(ns: &Netns, datagrams: usize) -> std::thread::JoinHandle<()> {
+    udp_server_on(ns, "203.0.113.20:3197", datagrams)
+}
+
+/// UDP server in `ns` on `addr`: answers `datagrams` datagrams "udp backend got <message>".
+fn udp_server_on(ns: &Netns, addr: &'static str, datagrams: usize) -> std::thread::JoinHandle<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = ns
         .spawn(move || {
-            let s = UdpSocket::bind("203.0.113.20:3197").unwrap();
+            let s = UdpSocket::bind(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             tx.send(()).unwrap();
             let mut buf = [0u8; 1500];
@@ -85,7 +91,12 @@ fn udp_server(ns: &Netns, datagrams: usize) -> std::thread::JoinHandle<()> {
 
 /// Runs fwt-probe in `ns` inside the daemon's cgroup; returns its JSON line.
 fn probe(d: &Daemon, ns: &Netns, mode: &str, to: &str, msg: &str) -> serde_json::Value {
-    let out = d.cgroup.command(ns, env!("CARGO_BIN_EXE_fwt-probe")).unwrap().args([mode, to, msg]).output().unwrap();
+    probe_args(d, ns, &[mode, to, msg])
+}
+
+/// fwt-probe with any arguments (see its usage).
+fn probe_args(d: &Daemon, ns: &Netns, args: &[&str]) -> serde_json::Value {
+    let out = d.cgroup.command(ns, env!("CARGO_BIN_EXE_fwt-probe")).unwrap().args(args).output().unwrap();
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("probe output {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
 }
@@ -156,4 +167,57 @@ fn other_namespaces_and_non_local_forwards_are_left_alone_and_detach_removes_the
     assert!(d.stop().unwrap().success());
     let r = probe(&d, &chain.router, "tcp", "127.0.0.1:3306", "c");
     assert!(r["error"].as_str().unwrap_or("").contains("refused"), "without forwarder localhost:3306 is closed: {r}");
+}
+
+/// A resolver's view: DNS on 127.0.0.1:53 and a second listen port, 127.0.0.1:5300, both
+/// forwarded to one backend; MySQL on every address.
+const RESOLVER: &str = r#"
+[[interface]]
+name = "rc"
+xdp = "native"
+
+[[interface]]
+name = "rs"
+xdp = "native"
+
+[[forward]]
+name = "dns"
+protocol = "udp"
+listen = "127.0.0.1:53"
+backend = "203.0.113.20:5353"
+
+[[forward]]
+name = "dns-alt"
+protocol = "udp"
+listen = "127.0.0.1:5300"
+backend = "203.0.113.20:5353"
+
+[[forward]]
+name = "mysql"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+"#;
+
+/// glibc's resolver connect()s its UDP socket to the name server, sends with send() and
+/// reads with recv()/recvfrom()/recvmsg(), and drops answers whose source is not the server
+/// it asked: every call must report 127.0.0.1:53, not the backend.
+#[test]
+fn local_connected_udp_reports_the_dialled_address_to_every_call() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, RESOLVER).unwrap();
+    let server = udp_server_on(&chain.server, "203.0.113.20:5353", 6);
+    for to in ["127.0.0.1:53", "127.0.0.1:5300"] {
+        let r = probe(&d, &chain.router, "udp-connected", to, "q");
+        assert_eq!(
+            r["replies"],
+            serde_json::json!(["udp backend got q send", "udp backend got q write", "udp backend got q send"]),
+            "{to}: {r}"
+        );
+        assert_eq!(r["peer"], to, "getpeername: {r}");
+        assert_eq!(r["recvfrom"], to, "recvfrom's source: {r}");
+        assert_eq!(r["recvmsg"], to, "recvmsg's msg_name: {r}");
+    }
+    server.join().unwrap();
+    assert_eq!((local_conns(&d, "dns"), local_conns(&d, "dns-alt")), (1, 1), "one connect() each");
 }
