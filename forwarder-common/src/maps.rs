@@ -453,7 +453,8 @@ pub struct LocalOrig {
 }
 const _: () = assert!(size_of::<LocalOrig>() == 24);
 
-/// An unconnected UDP socket's datagrams to one backend (sendmsg/recvmsg hooks).
+/// An unconnected UDP socket's datagrams to one backend (sendmsg/recvmsg hooks). An IPv4
+/// backend reached through a v4-mapped address of a dual-stack socket has an IPv4 key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LocalUdpKey {
@@ -464,6 +465,22 @@ pub struct LocalUdpKey {
     pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<LocalUdpKey>() == 32);
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, RFC 4291
+/// 2.5.5.2), as a 16-byte address field (IPv4 in bytes 0-3); `None` for any other.
+#[inline(always)]
+pub const fn v4_of_mapped(a: &[u8; 16]) -> Option<[u8; 16]> {
+    if a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] != 0 || a[10] != 0xff || a[11] != 0xff {
+        return None;
+    }
+    Some([a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+}
+
+/// The IPv4-mapped IPv6 address of an IPv4 address field (IPv4 in bytes 0-3).
+#[inline(always)]
+pub const fn mapped_of_v4(a: &[u8; 16]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
 
 /// Operator-facing description of a forward (name, NUL padded).
 #[repr(C)]
@@ -608,5 +625,19 @@ mod tests {
         assert!(slot.free_for(9, 2, 3, 17, 8, 1001), "stale");
         assert!(FlowCacheSlot::default().free_for(9, 2, 3, 17, 0, 0), "empty");
         assert!(!FlowCacheSlot::default().holds(0, 0, 0, 0), "an empty slot holds nothing");
+    }
+
+    #[test]
+    fn v4_mapped_addresses_convert_both_ways() {
+        let v4 = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        assert_eq!(mapped_of_v4(&v4), mapped);
+        assert_eq!(v4_of_mapped(&mapped), Some(v4));
+        assert_eq!(mapped_of_v4(&v4), core::net::Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
+        let compat = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 127, 0, 0, 1];
+        assert_eq!(v4_of_mapped(&compat), None, "IPv4-compatible (::a.b.c.d) is not mapped");
+        let doc = core::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0xffff, 0x7f00, 1).octets();
+        assert_eq!(v4_of_mapped(&doc), None);
+        assert_eq!(v4_of_mapped(&[0; 16]), None);
     }
 }

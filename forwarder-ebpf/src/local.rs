@@ -3,6 +3,13 @@
 //! routable source address itself, which is why the 127.0.0.1 problem of an iptables
 //! `nat OUTPUT` DNAT never arises. The hooks see sockets of every network namespace; only
 //! those of this instance's namespace are touched.
+//!
+//! Dual-stack AF_INET6 sockets reach IPv4 through v4-mapped addresses (`::ffff:a.b.c.d`):
+//! those take the IPv4 forwards, and the program sees mapped addresses. The kernel runs
+//! connect6, getpeername6 and recvmsg6 for them with the mapped address, but hands a
+//! datagram sent to one to `udp_sendmsg`, which runs sendmsg4 with the IPv4 address (and
+//! refuses a mapped address written by sendmsg6): so sendmsg6 never sees one, and the
+//! unconnected-UDP map holds IPv4 keys for them.
 
 use aya_ebpf::{
     EbpfContext,
@@ -10,7 +17,9 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use forwarder_common::{FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey};
+use forwarder_common::{
+    FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey, mapped_of_v4, v4_of_mapped,
+};
 
 use crate::{
     maps::{FWD_GLOBAL, FWD_LOCAL_CONN, FWD_LOCAL_UDP, FWD_RULES},
@@ -73,6 +82,25 @@ fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> 
     unsafe { FWD_RULES.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
 }
 
+/// An address of a `v6` hook as the forwards see it: a v4-mapped address is IPv4
+/// (returned as an IPv4 address field, with `false`); anything else is left as it is.
+#[inline(always)]
+fn as_forwards_see(v6: bool, addr: [u8; 16]) -> ([u8; 16], bool) {
+    if v6 {
+        if let Some(v4) = v4_of_mapped(&addr) {
+            return (v4, false);
+        }
+    }
+    (addr, v6)
+}
+
+/// An address of the forwards as the hook writes it: an IPv4 one v4-mapped when `mapped`
+/// (a `v6` hook's v4-mapped destination), else as it is.
+#[inline(always)]
+fn for_hook(mapped: bool, addr: &[u8; 16]) -> [u8; 16] {
+    if mapped { mapped_of_v4(addr) } else { *addr }
+}
+
 /// True when `addr`:`port_be` (the source of a datagram being received) is the peer the
 /// socket is connected to.
 #[inline(always)]
@@ -96,7 +124,8 @@ fn from_peer(ctx: &SockAddrContext, v6: bool, addr: &[u8; 16], port_be: u16) -> 
     }
 }
 
-/// connect(): TCP and connected UDP.
+/// connect(): TCP and connected UDP. A v4-mapped destination takes the IPv4 forwards and
+/// becomes the mapped address of the backend.
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext, v6: bool) {
     if !ours(ctx) {
@@ -105,13 +134,15 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) {
     let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(f) = local_rule(ctx, v6, addr, port) else {
+    let (rule_addr, rule_v6) = as_forwards_see(v6, addr);
+    let Some(f) = local_rule(ctx, rule_v6, rule_addr, port) else {
         // A socket connecting again elsewhere must not keep an old getpeername answer.
         let _ = FWD_LOCAL_CONN.remove(&cookie);
         return;
     };
+    // What the program dialled, as its own family writes it (getpeername answers with it).
     let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
+    set_dest(ctx, v6, &for_hook(v6 && !rule_v6, &f.backend_addr), f.backend_port_be);
     let _ = FWD_LOCAL_CONN.insert(&cookie, &orig, 0);
     stats::count_local_conn(f.forward_id);
 }
@@ -169,15 +200,18 @@ pub fn recvmsg(ctx: &SockAddrContext, v6: bool) {
             return;
         }
     }
+    let (key_addr, key_v6) = as_forwards_see(v6, addr);
     let key = LocalUdpKey {
         socket_cookie: cookie,
-        backend_addr: addr,
+        backend_addr: key_addr,
         backend_port_be: port,
-        family: family(v6),
+        family: family(key_v6),
         _pad: [0; 5],
     };
     // SAFETY: map value reference valid for this program run.
     if let Some(orig) = unsafe { FWD_LOCAL_UDP.get(&key) } {
-        set_dest(ctx, v6, &orig.addr, orig.port_be);
+        if orig.family == family(key_v6) {
+            set_dest(ctx, v6, &for_hook(v6 && !key_v6, &orig.addr), orig.port_be);
+        }
     }
 }

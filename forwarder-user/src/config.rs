@@ -409,6 +409,23 @@ impl Config {
                     "must be of the same address family as listen (IPv4 or IPv6)".into(),
                 ));
             }
+            for (field, at, span) in [("listen", listen, rf.listen.span()), ("backend", backend, rf.backend.span())] {
+                if let Some(v4) = match at.ip() {
+                    IpAddr::V6(a) => a.to_ipv4_mapped(),
+                    IpAddr::V4(_) => None,
+                } {
+                    return Err(err(
+                        span,
+                        &f(field),
+                        format!(
+                            "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that \
+                             dial {} from dual-stack sockets)",
+                            at.ip(),
+                            at.ip()
+                        ),
+                    ));
+                }
+            }
             let snat = match &rf.snat {
                 None => Snat::Auto,
                 Some(s) => match s.get_ref().as_str() {
@@ -677,6 +694,22 @@ snat = "auto"
             ),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_refused_with_the_ipv4_address_to_write() {
+        let v6 = |listen: &str, backend: &str| {
+            format!(
+                "{CLASSIC}\n[[forward]]\nname = \"v6\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nbackend = \"{backend}\"\n"
+            )
+        };
+        let (_, field, message) = invalid(&v6("[::ffff:127.0.0.1]:3306", "[2001:db8::20]:3197"));
+        assert_eq!(field, "forward[1].listen");
+        assert!(message.contains("write 127.0.0.1"), "{message}");
+        let (_, field, message) = invalid(&v6("[::]:3306", "[::ffff:203.0.113.20]:3197"));
+        assert_eq!(field, "forward[1].backend");
+        assert!(message.contains("write 203.0.113.20"), "{message}");
+        Config::parse(&v6("[::]:3306", "[2001:db8::20]:3197")).unwrap();
     }
 
     #[test]

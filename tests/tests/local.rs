@@ -221,3 +221,32 @@ fn local_connected_udp_reports_the_dialled_address_to_every_call() {
     server.join().unwrap();
     assert_eq!((local_conns(&d, "dns"), local_conns(&d, "dns-alt")), (1, 1), "one connect() each");
 }
+
+/// Java's sockets are AF_INET6 with IPV6_V6ONLY off: 127.0.0.1 is dialled as
+/// ::ffff:127.0.0.1. The IPv4 forwards apply, and the program sees the mapped address it
+/// dialled, over TCP, unconnected UDP and connected UDP.
+#[test]
+fn local_ipv4_mapped_destinations_of_dual_stack_sockets_take_the_ipv4_forwards() {
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, RESOLVER).unwrap();
+    let tcp = tcp_server(&chain.server, "203.0.113.20:3197", "backend", 2);
+    for to in ["[::ffff:127.0.0.1]:3306", "[::ffff:192.0.2.1]:3306"] {
+        let r = probe(&d, &chain.router, "tcp", to, "hi");
+        assert_eq!(r["reply"], "backend got hi", "{to}: {r}");
+        assert_eq!(r["peer"], to, "getpeername shows the mapped address dialled: {r}");
+    }
+    tcp.join().unwrap();
+    assert_eq!(local_conns(&d, "mysql"), 2);
+
+    let udp = udp_server_on(&chain.server, "203.0.113.20:5353", 4);
+    let r = probe(&d, &chain.router, "udp", "[::ffff:127.0.0.1]:53", "m");
+    assert_eq!(r["reply"], "udp backend got m", "{r}");
+    assert_eq!(r["peer"], "[::ffff:127.0.0.1]:53", "recvfrom shows the mapped address sent to: {r}");
+    let r = probe(&d, &chain.router, "udp-connected", "[::ffff:127.0.0.1]:53", "c");
+    assert_eq!(r["replies"].as_array().map(Vec::len), Some(3), "{r}");
+    for call in ["peer", "recvfrom", "recvmsg"] {
+        assert_eq!(r[call], "[::ffff:127.0.0.1]:53", "{call}: {r}");
+    }
+    udp.join().unwrap();
+    assert_eq!(local_conns(&d, "dns"), 2);
+}
