@@ -14,11 +14,12 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
 use forwarder_common::{
-    FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey, mapped_of_v4, v4_of_mapped,
+    DEFAULT_LOCAL_UDP_IDLE_S, FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey,
+    LocalUdpOrig, LocalUdpSend, Reason, mapped_of_v4, v4_of_mapped,
 };
 
 use crate::{
@@ -31,6 +32,13 @@ fn ours(ctx: &SockAddrContext) -> bool {
     let Some(g) = FWD_GLOBAL.get(0) else { return false };
     // SAFETY: helper on our own context.
     g.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == g.netns_cookie
+}
+
+/// How long an exchange must be quiet before it may change address, in nanoseconds.
+#[inline(always)]
+fn udp_idle_ns() -> u64 {
+    let s = FWD_GLOBAL.get(0).map(|g| g.local_udp_idle_s).unwrap_or(0);
+    (if s == 0 { DEFAULT_LOCAL_UDP_IDLE_S } else { s }) as u64 * 1_000_000_000
 }
 
 /// The socket's destination as the program gave it: (address, port as on the wire).
@@ -160,14 +168,17 @@ pub fn getpeername(ctx: &SockAddrContext, v6: bool) {
     }
 }
 
-/// sendmsg()/sendto() on unconnected UDP sockets.
+/// sendmsg()/sendto() with a destination (unconnected UDP, or a connected socket given
+/// one). Returns false to refuse the datagram (EPERM): the socket is in a live exchange
+/// with this backend through another listen address, and the answers of the two could not
+/// be told apart (docs/architecture.md, "Local forwards").
 #[inline(always)]
-pub fn sendmsg(ctx: &SockAddrContext, v6: bool) {
+pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
     if !ours(ctx) {
-        return;
+        return true;
     }
     let (addr, port) = dest(ctx, v6);
-    let Some(f) = local_rule(ctx, v6, addr, port) else { return };
+    let Some(f) = local_rule(ctx, v6, addr, port) else { return true };
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalUdpKey {
@@ -177,12 +188,42 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         family: family(v6),
         _pad: [0; 5],
     };
-    let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
-    // The first datagram of a socket to this forward counts as a local connection.
-    if FWD_LOCAL_UDP.insert(&key, &orig, BPF_NOEXIST as u64).is_ok() {
-        stats::count_local_conn(f.forward_id);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let new = LocalUdpOrig {
+        orig: LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id },
+        last_ns: now,
+    };
+    match FWD_LOCAL_UDP.get_ptr_mut(&key) {
+        // SAFETY: map value pointer valid for this program run; an aligned u64 store.
+        Some(e) => match unsafe { (*e).on_send(&addr, port, now, udp_idle_ns()) } {
+            LocalUdpSend::Same => unsafe { (*e).last_ns = now },
+            LocalUdpSend::Switch => {
+                // A whole new element, so a concurrent recvmsg reads the old or the new.
+                let _ = FWD_LOCAL_UDP.insert(&key, &new, 0);
+                stats::count_local_conn(f.forward_id);
+            }
+            LocalUdpSend::Refuse => {
+                stats::count_reason(Reason::LocalUdpAmbiguous);
+                return false;
+            }
+        },
+        None => {
+            // The first datagram of a socket to this backend counts as a local connection.
+            if FWD_LOCAL_UDP.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
+                stats::count_local_conn(f.forward_id);
+            } else if let Some(e) = FWD_LOCAL_UDP.get_ptr(&key) {
+                // Another thread of the program got there first: its address holds.
+                // SAFETY: map value pointer valid for this program run.
+                if unsafe { (*e).on_send(&addr, port, now, udp_idle_ns()) } != LocalUdpSend::Same {
+                    stats::count_reason(Reason::LocalUdpAmbiguous);
+                    return false;
+                }
+            }
+        }
     }
+    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
+    true
 }
 
 /// recvmsg()/recvfrom() with a source address: datagrams from a backend appear to come
@@ -208,10 +249,14 @@ pub fn recvmsg(ctx: &SockAddrContext, v6: bool) {
         family: family(key_v6),
         _pad: [0; 5],
     };
-    // SAFETY: map value reference valid for this program run.
-    if let Some(orig) = unsafe { FWD_LOCAL_UDP.get(&key) } {
-        if orig.family == family(key_v6) {
-            set_dest(ctx, v6, &for_hook(v6 && !key_v6, &orig.addr), orig.port_be);
-        }
+    let Some(e) = FWD_LOCAL_UDP.get_ptr_mut(&key) else { return };
+    // SAFETY: map value pointer valid for this program run; an answer keeps the exchange
+    // live (an aligned u64 store).
+    let orig = unsafe {
+        (*e).last_ns = bpf_ktime_get_ns();
+        (*e).orig
+    };
+    if orig.family == family(key_v6) {
+        set_dest(ctx, v6, &for_hook(v6 && !key_v6, &orig.addr), orig.port_be);
     }
 }

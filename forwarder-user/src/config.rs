@@ -295,6 +295,22 @@ pub const MAX_NAME_LEN: usize = 47;
 const IFNAMSIZ: usize = 15;
 
 impl Config {
+    /// Backends that two or more local UDP forwards lead to, with those forwards' names.
+    /// The answers of such a backend carry the same addresses and ports whichever listen
+    /// address a program sent to, so an unconnected socket reaches it through one listen
+    /// address at a time (docs/architecture.md, "Local forwards").
+    pub fn shared_local_udp_backends(&self) -> Vec<(SocketAddr, Vec<&str>)> {
+        let mut by_backend: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
+        for f in self.forwards.iter().filter(|f| f.local && f.protocol == Protocol::Udp) {
+            match by_backend.iter_mut().find(|(b, _)| *b == f.backend) {
+                Some((_, names)) => names.push(&f.name),
+                None => by_backend.push((f.backend, vec![&f.name])),
+            }
+        }
+        by_backend.retain(|(_, names)| names.len() > 1);
+        by_backend
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Read { path: path.display().to_string(), source: e })?;
@@ -694,6 +710,27 @@ snat = "auto"
             ),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn local_udp_forwards_sharing_a_backend_are_found() {
+        let forward = |name: &str, proto: &str, listen: &str, local: bool| {
+            format!(
+                "\n[[forward]]\nname = \"{name}\"\nprotocol = \"{proto}\"\nlisten = \"{listen}\"\nbackend = \
+                 \"203.0.113.20:53\"\nlocal = {local}\n"
+            )
+        };
+        let text = [
+            forward("dns", "udp", "127.0.0.1:53", true),
+            forward("dns-alt", "udp", "127.0.0.1:5300", true),
+            forward("dns-tcp", "tcp", "127.0.0.1:53", true),
+            forward("dns-ingress", "udp", "192.0.2.1:53", false),
+        ]
+        .concat();
+        let c = Config::parse(&format!("{CLASSIC}{text}")).unwrap();
+        assert_eq!(c.shared_local_udp_backends(), vec![("203.0.113.20:53".parse().unwrap(), vec!["dns", "dns-alt"])]);
+        let c = Config::parse(&format!("{CLASSIC}{}", text.replacen("local = true", "local = false", 1))).unwrap();
+        assert!(c.shared_local_udp_backends().is_empty(), "TCP and non-local forwards do not count");
     }
 
     #[test]
