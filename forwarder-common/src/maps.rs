@@ -45,8 +45,17 @@ pub const MAP_GLOBAL: &str = "FWD_GLOBAL_V2";
 pub const MAP_GLOBAL_V1: &str = "FWD_GLOBAL";
 /// Connected local sockets whose destination was rewritten: socket cookie -> [`LocalOrig`].
 pub const MAP_LOCAL_CONNECTED: &str = "FWD_LOCAL_CONN";
-/// Unconnected local UDP sockets: [`LocalUdpKey`] -> [`LocalOrig`].
-pub const MAP_LOCAL_UDP: &str = "FWD_LOCAL_UDP";
+/// Unconnected local UDP sockets: [`LocalUdpKey`] -> [`LocalUdpOrig`]. `_V2`: the value
+/// grew the time of the exchange's last datagram (`FWD_LOCAL_UDP_V2` would exceed the 15
+/// characters of a map name); the loader carries the entries of a pinned
+/// [`MAP_LOCAL_UDP_V1`] over.
+pub const MAP_LOCAL_UDP: &str = "FWD_LOC_UDP_V2";
+/// The unconnected-socket map of earlier versions: [`LocalUdpKey`] -> [`LocalOrig`].
+pub const MAP_LOCAL_UDP_V1: &str = "FWD_LOCAL_UDP";
+/// How long an unconnected socket's exchange with a backend through one listen address
+/// must be quiet before the socket may reach that backend through another, when
+/// [`GlobalConfig::local_udp_idle_s`] is 0: netfilter's unreplied UDP timeout.
+pub const DEFAULT_LOCAL_UDP_IDLE_S: u32 = 30;
 /// Entries of each local-socket map.
 pub const LOCAL_SOCKET_ENTRIES: u32 = 65_536;
 /// Same-switch peers delivered straight at layer 2: [`PeerKey`] -> [`PeerValue`] (hash).
@@ -413,7 +422,12 @@ pub struct GlobalConfig {
     /// ephemeral range), host order; none when `snat_hole_min > snat_hole_max`.
     pub snat_hole_min: u16,
     pub snat_hole_max: u16,
-    pub _pad: u32,
+    /// Seconds an unconnected local UDP socket's exchange with a backend through one
+    /// listen address must be quiet before a datagram to another listen address of the
+    /// same backend is let through (`conntrack.udp_unreplied_timeout`); 0:
+    /// [`DEFAULT_LOCAL_UDP_IDLE_S`]. This was zero padding before, so a value written by
+    /// an earlier version reads as the default.
+    pub local_udp_idle_s: u32,
 }
 const _: () = assert!(size_of::<GlobalConfig>() == 24);
 
@@ -453,7 +467,8 @@ pub struct LocalOrig {
 }
 const _: () = assert!(size_of::<LocalOrig>() == 24);
 
-/// An unconnected UDP socket's datagrams to one backend (sendmsg/recvmsg hooks).
+/// An unconnected UDP socket's datagrams to one backend (sendmsg/recvmsg hooks). An IPv4
+/// backend reached through a v4-mapped address of a dual-stack socket has an IPv4 key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LocalUdpKey {
@@ -464,6 +479,70 @@ pub struct LocalUdpKey {
     pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<LocalUdpKey>() == 32);
+
+/// The address an unconnected UDP socket sent to the backend of its [`LocalUdpKey`] under,
+/// and when the exchange last saw a datagram either way. The answers of a backend reached
+/// through two listen addresses cannot be told apart, so while one exchange is live
+/// (younger than [`GlobalConfig::local_udp_idle_s`]) a datagram to the other is refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalUdpOrig {
+    pub orig: LocalOrig,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last datagram sent or received.
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<LocalUdpOrig>() == 32);
+
+/// What a datagram of an unconnected socket does to the socket's exchange with a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalUdpSend {
+    /// To the address the exchange is under: it goes, and the exchange is fresh again.
+    Same,
+    /// To another address of the same backend after the exchange went quiet: it goes, and
+    /// the exchange is under the new address from now on.
+    Switch,
+    /// To another address of the same backend while the exchange is live: refused, since
+    /// the answers to both would come from the same backend address and port.
+    Refuse,
+}
+
+impl LocalUdpOrig {
+    /// The fate of a datagram to `addr`:`port_be` at `now_ns`, for an exchange that must
+    /// be quiet for `idle_ns` before it may change address. A clock reading older than the
+    /// exchange's (another CPU wrote it meanwhile) counts as live.
+    #[inline(always)]
+    pub fn on_send(&self, addr: &[u8; 16], port_be: u16, now_ns: u64, idle_ns: u64) -> LocalUdpSend {
+        let mut diff = 0u8;
+        let mut i = 0;
+        while i < 16 {
+            diff |= self.orig.addr[i] ^ addr[i];
+            i += 1;
+        }
+        if diff == 0 && self.orig.port_be == port_be {
+            LocalUdpSend::Same
+        } else if now_ns.saturating_sub(self.last_ns) < idle_ns {
+            LocalUdpSend::Refuse
+        } else {
+            LocalUdpSend::Switch
+        }
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, RFC 4291
+/// 2.5.5.2), as a 16-byte address field (IPv4 in bytes 0-3); `None` for any other.
+#[inline(always)]
+pub const fn v4_of_mapped(a: &[u8; 16]) -> Option<[u8; 16]> {
+    if a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] != 0 || a[10] != 0xff || a[11] != 0xff {
+        return None;
+    }
+    Some([a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+}
+
+/// The IPv4-mapped IPv6 address of an IPv4 address field (IPv4 in bytes 0-3).
+#[inline(always)]
+pub const fn mapped_of_v4(a: &[u8; 16]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
 
 /// Operator-facing description of a forward (name, NUL padded).
 #[repr(C)]
@@ -542,6 +621,7 @@ mod pod {
     unsafe impl aya::Pod for FwdMeta {}
     unsafe impl aya::Pod for LocalOrig {}
     unsafe impl aya::Pod for LocalUdpKey {}
+    unsafe impl aya::Pod for LocalUdpOrig {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PeerValue {}
     unsafe impl aya::Pod for PeerStats {}
@@ -608,5 +688,37 @@ mod tests {
         assert!(slot.free_for(9, 2, 3, 17, 8, 1001), "stale");
         assert!(FlowCacheSlot::default().free_for(9, 2, 3, 17, 0, 0), "empty");
         assert!(!FlowCacheSlot::default().holds(0, 0, 0, 0), "an empty slot holds nothing");
+    }
+
+    #[test]
+    fn v4_mapped_addresses_convert_both_ways() {
+        let v4 = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        assert_eq!(mapped_of_v4(&v4), mapped);
+        assert_eq!(v4_of_mapped(&mapped), Some(v4));
+        assert_eq!(mapped_of_v4(&v4), core::net::Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
+        let compat = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 127, 0, 0, 1];
+        assert_eq!(v4_of_mapped(&compat), None, "IPv4-compatible (::a.b.c.d) is not mapped");
+        let doc = core::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0xffff, 0x7f00, 1).octets();
+        assert_eq!(v4_of_mapped(&doc), None);
+        assert_eq!(v4_of_mapped(&[0; 16]), None);
+    }
+
+    #[test]
+    fn an_exchange_changes_address_only_when_quiet() {
+        let a = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut b = a;
+        b[3] = 2;
+        let e = LocalUdpOrig {
+            orig: LocalOrig { addr: a, port_be: 53u16.to_be(), family: 4, ..Default::default() },
+            last_ns: 5_000,
+        };
+        let idle = 1_000;
+        assert_eq!(e.on_send(&a, 53u16.to_be(), 5_500, idle), LocalUdpSend::Same);
+        assert_eq!(e.on_send(&a, 53u16.to_be(), 99_999, idle), LocalUdpSend::Same, "the same address never waits");
+        assert_eq!(e.on_send(&a, 5300u16.to_be(), 5_999, idle), LocalUdpSend::Refuse, "another port, live");
+        assert_eq!(e.on_send(&b, 53u16.to_be(), 5_999, idle), LocalUdpSend::Refuse, "another address, live");
+        assert_eq!(e.on_send(&b, 53u16.to_be(), 6_000, idle), LocalUdpSend::Switch, "quiet for idle_ns");
+        assert_eq!(e.on_send(&b, 53u16.to_be(), 4_000, idle), LocalUdpSend::Refuse, "a clock behind the entry's");
     }
 }

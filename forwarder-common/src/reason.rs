@@ -73,10 +73,14 @@ pub enum Reason {
     /// A datagram for a forward's listen port that belongs to a connected socket of this
     /// host (its own conversation from that port): passed to the stack untouched.
     HostSocket = 30,
+    /// Not a packet on the wire: a local program's datagram refused at sendmsg (EPERM). Its
+    /// unconnected socket was in a live exchange with the same backend through another
+    /// listen address, and the answers of the two could not be told apart.
+    LocalUdpAmbiguous = 31,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 29] = [
+pub const ALL_REASONS: [Reason; 30] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -106,6 +110,7 @@ pub const ALL_REASONS: [Reason; 29] = [
     Reason::RstOutOfWindow,
     Reason::EarlyDrop,
     Reason::HostSocket,
+    Reason::LocalUdpAmbiguous,
 ];
 
 impl Reason {
@@ -141,6 +146,7 @@ impl Reason {
             28 => Some(Reason::RstOutOfWindow),
             29 => Some(Reason::EarlyDrop),
             30 => Some(Reason::HostSocket),
+            31 => Some(Reason::LocalUdpAmbiguous),
             _ => None,
         }
     }
@@ -177,6 +183,7 @@ impl Reason {
             Reason::RstOutOfWindow => "rst_out_of_window",
             Reason::EarlyDrop => "early_drop",
             Reason::HostSocket => "host_socket",
+            Reason::LocalUdpAmbiguous => "local_udp_ambiguous",
         }
     }
 
@@ -189,6 +196,7 @@ impl Reason {
                 | Reason::RewriteFailed
                 | Reason::CtInvalid
                 | Reason::RstOutOfWindow
+                | Reason::LocalUdpAmbiguous
         )
     }
 

@@ -3,14 +3,24 @@
 //! routable source address itself, which is why the 127.0.0.1 problem of an iptables
 //! `nat OUTPUT` DNAT never arises. The hooks see sockets of every network namespace; only
 //! those of this instance's namespace are touched.
+//!
+//! Dual-stack AF_INET6 sockets reach IPv4 through v4-mapped addresses (`::ffff:a.b.c.d`):
+//! those take the IPv4 forwards, and the program sees mapped addresses. The kernel runs
+//! connect6, getpeername6 and recvmsg6 for them with the mapped address, but hands a
+//! datagram sent to one to `udp_sendmsg`, which runs sendmsg4 with the IPv4 address (and
+//! refuses a mapped address written by sendmsg6): so sendmsg6 never sees one, and the
+//! unconnected-UDP map holds IPv4 keys for them.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
-use forwarder_common::{FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey};
+use forwarder_common::{
+    DEFAULT_LOCAL_UDP_IDLE_S, FAMILY_V4, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdValue, LocalOrig, LocalUdpKey,
+    LocalUdpOrig, LocalUdpSend, Reason, mapped_of_v4, v4_of_mapped,
+};
 
 use crate::{
     maps::{FWD_GLOBAL, FWD_LOCAL_CONN, FWD_LOCAL_UDP, FWD_RULES},
@@ -22,6 +32,13 @@ fn ours(ctx: &SockAddrContext) -> bool {
     let Some(g) = FWD_GLOBAL.get(0) else { return false };
     // SAFETY: helper on our own context.
     g.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == g.netns_cookie
+}
+
+/// How long an exchange must be quiet before it may change address, in nanoseconds.
+#[inline(always)]
+fn udp_idle_ns() -> u64 {
+    let s = FWD_GLOBAL.get(0).map(|g| g.local_udp_idle_s).unwrap_or(0);
+    (if s == 0 { DEFAULT_LOCAL_UDP_IDLE_S } else { s }) as u64 * 1_000_000_000
 }
 
 /// The socket's destination as the program gave it: (address, port as on the wire).
@@ -73,7 +90,50 @@ fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> 
     unsafe { FWD_RULES.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
 }
 
-/// connect(): TCP and connected UDP.
+/// An address of a `v6` hook as the forwards see it: a v4-mapped address is IPv4
+/// (returned as an IPv4 address field, with `false`); anything else is left as it is.
+#[inline(always)]
+fn as_forwards_see(v6: bool, addr: [u8; 16]) -> ([u8; 16], bool) {
+    if v6 {
+        if let Some(v4) = v4_of_mapped(&addr) {
+            return (v4, false);
+        }
+    }
+    (addr, v6)
+}
+
+/// An address of the forwards as the hook writes it: an IPv4 one v4-mapped when `mapped`
+/// (a `v6` hook's v4-mapped destination), else as it is.
+#[inline(always)]
+fn for_hook(mapped: bool, addr: &[u8; 16]) -> [u8; 16] {
+    if mapped { mapped_of_v4(addr) } else { *addr }
+}
+
+/// True when `addr`:`port_be` (the source of a datagram being received) is the peer the
+/// socket is connected to.
+#[inline(always)]
+fn from_peer(ctx: &SockAddrContext, v6: bool, addr: &[u8; 16], port_be: u16) -> bool {
+    // SAFETY: the hooks may read `sk` (never null in sock_addr programs), and of it the
+    // peer's address and port.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        if sk.is_null() || (*sk).dst_port != port_be {
+            return false;
+        }
+        if v6 {
+            let w = (*sk).dst_ip6;
+            w[0] == u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+                && w[1] == u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]])
+                && w[2] == u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]])
+                && w[3] == u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]])
+        } else {
+            (*sk).dst_ip4 == u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+        }
+    }
+}
+
+/// connect(): TCP and connected UDP. A v4-mapped destination takes the IPv4 forwards and
+/// becomes the mapped address of the backend.
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext, v6: bool) {
     if !ours(ctx) {
@@ -82,13 +142,15 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) {
     let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(f) = local_rule(ctx, v6, addr, port) else {
+    let (rule_addr, rule_v6) = as_forwards_see(v6, addr);
+    let Some(f) = local_rule(ctx, rule_v6, rule_addr, port) else {
         // A socket connecting again elsewhere must not keep an old getpeername answer.
         let _ = FWD_LOCAL_CONN.remove(&cookie);
         return;
     };
+    // What the program dialled, as its own family writes it (getpeername answers with it).
     let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
+    set_dest(ctx, v6, &for_hook(v6 && !rule_v6, &f.backend_addr), f.backend_port_be);
     let _ = FWD_LOCAL_CONN.insert(&cookie, &orig, 0);
     stats::count_local_conn(f.forward_id);
 }
@@ -106,14 +168,17 @@ pub fn getpeername(ctx: &SockAddrContext, v6: bool) {
     }
 }
 
-/// sendmsg()/sendto() on unconnected UDP sockets.
+/// sendmsg()/sendto() with a destination (unconnected UDP, or a connected socket given
+/// one). Returns false to refuse the datagram (EPERM): the socket is in a live exchange
+/// with this backend through another listen address, and the answers of the two could not
+/// be told apart (docs/architecture.md, "Local forwards").
 #[inline(always)]
-pub fn sendmsg(ctx: &SockAddrContext, v6: bool) {
+pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
     if !ours(ctx) {
-        return;
+        return true;
     }
     let (addr, port) = dest(ctx, v6);
-    let Some(f) = local_rule(ctx, v6, addr, port) else { return };
+    let Some(f) = local_rule(ctx, v6, addr, port) else { return true };
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalUdpKey {
@@ -123,30 +188,75 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         family: family(v6),
         _pad: [0; 5],
     };
-    let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
-    // The first datagram of a socket to this forward counts as a local connection.
-    if FWD_LOCAL_UDP.insert(&key, &orig, BPF_NOEXIST as u64).is_ok() {
-        stats::count_local_conn(f.forward_id);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let new = LocalUdpOrig {
+        orig: LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id },
+        last_ns: now,
+    };
+    match FWD_LOCAL_UDP.get_ptr_mut(&key) {
+        // SAFETY: map value pointer valid for this program run; an aligned u64 store.
+        Some(e) => match unsafe { (*e).on_send(&addr, port, now, udp_idle_ns()) } {
+            LocalUdpSend::Same => unsafe { (*e).last_ns = now },
+            LocalUdpSend::Switch => {
+                // A whole new element, so a concurrent recvmsg reads the old or the new.
+                let _ = FWD_LOCAL_UDP.insert(&key, &new, 0);
+                stats::count_local_conn(f.forward_id);
+            }
+            LocalUdpSend::Refuse => {
+                stats::count_reason(Reason::LocalUdpAmbiguous);
+                return false;
+            }
+        },
+        None => {
+            // The first datagram of a socket to this backend counts as a local connection.
+            if FWD_LOCAL_UDP.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
+                stats::count_local_conn(f.forward_id);
+            } else if let Some(e) = FWD_LOCAL_UDP.get_ptr(&key) {
+                // Another thread of the program got there first: its address holds.
+                // SAFETY: map value pointer valid for this program run.
+                if unsafe { (*e).on_send(&addr, port, now, udp_idle_ns()) } != LocalUdpSend::Same {
+                    stats::count_reason(Reason::LocalUdpAmbiguous);
+                    return false;
+                }
+            }
+        }
     }
+    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
+    true
 }
 
-/// recvmsg()/recvfrom() on unconnected UDP sockets: replies appear to come from the address
-/// the program sent to.
+/// recvmsg()/recvfrom() with a source address: datagrams from a backend appear to come
+/// from the address the program connected or sent to.
 #[inline(always)]
 pub fn recvmsg(ctx: &SockAddrContext, v6: bool) {
     let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A connected socket (glibc's resolver calls recvfrom on one): from its peer.
+    // SAFETY: map value reference valid for this program run.
+    if let Some(orig) = unsafe { FWD_LOCAL_CONN.get(&cookie) } {
+        if orig.family == family(v6) && from_peer(ctx, v6, &addr, port) {
+            set_dest(ctx, v6, &orig.addr, orig.port_be);
+            return;
+        }
+    }
+    let (key_addr, key_v6) = as_forwards_see(v6, addr);
     let key = LocalUdpKey {
         socket_cookie: cookie,
-        backend_addr: addr,
+        backend_addr: key_addr,
         backend_port_be: port,
-        family: family(v6),
+        family: family(key_v6),
         _pad: [0; 5],
     };
-    // SAFETY: map value reference valid for this program run.
-    if let Some(orig) = unsafe { FWD_LOCAL_UDP.get(&key) } {
-        set_dest(ctx, v6, &orig.addr, orig.port_be);
+    let Some(e) = FWD_LOCAL_UDP.get_ptr_mut(&key) else { return };
+    // SAFETY: map value pointer valid for this program run; an answer keeps the exchange
+    // live (an aligned u64 store).
+    let orig = unsafe {
+        (*e).last_ns = bpf_ktime_get_ns();
+        (*e).orig
+    };
+    if orig.family == family(key_v6) {
+        set_dest(ctx, v6, &for_hook(v6 && !key_v6, &orig.addr), orig.port_be);
     }
 }

@@ -298,7 +298,9 @@ pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
 }
 
 /// Cgroup socket hooks return 1 ("allow"): forwarder rewrites, it never refuses a socket.
+/// The one exception is a datagram sendmsg refuses (0: EPERM), see `local::sendmsg`.
 const SOCK_ALLOW: i32 = 1;
+const SOCK_REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn forwarder_connect4(ctx: SockAddrContext) -> i32 {
@@ -326,14 +328,12 @@ pub fn forwarder_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn forwarder_sendmsg4(ctx: SockAddrContext) -> i32 {
-    local::sendmsg(&ctx, false);
-    SOCK_ALLOW
+    if local::sendmsg(&ctx, false) { SOCK_ALLOW } else { SOCK_REFUSE }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn forwarder_sendmsg6(ctx: SockAddrContext) -> i32 {
-    local::sendmsg(&ctx, true);
-    SOCK_ALLOW
+    if local::sendmsg(&ctx, true) { SOCK_ALLOW } else { SOCK_REFUSE }
 }
 
 #[cgroup_sock_addr(recvmsg4)]

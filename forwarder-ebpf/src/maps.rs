@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FlowCacheSlot, FwdKey, FwdMeta,
-    FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, MAX_IFACES, MAX_PEERS,
-    PeerKey, PeerStats, PeerValue, REASON_SLOTS,
+    FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, LocalUdpOrig,
+    MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue, REASON_SLOTS,
 };
 
 #[map(name = "FWD_RULES")]
@@ -61,8 +61,8 @@ pub static FWD_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1
 #[map(name = "FWD_LOCAL_CONN")]
 pub static FWD_LOCAL_CONN: LruHashMap<u64, LocalOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
 
-#[map(name = "FWD_LOCAL_UDP")]
-pub static FWD_LOCAL_UDP: LruHashMap<LocalUdpKey, LocalOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
+#[map(name = "FWD_LOC_UDP_V2")]
+pub static FWD_LOCAL_UDP: LruHashMap<LocalUdpKey, LocalUdpOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
 
 #[map(name = "FWD_PEERS")]
 pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);

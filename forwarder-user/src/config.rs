@@ -295,6 +295,22 @@ pub const MAX_NAME_LEN: usize = 47;
 const IFNAMSIZ: usize = 15;
 
 impl Config {
+    /// Backends that two or more local UDP forwards lead to, with those forwards' names.
+    /// The answers of such a backend carry the same addresses and ports whichever listen
+    /// address a program sent to, so an unconnected socket reaches it through one listen
+    /// address at a time (docs/architecture.md, "Local forwards").
+    pub fn shared_local_udp_backends(&self) -> Vec<(SocketAddr, Vec<&str>)> {
+        let mut by_backend: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
+        for f in self.forwards.iter().filter(|f| f.local && f.protocol == Protocol::Udp) {
+            match by_backend.iter_mut().find(|(b, _)| *b == f.backend) {
+                Some((_, names)) => names.push(&f.name),
+                None => by_backend.push((f.backend, vec![&f.name])),
+            }
+        }
+        by_backend.retain(|(_, names)| names.len() > 1);
+        by_backend
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Read { path: path.display().to_string(), source: e })?;
@@ -408,6 +424,23 @@ impl Config {
                     &f("backend"),
                     "must be of the same address family as listen (IPv4 or IPv6)".into(),
                 ));
+            }
+            for (field, at, span) in [("listen", listen, rf.listen.span()), ("backend", backend, rf.backend.span())] {
+                if let Some(v4) = match at.ip() {
+                    IpAddr::V6(a) => a.to_ipv4_mapped(),
+                    IpAddr::V4(_) => None,
+                } {
+                    return Err(err(
+                        span,
+                        &f(field),
+                        format!(
+                            "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that \
+                             dial {} from dual-stack sockets)",
+                            at.ip(),
+                            at.ip()
+                        ),
+                    ));
+                }
             }
             let snat = match &rf.snat {
                 None => Snat::Auto,
@@ -677,6 +710,43 @@ snat = "auto"
             ),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn local_udp_forwards_sharing_a_backend_are_found() {
+        let forward = |name: &str, proto: &str, listen: &str, local: bool| {
+            format!(
+                "\n[[forward]]\nname = \"{name}\"\nprotocol = \"{proto}\"\nlisten = \"{listen}\"\nbackend = \
+                 \"203.0.113.20:53\"\nlocal = {local}\n"
+            )
+        };
+        let text = [
+            forward("dns", "udp", "127.0.0.1:53", true),
+            forward("dns-alt", "udp", "127.0.0.1:5300", true),
+            forward("dns-tcp", "tcp", "127.0.0.1:53", true),
+            forward("dns-ingress", "udp", "192.0.2.1:53", false),
+        ]
+        .concat();
+        let c = Config::parse(&format!("{CLASSIC}{text}")).unwrap();
+        assert_eq!(c.shared_local_udp_backends(), vec![("203.0.113.20:53".parse().unwrap(), vec!["dns", "dns-alt"])]);
+        let c = Config::parse(&format!("{CLASSIC}{}", text.replacen("local = true", "local = false", 1))).unwrap();
+        assert!(c.shared_local_udp_backends().is_empty(), "TCP and non-local forwards do not count");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_refused_with_the_ipv4_address_to_write() {
+        let v6 = |listen: &str, backend: &str| {
+            format!(
+                "{CLASSIC}\n[[forward]]\nname = \"v6\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nbackend = \"{backend}\"\n"
+            )
+        };
+        let (_, field, message) = invalid(&v6("[::ffff:127.0.0.1]:3306", "[2001:db8::20]:3197"));
+        assert_eq!(field, "forward[1].listen");
+        assert!(message.contains("write 127.0.0.1"), "{message}");
+        let (_, field, message) = invalid(&v6("[::]:3306", "[::ffff:203.0.113.20]:3197"));
+        assert_eq!(field, "forward[1].backend");
+        assert!(message.contains("write 203.0.113.20"), "{message}");
+        Config::parse(&v6("[::]:3306", "[2001:db8::20]:3197")).unwrap();
     }
 
     #[test]

@@ -244,8 +244,17 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
         netns_cookie: system::netns_cookie()?,
         snat_hole_min,
         snat_hole_max,
-        _pad: 0,
+        local_udp_idle_s: u32::try_from(cfg.conntrack.udp_unreplied_timeout).unwrap_or(u32::MAX),
     })?;
+    for (backend, names) in cfg.shared_local_udp_backends() {
+        warn!(
+            %backend,
+            forwards = names.join(", "),
+            "local UDP forwards share a backend: an unconnected socket reaches it through one of their listen \
+             addresses at a time (a datagram to another while an exchange is live is refused, reason \
+             local_udp_ambiguous); connected sockets are not affected"
+        );
+    }
     for (name, want) in [
         (forwarder_common::MAP_CONNTRACK, cfg.conntrack.max_entries),
         (forwarder_common::MAP_FORWARD_META, cfg.max_forwards + 1),

@@ -169,6 +169,7 @@ impl Instance {
             info!(pin_dir = %pin_dir.display(), "adopting pinned state of an earlier instance");
         }
         migrate_conntrack(&mut ebpf, pin_dir);
+        migrate_local_udp(&mut ebpf, pin_dir);
         // Settings are written whole at every start; an older layout's pin only goes.
         let _ = std::fs::remove_file(pin_dir.join(forwarder_common::MAP_GLOBAL_V1));
         Ok(Self {
@@ -473,6 +474,38 @@ fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
             }
             Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
         }
+    }
+}
+
+/// Carries the unconnected local UDP sockets of an earlier version's `FWD_LOCAL_UDP`
+/// (values without the time of the last datagram) into the current map, as quiet
+/// exchanges, and unpins it: programs keep seeing answers from the addresses they sent to.
+fn migrate_local_udp(ebpf: &mut Ebpf, pin_dir: &Path) {
+    use aya::maps::HashMap;
+    use forwarder_common::{LocalOrig, LocalUdpKey, LocalUdpOrig, MAP_LOCAL_UDP, MAP_LOCAL_UDP_V1};
+    let old_path = pin_dir.join(MAP_LOCAL_UDP_V1);
+    if !old_path.exists() {
+        return;
+    }
+    let moved = (|| -> std::result::Result<usize, String> {
+        let old = MapData::from_pin(&old_path).map_err(|e| e.to_string())?;
+        let old: HashMap<_, LocalUdpKey, LocalOrig> =
+            HashMap::try_from(aya::maps::Map::from_map_data(old).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        let entries: Vec<_> = old.iter().filter_map(|e| e.ok()).collect();
+        let new = ebpf.map_mut(MAP_LOCAL_UDP).ok_or("no local UDP map in the object")?;
+        let mut new: HashMap<_, LocalUdpKey, LocalUdpOrig> = HashMap::try_from(new).map_err(|e| e.to_string())?;
+        for (k, orig) in &entries {
+            new.insert(k, LocalUdpOrig { orig: *orig, last_ns: 0 }, 0).map_err(|e| e.to_string())?;
+        }
+        Ok(entries.len())
+    })();
+    match moved {
+        Ok(n) => {
+            let _ = std::fs::remove_file(&old_path);
+            info!(sockets = n, "local UDP sockets migrated from {MAP_LOCAL_UDP_V1} to {MAP_LOCAL_UDP}");
+        }
+        Err(e) => warn!(path = %old_path.display(), "old local UDP map not migrated: {e}"),
     }
 }
 

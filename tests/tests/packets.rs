@@ -117,7 +117,7 @@ fn with_fixture(config: &str, test: impl FnOnce(&mut Fixture) + Send + 'static) 
                 // No hole: the fixtures choose their ranges themselves.
                 snat_hole_min: 1,
                 snat_hole_max: 0,
-                _pad: 0,
+                local_udp_idle_s: 0,
             })
             .unwrap();
         state.apply_forwards(&cfg.forwards, &locals, OnForwardRemoved::Drain).unwrap();

@@ -84,7 +84,7 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             netns_cookie: 0,
             snat_hole_min: 1, // no hole
             snat_hole_max: 0,
-            _pad: 0,
+            local_udp_idle_s: 0,
         })?;
         state.apply_forwards(&cfg.forwards, &[], forwarder::config::OnForwardRemoved::Drain)?;
         state.set_egress(rc, IFACE_XDP_EGRESS_OK)?;
