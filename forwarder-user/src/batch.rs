@@ -11,6 +11,7 @@ use aya::Pod;
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries per call: bounds the buffers and the time the kernel spends in one call.
 const CHUNK: usize = 8192;
@@ -52,6 +53,29 @@ pub fn update<K: Pod, V: Pod>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> 
             ..Default::default()
         };
         bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr).map_err(|e| (done, e))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Deletes `keys` in chunks. On failure (a key already gone, say) returns how many are
+/// known to be deleted, in order, with the error; the caller deletes the rest one by one.
+pub fn delete<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, std::io::Error)> {
+    let mut done = 0;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            count: n as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // On a missing key the kernel leaves in `count` how many of this chunk it deleted;
+        // on any other error nothing is known (deleting again is harmless).
+        bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr).map_err(|e| {
+            let deleted = if e.raw_os_error() == Some(libc::ENOENT) { (attr.count as usize).min(n) } else { 0 };
+            (done + deleted, e)
+        })?;
         done += n;
     }
     Ok(())
@@ -111,6 +135,7 @@ mod tests {
         assert_eq!(done, 0);
         assert!(e.raw_os_error().is_some(), "{e}");
         assert!(lookup_all::<u32, u32>(f.as_fd()).is_err());
+        assert_eq!(delete(f.as_fd(), &keys).unwrap_err().0, 0);
         // Nothing to write: no call at all.
         assert!(update::<u32, u32>(f.as_fd(), &[], &[]).is_ok());
     }

@@ -315,8 +315,14 @@ impl State {
         Ok(())
     }
 
-    /// Every conntrack entry (diagnostics, expiry).
+    /// Every conntrack entry (diagnostics, expiry), read in batches: the expiry pass reads
+    /// the whole table every few seconds, and entry by entry that is two syscalls per entry.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let data = open_pinned(&self.dir, MAP_CONNTRACK)?;
+        match batch::lookup_all::<CtKey, CtValue>(data.fd().as_fd()) {
+            Ok(all) => return Ok(all),
+            Err(e) => debug!("{MAP_CONNTRACK}: batch lookup failed ({e}), reading entry by entry"),
+        }
         let ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
         Ok(ct.iter().filter_map(|r| r.ok()).collect())
@@ -343,9 +349,19 @@ impl State {
     /// Deletes these entries. Moves the route generation too: the XDP flow cache keeps
     /// copies of entries, which must not outlive them.
     pub fn remove_conntrack(&self, keys: &[CtKey]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let data = open_pinned(&self.dir, MAP_CONNTRACK)?;
+        // Entries may go meanwhile (the kernel's early drop): the batch call stops at the
+        // first missing key, the rest go one by one.
+        let done = match batch::delete(data.fd().as_fd(), keys) {
+            Ok(()) => keys.len(),
+            Err((done, _)) => done,
+        };
         let mut ct: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
-        for k in keys {
+        for k in &keys[done.min(keys.len())..] {
             let _ = ct.remove(k);
         }
         if !keys.is_empty() {

@@ -124,6 +124,7 @@ fn stats_table_and_json_and_a_second_instance_on_the_same_pin_path_is_refused() 
         ("peer_fallback", "peer"),
         ("icmp_translated", "icmp"),
         ("early_drop", "event"),
+        ("local_udp_ambiguous", "dropped"),
     ] {
         assert_eq!(kind(name), want, "{name}");
     }
