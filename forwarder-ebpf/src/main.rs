@@ -130,6 +130,8 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32) -> u32 {
         Err(Reason::NoRule | Reason::NotTcpUdp) if to_peer(&ctx) => Err(Reason::XdpToTc),
         // Translating ICMP errors needs the skb helpers: TC does it.
         Err(Reason::IcmpError) => Err(Reason::XdpToTc),
+        // A priority tag is the stack's untagged traffic: TC takes it once it is removed.
+        Err(Reason::Vlan) if l2::priority_tagged(&ctx) => Err(Reason::XdpToTc),
         other => other,
     };
     verdict::xdp(&ctx, outcome)
@@ -213,14 +215,17 @@ fn xdp_said_skip(ctx: &TcContext) -> bool {
     unsafe { core::ptr::read_unaligned(meta as *const u32) == XDP_META_SKIP }
 }
 
-/// Minimum linear bytes the parser needs (Ethernet + IPv4 + TCP header).
-const PULL_LEN: u32 = 14 + 20 + 20;
+/// Linear bytes the parser needs at most (Ethernet + IPv6 + TCP header); shorter packets
+/// are pulled whole.
+const PULL_LEN: u32 = 14 + 40 + 20;
 
 /// The complete path: everything XDP hands over, and everything when XDP is off.
 #[inline(always)]
 fn try_tc(ctx: &TcContext) -> verdict::Outcome {
-    if ctx.data() + (PULL_LEN as usize) > ctx.data_end() && ctx.len() >= PULL_LEN {
-        let _ = ctx.pull_data(PULL_LEN);
+    l2::untagged_tc(ctx)?;
+    let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+    if ctx.data() + (want as usize) > ctx.data_end() {
+        let _ = ctx.pull_data(want);
     }
     let w = maps::work()?;
     if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {

@@ -112,10 +112,14 @@ fn bytes(w: &[u32; 4]) -> [u8; 16] {
 
 /// XDP_REDIRECT delivers only when the receiver takes XDP frames (a veth peer needs an XDP
 /// program or GRO), which the loader records per device. Generic XDP redirects skbs, which
-/// every device takes.
+/// every device takes, but only through the devmap, which holds the configured interfaces
+/// (the same set as FWD_IFACES): to any other device the redirect would abort and lose the
+/// packet, so TC sends it.
 #[inline(always)]
 pub fn xdp_can_send(ingress: u32, egress: u32) -> bool {
     // SAFETY: values are copied.
-    let flags_of = |i: u32| unsafe { FWD_IFACES.get(&i) }.map(|c| c.flags).unwrap_or(0);
-    flags_of(egress) & IFACE_XDP_EGRESS_OK != 0 || flags_of(ingress) & IFACE_XDP_GENERIC != 0
+    let Some(out) = (unsafe { FWD_IFACES.get(&egress) }).map(|c| c.flags) else { return false };
+    // SAFETY: as above.
+    let generic = unsafe { FWD_IFACES.get(&ingress) }.map(|c| c.flags & IFACE_XDP_GENERIC != 0).unwrap_or(false);
+    out & IFACE_XDP_EGRESS_OK != 0 || generic
 }

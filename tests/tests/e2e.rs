@@ -393,3 +393,32 @@ fn cached_next_hops_follow_neighbour_changes() {
     assert!(answered(b"bye"));
     server.join().unwrap();
 }
+
+/// Generic XDP, with the backend reached through an interface that is not configured
+/// (`rx`, so not in the devmap) while its replies come back through `rs`: XDP must leave
+/// such packets to TC (an XDP redirect there would abort and lose them).
+#[test]
+fn generic_xdp_to_an_interface_not_configured() {
+    let chain = Chain::new().unwrap();
+    chain.router.ip(&["link", "add", "rx", "type", "veth", "peer", "name", "x0", "netns", &chain.server.name]).unwrap();
+    chain.router.ip(&["addr", "add", "198.51.100.1/24", "dev", "rx"]).unwrap();
+    chain.router.ip(&["link", "set", "rx", "up"]).unwrap();
+    chain.server.ip(&["link", "set", "x0", "up"]).unwrap();
+    chain.router.ip(&["route", "add", &format!("{SERVER_ADDR}/32"), "dev", "rx"]).unwrap();
+    chain.server.ip(&["route", "add", "198.51.100.0/24", "via", ROUTER_SERVER_ADDR]).unwrap();
+    // Full checksums from the client (as from a real NIC): XDP leaves partial ones to TC.
+    chain.client.sh("ethtool -K c0 tx off").unwrap();
+    let daemon = Daemon::start(&chain.router, &chain.tag, &config("generic", "tcp", "auto")).unwrap();
+    let server = tcp_server(&chain, 2);
+    for n in [10, 1_000_000] {
+        tcp_exchange(&chain, n);
+    }
+    let peers = server.join().unwrap();
+    assert_eq!(peers[0].ip().to_string(), "198.51.100.1", "requests left through rx");
+    let stats = daemon.stats().unwrap();
+    assert_eq!(forward_stats(&daemon)["new_connections"], 2, "{stats}");
+    // Every packet of the client's that XDP saw went on to TC.
+    assert!(reason(&daemon, "xdp_to_tc") > 10, "{stats}");
+    let tc_sent = reason(&daemon, "redirect_tc") + reason(&daemon, "fib_no_neigh");
+    assert_eq!(tc_sent, reason(&daemon, "xdp_to_tc"), "TC sends what XDP may not: {stats}");
+}
