@@ -312,7 +312,7 @@ impl PortRange {
 pub fn pick_port(h: u32, i: u32, range: &PortRange) -> u16 {
     let span = range.size().max(1) as u64;
     // 7919 is prime: coprime with every span that is not a multiple of it.
-    let step = if span % 7919 == 0 { 1 } else { 7919 % span };
+    let step = if span.is_multiple_of(7919) { 1 } else { 7919 % span };
     let offset = (h as u64 % span + i as u64 * step) % span;
     range.nth(offset as u32)
 }

@@ -657,7 +657,7 @@ mod tests {
         for port in 20_000u16..21_024 {
             let [a, b] = port.to_be_bytes();
             let first = flow_cache_bucket(src, dst, word([a, b, 0x0c, 0xea]), 17);
-            assert!(first % 2 == 0 && first + 1 < FLOW_CACHE_SLOTS);
+            assert!(first.is_multiple_of(2) && first + 1 < FLOW_CACHE_SLOTS);
             per_bucket[first as usize / 2] += 1;
         }
         // A random function leaves 2048 * P(Poisson(1/2) > 2) = 29 buckets with a third

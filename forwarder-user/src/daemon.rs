@@ -97,7 +97,11 @@ impl ConfigStamp {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::from_file_for_node(&opts.config_path, opts.node_name.as_deref())?;
+    refuse_private_mounts(&opts)?;
     let _lock = PinLock::acquire(&opts.pin_path)?;
+    status::write_starting(&opts)?;
+    // Whichever way run ends, the status file goes (the pins may stay).
+    let _status_file = status::RemovedOnDrop(opts.pin_path.clone());
     loader::warn_if_forwarding_disabled();
     let mut load = LoadOptions::from_config(&cfg);
     if opts.bpf_debug {
@@ -150,6 +154,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int, mut hup) =
         (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
+    crate::notify::ready(&running_status(&cfg));
     let mut logger = logger;
     let mut peer_tick = tokio::time::interval(PEER_WATCH);
     let mut config_tick = tokio::time::interval(CONFIG_WATCH);
@@ -186,6 +191,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             config_stamp = ConfigStamp::of(&opts.config_path);
             config_text = std::fs::read(&opts.config_path).unwrap_or_default();
             counters.reloads.fetch_add(1, Ordering::Relaxed);
+            crate::notify::reloading();
             match reload(&mut inst, &current, &opts) {
                 Ok(new) => {
                     *applied_conntrack.lock().unwrap_or_else(|e| e.into_inner()) = new.conntrack.clone();
@@ -197,15 +203,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     error!("reload refused, the running state is unchanged: {e:#}");
                 }
             }
+            crate::notify::ready(&running_status(&current));
         }
     }
+    crate::notify::stopping();
     stop_threads.store(true, Ordering::SeqCst);
     let _ = gc.join();
     if let Some(h) = route_watch {
         let _ = h.join();
     }
     drop(logger);
-    status::remove(&opts.pin_path);
     match opts.on_exit {
         OnExit::Detach => {
             info!("stopping: detaching and removing pins");
@@ -214,6 +221,31 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         OnExit::Keep => info!("stopping: programs stay attached and state stays pinned for the next instance"),
     }
     Ok(())
+}
+
+/// Under `ip netns exec` (a private mount namespace with /sys remounted) the host's bpffs
+/// and cgroup2 are hidden: pins would go into a bpffs that vanishes with this process and
+/// local forwards would have no cgroup. Said before anything is mounted or pinned.
+fn refuse_private_mounts(opts: &RunOptions) -> anyhow::Result<()> {
+    let hidden = system::hidden_host_mounts();
+    let pins_hidden = hidden.iter().any(|(t, _)| *t == "bpf") && loader::check_bpffs(&opts.pin_path).is_err();
+    let cgroup_hidden = hidden.iter().any(|(t, _)| *t == "cgroup2") && opts.cgroup.is_none();
+    if !pins_hidden && !cgroup_hidden {
+        return Ok(());
+    }
+    let what: Vec<String> = hidden.iter().map(|(t, dir)| format!("{t} at {dir}")).collect();
+    anyhow::bail!(
+        "this process runs in a private mount namespace where the host's {} are not visible \
+         (`ip netns exec` remounts /sys): pins would vanish with the process. Enter the network \
+         namespace without a new mount namespace instead: `nsenter --net=/run/netns/NAME forwarder run ...`; \
+         or give --pin-path on a bpffs and --cgroup DIR (a cgroup v2 directory) visible here. Nothing was pinned.",
+        what.join(" and ")
+    )
+}
+
+/// The service manager's one-line status of a running instance.
+fn running_status(cfg: &Config) -> String {
+    format!("forwarding: {} forwards, {} peers", cfg.forwards.len(), cfg.peers.len())
 }
 
 /// Makes the kernel state match `cfg`: settings, forwards (a diff: unchanged forwards keep

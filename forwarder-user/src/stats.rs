@@ -54,6 +54,9 @@ pub struct PeerCounters {
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The daemon of this pin path: "starting" (programs not attached yet), "running",
+    /// "not running" (state left pinned) or "unknown" (no status file).
+    pub daemon: &'static str,
     pub forwards: Vec<ForwardCounters>,
     pub peers: Vec<PeerCounters>,
     pub reasons: Vec<ReasonCounter>,
@@ -155,12 +158,15 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             packets: sum_reason(&reasons, *r as u32),
         })
         .collect();
-    Ok(Snapshot { forwards, peers, reasons })
+    Ok(Snapshot { daemon: crate::status::daemon_state(pin_dir), forwards, peers, reasons })
 }
 
 /// The human table of `forwarder stats`.
 pub fn render_table(s: &Snapshot) -> String {
     let mut out = String::new();
+    if s.daemon == "starting" {
+        let _ = writeln!(out, "daemon starting: programs not attached yet, nothing is forwarded");
+    }
     let _ = writeln!(
         out,
         "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}",

@@ -15,6 +15,10 @@ use crate::{
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonStatus {
+    /// "starting" from the moment the daemon holds its pin path until every program is
+    /// attached and the config applied, then "running" (files of older versions: running).
+    #[serde(default = "running")]
+    pub state: String,
     pub pid: u32,
     pub config: String,
     pub pin_path: String,
@@ -59,8 +63,47 @@ pub fn path_for(pin: &Path) -> PathBuf {
     PathBuf::from("/run/forwarder").join(format!("{name}.json"))
 }
 
+fn running() -> String {
+    "running".to_string()
+}
+
+/// What `stats` and `status` say about the daemon of a pin path.
+pub fn daemon_state(pin: &Path) -> &'static str {
+    let Some(d) = std::fs::read(path_for(pin)).ok().and_then(|b| serde_json::from_slice::<DaemonStatus>(&b).ok())
+    else {
+        return "unknown";
+    };
+    if !Path::new(&format!("/proc/{}", d.pid)).exists() {
+        "not running"
+    } else if d.state == "starting" {
+        "starting"
+    } else {
+        "running"
+    }
+}
+
+/// The status of a daemon that holds its pin path but has not attached or applied
+/// anything yet.
+pub fn write_starting(opts: &RunOptions) -> Result<()> {
+    store(
+        &opts.pin_path,
+        &DaemonStatus {
+            state: "starting".to_string(),
+            pid: std::process::id(),
+            config: opts.config_path.display().to_string(),
+            pin_path: opts.pin_path.display().to_string(),
+            interfaces: Vec::new(),
+            egress_interfaces: Vec::new(),
+            local_cgroup: None,
+            programs: Vec::new(),
+            adopted: false,
+        },
+    )
+}
+
 pub fn write(opts: &RunOptions, inst: &Instance, _cfg: &Config) -> Result<()> {
     let s = DaemonStatus {
+        state: running(),
         pid: std::process::id(),
         config: opts.config_path.display().to_string(),
         pin_path: opts.pin_path.display().to_string(),
@@ -70,10 +113,14 @@ pub fn write(opts: &RunOptions, inst: &Instance, _cfg: &Config) -> Result<()> {
         programs: inst.program_ids(),
         adopted: inst.adopted,
     };
-    let path = path_for(&opts.pin_path);
+    store(&opts.pin_path, &s)
+}
+
+fn store(pin: &Path, s: &DaemonStatus) -> Result<()> {
+    let path = path_for(pin);
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&s).expect("serialisable"))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("serialisable"))?;
     std::fs::rename(tmp, path)?;
     Ok(())
 }
@@ -89,6 +136,15 @@ fn info(a: &Attached) -> AttachedInfo {
 
 pub fn remove(pin: &Path) {
     let _ = std::fs::remove_file(path_for(pin));
+}
+
+/// Removes a pin path's status file when dropped.
+pub struct RemovedOnDrop(pub PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        remove(&self.0);
+    }
 }
 
 pub fn read(pin: &Path) -> Result<Status> {
@@ -136,7 +192,11 @@ pub fn render(s: &Status) -> String {
                 out,
                 "daemon: pid {} ({}), config {}, pin path {}{}",
                 d.pid,
-                if s.daemon_running { "running" } else { "not running: state left pinned" },
+                match (s.daemon_running, d.state.as_str()) {
+                    (false, _) => "not running: state left pinned",
+                    (true, "starting") => "starting: programs not attached yet",
+                    _ => "running",
+                },
                 d.config,
                 d.pin_path,
                 if d.adopted { ", adopted earlier state" } else { "" }

@@ -72,6 +72,39 @@ pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
     })
 }
 
+/// Filesystems forwarder needs (bpffs for pins, cgroup2 for local forwards) that the host
+/// has mounted but this process cannot see: its mount namespace is not PID 1's and lacks
+/// them, as under `ip netns exec`, which remounts /sys privately. Returns (fstype, host
+/// mount point) pairs; empty when nothing is hidden (or in a container, whose PID 1 shares
+/// its mount namespace).
+pub fn hidden_host_mounts() -> Vec<(&'static str, String)> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    if ns("self") == ns("1") {
+        return Vec::new();
+    }
+    let of = |pid: &str, fstype: &str| -> Vec<String> {
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap_or_default();
+        mounts
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, dir, t) = (f.next()?, f.next()?, f.next()?);
+                (t == fstype).then(|| dir.to_string())
+            })
+            .collect()
+    };
+    let mut hidden = Vec::new();
+    for fstype in ["bpf", "cgroup2"] {
+        let ours = of("self", fstype);
+        if ours.is_empty() {
+            if let Some(host) = of("1", fstype).into_iter().next() {
+                hidden.push((fstype, host));
+            }
+        }
+    }
+    hidden
+}
+
 /// This namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 shares):
 /// the ports the kernel picks for the host's own outgoing connections.
 pub fn local_port_range() -> Result<(u16, u16)> {

@@ -2,6 +2,7 @@
 
 use std::{
     io::Write as _,
+    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -37,6 +38,8 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Set by [`Daemon::start_exact`]: the whole command line instead of the usual one.
     exact: Option<ExactCommand>,
+    /// Set by [`Daemon::start_notified`]: the sd_notify socket; readiness is its READY=1.
+    notify_socket: Option<PathBuf>,
 }
 
 struct ExactCommand {
@@ -82,9 +85,47 @@ impl Daemon {
             ns_path: ns.path(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             exact: None,
+            notify_socket: None,
         };
         d.launch()?;
         Ok(d)
+    }
+
+    /// [`Daemon::start`] under a service manager's readiness protocol: `NOTIFY_SOCKET` names
+    /// a datagram socket of the test's, and this returns as soon as `READY=1` arrives there
+    /// (not when the status file appears), with the socket for the messages that follow.
+    pub fn start_notified(ns: &Netns, tag: &str, config: &str) -> Result<(Self, UnixDatagram)> {
+        let dir = Self::scratch_dir(tag)?;
+        let socket_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&socket_path);
+        let socket = UnixDatagram::bind(&socket_path)?;
+        socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut d = Self {
+            child: None,
+            cgroup: crate::Cgroup::new(tag)?,
+            pin_path: PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}")),
+            config_path: dir.join("forwarder.toml"),
+            log_path: dir.join("forwarder.log"),
+            dir,
+            ns_path: ns.path(),
+            extra: Vec::new(),
+            exact: None,
+            notify_socket: Some(socket_path),
+        };
+        std::fs::write(&d.config_path, config)?;
+        d.launch()?;
+        let ready = Self::next_notification(&socket).with_context(|| d.log())?;
+        if !ready.lines().any(|l| l == "READY=1") {
+            bail!("first notification is not READY=1: {ready:?}\n{}", d.log());
+        }
+        Ok((d, socket))
+    }
+
+    /// The next sd_notify message on `socket` (waits up to its read timeout).
+    pub fn next_notification(socket: &UnixDatagram) -> Result<String> {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).context("no sd_notify message")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
     /// The per-test scratch directory (created; removed when the daemon is dropped).
@@ -108,6 +149,7 @@ impl Daemon {
             ns_path: ns.path(),
             extra: Vec::new(),
             exact: Some(ExactCommand { argv: launch.argv, env: launch.env }),
+            notify_socket: None,
         };
         d.launch()?;
         Ok(d)
@@ -142,8 +184,15 @@ impl Daemon {
                 .args(&self.extra)
                 .stdout(Stdio::null());
         }
+        if let Some(socket) = &self.notify_socket {
+            cmd.env("NOTIFY_SOCKET", socket);
+        }
         let child = cmd.stderr(log).spawn()?;
         self.child = Some(child);
+        if self.notify_socket.is_some() {
+            // The caller waits for READY=1 instead.
+            return Ok(());
+        }
         let status_file = forwarder::status::path_for(&self.pin_path);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -151,7 +200,7 @@ impl Daemon {
             let written = std::fs::read(&status_file)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .map(|v| v["pid"].as_u64() == Some(pid as u64))
+                .map(|v| v["pid"].as_u64() == Some(pid as u64) && v["state"] != "starting")
                 .unwrap_or(false);
             if written {
                 return Ok(());

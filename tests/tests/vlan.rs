@@ -45,10 +45,11 @@ fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], vlan: Option<u16>, payload: &[u8]) 
     let (src, dst) = (ipv4(CLIENT_ADDR), ipv4(ROUTER_CLIENT_ADDR));
     let mut out = Vec::new();
     match vlan {
-        Some(id) => eth.single_vlan(id.try_into().unwrap()).ipv4(src, dst, 64).udp(CLIENT_PORT, LISTEN_PORT).write(
-            &mut out,
-            payload,
-        ),
+        Some(id) => eth
+            .single_vlan(id.try_into().unwrap())
+            .ipv4(src, dst, 64)
+            .udp(CLIENT_PORT, LISTEN_PORT)
+            .write(&mut out, payload),
         None => eth.ipv4(src, dst, 64).udp(CLIENT_PORT, LISTEN_PORT).write(&mut out, payload),
     }
     .unwrap();

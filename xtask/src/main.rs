@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask demo` (the README's main job) and `cargo xtask bench`.
+//! Project tasks: `cargo xtask demo` (the README's main job), `cargo xtask bench` and
+//! `cargo xtask deb`.
 
 mod bench;
 mod demo;
@@ -40,11 +41,36 @@ enum Task {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Build the Debian package (binary, systemd units, conffile, man pages, completions)
+    /// into target/debian/forwarder_VERSION_ARCH.deb.
+    Deb {
+        /// Package this binary instead of a fresh release build.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+        /// Output directory (default: target/debian).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo { connections } => demo::run(connections),
+        Task::Deb { binary, out } => {
+            let binary = match binary {
+                Some(b) => b,
+                None => {
+                    let status = std::process::Command::new(env!("CARGO"))
+                        .args(["build", "--quiet", "--release", "--package", "forwarder-user"])
+                        .status()?;
+                    anyhow::ensure!(status.success(), "building forwarder (release) failed");
+                    target_dir().join("release/forwarder")
+                }
+            };
+            let deb = forwarder_tests::deb::build(&binary, &out.unwrap_or_else(|| target_dir().join("debian")))?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Bench { quick, reps, contenders, no_scaling, out } => {
             let plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
             build_forwarder()?;
