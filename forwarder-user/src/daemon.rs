@@ -123,6 +123,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         return Err(e);
     }
+    // Before the status file says the daemon is up: a SIGTERM right after must find the
+    // handlers, not end the process by the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) =
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let counters = Arc::new(DaemonCounters::default());
     counters.ready.store(true, Ordering::SeqCst);
     status::write(&opts, &inst, &cfg)?;
@@ -147,9 +152,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::spawn(crate::metrics::serve(listener, opts.pin_path.clone(), counters.clone()));
     }
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) =
-        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let mut logger = logger;
     let mut peer_tick = tokio::time::interval(PEER_WATCH);
     let mut config_tick = tokio::time::interval(CONFIG_WATCH);
