@@ -676,37 +676,15 @@ fn forwarder_tc_only_backends_on_the_router() {
 fn a_fixed_snat_address_is_refused_for_a_backend_on_the_host() {
     let chain = Chain::new().unwrap();
     let d = Daemon::start(&chain.router, &chain.tag, &config("off")).unwrap();
-    let err = d
-        .cli(&[
-            "forward",
-            "add",
-            "--name",
-            "fixed",
-            "--protocol",
-            "tcp",
-            "--listen",
-            "0.0.0.0:3400",
-            "--backend",
-            "192.0.2.1:3197",
-            "--snat",
-            "198.51.100.7",
-        ])
-        .unwrap_err()
-        .to_string();
+    let add = |name: &str, extra: &[&str]| {
+        let mut args = vec!["forward", "add", "--name", name, "--protocol", "tcp", "--listen", "0.0.0.0:3400"];
+        args.extend_from_slice(&["--backend", "192.0.2.1:3197"]);
+        args.extend_from_slice(extra);
+        d.cli(&args)
+    };
+    let err = add("fixed", &["--snat", "198.51.100.7"]).unwrap_err().to_string();
     assert!(err.contains("is on this host"), "{err}");
-    let list = d.cli(&["forward", "list"]).unwrap();
-    assert!(!list.contains("fixed"), "{list}");
-    d.cli(&[
-        "forward",
-        "add",
-        "--name",
-        "auto",
-        "--protocol",
-        "tcp",
-        "--listen",
-        "0.0.0.0:3400",
-        "--backend",
-        "192.0.2.1:3197",
-    ])
-    .unwrap();
+    assert!(!d.cli(&["forward", "list"]).unwrap().contains("fixed"));
+    add("auto", &[]).unwrap();
+    assert!(d.cli(&["forward", "list"]).unwrap().contains("auto"));
 }
