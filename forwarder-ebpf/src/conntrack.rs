@@ -10,9 +10,9 @@ use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FwdKey,
     FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_OFF,
     conntrack::{
-        CT_ASSURED, CT_HOST_BACKEND, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK, TCP_ESTABLISHED,
-        TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port, rst_acceptable,
-        segment_end, seq_after, tcp_step,
+        CT_ASSURED, CT_HOST_BACKEND, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
+        TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port,
+        rst_acceptable, segment_end, seq_after, tcp_step,
     },
     csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
     next_hop_current,
@@ -101,17 +101,21 @@ pub fn flow_key(flow: &Flow) -> CtKey {
     ct_key_v4(word(&flow.src), word(&flow.dst), ports, flow.proto)
 }
 
-/// The entry at `key`, its last-seen time refreshed.
+/// The entry at `key`.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<&'static mut CtValue> {
     // SAFETY: map value pointer from a successful lookup.
-    let entry = unsafe { &mut *FWD_CT.get_ptr_mut(key)? };
+    Some(unsafe { &mut *FWD_CT.get_ptr_mut(key)? })
+}
+
+/// Refreshes the entry's last-seen time: a packet of its direction is being handled.
+#[inline(always)]
+pub fn touch(entry: &mut CtValue) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         entry.last_seen_ns = now;
     }
-    Some(entry)
 }
 
 /// Tracked flow, new flow of a forward, or no match. `untracked`: the caller has already
@@ -121,6 +125,7 @@ pub fn lookup(key: &CtKey) -> Option<&'static mut CtValue> {
 pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
     let key = flow_key(flow);
     if let Some(entry) = if untracked { None } else { lookup(&key) } {
+        touch(entry);
         return Ok(Plan::Tracked { entry });
     }
     let fkey =

@@ -106,9 +106,8 @@ pub fn deliver(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
 fn try_deliver(ctx: &TcContext) -> Outcome {
     let w = crate::maps::work()?;
     // SAFETY: fields of this CPU's work area, written by `note` this run.
-    let (forward_id, listener) = unsafe {
-        (core::ptr::read_volatile(&w.host.forward_id), core::ptr::read_volatile(&w.host.listener) != 0)
-    };
+    let (forward_id, listener) =
+        unsafe { (core::ptr::read_volatile(&w.host.forward_id), core::ptr::read_volatile(&w.host.listener) != 0) };
     let (flow, new) = (&w.flow, &w.new);
     nat::rewrite_tc(ctx, flow, new, false)?;
     if listener {
@@ -147,6 +146,7 @@ fn reply(ctx: &TcContext) -> Outcome {
     if entry.flags & CT_HOST_BACKEND == 0 || entry.direction != CT_DIR_REPLY {
         return Err(Reason::NoRule);
     }
+    conntrack::touch(entry);
     conntrack::track(entry, &w.flow)?;
     w.new = Tuple {
         src: entry.new_src_addr,

@@ -314,12 +314,8 @@ fn warn_about_host_backends(cfg: &Config, local_addrs: &[std::net::IpAddr]) {
                 "UDP to IPv6 loopback cannot be reached from interfaces (a packet may not carry ::1 into the \
                  stack): the forward serves local programs only");
         } else if f.protocol == Protocol::Udp && f.backend.is_ipv4() && f.backend.ip().is_loopback() {
-            let off: Vec<&str> = cfg
-                .interfaces
-                .iter()
-                .map(|i| i.name.as_str())
-                .filter(|i| !system::route_localnet(i))
-                .collect();
+            let off: Vec<&str> =
+                cfg.interfaces.iter().map(|i| i.name.as_str()).filter(|i| !system::route_localnet(i)).collect();
             if !off.is_empty() {
                 warn!(forward = %f.name, backend = %f.backend, interfaces = off.join(", "),
                     "UDP to a loopback backend needs net.ipv4.conf.<interface>.route_localnet = 1 on the \
