@@ -40,6 +40,10 @@ pub const UDP_REPLIED: u8 = 1;
 pub const CT_ASSURED: u8 = 1 << 0;
 /// [`crate::CtValue::flags`]: `seq_end` holds this direction's sequence (TCP).
 pub const CT_SEQ_KNOWN: u8 = 1 << 1;
+/// [`crate::CtValue::flags`]: the connection's backend is on this host (both entries, for
+/// the connection's life): the client's packets are handed to the local stack by TC
+/// ingress, and the backend's replies are rewritten by TC egress as they leave.
+pub const CT_HOST_BACKEND: u8 = 1 << 2;
 
 /// Names of the TCP states, as conntrack-tools prints them.
 pub const TCP_STATE_NAMES: [&str; TCP_STATES] = [

@@ -114,6 +114,11 @@ pub const SNAT_FIXED: u8 = 2;
 pub const FWD_FLAG_INGRESS: u32 = 1 << 0;
 /// Forward applies to connections made by programs on this host (cgroup hooks).
 pub const FWD_FLAG_LOCAL: u32 = 1 << 1;
+/// The backend is on this host (a loopback address, or an address of the namespace when
+/// the forward was applied): interface traffic is delivered to the local stack instead of
+/// routed, without SNAT, and the replies are rewritten at TC egress (docs/architecture.md,
+/// "Backends on this host").
+pub const FWD_FLAG_HOST_BACKEND: u32 = 1 << 2;
 
 /// What a matching packet is rewritten to.
 #[repr(C)]
@@ -454,6 +459,29 @@ impl GlobalConfig {
 
 /// At least one peer is configured: the fast path looks destinations up in `FWD_PEERS`.
 pub const GLOBAL_HAS_PEERS: u32 = 1 << 0;
+// Bit 1 is userspace's (`state::GLOBAL_FLUSH_ON_REMOVE`).
+/// A forward has its backend on this host, or connections to one are still tracked: the
+/// TC egress program looks leaving packets up in the connection table to rewrite the
+/// backend's replies. Without it, host traffic leaving an interface costs nothing more.
+pub const GLOBAL_HAS_HOST_BACKENDS: u32 = 1 << 2;
+
+/// A loopback address (IPv4 127.0.0.0/8 in the first four bytes, or IPv6 `::1`) of
+/// `family` ([`FAMILY_V4`] or [`FAMILY_V6`]): a destination no packet from an interface
+/// may carry into the stack (martian), so a backend there is reached through its socket.
+#[inline(always)]
+pub const fn is_loopback(family: u8, a: &[u8; 16]) -> bool {
+    if family == FAMILY_V4 {
+        return a[0] == 127;
+    }
+    let mut i = 0;
+    while i < 15 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    a[15] == 1
+}
 
 /// What a local program dialled, kept for getpeername and for UDP replies.
 #[repr(C)]
@@ -702,6 +730,23 @@ mod tests {
         let doc = core::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0xffff, 0x7f00, 1).octets();
         assert_eq!(v4_of_mapped(&doc), None);
         assert_eq!(v4_of_mapped(&[0; 16]), None);
+    }
+
+    #[test]
+    fn loopback_addresses_are_told_per_family() {
+        let v4 = |b: [u8; 4]| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&b);
+            a
+        };
+        assert!(is_loopback(FAMILY_V4, &v4([127, 0, 0, 1])));
+        assert!(is_loopback(FAMILY_V4, &v4([127, 1, 2, 3])), "all of 127/8");
+        assert!(!is_loopback(FAMILY_V4, &v4([192, 0, 2, 1])));
+        assert!(is_loopback(FAMILY_V6, &core::net::Ipv6Addr::LOCALHOST.octets()));
+        assert!(!is_loopback(FAMILY_V6, &core::net::Ipv6Addr::UNSPECIFIED.octets()));
+        let doc = core::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).octets();
+        assert!(!is_loopback(FAMILY_V6, &doc));
+        assert!(!is_loopback(FAMILY_V6, &v4([127, 0, 0, 1])), "an IPv6 address starting 7f00::");
     }
 
     #[test]

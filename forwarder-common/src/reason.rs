@@ -77,10 +77,16 @@ pub enum Reason {
     /// unconnected socket was in a live exchange with the same backend through another
     /// listen address, and the answers of the two could not be told apart.
     LocalUdpAmbiguous = 31,
+    /// Rewritten for a backend on this host (TC ingress: destination only, no SNAT) and
+    /// handed to the local stack, which delivers it to the backend's socket.
+    ToHostBackend = 32,
+    /// A reply of a backend on this host, rewritten at TC egress as it leaves (source back
+    /// to the listen address and port the client dialled).
+    FromHostBackend = 33,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 30] = [
+pub const ALL_REASONS: [Reason; 32] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -111,6 +117,8 @@ pub const ALL_REASONS: [Reason; 30] = [
     Reason::EarlyDrop,
     Reason::HostSocket,
     Reason::LocalUdpAmbiguous,
+    Reason::ToHostBackend,
+    Reason::FromHostBackend,
 ];
 
 impl Reason {
@@ -147,6 +155,8 @@ impl Reason {
             29 => Some(Reason::EarlyDrop),
             30 => Some(Reason::HostSocket),
             31 => Some(Reason::LocalUdpAmbiguous),
+            32 => Some(Reason::ToHostBackend),
+            33 => Some(Reason::FromHostBackend),
             _ => None,
         }
     }
@@ -184,6 +194,8 @@ impl Reason {
             Reason::EarlyDrop => "early_drop",
             Reason::HostSocket => "host_socket",
             Reason::LocalUdpAmbiguous => "local_udp_ambiguous",
+            Reason::ToHostBackend => "to_host_backend",
+            Reason::FromHostBackend => "from_host_backend",
         }
     }
 
@@ -217,6 +229,8 @@ impl Reason {
                 | Reason::FibNoNeigh
                 | Reason::TtlToStack
                 | Reason::FibFragNeeded
+                | Reason::ToHostBackend
+                | Reason::FromHostBackend
         )
     }
 

@@ -7,12 +7,12 @@ use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_loop},
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_INGRESS, FwdKey, FwdValue, GlobalConfig,
-    PROTO_TCP, Reason, SNAT_OFF,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FwdKey,
+    FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_OFF,
     conntrack::{
-        CT_ASSURED, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK, TCP_ESTABLISHED,
-        TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port, rst_acceptable,
-        segment_end, seq_after, tcp_step,
+        CT_ASSURED, CT_HOST_BACKEND, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
+        TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port,
+        rst_acceptable, segment_end, seq_after, tcp_step,
     },
     csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
     next_hop_current,
@@ -101,19 +101,31 @@ pub fn flow_key(flow: &Flow) -> CtKey {
     ct_key_v4(word(&flow.src), word(&flow.dst), ports, flow.proto)
 }
 
+/// The entry at `key`.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<&'static mut CtValue> {
+    // SAFETY: map value pointer from a successful lookup.
+    Some(unsafe { &mut *FWD_CT.get_ptr_mut(key)? })
+}
+
+/// Refreshes the entry's last-seen time: a packet of its direction is being handled.
+#[inline(always)]
+pub fn touch(entry: &mut CtValue) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
+    }
+}
+
 /// Tracked flow, new flow of a forward, or no match. `untracked`: the caller has already
 /// looked the flow up in the connection table and found nothing. A tracked connection's
 /// state is not touched here (see [`track`]).
 #[inline(always)]
 pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
     let key = flow_key(flow);
-    if let Some(entry) = if untracked { None } else { FWD_CT.get_ptr_mut(&key) } {
-        // SAFETY: map value pointer from a successful lookup.
-        let entry = unsafe { &mut *entry };
-        let now = unsafe { bpf_ktime_get_ns() };
-        if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-            entry.last_seen_ns = now;
-        }
+    if let Some(entry) = if untracked { None } else { lookup(&key) } {
+        touch(entry);
         return Ok(Plan::Tracked { entry });
     }
     let fkey =
@@ -190,10 +202,10 @@ pub fn record_seq(entry: &mut CtValue, flow: &Flow) {
 }
 
 /// Writes a connection's state and flags into this entry and its other direction's.
-/// `reopen` forgets both directions' sequences.
+/// `reopen` forgets both directions' sequences; a backend on this host stays one.
 #[inline(always)]
 fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, reopen: bool) {
-    let keep = if reopen { 0 } else { CT_SEQ_KNOWN };
+    let keep = CT_HOST_BACKEND | if reopen { 0 } else { CT_SEQ_KNOWN };
     entry.state = state;
     entry.flags = flags | (entry.flags & keep);
     let Some(scratch) = FWD_SCRATCH.get_ptr_mut(0) else { return };
@@ -274,7 +286,9 @@ fn early_drop(key: &CtKey, other: &mut CtKey) {
 }
 
 /// Records a new flow in both directions and returns the tuple its packets are rewritten
-/// to. `snat_src` is the source address for SNAT (ignored when the forward has SNAT off).
+/// to. `snat_src` is the source address for SNAT (ignored when the forward has SNAT off,
+/// or its backend is on this host: the backend sees the client, and the destination is
+/// `host::delivery_addr`).
 /// Keys and values are built in a per-CPU scratch slot: the stack (512 bytes) is too small
 /// for them next to the FIB parameters.
 ///
@@ -300,7 +314,8 @@ pub fn commit_new<C: EbpfContext>(
     let scratch = FWD_SCRATCH.get_ptr_mut(0).ok_or(Reason::ConntrackFull)?;
     // SAFETY: per-CPU slot, used by this program run only.
     let CtScratch { key, value, other } = unsafe { &mut *scratch };
-    let backend = fwd.backend_addr;
+    let host = fwd.flags & FWD_FLAG_HOST_BACKEND != 0;
+    let backend = if host { crate::host::delivery_addr(fwd, flow) } else { fwd.backend_addr };
     let bport = fwd.backend_port_be.to_ne_bytes();
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -322,11 +337,11 @@ pub fn commit_new<C: EbpfContext>(
         nh_gen: 0,
         nh_jiffies: 0,
         seq_end: 0,
-        flags: 0,
+        flags: if host { CT_HOST_BACKEND } else { 0 },
         _pad: [0; 3],
     };
 
-    if fwd.snat_mode == SNAT_OFF {
+    if fwd.snat_mode == SNAT_OFF || host {
         *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
         match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
             Ok(()) => {}
@@ -365,7 +380,7 @@ pub fn commit_new<C: EbpfContext>(
     value.new_dst_port_be = u16::from_ne_bytes(new.dport);
     if flow.proto == PROTO_TCP {
         value.seq_end = segment_end(flow.tcp_seq, flow.tcp_payload as u32, flow.tcp_flags);
-        value.flags = CT_SEQ_KNOWN;
+        value.flags |= CT_SEQ_KNOWN;
     }
     *other = flow_key(flow);
     match FWD_CT.insert(&*other, &*value, BPF_NOEXIST as u64) {

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use forwarder_common::{FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason, csum::update};
+use forwarder_common::{FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason, conntrack::CT_HOST_BACKEND, csum::update};
 
 use crate::{
     conntrack::{Tuple, ct_key},
@@ -24,10 +24,12 @@ use crate::{
 
 /// Translates an ICMP error whose quoted packet belongs to a tracked connection. Out of
 /// line, called beside (not below) the TCP/UDP path: both have many locals and the
-/// verifier limits the stack of a call chain to 512 bytes.
+/// verifier limits the stack of a call chain to 512 bytes. `egress`: an error the host
+/// itself sends about a packet of a backend on this host (TC egress: only such
+/// connections', rewritten and left on their way, not routed).
 #[inline(never)]
-pub fn translate(skb: *mut __sk_buff) -> u64 {
-    crate::verdict::pack(try_translate(&TcContext::new(skb)))
+pub fn translate(skb: *mut __sk_buff, egress: bool) -> u64 {
+    crate::verdict::pack(try_translate(&TcContext::new(skb), egress))
 }
 
 #[inline(always)]
@@ -75,7 +77,7 @@ fn sum2(b: [u8; 2]) -> u32 {
 }
 
 #[inline(always)]
-fn try_translate(ctx: &TcContext) -> Outcome {
+fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
     let w = crate::maps::work()?;
     let (family, osrc, odst, proto, ttl, tos, l3_len, icmp_off) = parse_l3(ctx).map_err(|_| Reason::IcmpError)?;
     let a = &mut w.icmp;
@@ -113,6 +115,9 @@ fn try_translate(ctx: &TcContext) -> Outcome {
     let Some(entry) = (unsafe { FWD_CT.get(&key) }) else {
         return Err(Reason::IcmpError);
     };
+    if egress && entry.flags & CT_HOST_BACKEND == 0 {
+        return Err(Reason::IcmpError);
+    }
     a.new_isrc = entry.new_dst_addr;
     a.new_idst = entry.new_src_addr;
     let new_isport = entry.new_dst_port_be.to_ne_bytes();
@@ -151,6 +156,10 @@ fn try_translate(ctx: &TcContext) -> Outcome {
     replace_addr(ctx, osrc_off, v6, &a.osrc, &a.new_osrc, outer_l4, !v6)?;
     // The error goes to the quoted packet's original sender.
     replace_addr(ctx, odst_off, v6, &a.odst, &a.new_isrc, outer_l4, !v6)?;
+    if egress {
+        // Already leaving by the route to that sender.
+        return Ok((TC_ACT_OK, Reason::IcmpTranslated));
+    }
 
     // On towards the original sender.
     w.flow = Flow {

@@ -6,6 +6,7 @@ pub mod conntrack;
 mod csum;
 mod ctx;
 mod fastpath;
+mod host;
 mod icmp;
 mod l2;
 mod local;
@@ -26,7 +27,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use forwarder_common::{GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP};
+use forwarder_common::{
+    GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FIXED, XDP_META_SKIP,
+};
 
 use crate::{
     conntrack::{Plan, Tuple},
@@ -61,7 +64,7 @@ fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (u32, bool) {
 /// (conntrack::track), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
 /// Called once per packet, by the program that goes on to forward it.
 #[inline(always)]
-fn commit<C: EbpfContext>(
+pub(crate) fn commit<C: EbpfContext>(
     ctx: &C,
     plan: &mut Plan,
     flow: &Flow,
@@ -138,8 +141,13 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32) -> u32 {
 }
 
 #[inline(always)]
+fn global_flags() -> u32 {
+    FWD_GLOBAL.get(0).map(|g| g.flags).unwrap_or(0)
+}
+
+#[inline(always)]
 fn peers_enabled() -> bool {
-    FWD_GLOBAL.get(0).map(|g| g.flags & GLOBAL_HAS_PEERS != 0).unwrap_or(false)
+    global_flags() & GLOBAL_HAS_PEERS != 0
 }
 
 #[inline(always)]
@@ -161,7 +169,8 @@ fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     let w = maps::work()?;
     parse::parse_flow(ctx, &mut w.flow)?;
     let mut plan = conntrack::classify(&w.flow, untracked)?;
-    if csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
+    // A backend on this host: TC hands the packet to the stack (see host.rs).
+    if host::is_host(&plan) || csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
         return Err(Reason::XdpToTc);
     }
     let ingress = ctx.ingress_ifindex() as u32;
@@ -193,12 +202,16 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     }
     let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb));
     if outcome == Err(Reason::IcmpError) {
-        outcome = verdict::unpack(icmp::translate(ctx.skb.skb));
+        outcome = verdict::unpack(icmp::translate(ctx.skb.skb, false));
+    } else if outcome == Err(Reason::ToHostBackend) {
+        outcome = verdict::unpack(host::deliver(ctx.skb.skb));
     }
     verdict::tc(outcome)
 }
 
-/// The TCP/UDP path in its own frame (see icmp::translate).
+/// The TCP/UDP path in its own frame (see icmp::translate). `Err(IcmpError)`: an ICMP
+/// error for icmp::translate; `Err(ToHostBackend)`: a committed packet for a backend on
+/// this host, for host::deliver (each in a frame of its own beside this one).
 #[inline(never)]
 fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
     verdict::pack(try_tc(&TcContext::new(skb)))
@@ -238,8 +251,23 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
-    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, false, &mut w.params, &mut w.fib);
+    // A backend on this host: no route, the local stack takes the packet (host.rs). The
+    // decision is read again after the commit, never kept in a register across it: a
+    // register the verifier sees as 0 on one path and 1 on the other would make it walk
+    // the commit twice, past its budget.
+    if host::is_host(&plan) {
+        if host::is_reply(&plan) {
+            return Err(Reason::NoRule);
+        }
+        host::note(w, forward_id, host::may_need_listener(&plan, &w.flow));
+    } else {
+        route::lookup(ctx, ingress, &w.flow, &w.to, want_src, false, &mut w.params, &mut w.fib);
+    }
     commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    if host::is_host(&plan) {
+        // Committed: host::deliver, beside this frame, rewrites and hands it over.
+        return Err(Reason::ToHostBackend);
+    }
     let (flow, new, fib) = (&w.flow, &w.new, &w.fib);
     if peers_enabled() {
         let dst = l3_dst(new.dst, flow);
@@ -286,11 +314,26 @@ fn to_peer_or(ctx: &TcContext, reason: Reason) -> verdict::Outcome {
     Err(reason)
 }
 
-/// Host traffic leaving an interface: packets to a peer go straight to it instead of the
-/// gateway the route names.
+/// Host traffic leaving an interface: replies of backends on this host are rewritten
+/// back to the listen address (host.rs); packets to a peer go straight to it instead of
+/// the gateway the route names.
 #[classifier]
 pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
-    if !peers_enabled() || peer::already_delivered(&ctx) {
+    let flags = global_flags();
+    if flags & GLOBAL_HAS_HOST_BACKENDS != 0 {
+        let mut outcome = verdict::unpack(host::reply_out_of_line(ctx.skb.skb));
+        if outcome == Err(Reason::IcmpError) {
+            outcome = verdict::unpack(icmp::translate(ctx.skb.skb, true));
+        }
+        // Anything else is host traffic, not counted (as without host backends).
+        if !matches!(outcome, Err(Reason::NoRule | Reason::IcmpError)) {
+            let action = verdict::tc(outcome);
+            if action != TC_ACT_OK {
+                return action;
+            }
+        }
+    }
+    if flags & GLOBAL_HAS_PEERS == 0 || peer::already_delivered(&ctx) {
         return TC_ACT_OK;
     }
     match parse::parse_l3_dst(&ctx) {

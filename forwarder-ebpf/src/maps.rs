@@ -81,6 +81,8 @@ pub struct Work {
     pub new: crate::conntrack::Tuple,
     pub fib: crate::route::Fib,
     pub icmp: crate::icmp::IcmpWork,
+    /// A packet for a backend on this host, between its commit and its delivery.
+    pub host: crate::host::Pending,
 }
 
 #[map(name = "FWD_WORK")]

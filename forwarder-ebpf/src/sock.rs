@@ -1,10 +1,12 @@
 //! Sockets of the host itself, looked up in the packet's network namespace: a forwarded
-//! flow never takes a tuple a host socket uses, and a datagram that belongs to the host's
-//! own conversation is left to it.
+//! flow never takes a tuple a host socket uses, a datagram that belongs to the host's own
+//! conversation is left to it, and a TCP backend on loopback gets its packets assigned.
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    EbpfContext,
+    bindings::{BPF_TCP_LISTEN, bpf_sock, bpf_sock_tuple},
+    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
 };
 use forwarder_common::{FAMILY_V6, PROTO_TCP};
 
@@ -70,4 +72,48 @@ pub fn host_socket(
     // SAFETY: as above.
     unsafe { bpf_sk_release(sk as *mut _) };
     connected || !connected_only
+}
+
+/// Hands a TCP packet of a connection to a loopback backend to the backend's listener
+/// (TC ingress, `bpf_sk_assign`, as a transparent proxy's socket gets its packets): the
+/// packet, already rewritten to `dst` (the address the client dialled, since a loopback
+/// destination is a martian on an interface) and the backend's port, names an address the
+/// listener on `backend` is not bound to. A socket of the packet's own tuple (a request, a
+/// connection, a time-wait) takes it without help and is left to; so is a packet for which
+/// no listener exists (the stack refuses it as it would).
+#[inline(always)]
+pub fn assign_listener(
+    ctx: &TcContext,
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+    backend: &[u8; 16],
+) {
+    let (mut t, len) = tuple(family, src, dst, sport, dport);
+    // SAFETY: helper calls with a tuple on the stack; a found socket is released below.
+    let own = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) };
+    if !own.is_null() {
+        // SAFETY: a socket the lookup returned, read then released.
+        let listening = unsafe { (*own).state } == BPF_TCP_LISTEN;
+        // SAFETY: as above.
+        unsafe { bpf_sk_release(own as *mut _) };
+        if !listening {
+            return;
+        }
+    }
+    let (mut t, len) = tuple(family, src, backend, sport, dport);
+    // SAFETY: as above; a full socket (the listener), released below.
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a socket the lookup returned; the assignment takes its own reference.
+    unsafe {
+        if (*sk).state == BPF_TCP_LISTEN {
+            bpf_sk_assign(ctx.as_ptr(), sk as *mut _, 0);
+        }
+        bpf_sk_release(sk as *mut _);
+    }
 }

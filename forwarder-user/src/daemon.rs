@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use forwarder_common::GlobalConfig;
+use forwarder_common::{GLOBAL_HAS_HOST_BACKENDS, GlobalConfig};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -97,6 +97,12 @@ impl ConfigStamp {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Config::from_file_for_node(&opts.config_path, opts.node_name.as_deref())?;
+    // First of all: a SIGTERM during set-up (a supervisor that gives up, a test that stops
+    // at once) must find the handlers, not end the process by the default action with
+    // half of the state attached. It is acted on once set-up is done.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) =
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     refuse_private_mounts(&opts)?;
     let _lock = PinLock::acquire(&opts.pin_path)?;
     status::write_starting(&opts)?;
@@ -151,9 +157,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::spawn(crate::metrics::serve(listener, opts.pin_path.clone(), counters.clone()));
     }
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) =
-        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     crate::notify::ready(&running_status(&cfg));
     let mut logger = logger;
     let mut peer_tick = tokio::time::interval(PEER_WATCH);
@@ -178,6 +181,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
             _ = peer_tick.tick() => {
                 if let Err(e) = watch_peers(&mut inst, &current) { warn!("peer watch: {e:#}"); }
+                if let Err(e) = watch_host_backends(&mut inst, &current) { warn!("host backends: {e:#}"); }
                 false
             }
             guard = async { match logger.as_mut() { Some(l) => l.readable_mut().await, None => std::future::pending().await } } => {
@@ -296,18 +300,15 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
             warn!(map = name, have, want, "map size differs from the config: it changes only after `forwarder detach`");
         }
     }
-    state.apply_forwards(&cfg.forwards, &system::local_addresses()?, cfg.conntrack.on_forward_removed)?;
+    let local_addrs = system::local_addresses()?;
+    warn_about_host_backends(cfg, &local_addrs);
+    state.apply_forwards(&cfg.forwards, &local_addrs, cfg.conntrack.on_forward_removed)?;
     state.apply_peers(&cfg.peers)?;
-    for gone in inst.pinned_interfaces() {
-        if !cfg.interfaces.iter().any(|i| i.name == gone) {
-            inst.detach_interface(&gone);
-        }
-    }
-    for iface in &cfg.interfaces {
-        inst.attach(iface)?;
-    }
+    // TC egress: host traffic to peers, and the replies of backends on this host (which
+    // leave by whichever configured interface routes to the client). Attached before the
+    // interfaces' ingress, so no reply of a new connection leaves untranslated.
     let mut egress: Vec<String> = cfg.peers.iter().map(|p| p.interface.clone()).collect();
-    if !cfg.peers.is_empty() {
+    if !cfg.peers.is_empty() || state.global()?.flags & GLOBAL_HAS_HOST_BACKENDS != 0 {
         egress.extend(cfg.interfaces.iter().map(|i| i.name.clone()));
     }
     for name in inst.egress.clone() {
@@ -318,6 +319,14 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
     for name in egress {
         inst.attach_egress(&name)?;
     }
+    for gone in inst.pinned_interfaces() {
+        if !cfg.interfaces.iter().any(|i| i.name == gone) {
+            inst.detach_interface(&gone);
+        }
+    }
+    for iface in &cfg.interfaces {
+        inst.attach(iface)?;
+    }
     match cgroup {
         Some(dir) => inst.attach_local(&dir)?,
         None => inst.detach_local(),
@@ -325,6 +334,29 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
     // Interfaces may have come or gone as XDP egresses: no cached next hop survives.
     state.bump_route_generation()?;
     Ok(())
+}
+
+/// What an operator should know about forwards whose backend is on this host: interface
+/// traffic cannot reach UDP on `::1`, and reaches UDP on IPv4 loopback only where
+/// `route_localnet` lets a loopback destination in (as with iptables DNAT).
+fn warn_about_host_backends(cfg: &Config, local_addrs: &[std::net::IpAddr]) {
+    use crate::config::Protocol;
+    for f in cfg.forwards.iter().filter(|f| crate::maps::backend_on_host(f, local_addrs)) {
+        if crate::maps::unreachable_from_interfaces(f) {
+            warn!(forward = %f.name, backend = %f.backend,
+                "UDP to IPv6 loopback cannot be reached from interfaces (a packet may not carry ::1 into the \
+                 stack): the forward serves local programs only");
+        } else if f.protocol == Protocol::Udp && f.backend.is_ipv4() && f.backend.ip().is_loopback() {
+            let off: Vec<&str> =
+                cfg.interfaces.iter().map(|i| i.name.as_str()).filter(|i| !system::route_localnet(i)).collect();
+            if !off.is_empty() {
+                warn!(forward = %f.name, backend = %f.backend, interfaces = off.join(", "),
+                    "UDP to a loopback backend needs net.ipv4.conf.<interface>.route_localnet = 1 on the \
+                     interfaces its clients come by (as iptables DNAT does): without it the kernel drops the \
+                     datagrams as martians; bind the backend to the host's address instead");
+            }
+        }
+    }
 }
 
 /// Reload: the new config is parsed and checked whole; if anything is wrong the running
@@ -364,6 +396,20 @@ fn watch_peers(inst: &mut Instance, cfg: &Config) -> anyhow::Result<()> {
                 warn!(peer = %p.address, "probe: {e}");
             }
         }
+    }
+    Ok(())
+}
+
+/// Attaches TC egress to every configured interface once a backend on this host appears
+/// through a live `forward add` (a reload does it in `apply_config`).
+fn watch_host_backends(inst: &mut Instance, cfg: &Config) -> anyhow::Result<()> {
+    if cfg.interfaces.iter().all(|i| inst.egress.contains(&i.name))
+        || inst.state()?.global()?.flags & GLOBAL_HAS_HOST_BACKENDS == 0
+    {
+        return Ok(());
+    }
+    for i in &cfg.interfaces {
+        inst.attach_egress(&i.name)?;
     }
     Ok(())
 }

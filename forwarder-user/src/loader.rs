@@ -309,11 +309,12 @@ impl Instance {
         info!(interface = ifname, "detached");
     }
 
-    /// Attaches the TC egress program (host traffic to peers) to an interface.
+    /// Attaches the TC egress program (host traffic to peers, replies of backends on this
+    /// host) to an interface.
     pub fn attach_egress(&mut self, ifname: &str) -> Result<()> {
         self.attach_tc(ifname, TC_EGRESS_PROGRAM, TcAttachType::Egress, "tceg")?;
         if self.egress.insert(ifname.to_string()) {
-            info!(interface = ifname, "peer egress attached");
+            info!(interface = ifname, "egress attached");
         }
         Ok(())
     }

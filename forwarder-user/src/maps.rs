@@ -3,10 +3,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
-    FAMILY_V4, FAMILY_V6, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
+    FAMILY_V4, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue,
+    SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
 };
 
-use crate::config::{Forward, Snat};
+use crate::config::{Forward, Protocol, Snat};
 
 pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
     match ip {
@@ -31,6 +32,20 @@ pub struct ForwardEntries {
     pub keys: Vec<FwdKey>,
     pub value: FwdValue,
     pub meta: FwdMeta,
+}
+
+/// The forward's backend is on this host: a loopback address, or one of `local_addrs`.
+pub fn backend_on_host(f: &Forward, local_addrs: &[IpAddr]) -> bool {
+    f.backend.ip().is_loopback() || local_addrs.contains(&f.backend.ip())
+}
+
+/// Interface traffic cannot reach this forward's backend: UDP to IPv6 loopback (`::1`).
+/// A packet from an interface may not carry `::1` as its destination into the stack (RFC
+/// 4291; `ip6_rcv_core` drops it), and a datagram socket bound there answers from `::1`,
+/// so neither a rewrite nor an assignment to the socket can serve it. Such a forward serves
+/// local programs only; its listen port is left to the host on interfaces.
+pub fn unreachable_from_interfaces(f: &Forward) -> bool {
+    f.protocol == Protocol::Udp && f.backend.is_ipv6() && f.backend.ip().is_loopback()
 }
 
 pub fn key_for(proto: u8, listen: SocketAddr) -> FwdKey {
@@ -68,7 +83,9 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
                 Snat::Off => (SNAT_OFF, [0; 16]),
                 Snat::Address(a) => (SNAT_FIXED, addr_bytes(a).0),
             };
-            let flags = FWD_FLAG_INGRESS | if f.local { FWD_FLAG_LOCAL } else { 0 };
+            let flags = if unreachable_from_interfaces(f) { 0 } else { FWD_FLAG_INGRESS }
+                | if f.local { FWD_FLAG_LOCAL } else { 0 }
+                | if backend_on_host(f, local_addrs) { FWD_FLAG_HOST_BACKEND } else { 0 };
             let value = FwdValue {
                 backend_addr,
                 snat_addr,
@@ -122,5 +139,46 @@ snat = "off"
         assert_eq!(e[1].keys, vec![key_for(6, "192.0.2.1:3306".parse().unwrap())]);
         assert_eq!(e[1].value.snat_mode, SNAT_OFF);
         assert_eq!(&e[1].meta.name[..4], b"one\0");
+        assert_eq!(e[0].value.flags, FWD_FLAG_INGRESS | FWD_FLAG_LOCAL, "a remote backend");
+    }
+
+    #[test]
+    fn backends_on_this_host_are_flagged() {
+        let cfg = Config::parse(
+            r#"
+[[forward]]
+name = "own"
+protocol = "tcp"
+listen = "0.0.0.0:3307"
+backend = "192.0.2.1:3197"
+[[forward]]
+name = "lo"
+protocol = "udp"
+listen = "0.0.0.0:3307"
+backend = "127.0.0.1:3197"
+local = false
+[[forward]]
+name = "lo6-tcp"
+protocol = "tcp"
+listen = "[::]:3307"
+backend = "[::1]:3197"
+[[forward]]
+name = "lo6-udp"
+protocol = "udp"
+listen = "[::]:3307"
+backend = "[::1]:3197"
+[[forward]]
+name = "remote"
+protocol = "tcp"
+listen = "0.0.0.0:3308"
+backend = "203.0.113.20:3197"
+"#,
+        )
+        .unwrap();
+        let locals: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()];
+        let with_ids: Vec<_> = cfg.forwards.iter().cloned().enumerate().map(|(i, f)| (i as u32 + 1, f)).collect();
+        let flags: Vec<u32> = forward_entries(&with_ids, &locals).iter().map(|e| e.value.flags).collect();
+        let (i, l, h) = (FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FWD_FLAG_HOST_BACKEND);
+        assert_eq!(flags, vec![i | l | h, i | h, i | l | h, l | h, i | l], "UDP to ::1 serves local programs only");
     }
 }

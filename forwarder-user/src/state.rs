@@ -11,10 +11,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_PEERS,
-    GlobalConfig, IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL,
-    MAP_IFACES, MAP_PEERS, MAP_REASONS, MAP_ROUTE_GEN, MAP_TX_PORTS, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue,
-    Reason, SNAT_AUTO, SNAT_OFF,
+    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdStats,
+    FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GlobalConfig, IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META,
+    MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL, MAP_IFACES, MAP_PEERS, MAP_REASONS, MAP_ROUTE_GEN, MAP_TX_PORTS,
+    PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
 };
 use tracing::{debug, info};
 
@@ -174,6 +174,21 @@ impl State {
         let ForwardPlan { with_ids, retired, mut report } = plan_forwards(current, desired, capacity)?;
 
         let entries = forward_entries(&with_ids, local_addrs);
+        for (e, (_, f)) in entries.iter().zip(&with_ids) {
+            if e.value.flags & FWD_FLAG_HOST_BACKEND != 0 && e.value.snat_mode == SNAT_FIXED {
+                return Err(Error::Invalid(format!(
+                    "forward {:?}: backend {} is on this host, which delivers to it with the client's address as \
+                     the source (as REDIRECT does); a fixed snat address cannot apply: use snat = \"auto\" or \"off\"",
+                    f.name, f.backend
+                )));
+            }
+        }
+        // TC egress rewrites the replies of backends on this host: on before a rule can
+        // send it one (re-checked at every apply).
+        let host_forwards = entries.iter().any(|e| e.value.flags & FWD_FLAG_HOST_BACKEND != 0);
+        if host_forwards {
+            self.set_global_flag(GLOBAL_HAS_HOST_BACKENDS, true)?;
+        }
         let mut rules: HashMap<_, FwdKey, FwdValue> =
             HashMap::try_from(self.map(MAP_FORWARDS)?).map_err(map_err(MAP_FORWARDS))?;
         let rules_data = open_pinned(&self.dir, MAP_FORWARDS)?;
@@ -216,6 +231,11 @@ impl State {
         self.set_global_flag(GLOBAL_FLUSH_ON_REMOVE, policy == OnForwardRemoved::Flush)?;
         if policy == OnForwardRemoved::Flush && !retired.is_empty() {
             report.flushed_connections = self.flush_connections_of(&retired)?;
+        }
+        if !host_forwards && self.global()?.flags & GLOBAL_HAS_HOST_BACKENDS != 0 {
+            // Off once no connection to a backend on this host is left to drain.
+            let draining = self.conntrack()?.iter().any(|(_, v)| v.flags & CT_HOST_BACKEND != 0);
+            self.set_global_flag(GLOBAL_HAS_HOST_BACKENDS, draining)?;
         }
         self.bump_route_generation()?;
         if !report.added.is_empty() || !report.changed.is_empty() || !report.removed.is_empty() {

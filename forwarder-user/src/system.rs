@@ -39,6 +39,17 @@ pub fn local_addresses() -> Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// Whether `net.ipv4.conf.<dev>.route_localnet` (or `.all.`) lets packets from `dev`
+/// carry a loopback destination into the stack.
+pub fn route_localnet(dev: &str) -> bool {
+    let on = |d: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{d}/route_localnet"))
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
+    };
+    on("all") || on(dev)
+}
+
 /// Cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14+): what
 /// the cgroup hooks compare to keep to this instance's namespace.
 pub fn netns_cookie() -> Result<u64> {
