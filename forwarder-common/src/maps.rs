@@ -454,10 +454,11 @@ impl GlobalConfig {
 
 /// At least one peer is configured: the fast path looks destinations up in `FWD_PEERS`.
 pub const GLOBAL_HAS_PEERS: u32 = 1 << 0;
+/// (Bit 1 is userspace's `state::GLOBAL_FLUSH_ON_REMOVE`.)
 /// Userspace only: forwarder turned `net.ipv4.conf.lo.accept_local` on in this namespace
 /// (it was off), and turns it off again when it detaches. IPv4 packets that must be
 /// fragmented reach the stack through the loopback device with a local (SNAT) source.
-pub const GLOBAL_LO_ACCEPT_LOCAL: u32 = 1 << 1;
+pub const GLOBAL_LO_ACCEPT_LOCAL: u32 = 1 << 2;
 
 /// What a local program dialled, kept for getpeername and for UDP replies.
 #[repr(C)]
