@@ -77,7 +77,6 @@ pub enum Reason {
     /// unconnected socket was in a live exchange with the same backend through another
     /// listen address, and the answers of the two could not be told apart.
     LocalUdpAmbiguous = 31,
-    // 32-36 belong to other branches.
     /// A forward's packet whose TTL / hop limit would expire here: dropped and answered
     /// with ICMP time exceeded (ICMPv6 time exceeded) from the address it was sent to, as a
     /// router answers. Dropped without an answer when the ICMP rate limit holds it back or

@@ -76,7 +76,7 @@ pub struct IcmpAnswer {
     pub partial_off: u8,
     /// Whether the kernel's ICMP rate limit would apply to this answer.
     pub limited: u8,
-    pub hdr: [u8; HDR_MAX + 2],
+    pub hdr: [u8; HDR_MAX],
     pub quote: [u8; QUOTE_BUF],
 }
 
@@ -245,7 +245,7 @@ fn sum_span(buf: *mut u8, start: usize, end: usize) -> Result<u16, Reason> {
 }
 
 #[inline(always)]
-fn put(hdr: &mut [u8; HDR_MAX + 2], at: usize, bytes: &[u8]) {
+fn put(hdr: &mut [u8; HDR_MAX], at: usize, bytes: &[u8]) {
     let mut i = 0;
     while i < bytes.len() {
         hdr[at + i] = bytes[i];

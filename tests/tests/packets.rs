@@ -35,6 +35,7 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
 
 const CONFIG: &str = r#"
 [[forward]]
@@ -769,12 +770,14 @@ fn icmp_answer(frame: &[u8], dmac: [u8; 6], smac: [u8; 6], from: &[u8], to: &[u8
 fn ttl_expiry_routes_and_mtu_are_answered_with_icmp() {
     let cfg = format!(
         "{CONFIG}\n[[forward]]\nname = \"nowhere\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:9\"\nbackend = \"198.51.100.9:9\"\n\
-         [[forward]]\nname = \"prohibited\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:10\"\nbackend = \"198.51.100.10:10\"\n"
+         [[forward]]\nname = \"prohibited\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:10\"\nbackend = \"198.51.100.10:10\"\n\
+         [[forward]]\nname = \"blackholed\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:11\"\nbackend = \"198.51.100.11:11\"\n"
     );
     with_fixture(&cfg, |fx| {
         // This thread is in the fixture's namespace, and so are the commands it starts.
         let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success());
         ip(&["route", "add", "prohibit", "198.51.100.10/32"]);
+        ip(&["route", "add", "blackhole", "198.51.100.11/32"]);
         let mut f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
         f[14 + 8] = 1;
         let ip_sum = {
@@ -830,6 +833,10 @@ fn ttl_expiry_routes_and_mtu_are_answered_with_icmp() {
         let (t, code, _, quote) = icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN, &CLIENT);
         assert_eq!((t, code, quote), (3, 13, f[14..].to_vec()));
         assert_eq!(fx.reason(Reason::IcmpUnreachable), 1);
+        // A blackhole route: dropped without an answer, as the stack does.
+        let f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40002, 11, true, b"");
+        assert_eq!(fx.tc(&f, fx.v0).0, TC_ACT_SHOT);
+        assert_eq!(fx.reason(Reason::IcmpUnreachable), 2);
 
         // Larger than the egress MTU with DF: "fragmentation needed" with the MTU, a quote
         // of 548 bytes (576 in all).
