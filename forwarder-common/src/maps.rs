@@ -465,6 +465,11 @@ pub const GLOBAL_HAS_PEERS: u32 = 1 << 0;
 /// backend's replies. Without it, host traffic leaving an interface costs nothing more.
 pub const GLOBAL_HAS_HOST_BACKENDS: u32 = 1 << 2;
 
+/// Userspace only: forwarder turned `net.ipv4.conf.lo.accept_local` on in this namespace
+/// (it was off), and turns it off again when it detaches. IPv4 packets that must be
+/// fragmented reach the stack through the loopback device with a local (SNAT) source.
+pub const GLOBAL_LO_ACCEPT_LOCAL: u32 = 1 << 3;
+
 /// A loopback address (IPv4 127.0.0.0/8 in the first four bytes, or IPv6 `::1`) of
 /// `family` ([`FAMILY_V4`] or [`FAMILY_V6`]): a destination no packet from an interface
 /// may carry into the stack (martian), so a backend there is reached through its socket.

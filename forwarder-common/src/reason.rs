@@ -83,10 +83,24 @@ pub enum Reason {
     /// A reply of a backend on this host, rewritten at TC egress as it leaves (source back
     /// to the listen address and port the client dialled).
     FromHostBackend = 33,
+    /// A forward's packet whose TTL / hop limit would expire here: dropped and answered
+    /// with ICMP time exceeded (ICMPv6 time exceeded) from the address it was sent to, as a
+    /// router answers. Dropped without an answer when the ICMP rate limit holds it back or
+    /// the sender's address is not one to answer (multicast, unspecified, ...).
+    IcmpTimeExceeded = 37,
+    /// A forward's packet larger than its egress MTU that may not be fragmented here (IPv4
+    /// with DF, every IPv6 packet; for GSO packets, segments larger than the MTU): dropped
+    /// and answered with fragmentation needed / packet too big carrying the next hop's MTU.
+    IcmpTooBig = 38,
+    /// A forward's packet whose route is `unreachable` or `prohibit`: dropped and answered
+    /// with destination unreachable (host unreachable / administratively prohibited; for
+    /// IPv6 no route / administratively prohibited); `blackhole`: dropped silently, as the
+    /// stack would. Rate-limited like time exceeded.
+    IcmpUnreachable = 39,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 32] = [
+pub const ALL_REASONS: [Reason; 35] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -119,6 +133,9 @@ pub const ALL_REASONS: [Reason; 32] = [
     Reason::LocalUdpAmbiguous,
     Reason::ToHostBackend,
     Reason::FromHostBackend,
+    Reason::IcmpTimeExceeded,
+    Reason::IcmpTooBig,
+    Reason::IcmpUnreachable,
 ];
 
 impl Reason {
@@ -157,6 +174,9 @@ impl Reason {
             31 => Some(Reason::LocalUdpAmbiguous),
             32 => Some(Reason::ToHostBackend),
             33 => Some(Reason::FromHostBackend),
+            37 => Some(Reason::IcmpTimeExceeded),
+            38 => Some(Reason::IcmpTooBig),
+            39 => Some(Reason::IcmpUnreachable),
             _ => None,
         }
     }
@@ -196,10 +216,14 @@ impl Reason {
             Reason::LocalUdpAmbiguous => "local_udp_ambiguous",
             Reason::ToHostBackend => "to_host_backend",
             Reason::FromHostBackend => "from_host_backend",
+            Reason::IcmpTimeExceeded => "icmp_time_exceeded",
+            Reason::IcmpTooBig => "icmp_too_big",
+            Reason::IcmpUnreachable => "icmp_unreachable",
         }
     }
 
-    /// True when packets counted under this code were dropped.
+    /// True when packets counted under this code were dropped (for the ICMP answers: the
+    /// packet answered is not forwarded).
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
@@ -209,7 +233,13 @@ impl Reason {
                 | Reason::CtInvalid
                 | Reason::RstOutOfWindow
                 | Reason::LocalUdpAmbiguous
-        )
+        ) || self.is_icmp_answer()
+    }
+
+    /// True for a forward's packet the programs answered with an ICMP error of their own
+    /// instead of forwarding it.
+    pub const fn is_icmp_answer(self) -> bool {
+        matches!(self, Reason::IcmpTimeExceeded | Reason::IcmpTooBig | Reason::IcmpUnreachable)
     }
 
     /// True for a code that counts connection-table events, not packets.
@@ -235,20 +265,21 @@ impl Reason {
     }
 
     /// How operators read the code: "forwarded" (a forward's packet, rewritten, and how it
-    /// left), "peer" (sent to a same-switch peer or left to routing for one), "dropped", or
-    /// "passed" (to the kernel untouched); "event" is no packet's outcome (a connection
-    /// dropped early), so packet totals leave it out.
+    /// left), "peer" (sent to a same-switch peer or left to routing for one), "icmp" (an
+    /// ICMP error translated, or a forward's packet answered with one of the programs'
+    /// own), "dropped", or "passed" (to the kernel untouched); "event" is no packet's
+    /// outcome (a connection dropped early), so packet totals leave it out.
     pub const fn kind(self) -> &'static str {
         if self.is_event() {
             "event"
         } else if self.is_forwarded() {
             "forwarded"
+        } else if self.is_icmp_answer() || matches!(self, Reason::IcmpTranslated) {
+            "icmp"
         } else if self.is_drop() {
             "dropped"
         } else if matches!(self, Reason::PeerDirect | Reason::PeerFallback) {
             "peer"
-        } else if matches!(self, Reason::IcmpTranslated) {
-            "icmp"
         } else {
             "passed"
         }

@@ -180,7 +180,7 @@ fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
     w.to = Tuple { src: w.icmp.new_osrc, dst: w.icmp.new_isrc, sport: [0; 2], dport: [0; 2] };
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    route::lookup(ctx, ingress, &w.flow, &w.to, false, false, &mut w.params, &mut w.fib);
+    route::lookup(ctx, ingress, &w.flow, &w.to, false, 0, &mut w.params, &mut w.fib);
     let fib = &w.fib;
     if ttl <= 1 {
         return Ok((TC_ACT_OK, Reason::IcmpTranslated));

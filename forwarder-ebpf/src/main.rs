@@ -8,6 +8,7 @@ mod ctx;
 mod fastpath;
 mod host;
 mod icmp;
+mod icmp_reply;
 mod l2;
 mod local;
 pub mod maps;
@@ -21,7 +22,7 @@ mod verdict;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::TC_ACT_OK,
+    bindings::{BPF_F_INGRESS, TC_ACT_OK},
     helpers::{bpf_redirect, bpf_redirect_neigh},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
@@ -178,7 +179,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     if peers_enabled() && peer::lookup(&l3_dst(w.to.dst, &w.flow)).is_some() {
         return Err(Reason::XdpToTc);
     }
-    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, true, &mut w.params, &mut w.fib);
+    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, w.flow.l3_len, &mut w.params, &mut w.fib);
     if w.fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, w.fib.ifindex) {
         return Err(Reason::XdpToTc);
     }
@@ -201,17 +202,22 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb));
-    if outcome == Err(Reason::IcmpError) {
-        outcome = verdict::unpack(icmp::translate(ctx.skb.skb, false));
-    } else if outcome == Err(Reason::ToHostBackend) {
-        outcome = verdict::unpack(host::deliver(ctx.skb.skb));
+    match outcome {
+        Err(Reason::IcmpError) => outcome = verdict::unpack(icmp::translate(ctx.skb.skb, false)),
+        Err(Reason::ToHostBackend) => outcome = verdict::unpack(host::deliver(ctx.skb.skb)),
+        Err(r) if r.is_icmp_answer() => outcome = verdict::unpack(icmp_reply::send(ctx.skb.skb)),
+        _ => {}
     }
     verdict::tc(outcome)
 }
 
+/// The loopback device's ifindex, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
 /// The TCP/UDP path in its own frame (see icmp::translate). `Err(IcmpError)`: an ICMP
 /// error for icmp::translate; `Err(ToHostBackend)`: a committed packet for a backend on
-/// this host, for host::deliver (each in a frame of its own beside this one).
+/// this host, for host::deliver; an ICMP answer's reason: for icmp_reply::send (each in a
+/// frame of its own beside this one).
 #[inline(never)]
 fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
     verdict::pack(try_tc(&TcContext::new(skb)))
@@ -261,7 +267,23 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
         }
         host::note(w, forward_id, host::may_need_listener(&plan, &w.flow));
     } else {
-        route::lookup(ctx, ingress, &w.flow, &w.to, want_src, false, &mut w.params, &mut w.fib);
+        // What the packet cannot do is answered with ICMP from the packet as it arrived,
+        // before anything is committed or rewritten (icmp_reply.rs; TC's entry point sends
+        // it).
+        if w.flow.ttl <= 1 {
+            return Err(icmp_reply::request(&mut w.answer, &plan, &w.flow, icmp_reply::Why::TtlExpired));
+        }
+        let check_len = route::check_len(ctx, &w.flow);
+        route::lookup(ctx, ingress, &w.flow, &w.to, want_src, check_len, &mut w.params, &mut w.fib);
+        if let Some(reason) = icmp_reply::after_fib(ctx, &mut w.answer, &plan, &w.flow, &w.fib) {
+            return Err(reason);
+        }
+        if want_src && w.fib.rc == FIB_FRAG_NEEDED as i64 {
+            // Left to the stack to fragment; the FIB answered "too big" before it named the
+            // route's source, which SNAT wants: asked again without a length.
+            route::lookup(ctx, ingress, &w.flow, &w.to, true, 0, &mut w.params, &mut w.fib);
+            w.fib.rc = FIB_FRAG_NEEDED as i64;
+        }
     }
     commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
     if host::is_host(&plan) {
@@ -278,12 +300,9 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
             return Ok((action, Reason::RedirectTc));
         }
     }
-    let sends_itself = flow.ttl > 1 && (fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64);
+    let sends_itself = fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64;
     nat::rewrite_tc(ctx, flow, new, sends_itself)?;
     stats::count_forwarded(forward_id, flow.l3_len);
-    if flow.ttl <= 1 {
-        return Ok((TC_ACT_OK, Reason::TtlToStack));
-    }
     match fib.rc as u32 {
         FIB_SUCCESS if fib.rc >= 0 => {
             l2::set_macs_tc(ctx, fib.dmac, fib.smac)?;
@@ -296,7 +315,16 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
             let action = unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
             Ok((action, Reason::FibNoNeigh))
         }
-        FIB_FRAG_NEEDED if fib.rc >= 0 => Ok((TC_ACT_OK, Reason::FibFragNeeded)),
+        FIB_FRAG_NEEDED if fib.rc >= 0 => {
+            // IPv4 without DF, larger than the egress MTU: only the stack fragments. Its
+            // source is this host's (SNAT), which the stack takes only from a device with
+            // accept_local: the loopback device, where forwarder turns it on (nothing else
+            // arrives there), not the interface it came from. lo's address is all zeros.
+            l2::set_macs_tc(ctx, [0; 6], fib.smac)?;
+            // SAFETY: helper call.
+            let action = unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) } as i32;
+            Ok((action, Reason::FibFragNeeded))
+        }
         _ => Ok((TC_ACT_OK, Reason::FibToStack)),
     }
 }

@@ -83,7 +83,13 @@ pub struct Work {
     pub icmp: crate::icmp::IcmpWork,
     /// A packet for a backend on this host, between its commit and its delivery.
     pub host: crate::host::Pending,
+    /// The ICMP error a packet is answered with (icmp_reply.rs), with a copy of its quote.
+    pub answer: crate::icmp_reply::IcmpAnswer,
 }
+
+/// Per-CPU token bucket of the ICMP errors the programs send (kernel-internal).
+#[map(name = "FWD_ICMP_RATE")]
+pub static FWD_ICMP_RATE: PerCpuArray<crate::icmp_reply::IcmpRate> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "FWD_WORK")]
 pub static FWD_WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);

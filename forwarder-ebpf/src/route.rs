@@ -4,14 +4,20 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup_helper,
+    programs::TcContext,
 };
-use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC};
+use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC, PROTO_TCP};
 
-use crate::{conntrack::Tuple, maps::FWD_IFACES, parse::Flow};
+use crate::{
+    conntrack::Tuple,
+    maps::FWD_IFACES,
+    parse::{Flow, L3_OFF},
+};
 
 pub use aya_ebpf::bindings::{
-    BPF_FIB_LKUP_RET_FRAG_NEEDED as FIB_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH as FIB_NO_NEIGH,
-    BPF_FIB_LKUP_RET_SUCCESS as FIB_SUCCESS,
+    BPF_FIB_LKUP_RET_BLACKHOLE as FIB_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED as FIB_FRAG_NEEDED,
+    BPF_FIB_LKUP_RET_NO_NEIGH as FIB_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT as FIB_PROHIBIT,
+    BPF_FIB_LKUP_RET_SUCCESS as FIB_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE as FIB_UNREACHABLE,
 };
 
 const AF_INET: u8 = 2;
@@ -27,12 +33,14 @@ pub struct Fib {
     pub dmac: [u8; 6],
     /// Preferred source address of the route (when asked for), else zero.
     pub src: [u8; 16],
+    /// The next hop's MTU when the answer is `FIB_FRAG_NEEDED` (the kernel's `mtu_result`).
+    pub mtu: u16,
 }
 
 /// Looks up the route for `to` as if the packet arrived on `ingress`. With `want_src` the
-/// kernel also fills in the route's preferred source address (SNAT auto). `check_len`: XDP
-/// passes the packet's length for the MTU check; TC passes none, so the kernel checks the
-/// skb itself, which knows about GSO packets far larger than the MTU.
+/// kernel also fills in the route's preferred source address (SNAT auto). `tot_len`: the L3
+/// length the route's MTU (with its locked metric and learned exceptions) must take, see
+/// [`check_len`]; 0 lets the kernel check the skb against the egress device's MTU instead.
 #[inline(always)]
 pub fn lookup<C: EbpfContext>(
     ctx: &C,
@@ -40,7 +48,7 @@ pub fn lookup<C: EbpfContext>(
     flow: &Flow,
     to: &Tuple,
     want_src: bool,
-    check_len: bool,
+    tot_len: u16,
     p: &mut bpf_fib_lookup,
     out: &mut Fib,
 ) {
@@ -58,7 +66,7 @@ pub fn lookup<C: EbpfContext>(
     p.l4_protocol = flow.proto;
     p.sport = u16::from_ne_bytes(to.sport);
     p.dport = u16::from_ne_bytes(to.dport);
-    p.__bindgen_anon_1.tot_len = if check_len { flow.l3_len } else { 0 };
+    p.__bindgen_anon_1.tot_len = tot_len;
     if flow.is_v6() {
         p.family = AF_INET6;
         p.__bindgen_anon_3.ipv6_src = words(&to.src);
@@ -77,10 +85,14 @@ pub fn lookup<C: EbpfContext>(
     out.ifindex = p.ifindex;
     out.smac = p.smac;
     out.dmac = p.dmac;
+    // SAFETY: union member the kernel writes on FRAG_NEEDED (else it still holds tot_len).
+    out.mtu = if rc == FIB_FRAG_NEEDED as i64 { unsafe { p.__bindgen_anon_1.mtu_result } } else { 0 };
     out.src = [0u8; 16];
     // The kernel fills the source in only when it found a route with a device; otherwise
-    // the field still holds what we passed in.
-    if want_src && (rc == FIB_SUCCESS as i64 || rc == FIB_NO_NEIGH as i64) {
+    // the field still holds what we passed in. Its MTU check with a length comes first (a
+    // FRAG_NEEDED answer then has no source); without one, it checks the skb afterwards.
+    let routed = rc == FIB_SUCCESS as i64 || rc == FIB_NO_NEIGH as i64;
+    if want_src && (routed || (rc == FIB_FRAG_NEEDED as i64 && tot_len == 0)) {
         // SAFETY: union members written by the kernel for the family asked.
         if flow.is_v6() {
             out.src = bytes(unsafe { &p.__bindgen_anon_3.ipv6_src });
@@ -93,6 +105,30 @@ pub fn lookup<C: EbpfContext>(
         }
     }
 }
+
+/// The L3 length whose fit the FIB must check for a packet TC forwards: the packet's own,
+/// or for a GSO packet (GRO merged it on ingress; it is segmented again at the egress) the
+/// length of one segment, headers and `gso_size` bytes of payload, as the stack's
+/// `skb_gso_validate_network_len` checks it. A GSO packet's own length is no measure: it
+/// is far larger than any MTU, and the kernel's own check with no length passes every GSO
+/// packet (`is_skb_forwardable`), even one whose segments do not fit.
+#[inline(always)]
+pub fn check_len(ctx: &TcContext, flow: &Flow) -> u16 {
+    // SAFETY: reading a context field.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return flow.l3_len;
+    }
+    let headers = if flow.proto == PROTO_TCP {
+        flow.l3_len - flow.tcp_payload
+    } else {
+        (flow.l4_off() - L3_OFF) as u16 + UDP_HEADER_LEN
+    };
+    let segment = headers as u32 + gso_size;
+    if segment < flow.l3_len as u32 { segment as u16 } else { flow.l3_len }
+}
+
+const UDP_HEADER_LEN: u16 = 8;
 
 #[inline(always)]
 fn words(a: &[u8; 16]) -> [u32; 4] {

@@ -185,6 +185,7 @@ pub fn main() -> anyhow::Result<()> {
             loader::check_bpffs(&pin_path)?;
             let _lock = loader::PinLock::acquire(&pin_path)
                 .context("a running `forwarder run` holds this pin path: stop it (or let it detach) first")?;
+            loader::restore_sysctls(&pin_path);
             loader::remove_pins(&pin_path);
             status::remove(&pin_path);
             println!("detached: {} removed", pin_path.display());

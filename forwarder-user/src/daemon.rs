@@ -271,7 +271,7 @@ pub fn apply_config(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) ->
     };
     let state = inst.state()?;
     let _edit = state.lock_edits()?;
-    let flags = state.global()?.flags;
+    let flags = lo_accept_local(state.global()?.flags);
     let (snat_hole_min, snat_hole_max) = snat_hole(&cfg.conntrack)?;
     state.set_global(GlobalConfig {
         snat_port_min: cfg.conntrack.snat_port_min,
@@ -355,6 +355,34 @@ fn warn_about_host_backends(cfg: &Config, local_addrs: &[std::net::IpAddr]) {
                      interfaces its clients come by (as iptables DNAT does): without it the kernel drops the \
                      datagrams as martians; bind the backend to the host's address instead");
             }
+        }
+    }
+}
+
+/// IPv4 packets without DF that are larger than their egress MTU are fragmented by the
+/// stack: TC rewrites them and hands them over through the loopback device, and with a
+/// source of this host's (SNAT) the stack takes them only where `accept_local` is on.
+/// Turns it on for lo (only packets the host or a BPF program loops back arrive there) and
+/// records in `flags` that it did (`GLOBAL_LO_ACCEPT_LOCAL`), so that the instance that
+/// detaches, even after restarts, turns it off again. Returns the new flags.
+fn lo_accept_local(flags: u32) -> u32 {
+    use forwarder_common::GLOBAL_LO_ACCEPT_LOCAL;
+    match system::lo_accept_local() {
+        // On already: ours when the flag says so, else the administrator's to keep.
+        Ok(true) => flags,
+        Ok(false) => match system::set_lo_accept_local(true) {
+            Ok(()) => {
+                info!("net.ipv4.conf.lo.accept_local turned on (IPv4 packets the stack must fragment enter through lo)");
+                flags | GLOBAL_LO_ACCEPT_LOCAL
+            }
+            Err(e) => {
+                warn!("net.ipv4.conf.lo.accept_local: {e}; IPv4 packets without DF larger than the egress MTU are dropped");
+                flags & !GLOBAL_LO_ACCEPT_LOCAL
+            }
+        },
+        Err(e) => {
+            warn!("net.ipv4.conf.lo.accept_local unreadable ({e}); IPv4 packets without DF larger than the egress MTU may be dropped");
+            flags
         }
     }
 }

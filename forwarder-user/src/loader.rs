@@ -390,8 +390,25 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         if self.detach_on_drop {
+            restore_sysctls(&self.pin_dir);
             remove_pins(&self.pin_dir);
         }
+    }
+}
+
+/// Undoes what an instance changed in its namespace's settings (`net.ipv4.conf.lo.accept_local`,
+/// see `daemon::apply_config`), before its pinned state goes. Only from the instance's own
+/// namespace (its cookie in `FWD_GLOBAL_V2`): a clean-up run from elsewhere leaves every
+/// other namespace's settings alone.
+pub fn restore_sysctls(pin_dir: &Path) {
+    use forwarder_common::GLOBAL_LO_ACCEPT_LOCAL;
+    let Ok(global) = State::open(pin_dir).and_then(|s| s.global()) else { return };
+    if global.flags & GLOBAL_LO_ACCEPT_LOCAL == 0 || system::netns_cookie().ok() != Some(global.netns_cookie) {
+        return;
+    }
+    match system::set_lo_accept_local(false) {
+        Ok(()) => info!("net.ipv4.conf.lo.accept_local turned off again"),
+        Err(e) => warn!("net.ipv4.conf.lo.accept_local left on: {e}"),
     }
 }
 

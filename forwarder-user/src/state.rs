@@ -32,6 +32,9 @@ pub const EDIT_LOCK_DIR: &str = "edit";
 
 /// Connections flushed or kept when forwards go away: see [`OnForwardRemoved`].
 pub const GLOBAL_FLUSH_ON_REMOVE: u32 = 1 << 1;
+const _: () = assert!(
+    GLOBAL_FLUSH_ON_REMOVE & (forwarder_common::GLOBAL_HAS_PEERS | forwarder_common::GLOBAL_LO_ACCEPT_LOCAL) == 0
+);
 
 pub struct State {
     dir: PathBuf,

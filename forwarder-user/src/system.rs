@@ -73,6 +73,20 @@ pub fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// `net.ipv4.conf.lo.accept_local` of this network namespace: lets the stack take packets
+/// with one of this host's addresses as source when they arrive on the loopback device.
+const LO_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+
+/// Whether `net.ipv4.conf.lo.accept_local` is on.
+pub fn lo_accept_local() -> Result<bool> {
+    Ok(std::fs::read_to_string(LO_ACCEPT_LOCAL)?.trim() != "0")
+}
+
+pub fn set_lo_accept_local(on: bool) -> Result<()> {
+    std::fs::write(LO_ACCEPT_LOCAL, if on { "1" } else { "0" })?;
+    Ok(())
+}
+
 /// The cgroup v2 mount point, from /proc/mounts.
 pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;

@@ -123,6 +123,9 @@ fn stats_table_and_json_and_a_second_instance_on_the_same_pin_path_is_refused() 
         ("peer_direct", "peer"),
         ("peer_fallback", "peer"),
         ("icmp_translated", "icmp"),
+        ("icmp_time_exceeded", "icmp"),
+        ("icmp_too_big", "icmp"),
+        ("icmp_unreachable", "icmp"),
         ("early_drop", "event"),
         ("local_udp_ambiguous", "dropped"),
     ] {

@@ -35,6 +35,7 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
 
 const CONFIG: &str = r#"
 [[forward]]
@@ -733,12 +734,50 @@ fn concurrent_flows_never_share_a_snat_port_and_exhaustion_is_counted() {
     });
 }
 
+/// An ICMP error the TC program sent back: (type, code, bytes 4-8, quote), after checking
+/// its Ethernet and IP headers (the sender's next hop, from `from` to `to`), the IPv4
+/// header checksum and the ICMP checksum (etherparse's).
+fn icmp_answer(frame: &[u8], dmac: [u8; 6], smac: [u8; 6], from: &[u8], to: &[u8]) -> (u8, u8, [u8; 4], Vec<u8>) {
+    let h = PacketHeaders::from_ethernet_slice(frame).expect("answer parses");
+    let eth = h.link.clone().unwrap().ethernet2().unwrap();
+    assert_eq!((eth.destination, eth.source), (dmac, smac), "Ethernet addresses");
+    let payload = h.payload.slice();
+    let icmp_at = match (&h.net, h.transport.as_ref()) {
+        (Some(NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Icmpv4(icmp))) => {
+            assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+            assert_eq!((&ip.source[..], &ip.destination[..], ip.time_to_live), (from, to, 64));
+            assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(payload), "ICMP checksum");
+            14 + 20
+        }
+        (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Icmpv6(icmp))) => {
+            assert_eq!((&ip.source[..], &ip.destination[..], ip.hop_limit), (from, to, 64));
+            let sum = icmp.icmp_type.calc_checksum(ip.source, ip.destination, payload).unwrap();
+            assert_eq!(icmp.checksum, sum, "ICMPv6 checksum");
+            14 + 40
+        }
+        other => panic!("not an ICMP error: {other:?}"),
+    };
+    let b = &frame[icmp_at..];
+    (b[0], b[1], [b[4], b[5], b[6], b[7]], b[8..].to_vec())
+}
+
+/// What a router answers with ICMP, TC answers itself, from the address the packet was
+/// sent to and quoting the packet as it arrived, without opening a connection: TTL expiry,
+/// a `prohibit` route, a packet with DF too big for the egress; one without DF is rewritten
+/// and handed to the stack through the loopback device to be fragmented. No route at all
+/// still goes to the stack.
 #[test]
-fn ttl_expiring_and_unroutable_backends_are_left_to_the_stack() {
+fn ttl_expiry_routes_and_mtu_are_answered_with_icmp() {
     let cfg = format!(
-        "{CONFIG}\n[[forward]]\nname = \"nowhere\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:9\"\nbackend = \"198.51.100.9:9\"\n"
+        "{CONFIG}\n[[forward]]\nname = \"nowhere\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:9\"\nbackend = \"198.51.100.9:9\"\n\
+         [[forward]]\nname = \"prohibited\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:10\"\nbackend = \"198.51.100.10:10\"\n\
+         [[forward]]\nname = \"blackholed\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:11\"\nbackend = \"198.51.100.11:11\"\n"
     );
     with_fixture(&cfg, |fx| {
+        // This thread is in the fixture's namespace, and so are the commands it starts.
+        let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success());
+        ip(&["route", "add", "prohibit", "198.51.100.10/32"]);
+        ip(&["route", "add", "blackhole", "198.51.100.11/32"]);
         let mut f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
         f[14 + 8] = 1;
         let ip_sum = {
@@ -756,20 +795,84 @@ fn ttl_expiring_and_unroutable_backends_are_left_to_the_stack() {
         };
         f[24..26].copy_from_slice(&ip_sum.to_be_bytes());
         let (verdict, _, _) = fx.xdp(&f, fx.v0);
-        assert_eq!(verdict, XDP_PASS, "XDP leaves TTL expiry to TC and the stack");
+        assert_eq!(verdict, XDP_PASS, "XDP leaves TTL expiry to TC");
         let (verdict, out) = fx.tc(&f, fx.v0);
-        assert_eq!(verdict, TC_ACT_OK);
-        let (_, _, _, dst, ttl, _, _) = check(&out);
-        assert_eq!((dst, ttl), (SERVER, 1), "rewritten, TTL left for the stack to expire");
-        assert_eq!(fx.reason(Reason::TtlToStack), 1);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (t, code, rest, quote) = icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN, &CLIENT);
+        assert_eq!((t, code, rest), (11, 0, [0; 4]), "time exceeded");
+        assert_eq!(quote, f[14..], "the whole packet quoted as the client sent it");
+        assert_eq!(fx.reason(Reason::IcmpTimeExceeded), 1);
+        assert_eq!((fx.conntrack_len(), fx.stats(1).new_conns, fx.stats(1).packets), (0, 0, 0), "nothing opened");
 
-        // No route to 198.51.100.0/24: rewritten, handed to the stack (which answers ICMP).
+        // A CHECKSUM_PARTIAL packet (the L4 checksum field holds the pseudo-header seed):
+        // whatever sends the answer completes the quoted TCP checksum over the quote, and
+        // the ICMP checksum is that of the quote as it will leave.
+        let mut p = f.clone();
+        let seed = forwarder_common::csum::ipv4_pseudo_seed(CLIENT, ROUTER_IN, 6, (p.len() - 34) as u16);
+        p[14 + 20 + 16..14 + 20 + 18].copy_from_slice(&seed.to_be_bytes());
+        let (verdict, mut out) = fx.tc(&p, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let at = 14 + 20 + 8 + 20 + 16;
+        assert_eq!(out[at..at + 2], seed.to_be_bytes(), "the seed is left for the offload");
+        let completed = etherparse::TcpHeader::from_slice(&p[34..]).unwrap().0.calc_checksum_ipv4_raw(CLIENT, ROUTER_IN, b"");
+        out[at..at + 2].copy_from_slice(&completed.unwrap().to_be_bytes());
+        icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN, &CLIENT);
+
+        // No route to 198.51.100.0/24: rewritten, handed to the stack.
         let f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 9, true, b"");
         let (verdict, out) = fx.tc(&f, fx.v0);
         assert_eq!(verdict, TC_ACT_OK);
         let (_, _, _, dst, ttl, _, dport) = check(&out);
         assert_eq!((dst, dport, ttl), ([198, 51, 100, 9], 9, 64));
         assert_eq!(fx.reason(Reason::FibToStack), 1);
+
+        // A prohibit route: "communication administratively prohibited".
+        let f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40001, 10, true, b"");
+        let (verdict, out) = fx.tc(&f, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (t, code, _, quote) = icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN, &CLIENT);
+        assert_eq!((t, code, quote), (3, 13, f[14..].to_vec()));
+        assert_eq!(fx.reason(Reason::IcmpUnreachable), 1);
+        // A blackhole route: dropped without an answer, as the stack does.
+        let f = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40002, 11, true, b"");
+        assert_eq!(fx.tc(&f, fx.v0).0, TC_ACT_SHOT);
+        assert_eq!(fx.reason(Reason::IcmpUnreachable), 2);
+
+        // Larger than the egress MTU with DF: "fragmentation needed" with the MTU, a quote
+        // of 548 bytes (576 in all).
+        ip(&["link", "set", "v1", "mtu", "1300"]);
+        let mut big = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6400, 53, &[5u8; 1400]);
+        big[14 + 6] |= 0x40;
+        big[24..26].copy_from_slice(&[0, 0]);
+        let ip_sum = etherparse::Ipv4Header::from_slice(&big[14..]).unwrap().0.calc_header_checksum();
+        big[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+        let (verdict, out) = fx.tc(&big, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (t, code, rest, quote) = icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN, &CLIENT);
+        assert_eq!((t, code, rest), (3, 4, [0, 0, 0x05, 0x14]), "fragmentation needed, MTU 1300");
+        assert_eq!(quote, big[14..14 + 548], "576 bytes in all");
+        assert_eq!(fx.reason(Reason::IcmpTooBig), 1);
+
+        // Without DF: rewritten and handed to the stack through lo, which fragments it.
+        let mut no_df = big.clone();
+        no_df[14 + 6] &= !0x40;
+        no_df[24..26].copy_from_slice(&[0, 0]);
+        let ip_sum = etherparse::Ipv4Header::from_slice(&no_df[14..]).unwrap().0.calc_header_checksum();
+        no_df[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+        let (verdict, out) = fx.tc(&no_df, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "redirected to lo's ingress");
+        let (_, dmac, src, dst, ttl, _, dport) = check(&out);
+        assert_eq!((dmac, src, dst, dport, ttl), ([0; 6], ROUTER_OUT, SERVER, 5353, 64), "rewritten, for the stack");
+        assert_eq!(fx.reason(Reason::FibFragNeeded), 1);
+
+        // IPv6: hop limit 1 (the fixture's FIB has no IPv6 answer: back the way it came).
+        let mut f6 = tcp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 40000, 3306, true, b"");
+        f6[14 + 7] = 1;
+        let (verdict, out) = fx.tc(&f6, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (t, code, _, quote) = icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN6, &CLIENT6);
+        assert_eq!((t, code, quote), (3, 0, f6[14..].to_vec()), "ICMPv6 time exceeded");
+        assert_eq!(fx.reason(Reason::IcmpTimeExceeded), 3, "with the partial one");
     });
 }
 
