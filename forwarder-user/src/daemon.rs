@@ -372,16 +372,22 @@ fn lo_accept_local(flags: u32) -> u32 {
         Ok(true) => flags,
         Ok(false) => match system::set_lo_accept_local(true) {
             Ok(()) => {
-                info!("net.ipv4.conf.lo.accept_local turned on (IPv4 packets the stack must fragment enter through lo)");
+                info!(
+                    "net.ipv4.conf.lo.accept_local turned on (IPv4 packets the stack must fragment enter through lo)"
+                );
                 flags | GLOBAL_LO_ACCEPT_LOCAL
             }
             Err(e) => {
-                warn!("net.ipv4.conf.lo.accept_local: {e}; IPv4 packets without DF larger than the egress MTU are dropped");
+                warn!(
+                    "net.ipv4.conf.lo.accept_local: {e}; IPv4 packets without DF larger than the egress MTU are dropped"
+                );
                 flags & !GLOBAL_LO_ACCEPT_LOCAL
             }
         },
         Err(e) => {
-            warn!("net.ipv4.conf.lo.accept_local unreadable ({e}); IPv4 packets without DF larger than the egress MTU may be dropped");
+            warn!(
+                "net.ipv4.conf.lo.accept_local unreadable ({e}); IPv4 packets without DF larger than the egress MTU may be dropped"
+            );
             flags
         }
     }

@@ -178,7 +178,8 @@ impl Sandbox {
     }
 
     fn forwarder(line: &Line, xdp: &str) -> Daemon {
-        let mut c = format!("[[interface]]\nname = \"rc\"\nxdp = \"{xdp}\"\n\n[[interface]]\nname = \"rm\"\nxdp = \"{xdp}\"\n");
+        let mut c =
+            format!("[[interface]]\nname = \"rc\"\nxdp = \"{xdp}\"\n\n[[interface]]\nname = \"rm\"\nxdp = \"{xdp}\"\n");
         for fam in [Fam::V4, Fam::V6] {
             for (port, to, proto) in forwards(fam) {
                 c.push_str(&format!(
@@ -292,7 +293,8 @@ fn read_error_queue(fd: RawFd, within: Duration) -> Option<QueuedError> {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
-            if (level == libc::SOL_IP && ty == libc::IP_RECVERR) || (level == libc::SOL_IPV6 && ty == libc::IPV6_RECVERR)
+            if (level == libc::SOL_IP && ty == libc::IP_RECVERR)
+                || (level == libc::SOL_IPV6 && ty == libc::IPV6_RECVERR)
             {
                 let ee = libc::CMSG_DATA(c) as *const libc::sock_extended_err;
                 let e = std::ptr::read_unaligned(ee);

@@ -814,7 +814,8 @@ fn ttl_expiry_routes_and_mtu_are_answered_with_icmp() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
         let at = 14 + 20 + 8 + 20 + 16;
         assert_eq!(out[at..at + 2], seed.to_be_bytes(), "the seed is left for the offload");
-        let completed = etherparse::TcpHeader::from_slice(&p[34..]).unwrap().0.calc_checksum_ipv4_raw(CLIENT, ROUTER_IN, b"");
+        let completed =
+            etherparse::TcpHeader::from_slice(&p[34..]).unwrap().0.calc_checksum_ipv4_raw(CLIENT, ROUTER_IN, b"");
         out[at..at + 2].copy_from_slice(&completed.unwrap().to_be_bytes());
         icmp_answer(&out, CLIENT_MAC, fx.v0_mac, &ROUTER_IN, &CLIENT);
 

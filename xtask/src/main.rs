@@ -41,6 +41,14 @@ enum Task {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Build the container image the DaemonSet runs (buildah, FROM scratch: the binary and
+    /// the shared libraries it links) as target/image/forwarder-VERSION.oci.tar, with no
+    /// registry; buildah's storage stays under target/image.
+    Image {
+        /// Package this binary instead of a fresh release build.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
     /// Build the Debian package (binary, systemd units, conffile, man pages, completions)
     /// into target/debian/forwarder_VERSION_ARCH.deb.
     Deb {
@@ -56,17 +64,16 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo { connections } => demo::run(connections),
+        Task::Image { binary } => {
+            let binary = binary.map_or_else(release_binary, Ok)?;
+            let dir = target_dir().join("image");
+            let image = forwarder_tests::image::build(&binary, &dir.join("storage"), &dir)?;
+            println!("{} (in buildah storage {})", image.reference, dir.join("storage").display());
+            println!("{}", image.archive.display());
+            Ok(())
+        }
         Task::Deb { binary, out } => {
-            let binary = match binary {
-                Some(b) => b,
-                None => {
-                    let status = std::process::Command::new(env!("CARGO"))
-                        .args(["build", "--quiet", "--release", "--package", "forwarder-user"])
-                        .status()?;
-                    anyhow::ensure!(status.success(), "building forwarder (release) failed");
-                    target_dir().join("release/forwarder")
-                }
-            };
+            let binary = binary.map_or_else(release_binary, Ok)?;
             let deb = forwarder_tests::deb::build(&binary, &out.unwrap_or_else(|| target_dir().join("debian")))?;
             println!("{}", deb.display());
             Ok(())
@@ -112,6 +119,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A fresh release build of the binary.
+fn release_binary() -> anyhow::Result<std::path::PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--release", "--package", "forwarder-user"])
+        .status()?;
+    anyhow::ensure!(status.success(), "building forwarder (release) failed");
+    Ok(target_dir().join("release/forwarder"))
 }
 
 /// Cargo's target directory: $CARGO_TARGET_DIR (relative to the current directory, as cargo
