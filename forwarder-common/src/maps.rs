@@ -6,10 +6,13 @@ use core::mem::size_of;
 /// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash).
 pub const MAP_FORWARDS: &str = "FWD_RULES";
 /// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (hash).
-/// `_V3`: the value grew netfilter's TCP states, flags and sequence tracking (docs/maps.md);
-/// the loader migrates entries of a pinned [`MAP_CONNTRACK_V2`] or [`MAP_CONNTRACK_V1`]
-/// left by an earlier version.
-pub const MAP_CONNTRACK: &str = "FWD_CT_V3";
+/// `_V4`: the value grew the connection's creation time (`conntrack list` shows its age);
+/// `_V3` had grown netfilter's TCP states, flags and sequence tracking (docs/maps.md). The
+/// loader migrates entries of a pinned [`MAP_CONNTRACK_V3`], [`MAP_CONNTRACK_V2`] or
+/// [`MAP_CONNTRACK_V1`] left by an earlier version.
+pub const MAP_CONNTRACK: &str = "FWD_CT_V4";
+/// The connection table with TCP states but no creation time: [`CtKey`] -> [`CtValueV3`].
+pub const MAP_CONNTRACK_V3: &str = "FWD_CT_V3";
 /// The connection table with a next-hop cache and state bits: [`CtKey`] -> [`CtValueV2`].
 pub const MAP_CONNTRACK_V2: &str = "FWD_CT_V2";
 /// The connection table of versions before the next-hop cache: [`CtKey`] -> [`CtValueV1`].
@@ -198,8 +201,66 @@ pub struct CtValue {
     /// and this direction's `CT_SEQ_KNOWN`.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// bpf_ktime_get_ns() when the connection was made (or reopened), the same in both
+    /// entries; 0 when unknown (carried over from a table that did not record it).
+    pub created_ns: u64,
 }
-const _: () = assert!(size_of::<CtValue>() == 88);
+const _: () = assert!(size_of::<CtValue>() == 96);
+
+/// [`CtValue`] of the versions before the creation time (map [`MAP_CONNTRACK_V3`]). Read
+/// once when migrating a pinned table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValueV3 {
+    pub new_src_addr: [u8; 16],
+    pub new_dst_addr: [u8; 16],
+    pub new_src_port_be: u16,
+    pub new_dst_port_be: u16,
+    pub forward_id: u32,
+    pub direction: u8,
+    pub state: u8,
+    pub nh_l3_delta: u16,
+    pub nh_ifindex: u32,
+    pub last_seen_ns: u64,
+    pub nh_dmac: [u8; 6],
+    pub nh_smac: [u8; 6],
+    pub nh_l4_delta: u16,
+    pub nh_len_ok: u16,
+    pub nh_gen: u32,
+    pub nh_jiffies: u32,
+    pub seq_end: u32,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtValueV3>() == 88);
+
+impl CtValueV3 {
+    /// This entry as a current one; its creation time is unknown (0).
+    pub fn upgrade(&self) -> CtValue {
+        CtValue {
+            new_src_addr: self.new_src_addr,
+            new_dst_addr: self.new_dst_addr,
+            new_src_port_be: self.new_src_port_be,
+            new_dst_port_be: self.new_dst_port_be,
+            forward_id: self.forward_id,
+            direction: self.direction,
+            state: self.state,
+            nh_l3_delta: self.nh_l3_delta,
+            nh_ifindex: self.nh_ifindex,
+            last_seen_ns: self.last_seen_ns,
+            nh_dmac: self.nh_dmac,
+            nh_smac: self.nh_smac,
+            nh_l4_delta: self.nh_l4_delta,
+            nh_len_ok: self.nh_len_ok,
+            nh_gen: self.nh_gen,
+            nh_jiffies: self.nh_jiffies,
+            seq_end: self.seq_end,
+            flags: self.flags,
+            _pad: [0; 3],
+            created_ns: 0,
+        }
+    }
+}
 
 /// [`CtValue`] of the versions with a next-hop cache but no TCP states (map
 /// [`MAP_CONNTRACK_V2`]): `state` held per-direction bits ([`V2_SEEN_FIN`], ...). Read once
@@ -236,7 +297,7 @@ impl CtValueV2 {
     /// This entry as a V3 one, given the state bits of both entries of its connection: the
     /// nearest netfilter state (RST: CLOSE; a FIN: FIN_WAIT;
     /// answered: ESTABLISHED and assured; else SYN_SENT), sequence not yet known.
-    pub fn upgrade(&self, is_tcp: bool, connection_bits: u8) -> CtValue {
+    pub fn upgrade(&self, is_tcp: bool, connection_bits: u8) -> CtValueV3 {
         use crate::conntrack::*;
         let answered = connection_bits & V2_ANSWERED != 0;
         let (state, flags) = if !is_tcp {
@@ -250,7 +311,7 @@ impl CtValueV2 {
         } else {
             (TCP_SYN_SENT, 0)
         };
-        CtValue {
+        CtValueV3 {
             new_src_addr: self.new_src_addr,
             new_dst_addr: self.new_dst_addr,
             new_src_port_be: self.new_src_port_be,
@@ -261,7 +322,7 @@ impl CtValueV2 {
             last_seen_ns: self.last_seen_ns,
             flags,
             // The next hop is looked up again.
-            ..CtValue::default()
+            ..CtValueV3::default()
         }
     }
 }
@@ -647,6 +708,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for CtValueV1 {}
     unsafe impl aya::Pod for CtValueV2 {}
+    unsafe impl aya::Pod for CtValueV3 {}
     unsafe impl aya::Pod for FlowCacheSlot {}
     unsafe impl aya::Pod for FwdStats {}
     unsafe impl aya::Pod for IfaceConfig {}

@@ -208,6 +208,11 @@ fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, 
     let keep = CT_HOST_BACKEND | if reopen { 0 } else { CT_SEQ_KNOWN };
     entry.state = state;
     entry.flags = flags | (entry.flags & keep);
+    if reopen {
+        // A new connection on the old mapping (netfilter makes a new conntrack): a new age.
+        // SAFETY: helper without arguments.
+        entry.created_ns = unsafe { bpf_ktime_get_ns() };
+    }
     let Some(scratch) = FWD_SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU slot, used by this program run only.
     let other = unsafe { &mut (*scratch).other };
@@ -217,6 +222,7 @@ fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, 
         let peer = unsafe { &mut *peer };
         peer.state = state;
         peer.flags = flags | (peer.flags & keep);
+        peer.created_ns = entry.created_ns;
     }
 }
 
@@ -339,6 +345,7 @@ pub fn commit_new<C: EbpfContext>(
         seq_end: 0,
         flags: if host { CT_HOST_BACKEND } else { 0 },
         _pad: [0; 3],
+        created_ns: now,
     };
 
     if fwd.snat_mode == SNAT_OFF || host {

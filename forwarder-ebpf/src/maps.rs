@@ -16,7 +16,7 @@ pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFA
 
 /// A plain (not LRU) hash: when full, new flows are refused and counted, and established
 /// ones are never evicted; userspace expires idle connections.
-#[map(name = "FWD_CT_V3")]
+#[map(name = "FWD_CT_V4")]
 pub static FWD_CT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 /// Route generation (index 0), bumped by userspace on every route, neighbour, link, address

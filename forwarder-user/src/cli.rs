@@ -100,6 +100,38 @@ pub enum Command {
         #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// The connection table of the running instance, as conntrack-tools shows netfilter's.
+    Conntrack {
+        #[command(subcommand)]
+        action: ConntrackAction,
+        /// bpffs directory of the instance's pinned maps.
+        #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConntrackAction {
+    /// Every connection: original tuple (client -> listen), reply tuple (backend -> the SNAT
+    /// address and port it answers to), state ([A]: assured), age and idle seconds.
+    List {
+        /// Only this forward's connections.
+        #[arg(long)]
+        forward: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete connections (both directions), of one forward or all: their next packets are
+    /// new flows (a TCP segment that is not a SYN is refused), as with `conntrack -F`.
+    Flush {
+        /// Only this forward's connections.
+        #[arg(long)]
+        forward: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,6 +213,26 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Conntrack { action, pin_path } => match action {
+            ConntrackAction::List { forward, json } => {
+                let conns = crate::connections::list(&pin_path, forward.as_deref())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&conns)?);
+                } else {
+                    print!("{}", crate::connections::render(&conns));
+                }
+                Ok(())
+            }
+            ConntrackAction::Flush { forward, json } => {
+                let n = crate::connections::flush(&pin_path, forward.as_deref())?;
+                if json {
+                    println!("{}", serde_json::json!({ "flushed": n }));
+                } else {
+                    println!("{n} connections flushed");
+                }
+                Ok(())
+            }
+        },
         Command::Detach { pin_path } => {
             loader::check_bpffs(&pin_path)?;
             let _lock = loader::PinLock::acquire(&pin_path)

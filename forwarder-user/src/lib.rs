@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod daemon;
 pub mod error;
 pub mod loader;

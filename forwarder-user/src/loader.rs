@@ -467,13 +467,15 @@ fn unpin_link(path: &Path) {
 }
 
 /// Carries the connections of a connection table pinned by an earlier version (`FWD_CT`,
-/// 56-byte values without a next-hop cache, or `FWD_CT_V2`, 80-byte values with state bits)
-/// into `FWD_CT_V3`, then removes the old pin, so an upgrade in place keeps every tracked
+/// 56-byte values without a next-hop cache, `FWD_CT_V2`, 80-byte values with state bits, or
+/// `FWD_CT_V3`, 88-byte values without the creation time) into `FWD_CT_V4`, then removes the
+/// old pin, so an upgrade in place keeps every tracked
 /// connection. Each connection's state is derived from the bits of both its entries
 /// ([`forwarder_common::CtValueV2::upgrade`]). Best effort: a table that cannot be read as
 /// its layout is left where it is, with a warning.
 fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
     use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2};
+    migrate_conntrack_v3(ebpf, pin_dir);
     type Read = fn(&Path) -> std::result::Result<Vec<(forwarder_common::CtKey, CtValueV2)>, String>;
     let v1: Read = |p| Ok(read_pinned_table::<CtValueV1>(p)?.into_iter().map(|(k, v)| (k, v.into())).collect());
     for (name, read) in [(MAP_CONNTRACK_V2, read_pinned_table::<CtValueV2> as Read), (MAP_CONNTRACK_V1, v1)] {
@@ -492,6 +494,33 @@ fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
             }
             Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
         }
+    }
+}
+
+/// `FWD_CT_V3` (88-byte values, no creation time) into the current table: each entry as it
+/// was, its age unknown.
+fn migrate_conntrack_v3(ebpf: &mut Ebpf, pin_dir: &Path) {
+    use aya::maps::HashMap;
+    use forwarder_common::{CT_DIR_ORIGINAL, CtKey, CtValue, CtValueV3, MAP_CONNTRACK, MAP_CONNTRACK_V3};
+    let old_path = pin_dir.join(MAP_CONNTRACK_V3);
+    if !old_path.exists() {
+        return;
+    }
+    let moved = (|| -> std::result::Result<usize, String> {
+        let old = read_pinned_table::<CtValueV3>(&old_path)?;
+        let new = ebpf.map_mut(MAP_CONNTRACK).ok_or("no connection table in the object")?;
+        let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(new).map_err(|e| e.to_string())?;
+        for (k, v) in &old {
+            new.insert(k, v.upgrade(), 0).map_err(|e| e.to_string())?;
+        }
+        Ok(old.iter().filter(|(_, v)| v.direction == CT_DIR_ORIGINAL).count())
+    })();
+    match moved {
+        Ok(n) => {
+            let _ = std::fs::remove_file(&old_path);
+            info!(connections = n, "connection table migrated from {MAP_CONNTRACK_V3} to {MAP_CONNTRACK}");
+        }
+        Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
     }
 }
 
@@ -556,7 +585,7 @@ fn insert_upgraded(
             ..*k
         };
         let bits = v.state | by_key.get(&other).copied().unwrap_or(0);
-        new.insert(k, v.upgrade(k.proto == PROTO_TCP, bits), 0).map_err(|e| e.to_string())?;
+        new.insert(k, v.upgrade(k.proto == PROTO_TCP, bits).upgrade(), 0).map_err(|e| e.to_string())?;
         moved += (v.direction == CT_DIR_ORIGINAL) as usize;
     }
     Ok(moved)

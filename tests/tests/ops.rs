@@ -512,12 +512,12 @@ fn hex(bytes: &[u8]) -> Vec<String> {
 
 /// An upgrade in place keeps tracked connections: the connection table an earlier version
 /// pinned (`FWD_CT`, 56-byte values before the next-hop cache; `FWD_CT_V2`, 80-byte values
-/// with state bits) is carried into `FWD_CT_V3`, each connection in the netfilter state its
-/// bits say, and its pin removed. The old tables are made here with bpftool, as the old
+/// with state bits; `FWD_CT_V3`, 88-byte values without the creation time) is carried into
+/// `FWD_CT_V4`, each connection in the netfilter state its bits say, and its pin removed. The old tables are made here with bpftool, as the old
 /// versions made them.
 #[test]
 fn connections_pinned_by_an_older_version_are_migrated() {
-    use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2};
+    use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2, MAP_CONNTRACK_V3, V2_ANSWERED};
     // The V1 layout is V2's first 40 bytes, padding, then last_seen_ns at 48.
     let v1 = |v: &CtValueV2| {
         let mut o = CtValueV1 {
@@ -536,6 +536,8 @@ fn connections_pinned_by_an_older_version_are_migrated() {
     };
     migrate_from(MAP_CONNTRACK_V1, 56, &v1);
     migrate_from(MAP_CONNTRACK_V2, 80, &|v: &CtValueV2| as_bytes(v));
+    // V3 held the connection's state in both entries already.
+    migrate_from(MAP_CONNTRACK_V3, 88, &|v: &CtValueV2| as_bytes(&v.upgrade(true, 1 | V2_ANSWERED)));
 }
 
 fn as_bytes<T>(v: &T) -> Vec<u8> {
@@ -633,6 +635,7 @@ fn migrate_from(name: &str, value_size: usize, encode: &dyn Fn(&forwarder_common
         );
         assert_eq!((v.state, v.flags & CT_ASSURED), (TCP_ESTABLISHED, CT_ASSURED), "{name}: established, assured");
         assert_eq!((v.last_seen_ns, v.nh_ifindex), (123_456_789, 0), "{name}: no cached next hop");
+        assert_eq!(v.created_ns, 0, "{name}: age unknown");
     }
     assert!(!old_path.exists(), "{name}: old table unpinned");
     assert!(pin.0.join(MAP_CONNTRACK).exists());
