@@ -12,7 +12,9 @@ pub enum Reason {
     Malformed = 3,
     /// IPv4 header with options: passed untouched to the stack.
     IpOptions = 4,
-    /// IP fragment: passed untouched to the stack.
+    /// A fragment of no forward's datagram (a first fragment that matches no forward and
+    /// no tracked flow, or a fragment of a protocol other than TCP/UDP): passed untouched
+    /// to the stack, which reassembles it.
     Fragment = 5,
     /// IP but neither TCP nor UDP: passed.
     NotTcpUdp = 6,
@@ -77,10 +79,22 @@ pub enum Reason {
     /// unconnected socket was in a live exchange with the same backend through another
     /// listen address, and the answers of the two could not be told apart.
     LocalUdpAmbiguous = 31,
+    /// Not an outcome: a fragment of a forwarded datagram was translated (the first with
+    /// its L4 header, a later one by the ports its first fragment recorded in
+    /// `FWD_FRAG_V1`). The packet is counted again under how it left.
+    FragmentTranslated = 34,
+    /// A later fragment (offset > 0) of a TCP/UDP datagram whose first fragment forwarder
+    /// has not translated: it has not come yet (out of order), it came more than a second
+    /// earlier, or the datagram is not a forward's (the host's own). Passed untouched: the
+    /// stack holds it for reassembly against its local destination and drops it on timeout.
+    FragmentUnknown = 35,
+    /// A first fragment whose ports could not be recorded in `FWD_FRAG_V1`: dropped (its
+    /// later fragments could not be translated).
+    FragmentMapFull = 36,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 30] = [
+pub const ALL_REASONS: [Reason; 33] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -111,6 +125,9 @@ pub const ALL_REASONS: [Reason; 30] = [
     Reason::EarlyDrop,
     Reason::HostSocket,
     Reason::LocalUdpAmbiguous,
+    Reason::FragmentTranslated,
+    Reason::FragmentUnknown,
+    Reason::FragmentMapFull,
 ];
 
 impl Reason {
@@ -147,6 +164,9 @@ impl Reason {
             29 => Some(Reason::EarlyDrop),
             30 => Some(Reason::HostSocket),
             31 => Some(Reason::LocalUdpAmbiguous),
+            34 => Some(Reason::FragmentTranslated),
+            35 => Some(Reason::FragmentUnknown),
+            36 => Some(Reason::FragmentMapFull),
             _ => None,
         }
     }
@@ -184,6 +204,9 @@ impl Reason {
             Reason::EarlyDrop => "early_drop",
             Reason::HostSocket => "host_socket",
             Reason::LocalUdpAmbiguous => "local_udp_ambiguous",
+            Reason::FragmentTranslated => "fragment_translated",
+            Reason::FragmentUnknown => "fragment_unknown",
+            Reason::FragmentMapFull => "fragment_map_full",
         }
     }
 
@@ -197,12 +220,14 @@ impl Reason {
                 | Reason::CtInvalid
                 | Reason::RstOutOfWindow
                 | Reason::LocalUdpAmbiguous
+                | Reason::FragmentMapFull
         )
     }
 
-    /// True for a code that counts connection-table events, not packets.
+    /// True for a code that counts no packet's outcome: connection-table events, and
+    /// fragments translated (each also counted under how it left).
     pub const fn is_event(self) -> bool {
-        matches!(self, Reason::EarlyDrop)
+        matches!(self, Reason::EarlyDrop | Reason::FragmentTranslated)
     }
 
     /// True when packets counted under this code were forwarded (rewritten).
@@ -223,7 +248,8 @@ impl Reason {
     /// How operators read the code: "forwarded" (a forward's packet, rewritten, and how it
     /// left), "peer" (sent to a same-switch peer or left to routing for one), "dropped", or
     /// "passed" (to the kernel untouched); "event" is no packet's outcome (a connection
-    /// dropped early), so packet totals leave it out.
+    /// dropped early, a fragment translated and counted again under how it left), so
+    /// packet totals leave it out.
     pub const fn kind(self) -> &'static str {
         if self.is_event() {
             "event"

@@ -17,7 +17,7 @@ use crate::{
     l2,
     maps::FWD_CT,
     nat::{decrement_ttl_tc, replace_addr},
-    parse::{Flow, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
+    parse::{FRAG_NONE, Flow, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
     route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
     verdict::Outcome,
 };
@@ -77,10 +77,15 @@ fn sum2(b: [u8; 2]) -> u32 {
 #[inline(always)]
 fn try_translate(ctx: &TcContext) -> Outcome {
     let w = crate::maps::work()?;
-    let (family, osrc, odst, proto, ttl, tos, l3_len, icmp_off) = parse_l3(ctx).map_err(|_| Reason::IcmpError)?;
+    parse_l3(ctx, &mut w.flow).map_err(|_| Reason::IcmpError)?;
+    let f = &w.flow;
+    if f.frag != FRAG_NONE {
+        return Err(Reason::IcmpError);
+    }
+    let (family, proto, ttl, tos, l3_len, icmp_off) = (f.family, f.proto, f.ttl, f.tos, f.l3_len, f.l4_off());
     let a = &mut w.icmp;
-    a.osrc = osrc;
-    a.odst = odst;
+    a.osrc = f.src;
+    a.odst = f.dst;
     let v6 = family == FAMILY_V6;
     let icmp_check = icmp_off + 2;
     let inner_l3 = icmp_off + 8;
@@ -167,6 +172,9 @@ fn try_translate(ctx: &TcContext) -> Outcome {
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_payload: 0,
+        frag: FRAG_NONE,
+        l4_off: icmp_off as u8,
+        frag_id: 0,
     };
     w.to = Tuple { src: w.icmp.new_osrc, dst: w.icmp.new_isrc, sport: [0; 2], dport: [0; 2] };
     // SAFETY: reading a context field.

@@ -6,6 +6,7 @@ pub mod conntrack;
 mod csum;
 mod ctx;
 mod fastpath;
+mod frag;
 mod icmp;
 mod l2;
 mod local;
@@ -31,7 +32,7 @@ use forwarder_common::{GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, SNAT_AUTO, SNAT_FI
 use crate::{
     conntrack::{Plan, Tuple},
     maps::{FWD_GLOBAL, FWD_TX_PORTS},
-    parse::{Flow, L3Dst},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
 };
 
@@ -71,7 +72,11 @@ fn commit<C: EbpfContext>(
 ) -> Result<(), Reason> {
     match plan {
         Plan::Tracked { entry } => {
-            conntrack::track(entry, flow)?;
+            // A later fragment carries no TCP flags or sequence: it moves no state (its
+            // first fragment did).
+            if flow.frag != FRAG_LATER {
+                conntrack::track(entry, flow)?;
+            }
             *new = *to;
             Ok(())
         }
@@ -158,6 +163,12 @@ fn l3_dst(addr: [u8; 16], flow: &Flow) -> L3Dst {
 fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     let w = maps::work()?;
     parse::parse_flow(ctx, &mut w.flow)?;
+    // Fragments of TCP/UDP datagrams are TC's: a later fragment needs its first fragment's
+    // record, and in a driver's batch XDP may see a later frame before TC has seen an
+    // earlier one; TC, in the stack, takes them in the order they came.
+    if w.flow.frag != FRAG_NONE {
+        return Err(Reason::XdpToTc);
+    }
     let mut plan = conntrack::classify(&w.flow, untracked)?;
     if csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
         return Err(Reason::XdpToTc);
@@ -213,40 +224,51 @@ fn xdp_said_skip(ctx: &TcContext) -> bool {
     unsafe { core::ptr::read_unaligned(meta as *const u32) == XDP_META_SKIP }
 }
 
-/// Minimum linear bytes the parser needs (Ethernet + IPv4 + TCP header).
-const PULL_LEN: u32 = 14 + 20 + 20;
+/// Linear bytes the parser may need: Ethernet, IPv6, a fragment header and a TCP header.
+const PULL_LEN: u32 = 14 + 40 + 8 + 20;
 
 /// The complete path: everything XDP hands over, and everything when XDP is off.
 #[inline(always)]
 fn try_tc(ctx: &TcContext) -> verdict::Outcome {
-    if ctx.data() + (PULL_LEN as usize) > ctx.data_end() && ctx.len() >= PULL_LEN {
-        let _ = ctx.pull_data(PULL_LEN);
+    let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+    if ctx.data() + (want as usize) > ctx.data_end() {
+        let _ = ctx.pull_data(want);
     }
     let w = maps::work()?;
     if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {
         return to_peer_or(ctx, r);
     }
+    if w.flow.frag == FRAG_LATER {
+        frag::ports_of_later(&mut w.flow, &mut w.frag_key)?;
+    }
     let mut plan = match conntrack::classify(&w.flow, false) {
         Ok(p) => p,
-        Err(r) => return to_peer_or(ctx, r),
+        Err(r) => return to_peer_or(ctx, frag::not_ours(&w.flow, r)),
     };
+    // A later fragment follows its connection; it never opens one.
+    if w.flow.frag == FRAG_LATER && !matches!(plan, Plan::Tracked { .. }) {
+        return Err(Reason::FragmentUnknown);
+    }
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
     route::lookup(ctx, ingress, &w.flow, &w.to, want_src, false, &mut w.params, &mut w.fib);
     commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    if w.flow.frag == FRAG_FIRST {
+        frag::record(&w.flow, &mut w.frag_key)?;
+    }
     let (flow, new, fib) = (&w.flow, &w.new, &w.fib);
     if peers_enabled() {
         let dst = l3_dst(new.dst, flow);
         if let Some(p) = peer::lookup(&dst).filter(|p| p.state == PEER_DIRECT) {
-            nat::rewrite_tc(ctx, flow, new, false)?;
+            rewrite_tc(ctx, flow, new, false)?;
             stats::count_forwarded(forward_id, flow.l3_len);
             let (action, _) = peer::deliver(ctx, &dst, p, true)?;
             return Ok((action, Reason::RedirectTc));
         }
     }
     let sends_itself = flow.ttl > 1 && (fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64);
-    nat::rewrite_tc(ctx, flow, new, sends_itself)?;
+    rewrite_tc(ctx, flow, new, sends_itself)?;
     stats::count_forwarded(forward_id, flow.l3_len);
     if flow.ttl <= 1 {
         return Ok((TC_ACT_OK, Reason::TtlToStack));
@@ -266,6 +288,16 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
         FIB_FRAG_NEEDED if fib.rc >= 0 => Ok((TC_ACT_OK, Reason::FibFragNeeded)),
         _ => Ok((TC_ACT_OK, Reason::FibToStack)),
     }
+}
+
+/// The TC rewrite ([`nat::rewrite_tc`]); a fragment is counted as translated too.
+#[inline(always)]
+fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
+    nat::rewrite_tc(ctx, flow, new, dec_ttl)?;
+    if flow.frag != FRAG_NONE {
+        stats::count_reason(Reason::FragmentTranslated);
+    }
+    Ok(())
 }
 
 /// A packet that is not a forward's: when it is addressed to a peer, it goes straight there.

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod daemon;
+pub mod frames;
 pub mod kubelet;
 pub mod netns;
 pub mod topo;
