@@ -10,7 +10,7 @@
 //! neighbour 203.0.113.20), both with static neighbour entries.
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::PacketBuilder;
+use etherparse::{Ethernet2Header, IpHeaders, PacketBuilder, PacketBuilderStep};
 use forwarder::{
     config::{Config, OnForwardRemoved},
     loader::{Instance, LoadOptions},
@@ -37,6 +37,34 @@ pub const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0
 pub const ROUTER_IN6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 pub const ROUTER_OUT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 pub const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20];
+
+/// The fixture's usual forwards: TCP 3306 and UDP 53 to the backend, IPv4 (ids 1, 2) and
+/// IPv6 (ids 3, 4).
+pub const CONFIG: &str = r#"
+[[forward]]
+name = "mysql"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+
+[[forward]]
+name = "dns"
+protocol = "udp"
+listen = "192.0.2.1:53"
+backend = "203.0.113.20:5353"
+
+[[forward]]
+name = "mysql6"
+protocol = "tcp"
+listen = "[::]:3306"
+backend = "[2001:db8:2::20]:3197"
+
+[[forward]]
+name = "dns6"
+protocol = "udp"
+listen = "[2001:db8:1::1]:53"
+backend = "[2001:db8:2::20]:5353"
+"#;
 
 pub struct Fixture {
     pub inst: Instance,
@@ -163,18 +191,38 @@ impl Fixture {
     }
 }
 
-pub fn tcp_frame(
+/// An address etherparse builds an IP header of: IPv4 (4 bytes) or IPv6 (16), TTL 64.
+pub trait IpAddress: Copy {
+    fn ip_over(self, dst: Self, eth: PacketBuilderStep<Ethernet2Header>) -> PacketBuilderStep<IpHeaders>;
+}
+
+impl IpAddress for [u8; 4] {
+    fn ip_over(self, dst: Self, eth: PacketBuilderStep<Ethernet2Header>) -> PacketBuilderStep<IpHeaders> {
+        eth.ipv4(self, dst, 64)
+    }
+}
+
+impl IpAddress for [u8; 16] {
+    fn ip_over(self, dst: Self, eth: PacketBuilderStep<Ethernet2Header>) -> PacketBuilderStep<IpHeaders> {
+        eth.ipv6(self, dst, 64)
+    }
+}
+
+/// A TCP segment (sequence 1000, window 65000): with `syn` a SYN, or from the server
+/// (`SERVER_MAC`) a SYN-ACK answering the client's; else an ACK of 5000. IPv4 or IPv6 by
+/// the addresses.
+#[allow(clippy::too_many_arguments)] // a frame is its fields
+pub fn tcp_frame<A: IpAddress>(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
+    src: A,
+    dst: A,
     sport: u16,
     dport: u16,
     syn: bool,
     payload: &[u8],
 ) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1000, 65000);
-    // The server's `syn` frames answer the client's: SYN-ACK.
+    let b = src.ip_over(dst, PacketBuilder::ethernet2(src_mac, dst_mac)).tcp(sport, dport, 1000, 65000);
     let b = if syn && src_mac == SERVER_MAC {
         b.syn().ack(1001)
     } else if syn {
@@ -187,56 +235,23 @@ pub fn tcp_frame(
     v
 }
 
-pub fn udp_frame(
+/// A UDP datagram, IPv4 or IPv6 by the addresses.
+pub fn udp_frame<A: IpAddress>(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
+    src: A,
+    dst: A,
     sport: u16,
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(sport, dport).write(&mut v, payload).unwrap();
+    src.ip_over(dst, PacketBuilder::ethernet2(src_mac, dst_mac)).udp(sport, dport).write(&mut v, payload).unwrap();
     v
 }
 
-pub fn tcp6_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 16],
-    dst: [u8; 16],
-    sport: u16,
-    dport: u16,
-    syn: bool,
-    payload: &[u8],
-) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src, dst, 64).tcp(sport, dport, 1000, 65000);
-    let b = if syn && src_mac == SERVER_MAC {
-        b.syn().ack(1001)
-    } else if syn {
-        b.syn()
-    } else {
-        b.ack(5000)
-    };
-    let mut v = Vec::new();
-    b.write(&mut v, payload).unwrap();
-    v
-}
-
-pub fn udp6_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 16],
-    dst: [u8; 16],
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src, dst, 64).udp(sport, dport).write(&mut v, payload).unwrap();
-    v
-}
+/// The same builders, named for the IPv6 frames they build.
+pub use self::{tcp_frame as tcp6_frame, udp_frame as udp6_frame};
 
 /// The EtherType of an Ethernet frame.
 fn ether_type(frame: &[u8]) -> Option<[u8; 2]> {
@@ -262,7 +277,7 @@ fn fold(mut sum: u64) -> u16 {
 /// all but the last and a fresh header checksum; IPv6 with a fragment header (RFC 8200
 /// 4.5) of identification `id` after the fixed header.
 pub fn fragment(frame: &[u8], id: u32, chunk: usize) -> Vec<Vec<u8>> {
-    assert!(chunk > 0 && chunk % 8 == 0, "fragment payloads are multiples of 8 bytes");
+    assert!(chunk > 0 && chunk.is_multiple_of(8), "fragment payloads are multiples of 8 bytes");
     let v6 = ether_type(frame) == Some([0x86, 0xdd]);
     let l3 = &frame[14..];
     let (hdr_len, total) = if v6 {

@@ -24,33 +24,13 @@ use forwarder_common::{
 use forwarder_tests::{
     Daemon, Netns,
     frames::{
-        CLIENT, CLIENT_MAC, CLIENT6, Fixture, ROUTER_IN, ROUTER_IN6, ROUTER_OUT, ROUTER_OUT6, SERVER, SERVER_MAC,
-        SERVER6, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, fragment, fragment_info, fragment_invariants, tcp_frame,
-        udp_frame, udp6_frame, with_fixture,
+        CLIENT, CLIENT_MAC, CLIENT6, CONFIG, Fixture, ROUTER_IN, ROUTER_IN6, ROUTER_OUT, ROUTER_OUT6, SERVER,
+        SERVER_MAC, SERVER6, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, fragment, fragment_info, fragment_invariants,
+        tcp_frame, udp_frame, udp6_frame, with_fixture,
     },
     netns::run_ok,
     topo::Line,
 };
-
-const CONFIG: &str = r#"
-[[forward]]
-name = "dns"
-protocol = "udp"
-listen = "192.0.2.1:53"
-backend = "203.0.113.20:5353"
-
-[[forward]]
-name = "dns6"
-protocol = "udp"
-listen = "[2001:db8:1::1]:53"
-backend = "[2001:db8:2::20]:5353"
-
-[[forward]]
-name = "mysql"
-protocol = "tcp"
-listen = "192.0.2.1:3306"
-backend = "203.0.113.20:3197"
-"#;
 
 /// Payload bytes per fragment on a 1500-byte link: IPv4 1500 - 20, IPv6 1500 - 40 - 8
 /// rounded down to a multiple of 8.
@@ -148,7 +128,7 @@ fn ipv4_udp_fragments_are_translated_both_ways() {
         assert_eq!(fx.reason(Reason::RedirectTc), 3);
         assert_eq!(fx.reason(Reason::FragmentTranslated), 3);
         assert_eq!(fx.reason(Reason::FragmentUnknown), 0);
-        assert_eq!((fx.stats(1).packets, fx.stats(1).new_conns), (3, 1));
+        assert_eq!((fx.stats(2).packets, fx.stats(2).new_conns), (3, 1));
         assert_eq!(fx.conntrack_len(), 2);
         // Recorded under the datagram's addresses and identification as they came in.
         let (key, value) = frag_record(fx, &CLIENT, 0x1234).expect("the first fragment's record");
@@ -168,7 +148,7 @@ fn ipv4_udp_fragments_are_translated_both_ways() {
         assert_eq!(fx.reason(Reason::FragmentTranslated), 6);
         let states: Vec<u8> = fx.state.conntrack().unwrap().iter().map(|(_, v)| v.state).collect();
         assert_eq!(states, [UDP_REPLIED, UDP_REPLIED], "the answer's first fragment made the flow replied");
-        assert_eq!(fx.stats(1).packets, 6);
+        assert_eq!(fx.stats(2).packets, 6);
     });
 }
 
@@ -213,7 +193,7 @@ fn ipv6_udp_fragments_are_translated_both_ways() {
             assert_translated(f, out, &ROUTER_IN6, &CLIENT6, if i == 0 { 8 } else { 0 }, false);
         }
         assert_eq!(fx.reason(Reason::FragmentTranslated), 6);
-        assert_eq!(fx.stats(2).packets, 6);
+        assert_eq!(fx.stats(4).packets, 6);
 
         // An atomic fragment: translated whole, not counted as a fragment.
         let small = udp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 5000, 53, b"atomic");
@@ -437,8 +417,9 @@ fn client_exchanges(ns: &Netns, to: &'static str) -> Result<(), String> {
     .unwrap()
 }
 
-fn reason(stats: &serde_json::Value, name: &str) -> u64 {
-    stats["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == name).unwrap()["packets"].as_u64().unwrap()
+/// A reason's entry in `stats --json`.
+fn reason<'a>(stats: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    stats["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == name).unwrap()
 }
 
 /// Both exchanges over IPv4 and IPv6 through the router, as `via` forwards.
@@ -458,8 +439,14 @@ fn large_datagrams_both_ways(via: Via) {
     let Some(d) = &sb.daemon else { return };
     let stats = d.stats().unwrap();
     // Per family: the first answer, the request and its answer, three fragments each.
-    assert_eq!(reason(&stats, "fragment_translated"), 2 * 9, "{via:?}: {stats}");
-    assert_eq!(reason(&stats, "fragment_unknown"), 0, "{via:?}: {stats}");
+    assert_eq!(reason(&stats, "fragment_translated")["packets"], 2 * 9, "{via:?}: {stats}");
+    assert_eq!(reason(&stats, "fragment_unknown")["packets"], 0, "{via:?}: {stats}");
+    // The kinds README tells operators to read them by.
+    for (name, kind) in
+        [("fragment_translated", "event"), ("fragment_unknown", "passed"), ("fragment_map_full", "dropped")]
+    {
+        assert_eq!(reason(&stats, name)["kind"], kind, "{name}");
+    }
     for f in stats["forwards"].as_array().unwrap() {
         assert_eq!(f["packets"], 1 + 9, "{via:?}: the query and nine fragments: {stats}");
     }

@@ -14,36 +14,10 @@ use forwarder_common::{
     flow_cache_bucket,
 };
 use forwarder_tests::frames::{
-    CLIENT, CLIENT_MAC, CLIENT6, Fixture, ROUTER_IN, ROUTER_IN6, ROUTER_OUT, ROUTER_OUT6, SERVER, SERVER_MAC, SERVER6,
-    TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_REDIRECT, fragment_invariants, tcp_frame, tcp6_frame,
+    CLIENT, CLIENT_MAC, CLIENT6, CONFIG, Fixture, ROUTER_IN, ROUTER_IN6, ROUTER_OUT, ROUTER_OUT6, SERVER, SERVER_MAC,
+    SERVER6, TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_REDIRECT, fragment_invariants, tcp_frame, tcp6_frame,
     udp_frame, udp6_frame, with_fixture,
 };
-
-const CONFIG: &str = r#"
-[[forward]]
-name = "mysql"
-protocol = "tcp"
-listen = "0.0.0.0:3306"
-backend = "203.0.113.20:3197"
-
-[[forward]]
-name = "dns"
-protocol = "udp"
-listen = "192.0.2.1:53"
-backend = "203.0.113.20:5353"
-
-[[forward]]
-name = "mysql6"
-protocol = "tcp"
-listen = "[::]:3306"
-backend = "[2001:db8:2::20]:3197"
-
-[[forward]]
-name = "dns6"
-protocol = "udp"
-listen = "[2001:db8:1::1]:53"
-backend = "[2001:db8:2::20]:5353"
-"#;
 
 /// Parsed output: (eth src, eth dst, ip src, ip dst, ttl, sport, dport) after asserting that
 /// every checksum is valid.
