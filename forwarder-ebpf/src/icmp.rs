@@ -17,7 +17,7 @@ use crate::{
     l2,
     maps::FWD_CT,
     nat::{decrement_ttl_tc, replace_addr},
-    parse::{FRAG_NONE, Flow, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
+    parse::{FRAG_NONE, Flow, IPPROTO_FRAGMENT, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
     route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
     verdict::Outcome,
 };
@@ -90,15 +90,29 @@ fn try_translate(ctx: &TcContext) -> Outcome {
     let icmp_check = icmp_off + 2;
     let inner_l3 = icmp_off + 8;
 
-    // The quoted header: IPv4 without options or IPv6 without extensions, then TCP/UDP.
+    // The quoted header: IPv4 without options or IPv6 without extensions but a fragment
+    // header, then TCP/UDP. A quoted fragment must be a first one: a later one has no L4
+    // header to find its connection by.
     let (iproto, inner_l4, isrc_off, idst_off) = if v6 {
         let vtc = ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)?;
         if vtc >> 4 != 6 {
             return Err(Reason::IcmpError);
         }
-        (ctx.load::<u8>(inner_l3 + 6).map_err(|_| Reason::IcmpError)?, inner_l3 + 40, inner_l3 + 8, inner_l3 + 24)
+        let nh = ctx.load::<u8>(inner_l3 + 6).map_err(|_| Reason::IcmpError)?;
+        if nh == IPPROTO_FRAGMENT {
+            // Next header, reserved, offset and M.
+            let fh = ctx.load::<[u8; 4]>(inner_l3 + 40).map_err(|_| Reason::IcmpError)?;
+            if u16::from_be_bytes([fh[2], fh[3]]) >> 3 != 0 {
+                return Err(Reason::IcmpError);
+            }
+            (fh[0], inner_l3 + 48, inner_l3 + 8, inner_l3 + 24)
+        } else {
+            (nh, inner_l3 + 40, inner_l3 + 8, inner_l3 + 24)
+        }
     } else {
-        if ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)? != 0x45 {
+        if ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)? != 0x45
+            || u16::from_be_bytes(load2(ctx, inner_l3 + 6)?) & 0x1fff != 0
+        {
             return Err(Reason::IcmpError);
         }
         (ctx.load::<u8>(inner_l3 + 9).map_err(|_| Reason::IcmpError)?, inner_l3 + 20, inner_l3 + 12, inner_l3 + 16)

@@ -111,7 +111,7 @@ fn v6_addr(b: &[u8; 40], at: usize) -> [u8; 16] {
 }
 
 /// IPv6 next header of a fragment header.
-const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_FRAGMENT: u8 = 44;
 
 /// IPv6 next-header values of extension headers: such packets go to the stack untouched
 /// (a fragment header, 44, is taken apart first).

@@ -9,7 +9,7 @@
 //! v0 192.0.2.1/24 (client side, neighbour 192.0.2.2) and v1 203.0.113.1/24 (server side,
 //! neighbour 203.0.113.20), both with static neighbour entries.
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult};
 use etherparse::{Ethernet2Header, IpHeaders, PacketBuilder, PacketBuilderStep};
 use forwarder::{
     config::{Config, OnForwardRemoved},
@@ -128,27 +128,31 @@ pub fn with_fixture(config: &str, test: impl FnOnce(&mut Fixture) + Send + 'stat
     .unwrap();
 }
 
+/// BPF_PROG_TEST_RUN through `run` (a program's test_run) on `frame` with the context
+/// `ctx`: (return value, output bytes).
+fn test_run(
+    run: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
+    frame: &[u8],
+    ctx: &[u8],
+) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts =
+        TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(ctx), ..Default::default() };
+    let r = run(opts).unwrap_or_else(|e| panic!("test run of {} bytes: {e}", frame.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 impl Fixture {
     /// XDP run as if `frame` arrived on `ifindex`: (verdict, output frame without metadata,
     /// metadata length).
     pub fn xdp(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>, usize) {
         // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
         let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = self
-            .inst
-            .xdp()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .unwrap();
-        out.truncate(r.data_size_out as usize);
+        let (verdict, out) = test_run(|o| self.inst.xdp().test_run(o), frame, &ctx);
         // Output starts at the metadata; XDP writes 4 bytes of it on "not ours" passes.
         let meta = out.len() - frame.len();
-        (r.return_value, out[meta..].to_vec(), meta)
+        (verdict, out[meta..].to_vec(), meta)
     }
 
     /// TC ingress run as if `frame` arrived on `ifindex`.
@@ -157,19 +161,7 @@ impl Fixture {
         let mut ctx = vec![0u8; 44];
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = self
-            .inst
-            .tc_ingress()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("TC test run of {} bytes: {e}", frame.len()));
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        test_run(|o| self.inst.tc_ingress().test_run(o), frame, &ctx)
     }
 
     /// The XDP program's fd number, for test runs from several threads at once.
@@ -381,7 +373,7 @@ pub fn fragment_info(frame: &[u8]) -> Option<FragmentInfo> {
 pub fn fragment_invariants(frame: &[u8]) -> Option<(bool, Option<u16>)> {
     let info = fragment_info(frame)?;
     let v6 = ether_type(frame) == Some([0x86, 0xdd]);
-    let header_ok = v6 || fold(sum_words(&frame[14..34])) == 0xffff;
+    let header_ok = v6 || ipv4_header_ok(&frame[14..34]);
     let l4 = &frame[info.payload_at..info.end];
     let check_at = match info.proto {
         6 => 16,
@@ -393,4 +385,22 @@ pub fn fragment_invariants(frame: &[u8]) -> Option<(bool, Option<u16>)> {
     }
     let addrs = if v6 { &frame[22..54] } else { &frame[26..34] };
     Some((header_ok, Some(fold(sum_words(addrs) + sum_words(l4)))))
+}
+
+/// Whether an IPv4 header's checksum is valid.
+pub fn ipv4_header_ok(header: &[u8]) -> bool {
+    fold(sum_words(header)) == 0xffff
+}
+
+/// Whether the ICMP (IPv4: over the message) or ICMPv6 (IPv6: pseudo header too) checksum
+/// of an ICMP frame without options or extension headers is valid.
+pub fn icmp_checksum_ok(frame: &[u8]) -> bool {
+    if ether_type(frame) == Some([0x86, 0xdd]) {
+        let len = u16::from_be_bytes([frame[18], frame[19]]) as usize;
+        let pseudo = sum_words(&frame[22..54]) + len as u64 + 58;
+        fold(pseudo + sum_words(&frame[54..54 + len])) == 0xffff
+    } else {
+        let len = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+        fold(sum_words(&frame[34..14 + len])) == 0xffff
+    }
 }

@@ -17,6 +17,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
+use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use forwarder_common::{
     FragKey, FragValue, MAP_FRAGMENTS, Reason,
     conntrack::{TCP_ESTABLISHED, UDP_REPLIED},
@@ -26,7 +27,7 @@ use forwarder_tests::{
     frames::{
         CLIENT, CLIENT_MAC, CLIENT6, CONFIG, Fixture, ROUTER_IN, ROUTER_IN6, ROUTER_OUT, ROUTER_OUT6, SERVER,
         SERVER_MAC, SERVER6, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, fragment, fragment_info, fragment_invariants,
-        tcp_frame, udp_frame, udp6_frame, with_fixture,
+        icmp_checksum_ok, ipv4_header_ok, tcp_frame, udp_frame, udp6_frame, with_fixture,
     },
     netns::run_ok,
     topo::Line,
@@ -282,6 +283,65 @@ fn fragments_before_their_first_or_after_its_record_aged_pass_untouched() {
             passed_untouched(&frags[2], "a record older than a second", &mut unknown);
         }
         assert_eq!(fx.reason(Reason::Fragment), 0, "none taken for a fragment of no forward");
+    });
+}
+
+/// ICMP errors about a fragmented datagram (a router beyond the forwarder asking for a
+/// smaller MTU) quote its fragment: one quoting the first fragment, which holds the ports
+/// (IPv6: behind the quoted fragment header), is translated back to the client like any
+/// error about its connection; one quoting a later fragment cannot be attributed and goes
+/// to the stack untouched.
+#[test]
+fn icmp_errors_quoting_a_first_fragment_are_translated() {
+    with_fixture(CONFIG, |fx| {
+        let hop4 = [203, 0, 113, 99];
+        let hop6 = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99];
+        let cases = [
+            (udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5002, 53, &pattern(3000, 8)), CHUNK4),
+            (udp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 5002, 53, &pattern(3000, 9)), CHUNK6),
+        ];
+        for (n, (datagram, chunk)) in cases.into_iter().enumerate() {
+            let outs = tc_all(fx, &fragment(&datagram, 0x5555, chunk), fx.v0);
+            for (i, quoted) in outs.iter().take(2).enumerate() {
+                // The error quotes what fits: the headers and a little payload.
+                let quote = &quoted[14..14 + 120];
+                let mut err = Vec::new();
+                let eth = PacketBuilder::ethernet2(SERVER_MAC, fx.v1_mac);
+                if n == 0 {
+                    let snat: [u8; 4] = quoted[26..30].try_into().unwrap();
+                    let need_frag = DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 };
+                    let icmp = eth.ipv4(hop4, snat, 64).icmpv4(Icmpv4Type::DestinationUnreachable(need_frag));
+                    icmp.write(&mut err, quote).unwrap();
+                } else {
+                    let snat: [u8; 16] = quoted[22..38].try_into().unwrap();
+                    let icmp = eth.ipv6(hop6, snat, 64).icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 });
+                    icmp.write(&mut err, quote).unwrap();
+                }
+                let (before_translated, before_passed) =
+                    (fx.reason(Reason::IcmpTranslated), fx.reason(Reason::IcmpError));
+                let (verdict, out) = fx.tc(&err, fx.v1);
+                if i > 0 {
+                    assert_eq!((verdict, out == err), (TC_ACT_OK, true), "{n}: a later fragment's error: untouched");
+                    assert_eq!(fx.reason(Reason::IcmpError), before_passed + 1);
+                    continue;
+                }
+                assert_eq!(fx.reason(Reason::IcmpTranslated), before_translated + 1, "{n}: translated");
+                assert!(icmp_checksum_ok(&out), "{n}: ICMP checksum");
+                // The outer header goes to the client; the quote is what the client sent.
+                let (s, d, _, len) = l3_fields(&out);
+                let (client, listen) =
+                    if n == 0 { (&CLIENT[..], &ROUTER_IN[..]) } else { (&CLIENT6[..], &ROUTER_IN6[..]) };
+                assert_eq!(&out[d..d + len], client, "{n}: to the client");
+                assert_eq!(&out[s..s + len], if n == 0 { &hop4[..] } else { &hop6[..] }, "{n}: from the hop");
+                // The quote: its IPv4 header (addresses at 12 and 16, ports after 20 bytes)
+                // or IPv6 header (8 and 24) and fragment header (ports after 48 bytes).
+                let q = &out[if n == 0 { 14 + 20 + 8 } else { 14 + 40 + 8 }..];
+                let (qs, qd, l4) = if n == 0 { (12, 16, 20) } else { (8, 24, 48) };
+                assert_eq!((&q[qs..qs + len], &q[qd..qd + len]), (client, listen), "{n}: quoted addresses");
+                assert_eq!((be16(&q[l4..]), be16(&q[l4 + 2..])), (5002, 53), "{n}: quoted ports");
+                assert!(n == 1 || ipv4_header_ok(&q[..20]), "quoted IPv4 header checksum");
+            }
+        }
     });
 }
 
