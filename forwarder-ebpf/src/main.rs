@@ -261,14 +261,14 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     if peers_enabled() {
         let dst = l3_dst(new.dst, flow);
         if let Some(p) = peer::lookup(&dst).filter(|p| p.state == PEER_DIRECT) {
-            rewrite_tc(ctx, flow, new, false)?;
+            nat::rewrite_tc(ctx, flow, new, false)?;
             stats::count_forwarded(forward_id, flow.l3_len);
             let (action, _) = peer::deliver(ctx, &dst, p, true)?;
             return Ok((action, Reason::RedirectTc));
         }
     }
     let sends_itself = flow.ttl > 1 && (fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64);
-    rewrite_tc(ctx, flow, new, sends_itself)?;
+    nat::rewrite_tc(ctx, flow, new, sends_itself)?;
     stats::count_forwarded(forward_id, flow.l3_len);
     if flow.ttl <= 1 {
         return Ok((TC_ACT_OK, Reason::TtlToStack));
@@ -288,16 +288,6 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
         FIB_FRAG_NEEDED if fib.rc >= 0 => Ok((TC_ACT_OK, Reason::FibFragNeeded)),
         _ => Ok((TC_ACT_OK, Reason::FibToStack)),
     }
-}
-
-/// The TC rewrite ([`nat::rewrite_tc`]); a fragment is counted as translated too.
-#[inline(always)]
-fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
-    nat::rewrite_tc(ctx, flow, new, dec_ttl)?;
-    if flow.frag != FRAG_NONE {
-        stats::count_reason(Reason::FragmentTranslated);
-    }
-    Ok(())
 }
 
 /// A packet that is not a forward's: when it is addressed to a peer, it goes straight there.

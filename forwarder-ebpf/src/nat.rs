@@ -14,9 +14,10 @@ use crate::{
     csum::sum_addr,
     ctx::{read, write},
     parse::{
-        FRAG_LATER, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF, IPV6_HOP_LIMIT_OFF,
-        IPV6_SRC_OFF,
+        FRAG_LATER, FRAG_NONE, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF,
+        IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF,
     },
+    stats,
 };
 
 #[inline(always)]
@@ -136,7 +137,7 @@ pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result
 /// TC variant of [`rewrite_xdp`], through the skb helpers. A first fragment is rewritten
 /// like a whole packet: its L4 checksum covers the whole datagram, and the change of the
 /// words replaced is the same. A later fragment has no L4 header: its addresses only (and
-/// the IPv4 header checksum).
+/// the IPv4 header checksum). A fragment rewritten is counted as `FragmentTranslated`.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
     let v6 = flow.is_v6();
@@ -154,6 +155,9 @@ pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> R
     }
     if dec_ttl {
         decrement_ttl_tc(ctx, v6, flow.ttl, flow.proto)?;
+    }
+    if flow.frag != FRAG_NONE {
+        stats::count_reason(Reason::FragmentTranslated);
     }
     Ok(())
 }
