@@ -68,6 +68,18 @@ pub const MAP_PEER_STATS: &str = "FWD_PEER_STATS";
 pub const MAX_PEERS: u32 = 256;
 /// Forward metadata for operators (names, never read by the kernel): id -> [`FwdMeta`].
 pub const MAP_FORWARD_META: &str = "FWD_META";
+/// Fragments of forwarded datagrams: [`FragKey`] -> [`FragValue`] (LRU hash of
+/// [`FRAG_ENTRIES`]). A datagram's first fragment, which carries the L4 header, records
+/// its ports under the datagram's original addresses, protocol and IP ID; its later
+/// fragments, which carry no L4 header, find their connection by them.
+pub const MAP_FRAGMENTS: &str = "FWD_FRAG_V1";
+/// Datagrams in flight whose fragments [`MAP_FRAGMENTS`] can follow at once (as Cilium's
+/// fragment map); the least recently used record gives way to a new one.
+pub const FRAG_ENTRIES: u32 = 8192;
+/// A first fragment's record serves later fragments for this long: fragments of one
+/// datagram arrive within milliseconds of each other, and a record this young cannot be
+/// an earlier datagram's whose IP ID the sender has since reused (IPv4 IDs are 16 bits).
+pub const FRAG_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Address family tags used in keys (not the socket AF_* numbers).
 pub const FAMILY_V4: u8 = 4;
@@ -638,6 +650,37 @@ pub const fn mapped_of_v4(a: &[u8; 16]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
+/// The datagram a fragment belongs to, as on the wire before translation (RFC 791 and
+/// RFC 8200: source, destination, protocol and identification tell one datagram's
+/// fragments from all others).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Identification, host order: IPv4's 16 bits (upper half zero), or the 32 bits of the
+    /// IPv6 fragment header.
+    pub id: u32,
+    /// The datagram's protocol (IPv6: the fragment header's next header).
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+/// The L4 ports of a fragmented datagram, read from its first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the first fragment was translated; later fragments use the
+    /// record while it is younger than [`FRAG_MAX_AGE_NS`].
+    pub first_ns: u64,
+}
+const _: () = assert!(size_of::<FragValue>() == 16);
+
 /// Operator-facing description of a forward (name, NUL padded).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -720,6 +763,8 @@ mod pod {
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PeerValue {}
     unsafe impl aya::Pod for PeerStats {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]

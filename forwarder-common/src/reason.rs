@@ -12,7 +12,9 @@ pub enum Reason {
     Malformed = 3,
     /// IPv4 header with options: passed untouched to the stack.
     IpOptions = 4,
-    /// IP fragment: passed untouched to the stack.
+    /// A fragment of no forward's datagram (a first fragment that matches no forward and
+    /// no tracked flow, or a fragment of a protocol other than TCP/UDP): passed untouched
+    /// to the stack, which reassembles it.
     Fragment = 5,
     /// IP but neither TCP nor UDP: passed.
     NotTcpUdp = 6,
@@ -97,10 +99,22 @@ pub enum Reason {
     /// IPv6 no route / administratively prohibited); `blackhole`: dropped silently, as the
     /// stack would. Rate-limited like time exceeded.
     IcmpUnreachable = 39,
+    /// Not an outcome: a fragment of a forwarded datagram was translated (the first with
+    /// its L4 header, a later one by the ports its first fragment recorded in
+    /// `FWD_FRAG_V1`). The packet is counted again under how it left.
+    FragmentTranslated = 34,
+    /// A later fragment (offset > 0) of a TCP/UDP datagram whose first fragment forwarder
+    /// has not translated: it has not come yet (out of order), it came more than a second
+    /// earlier, or the datagram is not a forward's (the host's own). Passed untouched: the
+    /// stack holds it for reassembly against its local destination and drops it on timeout.
+    FragmentUnknown = 35,
+    /// A first fragment whose ports could not be recorded in `FWD_FRAG_V1`: dropped (its
+    /// later fragments could not be translated).
+    FragmentMapFull = 36,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 35] = [
+pub const ALL_REASONS: [Reason; 38] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -136,6 +150,9 @@ pub const ALL_REASONS: [Reason; 35] = [
     Reason::IcmpTimeExceeded,
     Reason::IcmpTooBig,
     Reason::IcmpUnreachable,
+    Reason::FragmentTranslated,
+    Reason::FragmentUnknown,
+    Reason::FragmentMapFull,
 ];
 
 impl Reason {
@@ -177,6 +194,9 @@ impl Reason {
             37 => Some(Reason::IcmpTimeExceeded),
             38 => Some(Reason::IcmpTooBig),
             39 => Some(Reason::IcmpUnreachable),
+            34 => Some(Reason::FragmentTranslated),
+            35 => Some(Reason::FragmentUnknown),
+            36 => Some(Reason::FragmentMapFull),
             _ => None,
         }
     }
@@ -219,6 +239,9 @@ impl Reason {
             Reason::IcmpTimeExceeded => "icmp_time_exceeded",
             Reason::IcmpTooBig => "icmp_too_big",
             Reason::IcmpUnreachable => "icmp_unreachable",
+            Reason::FragmentTranslated => "fragment_translated",
+            Reason::FragmentUnknown => "fragment_unknown",
+            Reason::FragmentMapFull => "fragment_map_full",
         }
     }
 
@@ -233,6 +256,7 @@ impl Reason {
                 | Reason::CtInvalid
                 | Reason::RstOutOfWindow
                 | Reason::LocalUdpAmbiguous
+                | Reason::FragmentMapFull
         ) || self.is_icmp_answer()
     }
 
@@ -242,9 +266,10 @@ impl Reason {
         matches!(self, Reason::IcmpTimeExceeded | Reason::IcmpTooBig | Reason::IcmpUnreachable)
     }
 
-    /// True for a code that counts connection-table events, not packets.
+    /// True for a code that counts no packet's outcome: connection-table events, and
+    /// fragments translated (each also counted under how it left).
     pub const fn is_event(self) -> bool {
-        matches!(self, Reason::EarlyDrop)
+        matches!(self, Reason::EarlyDrop | Reason::FragmentTranslated)
     }
 
     /// True when packets counted under this code were forwarded (rewritten).
@@ -268,7 +293,8 @@ impl Reason {
     /// left), "peer" (sent to a same-switch peer or left to routing for one), "icmp" (an
     /// ICMP error translated, or a forward's packet answered with one of the programs'
     /// own), "dropped", or "passed" (to the kernel untouched); "event" is no packet's
-    /// outcome (a connection dropped early), so packet totals leave it out.
+    /// outcome (a connection dropped early, a fragment translated and counted again under
+    /// how it left), so packet totals leave it out.
     pub const fn kind(self) -> &'static str {
         if self.is_event() {
             "event"

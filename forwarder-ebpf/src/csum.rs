@@ -6,7 +6,7 @@ use forwarder_common::{
     csum::{fold, sum4},
 };
 
-use crate::parse::Flow;
+use crate::parse::{FRAG_NONE, Flow};
 
 /// One's-complement sum of an address as the pseudo header carries it (4 or 16 bytes).
 #[inline(always)]
@@ -23,10 +23,11 @@ pub fn sum_addr(a: &[u8; 16], v6: bool) -> u32 {
 /// skb's checksum state, and a seed would be corrupted by a full-checksum update and
 /// lost by XDP_REDIRECT, so such packets go to TC, whose helpers know the state. A full
 /// checksum that happens to equal the seed (1 in 65536) also goes to TC, which is correct
-/// either way.
+/// either way. Fragments never carry a seed: the sender completes the checksum before it
+/// fragments.
 #[inline(always)]
 pub fn looks_partial(flow: &Flow) -> bool {
-    if flow.proto == PROTO_UDP && flow.l4_check == 0 {
+    if flow.proto == PROTO_UDP && flow.l4_check == 0 || flow.frag != FRAG_NONE {
         return false;
     }
     let v6 = flow.is_v6();

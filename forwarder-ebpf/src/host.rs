@@ -21,8 +21,11 @@ use forwarder_common::{
 
 use crate::{
     conntrack::{self, Plan, Tuple},
+    frag,
     maps::{FWD_RULES, Work},
-    nat, parse, sock, stats,
+    nat,
+    parse::{self, FRAG_FIRST, FRAG_LATER},
+    sock, stats,
     verdict::Outcome,
 };
 
@@ -140,6 +143,10 @@ fn reply(ctx: &TcContext) -> Outcome {
         Err(Reason::IcmpError) => return Err(Reason::IcmpError),
         Err(_) => return Err(Reason::NoRule),
     }
+    // A reply too large for the egress leaves in fragments: later ones by the first's ports.
+    if w.flow.frag == FRAG_LATER {
+        frag::ports_of_later(&mut w.flow, &mut w.frag_key).map_err(|_| Reason::NoRule)?;
+    }
     let Some(entry) = conntrack::lookup(&conntrack::flow_key(&w.flow)) else {
         return Err(Reason::NoRule);
     };
@@ -147,7 +154,12 @@ fn reply(ctx: &TcContext) -> Outcome {
         return Err(Reason::NoRule);
     }
     conntrack::touch(entry);
-    conntrack::track(entry, &w.flow)?;
+    if w.flow.frag != FRAG_LATER {
+        conntrack::track(entry, &w.flow)?;
+    }
+    if w.flow.frag == FRAG_FIRST {
+        frag::record(&w.flow, &mut w.frag_key)?;
+    }
     w.new = Tuple {
         src: entry.new_src_addr,
         dst: entry.new_dst_addr,

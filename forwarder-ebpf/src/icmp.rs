@@ -17,7 +17,7 @@ use crate::{
     l2,
     maps::FWD_CT,
     nat::{decrement_ttl_tc, replace_addr},
-    parse::{Flow, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
+    parse::{FRAG_NONE, Flow, IPPROTO_FRAGMENT, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
     route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
     verdict::Outcome,
 };
@@ -79,23 +79,42 @@ fn sum2(b: [u8; 2]) -> u32 {
 #[inline(always)]
 fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
     let w = crate::maps::work()?;
-    let (family, osrc, odst, proto, ttl, tos, l3_len, icmp_off) = parse_l3(ctx).map_err(|_| Reason::IcmpError)?;
+    parse_l3(ctx, &mut w.flow).map_err(|_| Reason::IcmpError)?;
+    let f = &w.flow;
+    if f.frag != FRAG_NONE {
+        return Err(Reason::IcmpError);
+    }
+    let (family, proto, ttl, tos, l3_len, icmp_off) = (f.family, f.proto, f.ttl, f.tos, f.l3_len, f.l4_off());
     let a = &mut w.icmp;
-    a.osrc = osrc;
-    a.odst = odst;
+    a.osrc = f.src;
+    a.odst = f.dst;
     let v6 = family == FAMILY_V6;
     let icmp_check = icmp_off + 2;
     let inner_l3 = icmp_off + 8;
 
-    // The quoted header: IPv4 without options or IPv6 without extensions, then TCP/UDP.
+    // The quoted header: IPv4 without options or IPv6 without extensions but a fragment
+    // header, then TCP/UDP. A quoted fragment must be a first one: a later one has no L4
+    // header to find its connection by.
     let (iproto, inner_l4, isrc_off, idst_off) = if v6 {
         let vtc = ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)?;
         if vtc >> 4 != 6 {
             return Err(Reason::IcmpError);
         }
-        (ctx.load::<u8>(inner_l3 + 6).map_err(|_| Reason::IcmpError)?, inner_l3 + 40, inner_l3 + 8, inner_l3 + 24)
+        let nh = ctx.load::<u8>(inner_l3 + 6).map_err(|_| Reason::IcmpError)?;
+        if nh == IPPROTO_FRAGMENT {
+            // Next header, reserved, offset and M.
+            let fh = ctx.load::<[u8; 4]>(inner_l3 + 40).map_err(|_| Reason::IcmpError)?;
+            if u16::from_be_bytes([fh[2], fh[3]]) >> 3 != 0 {
+                return Err(Reason::IcmpError);
+            }
+            (fh[0], inner_l3 + 48, inner_l3 + 8, inner_l3 + 24)
+        } else {
+            (nh, inner_l3 + 40, inner_l3 + 8, inner_l3 + 24)
+        }
     } else {
-        if ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)? != 0x45 {
+        if ctx.load::<u8>(inner_l3).map_err(|_| Reason::IcmpError)? != 0x45
+            || u16::from_be_bytes(load2(ctx, inner_l3 + 6)?) & 0x1fff != 0
+        {
             return Err(Reason::IcmpError);
         }
         (ctx.load::<u8>(inner_l3 + 9).map_err(|_| Reason::IcmpError)?, inner_l3 + 20, inner_l3 + 12, inner_l3 + 16)
@@ -176,6 +195,9 @@ fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_payload: 0,
+        frag: FRAG_NONE,
+        l4_off: icmp_off as u8,
+        frag_id: 0,
     };
     w.to = Tuple { src: w.icmp.new_osrc, dst: w.icmp.new_isrc, sport: [0; 2], dport: [0; 2] };
     // SAFETY: reading a context field.

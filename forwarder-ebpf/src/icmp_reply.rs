@@ -27,7 +27,7 @@ use crate::{
     conntrack::{Plan, Tuple},
     csum::{looks_partial, sum_addr},
     maps::{FWD_ICMP_RATE, Work},
-    parse::{ETH_LEN, Flow, IPV4_LEN, IPV6_LEN, L3_OFF, PROTO_ICMP, PROTO_ICMPV6},
+    parse::{ETH_LEN, FRAG_NONE, Flow, IPV4_LEN, IPV6_LEN, L3_OFF, PROTO_ICMP, PROTO_ICMPV6},
     route::{self, FIB_BLACKHOLE, FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_PROHIBIT, FIB_SUCCESS, FIB_UNREACHABLE, Fib},
     verdict::{Outcome, pack},
 };
@@ -329,6 +329,9 @@ fn try_send(ctx: &TcContext) -> Outcome {
         tcp_flags: 0,
         tcp_seq: 0,
         tcp_payload: 0,
+        frag: FRAG_NONE,
+        l4_off: (L3_OFF + ip_len) as u8,
+        frag_id: 0,
     };
     w.to = Tuple { src: a.from, dst: a.client, sport: [0; 2], dport: [0; 2] };
     // SAFETY: reading a context field.

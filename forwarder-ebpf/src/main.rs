@@ -6,6 +6,7 @@ pub mod conntrack;
 mod csum;
 mod ctx;
 mod fastpath;
+mod frag;
 mod host;
 mod icmp;
 mod icmp_reply;
@@ -35,7 +36,7 @@ use forwarder_common::{
 use crate::{
     conntrack::{Plan, Tuple},
     maps::{FWD_GLOBAL, FWD_TX_PORTS},
-    parse::{Flow, L3Dst},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
 };
 
@@ -75,7 +76,11 @@ pub(crate) fn commit<C: EbpfContext>(
 ) -> Result<(), Reason> {
     match plan {
         Plan::Tracked { entry } => {
-            conntrack::track(entry, flow)?;
+            // A later fragment carries no TCP flags or sequence: it moves no state (its
+            // first fragment did).
+            if flow.frag != FRAG_LATER {
+                conntrack::track(entry, flow)?;
+            }
             *new = *to;
             Ok(())
         }
@@ -169,6 +174,12 @@ fn l3_dst(addr: [u8; 16], flow: &Flow) -> L3Dst {
 fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
     let w = maps::work()?;
     parse::parse_flow(ctx, &mut w.flow)?;
+    // Fragments of TCP/UDP datagrams are TC's: a later fragment needs its first fragment's
+    // record, and in a driver's batch XDP may see a later frame before TC has seen an
+    // earlier one; TC, in the stack, takes them in the order they came.
+    if w.flow.frag != FRAG_NONE {
+        return Err(Reason::XdpToTc);
+    }
     let mut plan = conntrack::classify(&w.flow, untracked)?;
     // A backend on this host: TC hands the packet to the stack (see host.rs).
     if host::is_host(&plan) || csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
@@ -234,9 +245,9 @@ fn xdp_said_skip(ctx: &TcContext) -> bool {
     unsafe { core::ptr::read_unaligned(meta as *const u32) == XDP_META_SKIP }
 }
 
-/// Linear bytes the parser needs at most (Ethernet + IPv6 + TCP header); shorter packets
-/// are pulled whole.
-const PULL_LEN: u32 = 14 + 40 + 20;
+/// Linear bytes the parser needs at most (Ethernet, IPv6, a fragment header and a TCP
+/// header); shorter packets are pulled whole.
+const PULL_LEN: u32 = 14 + 40 + 8 + 20;
 
 /// The complete path: everything XDP hands over, and everything when XDP is off.
 #[inline(always)]
@@ -250,10 +261,17 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
     if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {
         return to_peer_or(ctx, r);
     }
+    if w.flow.frag == FRAG_LATER {
+        frag::ports_of_later(&mut w.flow, &mut w.frag_key)?;
+    }
     let mut plan = match conntrack::classify(&w.flow, false) {
         Ok(p) => p,
-        Err(r) => return to_peer_or(ctx, r),
+        Err(r) => return to_peer_or(ctx, frag::not_ours(&w.flow, r)),
     };
+    // A later fragment follows its connection; it never opens one.
+    if w.flow.frag == FRAG_LATER && !matches!(plan, Plan::Tracked { .. }) {
+        return Err(Reason::FragmentUnknown);
+    }
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let (forward_id, want_src) = target_of(&plan, &w.flow, &mut w.to);
@@ -286,6 +304,9 @@ fn try_tc(ctx: &TcContext) -> verdict::Outcome {
         }
     }
     commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    if w.flow.frag == FRAG_FIRST {
+        frag::record(&w.flow, &mut w.frag_key)?;
+    }
     if host::is_host(&plan) {
         // Committed: host::deliver, beside this frame, rewrites and hands it over.
         return Err(Reason::ToHostBackend);

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FlowCacheSlot, FwdKey, FwdMeta,
-    FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, LocalUdpOrig,
-    MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue, REASON_SLOTS,
+    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FragKey,
+    FragValue, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig,
+    LocalUdpKey, LocalUdpOrig, MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue, REASON_SLOTS,
 };
 
 #[map(name = "FWD_RULES")]
@@ -64,6 +64,12 @@ pub static FWD_LOCAL_CONN: LruHashMap<u64, LocalOrig> = LruHashMap::with_max_ent
 #[map(name = "FWD_LOC_UDP_V2")]
 pub static FWD_LOCAL_UDP: LruHashMap<LocalUdpKey, LocalUdpOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
 
+/// The ports of fragmented datagrams, recorded by their first fragments for the later
+/// ones (see frag.rs). LRU: a record outlives its datagram's last fragment until it is the
+/// least recently used.
+#[map(name = "FWD_FRAG_V1")]
+pub static FWD_FRAG: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
+
 #[map(name = "FWD_PEERS")]
 pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);
 
@@ -81,6 +87,8 @@ pub struct Work {
     pub new: crate::conntrack::Tuple,
     pub fib: crate::route::Fib,
     pub icmp: crate::icmp::IcmpWork,
+    /// The key of a fragment's datagram (frag.rs).
+    pub frag_key: FragKey,
     /// A packet for a backend on this host, between its commit and its delivery.
     pub host: crate::host::Pending,
     /// The ICMP error a packet is answered with (icmp_reply.rs), with a copy of its quote.

@@ -14,8 +14,10 @@ use crate::{
     csum::sum_addr,
     ctx::{read, write},
     parse::{
-        Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF, IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF,
+        FRAG_LATER, FRAG_NONE, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF,
+        IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF,
     },
+    stats,
 };
 
 #[inline(always)]
@@ -29,7 +31,8 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 }
 
 /// Rewrites addresses and ports to `new` and, when `dec_ttl`, decrements the TTL / hop
-/// limit (the packet is being forwarded by us rather than the stack).
+/// limit (the packet is being forwarded by us rather than the stack). Never a fragment:
+/// XDP hands those to TC.
 #[inline(always)]
 pub fn rewrite_xdp(ctx: &XdpContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
     let v6 = flow.is_v6();
@@ -131,21 +134,30 @@ pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result
         .map_err(|_| Reason::RewriteFailed)
 }
 
-/// TC variant of [`rewrite_xdp`], through the skb helpers.
+/// TC variant of [`rewrite_xdp`], through the skb helpers. A first fragment is rewritten
+/// like a whole packet: its L4 checksum covers the whole datagram, and the change of the
+/// words replaced is the same. A later fragment has no L4 header: its addresses only (and
+/// the IPv4 header checksum). A fragment rewritten is counted as `FragmentTranslated`.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
     let v6 = flow.is_v6();
     let l4_check = flow.l4_check_off();
+    let has_l4 = flow.frag != FRAG_LATER;
     // UDP: leave a zero ("no checksum") as it is.
     let l4_flags = if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let (src_off, dst_off) = if v6 { (IPV6_SRC_OFF, IPV6_DST_OFF) } else { (IPV4_SRC_OFF, IPV4_DST_OFF) };
-    let l4 = Some((l4_check, l4_flags | BPF_F_PSEUDO_HDR as u64));
+    let l4 = if has_l4 { Some((l4_check, l4_flags | BPF_F_PSEUDO_HDR as u64)) } else { None };
     replace_addr(ctx, src_off, v6, &flow.src, &new.src, l4, !v6)?;
     replace_addr(ctx, dst_off, v6, &flow.dst, &new.dst, l4, !v6)?;
-    store_port(ctx, flow.l4_off(), l4_check, l4_flags, flow.sport, new.sport)?;
-    store_port(ctx, flow.l4_off() + 2, l4_check, l4_flags, flow.dport, new.dport)?;
+    if has_l4 {
+        store_port(ctx, flow.l4_off(), l4_check, l4_flags, flow.sport, new.sport)?;
+        store_port(ctx, flow.l4_off() + 2, l4_check, l4_flags, flow.dport, new.dport)?;
+    }
     if dec_ttl {
         decrement_ttl_tc(ctx, v6, flow.ttl, flow.proto)?;
+    }
+    if flow.frag != FRAG_NONE {
+        stats::count_reason(Reason::FragmentTranslated);
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! Header parsing: Ethernet, IPv4 without options or IPv6 without extension headers,
-//! TCP/UDP ports and checksum, and the ICMP/ICMPv6 errors that quote such packets.
-//! Anything the fast path does not rewrite is reported as a [`Reason`] and passed untouched.
+//! Header parsing: Ethernet, IPv4 without options or IPv6 without extension headers (but
+//! for a fragment header), TCP/UDP ports and checksum, and the ICMP/ICMPv6 errors that
+//! quote such packets. Anything the programs do not rewrite is reported as a [`Reason`]
+//! and passed untouched.
 
 use forwarder_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason};
 
@@ -10,10 +11,14 @@ pub const ETH_LEN: usize = 14;
 pub const L3_OFF: usize = ETH_LEN;
 pub const IPV4_LEN: usize = 20;
 pub const IPV6_LEN: usize = 40;
-/// L4 offsets: IPv4 packets with options and IPv6 packets with extension headers never
-/// reach the rewrite, so each family has one fixed offset.
+/// Length of the IPv6 fragment header (RFC 8200 4.5).
+pub const IPV6_FRAG_LEN: usize = 8;
+/// L4 offsets: IPv4 packets with options and IPv6 packets with extension headers other
+/// than a fragment header never reach the rewrite, so there are three: IPv4, IPv6, and
+/// IPv6 behind a fragment header.
 pub const L4_OFF_V4: usize = L3_OFF + IPV4_LEN;
 pub const L4_OFF_V6: usize = L3_OFF + IPV6_LEN;
+pub const L4_OFF_V6_FRAG: usize = L4_OFF_V6 + IPV6_FRAG_LEN;
 pub const IPV4_CHECK_OFF: usize = L3_OFF + 10;
 pub const IPV4_TTL_OFF: usize = L3_OFF + 8;
 pub const IPV4_SRC_OFF: usize = L3_OFF + 12;
@@ -21,6 +26,14 @@ pub const IPV4_DST_OFF: usize = L3_OFF + 16;
 pub const IPV6_HOP_LIMIT_OFF: usize = L3_OFF + 7;
 pub const IPV6_SRC_OFF: usize = L3_OFF + 8;
 pub const IPV6_DST_OFF: usize = L3_OFF + 24;
+
+/// [`Flow::frag`]: a whole datagram (an IPv6 "atomic" fragment, offset 0 without more
+/// fragments, is whole too).
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment: offset 0, more fragments; it carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: offset > 0, no L4 header; its ports come from the first's record.
+pub const FRAG_LATER: u8 = 2;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -43,15 +56,23 @@ pub struct Flow {
     /// TTL or hop limit.
     pub ttl: u8,
     pub tos: u8,
-    /// L3 length (IPv4 total length; IPv6 payload length + 40), host order.
+    /// L3 length (IPv4 total length; IPv6 payload length + 40), host order. A fragment's
+    /// own length, not its datagram's.
     pub l3_len: u16,
-    /// L4 checksum as on the wire (host-order value of the two bytes).
+    /// L4 checksum as on the wire (host-order value of the two bytes); 0 for a later
+    /// fragment, which has none.
     pub l4_check: u16,
     /// TCP flags byte, 0 for UDP.
     pub tcp_flags: u8,
     /// TCP sequence number (host order) and payload length; 0 for UDP.
     pub tcp_seq: u32,
     pub tcp_payload: u16,
+    /// `FRAG_*`: whole, first or later fragment.
+    pub frag: u8,
+    /// Where the L4 header starts ([`L4_OFF_V4`], [`L4_OFF_V6`] or [`L4_OFF_V6_FRAG`]).
+    pub l4_off: u8,
+    /// A fragment's identification (IPv4: 16 bits; IPv6: 32), host order; 0 when whole.
+    pub frag_id: u32,
 }
 
 impl Flow {
@@ -61,7 +82,7 @@ impl Flow {
     }
     #[inline(always)]
     pub fn l4_off(&self) -> usize {
-        if self.is_v6() { L4_OFF_V6 } else { L4_OFF_V4 }
+        self.l4_off as usize
     }
     #[inline(always)]
     pub fn l4_len(&self) -> u16 {
@@ -89,19 +110,36 @@ fn v6_addr(b: &[u8; 40], at: usize) -> [u8; 16] {
     a
 }
 
-/// IPv6 next-header values of extension headers: such packets go to the stack untouched.
+/// IPv6 next header of a fragment header.
+pub const IPPROTO_FRAGMENT: u8 = 44;
+
+/// IPv6 next-header values of extension headers: such packets go to the stack untouched
+/// (a fragment header, 44, is taken apart first).
 #[inline(always)]
 fn is_ipv6_extension(nh: u8) -> bool {
     matches!(nh, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
 }
 
-/// The L3 header of an IPv4/IPv6 packet that can carry a rewrite: (family, src, dst,
-/// protocol, ttl, tos, l3 length, l4 offset).
 #[inline(always)]
-pub fn parse_l3<P: Packet>(pkt: &P) -> Result<(u8, [u8; 16], [u8; 16], u8, u8, u8, u16, usize), Reason> {
-    let eth: [u8; ETH_LEN] = read(pkt, 0).map_err(|_| Reason::Malformed)?;
+fn frag_kind(offset: u16, more: bool) -> u8 {
+    if offset != 0 {
+        FRAG_LATER
+    } else if more {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
+}
+
+/// The L3 header of an IPv4/IPv6 packet that can carry a rewrite, into `f`'s L3 fields
+/// (family, addresses, protocol, TTL, TOS, L3 length, L4 offset, fragment kind and
+/// identification); the other fields are left as they were. Written in place, not
+/// returned: the working memory is off the stack. `f` is only meaningful on `Ok`.
+#[inline(always)]
+pub fn parse_l3<P: Packet>(pkt: &P, f: &mut Flow) -> Result<(), Reason> {
+    let eth_type: [u8; 2] = read(pkt, ETH_LEN - 2).map_err(|_| Reason::Malformed)?;
     let frame_l3_len = pkt.len().saturating_sub(L3_OFF);
-    match u16::from_be_bytes([eth[12], eth[13]]) {
+    match u16::from_be_bytes(eth_type) {
         ETH_P_IP => {
             let ip: [u8; IPV4_LEN] = read(pkt, L3_OFF)?;
             if ip[0] >> 4 != 4 || ip[0] & 0x0f < 5 {
@@ -114,14 +152,23 @@ pub fn parse_l3<P: Packet>(pkt: &P) -> Result<(u8, [u8; 16], [u8; 16], u8, u8, u
             if (tot_len as usize) < IPV4_LEN || tot_len as usize > frame_l3_len {
                 return Err(Reason::Malformed);
             }
-            // More-fragments flag or a fragment offset: only the stack can reassemble.
-            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-                return Err(Reason::Fragment);
-            }
-            Ok((FAMILY_V4, v4_addr(&ip[12..16]), v4_addr(&ip[16..20]), ip[9], ip[8], ip[1], tot_len, L4_OFF_V4))
+            // Flags (DF, MF) and the fragment offset in 8-byte units.
+            let flags_offset = u16::from_be_bytes([ip[6], ip[7]]);
+            f.family = FAMILY_V4;
+            f.src = v4_addr(&ip[12..16]);
+            f.dst = v4_addr(&ip[16..20]);
+            f.proto = ip[9];
+            f.ttl = ip[8];
+            f.tos = ip[1];
+            f.l3_len = tot_len;
+            f.l4_off = L4_OFF_V4 as u8;
+            f.frag = frag_kind(flags_offset & 0x1fff, flags_offset & 0x2000 != 0);
+            f.frag_id = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+            Ok(())
         }
         ETH_P_IPV6 => {
-            let ip: [u8; IPV6_LEN] = read(pkt, L3_OFF)?;
+            // Version, traffic class, flow label, payload length, next header, hop limit.
+            let ip: [u8; 8] = read(pkt, L3_OFF)?;
             if ip[0] >> 4 != 6 {
                 return Err(Reason::Malformed);
             }
@@ -129,63 +176,88 @@ pub fn parse_l3<P: Packet>(pkt: &P) -> Result<(u8, [u8; 16], [u8; 16], u8, u8, u
             if len > frame_l3_len {
                 return Err(Reason::Malformed);
             }
-            let nh = ip[6];
-            if nh == 44 {
-                return Err(Reason::Fragment);
+            f.family = FAMILY_V6;
+            f.src = read(pkt, IPV6_SRC_OFF)?;
+            f.dst = read(pkt, IPV6_DST_OFF)?;
+            f.proto = ip[6];
+            f.ttl = ip[7];
+            f.tos = 0;
+            f.l3_len = len as u16;
+            f.l4_off = L4_OFF_V6 as u8;
+            f.frag = FRAG_NONE;
+            f.frag_id = 0;
+            if ip[6] == IPPROTO_FRAGMENT {
+                // Next header, reserved, offset (13 bits) + 2 reserved bits + M, identification.
+                let fh: [u8; IPV6_FRAG_LEN] = read(pkt, L4_OFF_V6)?;
+                if len < IPV6_LEN + IPV6_FRAG_LEN {
+                    return Err(Reason::Malformed);
+                }
+                let offset_m = u16::from_be_bytes([fh[2], fh[3]]);
+                f.proto = fh[0];
+                f.l4_off = L4_OFF_V6_FRAG as u8;
+                f.frag = frag_kind(offset_m >> 3, offset_m & 1 != 0);
+                f.frag_id = u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]);
             }
-            if is_ipv6_extension(nh) {
-                return Err(Reason::Ipv6Extension);
+            if is_ipv6_extension(f.proto) {
+                return Err(if f.frag == FRAG_NONE { Reason::Ipv6Extension } else { Reason::Fragment });
             }
-            Ok((FAMILY_V6, v6_addr(&ip, 8), v6_addr(&ip, 24), nh, ip[7], 0, len as u16, L4_OFF_V6))
+            Ok(())
         }
         ETH_P_8021Q | ETH_P_8021AD => Err(Reason::Vlan),
         _ => Err(Reason::NotIp),
     }
 }
 
-/// Parses a TCP/UDP packet into `flow` (per-CPU working memory, see maps::work).
+/// Parses a TCP/UDP packet into `flow` (per-CPU working memory, see maps::work). A first
+/// fragment parses like a whole packet, but its UDP length may exceed what it carries (the
+/// length is the datagram's); a later fragment has no L4 header, so its ports are left at
+/// zero for `frag::ports_of_later` to fill in.
 #[inline(always)]
 pub fn parse_flow<P: Packet>(pkt: &P, flow: &mut Flow) -> Result<(), Reason> {
-    let (family, src, dst, proto, ttl, tos, l3_len, l4_off) = parse_l3(pkt)?;
-    let l4_len = l3_len as usize - (l4_off - L3_OFF);
-    let (l4_check, tcp_flags, tcp_seq, tcp_payload) = match proto {
+    parse_l3(pkt, flow)?;
+    let (proto, frag, l4_off) = (flow.proto, flow.frag, flow.l4_off());
+    let l4_len = (flow.l3_len as usize).saturating_sub(l4_off - L3_OFF);
+    if frag != FRAG_NONE && proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Reason::Fragment);
+    }
+    flow.tcp_flags = 0;
+    flow.tcp_seq = 0;
+    flow.tcp_payload = 0;
+    if frag == FRAG_LATER {
+        flow.sport = [0; 2];
+        flow.dport = [0; 2];
+        flow.l4_check = 0;
+        return Ok(());
+    }
+    match proto {
         PROTO_TCP => {
             let tcp: [u8; 20] = read(pkt, l4_off)?;
             let data_off = (tcp[12] >> 4) as usize * 4;
             if l4_len < 20 || data_off < 20 || data_off > l4_len {
                 return Err(Reason::Malformed);
             }
-            let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-            (u16::from_be_bytes([tcp[16], tcp[17]]), tcp[13], seq, (l4_len - data_off) as u16)
+            flow.sport = [tcp[0], tcp[1]];
+            flow.dport = [tcp[2], tcp[3]];
+            flow.l4_check = u16::from_be_bytes([tcp[16], tcp[17]]);
+            flow.tcp_flags = tcp[13];
+            flow.tcp_seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+            flow.tcp_payload = (l4_len - data_off) as u16;
         }
         PROTO_UDP => {
             let udp: [u8; 8] = read(pkt, l4_off)?;
             let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
-            if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
+            // A first fragment carries part of a datagram whose length the UDP header gives.
+            if l4_len < 8 || udp_len < 8 || (udp_len > l4_len && frag != FRAG_FIRST) {
                 return Err(Reason::Malformed);
             }
-            (u16::from_be_bytes([udp[6], udp[7]]), 0, 0, 0)
+            flow.sport = [udp[0], udp[1]];
+            flow.dport = [udp[2], udp[3]];
+            flow.l4_check = u16::from_be_bytes([udp[6], udp[7]]);
         }
-        PROTO_ICMP if family == FAMILY_V4 => return Err(icmp_kind(pkt, l4_off, family)),
-        PROTO_ICMPV6 if family == FAMILY_V6 => return Err(icmp_kind(pkt, l4_off, family)),
+        PROTO_ICMP if flow.family == FAMILY_V4 => return Err(icmp_kind(pkt, l4_off, FAMILY_V4)),
+        PROTO_ICMPV6 if flow.family == FAMILY_V6 => return Err(icmp_kind(pkt, l4_off, FAMILY_V6)),
         _ => return Err(Reason::NotTcpUdp),
-    };
-    let ports: [u8; 4] = read(pkt, l4_off)?;
-    *flow = Flow {
-        family,
-        src,
-        dst,
-        sport: [ports[0], ports[1]],
-        dport: [ports[2], ports[3]],
-        proto,
-        ttl,
-        tos,
-        l3_len,
-        l4_check,
-        tcp_flags,
-        tcp_seq,
-        tcp_payload,
-    };
+    }
     Ok(())
 }
 

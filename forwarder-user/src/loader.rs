@@ -46,7 +46,7 @@ pub const LOCAL_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map the object declares that is pinned (all but aya's own log and data maps).
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     forwarder_common::MAP_FORWARDS,
     forwarder_common::MAP_CONNTRACK,
     forwarder_common::MAP_ROUTE_GEN,
@@ -60,6 +60,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     forwarder_common::MAP_LOCAL_UDP,
     forwarder_common::MAP_PEERS,
     forwarder_common::MAP_PEER_STATS,
+    forwarder_common::MAP_FRAGMENTS,
     "FWD_SCRATCH",
 ];
 

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod daemon;
 pub mod deb;
+pub mod frames;
 pub mod image;
 pub mod kubelet;
 pub mod netns;
