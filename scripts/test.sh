@@ -12,4 +12,7 @@ cargo build --package forwarder-user
 # Bounded fuzzing of the config parser and checksum arithmetic (first, so that the test
 # runner's summary closes the output).
 bash scripts/fuzz.sh 20
-cargo test --workspace --exclude forwarder-ebpf "$@"
+# Every test binary of `cargo test --workspace --exclude forwarder-ebpf`: unit tests, the
+# rate-comparing lifecycle tests alone, then the rest two binaries at a time (each binary's
+# tests on parallel threads, as cargo runs them); arguments go to every test binary.
+python3 scripts/run-tests.py -- "$@"
