@@ -11,11 +11,7 @@ use std::path::Path;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
-    metrics::{
-        MetricType,
-        counter::ConstCounter,
-        gauge::ConstGauge,
-    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
@@ -57,9 +53,7 @@ const FORWARD_COUNTERS: [(&str, &str, ForwardField); 4] = [
     ("forwarder_forward_packets", "Packets rewritten for a forward, both directions.", |f| f.packets),
     ("forwarder_forward_bytes", "L3 bytes rewritten for a forward.", |f| f.bytes),
     ("forwarder_forward_new_connections", "Connections created from interface traffic.", |f| f.new_connections),
-    ("forwarder_forward_local_connections", "Connections of local programs (cgroup hooks).", |f| {
-        f.local_connections
-    }),
+    ("forwarder_forward_local_connections", "Connections of local programs (cgroup hooks).", |f| f.local_connections),
 ];
 
 const PEER_COUNTERS: [(&str, &str, PeerField); 3] = [
@@ -117,12 +111,22 @@ impl Collector for Scrape {
             let direct = u64::from(p.state == "direct");
             ConstGauge::new(direct).encode(family.encode_family(&[("peer", p.address.as_str())])?)?;
         }
-        gauge(&mut enc, "forwarder_conntrack_entries", "Entries in the connection table (two per connection).", d.ct_entries)?;
+        gauge(
+            &mut enc,
+            "forwarder_conntrack_entries",
+            "Entries in the connection table (two per connection).",
+            d.ct_entries,
+        )?;
         gauge(&mut enc, "forwarder_conntrack_capacity", "Size of the connection table.", d.ct_capacity)?;
         gauge(&mut enc, "forwarder_ready", "1 once the config is applied.", u64::from(d.ready))?;
         let fill = d.ct_entries as f64 / d.ct_capacity.max(1) as f64;
         gauge(&mut enc, "forwarder_conntrack_fill_ratio", "Connection table fill, 0 to 1.", fill)?;
-        counter(&mut enc, "forwarder_conntrack_expired", "Connections removed after their idle timeout.", d.ct_expired)?;
+        counter(
+            &mut enc,
+            "forwarder_conntrack_expired",
+            "Connections removed after their idle timeout.",
+            d.ct_expired,
+        )?;
         counter(&mut enc, "forwarder_reloads", "Reloads attempted (SIGHUP or config file change).", d.reloads)?;
         counter(
             &mut enc,
@@ -282,6 +286,8 @@ mod tests {
         let text = encode(s, DaemonFigures::default());
         assert!(text.contains("# TYPE forwarder_forward_packets_total counter\n# HELP"));
         assert!(text.lines().any(|l| l == "forwarder_ready 0"));
-        assert!(text.lines().any(|l| l == "forwarder_conntrack_fill_ratio 0.0" || l == "forwarder_conntrack_fill_ratio 0"));
+        assert!(
+            text.lines().any(|l| l == "forwarder_conntrack_fill_ratio 0.0" || l == "forwarder_conntrack_fill_ratio 0")
+        );
     }
 }
