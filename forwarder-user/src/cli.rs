@@ -10,9 +10,9 @@ use crate::{
     daemon::{self, OnExit, RunOptions},
     error::Error,
     loader::{self, DEFAULT_PIN_PATH},
-    metrics::DEFAULT_METRICS_ADDR,
     state::State,
-    stats, status, system,
+    status, system,
+    telemetry::{DEFAULT_METRICS_ADDR, counters as stats},
 };
 
 #[derive(Parser, Debug)]

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -43,18 +43,8 @@ pub struct RunOptions {
     pub node_name: Option<String>,
 }
 
-/// Counters of the daemon itself (metrics).
-#[derive(Default)]
-pub struct DaemonCounters {
-    pub ready: AtomicBool,
-    pub reloads: AtomicU64,
-    pub reload_failures: AtomicU64,
-    pub ct_expired: AtomicU64,
-    pub ct_entries: AtomicU64,
-    pub ct_capacity: AtomicU64,
-    /// Route-generation bumps by the rtnetlink watch.
-    pub route_changes: AtomicU64,
-}
+/// Counters of the daemon itself (metrics), kept in `telemetry`.
+pub use crate::telemetry::DaemonCounters;
 
 /// How often the peers' neighbour entries are checked.
 const PEER_WATCH: Duration = Duration::from_millis(500);
@@ -154,7 +144,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
         info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
-        tokio::spawn(crate::metrics::serve(listener, opts.pin_path.clone(), counters.clone()));
+        tokio::spawn(crate::telemetry::serve(listener, opts.pin_path.clone(), counters.clone()));
     }
 
     crate::notify::ready(&running_status(&cfg));

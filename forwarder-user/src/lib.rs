@@ -9,14 +9,13 @@ pub mod daemon;
 pub mod error;
 pub mod loader;
 pub mod maps;
-pub mod metrics;
 pub mod notify;
 pub mod peers;
 pub mod routewatch;
 pub mod state;
-pub mod stats;
 pub mod status;
 pub mod system;
+pub mod telemetry;
 
 /// The kernel-side object, built by build.rs and embedded so the binary is self-contained.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));

@@ -417,14 +417,14 @@ impl State {
     pub fn forward_stats(&self, id: u32) -> Result<FwdStats> {
         let arr: PerCpuArray<MapData, FwdStats> =
             PerCpuArray::try_from(self.map(MAP_FORWARD_STATS)?).map_err(map_err(MAP_FORWARD_STATS))?;
-        Ok(crate::stats::sum_forward(&arr, id))
+        Ok(crate::telemetry::counters::sum_forward(&arr, id))
     }
 
     /// A reason counter summed over CPUs.
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
         let arr: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(self.map(MAP_REASONS)?).map_err(map_err(MAP_REASONS))?;
-        Ok(crate::stats::sum_reason(&arr, reason as u32))
+        Ok(crate::telemetry::counters::sum_reason(&arr, reason as u32))
     }
 }
 

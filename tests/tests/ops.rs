@@ -282,7 +282,8 @@ fn reload_with_flush_policy_cuts_removed_forwards() {
 fn http_get(ns: &Netns, path: &'static str) -> (u16, String) {
     ns.run(move || {
         let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+        // Read to the end: ask the server (keep-alive by default) to close after answering.
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
         let mut r = String::new();
         s.read_to_string(&mut r).unwrap();
         let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();

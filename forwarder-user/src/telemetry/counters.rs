@@ -1,5 +1,5 @@
-//! Counters of a running instance, read from its pinned maps: a table for people, JSON for
-//! scripts.
+//! Counters of a running instance, read from its pinned maps (`forwarder stats`): a table
+//! for people, JSON for scripts, and the figures of the `/metrics` exposition.
 
 use std::{fmt::Write as _, path::Path};
 
@@ -149,16 +149,17 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         })
         .collect();
     peers.sort_by_key(|p| p.id);
-    let reasons = ALL_REASONS
-        .iter()
-        .map(|r| ReasonCounter {
-            code: *r as u32,
-            reason: r.name(),
-            kind: r.kind(),
-            packets: sum_reason(&reasons, *r as u32),
-        })
-        .collect();
+    let reasons = reason_counters(|code| sum_reason(&reasons, code));
     Ok(Snapshot { daemon: crate::status::daemon_state(pin_dir), forwards, peers, reasons })
+}
+
+/// Every reason with its packets (`packets(code)`), named and kinded by
+/// [`forwarder_common::Reason`] alone.
+pub fn reason_counters(packets: impl Fn(u32) -> u64) -> Vec<ReasonCounter> {
+    ALL_REASONS
+        .iter()
+        .map(|r| ReasonCounter { code: *r as u32, reason: r.name(), kind: r.kind(), packets: packets(*r as u32) })
+        .collect()
 }
 
 /// The human table of `forwarder stats`.
