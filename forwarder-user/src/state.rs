@@ -65,6 +65,9 @@ pub struct PeerEntry {
     pub address: IpAddr,
     pub interface: String,
     pub ifindex: u32,
+    /// "direct" (the peer answers its neighbour) or "fallback" (normal routing), as in
+    /// `stats`; `direct` says the same as a bool.
+    pub state: &'static str,
     pub direct: bool,
 }
 
@@ -72,7 +75,7 @@ impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         check_bpffs(dir)?;
         if !dir.join(MAP_FORWARDS).exists() {
-            return Err(Error::PinPath {
+            return Err(Error::NoInstance {
                 path: dir.display().to_string(),
                 message: "no forwarder state here (is `forwarder run` running with this --pin-path?)".into(),
             });
@@ -278,6 +281,7 @@ impl State {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|_| format!("#{}", v.ifindex)),
                 ifindex: v.ifindex,
+                state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
                 direct: v.state == PEER_DIRECT,
             })
             .collect();
@@ -477,7 +481,7 @@ fn plan_forwards(current: Vec<(u32, Forward)>, desired: &[Forward], capacity: u3
 }
 
 /// The config form of a stored forward.
-fn forward_of_meta(m: &FwdMeta) -> Forward {
+pub fn forward_of_meta(m: &FwdMeta) -> Forward {
     let name_len = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
     let listen = SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be));
     let backend =
