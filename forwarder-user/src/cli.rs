@@ -54,7 +54,9 @@ impl std::str::FromStr for MetricsAddr {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "off" => Ok(MetricsAddr(None)),
-            a => a.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| format!("{a:?}: expected address:port or \"off\"")),
+            a => {
+                a.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| format!("{a:?}: expected address:port or \"off\""))
+            }
         }
     }
 }
@@ -552,7 +554,21 @@ mod tests {
         for bad in [
             &["forwarder", "run", "--config", "c", "--metrics-addr", "9464"][..],
             &["forwarder", "forward", "add", "--name", "a", "--protocol", "sctp", "--listen", "x", "--backend", "y"],
-            &["forwarder", "forward", "add", "--name", "a", "--protocol", "tcp", "--listen", "x", "--backend", "y", "--snat", "0.0.0.0"],
+            &[
+                "forwarder",
+                "forward",
+                "add",
+                "--name",
+                "a",
+                "--protocol",
+                "tcp",
+                "--listen",
+                "x",
+                "--backend",
+                "y",
+                "--snat",
+                "0.0.0.0",
+            ],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
@@ -573,6 +589,8 @@ mod tests {
         assert_eq!((report.kind, report.field.as_deref(), report.exit_code()), ("edit", Some("name"), 3));
         assert!(!report.message.contains("line"), "{}", report.message);
         let f = Forward::new("a", Protocol::Udp, "0.0.0.0:80", "192.0.2.1:8", Some("198.51.100.7"), false).unwrap();
+        // Text output: the config's words, padded like any string (no Debug forms).
+        assert_eq!(format!("{:<4}|{:<5}|{}", f.protocol, Snat::Off, f.snat), "udp |off  |198.51.100.7");
         assert_eq!(
             serde_json::to_value(ForwardEntry { id: 3, forward: &f }).unwrap(),
             serde_json::json!({"id": 3, "name": "a", "protocol": "udp", "listen": "0.0.0.0:80",
@@ -582,10 +600,14 @@ mod tests {
 
     #[test]
     fn config_errors_report_line_and_field() {
-        let e = Config::parse("[[forward]]\nname = \"a\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:1\"\nbackend = \"x\"\n")
-            .unwrap_err();
+        let e =
+            Config::parse("[[forward]]\nname = \"a\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:1\"\nbackend = \"x\"\n")
+                .unwrap_err();
         let r = Report::of(&anyhow::Error::from(e).context("while checking"));
-        assert_eq!((r.kind, r.line, r.field.as_deref(), r.exit_code()), ("config", Some(5), Some("forward[0].backend"), 3));
+        assert_eq!(
+            (r.kind, r.line, r.field.as_deref(), r.exit_code()),
+            ("config", Some(5), Some("forward[0].backend"), 3)
+        );
         let r = Report::of(&anyhow::Error::from(Error::NoInstance { path: "/p".into(), message: "gone".into() }));
         assert_eq!((r.kind, r.exit_code()), ("no_instance", 4));
         let r = Report::of(&anyhow::anyhow!("boom"));

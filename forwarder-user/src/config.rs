@@ -56,7 +56,7 @@ pub enum Protocol {
 
 impl std::fmt::Display for XdpMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             XdpMode::Native => "native",
             XdpMode::Generic => "generic",
             XdpMode::Off => "off",
@@ -66,7 +66,7 @@ impl std::fmt::Display for XdpMode {
 
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         })
@@ -94,8 +94,8 @@ pub enum Snat {
 impl std::fmt::Display for Snat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Snat::Auto => f.write_str("auto"),
-            Snat::Off => f.write_str("off"),
+            Snat::Auto => f.pad("auto"),
+            Snat::Off => f.pad("off"),
             Snat::Address(a) => a.fmt(f),
         }
     }

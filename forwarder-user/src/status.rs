@@ -151,12 +151,7 @@ fn store(pin: &Path, s: &DaemonStatus) -> Result<()> {
 }
 
 fn info(a: &Attached) -> AttachedInfo {
-    AttachedInfo {
-        name: a.name.clone(),
-        ifindex: a.ifindex,
-        xdp: a.xdp.to_string(),
-        xdp_egress: a.xdp_egress,
-    }
+    AttachedInfo { name: a.name.clone(), ifindex: a.ifindex, xdp: a.xdp.to_string(), xdp_egress: a.xdp_egress }
 }
 
 pub fn remove(pin: &Path) {

@@ -217,13 +217,30 @@ fn every_verb_speaks_json_with_one_shape_per_object() {
     let (code, out, err) = forwarder_in(r, &["check", "--json", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let check: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((check["forwards"].as_u64(), check["interfaces"].as_u64(), check["peers"].as_u64()), (Some(1), Some(1), Some(0)));
+    assert_eq!(
+        (check["forwards"].as_u64(), check["interfaces"].as_u64(), check["peers"].as_u64()),
+        (Some(1), Some(1), Some(0))
+    );
 
     let (code, added) = json_of(
         r,
         &d,
-        &["forward", "add", "--name", "fixed", "--protocol", "udp", "--listen", "0.0.0.0:5300", "--backend",
-          "203.0.113.20:53", "--snat", "198.51.100.1", "--local", "false"],
+        &[
+            "forward",
+            "add",
+            "--name",
+            "fixed",
+            "--protocol",
+            "udp",
+            "--listen",
+            "0.0.0.0:5300",
+            "--backend",
+            "203.0.113.20:53",
+            "--snat",
+            "198.51.100.1",
+            "--local",
+            "false",
+        ],
     );
     assert_eq!(code, 0, "{added}");
     assert_eq!(keys(&added["added"]), FORWARD_KEYS, "{added}");
@@ -358,8 +375,20 @@ fn errors_are_json_and_exit_codes_tell_them_apart() {
     // Text errors name the flag too.
     let (code, _, err) = forwarder_in(
         r,
-        &["forward", "add", "--name", "web", "--protocol", "tcp", "--listen", "x", "--backend", "203.0.113.20:1",
-          "--pin-path", d.pin_path.to_str().unwrap()],
+        &[
+            "forward",
+            "add",
+            "--name",
+            "web",
+            "--protocol",
+            "tcp",
+            "--listen",
+            "x",
+            "--backend",
+            "203.0.113.20:1",
+            "--pin-path",
+            d.pin_path.to_str().unwrap(),
+        ],
     );
     assert_eq!(code, 3);
     assert!(err.contains("--listen") && !err.contains("argument line"), "{err}");
@@ -379,8 +408,7 @@ fn status_exits_4_when_the_daemon_is_gone() {
     assert_eq!(code, 4, "{status}");
     assert_eq!(status["daemon_running"], false);
     assert_eq!(status["forwards"], 1, "the pinned state is still shown");
-    let (code, text, _) =
-        forwarder_in(&chain.router, &["status", "--pin-path", d.pin_path.to_str().unwrap()]);
+    let (code, text, _) = forwarder_in(&chain.router, &["status", "--pin-path", d.pin_path.to_str().unwrap()]);
     assert_eq!(code, 4);
     assert!(text.contains("not running") && text.contains("conntrack"), "{text}");
     // The pins are still there: the counters can be read (exit 0).
