@@ -518,59 +518,31 @@ mod tests {
     /// The spellings users script against still parse, the pin path in every position.
     #[test]
     fn existing_spellings_parse() {
-        for argv in [
-            &["forwarder", "forward", "list", "--json", "--pin-path", "/sys/fs/bpf/x"][..],
-            &["forwarder", "forward", "--pin-path", "/sys/fs/bpf/x", "list"],
-            &["forwarder", "peer", "list", "--json"],
-            &["forwarder", "stats", "--json", "--watch", "--pin-path", "/p"],
-            &["forwarder", "status", "--json", "--pin-path", "/p"],
-            &["forwarder", "detach", "--pin-path", "/p"],
-            &["forwarder", "check", "--config", "c.toml", "--json"],
-            &[
-                "forwarder",
-                "forward",
-                "add",
-                "--name",
-                "a",
-                "--protocol",
-                "udp",
-                "--listen",
-                "0.0.0.0:1",
-                "--backend",
-                "192.0.2.1:2",
-                "--snat",
-                "198.51.100.1",
-                "--local",
-                "false",
-            ],
-            &["forwarder", "run", "--config", "c", "--metrics-addr", "off", "--on-exit", "keep"],
+        let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());
+        for line in [
+            "forwarder forward list --json --pin-path /sys/fs/bpf/x",
+            "forwarder forward --pin-path /sys/fs/bpf/x list",
+            "forwarder peer list --json",
+            "forwarder stats --json --watch --pin-path /p",
+            "forwarder status --json --pin-path /p",
+            "forwarder detach --pin-path /p",
+            "forwarder check --config c.toml --json",
+            "forwarder forward add --name a --protocol udp --listen 0.0.0.0:1 --backend 192.0.2.1:2 \
+             --snat 198.51.100.1 --local false",
+            "forwarder run --config c --metrics-addr off --on-exit keep",
         ] {
-            Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
         }
         let cli = Cli::try_parse_from(["forwarder", "run", "--config", "c", "--metrics-addr", "[::1]:9"]).unwrap();
         let Command::Run { metrics_addr, pin, .. } = cli.command else { panic!() };
         assert_eq!(metrics_addr.to_string(), "[::1]:9");
         assert_eq!(pin.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
         for bad in [
-            &["forwarder", "run", "--config", "c", "--metrics-addr", "9464"][..],
-            &["forwarder", "forward", "add", "--name", "a", "--protocol", "sctp", "--listen", "x", "--backend", "y"],
-            &[
-                "forwarder",
-                "forward",
-                "add",
-                "--name",
-                "a",
-                "--protocol",
-                "tcp",
-                "--listen",
-                "x",
-                "--backend",
-                "y",
-                "--snat",
-                "0.0.0.0",
-            ],
+            "forwarder run --config c --metrics-addr 9464",
+            "forwarder forward add --name a --protocol sctp --listen x --backend y",
+            "forwarder forward add --name a --protocol tcp --listen x --backend y --snat 0.0.0.0",
         ] {
-            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+            assert!(parse(bad).is_err(), "{bad}");
         }
     }
 
