@@ -71,6 +71,22 @@ pub struct PeerEntry {
     pub direct: bool,
 }
 
+impl PeerEntry {
+    /// A peer as `peer list` and `stats` show it, from its map entry.
+    pub fn of(k: &PeerKey, v: &PeerValue) -> Self {
+        PeerEntry {
+            id: v.peer_id,
+            address: addr_from_bytes(&k.addr, k.family),
+            interface: nix::net::if_::if_indextoname(v.ifindex)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| format!("#{}", v.ifindex)),
+            ifindex: v.ifindex,
+            state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
+            direct: v.state == PEER_DIRECT,
+        }
+    }
+}
+
 impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         check_bpffs(dir)?;
@@ -271,20 +287,7 @@ impl State {
 
     pub fn peers(&self) -> Result<Vec<PeerEntry>> {
         let m: HashMap<_, PeerKey, PeerValue> = HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
-        let mut out: Vec<PeerEntry> = m
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| PeerEntry {
-                id: v.peer_id,
-                address: addr_from_bytes(&k.addr, k.family),
-                interface: nix::net::if_::if_indextoname(v.ifindex)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| format!("#{}", v.ifindex)),
-                ifindex: v.ifindex,
-                state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
-                direct: v.state == PEER_DIRECT,
-            })
-            .collect();
+        let mut out: Vec<PeerEntry> = m.iter().filter_map(|r| r.ok()).map(|(k, v)| PeerEntry::of(&k, &v)).collect();
         out.sort_by_key(|p| p.id);
         Ok(out)
     }

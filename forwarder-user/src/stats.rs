@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
     ALL_REASONS, FwdMeta, FwdStats, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_PEER_STATS, MAP_PEERS, MAP_REASONS,
-    PEER_DIRECT, PeerKey, PeerStats, PeerValue,
+    PeerKey, PeerStats, PeerValue,
 };
 use serde::Serialize;
 
@@ -146,15 +146,14 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
                 s.fallback_packets += c.fallback_packets;
                 s.fallback_bytes += c.fallback_bytes;
             }
+            let peer = crate::state::PeerEntry::of(&k, &v);
             PeerCounters {
-                id: v.peer_id,
-                address: addr_from_bytes(&k.addr, k.family).to_string(),
-                interface: nix::net::if_::if_indextoname(v.ifindex)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| format!("#{}", v.ifindex)),
-                ifindex: v.ifindex,
-                state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
-                direct: v.state == PEER_DIRECT,
+                id: peer.id,
+                address: peer.address.to_string(),
+                interface: peer.interface,
+                ifindex: peer.ifindex,
+                state: peer.state,
+                direct: peer.direct,
                 direct_packets: s.direct_packets,
                 direct_bytes: s.direct_bytes,
                 fallback_packets: s.fallback_packets,
