@@ -1,14 +1,15 @@
 //! The `forwarder` command line.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 
 use crate::{
-    config::{Config, Forward, Peer},
+    config::{Config, Forward, Peer, Protocol, Snat, parse_peer_address, validate_ifname},
     daemon::{self, OnExit, RunOptions},
-    error::Error,
+    error::{Error, Report, exit},
     loader::{self, DEFAULT_PIN_PATH},
     state::State,
     status, system,
@@ -16,14 +17,57 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "forwarder", version, about = "eBPF/XDP fast-path port forwarder (DNAT + SNAT + conntrack)")]
+#[command(
+    name = "forwarder",
+    version,
+    about = "eBPF/XDP fast-path port forwarder (DNAT + SNAT + conntrack)",
+    after_help = "Exit codes: 0 ok, 1 any other failure, 2 usage, 3 invalid config or edit, 4 no running \
+                  instance (nothing pinned, or the daemon is gone)."
+)]
 pub struct Cli {
     /// Log filter for forwarder's own logs (error, warn, info, debug, trace or a tracing
     /// filter such as "forwarder=debug").
     #[arg(long, global = true, default_value = "info", env = "FORWARDER_LOG")]
     pub log_level: String,
+    /// Machine-readable output on stdout, of every verb; a failure prints
+    /// {"error": {"kind", "message", "line"?, "field"?}} (exit code unchanged).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The pin path of the instance a verb works on (the same option on every verb).
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct PinPathArg {
+    /// bpffs directory of the instance's pinned maps and links (one per instance).
+    #[arg(long = "pin-path", value_name = "DIR", global = true, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+}
+
+/// `--metrics-addr`: an address to listen on, or "off".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(MetricsAddr(None)),
+            a => {
+                a.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| format!("{a:?}: expected address:port or \"off\""))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -32,32 +76,33 @@ pub enum Command {
     /// Adopts the state an earlier instance left pinned under --pin-path. SIGHUP or a change
     /// of the config file reloads it.
     Run {
-        #[arg(long)]
+        /// The TOML config file (README, "Config").
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// bpffs directory for this instance's pinned maps and links (one per instance).
-        #[arg(long, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
+        #[command(flatten)]
+        pin: PinPathArg,
         /// Turn on the kernel programs' aya-log output at debug level (costly; off by default).
         #[arg(long)]
         bpf_debug: bool,
         /// cgroup v2 directory for the local-forward socket hooks (default: the cgroup v2
         /// mount found in /proc/mounts, i.e. every process of the host).
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
         /// What SIGTERM/SIGINT does: `detach` everything (default), or `keep` programs and
         /// state pinned for the next instance.
         #[arg(long, value_enum, default_value = "detach")]
         on_exit: OnExit,
-        /// Address for /metrics, /healthz and /readyz; "off" disables.
-        #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
-        metrics_addr: String,
+        /// Address for /metrics, /healthz and /readyz (ADDRESS:PORT); "off" disables.
+        #[arg(long, value_name = "ADDR|off", default_value = DEFAULT_METRICS_ADDR)]
+        metrics_addr: MetricsAddr,
         /// Adds the config's `[node.NAME]` section (a DaemonSet passes spec.nodeName).
         #[arg(long, env = "FORWARDER_NODE_NAME")]
         node_name: Option<String>,
     },
     /// Validate a config (every node section too); nothing is applied.
     Check {
-        #[arg(long)]
+        /// The TOML config file to validate.
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Show the result for this node's section.
         #[arg(long, env = "FORWARDER_NODE_NAME")]
@@ -65,48 +110,44 @@ pub enum Command {
     },
     /// Counters of the running instance.
     Stats {
-        #[arg(long, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-        /// Refresh every second in place, with per-second rates.
+        #[command(flatten)]
+        pin: PinPathArg,
+        /// Refresh every second in place, with per-second rates (with --json: one snapshot
+        /// per line, every second).
         #[arg(long)]
         watch: bool,
     },
-    /// Interfaces and modes, program ids, map fill levels, conntrack entries.
+    /// Interfaces and modes, program ids, map fill levels, conntrack entries. Exits 4 when
+    /// the daemon is gone (after printing what is pinned).
     Status {
-        #[arg(long, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        pin: PinPathArg,
     },
     /// Remove every program and map an instance pinned under --pin-path (forwarding stops).
     Detach {
-        #[arg(long, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
+        #[command(flatten)]
+        pin: PinPathArg,
     },
     /// Live edits of forwards on the running instance (until the next reload of the file).
     Forward {
         #[command(subcommand)]
         action: ForwardAction,
-        #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
+        #[command(flatten)]
+        pin: PinPathArg,
     },
     /// Live edits of peers on the running instance (until the next reload of the file).
     Peer {
         #[command(subcommand)]
         action: PeerAction,
-        #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
+        #[command(flatten)]
+        pin: PinPathArg,
     },
     /// The connection table of the running instance, as conntrack-tools shows netfilter's.
     Conntrack {
         #[command(subcommand)]
         action: ConntrackAction,
-        /// bpffs directory of the instance's pinned maps.
-        #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
+        #[command(flatten)]
+        pin: PinPathArg,
     },
 }
 
@@ -118,9 +159,6 @@ pub enum ConntrackAction {
         /// Only this forward's connections.
         #[arg(long)]
         forward: Option<String>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
     /// Delete connections (both directions), of one forward or all: their next packets are
     /// new flows (a TCP segment that is not a SYN is refused), as with `conntrack -F`.
@@ -128,178 +166,227 @@ pub enum ConntrackAction {
         /// Only this forward's connections.
         #[arg(long)]
         forward: Option<String>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ForwardAction {
-    /// Add a forward (validated like the config file).
+    /// Add a forward (each value validated as the config file's key of the same name).
     Add {
+        /// Unique name (1 to 47 bytes), the label of its counters.
         #[arg(long)]
         name: String,
-        #[arg(long)]
-        protocol: String,
-        #[arg(long)]
+        /// Transport protocol.
+        #[arg(long, value_enum)]
+        protocol: Protocol,
+        /// ADDRESS:PORT the forward answers on (0.0.0.0 / [::] for every local address).
+        #[arg(long, value_name = "ADDR:PORT")]
         listen: String,
-        #[arg(long)]
+        /// ADDRESS:PORT connections are sent to.
+        #[arg(long, value_name = "ADDR:PORT")]
         backend: String,
-        #[arg(long, default_value = "auto")]
-        snat: String,
+        /// Source rewrite: "auto" (the egress address), "off", or a fixed address.
+        #[arg(long, value_name = "auto|off|ADDR", default_value = "auto")]
+        snat: Snat,
+        /// Also serve connections opened on this host (cgroup socket hooks).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         local: bool,
     },
     /// Remove a forward by name (its connections follow conntrack.on_forward_removed).
-    Del { name: String },
-    List {
-        #[arg(long)]
-        json: bool,
+    Del {
+        /// The forward's name.
+        name: String,
     },
+    /// The forwards in place, with their ids.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum PeerAction {
+    /// Add a same-switch peer reached straight at layer 2.
     Add {
+        /// The peer's IP address.
         #[arg(long)]
         address: String,
+        /// The interface the peer is reached on.
         #[arg(long)]
         interface: String,
     },
+    /// Remove a peer by address.
     Del {
+        /// The peer's IP address.
         address: String,
     },
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    /// The peers in place and whether each is reached directly.
+    List,
 }
 
-pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// A forward as every verb shows it in JSON: `forward list`, `forward add`, and (with its
+/// counters) `stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardEntry<'a> {
+    pub id: u32,
+    #[serde(flatten)]
+    pub forward: &'a Forward,
+}
+
+/// The `forwarder` command: parses, runs, reports failures (as JSON on stdout with
+/// `--json`, else on stderr) and returns the exit code of README's "Command line".
+pub fn main() -> ExitCode {
+    let json = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if json && e.use_stderr() => {
+            let text = e.render().to_string();
+            let message = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+            println!("{}", Report { kind: "usage", message, line: None, field: None }.to_json());
+            return ExitCode::from(exit::USAGE);
+        }
+        Err(e) => e.exit(),
+    };
+    let json = cli.json;
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let report = Report::of(&e);
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                eprintln!("Error: {e:#}");
+            }
+            ExitCode::from(report.exit_code())
+        }
+    }
+}
+
+fn print_json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs a parsed command line; its exit code when it did not fail.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let json = cli.json;
     match cli.command {
         Command::Check { config, node_name } => {
             let cfg = Config::from_file_for_node(&config, node_name.as_deref())?;
-            println!(
-                "{}: ok ({} interfaces, {} forwards, {} peers)",
-                config.display(),
-                cfg.interfaces.len(),
-                cfg.forwards.len(),
-                cfg.peers.len()
-            );
-            Ok(())
-        }
-        Command::Stats { pin_path, json, watch } => {
-            if watch {
-                return stats_watch(&pin_path);
-            }
-            let snap = stats::read(&pin_path)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&snap)?);
+                print_json(&serde_json::json!({
+                    "config": config.display().to_string(),
+                    "node": node_name,
+                    "interfaces": cfg.interfaces.len(),
+                    "forwards": cfg.forwards.len(),
+                    "peers": cfg.peers.len(),
+                }))?;
+            } else {
+                println!(
+                    "{}: ok ({} interfaces, {} forwards, {} peers)",
+                    config.display(),
+                    cfg.interfaces.len(),
+                    cfg.forwards.len(),
+                    cfg.peers.len()
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Stats { pin, watch } => {
+            State::open(&pin.pin_path)?;
+            if watch {
+                return stats_watch(&pin.pin_path, json).map(|()| exit::OK);
+            }
+            let snap = stats::read(&pin.pin_path)?;
+            if json {
+                print_json(&snap)?;
             } else {
                 print!("{}", stats::render_table(&snap));
             }
-            Ok(())
+            Ok(exit::OK)
         }
-        Command::Status { pin_path, json } => {
-            let s = status::read(&pin_path)?;
+        Command::Status { pin } => {
+            let s = status::read(&pin.pin_path)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                print_json(&s)?;
             } else {
                 print!("{}", status::render(&s));
             }
-            Ok(())
+            Ok(if s.daemon_running { exit::OK } else { exit::NO_INSTANCE })
         }
-        Command::Conntrack { action, pin_path } => match action {
-            ConntrackAction::List { forward, json } => {
-                let conns = crate::connections::list(&pin_path, forward.as_deref())?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&conns)?);
-                } else {
-                    print!("{}", crate::connections::render(&conns));
-                }
-                Ok(())
-            }
-            ConntrackAction::Flush { forward, json } => {
-                let n = crate::connections::flush(&pin_path, forward.as_deref())?;
-                if json {
-                    println!("{}", serde_json::json!({ "flushed": n }));
-                } else {
-                    println!("{n} connections flushed");
-                }
-                Ok(())
-            }
-        },
-        Command::Detach { pin_path } => {
+        Command::Conntrack { action, pin } => conntrack_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
+        Command::Detach { pin } => {
+            let pin_path = pin.pin_path;
             loader::check_bpffs(&pin_path)?;
             let _lock = loader::PinLock::acquire(&pin_path)
                 .context("a running `forwarder run` holds this pin path: stop it (or let it detach) first")?;
             loader::restore_sysctls(&pin_path);
             loader::remove_pins(&pin_path);
             status::remove(&pin_path);
-            println!("detached: {} removed", pin_path.display());
-            Ok(())
+            if json {
+                print_json(&serde_json::json!({ "detached": pin_path.display().to_string() }))?;
+            } else {
+                println!("detached: {} removed", pin_path.display());
+            }
+            Ok(exit::OK)
         }
-        Command::Forward { action, pin_path } => forward_cmd(action, &pin_path),
-        Command::Peer { action, pin_path } => peer_cmd(action, &pin_path),
-        Command::Run { config, pin_path, bpf_debug, cgroup, on_exit, metrics_addr, node_name } => {
-            let metrics_addr = match metrics_addr.as_str() {
-                "off" => None,
-                a => Some(a.parse().with_context(|| format!("--metrics-addr {a}"))?),
+        Command::Forward { action, pin } => forward_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
+        Command::Peer { action, pin } => peer_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
+        Command::Run { config, pin, bpf_debug, cgroup, on_exit, metrics_addr, node_name } => {
+            let opts = RunOptions {
+                config_path: config,
+                pin_path: pin.pin_path,
+                cgroup,
+                bpf_debug,
+                on_exit,
+                metrics_addr: metrics_addr.0,
+                node_name,
             };
-            let opts =
-                RunOptions { config_path: config, pin_path, cgroup, bpf_debug, on_exit, metrics_addr, node_name };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(daemon::run(opts))
+            rt.block_on(daemon::run(opts)).map(|()| exit::OK)
         }
     }
 }
 
-/// A forward given on the command line, validated by the config parser itself.
-fn forward_from_args(
-    name: &str,
-    protocol: &str,
-    listen: &str,
-    backend: &str,
-    snat: &str,
-    local: bool,
-) -> anyhow::Result<Forward> {
-    let text = format!(
-        "[[forward]]\nname = {}\nprotocol = {}\nlisten = {}\nbackend = {}\nsnat = {}\nlocal = {local}\n",
-        toml_str(name),
-        toml_str(protocol),
-        toml_str(listen),
-        toml_str(backend),
-        toml_str(snat)
-    );
-    let cfg = Config::parse(&text)
-        .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("config line", "argument line")))?;
-    Ok(cfg.forwards.into_iter().next().expect("one forward"))
-}
-
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
-}
-
-fn forward_cmd(action: ForwardAction, pin: &std::path::Path) -> anyhow::Result<()> {
-    let state = State::open(pin)?;
+/// `conntrack list|flush`.
+fn conntrack_cmd(action: ConntrackAction, pin: &std::path::Path, json: bool) -> anyhow::Result<()> {
     match action {
-        ForwardAction::List { json } => {
+        ConntrackAction::List { forward } => {
+            let conns = crate::connections::list(pin, forward.as_deref())?;
+            if json {
+                print_json(&conns)?;
+            } else {
+                print!("{}", crate::connections::render(&conns));
+            }
+        }
+        ConntrackAction::Flush { forward } => {
+            let n = crate::connections::flush(pin, forward.as_deref())?;
+            if json {
+                print_json(&serde_json::json!({ "flushed": n }))?;
+            } else {
+                println!("{n} connections flushed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Forward edits; the arguments are validated before the instance is looked for.
+fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    match action {
+        ForwardAction::List => {
+            let state = State::open(pin)?;
             let list = state.forwards()?;
             if json {
-                let v: Vec<_> = list.iter().map(|(id, f)| serde_json::json!({"id": id, "forward": f})).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                let v: Vec<_> = list.iter().map(|(id, forward)| ForwardEntry { id: *id, forward }).collect();
+                print_json(&v)?;
             } else {
                 for (_, f) in list {
                     println!(
-                        "{:<20} {:<4} {:<22} -> {:<22} snat {:?} local {}",
+                        "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}",
                         f.name,
-                        format!("{:?}", f.protocol).to_lowercase(),
-                        f.listen,
-                        f.backend,
+                        f.protocol,
+                        f.listen.to_string(),
+                        f.backend.to_string(),
                         f.snat,
                         f.local
                     );
@@ -308,96 +395,245 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path) -> anyhow::Result<(
             Ok(())
         }
         ForwardAction::Add { name, protocol, listen, backend, snat, local } => {
-            let new = forward_from_args(&name, &protocol, &listen, &backend, &snat, local)?;
+            let new = Forward::new(&name, protocol, &listen, &backend, Some(&snat.to_string()), local)
+                .map_err(Error::from)?;
+            let state = State::open(pin)?;
             let _edit = state.lock_edits()?;
             let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
             if all.iter().any(|f| f.name == new.name) {
-                return Err(Error::Invalid(format!("a forward named {:?} exists", new.name)).into());
+                return Err(edit("name", format!("a forward named {:?} exists", new.name)).into());
             }
             if let Some(f) = all.iter().find(|f| f.protocol == new.protocol && f.listen == new.listen) {
-                return Err(Error::Invalid(format!(
-                    "{} is already the listen address of forward {:?}",
-                    new.listen, f.name
-                ))
+                return Err(edit(
+                    "listen",
+                    format!("{} is already the listen address of forward {:?}", new.listen, f.name),
+                )
                 .into());
             }
-            all.push(new);
+            all.push(new.clone());
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
-            println!("added {}", r.added.join(", "));
+            if json {
+                let id = state.forwards()?.into_iter().find(|(_, f)| f.name == new.name).map(|(id, _)| id);
+                print_json(&serde_json::json!({ "added": ForwardEntry { id: id.unwrap_or(0), forward: &new } }))?;
+            } else {
+                println!("added {}", r.added.join(", "));
+            }
             Ok(())
         }
         ForwardAction::Del { name } => {
+            let state = State::open(pin)?;
             let _edit = state.lock_edits()?;
             let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
             let before = all.len();
             all.retain(|f| f.name != name);
             if all.len() == before {
-                return Err(Error::Invalid(format!("no forward named {name:?}")).into());
+                return Err(edit("name", format!("no forward named {name:?}")).into());
             }
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
-            println!("removed {name} ({} connections flushed)", r.flushed_connections);
+            if json {
+                print_json(&serde_json::json!({ "removed": name, "flushed_connections": r.flushed_connections }))?;
+            } else {
+                println!("removed {name} ({} connections flushed)", r.flushed_connections);
+            }
             Ok(())
         }
     }
 }
 
-fn peer_cmd(action: PeerAction, pin: &std::path::Path) -> anyhow::Result<()> {
-    let state = State::open(pin)?;
+/// A live edit refused because of the value of `field`.
+fn edit(field: &'static str, message: String) -> Error {
+    Error::Edit { field: Some(field), message }
+}
+
+/// Peer edits; the arguments are validated before the instance is looked for.
+fn peer_cmd(action: PeerAction, pin: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let stored = |state: &State| -> anyhow::Result<Vec<Peer>> {
+        Ok(state.peers()?.into_iter().map(|p| Peer { address: p.address, interface: p.interface }).collect())
+    };
     match action {
-        PeerAction::List { json } => {
+        PeerAction::List => {
+            let state = State::open(pin)?;
             let list = state.peers()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                print_json(&list)?;
             } else {
                 for p in list {
-                    println!("{:<28} {:<12} {}", p.address, p.interface, if p.direct { "direct" } else { "fallback" });
+                    println!("{:<28} {:<12} {}", p.address.to_string(), p.interface, p.state);
                 }
             }
             Ok(())
         }
         PeerAction::Add { address, interface } => {
-            let text = format!("[[peer]]\naddress = {}\ninterface = {}\n", toml_str(&address), toml_str(&interface));
-            let new = Config::parse(&text)?.peers.remove(0);
-            system::ifindex(&new.interface)?;
+            let address = parse_peer_address(&address).map_err(Error::from)?;
+            validate_ifname("interface", &interface).map_err(Error::from)?;
+            system::ifindex(&interface).map_err(|e| edit("interface", e.to_string()))?;
+            let state = State::open(pin)?;
             let _edit = state.lock_edits()?;
-            let mut all: Vec<Peer> =
-                state.peers()?.into_iter().map(|p| Peer { address: p.address, interface: p.interface }).collect();
-            if all.iter().any(|p| p.address == new.address) {
-                return Err(Error::Invalid(format!("peer {} exists", new.address)).into());
+            let mut all = stored(&state)?;
+            if all.iter().any(|p| p.address == address) {
+                return Err(edit("address", format!("peer {address} exists")).into());
             }
-            all.push(new);
+            all.push(Peer { address, interface: interface.clone() });
             state.apply_peers(&all)?;
-            println!("added peer {address} on {interface}");
+            if json {
+                let added = state.peers()?.into_iter().find(|p| p.address == address);
+                print_json(&serde_json::json!({ "added": added }))?;
+            } else {
+                println!("added peer {address} on {interface}");
+            }
             Ok(())
         }
         PeerAction::Del { address } => {
             let addr: std::net::IpAddr =
-                address.parse().map_err(|_| Error::Invalid(format!("{address:?} is not an IP address")))?;
+                address.parse().map_err(|_| edit("address", format!("{address:?} is not an IP address")))?;
+            let state = State::open(pin)?;
             let _edit = state.lock_edits()?;
-            let mut all: Vec<Peer> =
-                state.peers()?.into_iter().map(|p| Peer { address: p.address, interface: p.interface }).collect();
+            let mut all = stored(&state)?;
             let before = all.len();
             all.retain(|p| p.address != addr);
             if all.len() == before {
-                return Err(Error::Invalid(format!("no peer {addr}")).into());
+                return Err(edit("address", format!("no peer {addr}")).into());
             }
             state.apply_peers(&all)?;
-            println!("removed peer {addr}");
+            if json {
+                print_json(&serde_json::json!({ "removed": addr }))?;
+            } else {
+                println!("removed peer {addr}");
+            }
             Ok(())
         }
     }
 }
 
-/// `stats --watch`: the table refreshed in place every second, with per-second rates.
-fn stats_watch(pin: &std::path::Path) -> anyhow::Result<()> {
+/// `stats --watch`: the table refreshed in place every second, with per-second rates; with
+/// `json`, one snapshot per line every second.
+fn stats_watch(pin: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let mut prev = stats::read(pin)?;
+    if json {
+        println!("{}", serde_json::to_string(&prev)?);
+    }
     loop {
         std::thread::sleep(std::time::Duration::from_secs(1));
         let now = stats::read(pin)?;
-        // Clear the screen and home the cursor, then draw.
-        print!("\x1b[2J\x1b[H{}", stats::render_rates(&prev, &now));
-        use std::io::Write as _;
+        if json {
+            println!("{}", serde_json::to_string(&now)?);
+        } else {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H{}", stats::render_rates(&prev, &now));
+        }
         std::io::stdout().flush()?;
         prev = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Every verb and every argument says what it is for in `--help`.
+    #[test]
+    fn every_argument_and_verb_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, seen: &mut usize) {
+            for arg in cmd.get_arguments() {
+                *seen += 1;
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing, seen);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let (mut missing, mut seen) = (Vec::new(), 0);
+        walk(&cmd, "forwarder", &mut missing, &mut seen);
+        assert!(seen > 40, "walked {seen} arguments");
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The spellings users script against still parse, the pin path in every position.
+    #[test]
+    fn existing_spellings_parse() {
+        let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());
+        for line in [
+            "forwarder forward list --json --pin-path /sys/fs/bpf/x",
+            "forwarder forward --pin-path /sys/fs/bpf/x list",
+            "forwarder peer list --json",
+            "forwarder stats --json --watch --pin-path /p",
+            "forwarder status --json --pin-path /p",
+            "forwarder detach --pin-path /p",
+            "forwarder check --config c.toml --json",
+            "forwarder forward add --name a --protocol udp --listen 0.0.0.0:1 --backend 192.0.2.1:2 \
+             --snat 198.51.100.1 --local false",
+            "forwarder run --config c --metrics-addr off --on-exit keep",
+        ] {
+            parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+        let cli = Cli::try_parse_from(["forwarder", "run", "--config", "c", "--metrics-addr", "[::1]:9"]).unwrap();
+        let Command::Run { metrics_addr, pin, .. } = cli.command else { panic!() };
+        assert_eq!(metrics_addr.to_string(), "[::1]:9");
+        assert_eq!(pin.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
+        for bad in [
+            "forwarder run --config c --metrics-addr 9464",
+            "forwarder forward add --name a --protocol sctp --listen x --backend y",
+            "forwarder forward add --name a --protocol tcp --listen x --backend y --snat 0.0.0.0",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// `forward add` reports the flag at fault, with the config's own words.
+    #[test]
+    fn forward_add_errors_name_the_field() {
+        let e = Forward::new("a", Protocol::Tcp, "0.0.0.0:80", "192.0.2.1:0", None, true).unwrap_err();
+        assert_eq!(e.field, "backend");
+        let e = Forward::new("a", Protocol::Tcp, "[::]:80", "192.0.2.1:8", None, true).unwrap_err();
+        assert_eq!(e.field, "backend");
+        let e = Forward::new("a", Protocol::Tcp, "0.0.0.0:80", "192.0.2.1:8", Some("2001:db8::1"), true).unwrap_err();
+        assert_eq!(e.field, "snat");
+        let e = Forward::new("", Protocol::Tcp, "0.0.0.0:80", "192.0.2.1:8", None, true).unwrap_err();
+        assert_eq!(e.field, "name");
+        let report = Report::of(&anyhow::Error::from(Error::from(e)));
+        assert_eq!((report.kind, report.field.as_deref(), report.exit_code()), ("edit", Some("name"), 3));
+        assert!(!report.message.contains("line"), "{}", report.message);
+        let f = Forward::new("a", Protocol::Udp, "0.0.0.0:80", "192.0.2.1:8", Some("198.51.100.7"), false).unwrap();
+        // Text output: the config's words, padded like any string (no Debug forms).
+        assert_eq!(format!("{:<4}|{:<5}|{}", f.protocol, Snat::Off, f.snat), "udp |off  |198.51.100.7");
+        assert_eq!(
+            serde_json::to_value(ForwardEntry { id: 3, forward: &f }).unwrap(),
+            serde_json::json!({"id": 3, "name": "a", "protocol": "udp", "listen": "0.0.0.0:80",
+                "backend": "192.0.2.1:8", "snat": "198.51.100.7", "local": false})
+        );
+    }
+
+    #[test]
+    fn config_errors_report_line_and_field() {
+        let e =
+            Config::parse("[[forward]]\nname = \"a\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:1\"\nbackend = \"x\"\n")
+                .unwrap_err();
+        let r = Report::of(&anyhow::Error::from(e).context("while checking"));
+        assert_eq!(
+            (r.kind, r.line, r.field.as_deref(), r.exit_code()),
+            ("config", Some(5), Some("forward[0].backend"), 3)
+        );
+        let r = Report::of(&anyhow::Error::from(Error::NoInstance { path: "/p".into(), message: "gone".into() }));
+        assert_eq!((r.kind, r.exit_code()), ("no_instance", 4));
+        let r = Report::of(&anyhow::anyhow!("boom"));
+        assert_eq!((r.kind, r.exit_code()), ("error", 1));
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json, serde_json::json!({"error": {"kind": "error", "message": "boom"}}));
     }
 }

@@ -20,7 +20,7 @@ use crate::error::ConfigError;
 mod fast;
 
 /// XDP attach mode of an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// In the driver (fastest; veth supports it).
@@ -45,11 +45,32 @@ pub enum RedirectMode {
     Tc,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Off => "off",
+        })
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
 }
 
 impl Protocol {
@@ -61,13 +82,87 @@ impl Protocol {
     }
 }
 
-/// Source rewrite of a forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Source rewrite of a forward. Written as in the config everywhere (CLI, JSON, text):
+/// "auto", "off" or the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Snat {
     Auto,
     Off,
     Address(IpAddr),
+}
+
+impl std::fmt::Display for Snat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Snat::Auto => f.pad("auto"),
+            Snat::Off => f.pad("off"),
+            Snat::Address(a) => a.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for Snat {
+    type Err = String;
+    /// "auto", "off" or a concrete address (its family is checked against the backend's by
+    /// [`Forward::new`]).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Snat::Auto),
+            "off" => Ok(Snat::Off),
+            other => match other.parse::<IpAddr>() {
+                Ok(a) if !a.is_unspecified() => Ok(Snat::Address(a)),
+                _ => Err(format!("{other:?}: expected \"auto\", \"off\" or an address of the backend's family")),
+            },
+        }
+    }
+}
+
+impl serde::Serialize for Snat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A value the config (or the CLI flag of the same name) rejects on its own: the field and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The key of the config (`name`, `listen`, ...), which is also the CLI flag's name.
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn field_err(field: &'static str, message: String) -> FieldError {
+    FieldError { field, message }
+}
+
+/// A forward's name: 1 to [`MAX_NAME_LEN`] bytes.
+pub fn validate_forward_name(name: &str) -> Result<(), FieldError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(field_err("name", format!("must be 1 to {MAX_NAME_LEN} bytes long")));
+    }
+    Ok(())
+}
+
+/// An `address:port` value of `field` (listen or backend).
+fn parse_socket_addr(field: &'static str, s: &str) -> Result<SocketAddr, FieldError> {
+    s.parse().map_err(|_| field_err(field, format!("{s:?} is not address:port")))
+}
+
+/// A peer's address: an IP address that can be a neighbour.
+pub fn parse_peer_address(s: &str) -> Result<IpAddr, FieldError> {
+    let address: IpAddr = s.parse().map_err(|_| field_err("address", format!("{s:?} is not an IP address")))?;
+    if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
+        return Err(field_err("address", format!("{address} cannot be a peer")));
+    }
+    Ok(address)
+}
+
+/// An interface name as the kernel accepts it.
+pub fn validate_ifname(field: &'static str, name: &str) -> Result<(), FieldError> {
+    if !valid_ifname(name) {
+        return Err(field_err(field, format!("{name:?} is not a valid interface name")));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -85,6 +180,63 @@ pub struct Forward {
     pub backend: SocketAddr,
     pub snat: Snat,
     pub local: bool,
+}
+
+impl Forward {
+    /// One forward's fields validated on their own, as the config file and `forward add`
+    /// check them (checks across forwards, such as duplicate names, are the caller's).
+    /// `snat` is the text of the key (None: "auto").
+    pub fn new(
+        name: &str,
+        protocol: Protocol,
+        listen: &str,
+        backend: &str,
+        snat: Option<&str>,
+        local: bool,
+    ) -> Result<Self, FieldError> {
+        validate_forward_name(name)?;
+        let listen = parse_socket_addr("listen", listen)?;
+        let backend = parse_socket_addr("backend", backend)?;
+        if listen.port() == 0 {
+            return Err(field_err("listen", "port must not be 0".into()));
+        }
+        if backend.port() == 0 || backend.ip().is_unspecified() {
+            return Err(field_err("backend", "needs a concrete address and a port other than 0".into()));
+        }
+        if listen.is_ipv6() != backend.is_ipv6() {
+            return Err(field_err("backend", "must be of the same address family as listen (IPv4 or IPv6)".into()));
+        }
+        for (field, at) in [("listen", listen), ("backend", backend)] {
+            if let Some(v4) = match at.ip() {
+                IpAddr::V6(a) => a.to_ipv4_mapped(),
+                IpAddr::V4(_) => None,
+            } {
+                return Err(field_err(
+                    field,
+                    format!(
+                        "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that dial {} \
+                         from dual-stack sockets)",
+                        at.ip(),
+                        at.ip()
+                    ),
+                ));
+            }
+        }
+        let snat = match snat {
+            None => Snat::Auto,
+            Some(text) => match text.parse::<Snat>() {
+                Ok(Snat::Address(a)) if a.is_ipv4() != backend.is_ipv4() => {
+                    return Err(field_err(
+                        "snat",
+                        format!("{text:?}: expected \"auto\", \"off\" or an address of the backend's family"),
+                    ));
+                }
+                Ok(s) => s,
+                Err(message) => return Err(field_err("snat", message)),
+            },
+        };
+        Ok(Forward { name: name.to_string(), protocol, listen, backend, snat, local })
+    }
 }
 
 /// What happens to the connections of a forward that a reload or `forward del` removes
@@ -396,69 +548,27 @@ impl Config {
         for (prefix, rf) in &forward_items {
             let f = |name: &str| format!("{prefix}.{name}");
             let name = rf.name.get_ref();
-            if name.is_empty() || name.len() > MAX_NAME_LEN {
-                return Err(err(rf.name.span(), &f("name"), format!("must be 1 to {MAX_NAME_LEN} bytes long")));
-            }
+            let forward = Forward::new(
+                name,
+                rf.protocol,
+                rf.listen.get_ref(),
+                rf.backend.get_ref(),
+                rf.snat.as_ref().map(|s| s.get_ref().as_str()),
+                rf.local.unwrap_or(true),
+            )
+            .map_err(|e| {
+                let span = match e.field {
+                    "name" => rf.name.span(),
+                    "listen" => rf.listen.span(),
+                    "snat" => rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span()),
+                    _ => rf.backend.span(),
+                };
+                err(span, &f(e.field), e.message)
+            })?;
             if !seen_names.insert(name.as_str()) {
                 return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
             }
-            let listen: SocketAddr = rf.listen.get_ref().parse().map_err(|_| {
-                err(rf.listen.span(), &f("listen"), format!("{:?} is not address:port", rf.listen.get_ref()))
-            })?;
-            let backend: SocketAddr = rf.backend.get_ref().parse().map_err(|_| {
-                err(rf.backend.span(), &f("backend"), format!("{:?} is not address:port", rf.backend.get_ref()))
-            })?;
-            if listen.port() == 0 {
-                return Err(err(rf.listen.span(), &f("listen"), "port must not be 0".into()));
-            }
-            if backend.port() == 0 || backend.ip().is_unspecified() {
-                return Err(err(
-                    rf.backend.span(),
-                    &f("backend"),
-                    "needs a concrete address and a port other than 0".into(),
-                ));
-            }
-            if listen.is_ipv6() != backend.is_ipv6() {
-                return Err(err(
-                    rf.backend.span(),
-                    &f("backend"),
-                    "must be of the same address family as listen (IPv4 or IPv6)".into(),
-                ));
-            }
-            for (field, at, span) in [("listen", listen, rf.listen.span()), ("backend", backend, rf.backend.span())] {
-                if let Some(v4) = match at.ip() {
-                    IpAddr::V6(a) => a.to_ipv4_mapped(),
-                    IpAddr::V4(_) => None,
-                } {
-                    return Err(err(
-                        span,
-                        &f(field),
-                        format!(
-                            "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that \
-                             dial {} from dual-stack sockets)",
-                            at.ip(),
-                            at.ip()
-                        ),
-                    ));
-                }
-            }
-            let snat = match &rf.snat {
-                None => Snat::Auto,
-                Some(s) => match s.get_ref().as_str() {
-                    "auto" => Snat::Auto,
-                    "off" => Snat::Off,
-                    other => match other.parse::<IpAddr>() {
-                        Ok(a) if a.is_ipv4() == backend.is_ipv4() && !a.is_unspecified() => Snat::Address(a),
-                        _ => {
-                            return Err(err(
-                                s.span(),
-                                &f("snat"),
-                                format!("{other:?}: expected \"auto\", \"off\" or an address of the backend's family"),
-                            ));
-                        }
-                    },
-                },
-            };
+            let (listen, backend, snat) = (forward.listen, forward.backend, forward.snat);
             if snat == Snat::Off && !snat_off_backends.insert((rf.protocol, backend)) {
                 let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span());
                 return Err(err(
@@ -478,32 +588,13 @@ impl Config {
                     format!("{:?} {listen} is already the listen address of another forward", rf.protocol),
                 ));
             }
-            forwards.push(Forward {
-                name: name.clone(),
-                protocol: rf.protocol,
-                listen,
-                backend,
-                snat,
-                local: rf.local.unwrap_or(true),
-            });
+            forwards.push(forward);
         }
 
         let mut peers: Vec<Peer> = Vec::new();
         for (prefix, rp) in &peer_items {
-            let address: IpAddr = rp.address.get_ref().parse().map_err(|_| {
-                err(
-                    rp.address.span(),
-                    &format!("{prefix}.address"),
-                    format!("{:?} is not an IP address", rp.address.get_ref()),
-                )
-            })?;
-            if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
-                return Err(err(
-                    rp.address.span(),
-                    &format!("{prefix}.address"),
-                    format!("{address} cannot be a peer"),
-                ));
-            }
+            let address = parse_peer_address(rp.address.get_ref())
+                .map_err(|e| err(rp.address.span(), &format!("{prefix}.{}", e.field), e.message))?;
             if peers.iter().any(|p| p.address == address) {
                 return Err(err(
                     rp.address.span(),
@@ -512,13 +603,8 @@ impl Config {
                 ));
             }
             let name = rp.interface.get_ref();
-            if !valid_ifname(name) {
-                return Err(err(
-                    rp.interface.span(),
-                    &format!("{prefix}.interface"),
-                    format!("{name:?} is not a valid interface name"),
-                ));
-            }
+            validate_ifname("interface", name)
+                .map_err(|e| err(rp.interface.span(), &format!("{prefix}.{}", e.field), e.message))?;
             peers.push(Peer { address, interface: name.clone() });
         }
 

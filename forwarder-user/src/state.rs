@@ -65,14 +65,33 @@ pub struct PeerEntry {
     pub address: IpAddr,
     pub interface: String,
     pub ifindex: u32,
+    /// "direct" (the peer answers its neighbour) or "fallback" (normal routing), as in
+    /// `stats`; `direct` says the same as a bool.
+    pub state: &'static str,
     pub direct: bool,
+}
+
+impl PeerEntry {
+    /// A peer as `peer list` and `stats` show it, from its map entry.
+    pub fn of(k: &PeerKey, v: &PeerValue) -> Self {
+        PeerEntry {
+            id: v.peer_id,
+            address: addr_from_bytes(&k.addr, k.family),
+            interface: nix::net::if_::if_indextoname(v.ifindex)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| format!("#{}", v.ifindex)),
+            ifindex: v.ifindex,
+            state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
+            direct: v.state == PEER_DIRECT,
+        }
+    }
 }
 
 impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         check_bpffs(dir)?;
         if !dir.join(MAP_FORWARDS).exists() {
-            return Err(Error::PinPath {
+            return Err(Error::NoInstance {
                 path: dir.display().to_string(),
                 message: "no forwarder state here (is `forwarder run` running with this --pin-path?)".into(),
             });
@@ -268,19 +287,7 @@ impl State {
 
     pub fn peers(&self) -> Result<Vec<PeerEntry>> {
         let m: HashMap<_, PeerKey, PeerValue> = HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
-        let mut out: Vec<PeerEntry> = m
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| PeerEntry {
-                id: v.peer_id,
-                address: addr_from_bytes(&k.addr, k.family),
-                interface: nix::net::if_::if_indextoname(v.ifindex)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| format!("#{}", v.ifindex)),
-                ifindex: v.ifindex,
-                direct: v.state == PEER_DIRECT,
-            })
-            .collect();
+        let mut out: Vec<PeerEntry> = m.iter().filter_map(|r| r.ok()).map(|(k, v)| PeerEntry::of(&k, &v)).collect();
         out.sort_by_key(|p| p.id);
         Ok(out)
     }
@@ -477,7 +484,7 @@ fn plan_forwards(current: Vec<(u32, Forward)>, desired: &[Forward], capacity: u3
 }
 
 /// The config form of a stored forward.
-fn forward_of_meta(m: &FwdMeta) -> Forward {
+pub fn forward_of_meta(m: &FwdMeta) -> Forward {
     let name_len = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
     let listen = SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be));
     let backend =

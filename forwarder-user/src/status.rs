@@ -25,8 +25,33 @@ pub struct DaemonStatus {
     pub interfaces: Vec<AttachedInfo>,
     pub egress_interfaces: Vec<String>,
     pub local_cgroup: Option<String>,
-    pub programs: Vec<(String, u32)>,
+    #[serde(deserialize_with = "programs_of_any_version")]
+    pub programs: Vec<ProgramInfo>,
     pub adopted: bool,
+}
+
+/// A loaded program: its name in the object and its kernel id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramInfo {
+    pub name: String,
+    pub id: u32,
+}
+
+/// Status files of older versions list programs as `[name, id]` pairs.
+fn programs_of_any_version<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<ProgramInfo>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Any {
+        Object(ProgramInfo),
+        Pair(String, u32),
+    }
+    Ok(Vec::<Any>::deserialize(d)?
+        .into_iter()
+        .map(|p| match p {
+            Any::Object(p) => p,
+            Any::Pair(name, id) => ProgramInfo { name, id },
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,7 +135,7 @@ pub fn write(opts: &RunOptions, inst: &Instance, _cfg: &Config) -> Result<()> {
         interfaces: inst.attached.iter().map(info).collect(),
         egress_interfaces: inst.egress.iter().cloned().collect(),
         local_cgroup: inst.local_cgroup.as_ref().map(|p| p.display().to_string()),
-        programs: inst.program_ids(),
+        programs: inst.program_ids().into_iter().map(|(name, id)| ProgramInfo { name, id }).collect(),
         adopted: inst.adopted,
     };
     store(&opts.pin_path, &s)
@@ -126,12 +151,7 @@ fn store(pin: &Path, s: &DaemonStatus) -> Result<()> {
 }
 
 fn info(a: &Attached) -> AttachedInfo {
-    AttachedInfo {
-        name: a.name.clone(),
-        ifindex: a.ifindex,
-        xdp: format!("{:?}", a.xdp).to_lowercase(),
-        xdp_egress: a.xdp_egress,
-    }
+    AttachedInfo { name: a.name.clone(), ifindex: a.ifindex, xdp: a.xdp.to_string(), xdp_egress: a.xdp_egress }
 }
 
 pub fn remove(pin: &Path) {
@@ -214,8 +234,8 @@ pub fn render(s: &Status) -> String {
             if let Some(c) = &d.local_cgroup {
                 let _ = writeln!(out, "local forwards: cgroup {c}");
             }
-            for (name, id) in &d.programs {
-                let _ = writeln!(out, "program {name:<24} id {id}");
+            for p in &d.programs {
+                let _ = writeln!(out, "program {:<24} id {}", p.name, p.id);
             }
         }
         None => {

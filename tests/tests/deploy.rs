@@ -647,7 +647,7 @@ impl Pod {
 
     fn forward_names(&self) -> Vec<String> {
         let v: Value = serde_json::from_str(&self.daemon.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
-        v.as_array().unwrap().iter().map(|f| f["forward"]["name"].as_str().unwrap().to_string()).collect()
+        v.as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_string()).collect()
     }
 }
 

@@ -82,7 +82,7 @@ impl Conn {
 
 fn forward_names(d: &Daemon) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
-    v.as_array().unwrap().iter().map(|f| f["forward"]["name"].as_str().unwrap().to_string()).collect()
+    v.as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_string()).collect()
 }
 
 /// A stream of known bytes keeps flowing while the daemon is SIGKILLed and started again:
@@ -351,7 +351,7 @@ fn metrics_health_and_status() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p[0] == "forwarder_xdp" && p[1].as_u64() > Some(0))
+            .any(|p| p["name"] == "forwarder_xdp" && p["id"].as_u64() > Some(0))
     );
     assert_eq!(status["forwards"], 1);
     let table = d.cli(&["status"]).unwrap();

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
     ALL_REASONS, FwdMeta, FwdStats, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_PEER_STATS, MAP_PEERS, MAP_REASONS,
-    PEER_DIRECT, PeerKey, PeerStats, PeerValue,
+    PeerKey, PeerStats, PeerValue,
 };
 use serde::Serialize;
 
@@ -23,6 +23,9 @@ pub struct ForwardCounters {
     pub protocol: String,
     pub listen: String,
     pub backend: String,
+    /// "auto", "off" or the address, as in `forward list`.
+    pub snat: String,
+    pub local: bool,
     pub packets: u64,
     pub bytes: u64,
     pub new_connections: u64,
@@ -43,9 +46,13 @@ pub struct ReasonCounter {
 pub struct PeerCounters {
     pub id: u32,
     pub address: String,
+    /// The interface's name, as in `peer list`.
+    pub interface: String,
     pub ifindex: u32,
     /// "direct" (the peer answers its neighbour) or "fallback" (normal routing).
     pub state: &'static str,
+    /// `state == "direct"`, as in `peer list`.
+    pub direct: bool,
     pub direct_packets: u64,
     pub direct_bytes: u64,
     pub fallback_packets: u64,
@@ -103,6 +110,7 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         let name_len = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
         let s = sum_forward(&stats, id);
         let proto = if m.key.proto == forwarder_common::PROTO_TCP { "tcp" } else { "udp" };
+        let identity = crate::state::forward_of_meta(&m);
         forwards.push(ForwardCounters {
             id,
             name: String::from_utf8_lossy(&m.name[..name_len]).into_owned(),
@@ -114,6 +122,8 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
                 u16::from_be(m.value.backend_port_be),
             )
             .to_string(),
+            snat: identity.snat.to_string(),
+            local: identity.local,
             packets: s.packets,
             bytes: s.bytes,
             new_connections: s.new_conns,
@@ -136,11 +146,14 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
                 s.fallback_packets += c.fallback_packets;
                 s.fallback_bytes += c.fallback_bytes;
             }
+            let peer = crate::state::PeerEntry::of(&k, &v);
             PeerCounters {
-                id: v.peer_id,
-                address: addr_from_bytes(&k.addr, k.family).to_string(),
-                ifindex: v.ifindex,
-                state: if v.state == PEER_DIRECT { "direct" } else { "fallback" },
+                id: peer.id,
+                address: peer.address.to_string(),
+                interface: peer.interface,
+                ifindex: peer.ifindex,
+                state: peer.state,
+                direct: peer.direct,
                 direct_packets: s.direct_packets,
                 direct_bytes: s.direct_bytes,
                 fallback_packets: s.fallback_packets,
