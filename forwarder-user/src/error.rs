@@ -26,6 +26,8 @@ pub enum Error {
     PinPath { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
