@@ -473,7 +473,8 @@ impl PeerWatch {
             let direct = netlink::usable(neigh);
             if direct != p.direct {
                 state.set_peer_state(p, direct)?;
-                info!(peer = %p.address, interface = %p.interface, neighbour = ?neigh.map(netlink::state_name),
+                let cause = if tick { "periodic check" } else { "neighbour event" };
+                info!(peer = %p.address, interface = %p.interface, neighbour = ?neigh.map(netlink::state_name), cause,
                     "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
             }
             if !direct && tick {
