@@ -431,11 +431,7 @@ const PEER_RESYNC: u32 = 20;
 
 impl PeerWatch {
     fn new(events: bool) -> Self {
-        Self {
-            neighbours: Default::default(),
-            resync_in: 0,
-            resync_every: if events { PEER_RESYNC } else { 1 },
-        }
+        Self { neighbours: Default::default(), resync_in: 0, resync_every: if events { PEER_RESYNC } else { 1 } }
     }
 
     /// Takes in what the event stream said.
@@ -477,10 +473,11 @@ impl PeerWatch {
                 info!(peer = %p.address, interface = %p.interface, neighbour = ?neigh.map(netlink::state_name), cause,
                     "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
             }
-            if !direct && tick {
-                if let Err(e) = crate::peers::send_probe(p.address, &p.interface) {
-                    warn!(peer = %p.address, "probe: {e}");
-                }
+            if !direct
+                && tick
+                && let Err(e) = crate::peers::send_probe(p.address, &p.interface)
+            {
+                warn!(peer = %p.address, "probe: {e}");
             }
         }
         Ok(())

@@ -11,16 +11,14 @@
 use std::net::IpAddr;
 
 use futures_util::StreamExt;
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+pub use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
 };
-pub use netlink_packet_route::neighbour::NeighbourState;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// What can go wrong talking to rtnetlink.
@@ -147,12 +145,8 @@ fn request(request: &'static str, msg: RouteNetlinkMessage, dump: bool) -> Resul
 }
 
 fn link_of(msg: LinkMessage) -> Link {
-    let mut link = Link {
-        index: msg.header.index,
-        name: String::new(),
-        kind: None,
-        up: msg.header.flags.contains(LinkFlags::Up),
-    };
+    let mut link =
+        Link { index: msg.header.index, name: String::new(), kind: None, up: msg.header.flags.contains(LinkFlags::Up) };
     for attr in msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => link.name = name,
@@ -201,27 +195,28 @@ pub fn links() -> Result<Vec<Link>> {
 
 /// Every address configured in this network namespace, sorted, without duplicates.
 pub fn addresses() -> Result<Vec<IpAddr>> {
-    let mut out: Vec<IpAddr> = request("dump addresses", RouteNetlinkMessage::GetAddress(AddressMessage::default()), true)?
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewAddress(a) => Some(a),
-            _ => None,
-        })
-        .flat_map(|a| {
-            // IFA_LOCAL is the interface's own address (IFA_ADDRESS the far end on a
-            // point-to-point link); IPv6 sends only IFA_ADDRESS.
-            let local = a.attributes.iter().find_map(|x| match x {
-                AddressAttribute::Local(ip) => Some(*ip),
+    let mut out: Vec<IpAddr> =
+        request("dump addresses", RouteNetlinkMessage::GetAddress(AddressMessage::default()), true)?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => Some(a),
                 _ => None,
-            });
-            local.or_else(|| {
-                a.attributes.iter().find_map(|x| match x {
-                    AddressAttribute::Address(ip) => Some(*ip),
+            })
+            .flat_map(|a| {
+                // IFA_LOCAL is the interface's own address (IFA_ADDRESS the far end on a
+                // point-to-point link); IPv6 sends only IFA_ADDRESS.
+                let local = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Local(ip) => Some(*ip),
                     _ => None,
+                });
+                local.or_else(|| {
+                    a.attributes.iter().find_map(|x| match x {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
                 })
             })
-        })
-        .collect();
+            .collect();
     out.sort();
     out.dedup();
     Ok(out)

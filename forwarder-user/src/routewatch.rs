@@ -49,10 +49,10 @@ pub fn spawn(
             } else {
                 (!batch.neighbours.is_empty()).then_some(NeighbourNews::Changed(batch.neighbours))
             };
-            if let Some(news) = news {
-                if tx.send(news).is_err() {
-                    return; // the daemon is stopping
-                }
+            if let Some(news) = news
+                && tx.send(news).is_err()
+            {
+                return; // the daemon is stopping
             }
         }
         warn!("route watch stopped (the rtnetlink stream ended); cached next hops now expire by age only");

@@ -47,13 +47,8 @@ fn start_without_ip(ns: &Netns, tag: &str, config: &str) -> Daemon {
         "--cgroup".into(),
         cgroup.path.display().to_string(),
     ];
-    let launch = ExactLaunch {
-        argv,
-        env: vec![("PATH".into(), bin.display().to_string())],
-        pin_path,
-        config_path,
-        cgroup,
-    };
+    let launch =
+        ExactLaunch { argv, env: vec![("PATH".into(), bin.display().to_string())], pin_path, config_path, cgroup };
     Daemon::start_exact(ns, tag, launch).unwrap()
 }
 
@@ -107,7 +102,8 @@ fn exchange(chain: &Chain) {
         .run(|| {
             for _ in 0..3 {
                 let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
-                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through the router");
+                let mut s =
+                    TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through the router");
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 let data: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
                 s.write_all(&data).unwrap();
@@ -125,7 +121,9 @@ fn exchange(chain: &Chain) {
 fn iptables_control_forwards_over_veths() {
     let chain = Chain::new().unwrap();
     for r in [
-        format!("-t nat -A PREROUTING -p tcp --dport {LISTEN_PORT} -j DNAT --to-destination {SERVER_ADDR}:{BACKEND_PORT}"),
+        format!(
+            "-t nat -A PREROUTING -p tcp --dport {LISTEN_PORT} -j DNAT --to-destination {SERVER_ADDR}:{BACKEND_PORT}"
+        ),
         "-t nat -A POSTROUTING -o rs -j MASQUERADE".to_string(),
     ] {
         run_ok(chain.router.cmd("iptables").args(r.split(' '))).unwrap();
