@@ -17,6 +17,8 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     loader::{self, Instance, LoadOptions, PinLock},
+    netlink::{self, NeighbourState},
+    routewatch::NeighbourNews,
     state::{self, State},
     status, system,
 };
@@ -46,7 +48,7 @@ pub struct RunOptions {
 /// Counters of the daemon itself (metrics), kept in `telemetry`.
 pub use crate::telemetry::DaemonCounters;
 
-/// How often the peers' neighbour entries are checked.
+/// How often peers in fallback are probed and the peer table is checked for live edits.
 const PEER_WATCH: Duration = Duration::from_millis(500);
 /// How often the config file is checked for changes (kubelet swaps a symlink; content
 /// comparison catches every way a file can change). The content is read only when the
@@ -132,15 +134,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let applied_conntrack = Arc::new(std::sync::Mutex::new(cfg.conntrack.clone()));
     let gc = spawn_expiry(opts.pin_path.clone(), applied_conntrack.clone(), counters.clone(), stop_threads.clone());
     let watch_counters = counters.clone();
-    let route_watch = match crate::routewatch::spawn(opts.pin_path.clone(), stop_threads.clone(), move || {
+    let mut neighbour_news = match crate::routewatch::spawn(opts.pin_path.clone(), move || {
         watch_counters.route_changes.fetch_add(1, Ordering::Relaxed);
     }) {
-        Ok(h) => Some(h),
+        Ok(rx) => Some(rx),
         Err(e) => {
             warn!("route watch unavailable ({e}); cached next hops expire by age only");
             None
         }
     };
+    let mut peers = PeerWatch::new(neighbour_news.is_some());
     if let Some(addr) = opts.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}"))?;
         info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
@@ -169,8 +172,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 if changed { info!(path = %opts.config_path.display(), "config file changed: reloading"); }
                 changed
             }
+            news = async { match neighbour_news.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                match news {
+                    Some(news) => peers.heard(news),
+                    None => {
+                        warn!("peer watch: the neighbour events stopped; neighbour entries are now read every {PEER_WATCH:?}");
+                        neighbour_news = None;
+                        peers = PeerWatch::new(false);
+                    }
+                }
+                if let Err(e) = peers.update(&mut inst, &current, false) { warn!("peer watch: {e:#}"); }
+                false
+            }
             _ = peer_tick.tick() => {
-                if let Err(e) = watch_peers(&mut inst, &current) { warn!("peer watch: {e:#}"); }
+                if let Err(e) = peers.update(&mut inst, &current, true) { warn!("peer watch: {e:#}"); }
                 if let Err(e) = watch_host_backends(&mut inst, &current) { warn!("host backends: {e:#}"); }
                 false
             }
@@ -203,9 +218,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::notify::stopping();
     stop_threads.store(true, Ordering::SeqCst);
     let _ = gc.join();
-    if let Some(h) = route_watch {
-        let _ = h.join();
-    }
+    drop(neighbour_news); // ends the route watch's task
     drop(logger);
     match opts.on_exit {
         OnExit::Detach => {
@@ -396,32 +409,75 @@ fn reload(inst: &mut Instance, current: &Config, opts: &RunOptions) -> anyhow::R
     Ok(new)
 }
 
-/// Keeps each peer's state in step with its neighbour entry; probes peers in fallback; and
-/// attaches the egress program where a live `peer add` put a peer.
-fn watch_peers(inst: &mut Instance, cfg: &Config) -> anyhow::Result<()> {
-    let state = inst.state()?;
-    let peers = state.peers()?;
-    for p in &peers {
-        if !inst.egress.contains(&p.interface) {
-            inst.attach_egress(&p.interface)?;
-            for i in &cfg.interfaces {
-                inst.attach_egress(&i.name)?;
+/// Keeps each peer's state in step with its neighbour entry, probes peers in fallback, and
+/// attaches the egress program where a live `peer add` put a peer. Neighbour states come
+/// from rtnetlink events (a change is acted on as it arrives); the whole table is read
+/// again when events were lost, and every [`PEER_RESYNC`] ticks as a safety net (every
+/// tick when there is no event stream). No process is started.
+struct PeerWatch {
+    /// The kernel's neighbour entries, by (device, address).
+    neighbours: std::collections::HashMap<(u32, std::net::IpAddr), NeighbourState>,
+    /// Ticks until the next full read; 0: read at the next update.
+    resync_in: u32,
+    resync_every: u32,
+}
+
+/// Peer-watch ticks between two full reads of the neighbour table while events arrive.
+const PEER_RESYNC: u32 = 20;
+
+impl PeerWatch {
+    fn new(events: bool) -> Self {
+        Self { neighbours: Default::default(), resync_in: 0, resync_every: if events { PEER_RESYNC } else { 1 } }
+    }
+
+    /// Takes in what the event stream said.
+    fn heard(&mut self, news: NeighbourNews) {
+        match news {
+            NeighbourNews::Changed(changed) => {
+                for n in changed {
+                    self.neighbours.insert((n.ifindex, n.address), n.state);
+                }
             }
+            NeighbourNews::Lost => self.resync_in = 0,
         }
-        let neigh = crate::peers::neighbour_state(p.address, &p.interface);
-        let direct = crate::peers::usable(neigh.as_deref());
-        if direct != p.direct {
-            state.set_peer_state(p, direct)?;
-            info!(peer = %p.address, interface = %p.interface, neighbour = ?neigh,
-                "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
+    }
+
+    /// Brings the peers' states in line with the neighbour table; `tick`: the periodic call
+    /// (counts towards the next full read, probes peers in fallback).
+    fn update(&mut self, inst: &mut Instance, cfg: &Config, tick: bool) -> anyhow::Result<()> {
+        if self.resync_in == 0 {
+            let all = netlink::neighbours()?;
+            self.neighbours = all.into_iter().map(|n| ((n.ifindex, n.address), n.state)).collect();
+            self.resync_in = self.resync_every;
         }
-        if !direct {
-            if let Err(e) = crate::peers::send_probe(p.address, &p.interface) {
+        if tick {
+            self.resync_in -= 1;
+        }
+        let state = inst.state()?;
+        for p in &state.peers()? {
+            if !inst.egress.contains(&p.interface) {
+                inst.attach_egress(&p.interface)?;
+                for i in &cfg.interfaces {
+                    inst.attach_egress(&i.name)?;
+                }
+            }
+            let neigh = self.neighbours.get(&(p.ifindex, p.address)).copied();
+            let direct = netlink::usable(neigh);
+            if direct != p.direct {
+                state.set_peer_state(p, direct)?;
+                let cause = if tick { "periodic check" } else { "neighbour event" };
+                info!(peer = %p.address, interface = %p.interface, neighbour = ?neigh.map(netlink::state_name), cause,
+                    "peer {}", if direct { "direct" } else { "in fallback (normal routing)" });
+            }
+            if !direct
+                && tick
+                && let Err(e) = crate::peers::send_probe(p.address, &p.interface)
+            {
                 warn!(peer = %p.address, "probe: {e}");
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Attaches TC egress to every configured interface once a backend on this host appears

@@ -32,6 +32,8 @@ pub enum Error {
     /// Nothing pinned at the pin path, or the daemon that pinned it is gone.
     #[error("pin path {path}: {message}")]
     NoInstance { path: String, message: String },
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

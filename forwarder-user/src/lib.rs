@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod netlink;
 pub mod notify;
 pub mod peers;
 pub mod routewatch;

@@ -228,8 +228,8 @@ impl Instance {
     /// Attaches XDP (unless off) and the TC ingress program to an interface, or swaps the
     /// programs into the links an earlier instance pinned for it.
     pub fn attach(&mut self, iface: &Interface) -> Result<()> {
-        let ifindex = system::ifindex(&iface.name)?;
-        let is_veth = system::is_veth(&iface.name);
+        let link = system::link(&iface.name)?;
+        let (ifindex, is_veth) = (link.index, link.is_veth());
         let xdp_egress = match iface.redirect {
             RedirectMode::Xdp => true,
             RedirectMode::Tc => false,

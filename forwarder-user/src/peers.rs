@@ -1,5 +1,6 @@
 //! Same-switch peers: map entries, and the watch that keeps each peer's state in step with
-//! the kernel's neighbour entry for it (direct while it answers ARP/ND, fallback otherwise).
+//! the kernel's neighbour entry for it (direct while it answers ARP/ND, fallback otherwise):
+//! neighbour events and states come from [`crate::netlink`].
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -17,24 +18,6 @@ pub fn key_for(addr: IpAddr) -> PeerKey {
 
 pub fn value_for(ifindex: u32, peer_id: u32, direct: bool) -> PeerValue {
     PeerValue { ifindex, peer_id, state: if direct { PEER_DIRECT } else { PEER_FALLBACK }, _pad: 0 }
-}
-
-/// The kernel's neighbour state for `addr` on `dev` ("REACHABLE", "FAILED", ...), if any.
-pub fn neighbour_state(addr: IpAddr, dev: &str) -> Option<String> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "neigh", "show", "to", &addr.to_string(), "dev", dev])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let states = v.get(0)?.get("state")?.as_array()?;
-    states.first()?.as_str().map(str::to_string)
-}
-
-/// Whether a neighbour in `state` can take packets now. STALE/DELAY/PROBE entries are
-/// usable: the kernel confirms them as they are used and marks them FAILED if the peer
-/// has gone.
-pub fn usable(state: Option<&str>) -> bool {
-    matches!(state, Some("REACHABLE" | "STALE" | "DELAY" | "PROBE" | "PERMANENT" | "NOARP"))
 }
 
 /// Sends one datagram to the peer's discard port, marked so that the egress program sends
@@ -63,16 +46,6 @@ pub fn send_probe(address: IpAddr, interface: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn states_that_take_packets() {
-        for s in ["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT"] {
-            assert!(usable(Some(s)), "{s}");
-        }
-        for s in [Some("FAILED"), Some("INCOMPLETE"), Some("NONE"), None] {
-            assert!(!usable(s), "{s:?}");
-        }
-    }
 
     #[test]
     fn keys_hold_both_families() {

@@ -125,7 +125,7 @@ fn control(version: &str, arch: &str, size_kib: u64) -> String {
          Architecture: {arch}\n\
          Maintainer: forwarder developers <forwarder@example.org>\n\
          Installed-Size: {size_kib}\n\
-         Depends: libc6 (>= 2.34), iproute2\n\
+         Depends: libc6 (>= 2.34)\n\
          Section: net\n\
          Priority: optional\n\
          Homepage: https://example.org/forwarder\n\

@@ -1,0 +1,192 @@
+//! forwarder asks the kernel through rtnetlink only (forwarder::netlink): it needs no `ip`
+//! at run time. Each daemon here runs with a PATH that holds no `ip` (only the `nsenter`
+//! the test launches it with), as on a host or image without iproute2.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use forwarder_tests::{
+    Cgroup, Chain, Daemon, ExactLaunch, Netns,
+    daemon::forwarder_bin,
+    netns::run_ok,
+    topo::{A_DEV, B_ADDR, ROUTER_CLIENT_ADDR, SERVER_ADDR, TwoIsp},
+};
+
+const BACKEND_PORT: u16 = 3197;
+const LISTEN_PORT: u16 = 3306;
+
+/// Starts `forwarder run` in `ns` with the whole environment `PATH=<dir with nsenter only>`.
+fn start_without_ip(ns: &Netns, tag: &str, config: &str) -> Daemon {
+    let dir = Daemon::scratch_dir(tag).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let nsenter = ["/usr/bin/nsenter", "/bin/nsenter", "/usr/sbin/nsenter"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nsenter");
+    let _ = std::fs::remove_file(bin.join("nsenter"));
+    std::os::unix::fs::symlink(nsenter, bin.join("nsenter")).unwrap();
+    assert!(!bin.join("ip").exists());
+    let config_path = dir.join("forwarder.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let pin_path = PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}"));
+    let cgroup = Cgroup::new(tag).unwrap();
+    let argv = vec![
+        forwarder_bin().display().to_string(),
+        "--log-level".into(),
+        "debug".into(),
+        "run".into(),
+        "--config".into(),
+        config_path.display().to_string(),
+        "--pin-path".into(),
+        pin_path.display().to_string(),
+        "--cgroup".into(),
+        cgroup.path.display().to_string(),
+    ];
+    let launch =
+        ExactLaunch { argv, env: vec![("PATH".into(), bin.display().to_string())], pin_path, config_path, cgroup };
+    Daemon::start_exact(ns, tag, launch).unwrap()
+}
+
+/// The running instance's status file (what `forwarder status --json` reports).
+fn status(d_pin: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(forwarder::status::path_for(d_pin)).unwrap()).unwrap()
+}
+
+fn forward_config(xdp: &str) -> String {
+    format!(
+        r#"
+[[interface]]
+name = "rc"
+xdp = "{xdp}"
+redirect = "auto"
+
+[[interface]]
+name = "rs"
+xdp = "{xdp}"
+redirect = "auto"
+
+[[forward]]
+name = "db"
+protocol = "tcp"
+listen = "0.0.0.0:{LISTEN_PORT}"
+backend = "{SERVER_ADDR}:{BACKEND_PORT}"
+"#
+    )
+}
+
+/// Three TCP exchanges client → router:3306 → server; each reply is the request + 1.
+fn exchange(chain: &Chain) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = chain
+        .server
+        .spawn(move || {
+            let l = TcpListener::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
+            tx.send(()).unwrap();
+            for _ in 0..3 {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = vec![0u8; 100_000];
+                s.read_exact(&mut buf).unwrap();
+                s.write_all(&buf.iter().map(|b| b.wrapping_add(1)).collect::<Vec<_>>()).unwrap();
+            }
+        })
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).expect("server listening");
+    chain
+        .client
+        .run(|| {
+            for _ in 0..3 {
+                let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
+                let mut s =
+                    TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through the router");
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let data: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+                s.write_all(&data).unwrap();
+                let mut back = vec![0u8; data.len()];
+                s.read_exact(&mut back).expect("reply through the router");
+                assert!(back.iter().zip(&data).all(|(b, d)| *b == d.wrapping_add(1)), "reply bytes differ");
+            }
+        })
+        .unwrap();
+    server.join().unwrap();
+}
+
+/// The control: iptables DNAT + MASQUERADE on the router carries the same exchange.
+#[test]
+fn iptables_control_forwards_over_veths() {
+    let chain = Chain::new().unwrap();
+    for r in [
+        format!(
+            "-t nat -A PREROUTING -p tcp --dport {LISTEN_PORT} -j DNAT --to-destination {SERVER_ADDR}:{BACKEND_PORT}"
+        ),
+        "-t nat -A POSTROUTING -o rs -j MASQUERADE".to_string(),
+    ] {
+        run_ok(chain.router.cmd("iptables").args(r.split(' '))).unwrap();
+    }
+    exchange(&chain);
+}
+
+/// `redirect = "auto"` tells veths from other devices by their link kind, read over
+/// rtnetlink: without `ip` the veths still get no XDP redirect (their far ends run no XDP
+/// and would drop the frames), and forwarding works.
+fn auto_redirect_without_ip(xdp: &str) {
+    let chain = Chain::new().unwrap();
+    let d = start_without_ip(&chain.router, &chain.tag, &forward_config(xdp));
+    let st = status(&d.pin_path);
+    let ifaces = st["interfaces"].as_array().unwrap();
+    assert_eq!(ifaces.len(), 2, "{st}");
+    for i in ifaces {
+        assert_eq!(i["xdp_egress"], false, "a veth is no XDP redirect target: {st}\n{}", d.log());
+    }
+    exchange(&chain);
+    let f = d.stats().unwrap()["forwards"][0].clone();
+    assert_eq!(f["new_connections"], 3, "the forwarder carried them: {f}");
+}
+
+#[test]
+fn auto_redirect_sees_veths_without_ip_xdp_native() {
+    auto_redirect_without_ip("native");
+}
+
+#[test]
+fn auto_redirect_sees_veths_without_ip_xdp_generic() {
+    auto_redirect_without_ip("generic");
+}
+
+fn peer_state(d: &Daemon) -> serde_json::Value {
+    d.stats().unwrap()["peers"][0]["state"].clone()
+}
+
+/// Lines of the daemon's log that contain every one of `words`.
+fn log_lines(d: &Daemon, words: &[&str]) -> usize {
+    d.log().lines().filter(|l| words.iter().all(|w| l.contains(w))).count()
+}
+
+/// A peer's state follows its neighbour entry as rtnetlink announces it: deleting the entry
+/// puts the peer in fallback at once (a neighbour event, not the periodic check), the probe
+/// then resolves it again and the peer goes direct again. No `ip` anywhere on the path.
+#[test]
+fn peer_state_follows_neighbour_events_without_ip() {
+    let t = TwoIsp::new().unwrap();
+    let d = start_without_ip(&t.a, &t.tag, &format!("[[peer]]\naddress = \"{B_ADDR}\"\ninterface = \"{A_DEV}\"\n"));
+    forwarder_tests::wait_for("peer direct", Duration::from_secs(10), || peer_state(&d) == "direct");
+    let directs = log_lines(&d, &["peer direct"]);
+    assert!(directs >= 1, "{}", d.log());
+
+    let deleted = Instant::now();
+    t.a.ip(&["neigh", "del", B_ADDR, "dev", A_DEV]).unwrap();
+    forwarder_tests::wait_for("fallback on the neighbour event", Duration::from_secs(5), || {
+        log_lines(&d, &["in fallback", "neighbour event"]) >= 1
+    });
+    // The periodic full re-read comes every 10 s: this was the event.
+    assert!(deleted.elapsed() < Duration::from_secs(3), "fallback took {:?}\n{}", deleted.elapsed(), d.log());
+    forwarder_tests::wait_for("direct again", Duration::from_secs(10), || {
+        log_lines(&d, &["peer direct"]) > directs && peer_state(&d) == "direct"
+    });
+    assert!(log_lines(&d, &["peer direct", "neighbour event"]) >= 1, "{}", d.log());
+}
