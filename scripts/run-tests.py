@@ -26,7 +26,7 @@ LONGEST_FIRST = ["packets", "service", "local", "ops", "fragments", "e2e", "peer
 
 def build():
     out = subprocess.run(
-        ["cargo", "test", "--workspace", "--exclude", "forwarder-ebpf", "--no-run", "--message-format=json"],
+        ["cargo", "test", "--workspace", "--exclude", "forwarder-ebpf", "--no-run", "--message-format=json-render-diagnostics"],
         check=True,
         stdout=subprocess.PIPE,
         text=True,
