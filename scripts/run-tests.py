@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 # Test binaries that measure rates against a control in the same run: nothing beside them.
 ALONE = {"lifecycle"}
 # The longest first, so the lanes end together.
-LONGEST_FIRST = ["packets", "service", "local", "ops", "fragments", "e2e", "peer", "deploy", "icmp_errors"]
+LONGEST_FIRST = ["bench_smoke", "packets", "service", "local", "ops", "fragments", "e2e", "peer", "deploy", "icmp_errors"]
 
 
 def build():
