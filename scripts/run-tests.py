@@ -25,6 +25,10 @@ LONGEST_FIRST = ["bench_smoke", "packets", "service", "local", "ops", "fragments
 
 
 def build():
+    """Builds every test binary and, in the same cargo run (one feature resolution, so the
+    kernel object is built once), the `forwarder` binary the end-to-end tests run: cargo
+    builds a package's binaries for its integration tests. Returns (unit, e2e) binaries
+    and sets FORWARDER_BIN to the binary built."""
     out = subprocess.run(
         ["cargo", "test", "--workspace", "--exclude", "forwarder-ebpf", "--no-run", "--message-format=json-render-diagnostics"],
         check=True,
@@ -40,11 +44,16 @@ def build():
         if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
             continue
         target = msg["target"]
+        if target["kind"] == ["bin"] and target["name"] == "forwarder" and not msg.get("profile", {}).get("test"):
+            os.environ.setdefault("FORWARDER_BIN", msg["executable"])
+            continue
         if not msg.get("profile", {}).get("test"):
             continue
         name = target["name"]
         entry = (name, msg["executable"], msg["manifest_path"])
         (e2e if target["kind"] == ["test"] else units).append(entry)
+    if "FORWARDER_BIN" not in os.environ:
+        sys.exit("run-tests: cargo built no `forwarder` binary (forwarder-user needs an integration test for that)")
     return units, e2e
 
 

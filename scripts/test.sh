@@ -7,12 +7,11 @@ set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The end-to-end tests run the real binary (target/debug/forwarder).
-cargo build --package forwarder-user
 # Bounded fuzzing of the config parser and checksum arithmetic (first, so that the test
 # runner's summary closes the output).
 bash scripts/fuzz.sh 20
-# Every test binary of `cargo test --workspace --exclude forwarder-ebpf`: unit tests, the
+# Every test binary of `cargo test --workspace --exclude forwarder-ebpf` (one build, which
+# also makes the `forwarder` binary the end-to-end tests run): unit tests, the
 # rate-comparing lifecycle tests alone, then the rest two binaries at a time (each binary's
 # tests on parallel threads, as cargo runs them); arguments go to every test binary.
 python3 scripts/run-tests.py -- "$@"
