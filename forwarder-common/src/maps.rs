@@ -4,23 +4,23 @@
 use core::mem::size_of;
 
 /// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash).
-pub const MAP_FORWARDS: &str = "FWD_RULES";
+pub const FWD_RULES: &str = "FWD_RULES";
 /// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (hash).
 /// `_V4`: the value grew the connection's creation time (`conntrack list` shows its age);
 /// `_V3` had grown netfilter's TCP states, flags and sequence tracking (docs/maps.md). The
-/// loader migrates entries of a pinned [`MAP_CONNTRACK_V3`], [`MAP_CONNTRACK_V2`] or
-/// [`MAP_CONNTRACK_V1`] left by an earlier version.
-pub const MAP_CONNTRACK: &str = "FWD_CT_V4";
+/// loader migrates entries of a pinned [`FWD_CT_V3`], [`FWD_CT_V2`] or
+/// [`FWD_CT`] left by an earlier version.
+pub const FWD_CT_V4: &str = "FWD_CT_V4";
 /// The connection table with TCP states but no creation time: [`CtKey`] -> [`CtValueV3`].
-pub const MAP_CONNTRACK_V3: &str = "FWD_CT_V3";
+pub const FWD_CT_V3: &str = "FWD_CT_V3";
 /// The connection table with a next-hop cache and state bits: [`CtKey`] -> [`CtValueV2`].
-pub const MAP_CONNTRACK_V2: &str = "FWD_CT_V2";
+pub const FWD_CT_V2: &str = "FWD_CT_V2";
 /// The connection table of versions before the next-hop cache: [`CtKey`] -> [`CtValueV1`].
-pub const MAP_CONNTRACK_V1: &str = "FWD_CT";
+pub const FWD_CT: &str = "FWD_CT";
 /// Route generation: index 0 -> u32 (array of one). Userspace bumps it whenever routes,
 /// neighbours, links, addresses or the config change; a connection's cached next hop is
 /// used only while the generation it was looked up under is current.
-pub const MAP_ROUTE_GEN: &str = "FWD_ROUTE_GEN";
+pub const FWD_ROUTE_GEN: &str = "FWD_ROUTE_GEN";
 /// A cached next hop is looked up again after this many jiffies even without a route
 /// change (1 s at HZ=250; 2.5 s at most, at HZ=100). It also bounds how stale
 /// `CtValue::last_seen_ns` gets, since the fast path does not refresh it.
@@ -28,33 +28,33 @@ pub const NH_MAX_AGE_JIFFIES: u32 = 250;
 /// The XDP flow cache: slot -> [`FlowCacheSlot`] (per-CPU array of [`FLOW_CACHE_SLOTS`],
 /// kernel-internal, not pinned). A copy of an established IPv4 connection's rewrite and
 /// next hop, found by indexing instead of hashing; see [`flow_cache_bucket`].
-pub const MAP_FLOW_CACHE: &str = "FWD_FLOW_CACHE";
+pub const FWD_FLOW_CACHE: &str = "FWD_FLOW_CACHE";
 /// log2 of [`FLOW_CACHE_SLOTS`].
 pub const FLOW_CACHE_BITS: u32 = 12;
 /// Slots of the flow cache per CPU (64 bytes each: 256 KiB per CPU).
 pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
 /// Per-forward counters: forward id -> [`FwdStats`] (per-CPU array).
-pub const MAP_FORWARD_STATS: &str = "FWD_FWD_STATS";
+pub const FWD_FWD_STATS: &str = "FWD_FWD_STATS";
 /// Per-reason packet counters: [`crate::Reason`] code -> u64 (per-CPU array).
-pub const MAP_REASONS: &str = "FWD_REASONS";
+pub const FWD_REASONS: &str = "FWD_REASONS";
 /// Per-interface settings for the programs: ifindex -> [`IfaceConfig`] (hash).
-pub const MAP_IFACES: &str = "FWD_IFACES";
+pub const FWD_IFACES: &str = "FWD_IFACES";
 /// Egress devices XDP may redirect into: ifindex -> ifindex (devmap hash).
-pub const MAP_TX_PORTS: &str = "FWD_TX_PORTS";
+pub const FWD_TX_PORTS: &str = "FWD_TX_PORTS";
 /// Global settings: index 0 -> [`GlobalConfig`] (array of one). `_V2`: the SNAT range
 /// grew a hole; userspace writes the whole value at every start, so the older
-/// [`MAP_GLOBAL_V1`] pin is only removed.
-pub const MAP_GLOBAL: &str = "FWD_GLOBAL_V2";
-pub const MAP_GLOBAL_V1: &str = "FWD_GLOBAL";
+/// [`FWD_GLOBAL`] pin is only removed.
+pub const FWD_GLOBAL_V2: &str = "FWD_GLOBAL_V2";
+pub const FWD_GLOBAL: &str = "FWD_GLOBAL";
 /// Connected local sockets whose destination was rewritten: socket cookie -> [`LocalOrig`].
-pub const MAP_LOCAL_CONNECTED: &str = "FWD_LOCAL_CONN";
+pub const FWD_LOCAL_CONN: &str = "FWD_LOCAL_CONN";
 /// Unconnected local UDP sockets: [`LocalUdpKey`] -> [`LocalUdpOrig`]. `_V2`: the value
 /// grew the time of the exchange's last datagram (`FWD_LOCAL_UDP_V2` would exceed the 15
 /// characters of a map name); the loader carries the entries of a pinned
-/// [`MAP_LOCAL_UDP_V1`] over.
-pub const MAP_LOCAL_UDP: &str = "FWD_LOC_UDP_V2";
+/// [`FWD_LOCAL_UDP`] over.
+pub const FWD_LOC_UDP_V2: &str = "FWD_LOC_UDP_V2";
 /// The unconnected-socket map of earlier versions: [`LocalUdpKey`] -> [`LocalOrig`].
-pub const MAP_LOCAL_UDP_V1: &str = "FWD_LOCAL_UDP";
+pub const FWD_LOCAL_UDP: &str = "FWD_LOCAL_UDP";
 /// How long an unconnected socket's exchange with a backend through one listen address
 /// must be quiet before the socket may reach that backend through another, when
 /// [`GlobalConfig::local_udp_idle_s`] is 0: netfilter's unreplied UDP timeout.
@@ -62,18 +62,18 @@ pub const DEFAULT_LOCAL_UDP_IDLE_S: u32 = 30;
 /// Entries of each local-socket map.
 pub const LOCAL_SOCKET_ENTRIES: u32 = 65_536;
 /// Same-switch peers delivered straight at layer 2: [`PeerKey`] -> [`PeerValue`] (hash).
-pub const MAP_PEERS: &str = "FWD_PEERS";
+pub const FWD_PEERS: &str = "FWD_PEERS";
 /// Per-peer counters: peer id -> [`PeerStats`] (per-CPU array).
-pub const MAP_PEER_STATS: &str = "FWD_PEER_STATS";
+pub const FWD_PEER_STATS: &str = "FWD_PEER_STATS";
 pub const MAX_PEERS: u32 = 256;
 /// Forward metadata for operators (names, never read by the kernel): id -> [`FwdMeta`].
-pub const MAP_FORWARD_META: &str = "FWD_META";
+pub const FWD_META: &str = "FWD_META";
 /// Fragments of forwarded datagrams: [`FragKey`] -> [`FragValue`] (LRU hash of
 /// [`FRAG_ENTRIES`]). A datagram's first fragment, which carries the L4 header, records
 /// its ports under the datagram's original addresses, protocol and IP ID; its later
 /// fragments, which carry no L4 header, find their connection by them.
-pub const MAP_FRAGMENTS: &str = "FWD_FRAG_V1";
-/// Datagrams in flight whose fragments [`MAP_FRAGMENTS`] can follow at once (as Cilium's
+pub const FWD_FRAG_V1: &str = "FWD_FRAG_V1";
+/// Datagrams in flight whose fragments [`FWD_FRAG_V1`] can follow at once (as Cilium's
 /// fragment map); the least recently used record gives way to a new one.
 pub const FRAG_ENTRIES: u32 = 8192;
 /// A first fragment's record serves later fragments for this long: fragments of one
@@ -202,7 +202,7 @@ pub struct CtValue {
     /// packets take the full path, which checks them (and forwards, or hands them to the
     /// stack for fragmentation or an ICMP "too big").
     pub nh_len_ok: u16,
-    /// Route generation ([`MAP_ROUTE_GEN`]) the next hop was looked up under.
+    /// Route generation ([`FWD_ROUTE_GEN`]) the next hop was looked up under.
     pub nh_gen: u32,
     /// Low 32 bits of jiffies when the next hop was looked up.
     pub nh_jiffies: u32,
@@ -219,7 +219,7 @@ pub struct CtValue {
 }
 const _: () = assert!(size_of::<CtValue>() == 96);
 
-/// [`CtValue`] of the versions before the creation time (map [`MAP_CONNTRACK_V3`]). Read
+/// [`CtValue`] of the versions before the creation time (map [`FWD_CT_V3`]). Read
 /// once when migrating a pinned table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -275,7 +275,7 @@ impl CtValueV3 {
 }
 
 /// [`CtValue`] of the versions with a next-hop cache but no TCP states (map
-/// [`MAP_CONNTRACK_V2`]): `state` held per-direction bits ([`V2_SEEN_FIN`], ...). Read once
+/// [`FWD_CT_V2`]): `state` held per-direction bits ([`V2_SEEN_FIN`], ...). Read once
 /// when migrating a pinned table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -339,7 +339,7 @@ impl CtValueV2 {
     }
 }
 
-/// One slot of the flow cache ([`MAP_FLOW_CACHE`]): a copy of one direction of a tracked
+/// One slot of the flow cache ([`FWD_FLOW_CACHE`]): a copy of one direction of a tracked
 /// IPv4 connection, made by the XDP fast path from the connection's entry when that entry
 /// holds a current next hop. A slot is used only while its key matches the packet, its
 /// next hop is still current by the entry's own rules (the same generation and jiffies)
@@ -423,7 +423,7 @@ pub fn flow_cache_bucket(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
     (h ^ (h >> 16)) & (FLOW_CACHE_SLOTS - 2)
 }
 
-/// [`CtValue`] of versions before the next-hop cache (map [`MAP_CONNTRACK_V1`]), read
+/// [`CtValue`] of versions before the next-hop cache (map [`FWD_CT`]), read
 /// once when migrating a pinned table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -10,7 +10,7 @@ use crate::{
     config::{Config, Forward, Peer, Protocol, Snat, parse_peer_address, validate_ifname},
     daemon::{self, OnExit, RunOptions},
     error::{Error, Report, exit},
-    loader::{self, DEFAULT_PIN_PATH},
+    pins::{self, DEFAULT_PIN_PATH},
     state::State,
     status, system,
     telemetry::{DEFAULT_METRICS_ADDR, counters as stats},
@@ -316,11 +316,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Conntrack { action, pin } => conntrack_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
         Command::Detach { pin } => {
             let pin_path = pin.pin_path;
-            loader::check_bpffs(&pin_path)?;
-            let _lock = loader::PinLock::acquire(&pin_path)
+            pins::check_bpffs(&pin_path)?;
+            let _lock = pins::PinLock::acquire(&pin_path)
                 .context("a running `forwarder run` holds this pin path: stop it (or let it detach) first")?;
-            loader::restore_sysctls(&pin_path);
-            loader::remove_pins(&pin_path);
+            crate::loader::restore_sysctls(&pin_path);
+            pins::remove(&pin_path);
             status::remove(&pin_path);
             if json {
                 print_json(&serde_json::json!({ "detached": pin_path.display().to_string() }))?;

@@ -1,7 +1,6 @@
 //! forwarder's userspace: config, loader, maps and counters. The `forwarder` binary is a thin
 //! CLI over this library; the tests drive the same library.
 
-pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod connections;
@@ -11,10 +10,11 @@ pub mod loader;
 pub mod maps;
 pub mod netlink;
 pub mod notify;
-pub mod peers;
-pub mod routewatch;
+pub mod pins;
+pub mod reconcile;
 pub mod state;
 pub mod status;
+pub mod sys;
 pub mod system;
 pub mod telemetry;
 

@@ -1,15 +1,15 @@
 //! Loading the embedded BPF object with its maps pinned, attaching the programs through
 //! pinned bpf links, adopting what a previous process left pinned, and detaching.
 //!
-//! Everything an instance creates lives under its pin directory: the maps (`FWD_*`) and the
-//! links (`link_*`). Pinned links keep the programs attached and pinned maps keep the state
+//! Everything an instance creates lives under its pin directory ([`crate::pins`]): the maps
+//! (`FWD_*`) and the links (`link_*`). Pinned links keep the programs attached and pinned maps keep the state
 //! when the process ends, even by SIGKILL; the next `forwarder run` with the same pin path
 //! reuses the maps and swaps its freshly loaded programs into the existing links with
 //! `BPF_LINK_UPDATE`, an atomic replacement, so traffic never sees a gap.
 
 use std::{
     collections::BTreeSet,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -26,7 +26,9 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, Interface, RedirectMode, XdpMode},
     error::{Error, Result},
+    pins::{self, PINNED_MAPS, mount_default_bpffs, unpin_link},
     state::State,
+    sys::{link_update, obj_get},
     system,
 };
 
@@ -44,28 +46,6 @@ pub const LOCAL_PROGRAMS: [&str; 8] = [
     "forwarder_recvmsg4",
     "forwarder_recvmsg6",
 ];
-
-/// Every map the object declares that is pinned (all but aya's own log and data maps).
-pub const PINNED_MAPS: [&str; 15] = [
-    forwarder_common::MAP_FORWARDS,
-    forwarder_common::MAP_CONNTRACK,
-    forwarder_common::MAP_ROUTE_GEN,
-    forwarder_common::MAP_FORWARD_STATS,
-    forwarder_common::MAP_REASONS,
-    forwarder_common::MAP_IFACES,
-    forwarder_common::MAP_TX_PORTS,
-    forwarder_common::MAP_GLOBAL,
-    forwarder_common::MAP_FORWARD_META,
-    forwarder_common::MAP_LOCAL_CONNECTED,
-    forwarder_common::MAP_LOCAL_UDP,
-    forwarder_common::MAP_PEERS,
-    forwarder_common::MAP_PEER_STATS,
-    forwarder_common::MAP_FRAGMENTS,
-    "FWD_SCRATCH",
-];
-
-/// Default bpffs directory of an instance's pinned state.
-pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/forwarder";
 
 /// Map capacities and kernel-side log level, fixed when the maps are first created (an
 /// adopted map keeps the size it was created with).
@@ -130,14 +110,14 @@ impl Instance {
     pub fn load(opts: &LoadOptions, pin_dir: &Path) -> Result<Self> {
         mount_default_bpffs(pin_dir);
         std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))?;
-        let adopted = pin_dir.join(forwarder_common::MAP_FORWARDS).exists();
+        let adopted = pin_dir.join(forwarder_common::FWD_RULES).exists();
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(forwarder_common::MAP_FORWARDS, opts.max_forwards.max(1))
-            .map_max_entries(forwarder_common::MAP_FORWARD_STATS, opts.max_forwards + 1)
-            .map_max_entries(forwarder_common::MAP_FORWARD_META, opts.max_forwards + 1)
-            .map_max_entries(forwarder_common::MAP_CONNTRACK, opts.ct_entries)
+            .map_max_entries(forwarder_common::FWD_RULES, opts.max_forwards.max(1))
+            .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::FWD_META, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::FWD_CT_V4, opts.ct_entries)
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -161,7 +141,7 @@ impl Instance {
                 // Maps are pinned as the object loads: a first start that fails (a program
                 // the verifier refuses, say) leaves nothing behind. Adopted state stays.
                 if !adopted {
-                    remove_pins(pin_dir);
+                    pins::remove(pin_dir);
                 }
                 return Err(e);
             }
@@ -172,7 +152,7 @@ impl Instance {
         migrate_conntrack(&mut ebpf, pin_dir);
         migrate_local_udp(&mut ebpf, pin_dir);
         // Settings are written whole at every start; an older layout's pin only goes.
-        let _ = std::fs::remove_file(pin_dir.join(forwarder_common::MAP_GLOBAL_V1));
+        let _ = std::fs::remove_file(pin_dir.join(forwarder_common::FWD_GLOBAL));
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -392,13 +372,13 @@ impl Drop for Instance {
     fn drop(&mut self) {
         if self.detach_on_drop {
             restore_sysctls(&self.pin_dir);
-            remove_pins(&self.pin_dir);
+            pins::remove(&self.pin_dir);
         }
     }
 }
 
 /// Undoes what an instance changed in its namespace's settings (`net.ipv4.conf.lo.accept_local`,
-/// see `daemon::apply_config`), before its pinned state goes. Only from the instance's own
+/// see `reconcile::apply`), before its pinned state goes. Only from the instance's own
 /// namespace (its cookie in `FWD_GLOBAL_V2`): a clean-up run from elsewhere leaves every
 /// other namespace's settings alone.
 pub fn restore_sysctls(pin_dir: &Path) {
@@ -428,45 +408,6 @@ where
     ebpf.program_mut(name).expect("the object has every program").try_into().map_err(prog_err(name))
 }
 
-/// BPF_OBJ_GET: opens a pinned object.
-fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // union bpf_attr, obj member: pathname (u64), bpf_fd, file_flags, path_fd.
-    let mut attr = [0u64; 16];
-    attr[0] = cpath.as_ptr() as u64;
-    // SAFETY: attr is a zeroed bpf_attr of the advertised size; cpath outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd that we own.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// BPF_LINK_UPDATE: atomically replaces the program of a link (XDP, tcx and cgroup links
-/// support it). aya offers it per program type only; one raw call serves all three here.
-fn link_update(link: std::os::fd::BorrowedFd<'_>, prog_fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    // union bpf_attr, link_update member: link_fd, new_prog_fd, flags, old_prog_fd.
-    let mut attr = [0u32; 32];
-    attr[0] = link.as_raw_fd() as u32;
-    attr[1] = prog_fd.as_raw_fd() as u32;
-    // SAFETY: attr is a zeroed bpf_attr of the advertised size with the link_update fields set.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// Unpins a link: once no process holds it, the kernel detaches the program.
-fn unpin_link(path: &Path) {
-    if path.exists() {
-        if let Err(e) = std::fs::remove_file(path) {
-            warn!(path = %path.display(), "unpinning link: {e}");
-        }
-    }
-}
-
 /// Carries the connections of a connection table pinned by an earlier version (`FWD_CT`,
 /// 56-byte values without a next-hop cache, `FWD_CT_V2`, 80-byte values with state bits, or
 /// `FWD_CT_V3`, 88-byte values without the creation time) into `FWD_CT_V4`, then removes the
@@ -475,11 +416,11 @@ fn unpin_link(path: &Path) {
 /// ([`forwarder_common::CtValueV2::upgrade`]). Best effort: a table that cannot be read as
 /// its layout is left where it is, with a warning.
 fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
-    use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2};
+    use forwarder_common::{CtValueV1, CtValueV2, FWD_CT, FWD_CT_V2};
     migrate_conntrack_v3(ebpf, pin_dir);
     type Read = fn(&Path) -> std::result::Result<Vec<(forwarder_common::CtKey, CtValueV2)>, String>;
     let v1: Read = |p| Ok(read_pinned_table::<CtValueV1>(p)?.into_iter().map(|(k, v)| (k, v.into())).collect());
-    for (name, read) in [(MAP_CONNTRACK_V2, read_pinned_table::<CtValueV2> as Read), (MAP_CONNTRACK_V1, v1)] {
+    for (name, read) in [(FWD_CT_V2, read_pinned_table::<CtValueV2> as Read), (FWD_CT, v1)] {
         let old_path = pin_dir.join(name);
         if !old_path.exists() {
             continue;
@@ -487,11 +428,7 @@ fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
         match read(&old_path).and_then(|old| insert_upgraded(ebpf, &old)) {
             Ok(moved) => {
                 let _ = std::fs::remove_file(&old_path);
-                info!(
-                    connections = moved,
-                    "connection table migrated from {name} to {}",
-                    forwarder_common::MAP_CONNTRACK
-                );
+                info!(connections = moved, "connection table migrated from {name} to {}", forwarder_common::FWD_CT_V4);
             }
             Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
         }
@@ -502,14 +439,14 @@ fn migrate_conntrack(ebpf: &mut Ebpf, pin_dir: &Path) {
 /// was, its age unknown.
 fn migrate_conntrack_v3(ebpf: &mut Ebpf, pin_dir: &Path) {
     use aya::maps::HashMap;
-    use forwarder_common::{CT_DIR_ORIGINAL, CtKey, CtValue, CtValueV3, MAP_CONNTRACK, MAP_CONNTRACK_V3};
-    let old_path = pin_dir.join(MAP_CONNTRACK_V3);
+    use forwarder_common::{CT_DIR_ORIGINAL, CtKey, CtValue, CtValueV3, FWD_CT_V3, FWD_CT_V4};
+    let old_path = pin_dir.join(FWD_CT_V3);
     if !old_path.exists() {
         return;
     }
     let moved = (|| -> std::result::Result<usize, String> {
         let old = read_pinned_table::<CtValueV3>(&old_path)?;
-        let new = ebpf.map_mut(MAP_CONNTRACK).ok_or("no connection table in the object")?;
+        let new = ebpf.map_mut(FWD_CT_V4).ok_or("no connection table in the object")?;
         let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(new).map_err(|e| e.to_string())?;
         for (k, v) in &old {
             new.insert(k, v.upgrade(), 0).map_err(|e| e.to_string())?;
@@ -519,7 +456,7 @@ fn migrate_conntrack_v3(ebpf: &mut Ebpf, pin_dir: &Path) {
     match moved {
         Ok(n) => {
             let _ = std::fs::remove_file(&old_path);
-            info!(connections = n, "connection table migrated from {MAP_CONNTRACK_V3} to {MAP_CONNTRACK}");
+            info!(connections = n, "connection table migrated from {FWD_CT_V3} to {FWD_CT_V4}");
         }
         Err(e) => warn!(path = %old_path.display(), "old connection table not migrated: {e}"),
     }
@@ -530,8 +467,8 @@ fn migrate_conntrack_v3(ebpf: &mut Ebpf, pin_dir: &Path) {
 /// exchanges, and unpins it: programs keep seeing answers from the addresses they sent to.
 fn migrate_local_udp(ebpf: &mut Ebpf, pin_dir: &Path) {
     use aya::maps::HashMap;
-    use forwarder_common::{LocalOrig, LocalUdpKey, LocalUdpOrig, MAP_LOCAL_UDP, MAP_LOCAL_UDP_V1};
-    let old_path = pin_dir.join(MAP_LOCAL_UDP_V1);
+    use forwarder_common::{FWD_LOC_UDP_V2, FWD_LOCAL_UDP, LocalOrig, LocalUdpKey, LocalUdpOrig};
+    let old_path = pin_dir.join(FWD_LOCAL_UDP);
     if !old_path.exists() {
         return;
     }
@@ -541,7 +478,7 @@ fn migrate_local_udp(ebpf: &mut Ebpf, pin_dir: &Path) {
             HashMap::try_from(aya::maps::Map::from_map_data(old).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
         let entries: Vec<_> = old.iter().filter_map(|e| e.ok()).collect();
-        let new = ebpf.map_mut(MAP_LOCAL_UDP).ok_or("no local UDP map in the object")?;
+        let new = ebpf.map_mut(FWD_LOC_UDP_V2).ok_or("no local UDP map in the object")?;
         let mut new: HashMap<_, LocalUdpKey, LocalUdpOrig> = HashMap::try_from(new).map_err(|e| e.to_string())?;
         for (k, orig) in &entries {
             new.insert(k, LocalUdpOrig { orig: *orig, last_ns: 0 }, 0).map_err(|e| e.to_string())?;
@@ -551,7 +488,7 @@ fn migrate_local_udp(ebpf: &mut Ebpf, pin_dir: &Path) {
     match moved {
         Ok(n) => {
             let _ = std::fs::remove_file(&old_path);
-            info!(sockets = n, "local UDP sockets migrated from {MAP_LOCAL_UDP_V1} to {MAP_LOCAL_UDP}");
+            info!(sockets = n, "local UDP sockets migrated from {FWD_LOCAL_UDP} to {FWD_LOC_UDP_V2}");
         }
         Err(e) => warn!(path = %old_path.display(), "old local UDP map not migrated: {e}"),
     }
@@ -571,9 +508,9 @@ fn insert_upgraded(
     old: &[(forwarder_common::CtKey, forwarder_common::CtValueV2)],
 ) -> std::result::Result<usize, String> {
     use aya::maps::HashMap;
-    use forwarder_common::{CT_DIR_ORIGINAL, CtKey, CtValue, MAP_CONNTRACK, PROTO_TCP};
+    use forwarder_common::{CT_DIR_ORIGINAL, CtKey, CtValue, FWD_CT_V4, PROTO_TCP};
     let by_key: std::collections::HashMap<CtKey, u8> = old.iter().map(|(k, v)| (*k, v.state)).collect();
-    let new = ebpf.map_mut(MAP_CONNTRACK).ok_or("no connection table in the object")?;
+    let new = ebpf.map_mut(FWD_CT_V4).ok_or("no connection table in the object")?;
     let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(new).map_err(|e| e.to_string())?;
     let mut moved = 0;
     for (k, v) in old {
@@ -590,90 +527,6 @@ fn insert_upgraded(
         moved += (v.direction == CT_DIR_ORIGINAL) as usize;
     }
     Ok(moved)
-}
-
-/// Removes everything forwarder pins under `dir` (links first), then `dir` and its `edit`
-/// lock directory.
-pub fn remove_pins(dir: &Path) {
-    let entries: Vec<_> = std::fs::read_dir(dir).into_iter().flatten().flatten().collect();
-    for prefix in ["link_", "FWD_"] {
-        for e in &entries {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir.join(crate::state::EDIT_LOCK_DIR));
-    let _ = std::fs::remove_dir(dir);
-}
-
-/// An exclusive lock on a pin directory, so two instances never share one.
-pub struct PinLock {
-    _dir: std::fs::File,
-}
-
-impl PinLock {
-    pub fn acquire(dir: &Path) -> Result<Self> {
-        mount_default_bpffs(dir);
-        check_bpffs(dir)?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::PinPath { path: dir.display().to_string(), message: e.to_string() })?;
-        let f = std::fs::File::open(dir)?;
-        // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::PinPath {
-                path: dir.display().to_string(),
-                message: "another forwarder instance uses this pin path (choose another --pin-path)".into(),
-            });
-        }
-        Ok(Self { _dir: f })
-    }
-}
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
-}
-
-/// Mounts bpffs at /sys/fs/bpf when a pin path below it is asked for and nothing is mounted
-/// there yet (as Cilium's agent does); other places are left to the operator.
-fn mount_default_bpffs(dir: &Path) {
-    let root = Path::new("/sys/fs/bpf");
-    if !dir.starts_with(root) || is_bpffs(root) || !root.is_dir() {
-        return;
-    }
-    match nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>) {
-        Ok(()) => info!("mounted bpffs at /sys/fs/bpf"),
-        Err(e) => warn!("mounting bpffs at /sys/fs/bpf: {e}"),
-    }
-}
-
-/// Pins need a bpffs. `ip netns exec` remounts /sys in a private mount namespace, hiding the
-/// host's /sys/fs/bpf: say so instead of failing obscurely.
-pub fn check_bpffs(dir: &Path) -> Result<()> {
-    let probe = if dir.exists() { dir } else { dir.parent().unwrap_or(dir) };
-    if is_bpffs(probe) {
-        Ok(())
-    } else {
-        Err(Error::PinPath {
-            path: dir.display().to_string(),
-            message: format!(
-                "{} is not on a bpffs (under `ip netns exec`, /sys is remounted and the host's bpffs hidden: \
-                 enter the namespace with `nsenter --net=/run/netns/NAME` instead, or mount bpffs)",
-                probe.display()
-            ),
-        })
-    }
-}
-
-/// Opens a pinned map of a running instance.
-pub fn open_pinned(dir: &Path, name: &str) -> Result<MapData> {
-    check_bpffs(dir)?;
-    MapData::from_pin(dir.join(name)).map_err(|e| Error::PinPath {
-        path: dir.join(name).display().to_string(),
-        message: format!("{e} (is `forwarder run` running with this --pin-path?)"),
-    })
 }
 
 pub fn warn_if_forwarding_disabled() {

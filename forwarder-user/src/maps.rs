@@ -1,10 +1,10 @@
-//! From a validated config to map entries (pure), and typed writes into the loaded maps.
+//! From a validated config to map entries: forwards and peers (pure; `state` writes them).
 
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
     FAMILY_V4, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue,
-    SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
+    PEER_DIRECT, PEER_FALLBACK, PeerKey, PeerValue, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
 };
 
 use crate::config::{Forward, Protocol, Snat};
@@ -46,6 +46,17 @@ pub fn backend_on_host(f: &Forward, local_addrs: &[IpAddr]) -> bool {
 /// local programs only; its listen port is left to the host on interfaces.
 pub fn unreachable_from_interfaces(f: &Forward) -> bool {
     f.protocol == Protocol::Udp && f.backend.is_ipv6() && f.backend.ip().is_loopback()
+}
+
+/// A peer's key in `FWD_PEERS`.
+pub fn peer_key(addr: IpAddr) -> PeerKey {
+    let (addr, family) = addr_bytes(addr);
+    PeerKey { addr, family, _pad: [0; 3] }
+}
+
+/// A peer's value in `FWD_PEERS`.
+pub fn peer_value(ifindex: u32, peer_id: u32, direct: bool) -> PeerValue {
+    PeerValue { ifindex, peer_id, state: if direct { PEER_DIRECT } else { PEER_FALLBACK }, _pad: 0 }
 }
 
 pub fn key_for(proto: u8, listen: SocketAddr) -> FwdKey {
@@ -107,6 +118,14 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_keys_hold_both_families() {
+        let k4 = peer_key("198.51.100.20".parse().unwrap());
+        assert_eq!((&k4.addr[..4], k4.family), (&[198, 51, 100, 20][..], forwarder_common::FAMILY_V4));
+        let k6 = peer_key("2001:db8::20".parse().unwrap());
+        assert_eq!((k6.addr[0], k6.addr[15], k6.family), (0x20, 0x20, forwarder_common::FAMILY_V6));
+    }
     use crate::config::Config;
 
     #[test]

@@ -5,30 +5,26 @@
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdStats,
-    FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GlobalConfig, IfaceConfig, MAP_CONNTRACK, MAP_FORWARD_META,
-    MAP_FORWARD_STATS, MAP_FORWARDS, MAP_GLOBAL, MAP_IFACES, MAP_PEERS, MAP_REASONS, MAP_ROUTE_GEN, MAP_TX_PORTS,
-    PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
+    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_CT_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FWD_STATS,
+    FWD_GLOBAL_V2, FWD_IFACES, FWD_META, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES, FWD_TX_PORTS, FwdKey,
+    FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GlobalConfig, IfaceConfig, PEER_DIRECT,
+    PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
 };
 use tracing::{debug, info};
 
 use crate::{
-    batch,
     config::{Forward, OnForwardRemoved, Peer, Protocol, Snat},
     error::{Error, Result},
-    loader::{check_bpffs, open_pinned},
-    maps::{addr_from_bytes, forward_entries},
-    peers,
+    maps::{addr_from_bytes, forward_entries, peer_key, peer_value},
+    pins::{self, EditLock, check_bpffs},
+    sys,
 };
-
-/// Directory under the pin path whose flock serialises changes (reloads, live edits).
-pub const EDIT_LOCK_DIR: &str = "edit";
 
 /// Connections flushed or kept when forwards go away: see [`OnForwardRemoved`].
 pub const GLOBAL_FLUSH_ON_REMOVE: u32 = 1 << 1;
@@ -40,13 +36,15 @@ pub struct State {
     dir: PathBuf,
 }
 
-/// Held while a change is applied.
-pub struct EditLock {
-    _f: std::fs::File,
+/// Names the map in the error of an operation on it: `map.get(&0, 0).on(FWD_GLOBAL_V2)`.
+trait OnMap<T> {
+    fn on(self, name: &'static str) -> Result<T>;
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
+impl<T> OnMap<T> for std::result::Result<T, aya::maps::MapError> {
+    fn on(self, name: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Map { name, source })
+    }
 }
 
 /// What an apply changed, for logs and tests.
@@ -90,7 +88,7 @@ impl PeerEntry {
 impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         check_bpffs(dir)?;
-        if !dir.join(MAP_FORWARDS).exists() {
+        if !dir.join(FWD_RULES).exists() {
             return Err(Error::NoInstance {
                 path: dir.display().to_string(),
                 message: "no forwarder state here (is `forwarder run` running with this --pin-path?)".into(),
@@ -104,44 +102,42 @@ impl State {
     }
 
     fn map(&self, name: &'static str) -> Result<Map> {
-        Map::from_map_data(open_pinned(&self.dir, name)?).map_err(map_err(name))
+        Map::from_map_data(pins::open_map(&self.dir, name)?).on(name)
+    }
+
+    /// A pinned map as its typed aya map (`HashMap<_, K, V>`, `Array<_, V>`...).
+    fn typed<M: TryFrom<Map, Error = aya::maps::MapError>>(&self, name: &'static str) -> Result<M> {
+        M::try_from(self.map(name)?).on(name)
     }
 
     /// Serialises changes between the daemon's reloads and CLI edits.
     pub fn lock_edits(&self) -> Result<EditLock> {
-        let dir = self.dir.join(EDIT_LOCK_DIR);
-        let _ = std::fs::create_dir(&dir);
-        let f = std::fs::File::open(&dir)?;
-        // SAFETY: flock on a valid fd; blocks until the other editor is done.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::Io(std::io::Error::last_os_error()));
-        }
-        Ok(EditLock { _f: f })
+        pins::lock_edits(&self.dir)
     }
 
     pub fn global(&self) -> Result<GlobalConfig> {
-        let a: Array<_, GlobalConfig> = Array::try_from(self.map(MAP_GLOBAL)?).map_err(map_err(MAP_GLOBAL))?;
-        a.get(&0, 0).map_err(map_err(MAP_GLOBAL))
+        let a: Array<_, GlobalConfig> = self.typed(FWD_GLOBAL_V2)?;
+        a.get(&0, 0).on(FWD_GLOBAL_V2)
     }
 
     pub fn set_global(&self, g: GlobalConfig) -> Result<()> {
-        let mut a: Array<_, GlobalConfig> = Array::try_from(self.map(MAP_GLOBAL)?).map_err(map_err(MAP_GLOBAL))?;
-        a.set(0, g, 0).map_err(map_err(MAP_GLOBAL))
+        let mut a: Array<_, GlobalConfig> = self.typed(FWD_GLOBAL_V2)?;
+        a.set(0, g, 0).on(FWD_GLOBAL_V2)
     }
 
     /// Invalidates every next hop the fast path has cached (see docs/maps.md
     /// `FWD_ROUTE_GEN`): after route, neighbour, link, address, interface, forward or peer
     /// changes, the next packet of each connection takes the full path with a FIB lookup.
     pub fn bump_route_generation(&self) -> Result<u32> {
-        let mut a: Array<_, u32> = Array::try_from(self.map(MAP_ROUTE_GEN)?).map_err(map_err(MAP_ROUTE_GEN))?;
-        let next = a.get(&0, 0).map_err(map_err(MAP_ROUTE_GEN))?.wrapping_add(1);
-        a.set(0, next, 0).map_err(map_err(MAP_ROUTE_GEN))?;
+        let mut a: Array<_, u32> = self.typed(FWD_ROUTE_GEN)?;
+        let next = a.get(&0, 0).on(FWD_ROUTE_GEN)?.wrapping_add(1);
+        a.set(0, next, 0).on(FWD_ROUTE_GEN)?;
         Ok(next)
     }
 
     pub fn route_generation(&self) -> Result<u32> {
-        let a: Array<_, u32> = Array::try_from(self.map(MAP_ROUTE_GEN)?).map_err(map_err(MAP_ROUTE_GEN))?;
-        a.get(&0, 0).map_err(map_err(MAP_ROUTE_GEN))
+        let a: Array<_, u32> = self.typed(FWD_ROUTE_GEN)?;
+        a.get(&0, 0).on(FWD_ROUTE_GEN)
     }
 
     fn set_global_flag(&self, flag: u32, on: bool) -> Result<()> {
@@ -151,13 +147,13 @@ impl State {
     }
 
     pub fn capacity(&self, name: &'static str) -> Result<u32> {
-        Ok(open_pinned(&self.dir, name)?.info().map_err(map_err(name))?.max_entries())
+        Ok(pins::open_map(&self.dir, name)?.info().on(name)?.max_entries())
     }
 
     /// The configured forwards, by id.
     pub fn forwards(&self) -> Result<Vec<(u32, Forward)>> {
-        let data = open_pinned(&self.dir, MAP_FORWARD_META)?;
-        match batch::lookup_all::<u32, FwdMeta>(data.fd().as_fd()) {
+        let data = pins::open_map(&self.dir, FWD_META)?;
+        match sys::lookup_all_batched::<u32, FwdMeta>(data.fd().as_fd()) {
             Ok(all) => {
                 let mut out: Vec<(u32, Forward)> = all
                     .iter()
@@ -167,10 +163,9 @@ impl State {
                 out.sort_unstable_by_key(|(id, _)| *id);
                 return Ok(out);
             }
-            Err(e) => debug!("{MAP_FORWARD_META}: batch lookup failed ({e}), reading entry by entry"),
+            Err(e) => debug!("{FWD_META}: batch lookup failed ({e}), reading entry by entry"),
         }
-        let meta: Array<_, FwdMeta> =
-            Array::try_from(self.map(MAP_FORWARD_META)?).map_err(map_err(MAP_FORWARD_META))?;
+        let meta: Array<_, FwdMeta> = self.typed(FWD_META)?;
         let mut out = Vec::new();
         for id in 1..meta.len() {
             let Ok(m) = meta.get(&id, 0) else { continue };
@@ -192,7 +187,7 @@ impl State {
         policy: OnForwardRemoved,
     ) -> Result<ApplyReport> {
         let current = self.forwards()?;
-        let capacity = self.capacity(MAP_FORWARD_META)?;
+        let capacity = self.capacity(FWD_META)?;
         let ForwardPlan { with_ids, retired, mut report } = plan_forwards(current, desired, capacity)?;
 
         let entries = forward_entries(&with_ids, local_addrs);
@@ -211,28 +206,27 @@ impl State {
         if host_forwards {
             self.set_global_flag(GLOBAL_HAS_HOST_BACKENDS, true)?;
         }
-        let mut rules: HashMap<_, FwdKey, FwdValue> =
-            HashMap::try_from(self.map(MAP_FORWARDS)?).map_err(map_err(MAP_FORWARDS))?;
-        let rules_data = open_pinned(&self.dir, MAP_FORWARDS)?;
+        let mut rules: HashMap<_, FwdKey, FwdValue> = self.typed(FWD_RULES)?;
+        let rules_data = pins::open_map(&self.dir, FWD_RULES)?;
         let wanted: HashSet<FwdKey> = entries.iter().flat_map(|e| e.keys.iter().copied()).collect();
-        let present: Vec<FwdKey> = match batch::lookup_all::<FwdKey, FwdValue>(rules_data.fd().as_fd()) {
+        let present: Vec<FwdKey> = match sys::lookup_all_batched::<FwdKey, FwdValue>(rules_data.fd().as_fd()) {
             Ok(all) => all.into_iter().map(|(k, _)| k).collect(),
             Err(e) => {
-                debug!("{MAP_FORWARDS}: batch lookup failed ({e}), reading key by key");
+                debug!("{FWD_RULES}: batch lookup failed ({e}), reading key by key");
                 rules.keys().filter_map(|k| k.ok()).collect()
             }
         };
         let stale: Vec<FwdKey> = present.into_iter().filter(|k| !wanted.contains(k)).collect();
         let (keys, values): (Vec<FwdKey>, Vec<FwdValue>) =
             entries.iter().flat_map(|e| e.keys.iter().map(|k| (*k, e.value))).unzip();
-        if let Err((done, e)) = batch::update(rules_data.fd().as_fd(), &keys, &values) {
-            debug!("{MAP_FORWARDS}: batch update failed ({e}), writing entry by entry");
+        if let Err((done, e)) = sys::update_batch(rules_data.fd().as_fd(), &keys, &values) {
+            debug!("{FWD_RULES}: batch update failed ({e}), writing entry by entry");
             for (k, v) in keys[done..].iter().zip(&values[done..]) {
-                rules.insert(k, v, 0).map_err(map_err(MAP_FORWARDS))?;
+                rules.insert(k, v, 0).on(FWD_RULES)?;
             }
         }
         for k in &stale {
-            rules.remove(k).map_err(map_err(MAP_FORWARDS))?;
+            rules.remove(k).on(FWD_RULES)?;
         }
         // Metadata of every desired forward, then cleared slots of the retired ids not reused.
         let live_ids: HashSet<u32> = with_ids.iter().map(|(id, _)| *id).collect();
@@ -241,13 +235,12 @@ impl State {
             .map(|e| (e.id, e.meta))
             .chain(retired.iter().filter(|id| !live_ids.contains(id)).map(|id| (*id, FwdMeta::default())))
             .unzip();
-        let meta_data = open_pinned(&self.dir, MAP_FORWARD_META)?;
-        if let Err((done, e)) = batch::update(meta_data.fd().as_fd(), &ids, &metas) {
-            debug!("{MAP_FORWARD_META}: batch update failed ({e}), writing entry by entry");
-            let mut meta: Array<_, FwdMeta> =
-                Array::try_from(self.map(MAP_FORWARD_META)?).map_err(map_err(MAP_FORWARD_META))?;
+        let meta_data = pins::open_map(&self.dir, FWD_META)?;
+        if let Err((done, e)) = sys::update_batch(meta_data.fd().as_fd(), &ids, &metas) {
+            debug!("{FWD_META}: batch update failed ({e}), writing entry by entry");
+            let mut meta: Array<_, FwdMeta> = self.typed(FWD_META)?;
             for (id, m) in ids[done..].iter().zip(&metas[done..]) {
-                meta.set(*id, m, 0).map_err(map_err(MAP_FORWARD_META))?;
+                meta.set(*id, m, 0).on(FWD_META)?;
             }
         }
         self.set_global_flag(GLOBAL_FLUSH_ON_REMOVE, policy == OnForwardRemoved::Flush)?;
@@ -286,7 +279,7 @@ impl State {
     }
 
     pub fn peers(&self) -> Result<Vec<PeerEntry>> {
-        let m: HashMap<_, PeerKey, PeerValue> = HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
+        let m: HashMap<_, PeerKey, PeerValue> = self.typed(FWD_PEERS)?;
         let mut out: Vec<PeerEntry> = m.iter().filter_map(|r| r.ok()).map(|(k, v)| PeerEntry::of(&k, &v)).collect();
         out.sort_by_key(|p| p.id);
         Ok(out)
@@ -295,8 +288,7 @@ impl State {
     /// Makes the peers exactly `desired`; a peer that stays keeps its id and state.
     pub fn apply_peers(&self, desired: &[Peer]) -> Result<()> {
         let current = self.peers()?;
-        let mut m: HashMap<_, PeerKey, PeerValue> =
-            HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
+        let mut m: HashMap<_, PeerKey, PeerValue> = self.typed(FWD_PEERS)?;
         let mut used: HashSet<u32> = HashSet::new();
         let mut plan = Vec::new();
         for p in desired {
@@ -313,12 +305,11 @@ impl State {
                 Some(k) => k,
                 None => (free.next().ok_or_else(|| Error::Invalid("too many peers".into()))?, false),
             };
-            m.insert(peers::key_for(p.address), peers::value_for(ifindex, id, direct), 0)
-                .map_err(map_err(MAP_PEERS))?;
+            m.insert(peer_key(p.address), peer_value(ifindex, id, direct), 0).on(FWD_PEERS)?;
         }
         for c in current {
             if !desired.iter().any(|p| p.address == c.address) {
-                let _ = m.remove(&peers::key_for(c.address));
+                let _ = m.remove(&peer_key(c.address));
             }
         }
         self.set_global_flag(GLOBAL_HAS_PEERS, !desired.is_empty())?;
@@ -327,19 +318,16 @@ impl State {
     }
 
     pub fn set_peer_state(&self, peer: &PeerEntry, direct: bool) -> Result<()> {
-        let mut m: HashMap<_, PeerKey, PeerValue> =
-            HashMap::try_from(self.map(MAP_PEERS)?).map_err(map_err(MAP_PEERS))?;
-        m.insert(peers::key_for(peer.address), peers::value_for(peer.ifindex, peer.id, direct), 0)
-            .map_err(map_err(MAP_PEERS))?;
+        let mut m: HashMap<_, PeerKey, PeerValue> = self.typed(FWD_PEERS)?;
+        m.insert(peer_key(peer.address), peer_value(peer.ifindex, peer.id, direct), 0).on(FWD_PEERS)?;
         self.bump_route_generation().map(drop)
     }
 
     /// Records how XDP may treat `ifindex` as an egress, and makes it a devmap target.
     pub fn set_egress(&self, ifindex: u32, flags: u32) -> Result<()> {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> =
-            HashMap::try_from(self.map(MAP_IFACES)?).map_err(map_err(MAP_IFACES))?;
-        ifaces.insert(ifindex, IfaceConfig { flags }, 0).map_err(map_err(MAP_IFACES))?;
-        let mut tx: DevMapHash<_> = DevMapHash::try_from(self.map(MAP_TX_PORTS)?).map_err(map_err(MAP_TX_PORTS))?;
+        let mut ifaces: HashMap<_, u32, IfaceConfig> = self.typed(FWD_IFACES)?;
+        ifaces.insert(ifindex, IfaceConfig { flags }, 0).on(FWD_IFACES)?;
+        let mut tx: DevMapHash<_> = self.typed(FWD_TX_PORTS)?;
         tx.insert(ifindex, ifindex, None, 0)
             .map_err(|e| Error::Interface { name: ifindex.to_string(), message: format!("devmap: {e}") })?;
         Ok(())
@@ -348,32 +336,29 @@ impl State {
     /// Every conntrack entry (diagnostics, expiry), read in batches: the expiry pass reads
     /// the whole table every few seconds, and entry by entry that is two syscalls per entry.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        let data = open_pinned(&self.dir, MAP_CONNTRACK)?;
-        match batch::lookup_all::<CtKey, CtValue>(data.fd().as_fd()) {
+        let data = pins::open_map(&self.dir, FWD_CT_V4)?;
+        match sys::lookup_all_batched::<CtKey, CtValue>(data.fd().as_fd()) {
             Ok(all) => return Ok(all),
-            Err(e) => debug!("{MAP_CONNTRACK}: batch lookup failed ({e}), reading entry by entry"),
+            Err(e) => debug!("{FWD_CT_V4}: batch lookup failed ({e}), reading entry by entry"),
         }
-        let ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        let ct: HashMap<_, CtKey, CtValue> = self.typed(FWD_CT_V4)?;
         Ok(ct.iter().filter_map(|r| r.ok()).collect())
     }
 
     pub fn conntrack_entry(&self, key: &CtKey) -> Option<CtValue> {
-        let ct: HashMap<_, CtKey, CtValue> = HashMap::try_from(self.map(MAP_CONNTRACK).ok()?).ok()?;
+        let ct: HashMap<_, CtKey, CtValue> = HashMap::try_from(self.map(FWD_CT_V4).ok()?).ok()?;
         ct.get(key, 0).ok()
     }
 
     pub fn conntrack_len(&self) -> Result<usize> {
-        let ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        let ct: HashMap<_, CtKey, CtValue> = self.typed(FWD_CT_V4)?;
         Ok(ct.keys().filter(|k| k.is_ok()).count())
     }
 
     /// Writes one entry (tests, and tools that age or repair entries).
     pub fn put_conntrack(&self, key: &CtKey, value: &CtValue) -> Result<()> {
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
-        ct.insert(key, value, 0).map_err(map_err(MAP_CONNTRACK))
+        let mut ct: HashMap<_, CtKey, CtValue> = self.typed(FWD_CT_V4)?;
+        ct.insert(key, value, 0).on(FWD_CT_V4)
     }
 
     /// Deletes these entries. Moves the route generation too: the XDP flow cache keeps
@@ -382,15 +367,14 @@ impl State {
         if keys.is_empty() {
             return Ok(());
         }
-        let data = open_pinned(&self.dir, MAP_CONNTRACK)?;
+        let data = pins::open_map(&self.dir, FWD_CT_V4)?;
         // Entries may go meanwhile (the kernel's early drop): the batch call stops at the
         // first missing key, the rest go one by one.
-        let done = match batch::delete(data.fd().as_fd(), keys) {
+        let done = match sys::delete_batch(data.fd().as_fd(), keys) {
             Ok(()) => keys.len(),
             Err((done, _)) => done,
         };
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?;
+        let mut ct: HashMap<_, CtKey, CtValue> = self.typed(FWD_CT_V4)?;
         for k in &keys[done.min(keys.len())..] {
             let _ = ct.remove(k);
         }
@@ -404,17 +388,13 @@ impl State {
     /// and benchmark fixtures start from a known state).
     pub fn reset(&self) -> Result<()> {
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))?;
-        let mut reasons: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(self.map(MAP_REASONS)?).map_err(map_err(MAP_REASONS))?;
+        let mut reasons: PerCpuArray<MapData, u64> = self.typed(FWD_REASONS)?;
         for i in 0..reasons.len() {
-            reasons.set(i, vec![0u64; ncpu].try_into().expect("one per CPU"), 0).map_err(map_err(MAP_REASONS))?;
+            reasons.set(i, vec![0u64; ncpu].try_into().expect("one per CPU"), 0).on(FWD_REASONS)?;
         }
-        let mut stats: PerCpuArray<MapData, FwdStats> =
-            PerCpuArray::try_from(self.map(MAP_FORWARD_STATS)?).map_err(map_err(MAP_FORWARD_STATS))?;
+        let mut stats: PerCpuArray<MapData, FwdStats> = self.typed(FWD_FWD_STATS)?;
         for i in 0..stats.len() {
-            stats
-                .set(i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0)
-                .map_err(map_err(MAP_FORWARD_STATS))?;
+            stats.set(i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).on(FWD_FWD_STATS)?;
         }
         let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
         self.remove_conntrack(&keys)
@@ -422,17 +402,34 @@ impl State {
 
     /// Per-forward counters summed over CPUs.
     pub fn forward_stats(&self, id: u32) -> Result<FwdStats> {
-        let arr: PerCpuArray<MapData, FwdStats> =
-            PerCpuArray::try_from(self.map(MAP_FORWARD_STATS)?).map_err(map_err(MAP_FORWARD_STATS))?;
-        Ok(crate::telemetry::counters::sum_forward(&arr, id))
+        let arr: PerCpuArray<MapData, FwdStats> = self.typed(FWD_FWD_STATS)?;
+        Ok(sum_forward(&arr, id))
     }
 
     /// A reason counter summed over CPUs.
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
-        let arr: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(self.map(MAP_REASONS)?).map_err(map_err(MAP_REASONS))?;
-        Ok(crate::telemetry::counters::sum_reason(&arr, reason as u32))
+        let arr: PerCpuArray<MapData, u64> = self.typed(FWD_REASONS)?;
+        Ok(sum_reason(&arr, reason as u32))
     }
+}
+
+/// A forward's counters summed over CPUs (zero for an id never used).
+pub fn sum_forward<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, FwdStats>, id: u32) -> FwdStats {
+    let mut total = FwdStats::default();
+    if let Ok(values) = arr.get(&id, 0) {
+        for v in values.iter() {
+            total.packets += v.packets;
+            total.bytes += v.bytes;
+            total.new_conns += v.new_conns;
+            total.local_conns += v.local_conns;
+        }
+    }
+    total
+}
+
+/// A reason counter summed over CPUs.
+pub fn sum_reason<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>, code: u32) -> u64 {
+    arr.get(&code, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 /// How [`State::apply_forwards`] gets from the current forwards to the desired ones.
@@ -570,15 +567,15 @@ mod tests {
         const HASH: u32 = 1;
         const ARRAY: u32 = 2;
         let dir = PathBuf::from(format!("/sys/fs/bpf/forwarder-unit-{}", std::process::id()));
-        crate::loader::remove_pins(&dir);
+        crate::pins::remove(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let size = std::mem::size_of::<FwdKey>();
-        create_pinned_map(&dir.join(MAP_FORWARDS), HASH, size, std::mem::size_of::<FwdValue>(), max_forwards);
-        create_pinned_map(&dir.join(MAP_FORWARD_META), ARRAY, 4, std::mem::size_of::<FwdMeta>(), max_forwards + 1);
-        create_pinned_map(&dir.join(MAP_GLOBAL), ARRAY, 4, std::mem::size_of::<GlobalConfig>(), 1);
-        create_pinned_map(&dir.join(MAP_ROUTE_GEN), ARRAY, 4, 4, 1);
+        create_pinned_map(&dir.join(FWD_RULES), HASH, size, std::mem::size_of::<FwdValue>(), max_forwards);
+        create_pinned_map(&dir.join(FWD_META), ARRAY, 4, std::mem::size_of::<FwdMeta>(), max_forwards + 1);
+        create_pinned_map(&dir.join(FWD_GLOBAL_V2), ARRAY, 4, std::mem::size_of::<GlobalConfig>(), 1);
+        create_pinned_map(&dir.join(FWD_ROUTE_GEN), ARRAY, 4, 4, 1);
         create_pinned_map(
-            &dir.join(MAP_CONNTRACK),
+            &dir.join(FWD_CT_V4),
             HASH,
             std::mem::size_of::<CtKey>(),
             std::mem::size_of::<CtValue>(),
@@ -592,7 +589,7 @@ mod tests {
 
     impl Drop for Pins {
         fn drop(&mut self) {
-            crate::loader::remove_pins(&self.0);
+            crate::pins::remove(&self.0);
         }
     }
 
@@ -623,7 +620,7 @@ mod tests {
         let stored = state.forwards().unwrap();
         assert_eq!(stored.len(), N as usize - 1);
         assert!(stored.iter().any(|(id, f)| *id == 1 + N && f == &changed[N as usize / 2]));
-        let rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(state.map(MAP_FORWARDS).unwrap()).unwrap();
+        let rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(state.map(FWD_RULES).unwrap()).unwrap();
         assert_eq!(rules.keys().count(), N as usize - 1);
     }
 

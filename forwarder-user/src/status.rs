@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Config,
-    daemon::RunOptions,
     error::Result,
     loader::{Attached, Instance},
     state::State,
@@ -109,14 +107,14 @@ pub fn daemon_state(pin: &Path) -> &'static str {
 
 /// The status of a daemon that holds its pin path but has not attached or applied
 /// anything yet.
-pub fn write_starting(opts: &RunOptions) -> Result<()> {
+pub fn write_starting(pin_path: &Path, config_path: &Path) -> Result<()> {
     store(
-        &opts.pin_path,
+        pin_path,
         &DaemonStatus {
             state: "starting".to_string(),
             pid: std::process::id(),
-            config: opts.config_path.display().to_string(),
-            pin_path: opts.pin_path.display().to_string(),
+            config: config_path.display().to_string(),
+            pin_path: pin_path.display().to_string(),
             interfaces: Vec::new(),
             egress_interfaces: Vec::new(),
             local_cgroup: None,
@@ -126,19 +124,20 @@ pub fn write_starting(opts: &RunOptions) -> Result<()> {
     )
 }
 
-pub fn write(opts: &RunOptions, inst: &Instance, _cfg: &Config) -> Result<()> {
+/// The status of a running daemon: what it attached.
+pub fn write(pin_path: &Path, config_path: &Path, inst: &Instance) -> Result<()> {
     let s = DaemonStatus {
         state: running(),
         pid: std::process::id(),
-        config: opts.config_path.display().to_string(),
-        pin_path: opts.pin_path.display().to_string(),
+        config: config_path.display().to_string(),
+        pin_path: pin_path.display().to_string(),
         interfaces: inst.attached.iter().map(info).collect(),
         egress_interfaces: inst.egress.iter().cloned().collect(),
         local_cgroup: inst.local_cgroup.as_ref().map(|p| p.display().to_string()),
         programs: inst.program_ids().into_iter().map(|(name, id)| ProgramInfo { name, id }).collect(),
         adopted: inst.adopted,
     };
-    store(&opts.pin_path, &s)
+    store(pin_path, &s)
 }
 
 fn store(pin: &Path, s: &DaemonStatus) -> Result<()> {
@@ -176,19 +175,19 @@ pub fn read(pin: &Path) -> Result<Status> {
     let peers = state.peers()?.len();
     let maps = vec![
         MapFill {
-            map: forwarder_common::MAP_CONNTRACK,
+            map: forwarder_common::FWD_CT_V4,
             entries: ct.len(),
-            capacity: state.capacity(forwarder_common::MAP_CONNTRACK)?,
+            capacity: state.capacity(forwarder_common::FWD_CT_V4)?,
         },
         MapFill {
-            map: forwarder_common::MAP_FORWARD_META,
+            map: forwarder_common::FWD_META,
             entries: forwards,
-            capacity: state.capacity(forwarder_common::MAP_FORWARD_META)? - 1,
+            capacity: state.capacity(forwarder_common::FWD_META)? - 1,
         },
         MapFill {
-            map: forwarder_common::MAP_PEERS,
+            map: forwarder_common::FWD_PEERS,
             entries: peers,
-            capacity: state.capacity(forwarder_common::MAP_PEERS)?,
+            capacity: state.capacity(forwarder_common::FWD_PEERS)?,
         },
     ];
     let conns = ct.iter().filter(|(_, v)| v.direction == forwarder_common::CT_DIR_ORIGINAL).count();

@@ -109,10 +109,10 @@ pub fn hidden_host_mounts() -> Vec<(&'static str, String)> {
     let mut hidden = Vec::new();
     for fstype in ["bpf", "cgroup2"] {
         let ours = of("self", fstype);
-        if ours.is_empty() {
-            if let Some(host) = of("1", fstype).into_iter().next() {
-                hidden.push((fstype, host));
-            }
+        if ours.is_empty()
+            && let Some(host) = of("1", fstype).into_iter().next()
+        {
+            hidden.push((fstype, host));
         }
     }
     hidden

@@ -288,7 +288,7 @@ impl Drop for Daemon {
         if self.child.is_some() {
             let _ = self.stop();
         }
-        forwarder::loader::remove_pins(&self.pin_path);
+        forwarder::pins::remove(&self.pin_path);
         forwarder::status::remove(&self.pin_path);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -744,7 +744,7 @@ fn daemonset_pod_starts_reloads_and_restarts_without_dropping_a_stream() {
     let stopping = Instant::now();
     assert!(pod.daemon.stop().unwrap().success(), "{}", pod.daemon.log());
     assert!(stopping.elapsed() < grace, "exits within terminationGracePeriodSeconds");
-    assert!(pod.daemon.pin_path.join(forwarder_common::MAP_CONNTRACK).exists(), "state left pinned for the next pod");
+    assert!(pod.daemon.pin_path.join(forwarder_common::FWD_CT_V4).exists(), "state left pinned for the next pod");
     std::thread::sleep(Duration::from_millis(500));
     pod.daemon.launch().unwrap();
     pod.wait_ready(&chain.router);

@@ -19,7 +19,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use forwarder_common::{
-    FragKey, FragValue, MAP_FRAGMENTS, Reason,
+    FWD_FRAG_V1, FragKey, FragValue, Reason,
     conntrack::{TCP_ESTABLISHED, UDP_REPLIED},
 };
 use forwarder_tests::{
@@ -76,7 +76,7 @@ fn l4_of(frame: &[u8], at: usize, check_at: usize) -> (u16, u16, u16) {
 
 /// The records of `FWD_FRAG_V1`.
 fn frag_records(fx: &Fixture) -> Vec<(FragKey, FragValue)> {
-    let map = MapData::from_pin(fx.inst.pin_dir.join(MAP_FRAGMENTS)).unwrap();
+    let map = MapData::from_pin(fx.inst.pin_dir.join(FWD_FRAG_V1)).unwrap();
     let map: HashMap<_, FragKey, FragValue> = HashMap::try_from(Map::from_map_data(map).unwrap()).unwrap();
     map.iter().map(|e| e.unwrap()).collect()
 }
@@ -277,7 +277,7 @@ fn fragments_before_their_first_or_after_its_record_aged_pass_untouched() {
             // The record aged: its datagram's identification may since be another's.
             let (key, mut value) = frag_record(fx, &datagram[if n == 0 { 26..30 } else { 22..38 }], id).unwrap();
             value.first_ns = 0;
-            let map = MapData::from_pin(fx.inst.pin_dir.join(MAP_FRAGMENTS)).unwrap();
+            let map = MapData::from_pin(fx.inst.pin_dir.join(FWD_FRAG_V1)).unwrap();
             let mut map: HashMap<_, FragKey, FragValue> = HashMap::try_from(Map::from_map_data(map).unwrap()).unwrap();
             map.insert(key, value, 0).unwrap();
             passed_untouched(&frags[2], "a record older than a second", &mut unknown);

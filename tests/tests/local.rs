@@ -300,7 +300,7 @@ struct PinDir(std::path::PathBuf);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        forwarder::loader::remove_pins(&self.0);
+        forwarder::pins::remove(&self.0);
     }
 }
 
@@ -310,10 +310,10 @@ impl Drop for PinDir {
 /// bpftool, as the old version made it.
 #[test]
 fn local_udp_sockets_pinned_by_an_older_version_are_migrated() {
-    use forwarder_common::{LocalOrig, LocalUdpKey, LocalUdpOrig, MAP_LOCAL_UDP, MAP_LOCAL_UDP_V1};
+    use forwarder_common::{FWD_LOC_UDP_V2, FWD_LOCAL_UDP, LocalOrig, LocalUdpKey, LocalUdpOrig};
     let pin = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{}", forwarder_tests::unique_tag())));
     std::fs::create_dir_all(&pin.0).unwrap();
-    let old_path = pin.0.join(MAP_LOCAL_UDP_V1).display().to_string();
+    let old_path = pin.0.join(FWD_LOCAL_UDP).display().to_string();
     let bytes = |p: *const u8, n: usize| -> Vec<String> {
         // SAFETY: repr(C) map types without padding, read as the n bytes they are.
         unsafe { std::slice::from_raw_parts(p, n) }.iter().map(|b| format!("0x{b:02x}")).collect()
@@ -327,7 +327,7 @@ fn local_udp_sockets_pinned_by_an_older_version_are_migrated() {
         ["map", "create", &old_path, "type", "lru_hash", "key", "32", "value", "24", "entries", "65536", "name"]
             .into_iter()
             .map(s)
-            .chain([s(MAP_LOCAL_UDP_V1)])
+            .chain([s(FWD_LOCAL_UDP)])
             .collect(),
     );
     let mut backend = [0u8; 16];
@@ -352,7 +352,7 @@ fn local_udp_sockets_pinned_by_an_older_version_are_migrated() {
     );
 
     let inst = forwarder::loader::Instance::load(&forwarder::loader::LoadOptions::default(), &pin.0).unwrap();
-    let map = aya::maps::MapData::from_pin(pin.0.join(MAP_LOCAL_UDP)).unwrap();
+    let map = aya::maps::MapData::from_pin(pin.0.join(FWD_LOC_UDP_V2)).unwrap();
     let map: aya::maps::HashMap<_, LocalUdpKey, LocalUdpOrig> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
     assert_eq!(map.get(&key, 0).unwrap(), LocalUdpOrig { orig, last_ns: 0 }, "the same address, a quiet exchange");

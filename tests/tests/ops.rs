@@ -135,7 +135,7 @@ fn sigkill_and_restart_lose_no_byte() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
     d.kill().unwrap();
-    assert!(d.pin_path.join(forwarder_common::MAP_CONNTRACK).exists(), "state stays pinned after SIGKILL");
+    assert!(d.pin_path.join(forwarder_common::FWD_CT_V4).exists(), "state stays pinned after SIGKILL");
     std::thread::sleep(Duration::from_millis(400));
     d.launch().unwrap();
     assert!(d.log().contains("adopting pinned state"), "{}", d.log());
@@ -501,7 +501,7 @@ struct PinDir(std::path::PathBuf);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        forwarder::loader::remove_pins(&self.0);
+        forwarder::pins::remove(&self.0);
     }
 }
 
@@ -516,7 +516,7 @@ fn hex(bytes: &[u8]) -> Vec<String> {
 /// versions made them.
 #[test]
 fn connections_pinned_by_an_older_version_are_migrated() {
-    use forwarder_common::{CtValueV1, CtValueV2, MAP_CONNTRACK_V1, MAP_CONNTRACK_V2, MAP_CONNTRACK_V3, V2_ANSWERED};
+    use forwarder_common::{CtValueV1, CtValueV2, FWD_CT, FWD_CT_V2, FWD_CT_V3, V2_ANSWERED};
     // The V1 layout is V2's first 40 bytes, padding, then last_seen_ns at 48.
     let v1 = |v: &CtValueV2| {
         let mut o = CtValueV1 {
@@ -533,10 +533,10 @@ fn connections_pinned_by_an_older_version_are_migrated() {
         o._pad = [0; 6];
         as_bytes(&o)
     };
-    migrate_from(MAP_CONNTRACK_V1, 56, &v1);
-    migrate_from(MAP_CONNTRACK_V2, 80, &|v: &CtValueV2| as_bytes(v));
+    migrate_from(FWD_CT, 56, &v1);
+    migrate_from(FWD_CT_V2, 80, &|v: &CtValueV2| as_bytes(v));
     // V3 held the connection's state in both entries already.
-    migrate_from(MAP_CONNTRACK_V3, 88, &|v: &CtValueV2| as_bytes(&v.upgrade(true, 1 | V2_ANSWERED)));
+    migrate_from(FWD_CT_V3, 88, &|v: &CtValueV2| as_bytes(&v.upgrade(true, 1 | V2_ANSWERED)));
 }
 
 fn as_bytes<T>(v: &T) -> Vec<u8> {
@@ -550,7 +550,7 @@ fn as_bytes<T>(v: &T) -> Vec<u8> {
 /// hop; the old pin goes.
 fn migrate_from(name: &str, value_size: usize, encode: &dyn Fn(&forwarder_common::CtValueV2) -> Vec<u8>) {
     use forwarder_common::{
-        CT_DIR_REPLY, CtKey, CtValueV2, MAP_CONNTRACK, V2_ANSWERED,
+        CT_DIR_REPLY, CtKey, CtValueV2, FWD_CT_V4, V2_ANSWERED,
         conntrack::{CT_ASSURED, TCP_ESTABLISHED},
     };
     let pin = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{}", forwarder_tests::unique_tag())));
@@ -637,7 +637,7 @@ fn migrate_from(name: &str, value_size: usize, encode: &dyn Fn(&forwarder_common
         assert_eq!(v.created_ns, 0, "{name}: age unknown");
     }
     assert!(!old_path.exists(), "{name}: old table unpinned");
-    assert!(pin.0.join(MAP_CONNTRACK).exists());
+    assert!(pin.0.join(FWD_CT_V4).exists());
     drop(inst);
 }
 

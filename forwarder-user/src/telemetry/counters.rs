@@ -5,15 +5,16 @@ use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
-    ALL_REASONS, FwdMeta, FwdStats, MAP_FORWARD_META, MAP_FORWARD_STATS, MAP_PEER_STATS, MAP_PEERS, MAP_REASONS,
-    PeerKey, PeerStats, PeerValue,
+    ALL_REASONS, FWD_FWD_STATS, FWD_META, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats, PeerKey,
+    PeerStats, PeerValue,
 };
 use serde::Serialize;
 
 use crate::{
     error::{Error, Result},
-    loader::open_pinned,
     maps::addr_from_bytes,
+    pins::open_map,
+    state::{sum_forward, sum_reason},
 };
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -69,23 +70,6 @@ pub struct Snapshot {
     pub reasons: Vec<ReasonCounter>,
 }
 
-pub fn sum_forward<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, FwdStats>, id: u32) -> FwdStats {
-    let mut total = FwdStats::default();
-    if let Ok(values) = arr.get(&id, 0) {
-        for v in values.iter() {
-            total.packets += v.packets;
-            total.bytes += v.bytes;
-            total.new_conns += v.new_conns;
-            total.local_conns += v.local_conns;
-        }
-    }
-    total
-}
-
-pub fn sum_reason<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>, code: u32) -> u64 {
-    arr.get(&code, 0).map(|v| v.iter().sum()).unwrap_or(0)
-}
-
 fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, source }
 }
@@ -93,13 +77,13 @@ fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
 /// Reads the counters of the instance pinned at `pin_dir`.
 pub fn read(pin_dir: &Path) -> Result<Snapshot> {
     let stats: PerCpuArray<MapData, FwdStats> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_FORWARD_STATS)?))
-            .map_err(map_error(MAP_FORWARD_STATS))?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_FWD_STATS)?))
+            .map_err(map_error(FWD_FWD_STATS))?;
     let reasons: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_REASONS)?))
-            .map_err(map_error(MAP_REASONS))?;
-    let meta: Array<MapData, FwdMeta> = Array::try_from(aya::maps::Map::Array(open_pinned(pin_dir, MAP_FORWARD_META)?))
-        .map_err(map_error(MAP_FORWARD_META))?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_REASONS)?))
+            .map_err(map_error(FWD_REASONS))?;
+    let meta: Array<MapData, FwdMeta> =
+        Array::try_from(aya::maps::Map::Array(open_map(pin_dir, FWD_META)?)).map_err(map_error(FWD_META))?;
 
     let mut forwards = Vec::new();
     for id in 1..meta.len() {
@@ -131,10 +115,10 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         });
     }
     let peer_map: HashMap<MapData, PeerKey, PeerValue> =
-        HashMap::try_from(aya::maps::Map::HashMap(open_pinned(pin_dir, MAP_PEERS)?)).map_err(map_error(MAP_PEERS))?;
+        HashMap::try_from(aya::maps::Map::HashMap(open_map(pin_dir, FWD_PEERS)?)).map_err(map_error(FWD_PEERS))?;
     let peer_stats: PerCpuArray<MapData, PeerStats> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned(pin_dir, MAP_PEER_STATS)?))
-            .map_err(map_error(MAP_PEER_STATS))?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_PEER_STATS)?))
+            .map_err(map_error(FWD_PEER_STATS))?;
     let mut peers: Vec<PeerCounters> = peer_map
         .iter()
         .filter_map(|r| r.ok())

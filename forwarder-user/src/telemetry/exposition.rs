@@ -139,6 +139,12 @@ impl Collector for Scrape {
             "forwarder_route_changes",
             "Batches of route, neighbour, link or address changes that invalidated cached next hops.",
             d.route_changes,
+        )?;
+        counter(
+            &mut enc,
+            "forwarder_daemon_errors",
+            "Errors of the daemon's own work (expiry, peer watch, status file), each logged; the daemon went on.",
+            d.errors,
         )
     }
 }
@@ -189,6 +195,7 @@ mod tests {
             ct_entries: 16,
             ct_capacity: 64,
             route_changes: 2,
+            errors: 3,
         }
     }
 
@@ -238,6 +245,7 @@ mod tests {
             ("forwarder_reloads_total", "counter", &[]),
             ("forwarder_reload_failures_total", "counter", &[]),
             ("forwarder_route_changes_total", "counter", &[]),
+            ("forwarder_daemon_errors_total", "counter", &[]),
         ];
         let got = families(&encode(snapshot(), figures()));
         let got: Vec<(&str, &str, Vec<&str>)> =
@@ -268,6 +276,7 @@ mod tests {
             "forwarder_reloads_total 4",
             "forwarder_reload_failures_total 1",
             "forwarder_route_changes_total 2",
+            "forwarder_daemon_errors_total 3",
             "# HELP forwarder_ready 1 once the config is applied.",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");

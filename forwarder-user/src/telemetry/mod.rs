@@ -3,8 +3,9 @@
 //! Prometheus exposition ([`exposition`]) and the HTTP server of `/metrics`, `/healthz` and
 //! `/readyz` ([`server`]).
 //!
-//! Below it: `loader` (pinned maps) and `status` (is a daemon running). Above it: `daemon`
-//! (owns a [`DaemonCounters`] and starts [`serve`]) and `cli` (`stats`).
+//! Below it: `state` and `pins` (pinned maps) and `status` (is a daemon running). Above it:
+//! `reconcile` (its tasks count into a [`DaemonCounters`]), `daemon` (owns the counters and
+//! starts [`serve`]) and `cli` (`stats`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -27,6 +28,9 @@ pub struct DaemonCounters {
     pub ct_capacity: AtomicU64,
     /// Route-generation bumps by the rtnetlink watch.
     pub route_changes: AtomicU64,
+    /// Errors of the daemon's own work (expiry passes, peer watch, status file, kernel
+    /// logs): each is logged and counted, and the daemon goes on.
+    pub errors: AtomicU64,
 }
 
 /// One consistent read of [`DaemonCounters`], as the exposition writes it.
@@ -39,6 +43,7 @@ pub struct DaemonFigures {
     pub ct_entries: u64,
     pub ct_capacity: u64,
     pub route_changes: u64,
+    pub errors: u64,
 }
 
 impl DaemonCounters {
@@ -51,6 +56,7 @@ impl DaemonCounters {
             ct_entries: self.ct_entries.load(Ordering::Relaxed),
             ct_capacity: self.ct_capacity.load(Ordering::Relaxed),
             route_changes: self.route_changes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
         }
     }
 }

@@ -106,7 +106,7 @@ fn force_cleanup() {
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
         }
         let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}"));
-        forwarder::loader::remove_pins(&pins);
+        forwarder::pins::remove(&pins);
         forwarder::status::remove(&pins);
         if let Some(root) = forwarder::system::cgroup2_mount() {
             let _ = std::fs::remove_dir(root.join(format!("fwt-{tag}")));
@@ -118,7 +118,7 @@ fn force_cleanup() {
     let ours = format!("fwb-{}x", std::process::id() % 100_000);
     for entry in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
         if entry.file_name().to_string_lossy().starts_with(&ours) {
-            forwarder::loader::remove_pins(&entry.path());
+            forwarder::pins::remove(&entry.path());
         }
     }
 }

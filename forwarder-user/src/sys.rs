@@ -1,11 +1,16 @@
-//! Batched BPF map reads and writes (BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH; Linux 5.6+):
-//! one bpf(2) call per chunk of entries instead of one per entry, which is what makes
-//! applying 100k forwards fast. aya 0.14 has no batch API, so these are raw calls on the map
-//! fd (like the raw BPF_LINK_UPDATE in the loader). Callers fall back to aya's per-entry
-//! operations when a batch call fails (older kernels, map types without batch support), so
-//! errors still surface the usual way.
+//! The raw bpf(2) commands aya 0.14 does not offer, in one place (as Katran's BpfAdapter
+//! keeps its syscalls): batched map reads, writes and deletes, opening a pinned object,
+//! and swapping the program of a link.
+//!
+//! Batches (BPF_MAP_*_BATCH, Linux 5.6+) make one call per chunk of entries instead of one
+//! per entry, which is what makes applying 100k forwards fast. Callers fall back to aya's
+//! per-entry operations when a batch call fails (older kernels, map types without batch
+//! support), so errors still surface the usual way.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::{
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 use aya::Pod;
 
@@ -40,7 +45,11 @@ fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
 /// Writes `keys[i] -> values[i]` (BPF_ANY) in chunks. On failure returns how many entries
 /// are known to be written (a whole number of chunks) with the error; the caller writes the
 /// rest one by one (rewriting an entry is harmless).
-pub fn update<K: Pod, V: Pod>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> Result<(), (usize, std::io::Error)> {
+pub fn update_batch<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
     assert_eq!(keys.len(), values.len(), "one value per key");
     let mut done = 0;
     while done < keys.len() {
@@ -60,7 +69,7 @@ pub fn update<K: Pod, V: Pod>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> 
 
 /// Deletes `keys` in chunks. On failure (a key already gone, say) returns how many are
 /// known to be deleted, in order, with the error; the caller deletes the rest one by one.
-pub fn delete<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, std::io::Error)> {
+pub fn delete_batch<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, std::io::Error)> {
     let mut done = 0;
     while done < keys.len() {
         let n = (keys.len() - done).min(CHUNK);
@@ -82,7 +91,7 @@ pub fn delete<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, std
 }
 
 /// Every entry of a hash or array map, in the kernel's iteration order.
-pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> std::io::Result<Vec<(K, V)>> {
+pub fn lookup_all_batched<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> std::io::Result<Vec<(K, V)>> {
     // SAFETY: Pod types are plain data for which all-zero bytes are a valid value.
     let (mut keys, mut values): (Vec<K>, Vec<V>) =
         unsafe { (vec![std::mem::zeroed(); CHUNK], vec![std::mem::zeroed(); CHUNK]) };
@@ -120,6 +129,36 @@ pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> std::io::Result<Vec<(K
     }
 }
 
+/// BPF_OBJ_GET: opens a pinned object (a link here; aya opens pinned maps itself).
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr, obj member: pathname (u64), bpf_fd, file_flags, path_fd.
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr of the advertised size; cpath outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_UPDATE: atomically replaces the program of a link (XDP, tcx and cgroup links
+/// support it). aya offers it per program type only; one raw call serves all three.
+pub fn link_update(link: BorrowedFd<'_>, prog_fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // union bpf_attr, link_update member: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = prog_fd.as_raw_fd() as u32;
+    // SAFETY: attr is a zeroed bpf_attr of the advertised size with the link_update fields set.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
@@ -131,12 +170,12 @@ mod tests {
         // Not a map: the first chunk fails, nothing is known to be written.
         let f = std::fs::File::open("/dev/null").unwrap();
         let keys: Vec<u32> = (0..10_000).collect();
-        let (done, e) = update(f.as_fd(), &keys, &keys).unwrap_err();
+        let (done, e) = update_batch(f.as_fd(), &keys, &keys).unwrap_err();
         assert_eq!(done, 0);
         assert!(e.raw_os_error().is_some(), "{e}");
-        assert!(lookup_all::<u32, u32>(f.as_fd()).is_err());
-        assert_eq!(delete(f.as_fd(), &keys).unwrap_err().0, 0);
+        assert!(lookup_all_batched::<u32, u32>(f.as_fd()).is_err());
+        assert_eq!(delete_batch(f.as_fd(), &keys).unwrap_err().0, 0);
         // Nothing to write: no call at all.
-        assert!(update::<u32, u32>(f.as_fd(), &[], &[]).is_ok());
+        assert!(update_batch::<u32, u32>(f.as_fd(), &[], &[]).is_ok());
     }
 }

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
@@ -26,15 +27,19 @@ pub enum NeighbourNews {
 
 /// Subscribes and runs the watch as a tokio task: each batch of events bumps the route
 /// generation once (then `on_bump` runs); neighbour changes go to the returned channel.
-/// The task ends when the receiver is dropped or the stream ends.
+/// The task ends at `stop`, when the receiver is dropped, or when the stream ends.
 pub fn spawn(
     pin: PathBuf,
+    stop: CancellationToken,
     on_bump: impl Fn() + Send + 'static,
 ) -> Result<mpsc::UnboundedReceiver<NeighbourNews>, netlink::Error> {
     let mut events = netlink::Events::subscribe()?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some(batch) = events.next().await {
+        while let Some(batch) = tokio::select! {
+            _ = stop.cancelled() => return,
+            batch = events.next() => batch,
+        } {
             if batch.changed {
                 match State::open(&pin).and_then(|s| s.bump_route_generation()) {
                     Ok(generation) => {
