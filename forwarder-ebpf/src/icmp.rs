@@ -15,7 +15,7 @@ use crate::{
     conntrack::{Tuple, ct_key},
     csum::sum_addr,
     l2,
-    maps::FWD_CT,
+    maps::FWD_CT_V4,
     nat::{decrement_ttl_tc, replace_addr},
     parse::{FRAG_NONE, Flow, IPPROTO_FRAGMENT, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
     route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
@@ -131,7 +131,7 @@ fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
     // what the sender of the quoted packet originally used and expects.
     let key = ct_key(family, a.idst, a.isrc, idport, isport, iproto);
     // SAFETY: map value reference valid for this program run.
-    let Some(entry) = (unsafe { FWD_CT.get(&key) }) else {
+    let Some(entry) = (unsafe { FWD_CT_V4.get(&key) }) else {
         return Err(Reason::IcmpError);
     };
     if egress && entry.flags & CT_HOST_BACKEND == 0 {

@@ -35,7 +35,7 @@ use forwarder_common::{
 
 use crate::{
     conntrack::{Plan, Tuple},
-    maps::{FWD_GLOBAL, FWD_TX_PORTS},
+    maps::{FWD_GLOBAL_V2, FWD_TX_PORTS},
     parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
 };
@@ -148,7 +148,7 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32) -> u32 {
 
 #[inline(always)]
 fn global_flags() -> u32 {
-    FWD_GLOBAL.get(0).map(|g| g.flags).unwrap_or(0)
+    FWD_GLOBAL_V2.get(0).map(|g| g.flags).unwrap_or(0)
 }
 
 #[inline(always)]
