@@ -20,6 +20,7 @@ pub mod route;
 mod sock;
 mod stats;
 mod verdict;
+mod work;
 
 use aya_ebpf::{
     EbpfContext,
@@ -38,6 +39,7 @@ use crate::{
     maps::{FWD_GLOBAL_V2, FWD_TX_PORTS},
     parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Flow, L3Dst},
     route::{FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS, Fib},
+    work::Work,
 };
 
 /// Where a planned packet goes (into `to`) and, for a new flow, whether SNAT wants the
@@ -121,18 +123,21 @@ pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
     if fast >= 1 << 32 {
         return verdict::xdp(&ctx, verdict::unpack(fast));
     }
-    not_cached(ctx.ctx, fast as u32)
+    let Some(w) = work::this_cpu() else {
+        return verdict::xdp(&ctx, Err(Reason::Malformed));
+    };
+    not_cached(ctx.ctx, fast as u32, w)
 }
 
 /// Everything after the fast path, in its own frame (the fast path's stack and the full
 /// path's would not fit in one): `how` is what the fast path found (`fastpath::NOT_CACHED_*`).
 #[inline(never)]
-fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32) -> u32 {
+fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32, w: &mut Work) -> u32 {
     let ctx = XdpContext::new(raw);
     let result = match how {
         fastpath::NOT_CACHED_NO_MATCH => Err(Reason::NoRule),
-        fastpath::NOT_CACHED_UNTRACKED => try_xdp(&ctx, true),
-        _ => try_xdp(&ctx, false),
+        fastpath::NOT_CACHED_UNTRACKED => try_xdp(&ctx, true, w),
+        _ => try_xdp(&ctx, false, w),
     };
     let outcome = match result {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.
@@ -171,8 +176,7 @@ fn l3_dst(addr: [u8; 16], flow: &Flow) -> L3Dst {
 /// untouched to the TC program, so no state is committed twice. IPv4 connections keep the
 /// next hop found here for the fast path. `untracked`: the fast path found no connection.
 #[inline(always)]
-fn try_xdp(ctx: &XdpContext, untracked: bool) -> verdict::Outcome {
-    let w = maps::work()?;
+fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
     parse::parse_flow(ctx, &mut w.flow)?;
     // Fragments of TCP/UDP datagrams are TC's: a later fragment needs its first fragment's
     // record, and in a driver's batch XDP may see a later frame before TC has seen an
@@ -212,11 +216,14 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     if xdp_said_skip(&ctx) {
         return TC_ACT_OK;
     }
-    let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb));
+    let Some(w) = work::this_cpu() else {
+        return verdict::tc(Err(Reason::Malformed));
+    };
+    let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb, w));
     match outcome {
-        Err(Reason::IcmpError) => outcome = verdict::unpack(icmp::translate(ctx.skb.skb, false)),
-        Err(Reason::ToHostBackend) => outcome = verdict::unpack(host::deliver(ctx.skb.skb)),
-        Err(r) if r.is_icmp_answer() => outcome = verdict::unpack(icmp_reply::send(ctx.skb.skb)),
+        Err(Reason::IcmpError) => outcome = verdict::unpack(icmp::translate(ctx.skb.skb, false, w)),
+        Err(Reason::ToHostBackend) => outcome = verdict::unpack(host::deliver(ctx.skb.skb, w)),
+        Err(r) if r.is_icmp_answer() => outcome = verdict::unpack(icmp_reply::send(ctx.skb.skb, w)),
         _ => {}
     }
     verdict::tc(outcome)
@@ -228,10 +235,10 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// The TCP/UDP path in its own frame (see icmp::translate). `Err(IcmpError)`: an ICMP
 /// error for icmp::translate; `Err(ToHostBackend)`: a committed packet for a backend on
 /// this host, for host::deliver; an ICMP answer's reason: for icmp_reply::send (each in a
-/// frame of its own beside this one).
+/// frame of its own beside this one, with the working memory `w` as this path left it).
 #[inline(never)]
-fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
-    verdict::pack(try_tc(&TcContext::new(skb)))
+fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff, w: &mut Work) -> u64 {
+    verdict::pack(try_tc(&TcContext::new(skb), w))
 }
 
 #[inline(always)]
@@ -251,13 +258,12 @@ const PULL_LEN: u32 = 14 + 40 + 8 + 20;
 
 /// The complete path: everything XDP hands over, and everything when XDP is off.
 #[inline(always)]
-fn try_tc(ctx: &TcContext) -> verdict::Outcome {
+fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
     l2::untagged_tc(ctx)?;
     let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
     if ctx.data() + (want as usize) > ctx.data_end() {
         let _ = ctx.pull_data(want);
     }
-    let w = maps::work()?;
     if let Err(r) = parse::parse_flow(ctx, &mut w.flow) {
         return to_peer_or(ctx, r);
     }
@@ -370,15 +376,17 @@ fn to_peer_or(ctx: &TcContext, reason: Reason) -> verdict::Outcome {
 pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
     let flags = global_flags();
     if flags & GLOBAL_HAS_HOST_BACKENDS != 0 {
-        let mut outcome = verdict::unpack(host::reply_out_of_line(ctx.skb.skb));
-        if outcome == Err(Reason::IcmpError) {
-            outcome = verdict::unpack(icmp::translate(ctx.skb.skb, true));
-        }
-        // Anything else is host traffic, not counted (as without host backends).
-        if !matches!(outcome, Err(Reason::NoRule | Reason::IcmpError)) {
-            let action = verdict::tc(outcome);
-            if action != TC_ACT_OK {
-                return action;
+        if let Some(w) = work::this_cpu() {
+            let mut outcome = verdict::unpack(host::reply_out_of_line(ctx.skb.skb, w));
+            if outcome == Err(Reason::IcmpError) {
+                outcome = verdict::unpack(icmp::translate(ctx.skb.skb, true, w));
+            }
+            // Anything else is host traffic, not counted (as without host backends).
+            if !matches!(outcome, Err(Reason::NoRule | Reason::IcmpError)) {
+                let action = verdict::tc(outcome);
+                if action != TC_ACT_OK {
+                    return action;
+                }
             }
         }
     }

@@ -78,37 +78,6 @@ pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MA
 #[map(name = "FWD_PEER_STATS")]
 pub static FWD_PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS + 1, 0);
 
-/// Per-CPU working memory of one program run: the parsed flow, the tuples, the FIB
-/// parameters. The 512-byte stack cannot hold them all (kernel-internal).
-#[repr(C, align(8))]
-pub struct Work {
-    /// First, so it is 8-aligned: route::lookup clears it with 64-bit stores.
-    pub params: aya_ebpf::bindings::bpf_fib_lookup,
-    pub flow: crate::parse::Flow,
-    pub to: crate::conntrack::Tuple,
-    pub new: crate::conntrack::Tuple,
-    pub fib: crate::route::Fib,
-    pub icmp: crate::icmp::IcmpWork,
-    /// The key of a fragment's datagram (frag.rs).
-    pub frag_key: FragKey,
-    /// A packet for a backend on this host, between its commit and its delivery.
-    pub host: crate::host::Pending,
-    /// The ICMP error a packet is answered with (icmp_reply.rs), with a copy of its quote.
-    pub answer: crate::icmp_reply::IcmpAnswer,
-}
-
 /// Per-CPU token bucket of the ICMP errors the programs send (kernel-internal).
 #[map(name = "FWD_ICMP_RATE")]
 pub static FWD_ICMP_RATE: PerCpuArray<crate::icmp_reply::IcmpRate> = PerCpuArray::with_max_entries(1, 0);
-
-#[map(name = "FWD_WORK")]
-pub static FWD_WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
-
-/// This CPU's working memory. XDP and TC of one packet run one after the other on a CPU,
-/// so one slot serves both.
-#[inline(always)]
-pub fn work() -> Result<&'static mut Work, forwarder_common::Reason> {
-    let slot = FWD_WORK.get_ptr_mut(0).ok_or(forwarder_common::Reason::Malformed)?;
-    // SAFETY: per-CPU slot, used by one program run at a time.
-    Ok(unsafe { &mut *slot })
-}
