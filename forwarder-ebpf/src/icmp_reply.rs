@@ -81,16 +81,6 @@ pub struct IcmpAnswer {
     pub quote: [u8; QUOTE_BUF],
 }
 
-/// Per-CPU token bucket of the answers (`FWD_ICMP_RATE`, kernel-internal).
-#[repr(C)]
-pub struct IcmpRate {
-    /// Credit in nanoseconds, at most `ICMP_BURST` intervals.
-    pub credit_ns: u64,
-    pub last_ns: u64,
-    /// Answers held back by the limit on this CPU (their packets dropped unanswered).
-    pub suppressed: u64,
-}
-
 /// Why a packet is answered.
 #[derive(Clone, Copy)]
 pub enum Why {

@@ -78,6 +78,16 @@ pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MA
 #[map(name = "FWD_PEER_STATS")]
 pub static FWD_PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS + 1, 0);
 
-/// Per-CPU token bucket of the ICMP errors the programs send (kernel-internal).
+/// Per-CPU token bucket of the ICMP errors the programs send (icmp_reply.rs,
+/// kernel-internal).
+#[repr(C)]
+pub struct IcmpRate {
+    /// Credit in nanoseconds, at most a burst's worth of intervals.
+    pub credit_ns: u64,
+    pub last_ns: u64,
+    /// Answers held back by the limit on this CPU (their packets dropped unanswered).
+    pub suppressed: u64,
+}
+
 #[map(name = "FWD_ICMP_RATE")]
-pub static FWD_ICMP_RATE: PerCpuArray<crate::icmp_reply::IcmpRate> = PerCpuArray::with_max_entries(1, 0);
+pub static FWD_ICMP_RATE: PerCpuArray<IcmpRate> = PerCpuArray::with_max_entries(1, 0);
