@@ -6,9 +6,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_loop},
 };
+use aya_log_ebpf::debug;
 use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FwdKey,
-    FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_OFF,
+    FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
     conntrack::{
         CT_ASSURED, CT_HOST_BACKEND, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
         TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port,
@@ -21,7 +22,8 @@ use forwarder_common::{
 use crate::{
     csum::sum_addr,
     maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_RULES, FWD_SCRATCH},
-    parse::Flow,
+    parse::{FRAG_LATER, Flow},
+    route::Fib,
     sock::host_socket,
     stats,
 };
@@ -289,6 +291,81 @@ fn early_drop(key: &CtKey, other: &mut CtKey) {
     let _ = FWD_CT_V4.remove(&*other);
     let _ = FWD_CT_V4.remove(key);
     stats::count_reason(Reason::EarlyDrop);
+}
+
+/// Where a planned packet goes (into `to`) and, for a new flow, whether SNAT wants the
+/// route's source; returns the forward id.
+#[inline(always)]
+pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (u32, bool) {
+    match plan {
+        Plan::Tracked { entry } => {
+            to.src = entry.new_src_addr;
+            to.dst = entry.new_dst_addr;
+            to.sport = entry.new_src_port_be.to_ne_bytes();
+            to.dport = entry.new_dst_port_be.to_ne_bytes();
+            (entry.forward_id, false)
+        }
+        Plan::New { fwd } => {
+            to.src = flow.src;
+            to.dst = fwd.backend_addr;
+            to.sport = flow.sport;
+            to.dport = fwd.backend_port_be.to_ne_bytes();
+            (fwd.forward_id, fwd.snat_mode == SNAT_AUTO)
+        }
+    }
+}
+
+/// Commits the packet to the connection table: a tracked connection's state moves on
+/// ([`track`]), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
+/// Called once per packet, by the program that goes on to forward it.
+#[inline(always)]
+pub fn commit<C: EbpfContext>(
+    ctx: &C,
+    plan: &mut Plan,
+    flow: &Flow,
+    fib: &Fib,
+    to: &Tuple,
+    new: &mut Tuple,
+) -> Result<(), Reason> {
+    match plan {
+        Plan::Tracked { entry } => {
+            // A later fragment carries no TCP flags or sequence: it moves no state (its
+            // first fragment did).
+            if flow.frag != FRAG_LATER {
+                track(entry, flow)?;
+            }
+            *new = *to;
+            Ok(())
+        }
+        Plan::New { fwd } => {
+            let snat_src = match fwd.snat_mode {
+                SNAT_FIXED => &fwd.snat_addr,
+                // Route's preferred source; for a backend on this host (no forwarding
+                // answer) the address the client reached, which is ours too.
+                _ if fib.src != [0; 16] => &fib.src,
+                _ => &flow.dst,
+            };
+            commit_new(ctx, flow, fwd, snat_src, new)?;
+            log_new_flow(ctx, flow, new);
+            Ok(())
+        }
+    }
+}
+
+/// Debug log of a new flow (aya-log; the loader keeps the level at 0 unless asked).
+/// Out of line so its stack use stays off the hot path.
+#[inline(never)]
+fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
+    debug!(
+        ctx,
+        "new flow proto {} port {} -> {} now {} -> {} (family {})",
+        flow.proto,
+        u16::from_be_bytes(flow.sport),
+        u16::from_be_bytes(flow.dport),
+        u16::from_be_bytes(new.sport),
+        u16::from_be_bytes(new.dport),
+        flow.family
+    );
 }
 
 /// Records a new flow in both directions and returns the tuple its packets are rewritten

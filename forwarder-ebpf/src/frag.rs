@@ -1,5 +1,5 @@
 //! Fragments of forwarded datagrams (IPv4 MF/offset, IPv6 fragment header), in the TC
-//! program (XDP hands them over, see main.rs). The first fragment carries the L4 header: it
+//! program (XDP hands them over, see xdp.rs). The first fragment carries the L4 header: it
 //! is classified, committed and rewritten like any packet (its L4 checksum covers the whole
 //! datagram, and the incremental update for the pseudo header and ports applies all the
 //! same), and records its ports in `FWD_FRAG_V1` under the datagram's original addresses,

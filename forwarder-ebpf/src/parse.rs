@@ -281,6 +281,14 @@ pub struct L3Dst {
     pub ttl: u8,
 }
 
+impl L3Dst {
+    /// The packet of `flow` as addressed to `addr` (its destination once rewritten).
+    #[inline(always)]
+    pub fn of_flow_to(flow: &Flow, addr: [u8; 16]) -> L3Dst {
+        L3Dst { family: flow.family, addr, len: flow.l3_len, ttl: flow.ttl }
+    }
+}
+
 #[inline(always)]
 pub fn parse_l3_dst<P: Packet>(pkt: &P) -> Result<L3Dst, Reason> {
     let eth: [u8; ETH_LEN] = read(pkt, 0)?;
