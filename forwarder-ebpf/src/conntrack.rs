@@ -6,9 +6,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_loop},
 };
+use aya_log_ebpf::debug;
 use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FwdKey,
-    FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_OFF,
+    FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
     conntrack::{
         CT_ASSURED, CT_HOST_BACKEND, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
         TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port,
@@ -20,8 +21,9 @@ use forwarder_common::{
 
 use crate::{
     csum::sum_addr,
-    maps::{CtScratch, FWD_CT, FWD_GLOBAL, FWD_ROUTE_GEN, FWD_RULES, FWD_SCRATCH},
-    parse::Flow,
+    maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_RULES, FWD_SCRATCH},
+    parse::{FRAG_LATER, Flow},
+    route::Fib,
     sock::host_socket,
     stats,
 };
@@ -105,7 +107,7 @@ pub fn flow_key(flow: &Flow) -> CtKey {
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<&'static mut CtValue> {
     // SAFETY: map value pointer from a successful lookup.
-    Some(unsafe { &mut *FWD_CT.get_ptr_mut(key)? })
+    Some(unsafe { &mut *FWD_CT_V4.get_ptr_mut(key)? })
 }
 
 /// Refreshes the entry's last-seen time: a packet of its direction is being handled.
@@ -217,7 +219,7 @@ fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, 
     // SAFETY: per-CPU slot, used by this program run only.
     let other = unsafe { &mut (*scratch).other };
     *other = other_direction(entry, flow.family, flow.proto);
-    if let Some(peer) = FWD_CT.get_ptr_mut(&*other) {
+    if let Some(peer) = FWD_CT_V4.get_ptr_mut(&*other) {
         // SAFETY: map value pointer from a successful lookup.
         let peer = unsafe { &mut *peer };
         peer.state = state;
@@ -265,7 +267,7 @@ fn flow_hash(flow: &Flow) -> u32 {
 #[inline(always)]
 fn droppable_at(key: &CtKey, now: u64) -> bool {
     // SAFETY: read at once.
-    match unsafe { FWD_CT.get(key) } {
+    match unsafe { FWD_CT_V4.get(key) } {
         Some(e) => e.flags & CT_ASSURED == 0 && now.wrapping_sub(e.last_seen_ns) >= early_drop_age(key.proto),
         None => false,
     }
@@ -284,11 +286,86 @@ fn early_drop_age(proto: u8) -> u64 {
 #[inline(always)]
 fn early_drop(key: &CtKey, other: &mut CtKey) {
     // SAFETY: copied out at once.
-    let Some(e) = (unsafe { FWD_CT.get(key) }) else { return };
+    let Some(e) = (unsafe { FWD_CT_V4.get(key) }) else { return };
     *other = other_direction(e, key.family, key.proto);
-    let _ = FWD_CT.remove(&*other);
-    let _ = FWD_CT.remove(key);
+    let _ = FWD_CT_V4.remove(&*other);
+    let _ = FWD_CT_V4.remove(key);
     stats::count_reason(Reason::EarlyDrop);
+}
+
+/// Where a planned packet goes (into `to`) and, for a new flow, whether SNAT wants the
+/// route's source; returns the forward id.
+#[inline(always)]
+pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (u32, bool) {
+    match plan {
+        Plan::Tracked { entry } => {
+            to.src = entry.new_src_addr;
+            to.dst = entry.new_dst_addr;
+            to.sport = entry.new_src_port_be.to_ne_bytes();
+            to.dport = entry.new_dst_port_be.to_ne_bytes();
+            (entry.forward_id, false)
+        }
+        Plan::New { fwd } => {
+            to.src = flow.src;
+            to.dst = fwd.backend_addr;
+            to.sport = flow.sport;
+            to.dport = fwd.backend_port_be.to_ne_bytes();
+            (fwd.forward_id, fwd.snat_mode == SNAT_AUTO)
+        }
+    }
+}
+
+/// Commits the packet to the connection table: a tracked connection's state moves on
+/// ([`track`]), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
+/// Called once per packet, by the program that goes on to forward it.
+#[inline(always)]
+pub fn commit<C: EbpfContext>(
+    ctx: &C,
+    plan: &mut Plan,
+    flow: &Flow,
+    fib: &Fib,
+    to: &Tuple,
+    new: &mut Tuple,
+) -> Result<(), Reason> {
+    match plan {
+        Plan::Tracked { entry } => {
+            // A later fragment carries no TCP flags or sequence: it moves no state (its
+            // first fragment did).
+            if flow.frag != FRAG_LATER {
+                track(entry, flow)?;
+            }
+            *new = *to;
+            Ok(())
+        }
+        Plan::New { fwd } => {
+            let snat_src = match fwd.snat_mode {
+                SNAT_FIXED => &fwd.snat_addr,
+                // Route's preferred source; for a backend on this host (no forwarding
+                // answer) the address the client reached, which is ours too.
+                _ if fib.src != [0; 16] => &fib.src,
+                _ => &flow.dst,
+            };
+            commit_new(ctx, flow, fwd, snat_src, new)?;
+            log_new_flow(ctx, flow, new);
+            Ok(())
+        }
+    }
+}
+
+/// Debug log of a new flow (aya-log; the loader keeps the level at 0 unless asked).
+/// Out of line so its stack use stays off the hot path.
+#[inline(never)]
+fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
+    debug!(
+        ctx,
+        "new flow proto {} port {} -> {} now {} -> {} (family {})",
+        flow.proto,
+        u16::from_be_bytes(flow.sport),
+        u16::from_be_bytes(flow.dport),
+        u16::from_be_bytes(new.sport),
+        u16::from_be_bytes(new.dport),
+        flow.family
+    );
 }
 
 /// Records a new flow in both directions and returns the tuple its packets are rewritten
@@ -350,7 +427,7 @@ pub fn commit_new<C: EbpfContext>(
 
     if fwd.snat_mode == SNAT_OFF || host {
         *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
-        match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+        match FWD_CT_V4.insert(&*key, &*value, BPF_NOEXIST as u64) {
             Ok(()) => {}
             // The same flow committed by another CPU: the original entry below adopts it.
             Err(EEXIST) if same_reply(key, value) => {}
@@ -358,7 +435,7 @@ pub fn commit_new<C: EbpfContext>(
             // config refuses two SNAT-off forwards to one backend), or a stale one.
             Err(EEXIST) if droppable_at(key, now) => {
                 early_drop(key, other);
-                FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64).map_err(|_| Reason::PortsExhausted)?;
+                FWD_CT_V4.insert(&*key, &*value, BPF_NOEXIST as u64).map_err(|_| Reason::PortsExhausted)?;
             }
             Err(EEXIST) => return Err(Reason::PortsExhausted),
             Err(_) => return Err(Reason::ConntrackFull),
@@ -368,7 +445,7 @@ pub fn commit_new<C: EbpfContext>(
         new.sport = flow.sport;
         new.dport = bport;
     } else {
-        let range = match FWD_GLOBAL.get(0) {
+        let range = match FWD_GLOBAL_V2.get(0) {
             Some(g) => g.snat_ports(),
             None => GlobalConfig::default().snat_ports(),
         };
@@ -390,7 +467,7 @@ pub fn commit_new<C: EbpfContext>(
         value.flags |= CT_SEQ_KNOWN;
     }
     *other = flow_key(flow);
-    match FWD_CT.insert(&*other, &*value, BPF_NOEXIST as u64) {
+    match FWD_CT_V4.insert(&*other, &*value, BPF_NOEXIST as u64) {
         Ok(()) => {
             stats::count_new_conn(fwd.forward_id);
             Ok(())
@@ -398,12 +475,12 @@ pub fn commit_new<C: EbpfContext>(
         Err(e) => {
             // Another CPU won (EEXIST): its translation is the flow's. Either way the
             // reservation made above goes (the winner's reply entry is its own).
-            let _ = FWD_CT.remove(&*key);
+            let _ = FWD_CT_V4.remove(&*key);
             if e != EEXIST {
                 return Err(Reason::ConntrackFull);
             }
             // SAFETY: copied out at once.
-            let winner = unsafe { FWD_CT.get(&*other) }.ok_or(Reason::ConntrackFull)?;
+            let winner = unsafe { FWD_CT_V4.get(&*other) }.ok_or(Reason::ConntrackFull)?;
             new.src = winner.new_src_addr;
             new.dst = winner.new_dst_addr;
             new.sport = winner.new_src_port_be.to_ne_bytes();
@@ -418,7 +495,7 @@ pub fn commit_new<C: EbpfContext>(
 #[inline(always)]
 fn same_reply(key: &CtKey, value: &CtValue) -> bool {
     // SAFETY: read at once.
-    match unsafe { FWD_CT.get(key) } {
+    match unsafe { FWD_CT_V4.get(key) } {
         Some(e) => {
             e.new_src_addr == value.new_src_addr
                 && e.new_dst_addr == value.new_dst_addr
@@ -512,7 +589,7 @@ extern "C" fn free_port_step(i: u32, walk: *mut core::ffi::c_void) -> i64 {
     if host_socket(walk.ctx, key.proto, key.family, &key.src_addr, &key.dst_addr, bport_of(key), port_be, false) {
         return 0;
     }
-    match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+    match FWD_CT_V4.insert(&*key, &*value, BPF_NOEXIST as u64) {
         Ok(()) => {
             walk.port = port;
             walk.status = WALK_FOUND;
@@ -546,7 +623,7 @@ extern "C" fn early_drop_step(i: u32, walk: *mut core::ffi::c_void) -> i64 {
         return 0;
     }
     early_drop(key, other);
-    match FWD_CT.insert(&*key, &*value, BPF_NOEXIST as u64) {
+    match FWD_CT_V4.insert(&*key, &*value, BPF_NOEXIST as u64) {
         Ok(()) => {
             walk.port = port;
             walk.status = WALK_FOUND;
@@ -571,7 +648,7 @@ pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
         Plan::New { .. } => {
             let key = flow_key(flow);
             // SAFETY: map value pointer from a successful lookup.
-            FWD_CT.get_ptr_mut(&key).map(|e| unsafe { &mut *e })
+            FWD_CT_V4.get_ptr_mut(&key).map(|e| unsafe { &mut *e })
         }
     }
 }

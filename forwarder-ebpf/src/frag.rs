@@ -1,5 +1,5 @@
 //! Fragments of forwarded datagrams (IPv4 MF/offset, IPv6 fragment header), in the TC
-//! program (XDP hands them over, see main.rs). The first fragment carries the L4 header: it
+//! program (XDP hands them over, see xdp.rs). The first fragment carries the L4 header: it
 //! is classified, committed and rewritten like any packet (its L4 checksum covers the whole
 //! datagram, and the incremental update for the pseudo header and ports applies all the
 //! same), and records its ports in `FWD_FRAG_V1` under the datagram's original addresses,
@@ -10,7 +10,7 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use forwarder_common::{FRAG_MAX_AGE_NS, FragKey, FragValue, Reason};
 
 use crate::{
-    maps::FWD_FRAG,
+    maps::FWD_FRAG_V1,
     parse::{FRAG_LATER, FRAG_NONE, Flow},
 };
 
@@ -38,7 +38,7 @@ pub fn record(flow: &Flow, key: &mut FragKey) -> Result<(), Reason> {
         // SAFETY: helper without arguments.
         first_ns: unsafe { bpf_ktime_get_ns() },
     };
-    FWD_FRAG.insert(key, &value, BPF_ANY as u64).map_err(|_| Reason::FragmentMapFull)
+    FWD_FRAG_V1.insert(key, &value, BPF_ANY as u64).map_err(|_| Reason::FragmentMapFull)
 }
 
 /// Fills a later fragment's ports in from its first fragment's record; `FragmentUnknown`
@@ -48,7 +48,7 @@ pub fn record(flow: &Flow, key: &mut FragKey) -> Result<(), Reason> {
 pub fn ports_of_later(flow: &mut Flow, key: &mut FragKey) -> Result<(), Reason> {
     key_of(flow, key);
     // SAFETY: the value is copied out at once.
-    let Some(v) = (unsafe { FWD_FRAG.get(key) }) else { return Err(Reason::FragmentUnknown) };
+    let Some(v) = (unsafe { FWD_FRAG_V1.get(key) }) else { return Err(Reason::FragmentUnknown) };
     let (sport, dport, first_ns) = (v.src_port_be, v.dst_port_be, v.first_ns);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -22,11 +22,12 @@ use forwarder_common::{
 use crate::{
     conntrack::{self, Plan, Tuple},
     frag,
-    maps::{FWD_RULES, Work},
+    maps::FWD_RULES,
     nat,
     parse::{self, FRAG_FIRST, FRAG_LATER},
     sock, stats,
     verdict::Outcome,
+    work::Work,
 };
 
 /// The plan is for a backend on this host (a new flow of such a forward, or one of its
@@ -96,18 +97,18 @@ pub fn note(w: &mut Work, forward_id: u32, listener: bool) {
 }
 
 /// TC ingress, a packet for a backend on this host once committed and tracked as any (in
-/// `w.new` the tuple to rewrite to, in `w.host` what [`note`] kept): rewritten, assigned
+/// `w.new` the tuple to rewrite to, in `w.host` what [`note`] kept; `w` is the program
+/// run's working memory, as the TC path left it): rewritten, assigned
 /// to a loopback backend's listener when it may need it, and handed to the local stack
 /// (`TC_ACT_OK`), which delivers it. In a frame of its own beside the TC path's, which
 /// has no room for the socket lookups' tuples.
 #[inline(never)]
-pub fn deliver(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
-    crate::verdict::pack(try_deliver(&TcContext::new(skb)))
+pub fn deliver(skb: *mut aya_ebpf::bindings::__sk_buff, w: &mut Work) -> u64 {
+    crate::verdict::pack(try_deliver(&TcContext::new(skb), w))
 }
 
 #[inline(always)]
-fn try_deliver(ctx: &TcContext) -> Outcome {
-    let w = crate::maps::work()?;
+fn try_deliver(ctx: &TcContext, w: &mut Work) -> Outcome {
     // SAFETY: fields of this CPU's work area, written by `note` this run.
     let (forward_id, listener) =
         unsafe { (core::ptr::read_volatile(&w.host.forward_id), core::ptr::read_volatile(&w.host.listener) != 0) };
@@ -130,13 +131,12 @@ fn try_deliver(ctx: &TcContext) -> Outcome {
 /// says; `Err(NoRule)` for every other packet (not counted). Out of line: its frame is
 /// the egress program's largest.
 #[inline(never)]
-pub fn reply_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
-    crate::verdict::pack(reply(&TcContext::new(skb)))
+pub fn reply_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff, w: &mut Work) -> u64 {
+    crate::verdict::pack(reply(&TcContext::new(skb), w))
 }
 
 #[inline(always)]
-fn reply(ctx: &TcContext) -> Outcome {
-    let w = crate::maps::work().map_err(|_| Reason::NoRule)?;
+fn reply(ctx: &TcContext, w: &mut Work) -> Outcome {
     match parse::parse_flow(ctx, &mut w.flow) {
         Ok(()) => {}
         // An error the host sends about a packet it was handed (a UDP port unreachable).

@@ -15,21 +15,23 @@ use crate::{
     conntrack::{Tuple, ct_key},
     csum::sum_addr,
     l2,
-    maps::FWD_CT,
+    maps::FWD_CT_V4,
     nat::{decrement_ttl_tc, replace_addr},
     parse::{FRAG_NONE, Flow, IPPROTO_FRAGMENT, IPV4_DST_OFF, IPV4_SRC_OFF, IPV6_DST_OFF, IPV6_SRC_OFF, parse_l3},
     route::{self, FIB_NO_NEIGH, FIB_SUCCESS},
     verdict::Outcome,
+    work::Work,
 };
 
 /// Translates an ICMP error whose quoted packet belongs to a tracked connection. Out of
 /// line, called beside (not below) the TCP/UDP path: both have many locals and the
 /// verifier limits the stack of a call chain to 512 bytes. `egress`: an error the host
 /// itself sends about a packet of a backend on this host (TC egress: only such
-/// connections', rewritten and left on their way, not routed).
+/// connections', rewritten and left on their way, not routed). `w`: the program run's
+/// working memory.
 #[inline(never)]
-pub fn translate(skb: *mut __sk_buff, egress: bool) -> u64 {
-    crate::verdict::pack(try_translate(&TcContext::new(skb), egress))
+pub fn translate(skb: *mut __sk_buff, egress: bool, w: &mut Work) -> u64 {
+    crate::verdict::pack(try_translate(&TcContext::new(skb), egress, w))
 }
 
 #[inline(always)]
@@ -77,8 +79,7 @@ fn sum2(b: [u8; 2]) -> u32 {
 }
 
 #[inline(always)]
-fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
-    let w = crate::maps::work()?;
+fn try_translate(ctx: &TcContext, egress: bool, w: &mut Work) -> Outcome {
     parse_l3(ctx, &mut w.flow).map_err(|_| Reason::IcmpError)?;
     let f = &w.flow;
     if f.frag != FRAG_NONE {
@@ -131,7 +132,7 @@ fn try_translate(ctx: &TcContext, egress: bool) -> Outcome {
     // what the sender of the quoted packet originally used and expects.
     let key = ct_key(family, a.idst, a.isrc, idport, isport, iproto);
     // SAFETY: map value reference valid for this program run.
-    let Some(entry) = (unsafe { FWD_CT.get(&key) }) else {
+    let Some(entry) = (unsafe { FWD_CT_V4.get(&key) }) else {
         return Err(Reason::IcmpError);
     };
     if egress && entry.flags & CT_HOST_BACKEND == 0 {

@@ -26,10 +26,11 @@ use forwarder_common::{
 use crate::{
     conntrack::{Plan, Tuple},
     csum::{looks_partial, sum_addr},
-    maps::{FWD_ICMP_RATE, Work},
+    maps::FWD_ICMP_RATE,
     parse::{ETH_LEN, FRAG_NONE, Flow, IPV4_LEN, IPV6_LEN, L3_OFF, PROTO_ICMP, PROTO_ICMPV6},
     route::{self, FIB_BLACKHOLE, FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_PROHIBIT, FIB_SUCCESS, FIB_UNREACHABLE, Fib},
     verdict::{Outcome, pack},
+    work::Work,
 };
 
 /// Bytes of the original packet an IPv4 error quotes at most: 576 in all, as Linux.
@@ -78,16 +79,6 @@ pub struct IcmpAnswer {
     pub limited: u8,
     pub hdr: [u8; HDR_MAX],
     pub quote: [u8; QUOTE_BUF],
-}
-
-/// Per-CPU token bucket of the answers (`FWD_ICMP_RATE`, kernel-internal).
-#[repr(C)]
-pub struct IcmpRate {
-    /// Credit in nanoseconds, at most `ICMP_BURST` intervals.
-    pub credit_ns: u64,
-    pub last_ns: u64,
-    /// Answers held back by the limit on this CPU (their packets dropped unanswered).
-    pub suppressed: u64,
 }
 
 /// Why a packet is answered.
@@ -170,11 +161,12 @@ pub fn after_fib(ctx: &TcContext, a: &mut IcmpAnswer, plan: &Plan, flow: &Flow, 
     None
 }
 
-/// Builds and sends the answer [`request`] recorded. Out of line, beside the TCP/UDP path
-/// and the ICMP translation (see main.rs).
+/// Builds and sends the answer [`request`] recorded in `w.answer` (`w`: the program run's
+/// working memory). Out of line, beside the TCP/UDP path and the ICMP translation (see
+/// tc.rs).
 #[inline(never)]
-pub fn send(skb: *mut __sk_buff) -> u64 {
-    pack(try_send(&TcContext::new(skb)))
+pub fn send(skb: *mut __sk_buff, w: &mut Work) -> u64 {
+    pack(try_send(&TcContext::new(skb), w))
 }
 
 /// A source the stack would answer: not unspecified, loopback or multicast (nor IPv4's
@@ -254,8 +246,7 @@ fn put(hdr: &mut [u8; HDR_MAX], at: usize, bytes: &[u8]) {
 }
 
 #[inline(always)]
-fn try_send(ctx: &TcContext) -> Outcome {
-    let w: &mut Work = crate::maps::work()?;
+fn try_send(ctx: &TcContext, w: &mut Work) -> Outcome {
     let a = &mut w.answer;
     let reason = Reason::from_code(a.reason).unwrap_or(Reason::IcmpTimeExceeded);
     let v6 = a.family == FAMILY_V6;

@@ -23,13 +23,13 @@ use forwarder_common::{
 };
 
 use crate::{
-    maps::{FWD_GLOBAL, FWD_LOCAL_CONN, FWD_LOCAL_UDP, FWD_RULES},
+    maps::{FWD_GLOBAL_V2, FWD_LOC_UDP_V2, FWD_LOCAL_CONN, FWD_RULES},
     stats,
 };
 
 #[inline(always)]
 fn ours(ctx: &SockAddrContext) -> bool {
-    let Some(g) = FWD_GLOBAL.get(0) else { return false };
+    let Some(g) = FWD_GLOBAL_V2.get(0) else { return false };
     // SAFETY: helper on our own context.
     g.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == g.netns_cookie
 }
@@ -37,7 +37,7 @@ fn ours(ctx: &SockAddrContext) -> bool {
 /// How long an exchange must be quiet before it may change address, in nanoseconds.
 #[inline(always)]
 fn udp_idle_ns() -> u64 {
-    let s = FWD_GLOBAL.get(0).map(|g| g.local_udp_idle_s).unwrap_or(0);
+    let s = FWD_GLOBAL_V2.get(0).map(|g| g.local_udp_idle_s).unwrap_or(0);
     (if s == 0 { DEFAULT_LOCAL_UDP_IDLE_S } else { s }) as u64 * 1_000_000_000
 }
 
@@ -194,13 +194,13 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
         orig: LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id },
         last_ns: now,
     };
-    match FWD_LOCAL_UDP.get_ptr_mut(&key) {
+    match FWD_LOC_UDP_V2.get_ptr_mut(&key) {
         // SAFETY: map value pointer valid for this program run; an aligned u64 store.
         Some(e) => match unsafe { (*e).on_send(&addr, port, now, udp_idle_ns()) } {
             LocalUdpSend::Same => unsafe { (*e).last_ns = now },
             LocalUdpSend::Switch => {
                 // A whole new element, so a concurrent recvmsg reads the old or the new.
-                let _ = FWD_LOCAL_UDP.insert(&key, &new, 0);
+                let _ = FWD_LOC_UDP_V2.insert(&key, &new, 0);
                 stats::count_local_conn(f.forward_id);
             }
             LocalUdpSend::Refuse => {
@@ -210,9 +210,9 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
         },
         None => {
             // The first datagram of a socket to this backend counts as a local connection.
-            if FWD_LOCAL_UDP.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
+            if FWD_LOC_UDP_V2.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
                 stats::count_local_conn(f.forward_id);
-            } else if let Some(e) = FWD_LOCAL_UDP.get_ptr(&key) {
+            } else if let Some(e) = FWD_LOC_UDP_V2.get_ptr(&key) {
                 // Another thread of the program got there first: its address holds.
                 // SAFETY: map value pointer valid for this program run.
                 if unsafe { (*e).on_send(&addr, port, now, udp_idle_ns()) } != LocalUdpSend::Same {
@@ -249,7 +249,7 @@ pub fn recvmsg(ctx: &SockAddrContext, v6: bool) {
         family: family(key_v6),
         _pad: [0; 5],
     };
-    let Some(e) = FWD_LOCAL_UDP.get_ptr_mut(&key) else { return };
+    let Some(e) = FWD_LOC_UDP_V2.get_ptr_mut(&key) else { return };
     // SAFETY: map value pointer valid for this program run; an answer keeps the exchange
     // live (an aligned u64 store).
     let orig = unsafe {

@@ -1,5 +1,6 @@
 //! Every map of the kernel side, declared in one place. Layouts: forwarder-common/src/maps.rs
 //! and docs/maps.md. Sizes are defaults; the loader resizes some of them from the config.
+//! Each static is named exactly as its map: the name it is pinned by, and adopted by.
 
 use aya_ebpf::{
     macros::map,
@@ -17,7 +18,7 @@ pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFA
 /// A plain (not LRU) hash: when full, new flows are refused and counted, and established
 /// ones are never evicted; userspace expires idle connections.
 #[map(name = "FWD_CT_V4")]
-pub static FWD_CT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub static FWD_CT_V4: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 /// Route generation (index 0), bumped by userspace on every route, neighbour, link, address
 /// or config change; cached next hops of another generation are not used.
@@ -41,7 +42,7 @@ pub static FWD_IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX
 pub static FWD_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 
 #[map(name = "FWD_GLOBAL_V2")]
-pub static FWD_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+pub static FWD_GLOBAL_V2: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "FWD_META")]
 pub static FWD_META: Array<FwdMeta> = Array::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
@@ -62,13 +63,14 @@ pub static FWD_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1
 pub static FWD_LOCAL_CONN: LruHashMap<u64, LocalOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
 
 #[map(name = "FWD_LOC_UDP_V2")]
-pub static FWD_LOCAL_UDP: LruHashMap<LocalUdpKey, LocalUdpOrig> = LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
+pub static FWD_LOC_UDP_V2: LruHashMap<LocalUdpKey, LocalUdpOrig> =
+    LruHashMap::with_max_entries(LOCAL_SOCKET_ENTRIES, 0);
 
 /// The ports of fragmented datagrams, recorded by their first fragments for the later
 /// ones (see frag.rs). LRU: a record outlives its datagram's last fragment until it is the
 /// least recently used.
 #[map(name = "FWD_FRAG_V1")]
-pub static FWD_FRAG: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
+pub static FWD_FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
 
 #[map(name = "FWD_PEERS")]
 pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MAX_PEERS, 0);
@@ -76,37 +78,16 @@ pub static FWD_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(MA
 #[map(name = "FWD_PEER_STATS")]
 pub static FWD_PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS + 1, 0);
 
-/// Per-CPU working memory of one program run: the parsed flow, the tuples, the FIB
-/// parameters. The 512-byte stack cannot hold them all (kernel-internal).
-#[repr(C, align(8))]
-pub struct Work {
-    /// First, so it is 8-aligned: route::lookup clears it with 64-bit stores.
-    pub params: aya_ebpf::bindings::bpf_fib_lookup,
-    pub flow: crate::parse::Flow,
-    pub to: crate::conntrack::Tuple,
-    pub new: crate::conntrack::Tuple,
-    pub fib: crate::route::Fib,
-    pub icmp: crate::icmp::IcmpWork,
-    /// The key of a fragment's datagram (frag.rs).
-    pub frag_key: FragKey,
-    /// A packet for a backend on this host, between its commit and its delivery.
-    pub host: crate::host::Pending,
-    /// The ICMP error a packet is answered with (icmp_reply.rs), with a copy of its quote.
-    pub answer: crate::icmp_reply::IcmpAnswer,
+/// Per-CPU token bucket of the ICMP errors the programs send (icmp_reply.rs,
+/// kernel-internal).
+#[repr(C)]
+pub struct IcmpRate {
+    /// Credit in nanoseconds, at most a burst's worth of intervals.
+    pub credit_ns: u64,
+    pub last_ns: u64,
+    /// Answers held back by the limit on this CPU (their packets dropped unanswered).
+    pub suppressed: u64,
 }
 
-/// Per-CPU token bucket of the ICMP errors the programs send (kernel-internal).
 #[map(name = "FWD_ICMP_RATE")]
-pub static FWD_ICMP_RATE: PerCpuArray<crate::icmp_reply::IcmpRate> = PerCpuArray::with_max_entries(1, 0);
-
-#[map(name = "FWD_WORK")]
-pub static FWD_WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
-
-/// This CPU's working memory. XDP and TC of one packet run one after the other on a CPU,
-/// so one slot serves both.
-#[inline(always)]
-pub fn work() -> Result<&'static mut Work, forwarder_common::Reason> {
-    let slot = FWD_WORK.get_ptr_mut(0).ok_or(forwarder_common::Reason::Malformed)?;
-    // SAFETY: per-CPU slot, used by one program run at a time.
-    Ok(unsafe { &mut *slot })
-}
+pub static FWD_ICMP_RATE: PerCpuArray<IcmpRate> = PerCpuArray::with_max_entries(1, 0);

@@ -208,7 +208,7 @@ pub fn parse_l3<P: Packet>(pkt: &P, f: &mut Flow) -> Result<(), Reason> {
     }
 }
 
-/// Parses a TCP/UDP packet into `flow` (per-CPU working memory, see maps::work). A first
+/// Parses a TCP/UDP packet into `flow` (per-CPU working memory, see work.rs). A first
 /// fragment parses like a whole packet, but its UDP length may exceed what it carries (the
 /// length is the datagram's); a later fragment has no L4 header, so its ports are left at
 /// zero for `frag::ports_of_later` to fill in.
@@ -279,6 +279,14 @@ pub struct L3Dst {
     pub len: u16,
     /// TTL / hop limit.
     pub ttl: u8,
+}
+
+impl L3Dst {
+    /// The packet of `flow` as addressed to `addr` (its destination once rewritten).
+    #[inline(always)]
+    pub fn of_flow_to(flow: &Flow, addr: [u8; 16]) -> L3Dst {
+        L3Dst { family: flow.family, addr, len: flow.l3_len, ttl: flow.ttl }
+    }
 }
 
 #[inline(always)]

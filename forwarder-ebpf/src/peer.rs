@@ -8,11 +8,13 @@ use aya_ebpf::{
     helpers::bpf_redirect_neigh,
     programs::TcContext,
 };
-use forwarder_common::{FAMILY_V4, PEER_DIRECT, PEER_PROBE_MARK, PeerKey, PeerValue, Reason};
+use forwarder_common::{FAMILY_V4, GLOBAL_HAS_PEERS, PEER_DIRECT, PEER_PROBE_MARK, PeerKey, PeerValue, Reason};
 
 use crate::{
+    ctx::Packet,
+    global,
     maps::{FWD_PEER_STATS, FWD_PEERS},
-    parse::{IPV4_TTL_OFF, L3Dst},
+    parse::{self, IPV4_TTL_OFF, L3Dst},
 };
 
 /// skb->tc_index of a packet we redirected to a peer: the egress hook of the peer's device
@@ -28,6 +30,18 @@ pub fn already_delivered(ctx: &TcContext) -> bool {
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+
+/// Whether any peer is configured: without one, no packet pays a peer lookup.
+#[inline(always)]
+pub fn enabled() -> bool {
+    global::flags() & GLOBAL_HAS_PEERS != 0
+}
+
+/// Whether the packet is addressed to a peer.
+#[inline(always)]
+pub fn addressed_to_peer<P: Packet>(pkt: &P) -> bool {
+    enabled() && parse::parse_l3_dst(pkt).ok().and_then(|d| lookup(&d)).is_some()
+}
 
 #[inline(always)]
 pub fn lookup(dst: &L3Dst) -> Option<&'static PeerValue> {
