@@ -76,7 +76,30 @@ impl ConfigStamp {
 
 #[cfg(test)]
 mod tests {
-    use super::ConfigStamp;
+    use super::{ConfigFile, ConfigStamp, FULL_CHECK_TICKS};
+
+    #[test]
+    fn a_config_file_is_changed_only_when_its_content_moved() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("forwarder.toml");
+        std::fs::write(&path, "a = 1\n").unwrap();
+        let mut file = ConfigFile::new(&path);
+        assert!(!file.changed(), "as taken");
+        // A new file with the same content (a swapped symlink, a rewrite): not a change.
+        let other = tmp.path().join("other.toml");
+        std::fs::write(&other, "a = 1\n").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(!file.changed(), "same content");
+        std::fs::write(&other, "a = 2\n").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(file.changed(), "new content in a new file");
+        file.taken();
+        assert!(!file.changed(), "taken");
+        // Same length, written within the clock's tick: found at the next full check.
+        std::fs::write(&path, "a = 3\n").unwrap();
+        let found = (0..FULL_CHECK_TICKS).any(|_| file.changed());
+        assert!(found, "a same-length rewrite is found within {FULL_CHECK_TICKS} checks");
+    }
 
     #[test]
     fn a_config_stamp_moves_with_the_content_and_the_file() {
