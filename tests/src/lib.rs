@@ -9,6 +9,7 @@ pub mod frames;
 pub mod image;
 pub mod kubelet;
 pub mod netns;
+pub mod sockets;
 pub mod topo;
 pub mod traffic;
 
