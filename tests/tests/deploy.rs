@@ -546,7 +546,7 @@ impl Pod {
             let volume = &volumes[&mount.name];
             let local = if let Some(cm) = &volume.config_map {
                 assert!(cm.items.is_none(), "every key of the ConfigMap is mounted");
-                let dir = scratch.join(mount.name.as_str());
+                let dir = scratch.path().join(mount.name.as_str());
                 config_volume = Some(ConfigMapVolume::new(&dir, &[("forwarder.toml", config)]).unwrap());
                 dir
             } else if let Some(host) = &volume.host_path {
@@ -608,8 +608,9 @@ impl Pod {
             pin_path: PathBuf::from(&flags["--pin-path"]),
             config_path: PathBuf::from(&flags["--config"]),
             cgroup,
+            scratch,
         };
-        let daemon = Daemon::start_exact(ns, tag, launch)?;
+        let daemon = Daemon::start_exact(ns, launch)?;
         Ok(Pod {
             daemon,
             config: config_volume.unwrap(),
