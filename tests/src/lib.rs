@@ -3,6 +3,7 @@
 //! removed on every exit path (Drop guards run on panics too).
 
 pub mod cgroup;
+pub mod config;
 pub mod daemon;
 pub mod deb;
 pub mod frames;

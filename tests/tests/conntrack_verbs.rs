@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use forwarder_tests::{
     Chain, Daemon,
+    config::{forward, router_interfaces},
     sockets::{EchoConn, tcp_echo},
     topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
 };
@@ -13,12 +14,9 @@ use forwarder_tests::{
 const FORWARDS: [(&str, u16, u16); 2] = [("mysql", 3306, 3197), ("web", 8080, 9080)];
 
 fn config() -> String {
-    let mut c =
-        String::from("[[interface]]\nname = \"rc\"\nxdp = \"off\"\n\n[[interface]]\nname = \"rs\"\nxdp = \"off\"\n");
+    let mut c = router_interfaces("off");
     for (name, listen, backend) in FORWARDS {
-        c.push_str(&format!(
-            "\n[[forward]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:{listen}\"\nbackend = \"{SERVER_ADDR}:{backend}\"\n"
-        ));
+        c += &forward(name, "tcp", format!("0.0.0.0:{listen}"), format!("{SERVER_ADDR}:{backend}"));
     }
     c
 }

@@ -8,6 +8,7 @@ use std::{
 
 use forwarder_tests::{
     Chain, Daemon,
+    config::{forward, router_interfaces},
     sockets::{plus_one_exchange, plus_one_server, serve_in},
     topo::{ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
 };
@@ -16,24 +17,9 @@ const BACKEND_PORT: u16 = 3197;
 const LISTEN_PORT: u16 = 3306;
 
 fn config(xdp: &str, protocol: &str, snat: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "{xdp}"
-
-[[interface]]
-name = "rs"
-xdp = "{xdp}"
-
-[[forward]]
-name = "classic"
-protocol = "{protocol}"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-snat = "{snat}"
-"#
-    )
+    router_interfaces(xdp)
+        + &forward("classic", protocol, format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"))
+        + &format!("snat = \"{snat}\"\n")
 }
 
 /// A [`plus_one_server`] on the backend port for `conns` connections; returns the peers it saw.

@@ -10,10 +10,11 @@ use std::{
 
 use forwarder_tests::{
     Cgroup, Chain, Daemon, ExactLaunch, Netns,
+    config::{forward, interface},
     daemon::forwarder_bin,
     netns::run_ok,
     sockets::{plus_one_exchange, plus_one_server},
-    topo::{A_DEV, B_ADDR, ROUTER_CLIENT_ADDR, SERVER_ADDR, TwoIsp},
+    topo::{A_DEV, B_ADDR, ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV, SERVER_ADDR, TwoIsp},
 };
 
 const BACKEND_PORT: u16 = 3197;
@@ -57,25 +58,12 @@ fn status(d_pin: &std::path::Path) -> serde_json::Value {
 }
 
 fn forward_config(xdp: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "{xdp}"
-redirect = "auto"
-
-[[interface]]
-name = "rs"
-xdp = "{xdp}"
-redirect = "auto"
-
-[[forward]]
-name = "db"
-protocol = "tcp"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-"#
-    )
+    let redirect_auto = "redirect = \"auto\"\n";
+    interface(ROUTER_CLIENT_DEV, xdp)
+        + redirect_auto
+        + &interface(ROUTER_SERVER_DEV, xdp)
+        + redirect_auto
+        + &forward("db", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"))
 }
 
 /// Three TCP exchanges client → router:3306 → server; each reply is the request + 1.

@@ -9,29 +9,14 @@ use std::{
 
 use forwarder_tests::{
     Chain, Daemon, Netns,
+    config::{forward, router_interfaces},
     sockets::{self, EchoConn, PatternStream, StreamTotals},
     topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
     wait_for,
 };
 
 fn config(extra: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "native"
-
-[[interface]]
-name = "rs"
-xdp = "native"
-
-[[forward]]
-name = "classic"
-protocol = "tcp"
-listen = "0.0.0.0:3306"
-backend = "{SERVER_ADDR}:3197"
-{extra}"#
-    )
+    router_interfaces("native") + &forward("classic", "tcp", "0.0.0.0:3306", format!("{SERVER_ADDR}:3197")) + extra
 }
 
 /// A TCP echo server on the backend at `port`, for any number of connections.
