@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -50,6 +50,14 @@ pub fn serve_in<S: Send + 'static, T: Send + 'static>(
         .with_context(|| format!("{what} did not start"))?
         .map_err(|e| anyhow!("{what}: {e}"))?;
     Ok(h)
+}
+
+/// A UDP socket bound to `addr` whose reads give up after `read_timeout` (how a server
+/// knows no more datagrams come).
+pub fn udp_bound(addr: impl ToSocketAddrs, read_timeout: Duration) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind(addr)?;
+    s.set_read_timeout(Some(read_timeout))?;
+    Ok(s)
 }
 
 /// A TCP echo server on `addr` for any number of connections, each echoed on a thread of

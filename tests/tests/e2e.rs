@@ -9,7 +9,7 @@ use std::{
 use forwarder_tests::{
     Chain, Daemon,
     config::{forward, router_interfaces},
-    sockets::{plus_one_exchange, plus_one_server, serve_in},
+    sockets::{plus_one_exchange, plus_one_server, serve_in, udp_bound},
     topo::{ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
 };
 
@@ -100,11 +100,7 @@ fn udp_forward(xdp: &str, snat: &str) {
     let server = serve_in(
         &chain.server,
         "UDP server",
-        || {
-            let s = UdpSocket::bind(("0.0.0.0", BACKEND_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            Ok(s)
-        },
+        || udp_bound(("0.0.0.0", BACKEND_PORT), Duration::from_secs(10)),
         |s| {
             let mut peers = Vec::new();
             let mut buf = [0u8; 2048];

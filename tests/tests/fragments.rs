@@ -30,7 +30,7 @@ use forwarder_tests::{
         icmp_checksum_ok, ipv4_header_ok, tcp_frame, udp_frame, udp6_frame, with_fixture,
     },
     netns::run_ok,
-    sockets::serve_in,
+    sockets::{serve_in, udp_bound},
     topo::Line,
 };
 
@@ -432,11 +432,7 @@ fn backend(ns: &Netns, addr: &'static str) -> JoinHandle<Vec<SocketAddr>> {
     serve_in(
         ns,
         "backend",
-        move || {
-            let s = UdpSocket::bind(addr)?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            Ok(s)
-        },
+        move || udp_bound(addr, Duration::from_secs(10)),
         |s| {
             let mut peers = Vec::new();
             let mut buf = vec![0u8; 65536];

@@ -5,11 +5,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, UdpSocket},
+    net::TcpListener,
     time::Duration,
 };
 
-use forwarder_tests::{Chain, Daemon, Netns, sockets::serve_in};
+use forwarder_tests::{
+    Chain, Daemon, Netns,
+    sockets::{serve_in, udp_bound},
+};
 
 const CONFIG: &str = r#"
 [[interface]]
@@ -74,11 +77,7 @@ fn udp_server_on(ns: &Netns, addr: &'static str, datagrams: usize) -> std::threa
     serve_in(
         ns,
         "UDP backend",
-        move || {
-            let s = UdpSocket::bind(addr)?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            Ok(s)
-        },
+        move || udp_bound(addr, Duration::from_secs(10)),
         move |s| {
             let mut buf = [0u8; 1500];
             for _ in 0..datagrams {

@@ -14,14 +14,14 @@
 //! 802.1Q (CONFIG_VLAN_8021Q is not set: `ip link add ... type vlan` fails), so the tags
 //! come from crafted frames, which reach TC exactly as a VLAN device's would.
 
-use std::{net::UdpSocket, time::Duration};
+use std::time::Duration;
 
 use etherparse::PacketBuilder;
 use forwarder_tests::{
     Chain, Daemon, Netns,
     config::{forward, router_interfaces},
     netns::run_ok,
-    sockets::serve_in,
+    sockets::{serve_in, udp_bound},
     topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV, SERVER_ADDR},
 };
 
@@ -138,11 +138,7 @@ fn backend(ns: &Netns) -> std::thread::JoinHandle<Vec<String>> {
     serve_in(
         ns,
         "backend",
-        || {
-            let s = UdpSocket::bind((SERVER_ADDR, BACKEND_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            Ok(s)
-        },
+        || udp_bound((SERVER_ADDR, BACKEND_PORT), Duration::from_secs(5)),
         |s| {
             let mut got = Vec::new();
             let mut buf = [0u8; 1500];
