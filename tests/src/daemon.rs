@@ -32,8 +32,8 @@ pub struct Daemon {
     pub pin_path: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
-    /// The test's scratch directory (config, log), removed on drop.
-    dir: PathBuf,
+    /// The test's scratch directory (config, log), held to be removed on drop (after the pins).
+    _scratch: tempfile::TempDir,
     ns_path: String,
     extra: Vec<String>,
     /// Set by [`Daemon::start_exact`]: the whole command line instead of the usual one.
@@ -58,6 +58,9 @@ pub struct ExactLaunch {
     pub pin_path: PathBuf,
     pub config_path: PathBuf,
     pub cgroup: crate::Cgroup,
+    /// The scratch directory the command line's files live in ([`Daemon::scratch_dir`]);
+    /// the daemon keeps its log there and removes it on drop.
+    pub scratch: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -71,9 +74,9 @@ impl Daemon {
     pub fn start_with(ns: &Netns, tag: &str, config: &str, extra: &[&str]) -> Result<Self> {
         let cgroup = crate::Cgroup::new(tag)?;
         let dir = Self::scratch_dir(tag)?;
-        let config_path = dir.join("forwarder.toml");
+        let config_path = dir.path().join("forwarder.toml");
         std::fs::File::create(&config_path)?.write_all(config.as_bytes())?;
-        let log_path = dir.join("forwarder.log");
+        let log_path = dir.path().join("forwarder.log");
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}"));
         let mut d = Self {
             child: None,
@@ -81,7 +84,7 @@ impl Daemon {
             pin_path,
             config_path,
             log_path,
-            dir,
+            _scratch: dir,
             ns_path: ns.path(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             exact: None,
@@ -96,17 +99,16 @@ impl Daemon {
     /// (not when the status file appears), with the socket for the messages that follow.
     pub fn start_notified(ns: &Netns, tag: &str, config: &str) -> Result<(Self, UnixDatagram)> {
         let dir = Self::scratch_dir(tag)?;
-        let socket_path = dir.join("notify.sock");
-        let _ = std::fs::remove_file(&socket_path);
+        let socket_path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&socket_path)?;
         socket.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut d = Self {
             child: None,
             cgroup: crate::Cgroup::new(tag)?,
             pin_path: PathBuf::from(format!("/sys/fs/bpf/fwt-{tag}")),
-            config_path: dir.join("forwarder.toml"),
-            log_path: dir.join("forwarder.log"),
-            dir,
+            config_path: dir.path().join("forwarder.toml"),
+            log_path: dir.path().join("forwarder.log"),
+            _scratch: dir,
             ns_path: ns.path(),
             extra: Vec::new(),
             exact: None,
@@ -128,24 +130,23 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
-    /// The per-test scratch directory (created; removed when the daemon is dropped).
-    pub fn scratch_dir(tag: &str) -> Result<PathBuf> {
-        let dir = std::env::temp_dir().join(format!("forwarder-test-{tag}"));
-        std::fs::create_dir_all(&dir)?;
-        Ok(dir)
+    /// A fresh scratch directory for the test tagged `tag` (`forwarder-test-TAG-*` in the
+    /// temp dir, so that a forced clean-up finds it), removed when dropped.
+    pub fn scratch_dir(tag: &str) -> Result<tempfile::TempDir> {
+        Ok(tempfile::Builder::new().prefix(&format!("forwarder-test-{tag}-")).tempdir()?)
     }
 
     /// Starts `launch.argv` in `ns` exactly as given (no arguments added); returns once the
     /// instance has applied its config, like [`Daemon::start`].
-    pub fn start_exact(ns: &Netns, tag: &str, launch: ExactLaunch) -> Result<Self> {
-        let dir = Self::scratch_dir(tag)?;
+    pub fn start_exact(ns: &Netns, launch: ExactLaunch) -> Result<Self> {
+        let dir = launch.scratch;
         let mut d = Self {
             child: None,
             cgroup: launch.cgroup,
             pin_path: launch.pin_path,
             config_path: launch.config_path,
-            log_path: dir.join("forwarder.log"),
-            dir,
+            log_path: dir.path().join("forwarder.log"),
+            _scratch: dir,
             ns_path: ns.path(),
             extra: Vec::new(),
             exact: Some(ExactCommand { argv: launch.argv, env: launch.env }),
@@ -290,6 +291,5 @@ impl Drop for Daemon {
         }
         forwarder::pins::remove(&self.pin_path);
         forwarder::status::remove(&self.pin_path);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

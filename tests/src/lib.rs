@@ -3,12 +3,14 @@
 //! removed on every exit path (Drop guards run on panics too).
 
 pub mod cgroup;
+pub mod config;
 pub mod daemon;
 pub mod deb;
 pub mod frames;
 pub mod image;
 pub mod kubelet;
 pub mod netns;
+pub mod sockets;
 pub mod topo;
 pub mod traffic;
 

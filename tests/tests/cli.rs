@@ -4,9 +4,9 @@ use std::process::Command;
 
 use forwarder_tests::{Chain, Daemon, daemon::forwarder_bin, unique_tag};
 
-fn write_config(text: &str) -> (tempdir::Dir, std::path::PathBuf) {
-    let dir = tempdir::Dir::new();
-    let p = dir.0.join("forwarder.toml");
+fn write_config(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::Builder::new().prefix("forwarder-cli-").tempdir().unwrap();
+    let p = dir.path().join("forwarder.toml");
     std::fs::write(&p, text).unwrap();
     (dir, p)
 }
@@ -23,23 +23,6 @@ fn run_once(chain: &Chain, config: &str, pin: &str) -> std::process::Output {
         .args(["--pin-path", pin])
         .output()
         .unwrap()
-}
-
-mod tempdir {
-    /// A directory under the system temp dir, removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            let p = std::env::temp_dir().join(format!("forwarder-cli-{}", super::unique_tag()));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 const GOOD: &str = r#"
@@ -167,10 +150,27 @@ fn stats_watch_shows_rates() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let mut stdout = child.stdout.take().unwrap();
+    let (chunk_tx, chunks) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+            if chunk_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    // Until the table has been drawn twice (a redraw), or the deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = String::new();
+    while text.matches("PACKETS/s").count() < 2 {
+        match chunks.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(_) => break,
+        }
+    }
     child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    child.wait().unwrap();
     assert!(text.contains("\x1b[2J\x1b[H"), "clears and redraws in place");
     assert!(text.contains("PACKETS/s") && text.contains("mysql"), "{text}");
 }

@@ -1,14 +1,12 @@
 //! `forwarder conntrack list|flush` (issue 18) on a running instance with two forwards and a
 //! held TCP connection through each.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use forwarder_tests::{
     Chain, Daemon,
+    config::{forward, router_interfaces},
+    sockets::{EchoConn, tcp_echo},
     topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
 };
 
@@ -16,72 +14,30 @@ use forwarder_tests::{
 const FORWARDS: [(&str, u16, u16); 2] = [("mysql", 3306, 3197), ("web", 8080, 9080)];
 
 fn config() -> String {
-    let mut c =
-        String::from("[[interface]]\nname = \"rc\"\nxdp = \"off\"\n\n[[interface]]\nname = \"rs\"\nxdp = \"off\"\n");
+    let mut c = router_interfaces("off");
     for (name, listen, backend) in FORWARDS {
-        c.push_str(&format!(
-            "\n[[forward]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:{listen}\"\nbackend = \"{SERVER_ADDR}:{backend}\"\n"
-        ));
+        c += &forward(name, "tcp", format!("0.0.0.0:{listen}"), format!("{SERVER_ADDR}:{backend}"));
     }
     c
-}
-
-/// An echo server that reports each connection's peer (the address the backend sees).
-fn echo(chain: &Chain, port: u16) -> std::sync::mpsc::Receiver<SocketAddr> {
-    let (ready, up) = std::sync::mpsc::channel();
-    let (tx, rx) = std::sync::mpsc::channel();
-    chain
-        .server
-        .spawn(move || {
-            let l = TcpListener::bind((SERVER_ADDR, port)).unwrap();
-            ready.send(()).unwrap();
-            for s in l.incoming().flatten() {
-                let _ = tx.send(s.peer_addr().unwrap());
-                std::thread::spawn(move || {
-                    let mut s = s;
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        })
-        .unwrap();
-    up.recv_timeout(Duration::from_secs(5)).unwrap();
-    rx
-}
-
-fn ping(s: &mut TcpStream) -> std::io::Result<()> {
-    s.write_all(b"ping")?;
-    let mut back = [0u8; 4];
-    s.read_exact(&mut back)?;
-    assert_eq!(&back, b"ping");
-    Ok(())
 }
 
 #[test]
 fn conntrack_list_and_flush() {
     let chain = Chain::new().unwrap();
     let daemon = Daemon::start(&chain.router, &chain.tag, &config()).unwrap();
-    let seen: Vec<_> = FORWARDS.iter().map(|(_, _, backend)| echo(&chain, *backend)).collect();
+    let addr = |ip: &str, port: u16| SocketAddr::new(ip.parse().unwrap(), port);
+    let seen: Vec<_> =
+        FORWARDS.iter().map(|(_, _, backend)| tcp_echo(&chain.server, addr(SERVER_ADDR, *backend)).unwrap()).collect();
     // One held connection per forward, opened in the client's namespace.
-    let conns: Vec<TcpStream> = chain
-        .client
-        .run(|| {
-            FORWARDS
-                .iter()
-                .map(|(_, listen, _)| {
-                    let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{listen}").parse().unwrap();
-                    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                    ping(&mut s).unwrap();
-                    s
-                })
-                .collect()
+    let conns: Vec<EchoConn> = FORWARDS
+        .iter()
+        .map(|(_, listen, _)| {
+            let mut c =
+                EchoConn::open_in(&chain.client, addr(ROUTER_CLIENT_ADDR, *listen), Duration::from_secs(5)).unwrap();
+            c.ping(b"ping").unwrap();
+            c
         })
-        .unwrap();
+        .collect();
     let peers: Vec<SocketAddr> = seen.iter().map(|rx| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
 
     let list: serde_json::Value = serde_json::from_str(&daemon.cli(&["conntrack", "list", "--json"]).unwrap()).unwrap();
@@ -92,7 +48,7 @@ fn conntrack_list_and_flush() {
         assert_eq!(c["protocol"], "tcp");
         assert_eq!(c["state"], "ESTABLISHED", "{c}");
         assert_eq!(c["assured"], true);
-        assert_eq!(c["original"]["src"], conn.local_addr().unwrap().to_string(), "{c}");
+        assert_eq!(c["original"]["src"], conn.0.local_addr().unwrap().to_string(), "{c}");
         assert_eq!(c["original"]["src"].as_str().unwrap().split(':').next(), Some(CLIENT_ADDR));
         assert_eq!(c["original"]["dst"], format!("{ROUTER_CLIENT_ADDR}:{listen}"));
         assert_eq!(c["reply"]["src"], format!("{SERVER_ADDR}:{backend}"));
@@ -115,7 +71,7 @@ fn conntrack_list_and_flush() {
         let mut it = conns.into_iter();
         (it.next().unwrap(), it.next().unwrap())
     };
-    let results = chain.client.run(move || (ping(&mut mysql).is_err(), ping(&mut web).is_ok())).unwrap();
+    let results = (mysql.ping(b"ping").is_err(), web.ping(b"ping").is_ok());
     assert_eq!(results, (true, true), "flushed connection ended, the other forward's untouched");
     assert!(daemon.cli(&["conntrack", "flush", "--forward", "nope"]).is_err(), "an unknown forward is an error");
 }

@@ -9,19 +9,15 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
     time::{Duration, Instant},
 };
 
 use forwarder_tests::{
     Cgroup, Chain, ConfigMapVolume, Daemon, ExactLaunch, Netns,
     daemon::forwarder_bin,
+    sockets::PatternStream,
     topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
     wait_for,
 };
@@ -550,7 +546,7 @@ impl Pod {
             let volume = &volumes[&mount.name];
             let local = if let Some(cm) = &volume.config_map {
                 assert!(cm.items.is_none(), "every key of the ConfigMap is mounted");
-                let dir = scratch.join(mount.name.as_str());
+                let dir = scratch.path().join(mount.name.as_str());
                 config_volume = Some(ConfigMapVolume::new(&dir, &[("forwarder.toml", config)]).unwrap());
                 dir
             } else if let Some(host) = &volume.host_path {
@@ -612,8 +608,9 @@ impl Pod {
             pin_path: PathBuf::from(&flags["--pin-path"]),
             config_path: PathBuf::from(&flags["--config"]),
             cgroup,
+            scratch,
         };
-        let daemon = Daemon::start_exact(ns, tag, launch)?;
+        let daemon = Daemon::start_exact(ns, launch)?;
         Ok(Pod {
             daemon,
             config: config_volume.unwrap(),
@@ -666,55 +663,6 @@ fn node_config(extra_forward: bool) -> String {
     text
 }
 
-/// Counts every byte a client streams through the forward on `port`, until told to stop.
-fn stream_through(
-    chain: &Chain,
-    port: u16,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>, mpsc::Receiver<usize>) {
-    let (listening, ready) = mpsc::channel();
-    let (received_tx, received) = mpsc::channel();
-    chain
-        .server
-        .spawn(move || {
-            let l = TcpListener::bind((SERVER_ADDR, 3197)).unwrap();
-            listening.send(()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let (mut got, mut buf) = (0usize, [0u8; 65536]);
-            loop {
-                let n = s.read(&mut buf).expect("no reset while the pod restarts");
-                if n == 0 {
-                    break;
-                }
-                for (i, b) in buf[..n].iter().enumerate() {
-                    assert_eq!(*b, ((got + i) % 251) as u8, "byte {} intact", got + i);
-                }
-                got += n;
-            }
-            received_tx.send(got).unwrap();
-        })
-        .unwrap();
-    ready.recv_timeout(Duration::from_secs(5)).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_client = stop.clone();
-    let client = chain
-        .client
-        .spawn(move || {
-            let mut s = TcpStream::connect((ROUTER_CLIENT_ADDR, port)).unwrap();
-            let mut sent = 0usize;
-            while !stop_client.load(Ordering::Relaxed) {
-                let chunk: Vec<u8> = (sent..sent + 10_000).map(|i| (i % 251) as u8).collect();
-                s.write_all(&chunk).expect("no reset while the pod restarts");
-                sent += chunk.len();
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            sent
-        })
-        .unwrap();
-    (stop, client, received)
-}
-
 /// The container's command line from the DaemonSet, run with exactly its arguments,
 /// environment and capabilities in the sandbox: it starts, gets ready, serves its node's
 /// forwards, reloads a kubelet-style ConfigMap update, and a rolling restart (SIGTERM, a
@@ -738,21 +686,23 @@ fn daemonset_pod_starts_reloads_and_restarts_without_dropping_a_stream() {
     wait_for("the reload", Duration::from_secs(5), || pod.forward_names() == ["classic", "second"]);
 
     // A rolling update: SIGTERM to the old pod while a stream flows, then the new pod.
-    let (stop, client, received) = stream_through(&chain, 4406);
-    std::thread::sleep(Duration::from_millis(300));
+    let to = |ip: &str, port: u16| SocketAddr::new(ip.parse().unwrap(), port);
+    let stream =
+        PatternStream::start(&chain.server, to(SERVER_ADDR, 3197), &chain.client, to(ROUTER_CLIENT_ADDR, 4406), None)
+            .unwrap();
+    stream.wait_for_more(100_000, "the stream to flow through the old pod");
     let grace = ds_grace_period();
     let stopping = Instant::now();
     assert!(pod.daemon.stop().unwrap().success(), "{}", pod.daemon.log());
     assert!(stopping.elapsed() < grace, "exits within terminationGracePeriodSeconds");
     assert!(pod.daemon.pin_path.join(forwarder_common::FWD_CT_V4).exists(), "state left pinned for the next pod");
-    std::thread::sleep(Duration::from_millis(500));
+    stream.wait_for_more(100_000, "the stream to flow between the pods");
     pod.daemon.launch().unwrap();
     pod.wait_ready(&chain.router);
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let sent = client.join().unwrap();
-    assert_eq!(received.recv_timeout(Duration::from_secs(10)).unwrap(), sent, "every byte arrived");
-    assert!(sent > 100_000);
+    stream.wait_for_more(100_000, "the stream to flow through the new pod");
+    let totals = stream.finish();
+    assert_eq!((totals.answered, totals.received), (totals.sent, totals.sent), "every byte arrived");
+    assert!(totals.sent > 100_000);
     let log = pod.daemon.log();
     for line in ["config file changed: reloading", "programs stay attached", "adopting pinned state"] {
         assert!(log.contains(line), "{line:?} logged:\n{log}");

@@ -2,13 +2,14 @@
 //! client ─ router (forwarder) ─ server; see forwarder_tests::topo.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use forwarder_tests::{
     Chain, Daemon,
+    config::{forward, router_interfaces},
+    sockets::{plus_one_exchange, plus_one_server, serve_in, udp_bound},
     topo::{ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
 };
 
@@ -16,72 +17,20 @@ const BACKEND_PORT: u16 = 3197;
 const LISTEN_PORT: u16 = 3306;
 
 fn config(xdp: &str, protocol: &str, snat: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "{xdp}"
-
-[[interface]]
-name = "rs"
-xdp = "{xdp}"
-
-[[forward]]
-name = "classic"
-protocol = "{protocol}"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-snat = "{snat}"
-"#
-    )
+    router_interfaces(xdp)
+        + &forward("classic", protocol, format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"))
+        + &format!("snat = \"{snat}\"\n")
 }
 
-/// A TCP echo-with-prefix server on the backend: it reports the peer address it saw, then
-/// echoes `n` bytes back transformed (each byte + 1), so both directions are checked.
+/// A [`plus_one_server`] on the backend port for `conns` connections; returns the peers it saw.
 fn tcp_server(chain: &Chain, conns: usize) -> std::thread::JoinHandle<Vec<SocketAddr>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = chain
-        .server
-        .spawn(move || {
-            let l = TcpListener::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
-            tx.send(()).unwrap();
-            let mut peers = Vec::new();
-            for _ in 0..conns {
-                let (mut s, peer) = l.accept().unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                peers.push(peer);
-                let mut len = [0u8; 4];
-                s.read_exact(&mut len).unwrap();
-                let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-                s.read_exact(&mut buf).unwrap();
-                let reply: Vec<u8> = buf.iter().map(|b| b.wrapping_add(1)).collect();
-                s.write_all(&reply).unwrap();
-            }
-            peers
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("server listening");
-    h
+    plus_one_server(&chain.server, SocketAddr::new([0, 0, 0, 0].into(), BACKEND_PORT), conns).unwrap()
 }
 
 /// Connects from the client to the router's listen port, sends `n` bytes, checks the reply.
 fn tcp_exchange(chain: &Chain, n: usize) {
-    chain
-        .client
-        .run(move || {
-            let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through forwarder");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            assert_eq!(s.peer_addr().unwrap(), to, "client sees only the listen address");
-            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-            s.write_all(&(n as u32).to_be_bytes()).unwrap();
-            s.write_all(&data).unwrap();
-            let mut back = vec![0u8; n];
-            s.read_exact(&mut back).expect("reply through forwarder");
-            let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
-            assert!(back == want, "reply bytes differ");
-        })
-        .unwrap();
+    let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
+    chain.client.run(move || plus_one_exchange(to, n)).unwrap();
 }
 
 fn forward_stats(d: &Daemon) -> serde_json::Value {
@@ -148,13 +97,11 @@ fn udp_forward(xdp: &str, snat: &str) {
     }
     let daemon = Daemon::start(&chain.router, &chain.tag, &config(xdp, "udp", snat)).unwrap();
     const N: usize = 20;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = chain
-        .server
-        .spawn(move || {
-            let s = UdpSocket::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            tx.send(()).unwrap();
+    let server = serve_in(
+        &chain.server,
+        "UDP server",
+        || udp_bound(("0.0.0.0", BACKEND_PORT), Duration::from_secs(10)),
+        |s| {
             let mut peers = Vec::new();
             let mut buf = [0u8; 2048];
             for _ in 0..N {
@@ -164,9 +111,9 @@ fn udp_forward(xdp: &str, snat: &str) {
                 s.send_to(&reply, peer).unwrap();
             }
             peers
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        },
+    )
+    .unwrap();
     let sizes: Vec<usize> = (0..N).map(|i| 1 + i * 61).collect();
     let sent_sizes = sizes.clone();
     chain
@@ -231,26 +178,9 @@ fn tcp_forward_snat_off() {
 fn non_matching_traffic_is_untouched() {
     let chain = Chain::new().unwrap();
     let daemon = Daemon::start(&chain.router, &chain.tag, &config("native", "tcp", "auto")).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let local = chain
-        .router
-        .spawn(move || {
-            let l = TcpListener::bind((ROUTER_CLIENT_ADDR, 8080)).unwrap();
-            tx.send(()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.write_all(b"router itself").unwrap();
-        })
-        .unwrap();
-    rx.recv().unwrap();
-    chain
-        .client
-        .run(|| {
-            let mut s = TcpStream::connect((ROUTER_CLIENT_ADDR, 8080)).unwrap();
-            let mut got = String::new();
-            s.read_to_string(&mut got).unwrap();
-            assert_eq!(got, "router itself");
-        })
-        .unwrap();
+    let on_router: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:8080").parse().unwrap();
+    let local = plus_one_server(&chain.router, on_router, 1).unwrap();
+    chain.client.run(move || plus_one_exchange(on_router, 100)).unwrap();
     local.join().unwrap();
     assert!(reason(&daemon, "no_rule") > 0);
     assert_eq!(forward_stats(&daemon)["packets"], 0);

@@ -30,6 +30,7 @@ use forwarder_tests::{
         icmp_checksum_ok, ipv4_header_ok, tcp_frame, udp_frame, udp6_frame, with_fixture,
     },
     netns::run_ok,
+    sockets::{serve_in, udp_bound},
     topo::Line,
 };
 
@@ -428,12 +429,11 @@ impl Sandbox {
 /// The backend: answers a short datagram (a query) with `ANSWER_LEN` bytes of a pattern
 /// and a long one with its bytes each plus one, twice; returns the peers it saw.
 fn backend(ns: &Netns, addr: &'static str) -> JoinHandle<Vec<SocketAddr>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = ns
-        .spawn(move || {
-            let s = UdpSocket::bind(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            tx.send(()).unwrap();
+    serve_in(
+        ns,
+        "backend",
+        move || udp_bound(addr, Duration::from_secs(10)),
+        |s| {
             let mut peers = Vec::new();
             let mut buf = vec![0u8; 65536];
             for _ in 0..2 {
@@ -447,10 +447,9 @@ fn backend(ns: &Netns, addr: &'static str) -> JoinHandle<Vec<SocketAddr>> {
                 s.send_to(&reply, peer).unwrap();
             }
             peers
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("backend bound");
-    h
+        },
+    )
+    .expect("backend bound")
 }
 
 /// From the client: a short query answered with 3,000 bytes, then a 3,000-byte request

@@ -37,7 +37,7 @@ use forwarder_common::{
     CtKey, FAMILY_V4,
     conntrack::{CT_HOST_BACKEND, TCP_ESTABLISHED},
 };
-use forwarder_tests::{Chain, Daemon, Netns, netns::run_ok};
+use forwarder_tests::{Chain, Daemon, Netns, config as toml, netns::run_ok};
 
 const CLIENT: &str = "192.0.2.2";
 const CLIENT6: &str = "2001:db8:1::2";
@@ -450,16 +450,11 @@ impl Sandbox {
 }
 
 fn config(xdp: &str) -> String {
-    let mut out = format!("[[interface]]\nname = \"rc\"\nxdp = \"{xdp}\"\n");
+    let mut out = toml::interface("rc", xdp);
     for c in CASES {
         let port = addr(c.listen).port();
         let any = if c.listen.starts_with('[') { "[::]" } else { "0.0.0.0" };
-        out += &format!(
-            "\n[[forward]]\nname = \"{}\"\nprotocol = \"{}\"\nlisten = \"{any}:{port}\"\nbackend = \"{}\"\n",
-            c.name,
-            c.proto.name(),
-            c.backend
-        );
+        out += &toml::forward(c.name, c.proto.name(), format!("{any}:{port}"), c.backend);
     }
     out
 }

@@ -13,9 +13,8 @@
 //!   fit; an IPv4 datagram without DF is fragmented by the router.
 
 use std::{
-    io::{Read, Write},
     mem::{size_of, zeroed},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, RawFd},
     time::Duration,
 };
@@ -23,6 +22,7 @@ use std::{
 use forwarder_tests::{
     Daemon, Netns,
     netns::run_ok,
+    sockets::{tcp_sink, upload_to_sink},
     topo::{LINE_SERVER_V6, Line},
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -435,55 +435,26 @@ fn unreachable_and_prohibit_routes_are_answered_as_the_stack_does(sb: &Sandbox) 
     assert_eq!(sb.new_connections().unwrap_or(0), 0, "{via:?}: nothing opened for them");
 }
 
-/// A TCP sink on the server: answers each connection with the number of bytes it read.
-fn sink(server: &Netns, fam: Fam) -> std::thread::JoinHandle<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let addr = backend(fam, BACKEND_PORT);
-    let h = server
-        .spawn(move || {
-            let l = TcpListener::bind(&addr).unwrap();
-            tx.send(()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let mut n = 0u64;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let k = s.read(&mut buf).unwrap();
-                if k == 0 {
-                    break;
-                }
-                n += k as u64;
-            }
-            s.write_all(&n.to_be_bytes()).unwrap();
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    h
-}
-
-/// Uploads `n` bytes from the client through the TCP forward; returns what the server
-/// counted and the path MTU the client's socket ended with (IP_MTU / IPV6_MTU).
+/// Uploads `n` bytes from the client through the TCP forward to a [`tcp_sink`]; returns
+/// what the server counted and the path MTU the client's socket ended with (IP_MTU /
+/// IPV6_MTU).
 fn upload(sb: &Sandbox, fam: Fam, n: usize) -> (usize, i32) {
-    let server = sink(&sb.line.server, fam);
+    let server = tcp_sink(&sb.line.server, backend(fam, BACKEND_PORT).parse().unwrap(), 1).unwrap();
+    let to = fam.to(TCP_PORT);
     let got = sb
         .line
         .client
         .run(move || {
-            let s = std::net::TcpStream::connect_timeout(&fam.to(TCP_PORT), Duration::from_secs(5)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-            (&s).write_all(&vec![0x42u8; n]).expect("upload completes");
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut count = [0u8; 8];
-            (&s).read_exact(&mut count).expect("the server's count");
+            let (count, s) = upload_to_sink(to, n);
             let mtu = match fam {
                 Fam::V4 => getsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU),
                 Fam::V6 => getsockopt(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU),
             };
-            (u64::from_be_bytes(count) as usize, mtu)
+            (count, mtu)
         })
         .unwrap();
-    server.join().unwrap();
+    let counted = server.join().unwrap()[0].1;
+    assert_eq!(counted, got.0, "the client got the server's count");
     got
 }
 

@@ -16,6 +16,7 @@ use std::{
 
 use forwarder_tests::{
     Chain, Daemon,
+    config::{forward, router_interfaces},
     netns::run_ok,
     topo::{ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_ADDR, SERVER_ADDR},
     traffic::{
@@ -208,35 +209,12 @@ const TELLING_COUNTERS: &[&str] = &[
 ];
 
 fn forwarder_config(udp: bool, xdp: &str) -> String {
-    let mut c = format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "{xdp}"
-
-[[interface]]
-name = "rs"
-xdp = "{xdp}"
-
-[[forward]]
-name = "mysql"
-protocol = "tcp"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-snat = "auto"
-"#
-    );
+    let backend = format!("{SERVER_ADDR}:{BACKEND_PORT}");
+    let mut c = router_interfaces(xdp) + &forward("mysql", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), &backend);
+    c += "snat = \"auto\"\n";
     if udp {
-        c.push_str(&format!(
-            r#"
-[[forward]]
-name = "dns"
-protocol = "udp"
-listen = "0.0.0.0:{UDP_LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-snat = "auto"
-"#
-        ));
+        c += &forward("dns", "udp", format!("0.0.0.0:{UDP_LISTEN_PORT}"), &backend);
+        c += "snat = \"auto\"\n";
     }
     c
 }

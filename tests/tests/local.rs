@@ -5,11 +5,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, UdpSocket},
+    net::TcpListener,
     time::Duration,
 };
 
-use forwarder_tests::{Chain, Daemon, Netns};
+use forwarder_tests::{
+    Chain, Daemon, Netns,
+    sockets::{serve_in, udp_bound},
+};
 
 const CONFIG: &str = r#"
 [[interface]]
@@ -48,11 +51,11 @@ local = false
 
 /// TCP server in `ns` on `addr`: replies "<who> got <message>" to `conns` connections.
 fn tcp_server(ns: &Netns, addr: &'static str, who: &'static str, conns: usize) -> std::thread::JoinHandle<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = ns
-        .spawn(move || {
-            let l = TcpListener::bind(addr).unwrap();
-            tx.send(()).unwrap();
+    serve_in(
+        ns,
+        who,
+        move || TcpListener::bind(addr),
+        move |l| {
             for _ in 0..conns {
                 let (mut s, _) = l.accept().unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -60,10 +63,9 @@ fn tcp_server(ns: &Netns, addr: &'static str, who: &'static str, conns: usize) -
                 s.read_to_string(&mut msg).unwrap();
                 s.write_all(format!("{who} got {msg}").as_bytes()).unwrap();
             }
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    h
+        },
+    )
+    .unwrap()
 }
 
 fn udp_server(ns: &Netns, datagrams: usize) -> std::thread::JoinHandle<()> {
@@ -72,21 +74,19 @@ fn udp_server(ns: &Netns, datagrams: usize) -> std::thread::JoinHandle<()> {
 
 /// UDP server in `ns` on `addr`: answers `datagrams` datagrams "udp backend got <message>".
 fn udp_server_on(ns: &Netns, addr: &'static str, datagrams: usize) -> std::thread::JoinHandle<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = ns
-        .spawn(move || {
-            let s = UdpSocket::bind(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            tx.send(()).unwrap();
+    serve_in(
+        ns,
+        "UDP backend",
+        move || udp_bound(addr, Duration::from_secs(10)),
+        move |s| {
             let mut buf = [0u8; 1500];
             for _ in 0..datagrams {
                 let (n, from) = s.recv_from(&mut buf).unwrap();
                 s.send_to(format!("udp backend got {}", String::from_utf8_lossy(&buf[..n])).as_bytes(), from).unwrap();
             }
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    h
+        },
+    )
+    .unwrap()
 }
 
 /// Runs fwt-probe in `ns` inside the daemon's cgroup; returns its JSON line.

@@ -3,17 +3,18 @@
 //! the test launches it with), as on a host or image without iproute2.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use forwarder_tests::{
     Cgroup, Chain, Daemon, ExactLaunch, Netns,
+    config::{forward, interface},
     daemon::forwarder_bin,
     netns::run_ok,
-    topo::{A_DEV, B_ADDR, ROUTER_CLIENT_ADDR, SERVER_ADDR, TwoIsp},
+    sockets::{plus_one_exchange, plus_one_server},
+    topo::{A_DEV, B_ADDR, ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV, SERVER_ADDR, TwoIsp},
 };
 
 const BACKEND_PORT: u16 = 3197;
@@ -21,14 +22,14 @@ const LISTEN_PORT: u16 = 3306;
 
 /// Starts `forwarder run` in `ns` with the whole environment `PATH=<dir with nsenter only>`.
 fn start_without_ip(ns: &Netns, tag: &str, config: &str) -> Daemon {
-    let dir = Daemon::scratch_dir(tag).unwrap();
+    let scratch = Daemon::scratch_dir(tag).unwrap();
+    let dir = scratch.path();
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let nsenter = ["/usr/bin/nsenter", "/bin/nsenter", "/usr/sbin/nsenter"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("nsenter");
-    let _ = std::fs::remove_file(bin.join("nsenter"));
     std::os::unix::fs::symlink(nsenter, bin.join("nsenter")).unwrap();
     assert!(!bin.join("ip").exists());
     let config_path = dir.join("forwarder.toml");
@@ -47,9 +48,8 @@ fn start_without_ip(ns: &Netns, tag: &str, config: &str) -> Daemon {
         "--cgroup".into(),
         cgroup.path.display().to_string(),
     ];
-    let launch =
-        ExactLaunch { argv, env: vec![("PATH".into(), bin.display().to_string())], pin_path, config_path, cgroup };
-    Daemon::start_exact(ns, tag, launch).unwrap()
+    let env = vec![("PATH".into(), bin.display().to_string())];
+    Daemon::start_exact(ns, ExactLaunch { argv, env, pin_path, config_path, cgroup, scratch }).unwrap()
 }
 
 /// The running instance's status file (what `forwarder status --json` reports).
@@ -58,58 +58,23 @@ fn status(d_pin: &std::path::Path) -> serde_json::Value {
 }
 
 fn forward_config(xdp: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "{xdp}"
-redirect = "auto"
-
-[[interface]]
-name = "rs"
-xdp = "{xdp}"
-redirect = "auto"
-
-[[forward]]
-name = "db"
-protocol = "tcp"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-"#
-    )
+    let redirect_auto = "redirect = \"auto\"\n";
+    interface(ROUTER_CLIENT_DEV, xdp)
+        + redirect_auto
+        + &interface(ROUTER_SERVER_DEV, xdp)
+        + redirect_auto
+        + &forward("db", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"))
 }
 
 /// Three TCP exchanges client → router:3306 → server; each reply is the request + 1.
 fn exchange(chain: &Chain) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = chain
-        .server
-        .spawn(move || {
-            let l = TcpListener::bind(("0.0.0.0", BACKEND_PORT)).unwrap();
-            tx.send(()).unwrap();
-            for _ in 0..3 {
-                let (mut s, _) = l.accept().unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut buf = vec![0u8; 100_000];
-                s.read_exact(&mut buf).unwrap();
-                s.write_all(&buf.iter().map(|b| b.wrapping_add(1)).collect::<Vec<_>>()).unwrap();
-            }
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("server listening");
+    let server = plus_one_server(&chain.server, SocketAddr::new([0, 0, 0, 0].into(), BACKEND_PORT), 3).unwrap();
+    let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
     chain
         .client
-        .run(|| {
+        .run(move || {
             for _ in 0..3 {
-                let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{LISTEN_PORT}").parse().unwrap();
-                let mut s =
-                    TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through the router");
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let data: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
-                s.write_all(&data).unwrap();
-                let mut back = vec![0u8; data.len()];
-                s.read_exact(&mut back).expect("reply through the router");
-                assert!(back.iter().zip(&data).all(|(b, d)| *b == d.wrapping_add(1)), "reply bytes differ");
+                plus_one_exchange(to, 100_000);
             }
         })
         .unwrap();

@@ -3,81 +3,34 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::mpsc,
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use forwarder_tests::{
     Chain, Daemon, Netns,
+    config::{forward, router_interfaces},
+    sockets::{self, EchoConn, PatternStream, StreamTotals},
     topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
     wait_for,
 };
 
 fn config(extra: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "native"
-
-[[interface]]
-name = "rs"
-xdp = "native"
-
-[[forward]]
-name = "classic"
-protocol = "tcp"
-listen = "0.0.0.0:3306"
-backend = "{SERVER_ADDR}:3197"
-{extra}"#
-    )
+    router_interfaces("native") + &forward("classic", "tcp", "0.0.0.0:3306", format!("{SERVER_ADDR}:3197")) + extra
 }
 
 /// A TCP echo server on the backend at `port`, for any number of connections.
 fn echo_server(ns: &Netns, port: u16) {
-    let (tx, rx) = mpsc::channel();
-    ns.spawn(move || {
-        let l = TcpListener::bind((SERVER_ADDR, port)).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    })
-    .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    sockets::tcp_echo(ns, addr(SERVER_ADDR, port)).unwrap();
 }
 
-/// An open connection through the router that can be exercised later.
-struct Conn(TcpStream);
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
 
-impl Conn {
-    fn open(ns: &Netns, port: u16) -> std::io::Result<Conn> {
-        ns.run(move || {
-            let to: SocketAddr = format!("{ROUTER_CLIENT_ADDR}:{port}").parse().unwrap();
-            let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            Ok(Conn(s))
-        })
-        .unwrap()
-    }
-
-    /// Sends a message and reads its echo.
-    fn ping(&mut self, msg: &[u8]) -> std::io::Result<()> {
-        self.0.write_all(msg)?;
-        let mut back = vec![0u8; msg.len()];
-        self.0.read_exact(&mut back)?;
-        assert_eq!(back, msg);
-        Ok(())
-    }
+/// An open connection from `ns` through the router's `port` to an echo server.
+fn open(ns: &Netns, port: u16) -> std::io::Result<EchoConn> {
+    EchoConn::open_in(ns, addr(ROUTER_CLIENT_ADDR, port), Duration::from_secs(2))
 }
 
 fn forward_names(d: &Daemon) -> Vec<String> {
@@ -92,55 +45,21 @@ fn sigkill_and_restart_lose_no_byte() {
     let chain = Chain::new().unwrap();
     let mut d = Daemon::start(&chain.router, &chain.tag, &config("")).unwrap();
     const TOTAL: usize = 3_000_000;
-    let (tx, rx) = mpsc::channel();
-    let server = chain
-        .server
-        .spawn(move || {
-            let l = TcpListener::bind((SERVER_ADDR, 3197)).unwrap();
-            tx.send(()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut got = 0usize;
-            let mut buf = [0u8; 65536];
-            loop {
-                let n = s.read(&mut buf).expect("no reset while the daemon restarts");
-                if n == 0 {
-                    break;
-                }
-                for (i, b) in buf[..n].iter().enumerate() {
-                    assert_eq!(*b, ((got + i) % 251) as u8, "byte {} intact", got + i);
-                }
-                got += n;
-            }
-            s.write_all(&got.to_be_bytes()).unwrap();
-            got
-        })
-        .unwrap();
-    rx.recv().unwrap();
-    let client = chain
-        .client
-        .spawn(|| {
-            let mut s = TcpStream::connect((ROUTER_CLIENT_ADDR, 3306)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
-            for chunk in data.chunks(10_000) {
-                s.write_all(chunk).expect("no reset while the daemon restarts");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut n = [0u8; 8];
-            s.read_exact(&mut n).unwrap();
-            usize::from_be_bytes(n)
-        })
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    let stream = PatternStream::start(
+        &chain.server,
+        addr(SERVER_ADDR, 3197),
+        &chain.client,
+        addr(ROUTER_CLIENT_ADDR, 3306),
+        Some(TOTAL),
+    )
+    .unwrap();
+    stream.wait_for_more(100_000, "the stream to flow through the daemon");
     d.kill().unwrap();
     assert!(d.pin_path.join(forwarder_common::FWD_CT_V4).exists(), "state stays pinned after SIGKILL");
-    std::thread::sleep(Duration::from_millis(400));
+    stream.wait_for_more(100_000, "the stream to flow with no daemon");
     d.launch().unwrap();
     assert!(d.log().contains("adopting pinned state"), "{}", d.log());
-    assert_eq!(client.join().unwrap(), TOTAL);
-    assert_eq!(server.join().unwrap(), TOTAL);
+    assert_eq!(stream.finish(), StreamTotals { sent: TOTAL, answered: TOTAL, received: TOTAL });
     assert_eq!(d.stats().unwrap()["forwards"][0]["new_connections"], 1, "counters survived the restart");
 }
 
@@ -152,10 +71,10 @@ fn live_forward_and_peer_edits() {
     let d = Daemon::start(&chain.router, &chain.tag, &config("")).unwrap();
     echo_server(&chain.server, 3197);
     echo_server(&chain.server, 3198);
-    let mut kept = Conn::open(&chain.client, 3306).unwrap();
+    let mut kept = open(&chain.client, 3306).unwrap();
     kept.ping(b"before").unwrap();
 
-    assert!(Conn::open(&chain.client, 4406).is_err(), "no forward on 4406 yet");
+    assert!(open(&chain.client, 4406).is_err(), "no forward on 4406 yet");
     d.cli(&[
         "forward",
         "add",
@@ -170,7 +89,7 @@ fn live_forward_and_peer_edits() {
     ])
     .unwrap();
     assert_eq!(forward_names(&d), vec!["classic", "extra"]);
-    let mut new = Conn::open(&chain.client, 4406).expect("the new forward works at once");
+    let mut new = open(&chain.client, 4406).expect("the new forward works at once");
     new.ping(b"via extra").unwrap();
     kept.ping(b"after add").unwrap();
 
@@ -207,7 +126,7 @@ fn live_forward_and_peer_edits() {
 
     d.cli(&["forward", "del", "extra"]).unwrap();
     assert_eq!(forward_names(&d), vec!["classic"]);
-    assert!(Conn::open(&chain.client, 4406).is_err(), "new flows follow the removal at once");
+    assert!(open(&chain.client, 4406).is_err(), "new flows follow the removal at once");
     kept.ping(b"after del").unwrap();
 
     d.cli(&["peer", "add", "--address", "203.0.113.20", "--interface", "rs"]).unwrap();
@@ -234,8 +153,8 @@ fn reload_refuses_broken_config_and_drains_removed_forwards() {
     let d = Daemon::start(&chain.router, &chain.tag, &two).unwrap();
     echo_server(&chain.server, 3197);
     echo_server(&chain.server, 3198);
-    let mut first = Conn::open(&chain.client, 3306).unwrap();
-    let mut second = Conn::open(&chain.client, 4406).unwrap();
+    let mut first = open(&chain.client, 3306).unwrap();
+    let mut second = open(&chain.client, 4406).unwrap();
     second.ping(b"x").unwrap();
     let before = d.cli(&["forward", "list", "--json"]).unwrap();
 
@@ -249,12 +168,12 @@ fn reload_refuses_broken_config_and_drains_removed_forwards() {
     assert_eq!(d.cli(&["forward", "list", "--json"]).unwrap(), before, "state unchanged");
     first.ping(b"still").unwrap();
     second.ping(b"still").unwrap();
-    assert!(Conn::open(&chain.client, 4406).is_ok(), "new flows still follow the old config");
+    assert!(open(&chain.client, 4406).is_ok(), "new flows still follow the old config");
 
     // Drop "second" (kubelet-style symlink swap, picked up by the file watch).
     d.replace_config(&config("")).unwrap();
     wait_for("the reload", Duration::from_secs(5), || forward_names(&d) == vec!["classic"]);
-    assert!(Conn::open(&chain.client, 4406).is_err(), "no new flows for a removed forward");
+    assert!(open(&chain.client, 4406).is_err(), "no new flows for a removed forward");
     second.ping(b"drained, not cut").unwrap();
     first.ping(b"untouched").unwrap();
 }
@@ -270,8 +189,8 @@ fn reload_with_flush_policy_cuts_removed_forwards() {
     let d = Daemon::start(&chain.router, &chain.tag, &two).unwrap();
     echo_server(&chain.server, 3197);
     echo_server(&chain.server, 3198);
-    let mut first = Conn::open(&chain.client, 3306).unwrap();
-    let mut second = Conn::open(&chain.client, 4406).unwrap();
+    let mut first = open(&chain.client, 3306).unwrap();
+    let mut second = open(&chain.client, 4406).unwrap();
     second.ping(b"x").unwrap();
     d.replace_config(&config(policy)).unwrap();
     wait_for("the reload", Duration::from_secs(5), || forward_names(&d) == vec!["classic"]);
@@ -301,9 +220,11 @@ fn metrics_health_and_status() {
     let d = Daemon::start(&chain.router, &chain.tag, &config("")).unwrap();
     echo_server(&chain.server, 3197);
     for _ in 0..3 {
-        Conn::open(&chain.client, 3306).unwrap().ping(b"metrics").unwrap();
+        open(&chain.client, 3306).unwrap().ping(b"metrics").unwrap();
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the three connections to be counted", Duration::from_secs(5), || {
+        d.stats().unwrap()["forwards"][0]["new_connections"] == 3
+    });
     let stats = d.stats().unwrap();
     let (code, body) = http_get(&chain.router, "/metrics");
     assert_eq!(code, 200);
@@ -368,17 +289,7 @@ fn idle_flows_expire_and_a_full_table_keeps_established_flows() {
          [conntrack]\nmax_entries = 64\nudp_timeout = 3\ngc_interval = 1\n",
     );
     let d = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
-    chain
-        .server
-        .spawn(|| {
-            let s = UdpSocket::bind((SERVER_ADDR, 5353)).unwrap();
-            let mut buf = [0u8; 1500];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..n], from);
-            }
-        })
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    sockets::udp_echo(&chain.server, addr(SERVER_ADDR, 5353)).unwrap();
     let answered = chain
         .client
         .run(|| {
@@ -448,19 +359,7 @@ fn a_reload_changes_the_timeouts_of_the_expiry() {
         &config(&format!("{forward}[conntrack]\nudp_timeout = 3600\ngc_interval = 1\n")),
     )
     .unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    chain
-        .server
-        .spawn(move || {
-            let s = UdpSocket::bind((SERVER_ADDR, 5353)).unwrap();
-            ready_tx.send(()).unwrap();
-            let mut buf = [0u8; 1500];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..n], from);
-            }
-        })
-        .unwrap();
-    ready_rx.recv().unwrap();
+    sockets::udp_echo(&chain.server, addr(SERVER_ADDR, 5353)).unwrap();
     udp_exchange(&chain);
     let connections = |d: &Daemon| {
         let s: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
@@ -480,11 +379,11 @@ fn on_exit_keep_then_adopt_then_detach() {
     let chain = Chain::new().unwrap();
     let mut d = Daemon::start_with(&chain.router, &chain.tag, &config(""), &["--on-exit", "keep"]).unwrap();
     echo_server(&chain.server, 3197);
-    let mut c = Conn::open(&chain.client, 3306).unwrap();
+    let mut c = open(&chain.client, 3306).unwrap();
     c.ping(b"one").unwrap();
     assert!(d.stop().unwrap().success());
     c.ping(b"no daemon, still forwarding").unwrap();
-    Conn::open(&chain.client, 3306).unwrap().ping(b"new flows too").unwrap();
+    open(&chain.client, 3306).unwrap().ping(b"new flows too").unwrap();
     d.launch().unwrap();
     c.ping(b"adopted").unwrap();
     assert!(d.stop().unwrap().success());

@@ -1,13 +1,13 @@
 //! The peer shortcut on the two-ISP same-switch topology (forwarder_tests::topo::TwoIsp).
 
 use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use forwarder_tests::{
     Daemon, Netns,
+    sockets::{tcp_sink, upload_to_sink},
     topo::{A_ADDR, A_DEV, B_ADDR, B_DEV, TwoIsp},
 };
 
@@ -39,30 +39,12 @@ fn wait_state(d: &Daemon, state: &str, within: Duration) {
 
 /// A TCP stream of `n` bytes from `from` to a server on B; returns the bytes B received.
 fn tcp_stream(t: &TwoIsp, from: &Netns, n: usize) -> usize {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server =
-        t.b.spawn(move || {
-            let l = TcpListener::bind((B_ADDR, 5001)).unwrap();
-            tx.send(()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).unwrap();
-            s.write_all(b"done").unwrap();
-            buf.len()
-        })
-        .unwrap();
-    rx.recv().unwrap();
-    from.run(move || {
-        let mut s =
-            TcpStream::connect_timeout(&format!("{B_ADDR}:5001").parse().unwrap(), Duration::from_secs(5)).unwrap();
-        s.write_all(&vec![0x5a; n]).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut ack = String::new();
-        s.read_to_string(&mut ack).unwrap();
-        assert_eq!(ack, "done");
-    })
-    .unwrap();
-    server.join().unwrap()
+    let to: SocketAddr = format!("{B_ADDR}:5001").parse().unwrap();
+    let server = tcp_sink(&t.b, to, 1).unwrap();
+    let answered = from.run(move || upload_to_sink(to, n).0).unwrap();
+    let received = server.join().unwrap()[0].1;
+    assert_eq!(answered, received, "the client got the server's count");
+    received
 }
 
 #[test]
@@ -177,30 +159,11 @@ fn forwarded_traffic_to_a_peer_goes_direct() {
     wait_state(&db, "direct", Duration::from_secs(10));
 
     let gw_before = t.gateways_forwarded().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server =
-        t.b.spawn(move || {
-            let l = TcpListener::bind((B_ADDR, 5001)).unwrap();
-            tx.send(()).unwrap();
-            let (mut s, peer) = l.accept().unwrap();
-            let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).unwrap();
-            s.write_all(format!("B saw {peer}").as_bytes()).unwrap();
-        })
-        .unwrap();
-    rx.recv().unwrap();
-    let reply = lan
-        .run(|| {
-            let mut s =
-                TcpStream::connect_timeout(&"203.0.113.129:3306".parse().unwrap(), Duration::from_secs(5)).unwrap();
-            s.write_all(b"hello").unwrap();
-            let mut r = String::new();
-            s.read_to_string(&mut r).unwrap();
-            r
-        })
-        .unwrap();
-    server.join().unwrap();
-    assert!(reply.starts_with(&format!("B saw {A_ADDR}:")), "SNAT to A's address: {reply}");
+    let server = tcp_sink(&t.b, format!("{B_ADDR}:5001").parse().unwrap(), 1).unwrap();
+    let counted = lan.run(|| upload_to_sink("203.0.113.129:3306".parse().unwrap(), 5).0).unwrap();
+    let (peer, received) = server.join().unwrap()[0];
+    assert_eq!((counted, received), (5, 5), "the bytes went through");
+    assert_eq!(peer.ip().to_string(), A_ADDR, "SNAT to A's address: {peer}");
     assert_eq!(t.gateways_forwarded().unwrap(), gw_before, "both legs direct");
     let s = da.stats().unwrap();
     assert_eq!(s["forwards"][0]["new_connections"], 1, "{s}");

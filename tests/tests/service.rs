@@ -10,6 +10,8 @@ use std::{
 
 use forwarder_tests::{
     Chain, Daemon,
+    config::{forward, router_interfaces},
+    sockets::serve_in,
     topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
 };
 
@@ -18,39 +20,23 @@ const BACKEND_PORT: u16 = 3197;
 const STARTS: usize = 20;
 
 fn config(xdp: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "rc"
-xdp = "{xdp}"
-
-[[interface]]
-name = "rs"
-xdp = "{xdp}"
-
-[[forward]]
-name = "mysql"
-protocol = "tcp"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-"#
-    )
+    router_interfaces(xdp)
+        + &forward("mysql", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"))
 }
 
 /// A backend that answers every connection with "backend".
 fn backend(chain: &Chain) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    chain
-        .server
-        .spawn(move || {
-            let l = TcpListener::bind((SERVER_ADDR, BACKEND_PORT)).unwrap();
-            tx.send(()).unwrap();
+    serve_in(
+        &chain.server,
+        "backend",
+        || TcpListener::bind((SERVER_ADDR, BACKEND_PORT)),
+        |l| {
             for s in l.incoming().flatten() {
                 let _ = std::io::Write::write_all(&mut &s, b"backend");
             }
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        },
+    )
+    .unwrap();
 }
 
 fn through_forward(chain: &Chain) -> Result<String, String> {

@@ -1,14 +1,14 @@
 //! IPv6 forwards and ICMP/ICMPv6 errors about forwarded connections, end to end.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     time::Duration,
 };
 
 use forwarder_tests::{
     Daemon, Netns,
+    sockets::{tcp_sink, upload_to_sink},
     topo::{LINE_ROUTER_V6, LINE_SERVER_V6, Line},
 };
 
@@ -46,49 +46,15 @@ listen = "[::]:5353"
 backend = "[2001:db8:2::20]:5353"
 "#;
 
-/// A TCP sink on the server: counts the bytes of each connection and answers the count.
-fn sink(ns: &Netns, addr: &'static str, conns: usize) -> std::thread::JoinHandle<Vec<(SocketAddr, usize)>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = ns
-        .spawn(move || {
-            let l = TcpListener::bind(addr).unwrap();
-            tx.send(()).unwrap();
-            let mut seen = Vec::new();
-            for _ in 0..conns {
-                let (mut s, peer) = l.accept().unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                let mut n = 0;
-                let mut buf = [0u8; 65536];
-                loop {
-                    let k = s.read(&mut buf).unwrap();
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                }
-                s.write_all(&(n as u64).to_be_bytes()).unwrap();
-                seen.push((peer, n));
-            }
-            seen
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    h
+/// A TCP sink in `ns` on `addr` for `conns` connections (see [`tcp_sink`]).
+fn sink(ns: &Netns, addr: &str, conns: usize) -> std::thread::JoinHandle<Vec<(SocketAddr, usize)>> {
+    tcp_sink(ns, addr.parse().unwrap(), conns).unwrap()
 }
 
-fn upload(ns: &Netns, to: &'static str, n: usize) -> usize {
-    ns.run(move || {
-        let to: SocketAddr = to.parse().unwrap();
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through forwarder");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(&vec![0x42u8; n]).expect("upload completes");
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut count = [0u8; 8];
-        s.read_exact(&mut count).expect("server's count");
-        u64::from_be_bytes(count) as usize
-    })
-    .unwrap()
+/// Uploads `n` bytes from `ns` to `to`; returns the count the sink answered.
+fn upload(ns: &Netns, to: &str, n: usize) -> usize {
+    let to: SocketAddr = to.parse().unwrap();
+    ns.run(move || upload_to_sink(to, n).0).unwrap()
 }
 
 #[test]

@@ -14,12 +14,14 @@
 //! 802.1Q (CONFIG_VLAN_8021Q is not set: `ip link add ... type vlan` fails), so the tags
 //! come from crafted frames, which reach TC exactly as a VLAN device's would.
 
-use std::{net::UdpSocket, os::fd::AsRawFd, time::Duration};
+use std::time::Duration;
 
 use etherparse::PacketBuilder;
 use forwarder_tests::{
     Chain, Daemon, Netns,
+    config::{forward, router_interfaces},
     netns::run_ok,
+    sockets::{serve_in, udp_bound},
     topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV, SERVER_ADDR},
 };
 
@@ -83,24 +85,9 @@ fn send_raw(dev: &str, ifindex: u32, frames: &[Vec<u8>]) {
 }
 
 fn config(xdp: &str) -> String {
-    format!(
-        r#"
-[[interface]]
-name = "{ROUTER_CLIENT_DEV}"
-xdp = "{xdp}"
-
-[[interface]]
-name = "{ROUTER_SERVER_DEV}"
-xdp = "{xdp}"
-
-[[forward]]
-name = "dns"
-protocol = "udp"
-listen = "0.0.0.0:{LISTEN_PORT}"
-backend = "{SERVER_ADDR}:{BACKEND_PORT}"
-snat = "auto"
-"#
-    )
+    router_interfaces(xdp)
+        + &forward("dns", "udp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"))
+        + "snat = \"auto\"\n"
 }
 
 fn reason(d: &Daemon, name: &str) -> u64 {
@@ -148,13 +135,11 @@ fn run(via: Via) -> Vec<String> {
 
 /// The backend: records payloads until the marker arrives (or 5 s pass).
 fn backend(ns: &Netns) -> std::thread::JoinHandle<Vec<String>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = ns
-        .spawn(move || {
-            let s = UdpSocket::bind((SERVER_ADDR, BACKEND_PORT)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let _ = s.as_raw_fd();
-            tx.send(()).unwrap();
+    serve_in(
+        ns,
+        "backend",
+        || udp_bound((SERVER_ADDR, BACKEND_PORT), Duration::from_secs(5)),
+        |s| {
             let mut got = Vec::new();
             let mut buf = [0u8; 1500];
             while let Ok(n) = s.recv(&mut buf) {
@@ -166,10 +151,9 @@ fn backend(ns: &Netns) -> std::thread::JoinHandle<Vec<String>> {
                 }
             }
             got
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("backend bound");
-    h
+        },
+    )
+    .expect("backend bound")
 }
 
 #[test]

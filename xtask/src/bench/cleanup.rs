@@ -111,7 +111,13 @@ fn force_cleanup() {
         if let Some(root) = forwarder::system::cgroup2_mount() {
             let _ = std::fs::remove_dir(root.join(format!("fwt-{tag}")));
         }
-        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("forwarder-test-{tag}")));
+        // The daemons' scratch directories (forwarder_tests::Daemon::scratch_dir).
+        let scratch_prefix = format!("forwarder-test-{tag}-");
+        for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&scratch_prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
     // The BPF_PROG_TEST_RUN instance pins under fwb-{tag} with a tag of this process's own
     // (forwarder_tests::unique_tag: "{pid % 100000}x{n}").
