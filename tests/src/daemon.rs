@@ -25,6 +25,9 @@ pub fn forwarder_bin() -> PathBuf {
     beside_exe.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/forwarder"))
 }
 
+/// How long a daemon may take to come up before a test gives up on it.
+pub const COME_UP_WITHIN: Duration = Duration::from_secs(90);
+
 pub struct Daemon {
     child: Option<Child>,
     /// The cgroup the local-forward hooks attach to: the test's own, never the host's root.
@@ -101,7 +104,7 @@ impl Daemon {
         let dir = Self::scratch_dir(tag)?;
         let socket_path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&socket_path)?;
-        socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+        socket.set_read_timeout(Some(COME_UP_WITHIN))?;
         let mut d = Self {
             child: None,
             cgroup: crate::Cgroup::new(tag)?,
@@ -195,7 +198,9 @@ impl Daemon {
             return Ok(());
         }
         let status_file = forwarder::status::path_for(&self.pin_path);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Readiness is the status file; the deadline only bounds a failure. Loading the
+        // programs runs the verifier, which on a loaded 2-core machine takes tens of seconds.
+        let deadline = Instant::now() + COME_UP_WITHIN;
         loop {
             let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
             let written = std::fs::read(&status_file)

@@ -212,6 +212,48 @@ fn http_get(ns: &Netns, path: &'static str) -> (u16, String) {
     .unwrap()
 }
 
+/// A daemon-wide counter of the /metrics scrape (no labels).
+fn scraped(ns: &Netns, metric: &str) -> f64 {
+    let (_, body) = http_get(ns, "/metrics");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("{metric} missing from\n{body}"))
+}
+
+/// An error in the daemon's own work (here every expiry pass fails: the connection table's
+/// pin was removed under it) is logged and counted, and the daemon goes on: it answers,
+/// refuses a reload that cannot read its state without ending, forwards, and at SIGTERM
+/// does what `--on-exit` says (detach: the pins go).
+#[test]
+fn an_error_in_the_daemons_work_is_counted_and_the_daemon_goes_on() {
+    let chain = Chain::new().unwrap();
+    let mut d = Daemon::start(&chain.router, &chain.tag, &config("[conntrack]\ngc_interval = 1\n")).unwrap();
+    echo_server(&chain.server, 3197);
+    std::fs::remove_file(d.pin_path.join(forwarder_common::FWD_CT_V4)).unwrap();
+    wait_for("an expiry error to be counted", Duration::from_secs(30), || {
+        scraped(&chain.router, "forwarder_daemon_errors_total") >= 1.0
+    });
+    assert!(d.log().contains("conntrack expiry"), "logged:\n{}", d.log());
+    assert_eq!(http_get(&chain.router, "/healthz").0, 200);
+    d.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for("the reload to be refused", Duration::from_secs(30), || {
+        scraped(&chain.router, "forwarder_reload_failures_total") >= 1.0
+    });
+    assert_eq!(http_get(&chain.router, "/readyz").0, 200);
+    open(&chain.client, 3306).unwrap().ping(b"still forwarding").unwrap();
+    assert!(d.stop().unwrap().success(), "{}", d.log());
+    assert!(!d.pin_path.join(forwarder_common::FWD_RULES).exists(), "--on-exit detach removed the pins");
+}
+
 /// /metrics parses as Prometheus text and agrees with `forwarder stats --json`; health and
 /// readiness answer; `forwarder status` tells what is attached.
 #[test]
