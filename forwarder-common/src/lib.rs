@@ -7,8 +7,13 @@
 //! bytes of a 16-byte address field, the rest zero, so IPv6 fits the same keys.
 #![no_std]
 
+// The Maglev table builder allocates; the kernel never enables `user`.
+#[cfg(feature = "user")]
+extern crate alloc;
+
 pub mod conntrack;
 pub mod csum;
+pub mod maglev;
 pub mod maps;
 pub mod reason;
 
