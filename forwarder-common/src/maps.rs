@@ -3,8 +3,35 @@
 
 use core::mem::size_of;
 
-/// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash).
+/// Forward rules: [`FwdKey`] -> [`FwdValue`] (hash). `_V2`: the value grew the backend
+/// set (a Maglev table), a port range and source lists; the daemon writes every rule from
+/// its config, and the loader carries the forwards of an older [`FWD_META`] over.
+pub const FWD_RULES_V2: &str = "FWD_RULES_V2";
+/// The rules of versions with one backend per forward: [`FwdKey`] -> [`FwdValueV1`]. Only
+/// removed.
 pub const FWD_RULES: &str = "FWD_RULES";
+/// A forward's backends: [`BackendKey`] (forward id, slot) -> [`BackendValue`] (hash of
+/// `limits.max_backends`). A backend keeps its slot while it stays in the forward, so
+/// edits move only the connections they must.
+pub const FWD_BACKENDS: &str = "FWD_BACKENDS";
+/// Maglev lookup tables: table id -> [`MaglevTable`] (hash, allocated as used). A table
+/// depends only on the slots and weights of a forward's backends that take new
+/// connections, so forwards of one shape share one.
+pub const FWD_MAGLEV: &str = "FWD_MAGLEV";
+/// Per-backend counters: backend index -> [`FwdStats`] (per-CPU array of
+/// `limits.max_backends + 1`; index 0 is "none").
+pub const FWD_BE_STATS: &str = "FWD_BE_STATS";
+/// Source lists of forwards: [`SourceKey`] -> u8 (LPM tries). A new connection of a forward
+/// with [`FWD_FLAG_ALLOW`] must match its allow list; one with [`FWD_FLAG_DENY`] must not
+/// match its deny list.
+pub const FWD_ALLOW: &str = "FWD_ALLOW";
+pub const FWD_DENY: &str = "FWD_DENY";
+/// Default size of [`FWD_BACKENDS`] and [`FWD_BE_STATS`].
+pub const DEFAULT_MAX_BACKENDS: u32 = 16_384;
+/// Backends one forward may have (a [`MaglevTable`] slot names one in a byte).
+pub const MAX_BACKENDS_PER_FORWARD: u32 = 256;
+/// Entries of each source-list trie.
+pub const SOURCE_LIST_ENTRIES: u32 = 65_536;
 /// Connection tracking, both directions of every flow: [`CtKey`] -> [`CtValue`] (hash).
 /// `_V4`: the value grew the connection's creation time (`conntrack list` shows its age);
 /// `_V3` had grown netfilter's TCP states, flags and sequence tracking (docs/maps.md). The
@@ -66,7 +93,7 @@ pub const FWD_PEERS: &str = "FWD_PEERS";
 /// Per-peer counters: peer id -> [`PeerStats`] (per-CPU array).
 pub const FWD_PEER_STATS: &str = "FWD_PEER_STATS";
 pub const MAX_PEERS: u32 = 256;
-/// Forward metadata for operators (names, never read by the kernel): id -> [`FwdMeta`].
+/// Forward metadata of the versions with one backend per forward: id -> [`FwdMetaV1`].
 pub const FWD_META: &str = "FWD_META";
 /// Fragments of forwarded datagrams: [`FragKey`] -> [`FragValue`] (LRU hash of
 /// [`FRAG_ENTRIES`]). A datagram's first fragment, which carries the L4 header, records
@@ -134,11 +161,25 @@ pub const FWD_FLAG_LOCAL: u32 = 1 << 1;
 /// routed, without SNAT, and the replies are rewritten at TC egress (docs/architecture.md,
 /// "Backends on this host").
 pub const FWD_FLAG_HOST_BACKEND: u32 = 1 << 2;
+/// New connections choose among the forward's backends ([`FWD_BACKENDS`]) by the Maglev
+/// table [`FwdValue::table_id`]; without it, the one backend in the value takes them.
+pub const FWD_FLAG_MAGLEV: u32 = 1 << 3;
+/// No backend takes new connections (all down or drained): they are refused and counted
+/// as `no_backend`; established connections go on.
+pub const FWD_FLAG_NO_BACKEND: u32 = 1 << 4;
+/// A port range whose backends are ranges of the same size: the backend port is the
+/// backend's first port plus the connection's offset into the listen range.
+pub const FWD_FLAG_PORT_OFFSET: u32 = 1 << 5;
+/// The forward has an allow list ([`FWD_ALLOW`]).
+pub const FWD_FLAG_ALLOW: u32 = 1 << 6;
+/// The forward has a deny list ([`FWD_DENY`]).
+pub const FWD_FLAG_DENY: u32 = 1 << 7;
 
 /// What a matching packet is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FwdValue {
+    /// The backend taking new connections, unless [`FWD_FLAG_MAGLEV`] chooses among several.
     pub backend_addr: [u8; 16],
     /// Source address for [`SNAT_FIXED`], zero otherwise.
     pub snat_addr: [u8; 16],
@@ -150,8 +191,92 @@ pub struct FwdValue {
     pub forward_id: u32,
     /// `FWD_FLAG_*`.
     pub flags: u32,
+    /// The backend in this value: its index in [`FWD_BE_STATS`] (0: none).
+    pub backend_index: u32,
+    /// With [`FWD_FLAG_MAGLEV`]: the key of the forward's table in [`FWD_MAGLEV`].
+    pub table_id: u32,
+    /// The forward listens on the key's port and the `port_span` ports after it.
+    pub port_span: u16,
+    /// The first listen port (network order): with [`FWD_FLAG_PORT_OFFSET`], a
+    /// connection's offset into the range is its destination port minus this.
+    pub listen_port_be: u16,
 }
-const _: () = assert!(size_of::<FwdValue>() == 44);
+const _: () = assert!(size_of::<FwdValue>() == 56);
+
+/// [`FwdValue`] of the versions with one backend per forward (maps [`FWD_RULES`],
+/// [`FWD_META`]). Read once when carrying their forwards over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FwdValueV1 {
+    pub backend_addr: [u8; 16],
+    pub snat_addr: [u8; 16],
+    pub backend_port_be: u16,
+    pub family: u8,
+    pub snat_mode: u8,
+    pub forward_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<FwdValueV1>() == 44);
+
+/// One backend of a forward: the forward's id and the backend's slot in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendKey {
+    pub forward_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(size_of::<BackendKey>() == 8);
+
+/// The backend is down by its health checks (it takes no new connections).
+pub const BACKEND_DOWN: u8 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendValue {
+    pub addr: [u8; 16],
+    /// The backend's (first) port, network order.
+    pub port_be: u16,
+    pub family: u8,
+    /// `BACKEND_*` bits, written by the daemon's health checks.
+    pub state: u8,
+    /// Index in [`FWD_BE_STATS`], unique among all forwards' backends; 1-based.
+    pub index: u32,
+    /// Relative share of new connections; 0 drains the backend.
+    pub weight: u32,
+}
+const _: () = assert!(size_of::<BackendValue>() == 28);
+
+/// A Maglev table: every slot names the [`BackendKey::slot`] of the backend taking the
+/// connections whose tuple hashes there (`crate::maglev`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub slots: [u8; crate::maglev::MAGLEV_TABLE_SIZE as usize],
+    pub _pad: [u8; 1],
+}
+const _: () = assert!(size_of::<MaglevTable>() == 1032);
+
+impl Default for MaglevTable {
+    fn default() -> Self {
+        Self { slots: [0; crate::maglev::MAGLEV_TABLE_SIZE as usize], _pad: [0] }
+    }
+}
+
+/// The data of a source-list entry's key: the LPM trie's key is a prefix length (u32, 40
+/// plus the address prefix's length) followed by this, so an entry matches one forward's
+/// sources of one family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceKey {
+    pub forward_id_be: [u8; 4],
+    pub family: u8,
+    pub addr: [u8; 16],
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SourceKey>() == 24);
+
+/// Bits of [`SourceKey`] before the address.
+pub const SOURCE_KEY_FIXED_BITS: u32 = 40;
 
 /// A flow as seen on the wire: the tuple of one direction.
 #[repr(C)]
@@ -212,12 +337,30 @@ pub struct CtValue {
     /// The connection's `crate::conntrack::CT_*` flags (assured), the same in both entries,
     /// and this direction's `CT_SEQ_KNOWN`.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// The connection's backend: its [`BackendValue::index`], 24 bits little-endian (0:
+    /// unknown, an entry of a version before several backends).
+    pub backend: [u8; 3],
     /// bpf_ktime_get_ns() when the connection was made (or reopened), the same in both
     /// entries; 0 when unknown (carried over from a table that did not record it).
     pub created_ns: u64,
 }
 const _: () = assert!(size_of::<CtValue>() == 96);
+
+/// Backend indices fit [`CtValue::backend`].
+pub const MAX_BACKEND_INDEX: u32 = (1 << 24) - 1;
+
+impl CtValue {
+    #[inline(always)]
+    pub fn backend_index(&self) -> u32 {
+        u32::from_le_bytes([self.backend[0], self.backend[1], self.backend[2], 0])
+    }
+
+    #[inline(always)]
+    pub fn set_backend_index(&mut self, index: u32) {
+        let b = index.to_le_bytes();
+        self.backend = [b[0], b[1], b[2]];
+    }
+}
 
 /// [`CtValue`] of the versions before the creation time (map [`FWD_CT_V3`]). Read
 /// once when migrating a pinned table.
@@ -268,7 +411,7 @@ impl CtValueV3 {
             nh_jiffies: self.nh_jiffies,
             seq_end: self.seq_end,
             flags: self.flags,
-            _pad: [0; 3],
+            backend: [0; 3],
             created_ns: 0,
         }
     }
@@ -366,8 +509,12 @@ pub struct FlowCacheSlot {
     pub forward_id: u32,
     /// Egress ifindex; 0 for an empty slot.
     pub ifindex: u32,
-    /// The entry's `nh_gen` and `nh_jiffies`: the slot ages with the entry's next hop.
-    pub generation: u32,
+    /// The entry's `nh_gen` (its low 16 bits) and `nh_jiffies`: the slot ages with the
+    /// entry's next hop.
+    pub generation: u16,
+    /// The connection's backend index when it fits 16 bits (the entry's otherwise: such a
+    /// connection is not copied here).
+    pub backend: u16,
     pub jiffies: u32,
     pub l4_delta: u16,
     pub len_ok: u16,
@@ -389,7 +536,7 @@ impl FlowCacheSlot {
     /// The copy is as current as its entry's next hop would be ([`next_hop_current`]).
     #[inline(always)]
     pub fn current(&self, generation: u32, now: u32) -> bool {
-        self.ifindex != 0 && next_hop_current(self.generation, self.jiffies, generation, now)
+        self.ifindex != 0 && next_hop_current(self.generation as u32, self.jiffies, generation & 0xffff, now)
     }
 
     /// A new copy for this tuple may go here: the slot is empty, stale, or this tuple's.
@@ -681,21 +828,59 @@ pub struct FragValue {
 }
 const _: () = assert!(size_of::<FragValue>() == 16);
 
-/// Operator-facing description of a forward (name, NUL padded).
+/// Forward metadata for operators and CLI edits (never read by the kernel): id ->
+/// [`FwdMeta`]. `_V2`: the value grew as [`FwdValue`] did, and the health checks.
+pub const FWD_META_V2: &str = "FWD_META_V2";
+
+/// Health checks off ([`HealthSpec::kind`]): every backend is taken as up.
+pub const HEALTH_NONE: u8 = 0;
+/// A TCP connect must succeed.
+pub const HEALTH_TCP: u8 = 1;
+/// A probe datagram must get any answer.
+pub const HEALTH_UDP: u8 = 2;
+
+/// A forward's active health checks, run by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HealthSpec {
+    /// `HEALTH_*`.
+    pub kind: u8,
+    /// Consecutive successes to come back, failures to be taken out.
+    pub rise: u8,
+    pub fall: u8,
+    pub _pad: u8,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+}
+const _: () = assert!(size_of::<HealthSpec>() == 12);
+
+/// Operator-facing description of a forward (name, NUL padded); its backends are in
+/// [`FWD_BACKENDS`], its source lists in [`FWD_ALLOW`] and [`FWD_DENY`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FwdMeta {
     pub name: [u8; 48],
     pub key: FwdKey,
     pub value: FwdValue,
+    pub health: HealthSpec,
 }
-const _: () = assert!(size_of::<FwdMeta>() == 112);
+const _: () = assert!(size_of::<FwdMeta>() == 136);
 
 impl Default for FwdMeta {
     fn default() -> Self {
-        Self { name: [0; 48], key: FwdKey::default(), value: FwdValue::default() }
+        Self { name: [0; 48], key: FwdKey::default(), value: FwdValue::default(), health: HealthSpec::default() }
     }
 }
+
+/// [`FwdMeta`] of the versions with one backend per forward (map [`FWD_META`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdMetaV1 {
+    pub name: [u8; 48],
+    pub key: FwdKey,
+    pub value: FwdValueV1,
+}
+const _: () = assert!(size_of::<FwdMetaV1>() == 112);
 
 /// A configured peer's address.
 #[repr(C)]

@@ -111,10 +111,16 @@ pub enum Reason {
     /// A first fragment whose ports could not be recorded in `FWD_FRAG_V1`: dropped (its
     /// later fragments could not be translated).
     FragmentMapFull = 36,
+    /// A new connection for a forward none of whose backends takes new connections (all
+    /// down by their health checks, or drained): refused at once (ICMP port unreachable,
+    /// or EPERM for a local program), not silently dropped.
+    NoBackend = 40,
+    /// A new connection from a source the forward's allow/deny lists refuse: dropped.
+    SourceDenied = 41,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 38] = [
+pub const ALL_REASONS: [Reason; 40] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -153,6 +159,8 @@ pub const ALL_REASONS: [Reason; 38] = [
     Reason::FragmentTranslated,
     Reason::FragmentUnknown,
     Reason::FragmentMapFull,
+    Reason::NoBackend,
+    Reason::SourceDenied,
 ];
 
 impl Reason {
@@ -197,6 +205,8 @@ impl Reason {
             34 => Some(Reason::FragmentTranslated),
             35 => Some(Reason::FragmentUnknown),
             36 => Some(Reason::FragmentMapFull),
+            40 => Some(Reason::NoBackend),
+            41 => Some(Reason::SourceDenied),
             _ => None,
         }
     }
@@ -242,6 +252,8 @@ impl Reason {
             Reason::FragmentTranslated => "fragment_translated",
             Reason::FragmentUnknown => "fragment_unknown",
             Reason::FragmentMapFull => "fragment_map_full",
+            Reason::NoBackend => "no_backend",
+            Reason::SourceDenied => "source_denied",
         }
     }
 
@@ -257,13 +269,15 @@ impl Reason {
                 | Reason::RstOutOfWindow
                 | Reason::LocalUdpAmbiguous
                 | Reason::FragmentMapFull
+                | Reason::NoBackend
+                | Reason::SourceDenied
         ) || self.is_icmp_answer()
     }
 
     /// True for a forward's packet the programs answered with an ICMP error of their own
     /// instead of forwarding it.
     pub const fn is_icmp_answer(self) -> bool {
-        matches!(self, Reason::IcmpTimeExceeded | Reason::IcmpTooBig | Reason::IcmpUnreachable)
+        matches!(self, Reason::IcmpTimeExceeded | Reason::IcmpTooBig | Reason::IcmpUnreachable | Reason::NoBackend)
     }
 
     /// True for a code that counts no packet's outcome: connection-table events, and

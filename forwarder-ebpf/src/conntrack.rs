@@ -20,8 +20,9 @@ use forwarder_common::{
 };
 
 use crate::{
+    backend::{self, Chosen},
     csum::sum_addr,
-    maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_RULES, FWD_SCRATCH},
+    maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_SCRATCH},
     parse::{FRAG_LATER, Flow},
     route::Fib,
     sock::host_socket,
@@ -43,8 +44,9 @@ pub enum Plan {
     /// A tracked flow: rewrite as its entry says (a map value: the fast path's cache is
     /// written through it).
     Tracked { entry: &'static mut CtValue },
-    /// First packet of a flow for this forward (the rule, in the map).
-    New { fwd: &'static FwdValue },
+    /// First packet of a flow for this forward (the rule, in the map), and the backend
+    /// chosen for it.
+    New { fwd: &'static FwdValue, backend: Chosen },
 }
 
 const EEXIST: i32 = -17;
@@ -133,14 +135,15 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
     let fkey =
         FwdKey { addr: flow.dst, port_be: u16::from_ne_bytes(flow.dport), proto: flow.proto, family: flow.family };
     // SAFETY: the value is copied out at once.
-    match unsafe { FWD_RULES.get(&fkey) } {
+    match unsafe { FWD_RULES_V2.get(&fkey) } {
         Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => {
             // Only a SYN opens a TCP connection (a SYN-ACK to a listen port answers a
             // connection of the host's own, from that port).
             if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
                 return Err(Reason::TcpNotSyn);
             }
-            Ok(Plan::New { fwd })
+            let hash = backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+            Ok(Plan::New { fwd, backend: backend::choose(fwd, hash)? })
         }
         _ => Err(Reason::NoRule),
     }
@@ -293,24 +296,31 @@ fn early_drop(key: &CtKey, other: &mut CtKey) {
     stats::count_reason(Reason::EarlyDrop);
 }
 
+/// Whom a planned packet is counted for: its forward id and its backend's index.
+#[derive(Clone, Copy)]
+pub struct Counted {
+    pub forward_id: u32,
+    pub backend: u32,
+}
+
 /// Where a planned packet goes (into `to`) and, for a new flow, whether SNAT wants the
-/// route's source; returns the forward id.
+/// route's source; returns whom it counts for.
 #[inline(always)]
-pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (u32, bool) {
+pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (Counted, bool) {
     match plan {
         Plan::Tracked { entry } => {
             to.src = entry.new_src_addr;
             to.dst = entry.new_dst_addr;
             to.sport = entry.new_src_port_be.to_ne_bytes();
             to.dport = entry.new_dst_port_be.to_ne_bytes();
-            (entry.forward_id, false)
+            (Counted { forward_id: entry.forward_id, backend: entry.backend_index() }, false)
         }
-        Plan::New { fwd } => {
+        Plan::New { fwd, backend } => {
             to.src = flow.src;
-            to.dst = fwd.backend_addr;
+            to.dst = *backend.addr;
             to.sport = flow.sport;
-            to.dport = fwd.backend_port_be.to_ne_bytes();
-            (fwd.forward_id, fwd.snat_mode == SNAT_AUTO)
+            to.dport = backend.port_be.to_ne_bytes();
+            (Counted { forward_id: fwd.forward_id, backend: backend.index }, fwd.snat_mode == SNAT_AUTO)
         }
     }
 }
@@ -337,7 +347,7 @@ pub fn commit<C: EbpfContext>(
             *new = *to;
             Ok(())
         }
-        Plan::New { fwd } => {
+        Plan::New { fwd, backend } => {
             let snat_src = match fwd.snat_mode {
                 SNAT_FIXED => &fwd.snat_addr,
                 // Route's preferred source; for a backend on this host (no forwarding
@@ -345,7 +355,7 @@ pub fn commit<C: EbpfContext>(
                 _ if fib.src != [0; 16] => &fib.src,
                 _ => &flow.dst,
             };
-            commit_new(ctx, flow, fwd, snat_src, new)?;
+            commit_new(ctx, flow, fwd, backend, snat_src, new)?;
             log_new_flow(ctx, flow, new);
             Ok(())
         }
@@ -386,6 +396,7 @@ pub fn commit_new<C: EbpfContext>(
     ctx: &C,
     flow: &Flow,
     fwd: &FwdValue,
+    chosen: &Chosen,
     snat_src: &[u8; 16],
     new: &mut Tuple,
 ) -> Result<(), Reason> {
@@ -398,8 +409,8 @@ pub fn commit_new<C: EbpfContext>(
     // SAFETY: per-CPU slot, used by this program run only.
     let CtScratch { key, value, other } = unsafe { &mut *scratch };
     let host = fwd.flags & FWD_FLAG_HOST_BACKEND != 0;
-    let backend = if host { crate::host::delivery_addr(fwd, flow) } else { fwd.backend_addr };
-    let bport = fwd.backend_port_be.to_ne_bytes();
+    let backend = if host { crate::host::delivery_addr(fwd, flow) } else { *chosen.addr };
+    let bport = chosen.port_be.to_ne_bytes();
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     *value = CtValue {
@@ -421,9 +432,10 @@ pub fn commit_new<C: EbpfContext>(
         nh_jiffies: 0,
         seq_end: 0,
         flags: if host { CT_HOST_BACKEND } else { 0 },
-        _pad: [0; 3],
+        backend: [0; 3],
         created_ns: now,
     };
+    value.set_backend_index(chosen.index);
 
     if fwd.snat_mode == SNAT_OFF || host {
         *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
@@ -469,7 +481,7 @@ pub fn commit_new<C: EbpfContext>(
     *other = flow_key(flow);
     match FWD_CT_V4.insert(&*other, &*value, BPF_NOEXIST as u64) {
         Ok(()) => {
-            stats::count_new_conn(fwd.forward_id);
+            stats::count_new_conn(fwd.forward_id, chosen.index);
             Ok(())
         }
         Err(e) => {

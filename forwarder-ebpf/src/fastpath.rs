@@ -26,7 +26,7 @@ use forwarder_common::{
 use crate::{
     conntrack::{ct_key_v4, fwd_key_v4, route_generation},
     ctx::{read, write},
-    maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_RULES, FWD_TX_PORTS},
+    maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_RULES_V2, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
     stats,
     verdict::Outcome,
@@ -197,7 +197,7 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         let p = ports.to_ne_bytes();
         let rule = fwd_key_v4(dst, [p[2], p[3]], proto);
         // SAFETY: only the flags are read, at once.
-        return Ok(match unsafe { FWD_RULES.get(&rule) } {
+        return Ok(match unsafe { FWD_RULES_V2.get(&rule) } {
             Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => Fast::Untracked,
             _ => Fast::NoMatch,
         });
@@ -212,6 +212,12 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         || h.tot_len > entry.nh_len_ok as usize
         || moves_state(entry, &h)
     {
+        return Ok(Fast::Full);
+    }
+    // The slot counts a backend index of 16 bits; a connection of a larger one takes the
+    // full path.
+    let backend = entry.backend_index();
+    if backend > u16::MAX as u32 {
         return Ok(Fast::Full);
     }
     if proto == PROTO_TCP && (entry.flags & CT_SEQ_KNOWN == 0 || seq_after(h.seq_end, entry.seq_end)) {
@@ -238,7 +244,8 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     slot.new_ports = word([sp[0], sp[1], dp[0], dp[1]]);
     slot.forward_id = entry.forward_id;
     slot.ifindex = ifindex;
-    slot.generation = nh_gen;
+    slot.generation = nh_gen as u16;
+    slot.backend = backend as u16;
     slot.jiffies = nh_jiffies;
     slot.len_ok = entry.nh_len_ok;
     slot.seq = h.seq;
@@ -282,7 +289,7 @@ fn send(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcom
     if rewrite(ctx, h, s).is_err() {
         return Err(Reason::RewriteFailed);
     }
-    stats::count_forwarded(s.forward_id, h.tot_len as u16);
+    stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
     let action = FWD_TX_PORTS.redirect(s.ifindex, 0).unwrap_or_else(|a| a);
     Ok((action as i32, how))
 }

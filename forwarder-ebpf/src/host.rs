@@ -20,9 +20,10 @@ use forwarder_common::{
 };
 
 use crate::{
+    conntrack::Counted,
     conntrack::{self, Plan, Tuple},
     frag,
-    maps::FWD_RULES,
+    maps::FWD_RULES_V2,
     nat,
     parse::{self, FRAG_FIRST, FRAG_LATER},
     sock, stats,
@@ -36,7 +37,7 @@ use crate::{
 pub fn is_host(plan: &Plan) -> bool {
     match plan {
         Plan::Tracked { entry } => entry.flags & CT_HOST_BACKEND != 0,
-        Plan::New { fwd } => fwd.flags & FWD_FLAG_HOST_BACKEND != 0,
+        Plan::New { fwd, .. } => fwd.flags & FWD_FLAG_HOST_BACKEND != 0,
     }
 }
 
@@ -64,7 +65,7 @@ pub fn may_need_listener(plan: &Plan, flow: &parse::Flow) -> bool {
         return false;
     }
     match plan {
-        Plan::New { fwd } => through_listener(fwd, flow.proto),
+        Plan::New { fwd, .. } => through_listener(fwd, flow.proto),
         Plan::Tracked { entry } => entry.flags & CT_ASSURED == 0 || flow.tcp_flags & TCP_SYN != 0,
     }
 }
@@ -81,6 +82,7 @@ pub fn is_reply(plan: &Plan) -> bool {
 #[repr(C)]
 pub struct Pending {
     pub forward_id: u32,
+    pub backend: u32,
     /// [`may_need_listener`]'s answer.
     pub listener: u8,
 }
@@ -88,10 +90,11 @@ pub struct Pending {
 /// Records the packet's forward and [`may_need_listener`]'s answer for [`deliver`]: in
 /// memory the verifier does not track, so the paths before the commit join again.
 #[inline(always)]
-pub fn note(w: &mut Work, forward_id: u32, listener: bool) {
+pub fn note(w: &mut Work, counted: Counted, listener: bool) {
     // SAFETY: fields of this CPU's work area; volatile keeps the values out of registers.
     unsafe {
-        core::ptr::write_volatile(&mut w.host.forward_id, forward_id);
+        core::ptr::write_volatile(&mut w.host.forward_id, counted.forward_id);
+        core::ptr::write_volatile(&mut w.host.backend, counted.backend);
         core::ptr::write_volatile(&mut w.host.listener, listener as u8);
     }
 }
@@ -110,8 +113,13 @@ pub fn deliver(skb: *mut aya_ebpf::bindings::__sk_buff, w: &mut Work) -> u64 {
 #[inline(always)]
 fn try_deliver(ctx: &TcContext, w: &mut Work) -> Outcome {
     // SAFETY: fields of this CPU's work area, written by `note` this run.
-    let (forward_id, listener) =
-        unsafe { (core::ptr::read_volatile(&w.host.forward_id), core::ptr::read_volatile(&w.host.listener) != 0) };
+    let (forward_id, backend, listener) = unsafe {
+        (
+            core::ptr::read_volatile(&w.host.forward_id),
+            core::ptr::read_volatile(&w.host.backend),
+            core::ptr::read_volatile(&w.host.listener) != 0,
+        )
+    };
     let (flow, new) = (&w.flow, &w.new);
     nat::rewrite_tc(ctx, flow, new, false)?;
     if listener {
@@ -119,11 +127,11 @@ fn try_deliver(ctx: &TcContext, w: &mut Work) -> Outcome {
         let key =
             FwdKey { addr: flow.dst, port_be: u16::from_ne_bytes(flow.dport), proto: flow.proto, family: flow.family };
         // SAFETY: map value reference valid for this program run.
-        if let Some(fwd) = unsafe { FWD_RULES.get(&key) }.filter(|f| through_listener(f, flow.proto)) {
+        if let Some(fwd) = unsafe { FWD_RULES_V2.get(&key) }.filter(|f| through_listener(f, flow.proto)) {
             sock::assign_listener(ctx, flow.family, &flow.src, &new.dst, flow.sport, new.dport, &fwd.backend_addr);
         }
     }
-    stats::count_forwarded(forward_id, flow.l3_len);
+    stats::count_forwarded(forward_id, backend, flow.l3_len);
     Ok((TC_ACT_OK, Reason::ToHostBackend))
 }
 
@@ -167,6 +175,6 @@ fn reply(ctx: &TcContext, w: &mut Work) -> Outcome {
         dport: entry.new_dst_port_be.to_ne_bytes(),
     };
     nat::rewrite_tc(ctx, &w.flow, &w.new, false)?;
-    stats::count_forwarded(entry.forward_id, w.flow.l3_len);
+    stats::count_forwarded(entry.forward_id, entry.backend_index(), w.flow.l3_len);
     Ok((TC_ACT_OK, Reason::FromHostBackend))
 }

@@ -90,6 +90,9 @@ pub enum Why {
     TooBig(u16),
     /// A route of this `bpf_fib_lookup` answer: unreachable, prohibit, blackhole.
     Route(i64),
+    /// A new connection for a forward with no backend taking new ones: port unreachable,
+    /// what a host without the service answers (connect() fails with ECONNREFUSED).
+    NoBackend,
 }
 
 /// The address an answer about this packet comes from: the one it was sent to (a listen
@@ -110,6 +113,12 @@ fn answer_source(plan: &Plan, flow: &Flow) -> [u8; 16] {
 /// the TC entry point then calls [`send`]. Nothing of the packet is changed yet.
 #[inline(always)]
 pub fn request(a: &mut IcmpAnswer, plan: &Plan, flow: &Flow, why: Why) -> Reason {
+    request_from(a, answer_source(plan, flow), flow, why)
+}
+
+/// [`request`] with the answer's source given: `from`, an address of this host.
+#[inline(always)]
+pub fn request_from(a: &mut IcmpAnswer, from: [u8; 16], flow: &Flow, why: Why) -> Reason {
     let v6 = flow.is_v6();
     let (reason, icmp_type, icmp_code, info, limited) = match (why, v6) {
         (Why::TtlExpired, false) => (Reason::IcmpTimeExceeded, 11, 0, 0, true),
@@ -124,9 +133,12 @@ pub fn request(a: &mut IcmpAnswer, plan: &Plan, flow: &Flow, why: Why) -> Reason
         (Why::Route(FIB_PROHIBIT_I), true) => (Reason::IcmpUnreachable, 1, 1, 0, true),
         // Blackhole: dropped without an answer.
         (Why::Route(_), _) => (Reason::IcmpUnreachable, 0, 0, 0, false),
+        // Port unreachable (IPv6: destination unreachable, port unreachable).
+        (Why::NoBackend, false) => (Reason::NoBackend, 3, 3, 0, true),
+        (Why::NoBackend, true) => (Reason::NoBackend, 1, 4, 0, true),
     };
     a.client = flow.src;
-    a.from = answer_source(plan, flow);
+    a.from = from;
     a.info = info;
     a.reason = reason as u32;
     let max = if v6 { QUOTE_MAX_V6 } else { QUOTE_MAX_V4 };

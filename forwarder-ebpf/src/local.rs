@@ -23,7 +23,8 @@ use forwarder_common::{
 };
 
 use crate::{
-    maps::{FWD_GLOBAL_V2, FWD_LOC_UDP_V2, FWD_LOCAL_CONN, FWD_RULES},
+    backend::{self, Chosen},
+    maps::{FWD_GLOBAL_V2, FWD_LOC_UDP_V2, FWD_LOCAL_CONN, FWD_RULES_V2},
     stats,
 };
 
@@ -87,7 +88,7 @@ fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> 
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
     let key = FwdKey { addr, port_be, proto, family: family(v6) };
     // SAFETY: map value reference valid for this program run.
-    unsafe { FWD_RULES.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
+    unsafe { FWD_RULES_V2.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
 }
 
 /// An address of a `v6` hook as the forwards see it: a v4-mapped address is IPv4
@@ -132,12 +133,36 @@ fn from_peer(ctx: &SockAddrContext, v6: bool, addr: &[u8; 16], port_be: u16) -> 
     }
 }
 
-/// connect(): TCP and connected UDP. A v4-mapped destination takes the IPv4 forwards and
-/// becomes the mapped address of the backend.
+/// The backend of a local socket's connection: chosen as for interface traffic, by the
+/// Maglev table, with the socket's cookie in place of the client's address and port (a
+/// connect has no source port yet), so a socket keeps its backend.
 #[inline(always)]
-pub fn connect(ctx: &SockAddrContext, v6: bool) {
+fn choose(f: &'static FwdValue, cookie: u64, addr: &[u8; 16], port_be: u16, proto: u8) -> Option<Chosen> {
+    let mut src = [0u8; 16];
+    let c = cookie.to_ne_bytes();
+    src[..8].copy_from_slice(&c);
+    match backend::choose(f, backend::hash_of(&src, addr, [0; 2], port_be.to_ne_bytes(), proto)) {
+        Ok(b) => Some(b),
+        Err(r) => {
+            stats::count_reason(r);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: reading a context field.
+    unsafe { (*ctx.sock_addr).protocol as u8 }
+}
+
+/// connect(): TCP and connected UDP. A v4-mapped destination takes the IPv4 forwards and
+/// becomes the mapped address of the backend. Returns false to refuse the connection
+/// (EPERM): no backend of the forward takes new connections.
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
     if !ours(ctx) {
-        return;
+        return true;
     }
     let (addr, port) = dest(ctx, v6);
     // SAFETY: helper on our own context.
@@ -146,13 +171,18 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) {
     let Some(f) = local_rule(ctx, rule_v6, rule_addr, port) else {
         // A socket connecting again elsewhere must not keep an old getpeername answer.
         let _ = FWD_LOCAL_CONN.remove(&cookie);
-        return;
+        return true;
+    };
+    let Some(b) = choose(f, cookie, &rule_addr, port, protocol(ctx)) else {
+        let _ = FWD_LOCAL_CONN.remove(&cookie);
+        return false;
     };
     // What the program dialled, as its own family writes it (getpeername answers with it).
     let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, v6, &for_hook(v6 && !rule_v6, &f.backend_addr), f.backend_port_be);
+    set_dest(ctx, v6, &for_hook(v6 && !rule_v6, b.addr), b.port_be);
     let _ = FWD_LOCAL_CONN.insert(&cookie, &orig, 0);
-    stats::count_local_conn(f.forward_id);
+    stats::count_local_conn(f.forward_id, b.index);
+    true
 }
 
 /// getpeername(): what the program dialled, not the backend.
@@ -181,10 +211,11 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
     let Some(f) = local_rule(ctx, v6, addr, port) else { return true };
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(b) = choose(f, cookie, &addr, port, protocol(ctx)) else { return false };
     let key = LocalUdpKey {
         socket_cookie: cookie,
-        backend_addr: f.backend_addr,
-        backend_port_be: f.backend_port_be,
+        backend_addr: *b.addr,
+        backend_port_be: b.port_be,
         family: family(v6),
         _pad: [0; 5],
     };
@@ -201,7 +232,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
             LocalUdpSend::Switch => {
                 // A whole new element, so a concurrent recvmsg reads the old or the new.
                 let _ = FWD_LOC_UDP_V2.insert(&key, &new, 0);
-                stats::count_local_conn(f.forward_id);
+                stats::count_local_conn(f.forward_id, b.index);
             }
             LocalUdpSend::Refuse => {
                 stats::count_reason(Reason::LocalUdpAmbiguous);
@@ -211,7 +242,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
         None => {
             // The first datagram of a socket to this backend counts as a local connection.
             if FWD_LOC_UDP_V2.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
-                stats::count_local_conn(f.forward_id);
+                stats::count_local_conn(f.forward_id, b.index);
             } else if let Some(e) = FWD_LOC_UDP_V2.get_ptr(&key) {
                 // Another thread of the program got there first: its address holds.
                 // SAFETY: map value pointer valid for this program run.
@@ -222,7 +253,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
             }
         }
     }
-    set_dest(ctx, v6, &f.backend_addr, f.backend_port_be);
+    set_dest(ctx, v6, b.addr, b.port_be);
     true
 }
 

@@ -4,6 +4,7 @@
 #![no_main]
 
 pub mod conntrack;
+mod backend;
 mod csum;
 mod ctx;
 mod fastpath;

@@ -4,16 +4,35 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FragKey,
+    BackendKey, BackendValue, CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_BACKENDS, MaglevTable, SOURCE_LIST_ENTRIES,
+    SourceKey, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FragKey,
     FragValue, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig,
     LocalUdpKey, LocalUdpOrig, MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue, REASON_SLOTS,
 };
 
-#[map(name = "FWD_RULES")]
-pub static FWD_RULES: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, 0);
+#[map(name = "FWD_RULES_V2")]
+pub static FWD_RULES_V2: HashMap<FwdKey, FwdValue> = HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, 0);
+
+#[map(name = "FWD_BACKENDS")]
+pub static FWD_BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Tables are allocated as userspace writes them: most forwards have none (one backend).
+#[map(name = "FWD_MAGLEV")]
+pub static FWD_MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "FWD_BE_STATS")]
+pub static FWD_BE_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
+
+#[map(name = "FWD_ALLOW")]
+pub static FWD_ALLOW: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(SOURCE_LIST_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "FWD_DENY")]
+pub static FWD_DENY: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(SOURCE_LIST_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// A plain (not LRU) hash: when full, new flows are refused and counted, and established
 /// ones are never evicted; userspace expires idle connections.
@@ -44,8 +63,8 @@ pub static FWD_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0
 #[map(name = "FWD_GLOBAL_V2")]
 pub static FWD_GLOBAL_V2: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
-#[map(name = "FWD_META")]
-pub static FWD_META: Array<FwdMeta> = Array::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
+#[map(name = "FWD_META_V2")]
+pub static FWD_META_V2: Array<FwdMeta> = Array::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
 
 /// Per-CPU scratch for building conntrack entries off the 512-byte stack (kernel-internal).
 #[repr(C)]

@@ -6,20 +6,19 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use crate::local;
 
 /// Cgroup socket hooks return 1 ("allow"): forwarder rewrites, it never refuses a socket.
-/// The one exception is a datagram sendmsg refuses (0: EPERM), see `local::sendmsg`.
+/// The exceptions (0: EPERM): a datagram sendmsg refuses (see `local::sendmsg`), and a
+/// connection of a forward with no backend taking new ones (`local::connect`).
 const SOCK_ALLOW: i32 = 1;
 const SOCK_REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn forwarder_connect4(ctx: SockAddrContext) -> i32 {
-    local::connect(&ctx, false);
-    SOCK_ALLOW
+    if local::connect(&ctx, false) { SOCK_ALLOW } else { SOCK_REFUSE }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn forwarder_connect6(ctx: SockAddrContext) -> i32 {
-    local::connect(&ctx, true);
-    SOCK_ALLOW
+    if local::connect(&ctx, true) { SOCK_ALLOW } else { SOCK_REFUSE }
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -2,7 +2,7 @@
 
 use forwarder_common::Reason;
 
-use crate::maps::{FWD_FWD_STATS, FWD_REASONS};
+use crate::maps::{FWD_BE_STATS, FWD_FWD_STATS, FWD_REASONS};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason) {
@@ -12,10 +12,21 @@ pub fn count_reason(reason: Reason) {
     }
 }
 
-/// One rewritten packet of `bytes` (L3 length) for `forward_id`.
+/// One rewritten packet of `bytes` (L3 length) for `forward_id` and its connection's
+/// backend (index 0: not known, an entry of an older version).
 #[inline(always)]
-pub fn count_forwarded(forward_id: u32, bytes: u16) {
+pub fn count_forwarded(forward_id: u32, backend: u32, bytes: u16) {
     if let Some(s) = FWD_FWD_STATS.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes as u64;
+        }
+    }
+    if backend == 0 {
+        return;
+    }
+    if let Some(s) = FWD_BE_STATS.get_ptr_mut(backend) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe {
             (*s).packets += 1;
@@ -24,9 +35,14 @@ pub fn count_forwarded(forward_id: u32, bytes: u16) {
     }
 }
 
+/// A new connection of `forward_id` to its backend `backend`.
 #[inline(always)]
-pub fn count_new_conn(forward_id: u32) {
+pub fn count_new_conn(forward_id: u32, backend: u32) {
     if let Some(s) = FWD_FWD_STATS.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { (*s).new_conns += 1 };
+    }
+    if let Some(s) = FWD_BE_STATS.get_ptr_mut(backend) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { (*s).new_conns += 1 };
     }
@@ -34,8 +50,12 @@ pub fn count_new_conn(forward_id: u32) {
 
 /// A connection (or first UDP datagram) of a local program rewritten by the cgroup hooks.
 #[inline(always)]
-pub fn count_local_conn(forward_id: u32) {
+pub fn count_local_conn(forward_id: u32, backend: u32) {
     if let Some(s) = FWD_FWD_STATS.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { (*s).local_conns += 1 };
+    }
+    if let Some(s) = FWD_BE_STATS.get_ptr_mut(backend) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { (*s).local_conns += 1 };
     }

@@ -83,6 +83,12 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
     }
     let mut plan = match conntrack::classify(&w.flow, false) {
         Ok(p) => p,
+        // A new connection no backend takes: refused at once, as a host without the
+        // service would (a later fragment never opens a connection).
+        Err(Reason::NoBackend) if w.flow.frag != FRAG_LATER => {
+            let from = w.flow.dst;
+            return Err(icmp_reply::request_from(&mut w.answer, from, &w.flow, icmp_reply::Why::NoBackend));
+        }
         Err(r) => return to_peer_or(ctx, frag::not_ours(&w.flow, r)),
     };
     // A later fragment follows its connection; it never opens one.
@@ -91,7 +97,7 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
     }
     // SAFETY: reading a context field.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let (forward_id, want_src) = conntrack::target_of(&plan, &w.flow, &mut w.to);
+    let (counted, want_src) = conntrack::target_of(&plan, &w.flow, &mut w.to);
     // A backend on this host: no route, the local stack takes the packet (host.rs). The
     // decision is read again after the commit, never kept in a register across it: a
     // register the verifier sees as 0 on one path and 1 on the other would make it walk
@@ -100,7 +106,7 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
         if host::is_reply(&plan) {
             return Err(Reason::NoRule);
         }
-        host::note(w, forward_id, host::may_need_listener(&plan, &w.flow));
+        host::note(w, counted, host::may_need_listener(&plan, &w.flow));
     } else {
         // What the packet cannot do is answered with ICMP from the packet as it arrived,
         // before anything is committed or rewritten (icmp_reply.rs; TC's entry point sends
@@ -133,14 +139,14 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
         let dst = L3Dst::of_flow_to(flow, new.dst);
         if let Some(p) = peer::lookup(&dst).filter(|p| p.state == PEER_DIRECT) {
             nat::rewrite_tc(ctx, flow, new, false)?;
-            stats::count_forwarded(forward_id, flow.l3_len);
+            stats::count_forwarded(counted.forward_id, counted.backend, flow.l3_len);
             let (action, _) = peer::deliver(ctx, &dst, p, true)?;
             return Ok((action, Reason::RedirectTc));
         }
     }
     let sends_itself = fib.rc == FIB_SUCCESS as i64 || fib.rc == FIB_NO_NEIGH as i64;
     nat::rewrite_tc(ctx, flow, new, sends_itself)?;
-    stats::count_forwarded(forward_id, flow.l3_len);
+    stats::count_forwarded(counted.forward_id, counted.backend, flow.l3_len);
     match fib.rc as u32 {
         FIB_SUCCESS if fib.rc >= 0 => {
             l2::set_macs_tc(ctx, fib.dmac, fib.smac)?;

@@ -41,8 +41,9 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32, w: &mut Work) -> u
     let outcome = match result {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.
         Err(Reason::NoRule | Reason::NotTcpUdp) if peer::addressed_to_peer(&ctx) => Err(Reason::XdpToTc),
-        // Translating ICMP errors needs the skb helpers: TC does it.
-        Err(Reason::IcmpError) => Err(Reason::XdpToTc),
+        // Translating ICMP errors needs the skb helpers: TC does it; TC answers a refused
+        // connection too.
+        Err(Reason::IcmpError | Reason::NoBackend) => Err(Reason::XdpToTc),
         // A priority tag is the stack's untagged traffic: TC takes it once it is removed.
         Err(Reason::Vlan) if l2::priority_tagged(&ctx) => Err(Reason::XdpToTc),
         other => other,
@@ -69,7 +70,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
         return Err(Reason::XdpToTc);
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let (forward_id, want_src) = conntrack::target_of(&plan, &w.flow, &mut w.to);
+    let (counted, want_src) = conntrack::target_of(&plan, &w.flow, &mut w.to);
     if peer::enabled() && peer::lookup(&L3Dst::of_flow_to(&w.flow, w.to.dst)).is_some() {
         return Err(Reason::XdpToTc);
     }
@@ -85,7 +86,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     }
     nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
     l2::set_macs_xdp(ctx, w.fib.dmac, w.fib.smac)?;
-    stats::count_forwarded(forward_id, w.flow.l3_len);
+    stats::count_forwarded(counted.forward_id, counted.backend, w.flow.l3_len);
     let action = FWD_TX_PORTS.redirect(w.fib.ifindex, 0).unwrap_or_else(|a| a);
     Ok((action as i32, Reason::RedirectXdp))
 }

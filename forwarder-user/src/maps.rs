@@ -105,11 +105,15 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
                 snat_mode,
                 forward_id: id,
                 flags,
+                backend_index: 0,
+                table_id: 0,
+                port_span: 0,
+                listen_port_be: f.listen.port().to_be(),
             };
             let mut name = [0u8; 48];
             let n = f.name.len().min(47);
             name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
-            let meta = FwdMeta { name, key: key_for(proto, f.listen), value };
+            let meta = FwdMeta { name, key: key_for(proto, f.listen), value, health: Default::default() };
             ForwardEntries { id, keys, value, meta }
         })
         .collect()

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
 use forwarder_common::{
     CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_CT_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FWD_STATS,
-    FWD_GLOBAL_V2, FWD_IFACES, FWD_META, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES, FWD_TX_PORTS, FwdKey,
+    FWD_GLOBAL_V2, FWD_IFACES, FWD_META_V2, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS, FwdKey,
     FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GlobalConfig, IfaceConfig, PEER_DIRECT,
     PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
 };
@@ -88,7 +88,7 @@ impl PeerEntry {
 impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         check_bpffs(dir)?;
-        if !dir.join(FWD_RULES).exists() {
+        if !dir.join(FWD_RULES_V2).exists() {
             return Err(Error::NoInstance {
                 path: dir.display().to_string(),
                 message: "no forwarder state here (is `forwarder run` running with this --pin-path?)".into(),
@@ -152,7 +152,7 @@ impl State {
 
     /// The configured forwards, by id.
     pub fn forwards(&self) -> Result<Vec<(u32, Forward)>> {
-        let data = pins::open_map(&self.dir, FWD_META)?;
+        let data = pins::open_map(&self.dir, FWD_META_V2)?;
         match sys::lookup_all_batched::<u32, FwdMeta>(data.fd().as_fd()) {
             Ok(all) => {
                 let mut out: Vec<(u32, Forward)> = all
@@ -163,9 +163,9 @@ impl State {
                 out.sort_unstable_by_key(|(id, _)| *id);
                 return Ok(out);
             }
-            Err(e) => debug!("{FWD_META}: batch lookup failed ({e}), reading entry by entry"),
+            Err(e) => debug!("{FWD_META_V2}: batch lookup failed ({e}), reading entry by entry"),
         }
-        let meta: Array<_, FwdMeta> = self.typed(FWD_META)?;
+        let meta: Array<_, FwdMeta> = self.typed(FWD_META_V2)?;
         let mut out = Vec::new();
         for id in 1..meta.len() {
             let Ok(m) = meta.get(&id, 0) else { continue };
@@ -187,7 +187,7 @@ impl State {
         policy: OnForwardRemoved,
     ) -> Result<ApplyReport> {
         let current = self.forwards()?;
-        let capacity = self.capacity(FWD_META)?;
+        let capacity = self.capacity(FWD_META_V2)?;
         let ForwardPlan { with_ids, retired, mut report } = plan_forwards(current, desired, capacity)?;
 
         let entries = forward_entries(&with_ids, local_addrs);
@@ -206,13 +206,13 @@ impl State {
         if host_forwards {
             self.set_global_flag(GLOBAL_HAS_HOST_BACKENDS, true)?;
         }
-        let mut rules: HashMap<_, FwdKey, FwdValue> = self.typed(FWD_RULES)?;
-        let rules_data = pins::open_map(&self.dir, FWD_RULES)?;
+        let mut rules: HashMap<_, FwdKey, FwdValue> = self.typed(FWD_RULES_V2)?;
+        let rules_data = pins::open_map(&self.dir, FWD_RULES_V2)?;
         let wanted: HashSet<FwdKey> = entries.iter().flat_map(|e| e.keys.iter().copied()).collect();
         let present: Vec<FwdKey> = match sys::lookup_all_batched::<FwdKey, FwdValue>(rules_data.fd().as_fd()) {
             Ok(all) => all.into_iter().map(|(k, _)| k).collect(),
             Err(e) => {
-                debug!("{FWD_RULES}: batch lookup failed ({e}), reading key by key");
+                debug!("{FWD_RULES_V2}: batch lookup failed ({e}), reading key by key");
                 rules.keys().filter_map(|k| k.ok()).collect()
             }
         };
@@ -220,13 +220,13 @@ impl State {
         let (keys, values): (Vec<FwdKey>, Vec<FwdValue>) =
             entries.iter().flat_map(|e| e.keys.iter().map(|k| (*k, e.value))).unzip();
         if let Err((done, e)) = sys::update_batch(rules_data.fd().as_fd(), &keys, &values) {
-            debug!("{FWD_RULES}: batch update failed ({e}), writing entry by entry");
+            debug!("{FWD_RULES_V2}: batch update failed ({e}), writing entry by entry");
             for (k, v) in keys[done..].iter().zip(&values[done..]) {
-                rules.insert(k, v, 0).on(FWD_RULES)?;
+                rules.insert(k, v, 0).on(FWD_RULES_V2)?;
             }
         }
         for k in &stale {
-            rules.remove(k).on(FWD_RULES)?;
+            rules.remove(k).on(FWD_RULES_V2)?;
         }
         // Metadata of every desired forward, then cleared slots of the retired ids not reused.
         let live_ids: HashSet<u32> = with_ids.iter().map(|(id, _)| *id).collect();
@@ -235,12 +235,12 @@ impl State {
             .map(|e| (e.id, e.meta))
             .chain(retired.iter().filter(|id| !live_ids.contains(id)).map(|id| (*id, FwdMeta::default())))
             .unzip();
-        let meta_data = pins::open_map(&self.dir, FWD_META)?;
+        let meta_data = pins::open_map(&self.dir, FWD_META_V2)?;
         if let Err((done, e)) = sys::update_batch(meta_data.fd().as_fd(), &ids, &metas) {
-            debug!("{FWD_META}: batch update failed ({e}), writing entry by entry");
-            let mut meta: Array<_, FwdMeta> = self.typed(FWD_META)?;
+            debug!("{FWD_META_V2}: batch update failed ({e}), writing entry by entry");
+            let mut meta: Array<_, FwdMeta> = self.typed(FWD_META_V2)?;
             for (id, m) in ids[done..].iter().zip(&metas[done..]) {
-                meta.set(*id, m, 0).on(FWD_META)?;
+                meta.set(*id, m, 0).on(FWD_META_V2)?;
             }
         }
         self.set_global_flag(GLOBAL_FLUSH_ON_REMOVE, policy == OnForwardRemoved::Flush)?;
@@ -570,8 +570,8 @@ mod tests {
         crate::pins::remove(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let size = std::mem::size_of::<FwdKey>();
-        create_pinned_map(&dir.join(FWD_RULES), HASH, size, std::mem::size_of::<FwdValue>(), max_forwards);
-        create_pinned_map(&dir.join(FWD_META), ARRAY, 4, std::mem::size_of::<FwdMeta>(), max_forwards + 1);
+        create_pinned_map(&dir.join(FWD_RULES_V2), HASH, size, std::mem::size_of::<FwdValue>(), max_forwards);
+        create_pinned_map(&dir.join(FWD_META_V2), ARRAY, 4, std::mem::size_of::<FwdMeta>(), max_forwards + 1);
         create_pinned_map(&dir.join(FWD_GLOBAL_V2), ARRAY, 4, std::mem::size_of::<GlobalConfig>(), 1);
         create_pinned_map(&dir.join(FWD_ROUTE_GEN), ARRAY, 4, 4, 1);
         create_pinned_map(
@@ -620,7 +620,7 @@ mod tests {
         let stored = state.forwards().unwrap();
         assert_eq!(stored.len(), N as usize - 1);
         assert!(stored.iter().any(|(id, f)| *id == 1 + N && f == &changed[N as usize / 2]));
-        let rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(state.map(FWD_RULES).unwrap()).unwrap();
+        let rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(state.map(FWD_RULES_V2).unwrap()).unwrap();
         assert_eq!(rules.keys().count(), N as usize - 1);
     }
 

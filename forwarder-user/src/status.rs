@@ -180,9 +180,9 @@ pub fn read(pin: &Path) -> Result<Status> {
             capacity: state.capacity(forwarder_common::FWD_CT_V4)?,
         },
         MapFill {
-            map: forwarder_common::FWD_META,
+            map: forwarder_common::FWD_META_V2,
             entries: forwards,
-            capacity: state.capacity(forwarder_common::FWD_META)? - 1,
+            capacity: state.capacity(forwarder_common::FWD_META_V2)? - 1,
         },
         MapFill {
             map: forwarder_common::FWD_PEERS,

@@ -251,7 +251,7 @@ fn an_error_in_the_daemons_work_is_counted_and_the_daemon_goes_on() {
     assert_eq!(http_get(&chain.router, "/readyz").0, 200);
     open(&chain.client, 3306).unwrap().ping(b"still forwarding").unwrap();
     assert!(d.stop().unwrap().success(), "{}", d.log());
-    assert!(!d.pin_path.join(forwarder_common::FWD_RULES).exists(), "--on-exit detach removed the pins");
+    assert!(!d.pin_path.join(forwarder_common::FWD_RULES_V2).exists(), "--on-exit detach removed the pins");
 }
 
 /// /metrics parses as Prometheus text and agrees with `forwarder stats --json`; health and

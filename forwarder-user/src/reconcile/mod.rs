@@ -87,7 +87,7 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
         );
     }
     for (name, want) in
-        [(forwarder_common::FWD_CT_V4, cfg.conntrack.max_entries), (forwarder_common::FWD_META, cfg.max_forwards + 1)]
+        [(forwarder_common::FWD_CT_V4, cfg.conntrack.max_entries), (forwarder_common::FWD_META_V2, cfg.max_forwards + 1)]
     {
         let have = state.capacity(name)?;
         if have != want {

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
-    ALL_REASONS, FWD_FWD_STATS, FWD_META, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats, PeerKey,
+    ALL_REASONS, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats, PeerKey,
     PeerStats, PeerValue,
 };
 use serde::Serialize;
@@ -83,7 +83,7 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_REASONS)?))
             .map_err(map_error(FWD_REASONS))?;
     let meta: Array<MapData, FwdMeta> =
-        Array::try_from(aya::maps::Map::Array(open_map(pin_dir, FWD_META)?)).map_err(map_error(FWD_META))?;
+        Array::try_from(aya::maps::Map::Array(open_map(pin_dir, FWD_META_V2)?)).map_err(map_error(FWD_META_V2))?;
 
     let mut forwards = Vec::new();
     for id in 1..meta.len() {

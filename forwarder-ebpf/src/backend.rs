@@ -1,0 +1,43 @@
+//! The backend a new connection goes to: the forward's one backend, or the Maglev table's
+//! choice among several (forwarder_common::maglev); established connections keep theirs
+//! in their connection entries.
+
+use forwarder_common::{
+    BackendKey, FWD_FLAG_MAGLEV, FWD_FLAG_NO_BACKEND, FwdValue, Reason,
+    maglev::{maglev_slot, tuple_hash},
+};
+
+use crate::maps::{FWD_BACKENDS, FWD_MAGLEV};
+
+/// A chosen backend: its address and port (network order), and its counter index.
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub addr: &'static [u8; 16],
+    pub port_be: u16,
+    pub index: u32,
+}
+
+/// The backend of a new connection of `fwd` whose tuple hashes to `hash` (see
+/// [`hash_of`]). `NoBackend` when none takes new connections.
+#[inline(always)]
+pub fn choose(fwd: &'static FwdValue, hash: u32) -> Result<Chosen, Reason> {
+    if fwd.flags & FWD_FLAG_NO_BACKEND != 0 {
+        return Err(Reason::NoBackend);
+    }
+    if fwd.flags & FWD_FLAG_MAGLEV == 0 {
+        return Ok(Chosen { addr: &fwd.backend_addr, port_be: fwd.backend_port_be, index: fwd.backend_index });
+    }
+    // SAFETY: map value references valid for this program run.
+    let table = unsafe { FWD_MAGLEV.get(&fwd.table_id) }.ok_or(Reason::NoBackend)?;
+    let slot = *table.slots.get(maglev_slot(hash) as usize).ok_or(Reason::NoBackend)?;
+    let key = BackendKey { forward_id: fwd.forward_id, slot: slot as u32 };
+    // SAFETY: as above.
+    let b = unsafe { FWD_BACKENDS.get(&key) }.ok_or(Reason::NoBackend)?;
+    Ok(Chosen { addr: &b.addr, port_be: b.port_be, index: b.index })
+}
+
+/// The hash a connection's tuple chooses by (as it arrives, before any rewrite).
+#[inline(always)]
+pub fn hash_of(src: &[u8; 16], dst: &[u8; 16], sport: [u8; 2], dport: [u8; 2], proto: u8) -> u32 {
+    tuple_hash(src, dst, u16::from_ne_bytes(sport), u16::from_ne_bytes(dport), proto)
+}
