@@ -26,6 +26,13 @@ pub const FWD_BE_STATS: &str = "FWD_BE_STATS";
 /// match its deny list.
 pub const FWD_ALLOW: &str = "FWD_ALLOW";
 pub const FWD_DENY: &str = "FWD_DENY";
+/// Listen port ranges: [`FwdKey`] with port 0 (the listen address, protocol and family) ->
+/// [`PortRanges`] (hash of `limits.max_forwards`, allocated as used). Looked up only when
+/// the exact port misses in [`FWD_RULES_V2`] and [`GLOBAL_HAS_PORT_RANGES`] is set; the
+/// range holding the port names its forward's rule by the range's first port.
+pub const FWD_PORT_RANGES: &str = "FWD_PORT_RANGES";
+/// Port ranges one listen address may have per protocol (a [`PortRanges`] holds them).
+pub const MAX_PORT_RANGES: usize = 16;
 /// Default size of [`FWD_BACKENDS`] and [`FWD_BE_STATS`].
 pub const DEFAULT_MAX_BACKENDS: u32 = 16_384;
 /// Backends one forward may have (a [`MaglevTable`] slot names one in a byte).
@@ -217,6 +224,46 @@ pub struct FwdValueV1 {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<FwdValueV1>() == 44);
+
+/// The listen port ranges of one address, protocol and family ([`FWD_PORT_RANGES`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRanges {
+    /// Ranges in use, from the start of the arrays.
+    pub count: u32,
+    /// First and last port of each range, host order, inclusive; ascending and disjoint.
+    /// The first port is the port of the forward's key in [`FWD_RULES_V2`].
+    pub first: [u16; MAX_PORT_RANGES],
+    pub last: [u16; MAX_PORT_RANGES],
+}
+const _: () = assert!(size_of::<PortRanges>() == 68);
+
+impl PortRanges {
+    /// The first port of the range holding `port` (host order).
+    #[inline(always)]
+    pub fn find(&self, port: u16) -> Option<u16> {
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if i as u32 >= self.count || self.first[i] > port {
+                return None;
+            }
+            if port <= self.last[i] {
+                return Some(self.first[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// The backend port (network order) of a connection to `dport_be` through a forward whose
+/// listen range starts at `listen_first_be` and whose backend range at `backend_first_be`
+/// ([`FWD_FLAG_PORT_OFFSET`]): the offset into the listen range is kept.
+#[inline(always)]
+pub fn offset_port(backend_first_be: u16, listen_first_be: u16, dport_be: u16) -> u16 {
+    let offset = u16::from_be(dport_be).wrapping_sub(u16::from_be(listen_first_be));
+    u16::from_be(backend_first_be).wrapping_add(offset).to_be()
+}
 
 /// One backend of a forward: the forward's id and the backend's slot in it.
 #[repr(C)]
@@ -685,6 +732,10 @@ pub const GLOBAL_HAS_PEERS: u32 = 1 << 0;
 /// backend's replies. Without it, host traffic leaving an interface costs nothing more.
 pub const GLOBAL_HAS_HOST_BACKENDS: u32 = 1 << 2;
 
+/// Some forward listens on a port range: a destination whose exact port has no rule is
+/// looked up in [`FWD_PORT_RANGES`]. Without it, a miss costs nothing more.
+pub const GLOBAL_HAS_PORT_RANGES: u32 = 1 << 4;
+
 /// Userspace only: forwarder turned `net.ipv4.conf.lo.accept_local` on in this namespace
 /// (it was off), and turns it off again when it detaches. IPv4 packets that must be
 /// fragmented reach the stack through the loopback device with a local (SNAT) source.
@@ -932,6 +983,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for FwdKey {}
     unsafe impl aya::Pod for FwdValue {}
+    unsafe impl aya::Pod for PortRanges {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for CtValueV1 {}
@@ -1013,6 +1065,39 @@ mod tests {
         assert!(slot.free_for(9, 2, 3, 17, 8, 1001), "stale");
         assert!(FlowCacheSlot::default().free_for(9, 2, 3, 17, 0, 0), "empty");
         assert!(!FlowCacheSlot::default().holds(0, 0, 0, 0), "an empty slot holds nothing");
+    }
+
+    #[test]
+    fn a_port_finds_the_range_holding_it() {
+        let mut r = PortRanges { count: 3, ..Default::default() };
+        for (i, (first, last)) in [(80, 80), (8000, 8099), (9000, 9001)].into_iter().enumerate() {
+            (r.first[i], r.last[i]) = (first, last);
+        }
+        assert_eq!(r.find(8000), Some(8000));
+        assert_eq!(r.find(8042), Some(8000));
+        assert_eq!(r.find(8099), Some(8000));
+        assert_eq!(r.find(9001), Some(9000));
+        assert_eq!(r.find(80), Some(80));
+        for outside in [0, 79, 81, 7999, 8100, 8999, 9002, 65535] {
+            assert_eq!(r.find(outside), None, "{outside}");
+        }
+        r.count = 1;
+        assert_eq!(r.find(8042), None, "only the ranges in use");
+        let full = PortRanges {
+            count: MAX_PORT_RANGES as u32,
+            first: core::array::from_fn(|i| 1000 * (i as u16 + 1)),
+            last: core::array::from_fn(|i| 1000 * (i as u16 + 1) + 9),
+        };
+        assert_eq!(full.find(16_005), Some(16_000), "the last slot");
+        assert_eq!(full.find(16_010), None);
+    }
+
+    #[test]
+    fn the_backend_port_keeps_the_offset_into_the_range() {
+        let be = u16::to_be;
+        assert_eq!(offset_port(be(9000), be(8000), be(8042)), be(9042));
+        assert_eq!(offset_port(be(9000), be(8000), be(8000)), be(9000));
+        assert_eq!(offset_port(be(100), be(65000), be(65535)), be(635));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! in their connection entries.
 
 use forwarder_common::{
-    BackendKey, FWD_FLAG_MAGLEV, FWD_FLAG_NO_BACKEND, FwdValue, Reason,
+    BackendKey, FWD_FLAG_MAGLEV, FWD_FLAG_NO_BACKEND, FWD_FLAG_PORT_OFFSET, FwdValue, Reason,
     maglev::{maglev_slot, tuple_hash},
+    offset_port,
 };
 
 use crate::maps::{FWD_BACKENDS, FWD_MAGLEV};
@@ -17,10 +18,20 @@ pub struct Chosen {
     pub index: u32,
 }
 
-/// The backend of a new connection of `fwd` whose tuple hashes to `hash` (see
-/// [`hash_of`]). `NoBackend` when none takes new connections.
+/// The backend of a new connection of `fwd` to port `dport_be` whose tuple hashes to
+/// `hash` (see [`hash_of`]). `NoBackend` when none takes new connections.
 #[inline(always)]
-pub fn choose(fwd: &'static FwdValue, hash: u32) -> Result<Chosen, Reason> {
+pub fn choose(fwd: &'static FwdValue, hash: u32, dport_be: u16) -> Result<Chosen, Reason> {
+    let mut chosen = choose_backend(fwd, hash)?;
+    if fwd.flags & FWD_FLAG_PORT_OFFSET != 0 {
+        chosen.port_be = offset_port(chosen.port_be, fwd.listen_port_be, dport_be);
+    }
+    Ok(chosen)
+}
+
+/// The backend as configured (its first port, for a range).
+#[inline(always)]
+fn choose_backend(fwd: &'static FwdValue, hash: u32) -> Result<Chosen, Reason> {
     if fwd.flags & FWD_FLAG_NO_BACKEND != 0 {
         return Err(Reason::NoBackend);
     }

@@ -22,9 +22,10 @@ use forwarder_common::{
 use crate::{
     backend::{self, Chosen},
     csum::sum_addr,
-    maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_SCRATCH},
+    maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_SCRATCH},
     parse::{FRAG_LATER, Flow},
     route::Fib,
+    rules,
     sock::host_socket,
     stats,
 };
@@ -132,10 +133,9 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
         touch(entry);
         return Ok(Plan::Tracked { entry });
     }
-    let fkey =
+    let mut fkey =
         FwdKey { addr: flow.dst, port_be: u16::from_ne_bytes(flow.dport), proto: flow.proto, family: flow.family };
-    // SAFETY: the value is copied out at once.
-    match unsafe { FWD_RULES_V2.get(&fkey) } {
+    match rules::lookup(&mut fkey) {
         Some(fwd) if fwd.flags & FWD_FLAG_INGRESS != 0 => {
             // Only a SYN opens a TCP connection (a SYN-ACK to a listen port answers a
             // connection of the host's own, from that port).
@@ -143,7 +143,7 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
                 return Err(Reason::TcpNotSyn);
             }
             let hash = backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
-            Ok(Plan::New { fwd, backend: backend::choose(fwd, hash)? })
+            Ok(Plan::New { fwd, backend: backend::choose(fwd, hash, u16::from_ne_bytes(flow.dport))? })
         }
         _ => Err(Reason::NoRule),
     }

@@ -26,9 +26,9 @@ use forwarder_common::{
 use crate::{
     conntrack::{ct_key_v4, fwd_key_v4, route_generation},
     ctx::{read, write},
-    maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_RULES_V2, FWD_TX_PORTS},
+    maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
-    stats,
+    rules, stats,
     verdict::Outcome,
 };
 
@@ -195,9 +195,8 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let key = ct_key_v4(src, dst, ports, proto);
     let Some(entry) = FWD_CT_V4.get_ptr_mut(&key) else {
         let p = ports.to_ne_bytes();
-        let rule = fwd_key_v4(dst, [p[2], p[3]], proto);
-        // SAFETY: only the flags are read, at once.
-        return Ok(match unsafe { FWD_RULES_V2.get(&rule) } {
+        let mut rule = fwd_key_v4(dst, [p[2], p[3]], proto);
+        return Ok(match rules::lookup(&mut rule) {
             Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => Fast::Untracked,
             _ => Fast::NoMatch,
         });

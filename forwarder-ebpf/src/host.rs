@@ -22,11 +22,9 @@ use forwarder_common::{
 use crate::{
     conntrack::Counted,
     conntrack::{self, Plan, Tuple},
-    frag,
-    maps::FWD_RULES_V2,
-    nat,
+    frag, nat,
     parse::{self, FRAG_FIRST, FRAG_LATER},
-    sock, stats,
+    rules, sock, stats,
     verdict::Outcome,
     work::Work,
 };
@@ -124,10 +122,9 @@ fn try_deliver(ctx: &TcContext, w: &mut Work) -> Outcome {
     nat::rewrite_tc(ctx, flow, new, false)?;
     if listener {
         // The packet's forward, by the listen address and port it carried.
-        let key =
+        let mut key =
             FwdKey { addr: flow.dst, port_be: u16::from_ne_bytes(flow.dport), proto: flow.proto, family: flow.family };
-        // SAFETY: map value reference valid for this program run.
-        if let Some(fwd) = unsafe { FWD_RULES_V2.get(&key) }.filter(|f| through_listener(f, flow.proto)) {
+        if let Some(fwd) = rules::lookup(&mut key).filter(|f| through_listener(f, flow.proto)) {
             sock::assign_listener(ctx, flow.family, &flow.src, &new.dst, flow.sport, new.dport, &fwd.backend_addr);
         }
     }

@@ -24,8 +24,8 @@ use forwarder_common::{
 
 use crate::{
     backend::{self, Chosen},
-    maps::{FWD_GLOBAL_V2, FWD_LOC_UDP_V2, FWD_LOCAL_CONN, FWD_RULES_V2},
-    stats,
+    maps::{FWD_GLOBAL_V2, FWD_LOC_UDP_V2, FWD_LOCAL_CONN},
+    rules, stats,
 };
 
 #[inline(always)]
@@ -86,9 +86,8 @@ fn family(v6: bool) -> u8 {
 fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> Option<&'static FwdValue> {
     // SAFETY: reading a context field.
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
-    let key = FwdKey { addr, port_be, proto, family: family(v6) };
-    // SAFETY: map value reference valid for this program run.
-    unsafe { FWD_RULES_V2.get(&key) }.filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
+    let mut key = FwdKey { addr, port_be, proto, family: family(v6) };
+    rules::lookup(&mut key).filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
 }
 
 /// An address of a `v6` hook as the forwards see it: a v4-mapped address is IPv4
@@ -141,7 +140,7 @@ fn choose(f: &'static FwdValue, cookie: u64, addr: &[u8; 16], port_be: u16, prot
     let mut src = [0u8; 16];
     let c = cookie.to_ne_bytes();
     src[..8].copy_from_slice(&c);
-    match backend::choose(f, backend::hash_of(&src, addr, [0; 2], port_be.to_ne_bytes(), proto)) {
+    match backend::choose(f, backend::hash_of(&src, addr, [0; 2], port_be.to_ne_bytes(), proto), port_be) {
         Ok(b) => Some(b),
         Err(r) => {
             stats::count_reason(r);

@@ -3,8 +3,8 @@
 #![no_std]
 #![no_main]
 
-pub mod conntrack;
 mod backend;
+pub mod conntrack;
 mod csum;
 mod ctx;
 mod fastpath;
@@ -20,6 +20,7 @@ mod nat;
 pub mod parse;
 mod peer;
 pub mod route;
+mod rules;
 mod sock;
 mod sock_addr;
 mod stats;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    config::{Config, Forward, Peer, Protocol, Snat, parse_peer_address, validate_ifname},
+    config::{Config, Forward, ListenIndex, Peer, Protocol, Snat, parse_peer_address, validate_ifname},
     daemon::{self, OnExit, RunOptions},
     error::{Error, Report, exit},
     pins::{self, DEFAULT_PIN_PATH},
@@ -179,10 +179,12 @@ pub enum ForwardAction {
         /// Transport protocol.
         #[arg(long, value_enum)]
         protocol: Protocol,
-        /// ADDRESS:PORT the forward answers on (0.0.0.0 / [::] for every local address).
+        /// ADDRESS:PORT or ADDRESS:FIRST-LAST the forward answers on (0.0.0.0 / [::] for every
+        /// local address).
         #[arg(long, value_name = "ADDR:PORT")]
         listen: String,
-        /// ADDRESS:PORT connections are sent to.
+        /// ADDRESS:PORT connections are sent to; with a listen range, one port (all map to it)
+        /// or a range of the same size (the offset into the range is kept).
         #[arg(long, value_name = "ADDR:PORT")]
         backend: String,
         /// Source rewrite: "auto" (the egress address), "off", or a fixed address.
@@ -403,13 +405,12 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             if all.iter().any(|f| f.name == new.name) {
                 return Err(edit("name", format!("a forward named {:?} exists", new.name)).into());
             }
-            if let Some(f) = all.iter().find(|f| f.protocol == new.protocol && f.listen == new.listen) {
-                return Err(edit(
-                    "listen",
-                    format!("{} is already the listen address of forward {:?}", new.listen, f.name),
-                )
-                .into());
+            let mut listens = ListenIndex::default();
+            for f in &all {
+                // The forwards in place passed these checks when they were added.
+                let _ = listens.add(f);
             }
+            listens.add(&new).map_err(|e| edit(e.field, e.message))?;
             all.push(new.clone());
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
             if json {

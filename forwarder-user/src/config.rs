@@ -143,9 +143,97 @@ pub fn validate_forward_name(name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// An `address:port` value of `field` (listen or backend).
-fn parse_socket_addr(field: &'static str, s: &str) -> Result<SocketAddr, FieldError> {
-    s.parse().map_err(|_| field_err(field, format!("{s:?} is not address:port")))
+/// An address with one port, or a range of ports (`192.0.2.1:8000-8099`, `[2001:db8::1]:80`),
+/// as `listen` and backend addresses are written. Dereferences to the address with the
+/// first port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketRange {
+    /// The address and the first port.
+    pub addr: SocketAddr,
+    /// Ports after the first: 0 for one port.
+    pub span: u16,
+}
+
+impl SocketRange {
+    pub fn last_port(&self) -> u16 {
+        self.addr.port() + self.span
+    }
+
+    pub fn is_range(&self) -> bool {
+        self.span != 0
+    }
+
+    /// The two share a port (whatever their addresses).
+    pub fn ports_overlap(&self, other: &SocketRange) -> bool {
+        self.addr.port() <= other.last_port() && other.addr.port() <= self.last_port()
+    }
+}
+
+impl std::ops::Deref for SocketRange {
+    type Target = SocketAddr;
+    fn deref(&self) -> &SocketAddr {
+        &self.addr
+    }
+}
+
+impl From<SocketAddr> for SocketRange {
+    fn from(addr: SocketAddr) -> Self {
+        SocketRange { addr, span: 0 }
+    }
+}
+
+impl std::fmt::Display for SocketRange {
+    /// As written in the config: `address:port` or `address:first-last`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.span == 0 {
+            return f.pad(&self.addr.to_string());
+        }
+        f.pad(&format!("{}-{}", self.addr, self.last_port()))
+    }
+}
+
+impl std::str::FromStr for SocketRange {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let Some((host, ports)) = s.rsplit_once(':') else { return Err(()) };
+        let Some((first, last)) = ports.split_once('-') else {
+            return Ok(s.parse::<SocketAddr>().map_err(drop)?.into());
+        };
+        let addr: SocketAddr = format!("{host}:{first}").parse().map_err(drop)?;
+        let last: u16 = last.parse().map_err(drop)?;
+        let span = last.checked_sub(addr.port()).ok_or(())?;
+        Ok(SocketRange { addr, span })
+    }
+}
+
+impl serde::Serialize for SocketRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// An `address:port` or `address:first-last` value of `field` (listen or backend).
+pub fn parse_socket_range(field: &'static str, s: &str) -> Result<SocketRange, FieldError> {
+    s.parse().map_err(|_| field_err(field, format!("{s:?} is not address:port or address:first-last")))
+}
+
+/// A backend address of a forward listening on `listen`, as `field` writes it: one port,
+/// or (for a listen range) a range of the same size, whose ports keep the offset into the
+/// listen range.
+pub fn parse_backend_address(field: &'static str, s: &str, listen: &SocketRange) -> Result<SocketRange, FieldError> {
+    let backend = parse_socket_range(field, s)?;
+    if backend.is_range() && backend.span != listen.span {
+        return Err(field_err(
+            field,
+            format!(
+                "{backend} is a range of {} ports and listen {listen} of {}: a backend of a port range is one port \
+                 (all map to it) or a range of the same size",
+                backend.span as u32 + 1,
+                listen.span as u32 + 1
+            ),
+        ));
+    }
+    Ok(backend)
 }
 
 /// A peer's address: an IP address that can be a neighbour.
@@ -176,8 +264,8 @@ pub struct Interface {
 pub struct Forward {
     pub name: String,
     pub protocol: Protocol,
-    pub listen: SocketAddr,
-    pub backend: SocketAddr,
+    pub listen: SocketRange,
+    pub backend: SocketRange,
     pub snat: Snat,
     pub local: bool,
 }
@@ -195,8 +283,8 @@ impl Forward {
         local: bool,
     ) -> Result<Self, FieldError> {
         validate_forward_name(name)?;
-        let listen = parse_socket_addr("listen", listen)?;
-        let backend = parse_socket_addr("backend", backend)?;
+        let listen = parse_socket_range("listen", listen)?;
+        let backend = parse_backend_address("backend", backend, &listen)?;
         if listen.port() == 0 {
             return Err(field_err("listen", "port must not be 0".into()));
         }
@@ -206,7 +294,7 @@ impl Forward {
         if listen.is_ipv6() != backend.is_ipv6() {
             return Err(field_err("backend", "must be of the same address family as listen (IPv4 or IPv6)".into()));
         }
-        for (field, at) in [("listen", listen), ("backend", backend)] {
+        for (field, at) in [("listen", *listen), ("backend", *backend)] {
             if let Some(v4) = match at.ip() {
                 IpAddr::V6(a) => a.to_ipv4_mapped(),
                 IpAddr::V4(_) => None,
@@ -236,6 +324,112 @@ impl Forward {
             },
         };
         Ok(Forward { name: name.to_string(), protocol, listen, backend, snat, local })
+    }
+}
+
+/// The listen ports of forwards, by protocol and address (a wildcard under its own), for
+/// the checks of a new forward's listen against them: a port is one forward's on an
+/// address; port ranges overlap neither each other nor single ports on the address, nor
+/// the ports of a wildcard listen of the family (which takes every address); at most
+/// [`MAX_PORT_RANGES`] ranges reach one address. A single port on a wildcard and the same
+/// port on one address may coexist (the address's forward takes that address).
+#[derive(Default)]
+pub struct ListenIndex {
+    /// First port -> (last port, forward name), by protocol and address.
+    by_address: std::collections::HashMap<(Protocol, IpAddr), std::collections::BTreeMap<u16, (u16, String)>>,
+    /// Ranges by protocol and address: each address's count, and the addresses of each
+    /// family that have any (a wildcard's ranges reach all of them).
+    ranges: std::collections::HashMap<(Protocol, IpAddr), usize>,
+}
+
+/// Port ranges that reach one listen address per protocol (the kernel's bound).
+pub const MAX_PORT_RANGES: usize = forwarder_common::MAX_PORT_RANGES;
+
+impl ListenIndex {
+    /// Adds `f`'s listen, or says (as an error of `listen`) which forward's it overlaps.
+    pub fn add(&mut self, f: &Forward) -> Result<(), FieldError> {
+        let (proto, listen) = (f.protocol, f.listen);
+        let wildcard: IpAddr = if listen.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        if let Some((other, range)) = self.overlap(proto, listen.ip(), &listen) {
+            if !listen.is_range() && !range {
+                return Err(field_err(
+                    "listen",
+                    format!("{proto:?} {listen} is already the listen address of forward {other:?}"),
+                ));
+            }
+            return Err(field_err(
+                "listen",
+                format!("{proto:?} {listen} overlaps the listen ports of forward {other:?}"),
+            ));
+        }
+        // Across a wildcard and one address, single ports may coexist; ranges may not.
+        let others: Vec<IpAddr> = if listen.ip().is_unspecified() {
+            if listen.is_range() {
+                self.by_address
+                    .keys()
+                    .filter(|(p, a)| *p == proto && a.is_ipv4() == listen.is_ipv4() && !a.is_unspecified())
+                    .map(|(_, a)| *a)
+                    .collect()
+            } else {
+                self.ranges
+                    .keys()
+                    .filter(|(p, a)| *p == proto && a.is_ipv4() == listen.is_ipv4() && !a.is_unspecified())
+                    .map(|(_, a)| *a)
+                    .collect()
+            }
+        } else {
+            vec![wildcard]
+        };
+        for address in others {
+            if let Some((other, range)) = self.overlap(proto, address, &listen) {
+                if listen.is_range() || range {
+                    return Err(field_err(
+                        "listen",
+                        format!("{proto:?} {listen} overlaps the listen ports of forward {other:?} ({address})"),
+                    ));
+                }
+            }
+        }
+        if listen.is_range() {
+            let count = |a: IpAddr| self.ranges.get(&(proto, a)).copied().unwrap_or(0);
+            let reached = if listen.ip().is_unspecified() {
+                count(wildcard)
+                    + self
+                        .ranges
+                        .iter()
+                        .filter(|((p, a), _)| *p == proto && a.is_ipv4() == listen.is_ipv4() && !a.is_unspecified())
+                        .map(|(_, n)| *n)
+                        .max()
+                        .unwrap_or(0)
+            } else {
+                count(wildcard) + count(listen.ip())
+            };
+            if reached >= MAX_PORT_RANGES {
+                return Err(field_err(
+                    "listen",
+                    format!("{proto:?} {listen}: more than {MAX_PORT_RANGES} port ranges would listen on one address"),
+                ));
+            }
+            *self.ranges.entry((proto, listen.ip())).or_default() += 1;
+        }
+        self.by_address
+            .entry((proto, listen.ip()))
+            .or_default()
+            .insert(listen.port(), (listen.last_port(), f.name.clone()));
+        Ok(())
+    }
+
+    /// The forward on `address` whose ports overlap `listen`'s, and whether its listen is
+    /// a range. The ports of one address are disjoint, so only the last to start at or
+    /// before `listen`'s last port can overlap.
+    fn overlap(&self, proto: Protocol, address: IpAddr, listen: &SocketRange) -> Option<(&str, bool)> {
+        let ports = self.by_address.get(&(proto, address))?;
+        let (first, (last, name)) = ports.range(..=listen.last_port()).next_back()?;
+        (*last >= listen.port()).then_some((name.as_str(), last != first))
     }
 }
 
@@ -454,9 +648,9 @@ impl Config {
     pub fn shared_local_udp_backends(&self) -> Vec<(SocketAddr, Vec<&str>)> {
         let mut by_backend: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
         for f in self.forwards.iter().filter(|f| f.local && f.protocol == Protocol::Udp) {
-            match by_backend.iter_mut().find(|(b, _)| *b == f.backend) {
+            match by_backend.iter_mut().find(|(b, _)| *b == *f.backend) {
                 Some((_, names)) => names.push(&f.name),
-                None => by_backend.push((f.backend, vec![&f.name])),
+                None => by_backend.push((*f.backend, vec![&f.name])),
             }
         }
         by_backend.retain(|(_, names)| names.len() > 1);
@@ -540,7 +734,7 @@ impl Config {
 
         let mut forwards = Vec::new();
         let mut seen_names = HashSet::with_capacity(forward_items.len());
-        let mut seen_listen = HashSet::with_capacity(forward_items.len());
+        let mut listens = ListenIndex::default();
         // SNAT-off forwards to one backend would share reply tuples (the client's address
         // and port): a client using both at once could not be told apart.
         let mut snat_off_backends = HashSet::new();
@@ -568,7 +762,7 @@ impl Config {
             if !seen_names.insert(name.as_str()) {
                 return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
             }
-            let (listen, backend, snat) = (forward.listen, forward.backend, forward.snat);
+            let (backend, snat) = (forward.backend, forward.snat);
             if snat == Snat::Off && !snat_off_backends.insert((rf.protocol, backend)) {
                 let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span());
                 return Err(err(
@@ -581,13 +775,7 @@ impl Config {
                     ),
                 ));
             }
-            if !seen_listen.insert((rf.protocol, listen)) {
-                return Err(err(
-                    rf.listen.span(),
-                    &f("listen"),
-                    format!("{:?} {listen} is already the listen address of another forward", rf.protocol),
-                ));
-            }
+            listens.add(&forward).map_err(|e| err(rf.listen.span(), &f(e.field), e.message))?;
             forwards.push(forward);
         }
 
@@ -923,6 +1111,118 @@ snat = "auto"
         )
         .unwrap();
         assert!(v6.forwards[0].backend.is_ipv6());
+    }
+
+    /// A config of TCP forwards, one per (listen, backend).
+    fn forwards(pairs: &[(&str, &str)]) -> String {
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (listen, backend))| {
+                format!(
+                    "[[forward]]\nname = \"f{i}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nbackend = \"{backend}\"\n"
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn port_ranges_parse_and_show_as_written() {
+        let c = Config::parse(&forwards(&[
+            ("0.0.0.0:8000-8099", "203.0.113.20:9000-9099"),
+            ("0.0.0.0:7000-7009", "203.0.113.20:9000"),
+            ("[2001:db8::1]:8000-8099", "[2001:db8::20]:9000-9099"),
+            ("192.0.2.1:80-80", "203.0.113.20:8080"),
+        ]))
+        .unwrap();
+        let f = &c.forwards;
+        assert_eq!((f[0].listen.port(), f[0].listen.span, f[0].listen.last_port()), (8000, 99, 8099));
+        assert_eq!((f[0].backend.port(), f[0].backend.span), (9000, 99));
+        assert_eq!((f[1].listen.span, f[1].backend.span), (9, 0), "a range to one port");
+        assert_eq!(f[0].listen.to_string(), "0.0.0.0:8000-8099");
+        assert_eq!(f[1].backend.to_string(), "203.0.113.20:9000");
+        assert_eq!(f[2].listen.to_string(), "[2001:db8::1]:8000-8099");
+        assert_eq!(f[2].backend.to_string(), "[2001:db8::20]:9000-9099");
+        assert_eq!(f[3].listen.to_string(), "192.0.2.1:80", "a range of one port is that port");
+        assert_eq!(serde_json::to_value(&f[0]).unwrap()["listen"], "0.0.0.0:8000-8099");
+        for bad in ["0.0.0.0:8099-8000", "0.0.0.0:8000-", "0.0.0.0:-8000", "0.0.0.0:8000-70000", "0.0.0.0:0-10"] {
+            let (line, field, message) = invalid(&forwards(&[(bad, "203.0.113.20:9000")]));
+            assert_eq!((line, field.as_str()), (4, "forward[0].listen"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_range_backend_of_another_size_is_refused() {
+        let (line, field, message) =
+            invalid(&forwards(&[("0.0.0.0:80", "203.0.113.20:80"), ("0.0.0.0:8000-8099", "203.0.113.20:9000-9098")]));
+        assert_eq!((line, field.as_str()), (10, "forward[1].backend"), "{message}");
+        assert!(message.contains("range of 99 ports") && message.contains("of 100"), "{message}");
+        let (_, field, _) = invalid(&forwards(&[("0.0.0.0:8000", "203.0.113.20:9000-9099")]));
+        assert_eq!(field, "forward[0].backend", "a range backend needs a listen range");
+        let helper = parse_backend_address("address", "203.0.113.20:9000-9001", &"0.0.0.0:80-81".parse().unwrap());
+        assert_eq!(helper.map(|b| b.span), Ok(1));
+        let helper = parse_backend_address("address", "203.0.113.20:9000-9002", &"0.0.0.0:80-81".parse().unwrap());
+        assert_eq!(helper.unwrap_err().field, "address", "errors name the caller's field");
+    }
+
+    #[test]
+    fn overlapping_listen_ports_are_refused() {
+        let refused = |pairs: &[(&str, &str)]| {
+            let (line, field, message) = invalid(&forwards(pairs));
+            assert_eq!(field, format!("forward[{}].listen", pairs.len() - 1), "{pairs:?}: {message}");
+            assert_eq!(line, 4 + 5 * (pairs.len() - 1), "{message}");
+            message
+        };
+        let b = "203.0.113.20:9000";
+        let message = refused(&[("192.0.2.1:8000-8099", b), ("192.0.2.1:8099-8100", b)]);
+        assert!(message.contains("overlaps the listen ports of forward \"f0\""), "{message}");
+        refused(&[("192.0.2.1:8000-8099", b), ("192.0.2.1:8042", b)]);
+        refused(&[("192.0.2.1:8042", b), ("192.0.2.1:8000-8099", b)]);
+        refused(&[("192.0.2.1:8000-8099", b), ("192.0.2.1:7000-9000", b)]);
+        refused(&[("0.0.0.0:8000-8099", b), ("192.0.2.1:8042", b)]);
+        refused(&[("192.0.2.1:8042", b), ("0.0.0.0:8000-8099", b)]);
+        refused(&[("192.0.2.1:8000-8099", b), ("0.0.0.0:8050", b)]);
+        refused(&[("0.0.0.0:8000-8099", b), ("0.0.0.0:8099", b)]);
+        let message = refused(&[("192.0.2.1:8000", b), ("192.0.2.1:8000", b)]);
+        assert!(message.contains("already the listen address of forward \"f0\""), "{message}");
+        let fine = [
+            ("192.0.2.1:8000-8099", b),
+            ("192.0.2.1:8100-8199", b),
+            ("192.0.2.1:7999", b),
+            ("192.0.2.2:8000-8099", b),
+            ("[::]:8000-8099", "[2001:db8::20]:9000"),
+            ("0.0.0.0:8200-8299", b),
+            // One port on a wildcard and on an address, as before ranges.
+            ("0.0.0.0:3306", b),
+            ("192.0.2.1:3306", b),
+        ];
+        Config::parse(&forwards(&fine)).unwrap();
+        let udp = forwards(&[("192.0.2.1:8000-8099", b)])
+            + &forwards(&[("192.0.2.1:8000-8099", b)]).replace("f0", "u0").replace("tcp", "udp");
+        Config::parse(&udp).expect("another protocol");
+    }
+
+    #[test]
+    fn at_most_sixteen_port_ranges_reach_one_address() {
+        let listens: Vec<String> =
+            (0..MAX_PORT_RANGES + 1).map(|i| format!("192.0.2.1:{}-{}", 1000 * (i + 1), 1000 * (i + 1) + 9)).collect();
+        let pairs: Vec<(&str, &str)> = listens.iter().map(|l| (l.as_str(), "203.0.113.20:9000")).collect();
+        Config::parse(&forwards(&pairs[..MAX_PORT_RANGES])).unwrap();
+        let message = refused_listen(&forwards(&pairs), MAX_PORT_RANGES);
+        assert!(message.contains("more than 16 port ranges"), "{message}");
+        // A wildcard's ranges reach every address of its family.
+        let mut mixed = pairs[..MAX_PORT_RANGES].to_vec();
+        mixed[0].0 = "0.0.0.0:1000-1009";
+        mixed.push(("192.0.2.2:30000-30009", "203.0.113.20:9000"));
+        Config::parse(&forwards(&mixed)).expect("16 on 192.0.2.1 and 2 on 192.0.2.2");
+        mixed.push(("0.0.0.0:40000-40009", "203.0.113.20:9000"));
+        refused_listen(&forwards(&mixed), MAX_PORT_RANGES + 1);
+    }
+
+    fn refused_listen(text: &str, index: usize) -> String {
+        let (_, field, message) = invalid(text);
+        assert_eq!(field, format!("forward[{index}].listen"), "{message}");
+        message
     }
 
     fn outcomes(text: &str) -> (String, String) {

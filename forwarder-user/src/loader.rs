@@ -110,11 +110,13 @@ impl Instance {
     pub fn load(opts: &LoadOptions, pin_dir: &Path) -> Result<Self> {
         mount_default_bpffs(pin_dir);
         std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))?;
-        let adopted = [forwarder_common::FWD_RULES_V2, forwarder_common::FWD_RULES].iter().any(|n| pin_dir.join(n).exists());
+        let adopted =
+            [forwarder_common::FWD_RULES_V2, forwarder_common::FWD_RULES].iter().any(|n| pin_dir.join(n).exists());
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(forwarder_common::FWD_RULES_V2, opts.max_forwards.max(1))
+            .map_max_entries(forwarder_common::FWD_PORT_RANGES, opts.max_forwards.max(1))
             .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_META_V2, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_CT_V4, opts.ct_entries)

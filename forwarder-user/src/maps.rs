@@ -3,8 +3,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
-    FAMILY_V4, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FwdKey, FwdMeta, FwdValue,
-    PEER_DIRECT, PEER_FALLBACK, PeerKey, PeerValue, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
+    FAMILY_V4, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FWD_FLAG_PORT_OFFSET, FwdKey,
+    FwdMeta, FwdValue, MAX_PORT_RANGES, PEER_DIRECT, PEER_FALLBACK, PeerKey, PeerValue, PortRanges, SNAT_AUTO,
+    SNAT_FIXED, SNAT_OFF,
 };
 
 use crate::config::{Forward, Protocol, Snat};
@@ -71,7 +72,7 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
     let explicit: std::collections::HashSet<FwdKey> = forwards
         .iter()
         .filter(|(_, f)| !f.listen.ip().is_unspecified())
-        .map(|(_, f)| key_for(f.protocol.number(), f.listen))
+        .map(|(_, f)| key_for(f.protocol.number(), *f.listen))
         .collect();
     forwards
         .iter()
@@ -86,7 +87,7 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
                     .filter(|k| !explicit.contains(k))
                     .collect()
             } else {
-                vec![key_for(proto, f.listen)]
+                vec![key_for(proto, *f.listen)]
             };
             let (backend_addr, family) = addr_bytes(f.backend.ip());
             let (snat_mode, snat_addr) = match f.snat {
@@ -96,7 +97,8 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
             };
             let flags = if unreachable_from_interfaces(f) { 0 } else { FWD_FLAG_INGRESS }
                 | if f.local { FWD_FLAG_LOCAL } else { 0 }
-                | if backend_on_host(f, local_addrs) { FWD_FLAG_HOST_BACKEND } else { 0 };
+                | if backend_on_host(f, local_addrs) { FWD_FLAG_HOST_BACKEND } else { 0 }
+                | if f.backend.is_range() { FWD_FLAG_PORT_OFFSET } else { 0 };
             let value = FwdValue {
                 backend_addr,
                 snat_addr,
@@ -107,14 +109,46 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
                 flags,
                 backend_index: 0,
                 table_id: 0,
-                port_span: 0,
+                port_span: f.listen.span,
                 listen_port_be: f.listen.port().to_be(),
             };
             let mut name = [0u8; 48];
             let n = f.name.len().min(47);
             name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
-            let meta = FwdMeta { name, key: key_for(proto, f.listen), value, health: Default::default() };
+            let meta = FwdMeta { name, key: key_for(proto, *f.listen), value, health: Default::default() };
             ForwardEntries { id, keys, value, meta }
+        })
+        .collect()
+}
+
+/// `FWD_PORT_RANGES` entries for the forwards' keys: the listen ranges of each address,
+/// protocol and family (key with port 0), ascending. The config allows at most
+/// [`MAX_PORT_RANGES`] to reach one address; more is an error here.
+pub fn port_range_entries(entries: &[ForwardEntries]) -> Result<Vec<(FwdKey, PortRanges)>, String> {
+    let mut by_address: std::collections::BTreeMap<([u8; 16], u8, u8), Vec<(u16, u16)>> = Default::default();
+    for e in entries.iter().filter(|e| e.value.port_span != 0) {
+        for k in &e.keys {
+            let first = u16::from_be(k.port_be);
+            by_address.entry((k.addr, k.proto, k.family)).or_default().push((first, first + e.value.port_span));
+        }
+    }
+    by_address
+        .into_iter()
+        .map(|((addr, proto, family), mut ranges)| {
+            let key = FwdKey { addr, port_be: 0, proto, family };
+            if ranges.len() > MAX_PORT_RANGES {
+                return Err(format!(
+                    "{} port ranges listen on {} (protocol {proto}): at most {MAX_PORT_RANGES}",
+                    ranges.len(),
+                    addr_from_bytes(&addr, family)
+                ));
+            }
+            ranges.sort_unstable();
+            let mut value = PortRanges { count: ranges.len() as u32, ..Default::default() };
+            for (i, (first, last)) in ranges.into_iter().enumerate() {
+                (value.first[i], value.last[i]) = (first, last);
+            }
+            Ok((key, value))
         })
         .collect()
 }
@@ -163,6 +197,48 @@ snat = "off"
         assert_eq!(e[1].value.snat_mode, SNAT_OFF);
         assert_eq!(&e[1].meta.name[..4], b"one\0");
         assert_eq!(e[0].value.flags, FWD_FLAG_INGRESS | FWD_FLAG_LOCAL, "a remote backend");
+    }
+
+    #[test]
+    fn a_port_range_is_one_rule_per_address_and_a_range_entry() {
+        let cfg = Config::parse(
+            r#"
+[[forward]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:8000-8099"
+backend = "203.0.113.20:9000-9099"
+[[forward]]
+name = "low"
+protocol = "tcp"
+listen = "192.0.2.1:7000-7009"
+backend = "203.0.113.20:9000"
+[[forward]]
+name = "one"
+protocol = "tcp"
+listen = "192.0.2.1:80"
+backend = "203.0.113.20:80"
+"#,
+        )
+        .unwrap();
+        let locals: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()];
+        let with_ids: Vec<_> = cfg.forwards.iter().cloned().enumerate().map(|(i, f)| (i as u32 + 1, f)).collect();
+        let e = forward_entries(&with_ids, &locals);
+        assert_eq!(e[0].keys.len(), 2, "one key per local address, not per port");
+        assert_eq!(e[0].keys[1], key_for(6, "192.0.2.1:8000".parse().unwrap()));
+        assert_eq!((e[0].value.port_span, e[0].value.listen_port_be), (99, 8000u16.to_be()));
+        assert_ne!(e[0].value.flags & FWD_FLAG_PORT_OFFSET, 0, "a range backend keeps the offset");
+        assert_eq!((e[1].value.port_span, e[1].value.flags & FWD_FLAG_PORT_OFFSET), (9, 0), "all to one port");
+        assert_eq!(e[2].value.port_span, 0);
+        let ranges = port_range_entries(&e).unwrap();
+        assert_eq!(ranges.len(), 2, "{ranges:?}");
+        let (k, r) = ranges.iter().find(|(k, _)| k.addr[..4] == [192, 0, 2, 1]).unwrap();
+        assert_eq!((k.port_be, k.proto, k.family), (0, 6, FAMILY_V4));
+        assert_eq!((r.count, &r.first[..2], &r.last[..2]), (2, &[7000, 8000][..], &[7009, 8099][..]), "ascending");
+        for (entries, (_, f)) in e.iter().zip(&with_ids) {
+            assert_eq!(&crate::state::forward_of_meta(&entries.meta), f, "the stored form gives the forward back");
+        }
+        assert!(port_range_entries(&e[2..]).unwrap().is_empty());
     }
 
     #[test]

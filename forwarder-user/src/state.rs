@@ -11,17 +11,18 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_CT_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FWD_STATS,
-    FWD_GLOBAL_V2, FWD_IFACES, FWD_META_V2, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS, FwdKey,
-    FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GlobalConfig, IfaceConfig, PEER_DIRECT,
-    PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
+    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_CT_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FLAG_PORT_OFFSET,
+    FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_META_V2, FWD_PEERS, FWD_PORT_RANGES, FWD_REASONS, FWD_ROUTE_GEN,
+    FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS,
+    GLOBAL_HAS_PORT_RANGES, GlobalConfig, IfaceConfig, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, PortRanges, Reason,
+    SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
 };
 use tracing::{debug, info};
 
 use crate::{
-    config::{Forward, OnForwardRemoved, Peer, Protocol, Snat},
+    config::{Forward, OnForwardRemoved, Peer, Protocol, Snat, SocketRange},
     error::{Error, Result},
-    maps::{addr_from_bytes, forward_entries, peer_key, peer_value},
+    maps::{addr_from_bytes, forward_entries, peer_key, peer_value, port_range_entries},
     pins::{self, EditLock, check_bpffs},
     sys,
 };
@@ -200,6 +201,7 @@ impl State {
                 )));
             }
         }
+        let ranges = port_range_entries(&entries).map_err(Error::Invalid)?;
         // TC egress rewrites the replies of backends on this host: on before a rule can
         // send it one (re-checked at every apply).
         let host_forwards = entries.iter().any(|e| e.value.flags & FWD_FLAG_HOST_BACKEND != 0);
@@ -225,8 +227,17 @@ impl State {
                 rules.insert(k, v, 0).on(FWD_RULES_V2)?;
             }
         }
+        // Ranges name rules by their first port: written after the rules, before the stale
+        // rules go; looked up once some forward has one.
+        self.apply_port_ranges(&ranges)?;
+        if !ranges.is_empty() {
+            self.set_global_flag(GLOBAL_HAS_PORT_RANGES, true)?;
+        }
         for k in &stale {
             rules.remove(k).on(FWD_RULES_V2)?;
+        }
+        if ranges.is_empty() {
+            self.set_global_flag(GLOBAL_HAS_PORT_RANGES, false)?;
         }
         // Metadata of every desired forward, then cleared slots of the retired ids not reused.
         let live_ids: HashSet<u32> = with_ids.iter().map(|(id, _)| *id).collect();
@@ -258,6 +269,24 @@ impl State {
                 flushed = report.flushed_connections, "forwards applied");
         }
         Ok(report)
+    }
+
+    /// Makes `FWD_PORT_RANGES` exactly `desired`.
+    fn apply_port_ranges(&self, desired: &[(FwdKey, PortRanges)]) -> Result<()> {
+        if desired.is_empty() && !self.dir.join(FWD_PORT_RANGES).exists() {
+            // An instance of a version before port ranges: nothing to write.
+            return Ok(());
+        }
+        let mut map: HashMap<_, FwdKey, PortRanges> = self.typed(FWD_PORT_RANGES)?;
+        let wanted: HashSet<FwdKey> = desired.iter().map(|(k, _)| *k).collect();
+        let stale: Vec<FwdKey> = map.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
+        for (k, v) in desired {
+            map.insert(k, v, 0).on(FWD_PORT_RANGES)?;
+        }
+        for k in &stale {
+            map.remove(k).on(FWD_PORT_RANGES)?;
+        }
+        Ok(())
     }
 
     /// The removal policy recorded by the daemon (CLI edits follow it).
@@ -483,9 +512,18 @@ fn plan_forwards(current: Vec<(u32, Forward)>, desired: &[Forward], capacity: u3
 /// The config form of a stored forward.
 pub fn forward_of_meta(m: &FwdMeta) -> Forward {
     let name_len = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
-    let listen = SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be));
-    let backend =
-        SocketAddr::new(addr_from_bytes(&m.value.backend_addr, m.value.family), u16::from_be(m.value.backend_port_be));
+    let span = m.value.port_span;
+    let listen = SocketRange {
+        addr: SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be)),
+        span,
+    };
+    let backend = SocketRange {
+        addr: SocketAddr::new(
+            addr_from_bytes(&m.value.backend_addr, m.value.family),
+            u16::from_be(m.value.backend_port_be),
+        ),
+        span: if m.value.flags & FWD_FLAG_PORT_OFFSET != 0 { span } else { 0 },
+    };
     let snat = match m.value.snat_mode {
         SNAT_OFF => Snat::Off,
         SNAT_AUTO => Snat::Auto,
@@ -531,7 +569,7 @@ mod tests {
         Forward {
             name: format!("x{i}"),
             protocol: Protocol::Udp,
-            listen: SocketAddr::new([198, 51, 100, 1 + (i / 60_000) as u8].into(), 1024 + (i % 60_000) as u16),
+            listen: SocketAddr::new([198, 51, 100, 1 + (i / 60_000) as u8].into(), 1024 + (i % 60_000) as u16).into(),
             backend: "203.0.113.2:9".parse().unwrap(),
             snat: Snat::Auto,
             local: true,

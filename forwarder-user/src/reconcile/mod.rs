@@ -86,9 +86,10 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
              local_udp_ambiguous); connected sockets are not affected"
         );
     }
-    for (name, want) in
-        [(forwarder_common::FWD_CT_V4, cfg.conntrack.max_entries), (forwarder_common::FWD_META_V2, cfg.max_forwards + 1)]
-    {
+    for (name, want) in [
+        (forwarder_common::FWD_CT_V4, cfg.conntrack.max_entries),
+        (forwarder_common::FWD_META_V2, cfg.max_forwards + 1),
+    ] {
         let have = state.capacity(name)?;
         if have != want {
             warn!(map = name, have, want, "map size differs from the config: it changes only after `forwarder detach`");

@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use crate::{
     error::{Error, Result},
-    maps::addr_from_bytes,
     pins::open_map,
     state::{sum_forward, sum_reason},
 };
@@ -99,13 +98,8 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             id,
             name: String::from_utf8_lossy(&m.name[..name_len]).into_owned(),
             protocol: proto.into(),
-            listen: std::net::SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be))
-                .to_string(),
-            backend: std::net::SocketAddr::new(
-                addr_from_bytes(&m.value.backend_addr, m.value.family),
-                u16::from_be(m.value.backend_port_be),
-            )
-            .to_string(),
+            listen: identity.listen.to_string(),
+            backend: identity.backend.to_string(),
             snat: identity.snat.to_string(),
             local: identity.local,
             packets: s.packets,
