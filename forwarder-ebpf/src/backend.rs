@@ -40,7 +40,12 @@ fn choose_backend(fwd: &'static FwdValue, hash: u32) -> Result<Chosen, Reason> {
     }
     // SAFETY: map value references valid for this program run.
     let table = unsafe { FWD_MAGLEV.get(&fwd.table_id) }.ok_or(Reason::NoBackend)?;
-    let slot = *table.slots.get(maglev_slot(hash) as usize).ok_or(Reason::NoBackend)?;
+    // Read back opaquely: LLVM knows the remainder is in bounds and drops the check, but the
+    // verifier cannot follow its multiply-and-shift division.
+    let index = maglev_slot(hash) as usize;
+    // SAFETY: a read of a local.
+    let index = unsafe { core::ptr::read_volatile(&index) };
+    let slot = *table.slots.get(index).ok_or(Reason::NoBackend)?;
     let key = BackendKey { forward_id: fwd.forward_id, slot: slot as u32 };
     // SAFETY: as above.
     let b = unsafe { FWD_BACKENDS.get(&key) }.ok_or(Reason::NoBackend)?;

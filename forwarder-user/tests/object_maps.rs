@@ -20,7 +20,7 @@ fn maps_of(elf: &[u8]) -> BTreeSet<String> {
 #[test]
 fn every_map_is_pinned_or_listed_as_unpinned() {
     let declared = maps_of(forwarder::EBPF_OBJECT);
-    assert!(declared.contains(forwarder_common::FWD_RULES), "the forward rules are in {declared:?}");
+    assert!(declared.contains(forwarder_common::FWD_RULES_V2), "the forward rules are in {declared:?}");
     let pinned: BTreeSet<String> = PINNED_MAPS.iter().map(|s| s.to_string()).collect();
     let unpinned: BTreeSet<String> = UNPINNED_MAPS.iter().map(|s| s.to_string()).collect();
     assert!(pinned.is_disjoint(&unpinned), "a map on both lists: {:?}", pinned.intersection(&unpinned));

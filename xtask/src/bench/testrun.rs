@@ -67,8 +67,8 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
         cfg.forwards.push(forwarder::config::Forward {
             name: "warm".into(),
             protocol: forwarder::config::Protocol::Udp,
-            listen: warm_addr,
-            backend: warm_addr,
+            listen: warm_addr.into(),
+            backend: warm_addr.into(),
             snat: forwarder::config::Snat::Off,
             local: false,
         });
