@@ -1270,3 +1270,58 @@ fn xdp_test_run_fd(prog_fd: i32, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
     let meta = out.len() - frame.len();
     (attr.retval, out[meta..].to_vec())
 }
+
+/// Port ranges: a SYN to a port inside a listen range (not its first) is forwarded to the
+/// backend port at the same offset, XDP and TC alike; a range to one port sends every port
+/// there; the ports just outside are no rule's.
+#[test]
+fn ports_of_a_range_find_its_rule_and_keep_their_offset() {
+    let config = r#"
+[[forward]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:8000-8099"
+backend = "203.0.113.20:9000-9099"
+
+[[forward]]
+name = "to-one"
+protocol = "udp"
+listen = "192.0.2.1:7000-7099"
+backend = "203.0.113.20:5353"
+"#;
+    with_fixture(config, |fx| {
+        for (client_port, port, backend_port) in [(41000, 8042, 9042), (41001, 8000, 9000), (41002, 8099, 9099)] {
+            let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, client_port, port, true, b"");
+            let (verdict, out, _) = fx.xdp(&syn, fx.v0);
+            assert_eq!(verdict, XDP_REDIRECT, "{port}");
+            let (_, _, src, dst, _, sport, dport) = check(&out);
+            assert_eq!((src, dst, dport), (ROUTER_OUT, SERVER, backend_port), "{port}");
+            let reply = tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, backend_port, sport, true, b"");
+            let (verdict, out, _) = fx.xdp(&reply, fx.v1);
+            assert_eq!(verdict, XDP_REDIRECT);
+            let (_, _, src, dst, _, sport, dport) = check(&out);
+            assert_eq!((src, sport, dst, dport), (ROUTER_IN, port, CLIENT, client_port), "the client sees {port}");
+        }
+        assert_eq!(fx.stats(1).new_conns, 3);
+        let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 41003, 8055, true, b"");
+        let (verdict, out) = fx.tc(&syn, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(check(&out).6, 9055, "TC takes the range as XDP does");
+
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5000, 7042, b"query");
+        let (verdict, out, _) = fx.xdp(&q, fx.v0);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(check(&out).6, 5353, "a range to one port");
+
+        let no_rule = fx.reason(Reason::NoRule);
+        for port in [7999, 8100] {
+            let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 41004, port, true, b"");
+            let (verdict, out, _) = fx.xdp(&syn, fx.v0);
+            assert_eq!((verdict, out), (XDP_PASS, syn), "{port} is outside the range");
+        }
+        let q = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 5000, 7100, b"query");
+        assert_eq!(fx.xdp(&q, fx.v0).0, XDP_PASS);
+        assert_eq!(fx.reason(Reason::NoRule), no_rule + 3);
+        assert_eq!(fx.stats(1).new_conns, 4);
+    });
+}
