@@ -408,9 +408,9 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             let mut listens = ListenIndex::default();
             for f in &all {
                 // The forwards in place passed these checks when they were added.
-                let _ = listens.add(f);
+                let _ = listens.add(&f.name, f.protocol, f.listen);
             }
-            listens.add(&new).map_err(|e| edit(e.field, e.message))?;
+            listens.add(&new.name, new.protocol, new.listen).map_err(|e| edit(e.field, e.message))?;
             all.push(new.clone());
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
             if json {

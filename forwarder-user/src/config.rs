@@ -327,109 +327,102 @@ impl Forward {
     }
 }
 
-/// The listen ports of forwards, by protocol and address (a wildcard under its own), for
-/// the checks of a new forward's listen against them: a port is one forward's on an
-/// address; port ranges overlap neither each other nor single ports on the address, nor
-/// the ports of a wildcard listen of the family (which takes every address); at most
-/// [`MAX_PORT_RANGES`] ranges reach one address. A single port on a wildcard and the same
-/// port on one address may coexist (the address's forward takes that address).
+/// The listen ports of forwards, for the checks of a new forward's listen against them: a
+/// port is one forward's on an address and protocol; port ranges overlap neither each other
+/// nor single ports on the address, nor the ports of a wildcard listen of the family (which
+/// takes every address); at most [`MAX_PORT_RANGES`] ranges reach one address. A single
+/// port on a wildcard and the same port on one address may coexist (the address's forward
+/// takes that address). Single ports, the common case, cost one hash lookup each.
 #[derive(Default)]
-pub struct ListenIndex {
-    /// First port -> (last port, forward name), by protocol and address.
-    by_address: std::collections::HashMap<(Protocol, IpAddr), std::collections::BTreeMap<u16, (u16, String)>>,
-    /// Ranges by protocol and address: each address's count, and the addresses of each
-    /// family that have any (a wildcard's ranges reach all of them).
-    ranges: std::collections::HashMap<(Protocol, IpAddr), usize>,
+pub struct ListenIndex<'a> {
+    /// Single listen ports and their forwards.
+    singles: std::collections::HashMap<(Protocol, SocketAddr), &'a str>,
+    /// Listen ranges and their forwards, by protocol and address (a wildcard under its own).
+    ranges: std::collections::HashMap<(Protocol, IpAddr), Vec<(SocketRange, &'a str)>>,
+}
+
+impl ListenIndex<'_> {
+    pub fn reserve(&mut self, forwards: usize) {
+        self.singles.reserve(forwards);
+    }
 }
 
 /// Port ranges that reach one listen address per protocol (the kernel's bound).
 pub const MAX_PORT_RANGES: usize = forwarder_common::MAX_PORT_RANGES;
 
-impl ListenIndex {
-    /// Adds `f`'s listen, or says (as an error of `listen`) which forward's it overlaps.
-    pub fn add(&mut self, f: &Forward) -> Result<(), FieldError> {
-        let (proto, listen) = (f.protocol, f.listen);
+impl<'a> ListenIndex<'a> {
+    /// Adds the listen of forward `name`, or says (as an error of `listen`) which forward's
+    /// ports it overlaps.
+    pub fn add(&mut self, name: &'a str, proto: Protocol, listen: SocketRange) -> Result<(), FieldError> {
+        let overlap = |other: &str, at: IpAddr| {
+            let wildcard =
+                if at.is_unspecified() && !listen.ip().is_unspecified() { format!(" ({at})") } else { String::new() };
+            field_err("listen", format!("{proto:?} {listen} overlaps the listen ports of forward {other:?}{wildcard}"))
+        };
         let wildcard: IpAddr = if listen.is_ipv4() {
             std::net::Ipv4Addr::UNSPECIFIED.into()
         } else {
             std::net::Ipv6Addr::UNSPECIFIED.into()
         };
-        if let Some((other, range)) = self.overlap(proto, listen.ip(), &listen) {
-            if !listen.is_range() && !range {
+        let same_family = |a: &IpAddr| a.is_ipv4() == listen.is_ipv4();
+        // Ranges on the address, and on the wildcard (or, for a wildcard, on every address).
+        for ((p, at), ranges) in &self.ranges {
+            let reaches = *at == listen.ip() || *at == wildcard || (listen.ip().is_unspecified() && same_family(at));
+            if *p != proto || !reaches {
+                continue;
+            }
+            if let Some((_, other)) = ranges.iter().find(|(r, _)| r.ports_overlap(&listen)) {
+                return Err(overlap(other, *at));
+            }
+        }
+        if !listen.is_range() {
+            if let Some(other) = self.singles.get(&(proto, *listen)) {
                 return Err(field_err(
                     "listen",
                     format!("{proto:?} {listen} is already the listen address of forward {other:?}"),
                 ));
             }
-            return Err(field_err(
-                "listen",
-                format!("{proto:?} {listen} overlaps the listen ports of forward {other:?}"),
-            ));
+            self.singles.insert((proto, *listen), name);
+            return Ok(());
         }
-        // Across a wildcard and one address, single ports may coexist; ranges may not.
-        let others: Vec<IpAddr> = if listen.ip().is_unspecified() {
-            if listen.is_range() {
-                self.by_address
-                    .keys()
-                    .filter(|(p, a)| *p == proto && a.is_ipv4() == listen.is_ipv4() && !a.is_unspecified())
-                    .map(|(_, a)| *a)
-                    .collect()
-            } else {
-                self.ranges
-                    .keys()
-                    .filter(|(p, a)| *p == proto && a.is_ipv4() == listen.is_ipv4() && !a.is_unspecified())
-                    .map(|(_, a)| *a)
-                    .collect()
+        // A range against the single ports it covers, on its address (a wildcard: on every
+        // address of its family).
+        if listen.ip().is_unspecified() {
+            let taken = self.singles.iter().find(|((p, at), _)| {
+                *p == proto && same_family(&at.ip()) && listen.ports_overlap(&SocketRange::from(*at))
+            });
+            if let Some(((_, at), other)) = taken {
+                return Err(overlap(other, at.ip()));
             }
         } else {
-            vec![wildcard]
-        };
-        for address in others {
-            if let Some((other, range)) = self.overlap(proto, address, &listen) {
-                if listen.is_range() || range {
-                    return Err(field_err(
-                        "listen",
-                        format!("{proto:?} {listen} overlaps the listen ports of forward {other:?} ({address})"),
-                    ));
+            for port in listen.port()..=listen.last_port() {
+                for at in [listen.ip(), wildcard] {
+                    if let Some(other) = self.singles.get(&(proto, SocketAddr::new(at, port))) {
+                        return Err(overlap(other, at));
+                    }
                 }
             }
         }
-        if listen.is_range() {
-            let count = |a: IpAddr| self.ranges.get(&(proto, a)).copied().unwrap_or(0);
-            let reached = if listen.ip().is_unspecified() {
-                count(wildcard)
-                    + self
-                        .ranges
-                        .iter()
-                        .filter(|((p, a), _)| *p == proto && a.is_ipv4() == listen.is_ipv4() && !a.is_unspecified())
-                        .map(|(_, n)| *n)
-                        .max()
-                        .unwrap_or(0)
+        let count = |at: &IpAddr| self.ranges.get(&(proto, *at)).map_or(0, Vec::len);
+        let reached = count(&wildcard)
+            + if listen.ip().is_unspecified() {
+                self.ranges
+                    .iter()
+                    .filter(|((p, at), _)| *p == proto && same_family(at) && !at.is_unspecified())
+                    .map(|(_, r)| r.len())
+                    .max()
+                    .unwrap_or(0)
             } else {
-                count(wildcard) + count(listen.ip())
+                count(&listen.ip())
             };
-            if reached >= MAX_PORT_RANGES {
-                return Err(field_err(
-                    "listen",
-                    format!("{proto:?} {listen}: more than {MAX_PORT_RANGES} port ranges would listen on one address"),
-                ));
-            }
-            *self.ranges.entry((proto, listen.ip())).or_default() += 1;
+        if reached >= MAX_PORT_RANGES {
+            return Err(field_err(
+                "listen",
+                format!("{proto:?} {listen}: more than {MAX_PORT_RANGES} port ranges would listen on one address"),
+            ));
         }
-        self.by_address
-            .entry((proto, listen.ip()))
-            .or_default()
-            .insert(listen.port(), (listen.last_port(), f.name.clone()));
+        self.ranges.entry((proto, listen.ip())).or_default().push((listen, name));
         Ok(())
-    }
-
-    /// The forward on `address` whose ports overlap `listen`'s, and whether its listen is
-    /// a range. The ports of one address are disjoint, so only the last to start at or
-    /// before `listen`'s last port can overlap.
-    fn overlap(&self, proto: Protocol, address: IpAddr, listen: &SocketRange) -> Option<(&str, bool)> {
-        let ports = self.by_address.get(&(proto, address))?;
-        let (first, (last, name)) = ports.range(..=listen.last_port()).next_back()?;
-        (*last >= listen.port()).then_some((name.as_str(), last != first))
     }
 }
 
@@ -735,6 +728,7 @@ impl Config {
         let mut forwards = Vec::new();
         let mut seen_names = HashSet::with_capacity(forward_items.len());
         let mut listens = ListenIndex::default();
+        listens.reserve(forward_items.len());
         // SNAT-off forwards to one backend would share reply tuples (the client's address
         // and port): a client using both at once could not be told apart.
         let mut snat_off_backends = HashSet::new();
@@ -775,7 +769,9 @@ impl Config {
                     ),
                 ));
             }
-            listens.add(&forward).map_err(|e| err(rf.listen.span(), &f(e.field), e.message))?;
+            listens
+                .add(rf.name.get_ref(), forward.protocol, forward.listen)
+                .map_err(|e| err(rf.listen.span(), &f(e.field), e.message))?;
             forwards.push(forward);
         }
 
