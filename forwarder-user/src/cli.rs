@@ -273,11 +273,15 @@ pub struct ForwardEntry<'a> {
     pub backend: std::net::SocketAddr,
     #[serde(flatten)]
     pub forward: &'a Forward,
+    /// Each backend's state in `backends` order ("up", "down" by health checks,
+    /// "drained"), where known (`forward list`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backend_states: Vec<&'static str>,
 }
 
 impl<'a> ForwardEntry<'a> {
     pub fn of(id: u32, forward: &'a Forward) -> Self {
-        ForwardEntry { id, backend: forward.backends[0].address, forward }
+        ForwardEntry { id, backend: forward.backends[0].address, forward, backend_states: Vec::new() }
     }
 }
 
@@ -428,11 +432,23 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
         ForwardAction::List => {
             let state = State::open(pin)?;
             let list = state.forwards()?;
+            let stored = state.stored_backends()?;
+            let states = |id: &u32| -> Vec<&'static str> {
+                let list = stored.get(id).map(Vec::as_slice).unwrap_or_default();
+                list.iter()
+                    .map(|(_, v)| crate::telemetry::counters::BackendCounters::of(v, Default::default(), 0).state)
+                    .collect()
+            };
             if json {
-                let v: Vec<_> = list.iter().map(|(id, forward)| ForwardEntry::of(*id, forward)).collect();
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|(id, forward)| ForwardEntry { backend_states: states(id), ..ForwardEntry::of(*id, forward) })
+                    .collect();
                 print_json(&v)?;
             } else {
-                for (_, f) in list {
+                for (id, f) in list {
+                    let states = states(&id);
+                    let show = f.backends.len() > 1 || states.iter().any(|s| *s != "up");
                     println!(
                         "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}",
                         f.name,
@@ -442,6 +458,9 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
                         f.snat,
                         f.local
                     );
+                    for (b, s) in f.backends.iter().zip(&states).filter(|_| show) {
+                        println!("{:<20} backend {:<26} weight {:<5} {}", f.name, b.address.to_string(), b.weight, s);
+                    }
                 }
             }
             Ok(())
