@@ -324,3 +324,34 @@ fn no_backend_up_refuses_new_connections_promptly() {
     let no_backend = stats["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == "no_backend").unwrap();
     assert!(no_backend["packets"].as_u64().unwrap() >= 1, "{no_backend}");
 }
+
+/// A reload that changes weights and adds a backend applies as a diff: the forward keeps
+/// its id, established connections keep their backend and pass, even with
+/// `on_forward_removed = "flush"`; new connections follow the new weights.
+#[test]
+fn reload_changes_backends_without_touching_established_connections() {
+    let chain = chain();
+    for i in 0..3 {
+        who_server(&chain.server, backend(i));
+    }
+    let flush = "\n[conntrack]\non_forward_removed = \"flush\"\n";
+    let d = Daemon::start(&chain.router, &chain.tag, &config(&[(0, 1), (1, 1)], flush)).unwrap();
+    let id = |d: &Daemon| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+        v[0]["id"].as_u64().unwrap()
+    };
+    let before = id(&d);
+    let mut long = long_connection_to(&chain.client, backend(1), 52_000..52_100);
+    ping(&mut long, 0);
+    d.replace_config(&config(&[(0, 1), (1, 0), (2, 1)], flush)).unwrap();
+    wait_for("the reload", Duration::from_secs(5), || backend_state(&d, backend(1)) == "drained");
+    assert_eq!(id(&d), before, "the forward keeps its id");
+    for n in 1..10 {
+        ping(&mut long, n);
+    }
+    let c = counts(&split(&chain.client, 53_000..53_200));
+    assert_eq!(c.get(&backend(1).to_string()), None, "{c:?}");
+    assert_eq!(c.values().sum::<usize>(), 200, "{c:?}");
+    assert!(c.get(&backend(2).to_string()).copied().unwrap_or(0) > 50, "the new backend takes its share: {c:?}");
+    assert!(d.log().contains("updated"), "the reload reports the forward as updated");
+}
