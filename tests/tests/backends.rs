@@ -355,3 +355,38 @@ fn reload_changes_backends_without_touching_established_connections() {
     assert!(c.get(&backend(2).to_string()).copied().unwrap_or(0) > 50, "the new backend takes its share: {c:?}");
     assert!(d.log().contains("updated"), "the reload reports the forward as updated");
 }
+
+/// Local programs (the cgroup hooks) choose among the backends by the same table: 40
+/// connections from the router itself spread over the backends, every one answered, and
+/// counted per backend.
+#[test]
+fn local_programs_choose_among_the_backends() {
+    let chain = chain();
+    for i in 0..3 {
+        who_server(&chain.server, backend(i));
+    }
+    let d = Daemon::start(&chain.router, &chain.tag, &config(&[(0, 1), (1, 1), (2, 2)], "")).unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for n in 0..40 {
+        let out = d
+            .cgroup
+            .command(&chain.router, env!("CARGO_BIN_EXE_fwt-probe"))
+            .unwrap()
+            .args(["tcp", &listen().to_string(), &format!("hello {n}")])
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let reply = r["reply"].as_str().unwrap_or_else(|| panic!("{r}"));
+        let (who, echoed) = reply.split_once('\n').unwrap();
+        assert_eq!(echoed, format!("hello {n}"));
+        assert_eq!(r["peer"], listen().to_string(), "the program sees what it dialled");
+        *seen.entry(who.to_string()).or_insert(0) += 1;
+    }
+    assert!(seen.len() >= 2, "the connections spread over the backends: {seen:?}");
+    let stats = d.stats().unwrap();
+    for b in stats["forwards"][0]["backends"].as_array().unwrap() {
+        let address = b["address"].as_str().unwrap();
+        let want = seen.get(address).copied().unwrap_or(0) as u64;
+        assert_eq!(b["local_connections"].as_u64(), Some(want), "{address}: {stats}");
+    }
+}
