@@ -174,8 +174,9 @@ pub const FWD_FLAG_MAGLEV: u32 = 1 << 3;
 /// No backend takes new connections (all down or drained): they are refused and counted
 /// as `no_backend`; established connections go on.
 pub const FWD_FLAG_NO_BACKEND: u32 = 1 << 4;
-/// A port range whose backends are ranges of the same size: the backend port is the
-/// backend's first port plus the connection's offset into the listen range.
+/// A port range whose backend in this value is a range of the same size: the backend port
+/// is the backend's first port plus the connection's offset into the listen range (a
+/// backend chosen by the Maglev table says so itself, [`BACKEND_PORT_OFFSET`]).
 pub const FWD_FLAG_PORT_OFFSET: u32 = 1 << 5;
 /// The forward has an allow list ([`FWD_ALLOW`]).
 pub const FWD_FLAG_ALLOW: u32 = 1 << 6;
@@ -276,6 +277,10 @@ const _: () = assert!(size_of::<BackendKey>() == 8);
 
 /// The backend is down by its health checks (it takes no new connections).
 pub const BACKEND_DOWN: u8 = 1 << 0;
+/// The backend is a port range as large as its forward's listen range: its port is its
+/// first port plus the connection's offset into the listen range. Written with the
+/// backend; the health checks change only [`BACKEND_DOWN`].
+pub const BACKEND_PORT_OFFSET: u8 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -1002,6 +1007,13 @@ mod pod {
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for HealthSpec {}
+    unsafe impl aya::Pod for FwdValueV1 {}
+    unsafe impl aya::Pod for FwdMetaV1 {}
 }
 
 #[cfg(test)]

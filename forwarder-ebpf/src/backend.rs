@@ -3,7 +3,7 @@
 //! in their connection entries.
 
 use forwarder_common::{
-    BackendKey, FWD_FLAG_MAGLEV, FWD_FLAG_NO_BACKEND, FWD_FLAG_PORT_OFFSET, FwdValue, Reason,
+    BACKEND_PORT_OFFSET, BackendKey, FWD_FLAG_MAGLEV, FWD_FLAG_NO_BACKEND, FWD_FLAG_PORT_OFFSET, FwdValue, Reason,
     maglev::{maglev_slot, tuple_hash},
     offset_port,
 };
@@ -22,34 +22,29 @@ pub struct Chosen {
 /// `hash` (see [`hash_of`]). `NoBackend` when none takes new connections.
 #[inline(always)]
 pub fn choose(fwd: &'static FwdValue, hash: u32, dport_be: u16) -> Result<Chosen, Reason> {
-    let mut chosen = choose_backend(fwd, hash)?;
-    if fwd.flags & FWD_FLAG_PORT_OFFSET != 0 {
-        chosen.port_be = offset_port(chosen.port_be, fwd.listen_port_be, dport_be);
-    }
-    Ok(chosen)
-}
-
-/// The backend as configured (its first port, for a range).
-#[inline(always)]
-fn choose_backend(fwd: &'static FwdValue, hash: u32) -> Result<Chosen, Reason> {
     if fwd.flags & FWD_FLAG_NO_BACKEND != 0 {
         return Err(Reason::NoBackend);
     }
+    // A backend range keeps the connection's offset into the listen range.
+    let port = |first_be: u16, offset: bool| {
+        if offset { offset_port(first_be, fwd.listen_port_be, dport_be) } else { first_be }
+    };
     if fwd.flags & FWD_FLAG_MAGLEV == 0 {
-        return Ok(Chosen { addr: &fwd.backend_addr, port_be: fwd.backend_port_be, index: fwd.backend_index });
+        let port_be = port(fwd.backend_port_be, fwd.flags & FWD_FLAG_PORT_OFFSET != 0);
+        return Ok(Chosen { addr: &fwd.backend_addr, port_be, index: fwd.backend_index });
     }
     // SAFETY: map value references valid for this program run.
     let table = unsafe { FWD_MAGLEV.get(&fwd.table_id) }.ok_or(Reason::NoBackend)?;
-    // Read back opaquely: LLVM knows the remainder is in bounds and drops the check, but the
-    // verifier cannot follow its multiply-and-shift division.
-    let index = maglev_slot(hash) as usize;
-    // SAFETY: a read of a local.
-    let index = unsafe { core::ptr::read_volatile(&index) };
-    let slot = *table.slots.get(index).ok_or(Reason::NoBackend)?;
+    // The compiler knows the slot is below the table's size and drops a plain check, which
+    // the verifier needs: read through memory, the bound is checked again.
+    let at = maglev_slot(hash) as usize;
+    // SAFETY: a local's address.
+    let at = unsafe { core::ptr::read_volatile(&at) };
+    let slot = *table.slots.get(at).ok_or(Reason::NoBackend)?;
     let key = BackendKey { forward_id: fwd.forward_id, slot: slot as u32 };
     // SAFETY: as above.
     let b = unsafe { FWD_BACKENDS.get(&key) }.ok_or(Reason::NoBackend)?;
-    Ok(Chosen { addr: &b.addr, port_be: b.port_be, index: b.index })
+    Ok(Chosen { addr: &b.addr, port_be: port(b.port_be, b.state & BACKEND_PORT_OFFSET != 0), index: b.index })
 }
 
 /// The hash a connection's tuple chooses by (as it arrives, before any rewrite).

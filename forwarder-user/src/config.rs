@@ -128,11 +128,17 @@ impl serde::Serialize for Snat {
 pub struct FieldError {
     /// The key of the config (`name`, `listen`, ...), which is also the CLI flag's name.
     pub field: &'static str,
+    /// For a key of one of a forward's backends: that backend's position.
+    pub backend: Option<usize>,
     pub message: String,
 }
 
 fn field_err(field: &'static str, message: String) -> FieldError {
-    FieldError { field, message }
+    FieldError { field, backend: None, message }
+}
+
+fn backend_err(index: usize, field: &'static str, message: String) -> FieldError {
+    FieldError { field, backend: Some(index), message }
 }
 
 /// A forward's name: 1 to [`MAX_NAME_LEN`] bytes.
@@ -217,25 +223,6 @@ pub fn parse_socket_range(field: &'static str, s: &str) -> Result<SocketRange, F
     s.parse().map_err(|_| field_err(field, format!("{s:?} is not address:port or address:first-last")))
 }
 
-/// A backend address of a forward listening on `listen`, as `field` writes it: one port,
-/// or (for a listen range) a range of the same size, whose ports keep the offset into the
-/// listen range.
-pub fn parse_backend_address(field: &'static str, s: &str, listen: &SocketRange) -> Result<SocketRange, FieldError> {
-    let backend = parse_socket_range(field, s)?;
-    if backend.is_range() && backend.span != listen.span {
-        return Err(field_err(
-            field,
-            format!(
-                "{backend} is a range of {} ports and listen {listen} of {}: a backend of a port range is one port \
-                 (all map to it) or a range of the same size",
-                backend.span as u32 + 1,
-                listen.span as u32 + 1
-            ),
-        ));
-    }
-    Ok(backend)
-}
-
 /// A peer's address: an IP address that can be a neighbour.
 pub fn parse_peer_address(s: &str) -> Result<IpAddr, FieldError> {
     let address: IpAddr = s.parse().map_err(|_| field_err("address", format!("{s:?} is not an IP address")))?;
@@ -265,15 +252,130 @@ pub struct Forward {
     pub name: String,
     pub protocol: Protocol,
     pub listen: SocketRange,
-    pub backend: SocketRange,
+    /// At least one; `backend = "a:p"` is one of weight 1.
+    pub backends: Vec<Backend>,
     pub snat: Snat,
     pub local: bool,
+    /// Active health checks of the backends; None: every backend is taken as up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// One of a forward's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Backend {
+    /// One port, or (with a listen range) a range of the same size.
+    pub address: SocketRange,
+    /// Relative share of new connections; 0 drains the backend (no new connections, its
+    /// established ones stay).
+    pub weight: u32,
+}
+
+/// Backends one forward may have.
+pub const MAX_BACKENDS: usize = forwarder_common::MAX_BACKENDS_PER_FORWARD as usize;
+
+/// How a backend's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// A probe datagram gets any answer (an ICMP port unreachable is a failure).
+    Udp,
+}
+
+/// A forward's active health checks, run by the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    pub kind: HealthKind,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive successes for a down backend to come back.
+    pub rise: u8,
+    /// Consecutive failures for an up backend to be taken out.
+    pub fall: u8,
+}
+
+impl Health {
+    /// Checks as written in the config: `kind` (tcp | udp | none: None), `interval` and
+    /// `timeout` in seconds, `rise` and `fall` (defaults 2 s, 1 s, 2, 2).
+    pub fn new(
+        kind: &str,
+        interval: Option<f64>,
+        timeout: Option<f64>,
+        rise: Option<i64>,
+        fall: Option<i64>,
+    ) -> Result<Option<Self>, FieldError> {
+        let kind = match kind {
+            "tcp" => HealthKind::Tcp,
+            "udp" => HealthKind::Udp,
+            "none" => return Ok(None),
+            other => return Err(field_err("kind", format!("{other:?}: expected \"tcp\", \"udp\" or \"none\""))),
+        };
+        let millis = |field: &'static str, v: Option<f64>, default: u32| match v {
+            None => Ok(default),
+            Some(s) if s.is_finite() && (0.01..=3600.0).contains(&s) => Ok((s * 1000.0).round() as u32),
+            Some(s) => Err(field_err(field, format!("{s}: must be between 0.01 and 3600 seconds"))),
+        };
+        let count = |field: &'static str, v: Option<i64>| match v {
+            None => Ok(2),
+            Some(n) if (1..=255).contains(&n) => Ok(n as u8),
+            Some(n) => Err(field_err(field, format!("{n}: must be between 1 and 255"))),
+        };
+        let health = Health {
+            kind,
+            interval_ms: millis("interval", interval, 2000)?,
+            timeout_ms: millis("timeout", timeout, 1000)?,
+            rise: count("rise", rise)?,
+            fall: count("fall", fall)?,
+        };
+        if health.timeout_ms > health.interval_ms {
+            return Err(field_err("timeout", "must not be longer than interval".into()));
+        }
+        Ok(Some(health))
+    }
+}
+
+/// `field`'s address: not an IPv4-mapped IPv6 one (an IPv4 forward serves those).
+fn not_v4_mapped(field: &'static str, at: SocketAddr) -> Result<(), FieldError> {
+    if let Some(v4) = match at.ip() {
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+        IpAddr::V4(_) => None,
+    } {
+        return Err(field_err(
+            field,
+            format!(
+                "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that dial {} from \
+                 dual-stack sockets)",
+                at.ip(),
+                at.ip()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Backend {
+    /// A backend as written: `address:port` and a weight (None: 1).
+    pub fn new(address: &str, weight: Option<i64>) -> Result<Self, FieldError> {
+        let address = parse_socket_range("address", address)?;
+        if address.port() == 0 || address.ip().is_unspecified() {
+            return Err(field_err("address", "needs a concrete address and a port other than 0".into()));
+        }
+        not_v4_mapped("address", *address)?;
+        let weight = match weight {
+            None => 1,
+            Some(w) if (0..=65_535).contains(&w) => w as u32,
+            Some(w) => return Err(field_err("weight", format!("{w}: must be between 0 and 65535"))),
+        };
+        Ok(Backend { address, weight })
+    }
 }
 
 impl Forward {
     /// One forward's fields validated on their own, as the config file and `forward add`
     /// check them (checks across forwards, such as duplicate names, are the caller's).
-    /// `snat` is the text of the key (None: "auto").
+    /// `snat` is the text of the key (None: "auto"). One backend of weight 1.
     pub fn new(
         name: &str,
         protocol: Protocol,
@@ -282,34 +384,27 @@ impl Forward {
         snat: Option<&str>,
         local: bool,
     ) -> Result<Self, FieldError> {
+        let backend = Backend::new(backend, None).map_err(|e| field_err("backend", e.message))?;
+        Self::with_backends(name, protocol, listen, vec![backend], snat, local)
+    }
+
+    /// [`Forward::new`] with several backends (no health checks).
+    pub fn with_backends(
+        name: &str,
+        protocol: Protocol,
+        listen: &str,
+        backends: Vec<Backend>,
+        snat: Option<&str>,
+        local: bool,
+    ) -> Result<Self, FieldError> {
         validate_forward_name(name)?;
         let listen = parse_socket_range("listen", listen)?;
-        let backend = parse_backend_address("backend", backend, &listen)?;
         if listen.port() == 0 {
             return Err(field_err("listen", "port must not be 0".into()));
         }
-        if backend.port() == 0 || backend.ip().is_unspecified() {
-            return Err(field_err("backend", "needs a concrete address and a port other than 0".into()));
-        }
-        if listen.is_ipv6() != backend.is_ipv6() {
-            return Err(field_err("backend", "must be of the same address family as listen (IPv4 or IPv6)".into()));
-        }
-        for (field, at) in [("listen", *listen), ("backend", *backend)] {
-            if let Some(v4) = match at.ip() {
-                IpAddr::V6(a) => a.to_ipv4_mapped(),
-                IpAddr::V4(_) => None,
-            } {
-                return Err(field_err(
-                    field,
-                    format!(
-                        "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that dial {} \
-                         from dual-stack sockets)",
-                        at.ip(),
-                        at.ip()
-                    ),
-                ));
-            }
-        }
+        not_v4_mapped("listen", *listen)?;
+        check_backends(listen, &backends)?;
+        let backend = backends[0].address;
         let snat = match snat {
             None => Snat::Auto,
             Some(text) => match text.parse::<Snat>() {
@@ -323,8 +418,81 @@ impl Forward {
                 Err(message) => return Err(field_err("snat", message)),
             },
         };
-        Ok(Forward { name: name.to_string(), protocol, listen, backend, snat, local })
+        Ok(Forward { name: name.to_string(), protocol, listen, backends, snat, local, health: None })
     }
+
+    /// The same rule apart from backends and health checks: a change of those keeps the
+    /// forward's id and connections.
+    pub fn same_rule(&self, other: &Forward) -> bool {
+        let rule = |f: &Forward| (f.name.clone(), f.protocol, f.listen, f.snat, f.local);
+        rule(self) == rule(other)
+    }
+
+    /// The forward's one backend, when it has exactly one.
+    pub fn single_backend(&self) -> Option<SocketAddr> {
+        match self.backends.as_slice() {
+            [b] => Some(*b.address),
+            _ => None,
+        }
+    }
+
+    /// The backends as text, `a:p` or `a:p (weight w)` each.
+    pub fn backends_text(&self) -> String {
+        let one = |b: &Backend| {
+            if b.weight == 1 { b.address.to_string() } else { format!("{} (weight {})", b.address, b.weight) }
+        };
+        self.backends.iter().map(one).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// A forward's backends checked together: at least one, at most [`MAX_BACKENDS`], of the
+/// listen address's family, no two alike, not all of weight 0, and none on loopback when
+/// there are several (a backend on this host is delivered to as a forward's only one).
+fn check_backends(listen: SocketRange, backends: &[Backend]) -> Result<(), FieldError> {
+    if backends.is_empty() {
+        return Err(field_err("backend", "a forward needs a backend (or [[forward.backends]])".into()));
+    }
+    if backends.len() > MAX_BACKENDS {
+        return Err(field_err("backends", format!("{} backends: at most {MAX_BACKENDS}", backends.len())));
+    }
+    let several = backends.len() > 1;
+    for (i, b) in backends.iter().enumerate() {
+        let at = |field, message| if several { backend_err(i, field, message) } else { field_err("backend", message) };
+        if listen.is_ipv6() != b.address.is_ipv6() {
+            return Err(at("address", "must be of the same address family as listen (IPv4 or IPv6)".into()));
+        }
+        if b.address.is_range() && b.address.span != listen.span {
+            return Err(at(
+                "address",
+                format!(
+                    "{} is a range of {} ports and listen {listen} of {}: a backend of a port range is one port (all \
+                     map to it) or a range of the same size",
+                    b.address,
+                    b.address.span as u32 + 1,
+                    listen.span as u32 + 1
+                ),
+            ));
+        }
+        if several && b.address.ip().is_loopback() {
+            return Err(at(
+                "address",
+                format!(
+                    "{} is on this host: a forward delivers to a backend on this host only as its one backend",
+                    b.address
+                ),
+            ));
+        }
+        if let Some(j) = backends[..i].iter().position(|o| o.address == b.address) {
+            return Err(at("address", format!("{} is listed twice (also backend {j})", b.address)));
+        }
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(field_err(
+            "backends",
+            "every backend has weight 0: new connections would have nowhere to go".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The listen ports of forwards, for the checks of a new forward's listen against them: a
@@ -516,6 +684,8 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub conntrack: Conntrack,
     pub max_forwards: u32,
+    /// Backends of all forwards together (`limits.max_backends`).
+    pub max_backends: u32,
 }
 
 // ---- raw (as written) form, with spans for error messages ----
@@ -567,9 +737,45 @@ struct RawForward {
     name: Spanned<String>,
     protocol: Protocol,
     listen: Spanned<String>,
-    backend: Spanned<String>,
+    backend: Option<Spanned<String>>,
+    backends: Option<Spanned<Vec<RawBackend>>>,
     snat: Option<Spanned<String>>,
     local: Option<bool>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Spanned<String>,
+    interval: Option<Spanned<Seconds>>,
+    timeout: Option<Spanned<Seconds>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+/// Seconds written as an integer or a fraction.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum Seconds {
+    Whole(i64),
+    Fraction(f64),
+}
+
+impl Seconds {
+    fn get(self) -> f64 {
+        match self {
+            Seconds::Whole(s) => s as f64,
+            Seconds::Fraction(s) => s,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -627,6 +833,7 @@ impl RawConntrack {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_forwards: Option<Spanned<u32>>,
+    max_backends: Option<Spanned<u32>>,
 }
 
 /// Longest forward name the metadata map holds (bytes).
@@ -641,9 +848,11 @@ impl Config {
     pub fn shared_local_udp_backends(&self) -> Vec<(SocketAddr, Vec<&str>)> {
         let mut by_backend: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
         for f in self.forwards.iter().filter(|f| f.local && f.protocol == Protocol::Udp) {
-            match by_backend.iter_mut().find(|(b, _)| *b == *f.backend) {
-                Some((_, names)) => names.push(&f.name),
-                None => by_backend.push((*f.backend, vec![&f.name])),
+            for backend in f.backends.iter().map(|b| *b.address) {
+                match by_backend.iter_mut().find(|(b, _)| *b == backend) {
+                    Some((_, names)) => names.push(&f.name),
+                    None => by_backend.push((backend, vec![&f.name])),
+                }
             }
         }
         by_backend.retain(|(_, names)| names.len() > 1);
@@ -736,29 +945,90 @@ impl Config {
         for (prefix, rf) in &forward_items {
             let f = |name: &str| format!("{prefix}.{name}");
             let name = rf.name.get_ref();
-            let forward = Forward::new(
+            let backends_span = match (&rf.backend, &rf.backends) {
+                (Some(b), None) => b.span(),
+                (None, Some(bs)) => bs.span(),
+                (Some(b), Some(_)) => {
+                    return Err(err(
+                        b.span(),
+                        &f("backend"),
+                        "give either backend or [[forward.backends]], not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(err(
+                        rf.name.span(),
+                        &f("backend"),
+                        "missing: give backend or [[forward.backends]]".into(),
+                    ));
+                }
+            };
+            let raw_backends: Vec<(&Spanned<String>, Option<&Spanned<i64>>)> = match (&rf.backend, &rf.backends) {
+                (Some(b), _) => vec![(b, None)],
+                (_, Some(bs)) => bs.get_ref().iter().map(|b| (&b.address, b.weight.as_ref())).collect(),
+                _ => Vec::new(),
+            };
+            let single = rf.backend.is_some();
+            let backend_field = |i: usize, field: &str| {
+                if single { f("backend") } else { f(&format!("backends[{i}].{field}")) }
+            };
+            let mut backends = Vec::with_capacity(raw_backends.len());
+            for (i, (address, weight)) in raw_backends.iter().enumerate() {
+                let b = Backend::new(address.get_ref(), weight.map(|w| *w.get_ref())).map_err(|e| {
+                    let span = if e.field == "weight" { weight.unwrap().span() } else { address.span() };
+                    err(span, &backend_field(i, e.field), e.message)
+                })?;
+                backends.push(b);
+            }
+            let mut forward = Forward::with_backends(
                 name,
                 rf.protocol,
                 rf.listen.get_ref(),
-                rf.backend.get_ref(),
+                backends,
                 rf.snat.as_ref().map(|s| s.get_ref().as_str()),
                 rf.local.unwrap_or(true),
             )
             .map_err(|e| {
+                if let Some(i) = e.backend {
+                    return err(raw_backends[i].0.span(), &backend_field(i, e.field), e.message);
+                }
                 let span = match e.field {
                     "name" => rf.name.span(),
                     "listen" => rf.listen.span(),
-                    "snat" => rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span()),
-                    _ => rf.backend.span(),
+                    "snat" => rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| backends_span.clone()),
+                    _ => backends_span.clone(),
                 };
                 err(span, &f(e.field), e.message)
             })?;
+            if let Some(h) = &rf.health {
+                let rh = h.get_ref();
+                forward.health = Health::new(
+                    rh.kind.get_ref(),
+                    rh.interval.as_ref().map(|s| s.get_ref().get()),
+                    rh.timeout.as_ref().map(|s| s.get_ref().get()),
+                    rh.rise.as_ref().map(|s| *s.get_ref()),
+                    rh.fall.as_ref().map(|s| *s.get_ref()),
+                )
+                .map_err(|e| {
+                    let span = match e.field {
+                        "kind" => rh.kind.span(),
+                        "interval" => rh.interval.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                        "timeout" => rh.timeout.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                        "rise" => rh.rise.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                        _ => rh.fall.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                    };
+                    err(span, &f(&format!("health.{}", e.field)), e.message)
+                })?;
+            }
             if !seen_names.insert(name.as_str()) {
                 return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
             }
-            let (backend, snat) = (forward.backend, forward.snat);
-            if snat == Snat::Off && !snat_off_backends.insert((rf.protocol, backend)) {
-                let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span());
+            let snat = forward.snat;
+            let taken = (snat == Snat::Off)
+                .then(|| forward.backends.iter().find(|b| !snat_off_backends.insert((rf.protocol, b.address))))
+                .flatten();
+            if let Some(backend) = taken.map(|b| b.address) {
+                let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| backends_span.clone());
                 return Err(err(
                     span,
                     &f("snat"),
@@ -857,7 +1127,27 @@ impl Config {
                 message: format!("{} forwards exceed the limit of {max_forwards}", forwards.len()),
             });
         }
-        Ok(Config { interfaces, forwards, peers, conntrack, max_forwards })
+        // By default every forward can have one backend, whatever limits.max_forwards says.
+        let mut max_backends = forwarder_common::DEFAULT_MAX_BACKENDS.max(max_forwards);
+        if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_backends.as_ref()) {
+            if *m.get_ref() == 0 || *m.get_ref() > forwarder_common::MAX_BACKEND_INDEX {
+                return Err(err(
+                    m.span(),
+                    "limits.max_backends",
+                    format!("must be between 1 and {}", forwarder_common::MAX_BACKEND_INDEX),
+                ));
+            }
+            max_backends = *m.get_ref();
+        }
+        let backends: usize = forwards.iter().map(|f| f.backends.len()).sum();
+        if backends > max_backends as usize {
+            return Err(ConfigError::Invalid {
+                line: 1,
+                field: "limits.max_backends".into(),
+                message: format!("{backends} backends exceed the limit of {max_backends}"),
+            });
+        }
+        Ok(Config { interfaces, forwards, peers, conntrack, max_forwards, max_backends })
     }
 }
 
@@ -923,6 +1213,77 @@ backend = "203.0.113.20:3197"
 snat = "auto"
 "#;
 
+    const WEB: &str = r#"
+[[forward]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:8080"
+
+[[forward.backends]]
+address = "203.0.113.20:80"
+weight = 2
+[[forward.backends]]
+address = "203.0.113.21:80"
+
+[forward.health]
+kind = "tcp"
+interval = 2
+timeout = 0.5
+rise = 3
+fall = 2
+"#;
+
+    #[test]
+    fn several_backends_with_weights_and_health_parse() {
+        let c = Config::parse(WEB).unwrap();
+        let f = &c.forwards[0];
+        let got: Vec<(String, u32)> = f.backends.iter().map(|b| (b.address.to_string(), b.weight)).collect();
+        assert_eq!(got, [("203.0.113.20:80".to_string(), 2), ("203.0.113.21:80".to_string(), 1)]);
+        let h = f.health.unwrap();
+        assert_eq!((h.kind, h.interval_ms, h.timeout_ms, h.rise, h.fall), (HealthKind::Tcp, 2000, 500, 3, 2));
+        let none = WEB.replace("kind = \"tcp\"", "kind = \"none\"");
+        assert_eq!(Config::parse(&none).unwrap().forwards[0].health, None);
+    }
+
+    /// Bad backends and health checks are refused with the line and field of the value.
+    #[test]
+    fn backend_errors_name_line_and_field() {
+        let invalid = |text: &str| match Config::parse(text) {
+            Err(ConfigError::Invalid { line, field, message }) => (line, field, message),
+            other => panic!("expected an invalid config, got {other:?}"),
+        };
+        let dup = WEB.replace("203.0.113.21:80", "203.0.113.20:80");
+        let (line, field, message) = invalid(&dup);
+        assert_eq!((line, field.as_str()), (11, "forward[0].backends[1].address"), "{message}");
+        assert!(message.contains("listed twice"), "{message}");
+        let (line, field, _) = invalid(&WEB.replace("weight = 2", "weight = -1"));
+        assert_eq!((line, field.as_str()), (9, "forward[0].backends[0].weight"));
+        let zero = WEB
+            .replace("weight = 2", "weight = 0")
+            .replace("address = \"203.0.113.21:80\"", "address = \"203.0.113.21:80\"\nweight = 0");
+        let (_, field, message) = invalid(&zero);
+        assert_eq!(field, "forward[0].backends", "{message}");
+        let (_, field, _) = invalid(&WEB.replace("203.0.113.21:80", "[2001:db8::21]:80"));
+        assert_eq!(field, "forward[0].backends[1].address");
+        let (_, field, _) = invalid(&WEB.replace("203.0.113.21:80", "127.0.0.1:80"));
+        assert_eq!(field, "forward[0].backends[1].address");
+        let (line, field, _) = invalid(&WEB.replace("kind = \"tcp\"", "kind = \"icmp\""));
+        assert_eq!((line, field.as_str()), (14, "forward[0].health.kind"));
+        let (_, field, _) = invalid(&WEB.replace("timeout = 0.5", "timeout = 3"));
+        assert_eq!(field, "forward[0].health.timeout");
+        let (_, field, _) = invalid(&WEB.replace("rise = 3", "rise = 0"));
+        assert_eq!(field, "forward[0].health.rise");
+        let both = WEB.replace("listen = \"0.0.0.0:8080\"", "listen = \"0.0.0.0:8080\"\nbackend = \"203.0.113.9:80\"");
+        let (_, field, _) = invalid(&both);
+        assert_eq!(field, "forward[0].backend");
+        let many: String = (0..=MAX_BACKENDS)
+            .map(|i| format!("[[forward.backends]]\naddress = \"203.0.113.{}:{}\"\n", i % 250 + 1, 1000 + i))
+            .collect();
+        let (_, field, _) =
+            invalid(&format!("[[forward]]\nname = \"w\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:1\"\n{many}"));
+        assert_eq!(field, "forward[0].backends");
+    }
+
     #[test]
     fn classic_example_parses() {
         let c = Config::parse(CLASSIC).unwrap();
@@ -932,7 +1293,7 @@ snat = "auto"
         );
         let f = &c.forwards[0];
         assert_eq!(f.listen, "0.0.0.0:3306".parse().unwrap());
-        assert_eq!(f.backend, "203.0.113.20:3197".parse().unwrap());
+        assert_eq!(f.backends[0].address, "203.0.113.20:3197".parse().unwrap());
         assert_eq!(f.snat, Snat::Auto);
         assert!(f.local);
     }
@@ -1106,7 +1467,7 @@ snat = "auto"
             &CLASSIC.replace("0.0.0.0:3306", "[::]:3306").replace("203.0.113.20:3197", "[2001:db8::20]:3197"),
         )
         .unwrap();
-        assert!(v6.forwards[0].backend.is_ipv6());
+        assert!(v6.forwards[0].backends[0].address.is_ipv6());
     }
 
     /// A config of TCP forwards, one per (listen, backend).
@@ -1133,12 +1494,13 @@ snat = "auto"
         .unwrap();
         let f = &c.forwards;
         assert_eq!((f[0].listen.port(), f[0].listen.span, f[0].listen.last_port()), (8000, 99, 8099));
-        assert_eq!((f[0].backend.port(), f[0].backend.span), (9000, 99));
-        assert_eq!((f[1].listen.span, f[1].backend.span), (9, 0), "a range to one port");
+        let backend = |i: usize| f[i].backends[0].address;
+        assert_eq!((backend(0).port(), backend(0).span), (9000, 99));
+        assert_eq!((f[1].listen.span, backend(1).span), (9, 0), "a range to one port");
         assert_eq!(f[0].listen.to_string(), "0.0.0.0:8000-8099");
-        assert_eq!(f[1].backend.to_string(), "203.0.113.20:9000");
+        assert_eq!(backend(1).to_string(), "203.0.113.20:9000");
         assert_eq!(f[2].listen.to_string(), "[2001:db8::1]:8000-8099");
-        assert_eq!(f[2].backend.to_string(), "[2001:db8::20]:9000-9099");
+        assert_eq!(backend(2).to_string(), "[2001:db8::20]:9000-9099");
         assert_eq!(f[3].listen.to_string(), "192.0.2.1:80", "a range of one port is that port");
         assert_eq!(serde_json::to_value(&f[0]).unwrap()["listen"], "0.0.0.0:8000-8099");
         for bad in ["0.0.0.0:8099-8000", "0.0.0.0:8000-", "0.0.0.0:-8000", "0.0.0.0:8000-70000", "0.0.0.0:0-10"] {
@@ -1155,10 +1517,23 @@ snat = "auto"
         assert!(message.contains("range of 99 ports") && message.contains("of 100"), "{message}");
         let (_, field, _) = invalid(&forwards(&[("0.0.0.0:8000", "203.0.113.20:9000-9099")]));
         assert_eq!(field, "forward[0].backend", "a range backend needs a listen range");
-        let helper = parse_backend_address("address", "203.0.113.20:9000-9001", &"0.0.0.0:80-81".parse().unwrap());
-        assert_eq!(helper.map(|b| b.span), Ok(1));
-        let helper = parse_backend_address("address", "203.0.113.20:9000-9002", &"0.0.0.0:80-81".parse().unwrap());
-        assert_eq!(helper.unwrap_err().field, "address", "errors name the caller's field");
+        let several = r#"
+[[forward]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:8000-8099"
+[[forward.backends]]
+address = "203.0.113.20:9000-9099"
+[[forward.backends]]
+address = "203.0.113.21:9000"
+[[forward.backends]]
+address = "203.0.113.22:9000-9009"
+"#;
+        let (line, field, message) = invalid(several);
+        assert_eq!((line, field.as_str()), (11, "forward[0].backends[2].address"), "{message}");
+        let c = Config::parse(&several.replace("9000-9009", "9100-9199")).unwrap();
+        let spans: Vec<u16> = c.forwards[0].backends.iter().map(|b| b.address.span).collect();
+        assert_eq!(spans, [99, 0, 99], "ranges and single ports mix among backends");
     }
 
     #[test]

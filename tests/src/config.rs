@@ -22,6 +22,15 @@ pub fn forward(name: &str, protocol: &str, listen: impl Display, backend: impl D
     )
 }
 
+/// A `[[forward]]` table with several `[[forward.backends]]`: (address, weight) each.
+pub fn forward_to_backends(name: &str, protocol: &str, listen: impl Display, backends: &[(String, u32)]) -> String {
+    let mut out = format!("\n[[forward]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\nlisten = \"{listen}\"\n");
+    for (address, weight) in backends {
+        out += &format!("\n[[forward.backends]]\naddress = \"{address}\"\nweight = {weight}\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,7 +45,7 @@ mod tests {
         let names: Vec<&str> = c.interfaces.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["rc", "rs"]);
         let forwards: Vec<(&str, String)> =
-            c.forwards.iter().map(|f| (f.name.as_str(), f.backend.to_string())).collect();
+            c.forwards.iter().map(|f| (f.name.as_str(), f.backends[0].address.to_string())).collect();
         assert_eq!(forwards, [("db", "203.0.113.20:3197".to_string()), ("dns", "203.0.113.20:5353".to_string())]);
     }
 }

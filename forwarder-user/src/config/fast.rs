@@ -214,9 +214,11 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
                 name: name?,
                 protocol: protocol?,
                 listen: listen?,
-                backend: backend?,
+                backend: Some(backend?),
+                backends: None,
                 snat,
                 local,
+                health: None,
             });
             Some(())
         }
@@ -276,7 +278,7 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
             Some(())
         }
         Table::Limits => {
-            let mut limits = RawLimits { max_forwards: None };
+            let mut limits = RawLimits { max_forwards: None, max_backends: None };
             for (k, v) in &fields {
                 match *k {
                     "max_forwards" => limits.max_forwards = Some(v.int()?),

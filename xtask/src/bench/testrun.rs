@@ -68,9 +68,10 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             name: "warm".into(),
             protocol: forwarder::config::Protocol::Udp,
             listen: warm_addr.into(),
-            backend: warm_addr.into(),
+            backends: vec![forwarder::config::Backend { address: warm_addr.into(), weight: 1 }],
             snat: forwarder::config::Snat::Off,
             local: false,
+            health: None,
         });
         cfg.max_forwards += 1;
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/fwb-{}", forwarder_tests::unique_tag()));
