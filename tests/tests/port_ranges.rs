@@ -12,7 +12,7 @@ use std::{
 
 use forwarder_tests::{
     Chain, Daemon, Netns,
-    config::{forward, router_interfaces},
+    config::{forward, forward_to_backends, router_interfaces},
     netns::run_ok,
     sockets::serve_in,
     topo::{ROUTER_CLIENT_ADDR, ROUTER_SERVER_DEV, SERVER_ADDR},
@@ -229,4 +229,37 @@ fn range_to_one_port_as_iptables_does() {
     .collect();
     assert_eq!(control, expected, "the control");
     assert_eq!(range_to_one_port(Via::Forwarder), control, "forwarder as iptables");
+}
+
+/// A range to two backends, a range of the same size and one port: each new connection
+/// goes to either, the range keeping the offset; with one of them drained, the other takes
+/// every connection the same way.
+#[test]
+fn a_range_to_several_backends_keeps_the_offset_per_backend() {
+    let chain = Chain::new().unwrap();
+    const SECOND: &str = "203.0.113.21";
+    chain.server.ip(&["addr", "add", &format!("{SECOND}/24"), "dev", "s0"]).unwrap();
+    let range = format!("{SERVER_ADDR}:9000-9099");
+    let single = format!("{SECOND}:7000");
+    let config = router_interfaces("native")
+        + &forward_to_backends("web", "tcp", "0.0.0.0:8000-8099", &[(range.clone(), 1), (single.clone(), 1)]);
+    let d = Daemon::start(&chain.router, &chain.tag, &config).unwrap();
+    port_servers(&chain.server, &[9042, 7000, 9000, 7042], false);
+    let answers: Vec<_> = (0..24).map(|_| tcp_answer(&chain.client, 8042)).collect();
+    for a in &answers {
+        assert!(*a == answer(9042) || *a == answer(7000), "{answers:?}");
+    }
+    assert!(answers.contains(&answer(9042)) && answers.contains(&answer(7000)), "both backends: {answers:?}");
+    let json: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+    let listed: Vec<&str> =
+        json[0]["backends"].as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap()).collect();
+    assert_eq!(listed, [range.as_str(), single.as_str()], "{json}");
+
+    d.cli(&["backend", "set-weight", "web", &single, "0"]).unwrap();
+    assert_eq!(tcp_answer(&chain.client, 8042), answer(9042), "the range alone");
+    assert_eq!(tcp_answer(&chain.client, 8000), answer(9000));
+    d.cli(&["backend", "set-weight", "web", &single, "1"]).unwrap();
+    d.cli(&["backend", "set-weight", "web", &range, "0"]).unwrap();
+    assert_eq!(tcp_answer(&chain.client, 8042), answer(7000), "the single port alone");
+    assert_eq!(tcp_answer(&chain.client, 8000), answer(7000));
 }
