@@ -281,7 +281,12 @@ fn set_weight_zero_drains_a_backend() {
     let d = Daemon::start(&chain.router, &chain.tag, &config(&[(0, 1), (1, 1)], "")).unwrap();
     let mut long = long_connection_to(&chain.client, backend(1), 50_000..50_100);
     ping(&mut long, 0);
+    // A closed connection to the backend about to drain, whose tuple a client reuses later.
+    let closed = split(&chain.client, 50_200..50_300).into_iter().find(|(_, b)| *b == backend(1).to_string());
+    let (reused_port, _) = closed.expect("one of 100 connections on backend 1");
     d.cli(&["backend", "set-weight", "web", &backend(1).to_string(), "0"]).unwrap();
+    let again = split(&chain.client, reused_port..reused_port + 1);
+    assert_eq!(again[0].1, backend(0).to_string(), "a reused tuple is a new connection, which chooses again");
     assert_eq!(backend_state(&d, backend(1)), "drained");
     let c = counts(&split(&chain.client, 51_000..51_100));
     assert_eq!(c.get(&backend(0).to_string()), Some(&100), "every new connection on the other backend: {c:?}");
