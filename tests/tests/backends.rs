@@ -18,6 +18,7 @@ use std::{
 use forwarder_tests::{
     Chain, Daemon, Netns,
     config::{forward_to_backends, router_interfaces},
+    metrics::Scrape,
     sockets::serve_in,
     topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR},
     traffic, wait_for,
@@ -256,8 +257,12 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
     let c = counts(&during);
     assert_eq!(c.get(&backend(2).to_string()), None, "no new connection to the stopped backend: {c:?}");
     assert_eq!(c.values().sum::<usize>(), 200, "200 of 200 succeed: {c:?}");
-    let metrics = d.stats().unwrap();
-    assert_eq!(metrics["forwards"][0]["backends"][2]["up"], false);
+    let stats = d.stats().unwrap();
+    assert_eq!(stats["forwards"][0]["backends"][2]["up"], false);
+    let stopped_backend = backend(2).to_string();
+    let up =
+        |scrape: &Scrape| scrape.value("forwarder_backend_up", &[("forward", "web"), ("backend", &stopped_backend)]);
+    assert_eq!(up(&Scrape::of(&chain.router)), 0.0, "exported as down");
     ping(&mut long, 2);
 
     stops[2] = who_server(&chain.server, backend(2));
@@ -267,6 +272,7 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
     let back = counts(&split(&chain.client, 42_000..42_200));
     assert!(back.get(&backend(2).to_string()).copied().unwrap_or(0) > 30, "it takes its share again: {back:?}");
     ping(&mut long, 3);
+    assert_eq!(up(&Scrape::of(&chain.router)), 1.0, "exported as up again");
     assert!(d.log().contains("backend down"), "the transitions are logged");
 }
 
