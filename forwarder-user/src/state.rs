@@ -244,7 +244,32 @@ impl State {
         v.state = state;
         m.insert(key, v, 0).on(FWD_BACKENDS)?;
         self.rechoose(forward_id)?;
+        if down {
+            self.forget_closed_connections_of(&HashSet::from([v.index]))?;
+        }
         Ok(true)
+    }
+
+    /// Removes the closed TCP connections (TIME_WAIT, CLOSE) of these backends. A SYN that
+    /// reuses a closed connection's tuple reopens it with the same mapping; for a backend
+    /// that takes no new connections it must be a new connection that chooses again, as
+    /// netfilter makes a new conntrack (and NAT decision) for it.
+    fn forget_closed_connections_of(&self, indices: &HashSet<u32>) -> Result<()> {
+        use forwarder_common::conntrack::{TCP_CLOSE, TCP_TIME_WAIT};
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let closed: Vec<CtKey> = self
+            .conntrack()?
+            .into_iter()
+            .filter(|(k, v)| {
+                k.proto == PROTO_TCP
+                    && (v.state == TCP_TIME_WAIT || v.state == TCP_CLOSE)
+                    && indices.contains(&v.backend_index())
+            })
+            .map(|(k, _)| k)
+            .collect();
+        self.remove_conntrack(&closed)
     }
 
     /// Rewrites the rules of one forward for its backends' current weights and states.
@@ -376,6 +401,10 @@ impl State {
             }
         }
         self.drop_unreferenced_tables(&tables)?;
+        // Backends that take no new connections now (removed, drained, down).
+        let kept: HashSet<u32> = placed.iter().flatten().filter(|(_, v)| takes_new(v)).map(|(_, v)| v.index).collect();
+        let out: HashSet<u32> = stored.values().flatten().map(|(_, v)| v.index).filter(|i| !kept.contains(i)).collect();
+        self.forget_closed_connections_of(&out)?;
         if ranges.is_empty() {
             self.set_global_flag(GLOBAL_HAS_PORT_RANGES, false)?;
         }
@@ -631,6 +660,11 @@ struct ForwardPlan {
     /// Ids of current forwards that were removed or changed.
     retired: Vec<u32>,
     report: ApplyReport,
+}
+
+/// The backend takes new connections: weight above 0, not down.
+fn takes_new(v: &BackendValue) -> bool {
+    v.weight > 0 && v.state & BACKEND_DOWN == 0
 }
 
 /// Unchanged forwards keep their id; changed and new ones get the lowest ids below

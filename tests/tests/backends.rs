@@ -18,6 +18,7 @@ use std::{
 use forwarder_tests::{
     Chain, Daemon, Netns,
     config::{forward_to_backends, router_interfaces},
+    metrics::Scrape,
     sockets::serve_in,
     topo::{CLIENT_ADDR, ROUTER_CLIENT_ADDR},
     traffic, wait_for,
@@ -256,8 +257,12 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
     let c = counts(&during);
     assert_eq!(c.get(&backend(2).to_string()), None, "no new connection to the stopped backend: {c:?}");
     assert_eq!(c.values().sum::<usize>(), 200, "200 of 200 succeed: {c:?}");
-    let metrics = d.stats().unwrap();
-    assert_eq!(metrics["forwards"][0]["backends"][2]["up"], false);
+    let stats = d.stats().unwrap();
+    assert_eq!(stats["forwards"][0]["backends"][2]["up"], false);
+    let stopped_backend = backend(2).to_string();
+    let up =
+        |scrape: &Scrape| scrape.value("forwarder_backend_up", &[("forward", "web"), ("backend", &stopped_backend)]);
+    assert_eq!(up(&Scrape::of(&chain.router)), 0.0, "exported as down");
     ping(&mut long, 2);
 
     stops[2] = who_server(&chain.server, backend(2));
@@ -267,6 +272,7 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
     let back = counts(&split(&chain.client, 42_000..42_200));
     assert!(back.get(&backend(2).to_string()).copied().unwrap_or(0) > 30, "it takes its share again: {back:?}");
     ping(&mut long, 3);
+    assert_eq!(up(&Scrape::of(&chain.router)), 1.0, "exported as up again");
     assert!(d.log().contains("backend down"), "the transitions are logged");
 }
 
@@ -281,7 +287,12 @@ fn set_weight_zero_drains_a_backend() {
     let d = Daemon::start(&chain.router, &chain.tag, &config(&[(0, 1), (1, 1)], "")).unwrap();
     let mut long = long_connection_to(&chain.client, backend(1), 50_000..50_100);
     ping(&mut long, 0);
+    // A closed connection to the backend about to drain, whose tuple a client reuses later.
+    let closed = split(&chain.client, 50_200..50_300).into_iter().find(|(_, b)| *b == backend(1).to_string());
+    let (reused_port, _) = closed.expect("one of 100 connections on backend 1");
     d.cli(&["backend", "set-weight", "web", &backend(1).to_string(), "0"]).unwrap();
+    let again = split(&chain.client, reused_port..reused_port + 1);
+    assert_eq!(again[0].1, backend(0).to_string(), "a reused tuple is a new connection, which chooses again");
     assert_eq!(backend_state(&d, backend(1)), "drained");
     let c = counts(&split(&chain.client, 51_000..51_100));
     assert_eq!(c.get(&backend(0).to_string()), Some(&100), "every new connection on the other backend: {c:?}");

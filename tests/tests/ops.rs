@@ -2,14 +2,14 @@
 //! their policies, metrics, connection expiry and a full table.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     time::Duration,
 };
 
 use forwarder_tests::{
     Chain, Daemon, Netns,
     config::{forward, router_interfaces},
+    metrics::{Scrape, http_get},
     sockets::{self, EchoConn, PatternStream, StreamTotals},
     topo::{ROUTER_CLIENT_ADDR, SERVER_ADDR},
     wait_for,
@@ -198,35 +198,9 @@ fn reload_with_flush_policy_cuts_removed_forwards() {
     first.ping(b"untouched").unwrap();
 }
 
-fn http_get(ns: &Netns, path: &'static str) -> (u16, String) {
-    ns.run(move || {
-        let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
-        // Read to the end: ask the server (keep-alive by default) to close after answering.
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-        let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
-        let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (code, body)
-    })
-    .unwrap()
-}
-
 /// A daemon-wide counter of the /metrics scrape (no labels).
 fn scraped(ns: &Netns, metric: &str) -> f64 {
-    let (_, body) = http_get(ns, "/metrics");
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == metric)
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or_else(|| panic!("{metric} missing from\n{body}"))
+    Scrape::of(ns).value(metric, &[])
 }
 
 /// An error in the daemon's own work (here every expiry pass fails: the connection table's
@@ -268,23 +242,8 @@ fn metrics_health_and_status() {
         d.stats().unwrap()["forwards"][0]["new_connections"] == 3
     });
     let stats = d.stats().unwrap();
-    let (code, body) = http_get(&chain.router, "/metrics");
-    assert_eq!(code, 200);
-    let scrape =
-        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
-    let value = |metric: &str, label: (&str, &str)| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == metric && s.labels.get(label.0) == Some(label.1))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => f64::NAN,
-            })
-            .unwrap_or_else(|| panic!("{metric} {label:?} missing"))
-    };
+    let scrape = Scrape::of(&chain.router);
+    let value = |metric: &str, label: (&str, &str)| scrape.value(metric, &[label]);
     let f = &stats["forwards"][0];
     assert_eq!(value("forwarder_forward_new_connections_total", ("forward", "classic")), 3.0);
     assert_eq!(
