@@ -156,22 +156,23 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
 /// protocol and family (key with port 0), ascending. The config allows at most
 /// [`MAX_PORT_RANGES`] to reach one address; more is an error here.
 pub fn port_range_entries(entries: &[ForwardEntries]) -> Result<Vec<(FwdKey, PortRanges)>, String> {
-    let mut by_address: std::collections::BTreeMap<([u8; 16], u8, u8), Vec<(u16, u16)>> = Default::default();
+    // Keyed by the listen address, protocol and family: the key with port 0.
+    let mut by_address: std::collections::HashMap<FwdKey, Vec<(u16, u16)>> = Default::default();
     for e in entries.iter().filter(|e| e.value.port_span != 0) {
         for k in &e.keys {
             let first = u16::from_be(k.port_be);
-            by_address.entry((k.addr, k.proto, k.family)).or_default().push((first, first + e.value.port_span));
+            by_address.entry(FwdKey { port_be: 0, ..*k }).or_default().push((first, first + e.value.port_span));
         }
     }
     by_address
         .into_iter()
-        .map(|((addr, proto, family), mut ranges)| {
-            let key = FwdKey { addr, port_be: 0, proto, family };
+        .map(|(key, mut ranges)| {
             if ranges.len() > MAX_PORT_RANGES {
                 return Err(format!(
-                    "{} port ranges listen on {} (protocol {proto}): at most {MAX_PORT_RANGES}",
+                    "{} port ranges listen on {} (protocol {}): at most {MAX_PORT_RANGES}",
                     ranges.len(),
-                    addr_from_bytes(&addr, family)
+                    addr_from_bytes(&key.addr, key.family),
+                    key.proto
                 ));
             }
             ranges.sort_unstable();
