@@ -463,3 +463,86 @@ fn udp_health_checks_follow_a_stopped_backend() {
     assert!(answers.iter().all(Option::is_some), "{answers:?}");
     assert!(answers.iter().any(|a| a.as_deref() == Some(backend(1).to_string().as_str())), "{answers:?}");
 }
+
+/// The CLI's edits of backends: `forward add` with several `--backend` and `--weight`,
+/// `backend add`, and refusals that change nothing.
+#[test]
+fn forward_add_and_backend_edits_from_the_cli() {
+    let chain = chain();
+    for i in 0..3 {
+        who_server(&chain.server, backend(i));
+    }
+    let d = Daemon::start(&chain.router, &chain.tag, &config(&[(0, 1)], "")).unwrap();
+    let api = SocketAddr::new(ROUTER_CLIENT_ADDR.parse().unwrap(), 9090);
+    let (b0, b1, b2) = (backend(0).to_string(), backend(1).to_string(), backend(2).to_string());
+    d.cli(&[
+        "forward",
+        "add",
+        "--name",
+        "api",
+        "--protocol",
+        "tcp",
+        "--listen",
+        &api.to_string(),
+        "--backend",
+        &b0,
+        "--backend",
+        &b1,
+        "--weight",
+        "3",
+        "--weight",
+        "1",
+    ])
+    .unwrap();
+    d.cli(&["backend", "add", "api", &b2, "--weight", "2"]).unwrap();
+    let backends_of = |d: &Daemon| -> Vec<(String, u64)> {
+        let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+        let api = v.as_array().unwrap().iter().find(|f| f["name"] == "api").unwrap().clone();
+        api["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["address"].as_str().unwrap().to_string(), b["weight"].as_u64().unwrap()))
+            .collect()
+    };
+    let want = vec![(b0.clone(), 3), (b1.clone(), 1), (b2.clone(), 2)];
+    assert_eq!(backends_of(&d), want);
+    // Refused, exit code 3, nothing changed: a duplicate, an unknown backend, an unknown
+    // forward, a weight below 0, and the last backend of weight above 0 drained.
+    for args in [
+        vec!["backend", "add", "api", b1.as_str()],
+        vec!["backend", "del", "api", "203.0.113.99:80"],
+        vec!["backend", "set-weight", "nope", b1.as_str(), "1"],
+        vec!["backend", "add", "api", "203.0.113.98:80", "--weight", "-2"],
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", chain.router.path()))
+            .arg("--")
+            .arg(forwarder_tests::daemon::forwarder_bin())
+            .args(&args)
+            .arg("--pin-path")
+            .arg(&d.pin_path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    d.cli(&["backend", "set-weight", "web", &b0, "0"]).expect_err("the only backend of weight above 0");
+    assert_eq!(backends_of(&d), want);
+    // The forward works: its connections spread over the three.
+    let api_split = chain
+        .client
+        .run(move || {
+            (56_000..56_060u16)
+                .map(|p| {
+                    let s = traffic::connect(api, Some(SocketAddr::new(CLIENT_ADDR.parse().unwrap(), p))).unwrap();
+                    let mut line = String::new();
+                    BufReader::new(&s).read_line(&mut line).unwrap();
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    line.trim().to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let c = counts(&api_split.into_iter().map(|b| (0, b)).collect::<Vec<_>>());
+    assert_eq!(c.len(), 3, "{c:?}");
+}
