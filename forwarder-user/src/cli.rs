@@ -273,16 +273,41 @@ pub struct ForwardEntry<'a> {
     pub backend: std::net::SocketAddr,
     #[serde(flatten)]
     pub forward: &'a Forward,
-    /// Each backend's state in `backends` order ("up", "down" by health checks,
-    /// "drained"), where known (`forward list`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// Each backend's state in `backends` order: "up", "down" (by its health checks) or
+    /// "drained" (weight 0).
     pub backend_states: Vec<&'static str>,
 }
 
 impl<'a> ForwardEntry<'a> {
+    /// A forward not (yet) in the maps: its backends' states by their weights.
     pub fn of(id: u32, forward: &'a Forward) -> Self {
-        ForwardEntry { id, backend: forward.backends[0].address, forward, backend_states: Vec::new() }
+        let states = forward.backends.iter().map(|b| if b.weight == 0 { "drained" } else { "up" }).collect();
+        ForwardEntry { id, backend: forward.backends[0].address, forward, backend_states: states }
     }
+}
+
+/// The forwards in the maps with their backends' states, as `forward list` shows them.
+fn stored_forwards(state: &State) -> anyhow::Result<Vec<(u32, Forward, Vec<&'static str>)>> {
+    let stored = state.stored_backends()?;
+    Ok(state
+        .forwards()?
+        .into_iter()
+        .map(|(id, f)| {
+            let list = stored.get(&id).map(Vec::as_slice).unwrap_or_default();
+            let states = list
+                .iter()
+                .map(|(_, v)| crate::telemetry::counters::BackendCounters::of(v, Default::default(), 0).state)
+                .collect();
+            (id, f, states)
+        })
+        .collect())
+}
+
+/// `name` as stored, in its JSON form.
+fn stored_entry(state: &State, name: &str) -> anyhow::Result<serde_json::Value> {
+    let all = stored_forwards(state)?;
+    let (id, f, states) = all.iter().find(|(_, f, _)| f.name == name).context("the forward just applied")?;
+    Ok(serde_json::to_value(ForwardEntry { backend_states: states.clone(), ..ForwardEntry::of(*id, f) })?)
 }
 
 /// The `forwarder` command: parses, runs, reports failures (as JSON on stdout with
@@ -431,23 +456,18 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
     match action {
         ForwardAction::List => {
             let state = State::open(pin)?;
-            let list = state.forwards()?;
-            let stored = state.stored_backends()?;
-            let states = |id: &u32| -> Vec<&'static str> {
-                let list = stored.get(id).map(Vec::as_slice).unwrap_or_default();
-                list.iter()
-                    .map(|(_, v)| crate::telemetry::counters::BackendCounters::of(v, Default::default(), 0).state)
-                    .collect()
-            };
+            let list = stored_forwards(&state)?;
             if json {
                 let v: Vec<_> = list
                     .iter()
-                    .map(|(id, forward)| ForwardEntry { backend_states: states(id), ..ForwardEntry::of(*id, forward) })
+                    .map(|(id, forward, states)| ForwardEntry {
+                        backend_states: states.clone(),
+                        ..ForwardEntry::of(*id, forward)
+                    })
                     .collect();
                 print_json(&v)?;
             } else {
-                for (id, f) in list {
-                    let states = states(&id);
+                for (_, f, states) in list {
                     let show = f.backends.len() > 1 || states.iter().any(|s| *s != "up");
                     println!(
                         "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}",
@@ -493,8 +513,7 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             all.push(new.clone());
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
             if json {
-                let id = state.forwards()?.into_iter().find(|(_, f)| f.name == new.name).map(|(id, _)| id);
-                print_json(&serde_json::json!({ "added": ForwardEntry::of(id.unwrap_or(0), &new) }))?;
+                print_json(&serde_json::json!({ "added": stored_entry(&state, &new.name)? }))?;
             } else {
                 println!("added {}", r.added.join(", "));
             }
@@ -566,8 +585,7 @@ fn backend_cmd(action: BackendAction, pin: &std::path::Path, json: bool) -> anyh
     let f = f.clone();
     state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
     if json {
-        let id = state.forwards()?.into_iter().find(|(_, g)| g.name == f.name).map(|(id, _)| id);
-        print_json(&serde_json::json!({ "forward": ForwardEntry::of(id.unwrap_or(0), &f) }))?;
+        print_json(&serde_json::json!({ "forward": stored_entry(&state, &f.name)? }))?;
     } else {
         println!("{}: {}", f.name, f.backends_text());
     }
@@ -750,7 +768,7 @@ mod tests {
             serde_json::to_value(ForwardEntry::of(3, &f)).unwrap(),
             serde_json::json!({"id": 3, "name": "a", "protocol": "udp", "listen": "0.0.0.0:80",
                 "backend": "192.0.2.1:8", "backends": [{"address": "192.0.2.1:8", "weight": 1}],
-                "snat": "198.51.100.7", "local": false})
+                "backend_states": ["up"], "snat": "198.51.100.7", "local": false})
         );
     }
 
