@@ -26,7 +26,7 @@ use crate::{
     parse::{FRAG_LATER, Flow},
     route::Fib,
     sock::host_socket,
-    stats,
+    sources, stats,
 };
 
 /// An address + port tuple of one direction (network order; IPv4 in the first 4 bytes).
@@ -141,6 +141,10 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
             // connection of the host's own, from that port).
             if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
                 return Err(Reason::TcpNotSyn);
+            }
+            if !sources::admits(fwd, flow.family, &flow.src) {
+                stats::count_source_denied(fwd.forward_id);
+                return Err(Reason::SourceDenied);
             }
             let hash = backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
             Ok(Plan::New { fwd, backend: backend::choose(fwd, hash)? })

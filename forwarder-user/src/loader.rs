@@ -116,6 +116,7 @@ impl Instance {
         loader
             .map_max_entries(forwarder_common::FWD_RULES_V2, opts.max_forwards.max(1))
             .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::FWD_FWD_DENIED, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_META_V2, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_CT_V4, opts.ct_entries)
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);

@@ -217,6 +217,8 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
                 backend: backend?,
                 snat,
                 local,
+                allow: None,
+                deny: None,
             });
             Some(())
         }

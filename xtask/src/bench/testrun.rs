@@ -71,6 +71,8 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             backend: warm_addr,
             snat: forwarder::config::Snat::Off,
             local: false,
+            allow: Vec::new(),
+            deny: Vec::new(),
         });
         cfg.max_forwards += 1;
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/fwb-{}", forwarder_tests::unique_tag()));
