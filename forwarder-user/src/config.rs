@@ -1044,7 +1044,11 @@ snat = "auto"
         assert_eq!(field, "forward[0].allow[0]");
         assert!(message.contains("write 198.51.100.0/24"), "{message}");
         let (line, field, _) = invalid(&with("deny = []\n"));
-        assert_eq!((line, field.as_str()), (12, "forward[0].deny"), "an empty list would read as deny-all or allow-all");
+        assert_eq!(
+            (line, field.as_str()),
+            (12, "forward[0].deny"),
+            "an empty list would read as deny-all or allow-all"
+        );
         let e = Config::parse(&with("allow = \"198.51.100.0/25\"\n")).unwrap_err().to_string();
         assert!(e.contains("line 12"), "a string where a list belongs: {e}");
         let node = format!(

@@ -15,10 +15,11 @@ use aya::maps::{
     xdp::DevMapHash,
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_ALLOW, FWD_CT_V4, FWD_DENY, FWD_FLAG_HOST_BACKEND,
-    FWD_FLAG_LOCAL, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_META_V2, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS, FwdKey,
-    FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GlobalConfig, IfaceConfig, PEER_DIRECT,
-    PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, SourceKey, conntrack::CT_HOST_BACKEND,
+    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_ALLOW, FWD_CT_V4, FWD_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL,
+    FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_META_V2, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN,
+    FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS,
+    GlobalConfig, IfaceConfig, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
+    SourceKey, conntrack::CT_HOST_BACKEND,
 };
 use ipnet::IpNet;
 use tracing::{debug, info};
@@ -345,9 +346,9 @@ impl State {
             let relisted: StdHashMap<u32, &Forward> = with_ids
                 .iter()
                 .filter(|(id, f)| {
-                    lists_before.get(id).is_some_and(|(name, allow, deny)| {
-                        *name == f.name && (*allow != f.allow || *deny != f.deny)
-                    })
+                    lists_before
+                        .get(id)
+                        .is_some_and(|(name, allow, deny)| *name == f.name && (*allow != f.allow || *deny != f.deny))
                 })
                 .map(|(id, f)| (*id, f))
                 .collect();

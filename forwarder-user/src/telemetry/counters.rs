@@ -5,8 +5,8 @@ use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
-    ALL_REASONS, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats, PeerKey,
-    PeerStats, PeerValue,
+    ALL_REASONS, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats,
+    PeerKey, PeerStats, PeerValue,
 };
 use serde::Serialize;
 
