@@ -968,7 +968,13 @@ mod pod {
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for HealthSpec {}
+    unsafe impl aya::Pod for FwdValueV1 {}
+    unsafe impl aya::Pod for FwdMetaV1 {}
 }
 
 #[cfg(test)]

@@ -29,7 +29,12 @@ pub fn choose(fwd: &'static FwdValue, hash: u32) -> Result<Chosen, Reason> {
     }
     // SAFETY: map value references valid for this program run.
     let table = unsafe { FWD_MAGLEV.get(&fwd.table_id) }.ok_or(Reason::NoBackend)?;
-    let slot = *table.slots.get(maglev_slot(hash) as usize).ok_or(Reason::NoBackend)?;
+    // The compiler knows the slot is below the table's size and drops a plain check, which
+    // the verifier needs: read through memory, the bound is checked again.
+    let at = maglev_slot(hash) as usize;
+    // SAFETY: a local's address.
+    let at = unsafe { core::ptr::read_volatile(&at) };
+    let slot = *table.slots.get(at).ok_or(Reason::NoBackend)?;
     let key = BackendKey { forward_id: fwd.forward_id, slot: slot as u32 };
     // SAFETY: as above.
     let b = unsafe { FWD_BACKENDS.get(&key) }.ok_or(Reason::NoBackend)?;

@@ -3,8 +3,8 @@
 #![no_std]
 #![no_main]
 
-pub mod conntrack;
 mod backend;
+pub mod conntrack;
 mod csum;
 mod ctx;
 mod fastpath;

@@ -3,15 +3,15 @@
 //! Each static is named exactly as its map: the name it is pinned by, and adopted by.
 
 use aya_ebpf::{
-    macros::map,
     bindings::BPF_F_NO_PREALLOC,
+    macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use forwarder_common::{
-    BackendKey, BackendValue, CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_BACKENDS, MaglevTable, SOURCE_LIST_ENTRIES,
-    SourceKey, DEFAULT_MAX_FORWARDS, FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FragKey,
-    FragValue, FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig,
-    LocalUdpKey, LocalUdpOrig, MAX_IFACES, MAX_PEERS, PeerKey, PeerStats, PeerValue, REASON_SLOTS,
+    BackendKey, BackendValue, CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FORWARDS,
+    FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FragKey, FragValue, FwdKey, FwdMeta, FwdStats, FwdValue,
+    GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, LocalUdpOrig, MAX_IFACES, MAX_PEERS,
+    MaglevTable, PeerKey, PeerStats, PeerValue, REASON_SLOTS, SOURCE_LIST_ENTRIES, SourceKey,
 };
 
 #[map(name = "FWD_RULES_V2")]
@@ -22,8 +22,7 @@ pub static FWD_BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::with_max_e
 
 /// Tables are allocated as userspace writes them: most forwards have none (one backend).
 #[map(name = "FWD_MAGLEV")]
-pub static FWD_MAGLEV: HashMap<u32, MaglevTable> =
-    HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, BPF_F_NO_PREALLOC);
+pub static FWD_MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(DEFAULT_MAX_FORWARDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "FWD_BE_STATS")]
 pub static FWD_BE_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    config::{Config, Forward, Peer, Protocol, Snat, parse_peer_address, parse_source_list, validate_ifname},
+    config::{Backend, Config, Forward, Peer, Protocol, Snat, parse_peer_address, parse_source_list, validate_ifname},
     daemon::{self, OnExit, RunOptions},
     error::{Error, Report, exit},
     pins::{self, DEFAULT_PIN_PATH},
@@ -135,6 +135,14 @@ pub enum Command {
         #[command(flatten)]
         pin: PinPathArg,
     },
+    /// Live edits of a forward's backends on the running instance (until the next reload
+    /// of the file): established connections stay where they are.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+        #[command(flatten)]
+        pin: PinPathArg,
+    },
     /// Live edits of peers on the running instance (until the next reload of the file).
     Peer {
         #[command(subcommand)]
@@ -182,9 +190,12 @@ pub enum ForwardAction {
         /// ADDRESS:PORT the forward answers on (0.0.0.0 / [::] for every local address).
         #[arg(long, value_name = "ADDR:PORT")]
         listen: String,
-        /// ADDRESS:PORT connections are sent to.
-        #[arg(long, value_name = "ADDR:PORT")]
-        backend: String,
+        /// ADDRESS:PORT connections are sent to; repeat for several backends.
+        #[arg(long, value_name = "ADDR:PORT", required = true)]
+        backend: Vec<String>,
+        /// Weight of each backend in --backend order (default 1 each; 0 drains).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        weight: Vec<i64>,
         /// Source rewrite: "auto" (the egress address), "off", or a fixed address.
         #[arg(long, value_name = "auto|off|ADDR", default_value = "auto")]
         snat: Snat,
@@ -207,6 +218,38 @@ pub enum ForwardAction {
     },
     /// The forwards in place, with their ids.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendAction {
+    /// Add a backend to a forward: it takes its share of new connections.
+    Add {
+        /// The forward's name.
+        forward: String,
+        /// ADDRESS:PORT of the backend.
+        address: String,
+        /// Relative share of new connections (0 drains).
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        weight: i64,
+    },
+    /// Remove a backend from a forward: it takes no new connections; its established ones
+    /// go on (or are flushed with conntrack.on_forward_removed = "flush").
+    Del {
+        /// The forward's name.
+        forward: String,
+        /// ADDRESS:PORT of the backend.
+        address: String,
+    },
+    /// Change a backend's weight; 0 drains it: no new connections, established ones stay.
+    SetWeight {
+        /// The forward's name.
+        forward: String,
+        /// ADDRESS:PORT of the backend.
+        address: String,
+        /// The new relative share of new connections.
+        #[arg(allow_negative_numbers = true)]
+        weight: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -234,8 +277,20 @@ pub enum PeerAction {
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardEntry<'a> {
     pub id: u32,
+    /// The first backend (the only one of most forwards), as before several backends.
+    pub backend: std::net::SocketAddr,
     #[serde(flatten)]
     pub forward: &'a Forward,
+    /// Each backend's state in `backends` order ("up", "down" by health checks,
+    /// "drained"), where known (`forward list`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backend_states: Vec<&'static str>,
+}
+
+impl<'a> ForwardEntry<'a> {
+    pub fn of(id: u32, forward: &'a Forward) -> Self {
+        ForwardEntry { id, backend: forward.backends[0].address, forward, backend_states: Vec::new() }
+    }
 }
 
 /// The `forwarder` command: parses, runs, reports failures (as JSON on stdout with
@@ -339,6 +394,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Forward { action, pin } => forward_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
         Command::Peer { action, pin } => peer_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
+        Command::Backend { action, pin } => backend_cmd(action, &pin.pin_path, json).map(|()| exit::OK),
         Command::Run { config, pin, bpf_debug, cgroup, on_exit, metrics_addr, node_name } => {
             let opts = RunOptions {
                 config_path: config,
@@ -384,27 +440,51 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
         ForwardAction::List => {
             let state = State::open(pin)?;
             let list = state.forwards()?;
+            let stored = state.stored_backends()?;
+            let states = |id: &u32| -> Vec<&'static str> {
+                let list = stored.get(id).map(Vec::as_slice).unwrap_or_default();
+                list.iter()
+                    .map(|(_, v)| crate::telemetry::counters::BackendCounters::of(v, Default::default(), 0).state)
+                    .collect()
+            };
             if json {
-                let v: Vec<_> = list.iter().map(|(id, forward)| ForwardEntry { id: *id, forward }).collect();
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|(id, forward)| ForwardEntry { backend_states: states(id), ..ForwardEntry::of(*id, forward) })
+                    .collect();
                 print_json(&v)?;
             } else {
-                for (_, f) in list {
+                for (id, f) in list {
+                    let states = states(&id);
+                    let show = f.backends.len() > 1 || states.iter().any(|s| *s != "up");
                     println!(
                         "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}{}",
                         f.name,
                         f.protocol,
                         f.listen.to_string(),
-                        f.backend.to_string(),
+                        f.backends_text(),
                         f.snat,
                         f.local,
                         source_lists_text(&f)
                     );
+                    for (b, s) in f.backends.iter().zip(&states).filter(|_| show) {
+                        println!("{:<20} backend {:<26} weight {:<5} {}", f.name, b.address.to_string(), b.weight, s);
+                    }
                 }
             }
             Ok(())
         }
-        ForwardAction::Add { name, protocol, listen, backend, snat, local, allow, deny } => {
-            let mut new = Forward::new(&name, protocol, &listen, &backend, Some(&snat.to_string()), local)
+        ForwardAction::Add { name, protocol, listen, backend, weight, snat, local, allow, deny } => {
+            if weight.len() > backend.len() {
+                return Err(edit("weight", format!("{} weights for {} backends", weight.len(), backend.len())).into());
+            }
+            let backends = backend
+                .iter()
+                .enumerate()
+                .map(|(i, b)| Backend::new(b, weight.get(i).copied()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| edit(if e.field == "weight" { "weight" } else { "backend" }, e.message))?;
+            let mut new = Forward::with_backends(&name, protocol, &listen, backends, Some(&snat.to_string()), local)
                 .map_err(Error::from)?;
             new.allow = parse_source_list("allow", &allow).map_err(|(_, e)| Error::from(e))?;
             new.deny = parse_source_list("deny", &deny).map_err(|(_, e)| Error::from(e))?;
@@ -425,7 +505,7 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
             if json {
                 let id = state.forwards()?.into_iter().find(|(_, f)| f.name == new.name).map(|(id, _)| id);
-                print_json(&serde_json::json!({ "added": ForwardEntry { id: id.unwrap_or(0), forward: &new } }))?;
+                print_json(&serde_json::json!({ "added": ForwardEntry::of(id.unwrap_or(0), &new) }))?;
             } else {
                 println!("added {}", r.added.join(", "));
             }
@@ -461,6 +541,61 @@ fn source_lists_text(f: &Forward) -> String {
         }
     }
     out
+}
+
+/// Backend edits: the forward is read, changed and applied whole (so the same checks as
+/// the config file's hold), keeping its id and connections.
+fn backend_cmd(action: BackendAction, pin: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let (name, address) = match &action {
+        BackendAction::Add { forward, address, .. }
+        | BackendAction::Del { forward, address }
+        | BackendAction::SetWeight { forward, address, .. } => (forward.clone(), address.clone()),
+    };
+    let address: SocketAddr =
+        address.parse().map_err(|_| edit("address", format!("{address:?} is not address:port")))?;
+    let state = State::open(pin)?;
+    let _edit = state.lock_edits()?;
+    let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
+    let f =
+        all.iter_mut().find(|f| f.name == name).ok_or_else(|| edit("forward", format!("no forward named {name:?}")))?;
+    let at = f.backends.iter().position(|b| b.address == address);
+    match (&action, at) {
+        (BackendAction::Add { weight, .. }, None) => {
+            let b = Backend::new(&address.to_string(), Some(*weight)).map_err(Error::from)?;
+            f.backends.push(b);
+        }
+        (BackendAction::Add { .. }, Some(_)) => {
+            return Err(edit("address", format!("{address} is already a backend of {name:?}")).into());
+        }
+        (_, None) => return Err(edit("address", format!("{address} is not a backend of {name:?}")).into()),
+        (BackendAction::Del { .. }, Some(i)) => {
+            f.backends.remove(i);
+        }
+        (BackendAction::SetWeight { weight, .. }, Some(i)) => {
+            f.backends[i] = Backend::new(&address.to_string(), Some(*weight)).map_err(Error::from)?;
+        }
+    }
+    let checked = Forward::with_backends(
+        &f.name,
+        f.protocol,
+        &f.listen.to_string(),
+        f.backends.clone(),
+        Some(&f.snat.to_string()),
+        f.local,
+    )
+    .map_err(Error::from)?;
+    // What the checks do not take: health checks and source lists stay as they were.
+    let (health, allow, deny) = (f.health, std::mem::take(&mut f.allow), std::mem::take(&mut f.deny));
+    *f = Forward { health, allow, deny, ..checked };
+    let f = f.clone();
+    state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
+    if json {
+        let id = state.forwards()?.into_iter().find(|(_, g)| g.name == f.name).map(|(id, _)| id);
+        print_json(&serde_json::json!({ "forward": ForwardEntry::of(id.unwrap_or(0), &f) }))?;
+    } else {
+        println!("{}: {}", f.name, f.backends_text());
+    }
+    Ok(())
 }
 
 /// A live edit refused because of the value of `field`.
@@ -640,9 +775,10 @@ mod tests {
         // Text output: the config's words, padded like any string (no Debug forms).
         assert_eq!(format!("{:<4}|{:<5}|{}", f.protocol, Snat::Off, f.snat), "udp |off  |198.51.100.7");
         assert_eq!(
-            serde_json::to_value(ForwardEntry { id: 3, forward: &f }).unwrap(),
+            serde_json::to_value(ForwardEntry::of(3, &f)).unwrap(),
             serde_json::json!({"id": 3, "name": "a", "protocol": "udp", "listen": "0.0.0.0:80",
-                "backend": "192.0.2.1:8", "snat": "198.51.100.7", "local": false})
+                "backend": "192.0.2.1:8", "backends": [{"address": "192.0.2.1:8", "weight": 1}],
+                "snat": "198.51.100.7", "local": false})
         );
     }
 

@@ -129,11 +129,17 @@ impl serde::Serialize for Snat {
 pub struct FieldError {
     /// The key of the config (`name`, `listen`, ...), which is also the CLI flag's name.
     pub field: &'static str,
+    /// For a key of one of a forward's backends: that backend's position.
+    pub backend: Option<usize>,
     pub message: String,
 }
 
 fn field_err(field: &'static str, message: String) -> FieldError {
-    FieldError { field, message }
+    FieldError { field, backend: None, message }
+}
+
+fn backend_err(index: usize, field: &'static str, message: String) -> FieldError {
+    FieldError { field, backend: Some(index), message }
 }
 
 /// A forward's name: 1 to [`MAX_NAME_LEN`] bytes.
@@ -178,7 +184,8 @@ pub struct Forward {
     pub name: String,
     pub protocol: Protocol,
     pub listen: SocketAddr,
-    pub backend: SocketAddr,
+    /// At least one; `backend = "a:p"` is one of weight 1.
+    pub backends: Vec<Backend>,
     pub snat: Snat,
     pub local: bool,
     /// Sources that may use the forward (empty: every source), sorted, without repeats.
@@ -187,6 +194,202 @@ pub struct Forward {
     /// Sources refused even when `allow` lists them, sorted, without repeats.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<IpNet>,
+    /// Active health checks of the backends; None: every backend is taken as up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// One of a forward's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Backend {
+    pub address: SocketAddr,
+    /// Relative share of new connections; 0 drains the backend (no new connections, its
+    /// established ones stay).
+    pub weight: u32,
+}
+
+/// Backends one forward may have.
+pub const MAX_BACKENDS: usize = forwarder_common::MAX_BACKENDS_PER_FORWARD as usize;
+
+/// How a backend's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// A probe datagram gets any answer (an ICMP port unreachable is a failure).
+    Udp,
+}
+
+/// A forward's active health checks, run by the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    pub kind: HealthKind,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive successes for a down backend to come back.
+    pub rise: u8,
+    /// Consecutive failures for an up backend to be taken out.
+    pub fall: u8,
+}
+
+impl Health {
+    /// Checks as written in the config: `kind` (tcp | udp | none: None), `interval` and
+    /// `timeout` in seconds, `rise` and `fall` (defaults 2 s, 1 s, 2, 2).
+    pub fn new(
+        kind: &str,
+        interval: Option<f64>,
+        timeout: Option<f64>,
+        rise: Option<i64>,
+        fall: Option<i64>,
+    ) -> Result<Option<Self>, FieldError> {
+        let kind = match kind {
+            "tcp" => HealthKind::Tcp,
+            "udp" => HealthKind::Udp,
+            "none" => return Ok(None),
+            other => return Err(field_err("kind", format!("{other:?}: expected \"tcp\", \"udp\" or \"none\""))),
+        };
+        let millis = |field: &'static str, v: Option<f64>, default: u32| match v {
+            None => Ok(default),
+            Some(s) if s.is_finite() && (0.01..=3600.0).contains(&s) => Ok((s * 1000.0).round() as u32),
+            Some(s) => Err(field_err(field, format!("{s}: must be between 0.01 and 3600 seconds"))),
+        };
+        let count = |field: &'static str, v: Option<i64>| match v {
+            None => Ok(2),
+            Some(n) if (1..=255).contains(&n) => Ok(n as u8),
+            Some(n) => Err(field_err(field, format!("{n}: must be between 1 and 255"))),
+        };
+        let health = Health {
+            kind,
+            interval_ms: millis("interval", interval, 2000)?,
+            timeout_ms: millis("timeout", timeout, 1000)?,
+            rise: count("rise", rise)?,
+            fall: count("fall", fall)?,
+        };
+        if health.timeout_ms > health.interval_ms {
+            return Err(field_err("timeout", "must not be longer than interval".into()));
+        }
+        Ok(Some(health))
+    }
+}
+
+/// `field`'s address: not an IPv4-mapped IPv6 one (an IPv4 forward serves those).
+fn not_v4_mapped(field: &'static str, at: SocketAddr) -> Result<(), FieldError> {
+    if let Some(v4) = match at.ip() {
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+        IpAddr::V4(_) => None,
+    } {
+        return Err(field_err(
+            field,
+            format!(
+                "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that dial {} from \
+                 dual-stack sockets)",
+                at.ip(),
+                at.ip()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Backend {
+    /// A backend as written: `address:port` and a weight (None: 1).
+    pub fn new(address: &str, weight: Option<i64>) -> Result<Self, FieldError> {
+        let address = parse_socket_addr("address", address)?;
+        if address.port() == 0 || address.ip().is_unspecified() {
+            return Err(field_err("address", "needs a concrete address and a port other than 0".into()));
+        }
+        not_v4_mapped("address", address)?;
+        let weight = match weight {
+            None => 1,
+            Some(w) if (0..=65_535).contains(&w) => w as u32,
+            Some(w) => return Err(field_err("weight", format!("{w}: must be between 0 and 65535"))),
+        };
+        Ok(Backend { address, weight })
+    }
+}
+
+impl Forward {
+    /// One forward's fields validated on their own, as the config file and `forward add`
+    /// check them (checks across forwards, such as duplicate names, are the caller's).
+    /// `snat` is the text of the key (None: "auto"). One backend of weight 1.
+    pub fn new(
+        name: &str,
+        protocol: Protocol,
+        listen: &str,
+        backend: &str,
+        snat: Option<&str>,
+        local: bool,
+    ) -> Result<Self, FieldError> {
+        let backend = Backend::new(backend, None).map_err(|e| field_err("backend", e.message))?;
+        Self::with_backends(name, protocol, listen, vec![backend], snat, local)
+    }
+
+    /// [`Forward::new`] with several backends (no health checks).
+    pub fn with_backends(
+        name: &str,
+        protocol: Protocol,
+        listen: &str,
+        backends: Vec<Backend>,
+        snat: Option<&str>,
+        local: bool,
+    ) -> Result<Self, FieldError> {
+        validate_forward_name(name)?;
+        let listen = parse_socket_addr("listen", listen)?;
+        if listen.port() == 0 {
+            return Err(field_err("listen", "port must not be 0".into()));
+        }
+        not_v4_mapped("listen", listen)?;
+        check_backends(listen, &backends)?;
+        let backend = backends[0].address;
+        let snat = match snat {
+            None => Snat::Auto,
+            Some(text) => match text.parse::<Snat>() {
+                Ok(Snat::Address(a)) if a.is_ipv4() != backend.is_ipv4() => {
+                    return Err(field_err(
+                        "snat",
+                        format!("{text:?}: expected \"auto\", \"off\" or an address of the backend's family"),
+                    ));
+                }
+                Ok(s) => s,
+                Err(message) => return Err(field_err("snat", message)),
+            },
+        };
+        Ok(Forward {
+            name: name.to_string(),
+            protocol,
+            listen,
+            backends,
+            snat,
+            local,
+            health: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        })
+    }
+
+    /// The same rule apart from backends, health checks and source lists: a change of
+    /// those keeps the forward's id and connections.
+    pub fn same_rule(&self, other: &Forward) -> bool {
+        let rule = |f: &Forward| (f.name.clone(), f.protocol, f.listen, f.snat, f.local);
+        rule(self) == rule(other)
+    }
+
+    /// The forward's one backend, when it has exactly one.
+    pub fn single_backend(&self) -> Option<SocketAddr> {
+        match self.backends.as_slice() {
+            [b] => Some(b.address),
+            _ => None,
+        }
+    }
+
+    /// The backends as text, `a:p` or `a:p (weight w)` each.
+    pub fn backends_text(&self) -> String {
+        let one = |b: &Backend| {
+            if b.weight == 1 { b.address.to_string() } else { format!("{} (weight {})", b.address, b.weight) }
+        };
+        self.backends.iter().map(one).collect::<Vec<_>>().join(", ")
+    }
 }
 
 impl Forward {
@@ -236,70 +439,42 @@ pub fn parse_source_list<S: AsRef<str>>(field: &'static str, items: &[S]) -> Res
     Ok(list)
 }
 
-impl Forward {
-    /// One forward's fields validated on their own, as the config file and `forward add`
-    /// check them (checks across forwards, such as duplicate names, are the caller's).
-    /// `snat` is the text of the key (None: "auto").
-    pub fn new(
-        name: &str,
-        protocol: Protocol,
-        listen: &str,
-        backend: &str,
-        snat: Option<&str>,
-        local: bool,
-    ) -> Result<Self, FieldError> {
-        validate_forward_name(name)?;
-        let listen = parse_socket_addr("listen", listen)?;
-        let backend = parse_socket_addr("backend", backend)?;
-        if listen.port() == 0 {
-            return Err(field_err("listen", "port must not be 0".into()));
-        }
-        if backend.port() == 0 || backend.ip().is_unspecified() {
-            return Err(field_err("backend", "needs a concrete address and a port other than 0".into()));
-        }
-        if listen.is_ipv6() != backend.is_ipv6() {
-            return Err(field_err("backend", "must be of the same address family as listen (IPv4 or IPv6)".into()));
-        }
-        for (field, at) in [("listen", listen), ("backend", backend)] {
-            if let Some(v4) = match at.ip() {
-                IpAddr::V6(a) => a.to_ipv4_mapped(),
-                IpAddr::V4(_) => None,
-            } {
-                return Err(field_err(
-                    field,
-                    format!(
-                        "{} is an IPv4-mapped address: write {v4} (an IPv4 forward also serves programs that dial {} \
-                         from dual-stack sockets)",
-                        at.ip(),
-                        at.ip()
-                    ),
-                ));
-            }
-        }
-        let snat = match snat {
-            None => Snat::Auto,
-            Some(text) => match text.parse::<Snat>() {
-                Ok(Snat::Address(a)) if a.is_ipv4() != backend.is_ipv4() => {
-                    return Err(field_err(
-                        "snat",
-                        format!("{text:?}: expected \"auto\", \"off\" or an address of the backend's family"),
-                    ));
-                }
-                Ok(s) => s,
-                Err(message) => return Err(field_err("snat", message)),
-            },
-        };
-        Ok(Forward {
-            name: name.to_string(),
-            protocol,
-            listen,
-            backend,
-            snat,
-            local,
-            allow: Vec::new(),
-            deny: Vec::new(),
-        })
+/// A forward's backends checked together: at least one, at most [`MAX_BACKENDS`], of the
+/// listen address's family, no two alike, not all of weight 0, and none on loopback when
+/// there are several (a backend on this host is delivered to as a forward's only one).
+fn check_backends(listen: SocketAddr, backends: &[Backend]) -> Result<(), FieldError> {
+    if backends.is_empty() {
+        return Err(field_err("backend", "a forward needs a backend (or [[forward.backends]])".into()));
     }
+    if backends.len() > MAX_BACKENDS {
+        return Err(field_err("backends", format!("{} backends: at most {MAX_BACKENDS}", backends.len())));
+    }
+    let several = backends.len() > 1;
+    for (i, b) in backends.iter().enumerate() {
+        let at = |field, message| if several { backend_err(i, field, message) } else { field_err("backend", message) };
+        if listen.is_ipv6() != b.address.is_ipv6() {
+            return Err(at("address", "must be of the same address family as listen (IPv4 or IPv6)".into()));
+        }
+        if several && b.address.ip().is_loopback() {
+            return Err(at(
+                "address",
+                format!(
+                    "{} is on this host: a forward delivers to a backend on this host only as its one backend",
+                    b.address
+                ),
+            ));
+        }
+        if let Some(j) = backends[..i].iter().position(|o| o.address == b.address) {
+            return Err(at("address", format!("{} is listed twice (also backend {j})", b.address)));
+        }
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(field_err(
+            "backends",
+            "every backend has weight 0: new connections would have nowhere to go".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What happens to the connections of a forward that a reload or `forward del` removes
@@ -392,6 +567,8 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub conntrack: Conntrack,
     pub max_forwards: u32,
+    /// Backends of all forwards together (`limits.max_backends`).
+    pub max_backends: u32,
 }
 
 // ---- raw (as written) form, with spans for error messages ----
@@ -443,11 +620,47 @@ struct RawForward {
     name: Spanned<String>,
     protocol: Protocol,
     listen: Spanned<String>,
-    backend: Spanned<String>,
+    backend: Option<Spanned<String>>,
+    backends: Option<Spanned<Vec<RawBackend>>>,
     snat: Option<Spanned<String>>,
     local: Option<bool>,
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Spanned<String>,
+    interval: Option<Spanned<Seconds>>,
+    timeout: Option<Spanned<Seconds>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+/// Seconds written as an integer or a fraction.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum Seconds {
+    Whole(i64),
+    Fraction(f64),
+}
+
+impl Seconds {
+    fn get(self) -> f64 {
+        match self {
+            Seconds::Whole(s) => s as f64,
+            Seconds::Fraction(s) => s,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -505,6 +718,7 @@ impl RawConntrack {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_forwards: Option<Spanned<u32>>,
+    max_backends: Option<Spanned<u32>>,
 }
 
 /// Longest forward name the metadata map holds (bytes).
@@ -519,9 +733,11 @@ impl Config {
     pub fn shared_local_udp_backends(&self) -> Vec<(SocketAddr, Vec<&str>)> {
         let mut by_backend: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
         for f in self.forwards.iter().filter(|f| f.local && f.protocol == Protocol::Udp) {
-            match by_backend.iter_mut().find(|(b, _)| *b == f.backend) {
-                Some((_, names)) => names.push(&f.name),
-                None => by_backend.push((f.backend, vec![&f.name])),
+            for backend in f.backends.iter().map(|b| b.address) {
+                match by_backend.iter_mut().find(|(b, _)| *b == backend) {
+                    Some((_, names)) => names.push(&f.name),
+                    None => by_backend.push((backend, vec![&f.name])),
+                }
             }
         }
         by_backend.retain(|(_, names)| names.len() > 1);
@@ -613,24 +829,81 @@ impl Config {
         for (prefix, rf) in &forward_items {
             let f = |name: &str| format!("{prefix}.{name}");
             let name = rf.name.get_ref();
-            let forward = Forward::new(
+            let backends_span = match (&rf.backend, &rf.backends) {
+                (Some(b), None) => b.span(),
+                (None, Some(bs)) => bs.span(),
+                (Some(b), Some(_)) => {
+                    return Err(err(
+                        b.span(),
+                        &f("backend"),
+                        "give either backend or [[forward.backends]], not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(err(
+                        rf.name.span(),
+                        &f("backend"),
+                        "missing: give backend or [[forward.backends]]".into(),
+                    ));
+                }
+            };
+            let raw_backends: Vec<(&Spanned<String>, Option<&Spanned<i64>>)> = match (&rf.backend, &rf.backends) {
+                (Some(b), _) => vec![(b, None)],
+                (_, Some(bs)) => bs.get_ref().iter().map(|b| (&b.address, b.weight.as_ref())).collect(),
+                _ => Vec::new(),
+            };
+            let single = rf.backend.is_some();
+            let backend_field = |i: usize, field: &str| {
+                if single { f("backend") } else { f(&format!("backends[{i}].{field}")) }
+            };
+            let mut backends = Vec::with_capacity(raw_backends.len());
+            for (i, (address, weight)) in raw_backends.iter().enumerate() {
+                let b = Backend::new(address.get_ref(), weight.map(|w| *w.get_ref())).map_err(|e| {
+                    let span = if e.field == "weight" { weight.unwrap().span() } else { address.span() };
+                    err(span, &backend_field(i, e.field), e.message)
+                })?;
+                backends.push(b);
+            }
+            let mut forward = Forward::with_backends(
                 name,
                 rf.protocol,
                 rf.listen.get_ref(),
-                rf.backend.get_ref(),
+                backends,
                 rf.snat.as_ref().map(|s| s.get_ref().as_str()),
                 rf.local.unwrap_or(true),
             )
             .map_err(|e| {
+                if let Some(i) = e.backend {
+                    return err(raw_backends[i].0.span(), &backend_field(i, e.field), e.message);
+                }
                 let span = match e.field {
                     "name" => rf.name.span(),
                     "listen" => rf.listen.span(),
-                    "snat" => rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span()),
-                    _ => rf.backend.span(),
+                    "snat" => rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| backends_span.clone()),
+                    _ => backends_span.clone(),
                 };
                 err(span, &f(e.field), e.message)
             })?;
-            let mut forward = forward;
+            if let Some(h) = &rf.health {
+                let rh = h.get_ref();
+                forward.health = Health::new(
+                    rh.kind.get_ref(),
+                    rh.interval.as_ref().map(|s| s.get_ref().get()),
+                    rh.timeout.as_ref().map(|s| s.get_ref().get()),
+                    rh.rise.as_ref().map(|s| *s.get_ref()),
+                    rh.fall.as_ref().map(|s| *s.get_ref()),
+                )
+                .map_err(|e| {
+                    let span = match e.field {
+                        "kind" => rh.kind.span(),
+                        "interval" => rh.interval.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                        "timeout" => rh.timeout.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                        "rise" => rh.rise.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                        _ => rh.fall.as_ref().map(|s| s.span()).unwrap_or_else(|| h.span()),
+                    };
+                    err(span, &f(&format!("health.{}", e.field)), e.message)
+                })?;
+            }
             for (key, raw_list, list) in
                 [("allow", &rf.allow, &mut forward.allow), ("deny", &rf.deny, &mut forward.deny)]
             {
@@ -650,9 +923,12 @@ impl Config {
             if !seen_names.insert(name.as_str()) {
                 return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
             }
-            let (listen, backend, snat) = (forward.listen, forward.backend, forward.snat);
-            if snat == Snat::Off && !snat_off_backends.insert((rf.protocol, backend)) {
-                let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| rf.backend.span());
+            let (listen, snat) = (forward.listen, forward.snat);
+            let taken = (snat == Snat::Off)
+                .then(|| forward.backends.iter().find(|b| !snat_off_backends.insert((rf.protocol, b.address))))
+                .flatten();
+            if let Some(backend) = taken.map(|b| b.address) {
+                let span = rf.snat.as_ref().map(|s| s.span()).unwrap_or_else(|| backends_span.clone());
                 return Err(err(
                     span,
                     &f("snat"),
@@ -755,7 +1031,27 @@ impl Config {
                 message: format!("{} forwards exceed the limit of {max_forwards}", forwards.len()),
             });
         }
-        Ok(Config { interfaces, forwards, peers, conntrack, max_forwards })
+        // By default every forward can have one backend, whatever limits.max_forwards says.
+        let mut max_backends = forwarder_common::DEFAULT_MAX_BACKENDS.max(max_forwards);
+        if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_backends.as_ref()) {
+            if *m.get_ref() == 0 || *m.get_ref() > forwarder_common::MAX_BACKEND_INDEX {
+                return Err(err(
+                    m.span(),
+                    "limits.max_backends",
+                    format!("must be between 1 and {}", forwarder_common::MAX_BACKEND_INDEX),
+                ));
+            }
+            max_backends = *m.get_ref();
+        }
+        let backends: usize = forwards.iter().map(|f| f.backends.len()).sum();
+        if backends > max_backends as usize {
+            return Err(ConfigError::Invalid {
+                line: 1,
+                field: "limits.max_backends".into(),
+                message: format!("{backends} backends exceed the limit of {max_backends}"),
+            });
+        }
+        Ok(Config { interfaces, forwards, peers, conntrack, max_forwards, max_backends })
     }
 }
 
@@ -830,7 +1126,7 @@ snat = "auto"
         );
         let f = &c.forwards[0];
         assert_eq!(f.listen, "0.0.0.0:3306".parse().unwrap());
-        assert_eq!(f.backend, "203.0.113.20:3197".parse().unwrap());
+        assert_eq!(f.backends[0].address, "203.0.113.20:3197".parse().unwrap());
         assert_eq!(f.snat, Snat::Auto);
         assert!(f.local);
     }
@@ -1004,7 +1300,7 @@ snat = "auto"
             &CLASSIC.replace("0.0.0.0:3306", "[::]:3306").replace("203.0.113.20:3197", "[2001:db8::20]:3197"),
         )
         .unwrap();
-        assert!(v6.forwards[0].backend.is_ipv6());
+        assert!(v6.forwards[0].backends[0].address.is_ipv6());
     }
 
     #[test]
@@ -1052,7 +1348,7 @@ snat = "auto"
         let e = Config::parse(&with("allow = \"198.51.100.0/25\"\n")).unwrap_err().to_string();
         assert!(e.contains("line 12"), "a string where a list belongs: {e}");
         let node = format!(
-            "{CLASSIC}\n[[node.w1.forward]]\nname = \"n\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:53\"\nbackend =              \"192.0.2.53:53\"\nallow = [\"x\"]\n"
+            "{CLASSIC}\n[[node.w1.forward]]\nname = \"n\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:53\"\nbackend = \"192.0.2.53:53\"\nallow = [\"x\"]\n"
         );
         let e = Config::parse_for_node(&node, None).unwrap_err();
         assert!(e.to_string().contains("node.w1.forward[0].allow[0]"), "{e}");

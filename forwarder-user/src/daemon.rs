@@ -1,6 +1,6 @@
 //! `forwarder run`: set-up (adopting pinned state), then the event loop: signals and
 //! config file changes drive reloads; the work that keeps the state current runs as tasks
-//! of [`crate::reconcile`] (expiry, peer watch, route watch) beside the metrics server, all
+//! of [`crate::reconcile`] (expiry, health checks, peer watch, route watch) beside the metrics server, all
 //! stopped by one cancellation token; then what `--on-exit` says happens to the pins.
 //!
 //! One concurrency model: tokio tasks on one thread, blocking map, netlink and file work in
@@ -112,6 +112,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (applied_tx, applied_rx) = watch::channel(Arc::new(cfg));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reconcile::expiry::run(opts.pin_path.clone(), applied_rx.clone(), counters.clone(), stop.clone()));
+    tasks.spawn(reconcile::health::run(opts.pin_path.clone(), applied_rx.clone(), counters.clone(), stop.clone()));
     let route_counters = counters.clone();
     let neighbour_news = match reconcile::routes::spawn(opts.pin_path.clone(), stop.clone(), move || {
         route_counters.route_changes.fetch_add(1, Ordering::Relaxed);

@@ -42,7 +42,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<crate::config::FieldError> for Error {
     fn from(e: crate::config::FieldError) -> Self {
-        Error::Edit { field: Some(e.field), message: e.message }
+        match e.backend {
+            Some(i) => {
+                Error::Edit { field: Some("backend"), message: format!("backend {i}: {}: {}", e.field, e.message) }
+            }
+            None => Error::Edit { field: Some(e.field), message: e.message },
+        }
     }
 }
 

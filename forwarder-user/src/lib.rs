@@ -1,6 +1,7 @@
 //! forwarder's userspace: config, loader, maps and counters. The `forwarder` binary is a thin
 //! CLI over this library; the tests drive the same library.
 
+pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod connections;

@@ -52,6 +52,8 @@ pub const LOCAL_PROGRAMS: [&str; 8] = [
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub max_forwards: u32,
+    /// Backends of all forwards together (`limits.max_backends`).
+    pub max_backends: u32,
     pub ct_entries: u32,
     /// aya-log level for the kernel programs: 0 off (default), 5 debug.
     pub bpf_log_level: u8,
@@ -59,7 +61,12 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     pub fn from_config(cfg: &Config) -> Self {
-        Self { max_forwards: cfg.max_forwards, ct_entries: cfg.conntrack.max_entries, bpf_log_level: 0 }
+        Self {
+            max_forwards: cfg.max_forwards,
+            max_backends: cfg.max_backends,
+            ct_entries: cfg.conntrack.max_entries,
+            bpf_log_level: 0,
+        }
     }
 }
 
@@ -67,6 +74,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             max_forwards: forwarder_common::DEFAULT_MAX_FORWARDS,
+            max_backends: forwarder_common::DEFAULT_MAX_BACKENDS,
             ct_entries: forwarder_common::DEFAULT_CT_ENTRIES,
             bpf_log_level: 0,
         }
@@ -110,7 +118,8 @@ impl Instance {
     pub fn load(opts: &LoadOptions, pin_dir: &Path) -> Result<Self> {
         mount_default_bpffs(pin_dir);
         std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(pin_dir)(e.to_string()))?;
-        let adopted = [forwarder_common::FWD_RULES_V2, forwarder_common::FWD_RULES].iter().any(|n| pin_dir.join(n).exists());
+        let adopted =
+            [forwarder_common::FWD_RULES_V2, forwarder_common::FWD_RULES].iter().any(|n| pin_dir.join(n).exists());
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -118,6 +127,9 @@ impl Instance {
             .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_FWD_DENIED, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_META_V2, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::FWD_MAGLEV, opts.max_forwards.max(1))
+            .map_max_entries(forwarder_common::FWD_BACKENDS, opts.max_backends.max(1))
+            .map_max_entries(forwarder_common::FWD_BE_STATS, opts.max_backends + 1)
             .map_max_entries(forwarder_common::FWD_CT_V4, opts.ct_entries)
             .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);
         for (name, path) in &paths {
@@ -152,6 +164,9 @@ impl Instance {
         }
         migrate_conntrack(&mut ebpf, pin_dir);
         migrate_local_udp(&mut ebpf, pin_dir);
+        migrate_forwards(&mut ebpf, pin_dir);
+        // The rules are rewritten from the forwards; an older layout's pin only goes.
+        let _ = std::fs::remove_file(pin_dir.join(forwarder_common::FWD_RULES));
         // Settings are written whole at every start; an older layout's pin only goes.
         let _ = std::fs::remove_file(pin_dir.join(forwarder_common::FWD_GLOBAL));
         Ok(Self {
@@ -492,6 +507,84 @@ fn migrate_local_udp(ebpf: &mut Ebpf, pin_dir: &Path) {
             info!(sockets = n, "local UDP sockets migrated from {FWD_LOCAL_UDP} to {FWD_LOC_UDP_V2}");
         }
         Err(e) => warn!(path = %old_path.display(), "old local UDP map not migrated: {e}"),
+    }
+}
+
+/// Carries the forwards of a pinned `FWD_META` (one backend each, versions before several
+/// backends) over into `FWD_META_V2` and `FWD_BACKENDS`, keeping their ids (so their
+/// connections and CLI-added forwards stay theirs), and their rules into `FWD_RULES_V2` so
+/// forwarding goes on until the config is applied. The backend's counter index is the
+/// forward's id: unique, and within `limits.max_backends` as long as the forwards fit it.
+fn migrate_forwards(ebpf: &mut Ebpf, pin_dir: &Path) {
+    use aya::maps::{Array, HashMap};
+    use forwarder_common::{
+        BackendKey, BackendValue, FWD_BACKENDS, FWD_META, FWD_META_V2, FWD_RULES, FWD_RULES_V2, FwdKey, FwdMeta,
+        FwdMetaV1, FwdValue, FwdValueV1,
+    };
+    let old_path = pin_dir.join(FWD_META);
+    if !old_path.exists() {
+        return;
+    }
+    let upgrade = |v: &FwdValueV1, listen_port_be: u16| FwdValue {
+        backend_addr: v.backend_addr,
+        snat_addr: v.snat_addr,
+        backend_port_be: v.backend_port_be,
+        family: v.family,
+        snat_mode: v.snat_mode,
+        forward_id: v.forward_id,
+        flags: v.flags,
+        backend_index: v.forward_id,
+        table_id: 0,
+        port_span: 0,
+        listen_port_be,
+    };
+    let moved = (|| -> std::result::Result<usize, String> {
+        let old = MapData::from_pin(&old_path).map_err(|e| e.to_string())?;
+        let old: Array<_, FwdMetaV1> = Array::try_from(aya::maps::Map::from_map_data(old).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let metas: Vec<(u32, FwdMetaV1)> = (1..old.len())
+            .filter_map(|id| old.get(&id, 0).ok().map(|m| (id, m)))
+            .filter(|(_, m)| m.name[0] != 0)
+            .collect();
+        let mut meta: Array<_, FwdMeta> =
+            Array::try_from(ebpf.map_mut(FWD_META_V2).ok_or("no FWD_META_V2")?).map_err(|e| e.to_string())?;
+        for (id, m) in &metas {
+            let value = upgrade(&m.value, m.key.port_be);
+            let v2 = FwdMeta { name: m.name, key: m.key, value, health: Default::default() };
+            meta.set(*id, v2, 0).map_err(|e| e.to_string())?;
+        }
+        let mut backends: HashMap<_, BackendKey, BackendValue> =
+            HashMap::try_from(ebpf.map_mut(FWD_BACKENDS).ok_or("no FWD_BACKENDS")?).map_err(|e| e.to_string())?;
+        for (id, m) in &metas {
+            let v = &m.value;
+            let b = BackendValue {
+                addr: v.backend_addr,
+                port_be: v.backend_port_be,
+                family: v.family,
+                state: 0,
+                index: *id,
+                weight: 1,
+            };
+            backends.insert(BackendKey { forward_id: *id, slot: 0 }, b, 0).map_err(|e| e.to_string())?;
+        }
+        if let Ok(old_rules) = MapData::from_pin(pin_dir.join(FWD_RULES)) {
+            let old_rules: HashMap<_, FwdKey, FwdValueV1> =
+                HashMap::try_from(aya::maps::Map::from_map_data(old_rules).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+            let mut rules: HashMap<_, FwdKey, FwdValue> =
+                HashMap::try_from(ebpf.map_mut(FWD_RULES_V2).ok_or("no FWD_RULES_V2")?).map_err(|e| e.to_string())?;
+            for (k, v) in old_rules.iter().filter_map(|e| e.ok()) {
+                rules.insert(k, upgrade(&v, k.port_be), 0).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(metas.len())
+    })();
+    match moved {
+        Ok(n) => {
+            let _ = std::fs::remove_file(&old_path);
+            info!(forwards = n, "forwards migrated from {FWD_META} to {FWD_META_V2} and {FWD_BACKENDS}");
+        }
+        Err(e) => warn!(path = %old_path.display(), "old forwards not migrated: {e}"),
     }
 }
 

@@ -4,12 +4,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
     FAMILY_V4, FAMILY_V6, FWD_FLAG_ALLOW, FWD_FLAG_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL,
-    FwdKey, FwdMeta, FwdValue, PEER_DIRECT, PEER_FALLBACK, PeerKey, PeerValue, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
-    SOURCE_KEY_FIXED_BITS, SourceKey, source_prefix_len,
+    FwdKey, FwdMeta, FwdValue, HEALTH_TCP, HEALTH_UDP, HealthSpec, PEER_DIRECT, PEER_FALLBACK, PeerKey, PeerValue,
+    SNAT_AUTO, SNAT_FIXED, SNAT_OFF, SOURCE_KEY_FIXED_BITS, SourceKey, source_prefix_len,
 };
 use ipnet::IpNet;
 
-use crate::config::{Forward, Protocol, Snat};
+use crate::config::{Forward, Health, HealthKind, Protocol, Snat};
 
 pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
     match ip {
@@ -36,9 +36,10 @@ pub struct ForwardEntries {
     pub meta: FwdMeta,
 }
 
-/// The forward's backend is on this host: a loopback address, or one of `local_addrs`.
+/// The forward's one backend is on this host: a loopback address, or one of
+/// `local_addrs` (several backends are never on this host: the config and apply refuse it).
 pub fn backend_on_host(f: &Forward, local_addrs: &[IpAddr]) -> bool {
-    f.backend.ip().is_loopback() || local_addrs.contains(&f.backend.ip())
+    f.single_backend().is_some_and(|b| b.ip().is_loopback() || local_addrs.contains(&b.ip()))
 }
 
 /// Interface traffic cannot reach this forward's backend: UDP to IPv6 loopback (`::1`).
@@ -47,7 +48,7 @@ pub fn backend_on_host(f: &Forward, local_addrs: &[IpAddr]) -> bool {
 /// so neither a rewrite nor an assignment to the socket can serve it. Such a forward serves
 /// local programs only; its listen port is left to the host on interfaces.
 pub fn unreachable_from_interfaces(f: &Forward) -> bool {
-    f.protocol == Protocol::Udp && f.backend.is_ipv6() && f.backend.ip().is_loopback()
+    f.protocol == Protocol::Udp && f.single_backend().is_some_and(|b| b.is_ipv6() && b.ip().is_loopback())
 }
 
 /// A peer's key in `FWD_PEERS`.
@@ -59,6 +60,34 @@ pub fn peer_key(addr: IpAddr) -> PeerKey {
 /// A peer's value in `FWD_PEERS`.
 pub fn peer_value(ifindex: u32, peer_id: u32, direct: bool) -> PeerValue {
     PeerValue { ifindex, peer_id, state: if direct { PEER_DIRECT } else { PEER_FALLBACK }, _pad: 0 }
+}
+
+/// A forward's health checks as `FWD_META_V2` holds them.
+pub fn health_spec(h: Option<Health>) -> HealthSpec {
+    match h {
+        None => HealthSpec::default(),
+        Some(h) => HealthSpec {
+            kind: match h.kind {
+                HealthKind::Tcp => HEALTH_TCP,
+                HealthKind::Udp => HEALTH_UDP,
+            },
+            rise: h.rise,
+            fall: h.fall,
+            _pad: 0,
+            interval_ms: h.interval_ms,
+            timeout_ms: h.timeout_ms,
+        },
+    }
+}
+
+/// The config form of stored health checks.
+pub fn health_of(spec: &HealthSpec) -> Option<Health> {
+    let kind = match spec.kind {
+        HEALTH_TCP => HealthKind::Tcp,
+        HEALTH_UDP => HealthKind::Udp,
+        _ => return None,
+    };
+    Some(Health { kind, interval_ms: spec.interval_ms, timeout_ms: spec.timeout_ms, rise: spec.rise, fall: spec.fall })
 }
 
 pub fn key_for(proto: u8, listen: SocketAddr) -> FwdKey {
@@ -90,7 +119,9 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
             } else {
                 vec![key_for(proto, f.listen)]
             };
-            let (backend_addr, family) = addr_bytes(f.backend.ip());
+            // The first backend until the choice among the backends fills this in.
+            let first = f.backends[0].address;
+            let (backend_addr, family) = addr_bytes(first.ip());
             let (snat_mode, snat_addr) = match f.snat {
                 Snat::Auto => (SNAT_AUTO, [0; 16]),
                 Snat::Off => (SNAT_OFF, [0; 16]),
@@ -104,7 +135,7 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
             let value = FwdValue {
                 backend_addr,
                 snat_addr,
-                backend_port_be: f.backend.port().to_be(),
+                backend_port_be: first.port().to_be(),
                 family,
                 snat_mode,
                 forward_id: id,
@@ -117,7 +148,7 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
             let mut name = [0u8; 48];
             let n = f.name.len().min(47);
             name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
-            let meta = FwdMeta { name, key: key_for(proto, f.listen), value, health: Default::default() };
+            let meta = FwdMeta { name, key: key_for(proto, f.listen), value, health: health_spec(f.health) };
             ForwardEntries { id, keys, value, meta }
         })
         .collect()

@@ -15,16 +15,18 @@ use aya::maps::{
     xdp::DevMapHash,
 };
 use forwarder_common::{
-    CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_ALLOW, FWD_CT_V4, FWD_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL,
-    FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_META_V2, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN,
+    BACKEND_DOWN, BackendKey, BackendValue, CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_ALLOW, FWD_BACKENDS,
+    FWD_BE_STATS, FWD_CT_V4, FWD_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FLAG_MAGLEV, FWD_FWD_DENIED,
+    FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_MAGLEV, FWD_META_V2, FWD_PEERS, FWD_REASONS, FWD_ROUTE_GEN,
     FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS,
-    GlobalConfig, IfaceConfig, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
-    SourceKey, conntrack::CT_HOST_BACKEND,
+    GlobalConfig, IfaceConfig, MaglevTable, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, Reason, SNAT_AUTO, SNAT_FIXED,
+    SNAT_OFF, SourceKey, conntrack::CT_HOST_BACKEND,
 };
 use ipnet::IpNet;
 use tracing::{debug, info};
 
 use crate::{
+    backends,
     config::{Forward, OnForwardRemoved, Peer, Protocol, Snat},
     error::{Error, Result},
     maps::{SourceEntry, addr_from_bytes, forward_entries, peer_key, peer_value, source_entries, source_of_entry},
@@ -57,8 +59,13 @@ impl<T> OnMap<T> for std::result::Result<T, aya::maps::MapError> {
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ApplyReport {
     pub added: Vec<String>,
+    /// Forwards whose rule changed (listen side, SNAT, local): a new id, their old
+    /// connections drain or go by the removal policy.
     pub changed: Vec<String>,
     pub removed: Vec<String>,
+    /// Forwards that keep their id and connections with new backends, weights or health
+    /// checks: only new connections see the change.
+    pub updated: Vec<String>,
     pub flushed_connections: usize,
 }
 
@@ -228,13 +235,21 @@ impl State {
     }
 
     fn forwards_without_source_lists(&self) -> Result<Vec<(u32, Forward)>> {
+        let stored = self.stored_backends()?;
+        let with_backends = |id: u32, m: &FwdMeta| {
+            let mut f = forward_of_meta(m);
+            if let Some(list) = stored.get(&id) {
+                f.backends = list.iter().map(|(_, v)| backends::backend_of(v)).collect();
+            }
+            (id, f)
+        };
         let data = pins::open_map(&self.dir, FWD_META_V2)?;
         match sys::lookup_all_batched::<u32, FwdMeta>(data.fd().as_fd()) {
             Ok(all) => {
                 let mut out: Vec<(u32, Forward)> = all
                     .iter()
                     .filter(|(id, m)| *id != 0 && m.name[0] != 0)
-                    .map(|(id, m)| (*id, forward_of_meta(m)))
+                    .map(|(id, m)| with_backends(*id, m))
                     .collect();
                 out.sort_unstable_by_key(|(id, _)| *id);
                 return Ok(out);
@@ -246,10 +261,95 @@ impl State {
         for id in 1..meta.len() {
             let Ok(m) = meta.get(&id, 0) else { continue };
             if m.name[0] != 0 {
-                out.push((id, forward_of_meta(&m)));
+                out.push(with_backends(id, &m));
             }
         }
         Ok(out)
+    }
+
+    /// Every forward's stored backends (slot order).
+    pub fn stored_backends(&self) -> Result<backends::Stored> {
+        let data = pins::open_map(&self.dir, FWD_BACKENDS)?;
+        let all = match sys::lookup_all_batched::<BackendKey, BackendValue>(data.fd().as_fd()) {
+            Ok(all) => all,
+            Err(e) => {
+                debug!("{FWD_BACKENDS}: batch lookup failed ({e}), reading entry by entry");
+                let m: HashMap<_, BackendKey, BackendValue> = self.typed(FWD_BACKENDS)?;
+                m.iter().filter_map(|r| r.ok()).collect()
+            }
+        };
+        Ok(backends::stored_of(all))
+    }
+
+    /// The Maglev tables present.
+    fn tables(&self) -> Result<backends::Tables> {
+        let m: HashMap<_, u32, MaglevTable> = self.typed(FWD_MAGLEV)?;
+        Ok(backends::Tables::of(m.iter().filter_map(|r| r.ok()).collect()))
+    }
+
+    /// Writes the new tables of `tables` (before any rule refers to them).
+    fn write_tables(&self, tables: &backends::Tables) -> Result<()> {
+        let mut m: HashMap<_, u32, MaglevTable> = self.typed(FWD_MAGLEV)?;
+        for (id, content) in &tables.new {
+            m.insert(id, backends::table_value(content), 0).on(FWD_MAGLEV)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the tables no rule refers to any more (after the rules are written).
+    fn drop_unreferenced_tables(&self, tables: &backends::Tables) -> Result<()> {
+        let mut m: HashMap<_, u32, MaglevTable> = self.typed(FWD_MAGLEV)?;
+        for id in tables.unreferenced() {
+            let _ = m.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Marks a backend up or down (health checks) and makes the forward's new connections
+    /// choose accordingly; its established connections are untouched. Returns whether the
+    /// state changed.
+    pub fn set_backend_down(&self, forward_id: u32, slot: u32, down: bool) -> Result<bool> {
+        let mut m: HashMap<_, BackendKey, BackendValue> = self.typed(FWD_BACKENDS)?;
+        let key = BackendKey { forward_id, slot };
+        let Ok(mut v) = m.get(&key, 0) else { return Ok(false) };
+        let state = if down { v.state | BACKEND_DOWN } else { v.state & !BACKEND_DOWN };
+        if state == v.state {
+            return Ok(false);
+        }
+        v.state = state;
+        m.insert(key, v, 0).on(FWD_BACKENDS)?;
+        self.rechoose(forward_id)?;
+        Ok(true)
+    }
+
+    /// Rewrites the rules of one forward for its backends' current weights and states.
+    fn rechoose(&self, forward_id: u32) -> Result<()> {
+        let placed = self.stored_backends()?.remove(&forward_id).unwrap_or_default();
+        let mut tables = self.tables()?;
+        let mut rules: HashMap<_, FwdKey, FwdValue> = self.typed(FWD_RULES_V2)?;
+        let all: Vec<(FwdKey, FwdValue)> = rules.iter().filter_map(|r| r.ok()).collect();
+        let choice = backends::choice(&placed);
+        let mut updated = Vec::new();
+        for (k, mut v) in all {
+            if v.forward_id == forward_id {
+                backends::apply_choice(&mut v, choice.clone(), &mut tables);
+                updated.push((k, v));
+            } else if v.flags & FWD_FLAG_MAGLEV != 0 {
+                tables.referenced.insert(v.table_id);
+            }
+        }
+        self.write_tables(&tables)?;
+        for (k, v) in &updated {
+            rules.insert(k, v, 0).on(FWD_RULES_V2)?;
+        }
+        if let Some((_, v)) = updated.first() {
+            let mut meta: Array<_, FwdMeta> = self.typed(FWD_META_V2)?;
+            if let Ok(mut m) = meta.get(&forward_id, 0) {
+                m.value = *v;
+                meta.set(forward_id, m, 0).on(FWD_META_V2)?;
+            }
+        }
+        self.drop_unreferenced_tables(&tables)
     }
 
     /// Makes the forwards exactly `desired`: unchanged forwards keep their id, counters and
@@ -270,20 +370,52 @@ impl State {
             current.iter().map(|(id, f)| (*id, (f.name.clone(), f.allow.clone(), f.deny.clone()))).collect();
         let ForwardPlan { with_ids, retired, mut report } = plan_forwards(current, desired, capacity)?;
 
-        let entries = forward_entries(&with_ids, local_addrs);
+        let mut entries = forward_entries(&with_ids, local_addrs);
         for (e, (_, f)) in entries.iter().zip(&with_ids) {
             if e.value.flags & FWD_FLAG_HOST_BACKEND != 0 && e.value.snat_mode == SNAT_FIXED {
                 return Err(Error::Invalid(format!(
                     "forward {:?}: backend {} is on this host, which delivers to it with the client's address as \
                      the source (as REDIRECT does); a fixed snat address cannot apply: use snat = \"auto\" or \"off\"",
-                    f.name, f.backend
+                    f.name, f.backends[0].address
+                )));
+            }
+            if let Some(b) = f.backends.iter().find(|b| f.backends.len() > 1 && local_addrs.contains(&b.address.ip())) {
+                return Err(Error::Invalid(format!(
+                    "forward {:?}: backend {} is on this host: a forward delivers to a backend on this host only as \
+                     its one backend",
+                    f.name, b.address
                 )));
             }
         }
+        // Source lists that do not fit are refused before anything is written.
         let source_lists = [
             self.plan_source_list(FWD_ALLOW, source_entries(&with_ids, true))?,
             self.plan_source_list(FWD_DENY, source_entries(&with_ids, false))?,
         ];
+        // Backends: slots, counter indices and states kept for those that stay; the rules
+        // choose among them.
+        let stored = self.stored_backends()?;
+        let (placed, fresh) = backends::place(&with_ids, &stored, self.capacity(FWD_BE_STATS)?.saturating_sub(1))
+            .map_err(Error::Invalid)?;
+        let mut tables = self.tables()?;
+        for (e, p) in entries.iter_mut().zip(&placed) {
+            backends::apply_choice(&mut e.value, backends::choice(p), &mut tables);
+            e.meta.value = e.value;
+        }
+        self.zero_backend_stats(&fresh)?;
+        self.write_tables(&tables)?;
+        let mut backend_map: HashMap<_, BackendKey, BackendValue> = self.typed(FWD_BACKENDS)?;
+        let mut wanted_backends = HashSet::new();
+        for ((id, _), p) in with_ids.iter().zip(&placed) {
+            for (slot, v) in p {
+                let key = BackendKey { forward_id: *id, slot: *slot };
+                wanted_backends.insert(key);
+                let unchanged = stored.get(id).is_some_and(|l| l.iter().any(|(s, c)| s == slot && c == v));
+                if !unchanged {
+                    backend_map.insert(key, v, 0).on(FWD_BACKENDS)?;
+                }
+            }
+        }
         // A rule that names a list finds its entries in place; stale entries go once no
         // rule names them.
         for change in &source_lists {
@@ -323,6 +455,15 @@ impl State {
         for change in source_lists.iter().filter(|c| !c.stale_first) {
             self.write_source_entries(change.name, &change.stale, false)?;
         }
+        for (id, list) in &stored {
+            for (slot, _) in list {
+                let key = BackendKey { forward_id: *id, slot: *slot };
+                if !wanted_backends.contains(&key) {
+                    let _ = backend_map.remove(&key);
+                }
+            }
+        }
+        self.drop_unreferenced_tables(&tables)?;
         // Metadata of every desired forward, then cleared slots of the retired ids not reused.
         let live_ids: HashSet<u32> = with_ids.iter().map(|(id, _)| *id).collect();
         let (ids, metas): (Vec<u32>, Vec<FwdMeta>) = entries
@@ -362,9 +503,13 @@ impl State {
             self.set_global_flag(GLOBAL_HAS_HOST_BACKENDS, draining)?;
         }
         self.bump_route_generation()?;
-        if !report.added.is_empty() || !report.changed.is_empty() || !report.removed.is_empty() {
+        if !report.added.is_empty()
+            || !report.changed.is_empty()
+            || !report.removed.is_empty()
+            || !report.updated.is_empty()
+        {
             info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
-                flushed = report.flushed_connections, "forwards applied");
+                updated = ?report.updated, flushed = report.flushed_connections, "forwards applied");
         }
         Ok(report)
     }
@@ -529,6 +674,25 @@ impl State {
         self.remove_conntrack(&keys)
     }
 
+    /// Zeroes the counters of backend indices given to new backends.
+    fn zero_backend_stats(&self, indices: &[u32]) -> Result<()> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))?;
+        let mut stats: PerCpuArray<MapData, FwdStats> = self.typed(FWD_BE_STATS)?;
+        for i in indices {
+            stats.set(*i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).on(FWD_BE_STATS)?;
+        }
+        Ok(())
+    }
+
+    /// Per-backend counters summed over CPUs, by counter index.
+    pub fn backend_stats(&self, index: u32) -> Result<FwdStats> {
+        let arr: PerCpuArray<MapData, FwdStats> = self.typed(FWD_BE_STATS)?;
+        Ok(sum_forward(&arr, index))
+    }
+
     /// Per-forward counters summed over CPUs.
     pub fn forward_stats(&self, id: u32) -> Result<FwdStats> {
         let arr: PerCpuArray<MapData, FwdStats> = self.typed(FWD_FWD_STATS)?;
@@ -601,6 +765,12 @@ fn plan_forwards(current: Vec<(u32, Forward)>, desired: &[Forward], capacity: u3
     for f in desired {
         match current.get(&f.name) {
             Some((id, c)) if c == f => with_ids.push((*id, f.clone())),
+            Some((id, c)) if c.same_rule(f) => {
+                // Backends, weights, health checks or source lists only: the id and
+                // connections stay (a source the new lists refuse is flushed below).
+                report.updated.push(f.name.clone());
+                with_ids.push((*id, f.clone()));
+            }
             Some((id, _)) => {
                 // Changed: its old connections keep their old rewrite (drain) or go
                 // (flush); new connections get a fresh id and the new rule.
@@ -641,11 +811,13 @@ pub fn forward_of_meta(m: &FwdMeta) -> Forward {
         name: String::from_utf8_lossy(&m.name[..name_len]).into_owned(),
         protocol: if m.key.proto == PROTO_TCP { Protocol::Tcp } else { Protocol::Udp },
         listen,
-        backend,
+        // The stored backends replace it (`State::forwards`).
+        backends: vec![crate::config::Backend { address: backend, weight: 1 }],
         snat,
         local: m.value.flags & FWD_FLAG_LOCAL != 0,
         allow: Vec::new(),
         deny: Vec::new(),
+        health: crate::maps::health_of(&m.health),
     }
 }
 
@@ -678,11 +850,12 @@ mod tests {
             name: format!("x{i}"),
             protocol: Protocol::Udp,
             listen: SocketAddr::new([198, 51, 100, 1 + (i / 60_000) as u8].into(), 1024 + (i % 60_000) as u16),
-            backend: "203.0.113.2:9".parse().unwrap(),
+            backends: vec![crate::config::Backend { address: "203.0.113.2:9".parse().unwrap(), weight: 1 }],
             snat: Snat::Auto,
             local: true,
             allow: Vec::new(),
             deny: Vec::new(),
+            health: None,
         }
     }
 
@@ -737,6 +910,12 @@ mod tests {
         create_pinned_map(&dir.join(FWD_RULES_V2), HASH, size, std::mem::size_of::<FwdValue>(), max_forwards);
         create_pinned_map(&dir.join(FWD_META_V2), ARRAY, 4, std::mem::size_of::<FwdMeta>(), max_forwards + 1);
         create_pinned_map(&dir.join(FWD_GLOBAL_V2), ARRAY, 4, std::mem::size_of::<GlobalConfig>(), 1);
+        let backend_size = (std::mem::size_of::<BackendKey>(), std::mem::size_of::<BackendValue>());
+        create_pinned_map(&dir.join(FWD_BACKENDS), HASH, backend_size.0, backend_size.1, max_forwards * 2);
+        create_pinned_map(&dir.join(FWD_MAGLEV), HASH, 4, std::mem::size_of::<MaglevTable>(), 64);
+        const PERCPU_ARRAY: u32 = 6;
+        let stats = std::mem::size_of::<FwdStats>();
+        create_pinned_map(&dir.join(FWD_BE_STATS), PERCPU_ARRAY, 4, stats, max_forwards * 2 + 1);
         create_pinned_map(&dir.join(FWD_ROUTE_GEN), ARRAY, 4, 4, 1);
         create_pinned_map(
             &dir.join(FWD_CT_V4),
@@ -798,12 +977,15 @@ mod tests {
     fn plan_keeps_unchanged_ids_and_gives_new_ones_free_ids() {
         let current = vec![(1, fwd(0)), (3, fwd(1)), (4, fwd(2))];
         let mut changed = fwd(1);
-        changed.backend = "203.0.113.3:9".parse().unwrap();
-        let desired = vec![fwd(0), changed.clone(), fwd(3)];
+        changed.snat = Snat::Off;
+        let mut updated = fwd(0);
+        updated.backends[0].address = "203.0.113.3:9".parse().unwrap();
+        let desired = vec![updated.clone(), changed.clone(), fwd(3)];
         let p = plan_forwards(current, &desired, 8).unwrap();
         // x1 changes: the old id 3 drains, the new rule takes the first free id (2); x3 is
         // new and gets the next one (5, as 3 and 4 are still held); x2 is removed.
-        assert_eq!(p.with_ids, vec![(1, fwd(0)), (2, changed), (5, fwd(3))]);
+        // x0's backend changes: it keeps its id (new connections go to the new backend).
+        assert_eq!(p.with_ids, vec![(1, updated), (2, changed), (5, fwd(3))]);
         assert_eq!(p.retired, vec![3, 4]);
         assert_eq!(
             p.report,
@@ -811,6 +993,7 @@ mod tests {
                 added: vec!["x3".into()],
                 changed: vec!["x1".into()],
                 removed: vec!["x2".into()],
+                updated: vec!["x0".into()],
                 flushed_connections: 0
             }
         );
@@ -871,12 +1054,13 @@ mod tests {
         use forwarder_common::{FWD_FLAG_ALLOW, FWD_FLAG_DENY};
         assert_eq!((flags("x0"), flags("x1"), flags("x2")), (FWD_FLAG_ALLOW | FWD_FLAG_DENY, FWD_FLAG_DENY, 0));
 
-        // x0's allow list changes, x1 goes: x1's entries and x0's old ones leave the tries.
+        // x0's allow list changes (its id stays), x1 goes: x1's entries and x0's old ones
+        // leave the tries.
         a.allow = vec![net("198.51.100.128/25")];
         let r = state.apply_forwards(&[a.clone(), fwd(2)], &[], OnForwardRemoved::Drain).unwrap();
-        assert_eq!((r.changed.len(), r.removed.len()), (1, 1));
+        assert_eq!((r.updated.clone(), r.changed.len(), r.removed.len()), (vec!["x0".to_string()], 0, 1));
         let stored: Vec<Forward> = state.forwards().unwrap().into_iter().map(|(_, f)| f).collect();
-        assert_eq!(stored, vec![fwd(2), a.clone()], "by id: x0 took a new one");
+        assert_eq!(stored, vec![a.clone(), fwd(2)]);
         let ids: HashSet<u32> = state.forwards().unwrap().into_iter().map(|(id, _)| id).collect();
         for name in [FWD_ALLOW, FWD_DENY] {
             let entries = state.source_list_entries(name).unwrap();

@@ -77,6 +77,17 @@ pub struct Status {
     pub conntrack_connections: usize,
     pub forwards: usize,
     pub peers: usize,
+    /// Every forward's backends and whether each takes new connections.
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub forward: String,
+    pub address: String,
+    pub weight: u32,
+    /// "up", "down" (failed its health checks) or "drained" (weight 0).
+    pub state: &'static str,
 }
 
 /// The daemon's status file for a pin path.
@@ -171,8 +182,22 @@ pub fn read(pin: &Path) -> Result<Status> {
     let daemon: Option<DaemonStatus> = std::fs::read(path_for(pin)).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let daemon_running = daemon.as_ref().map(|d| Path::new(&format!("/proc/{}", d.pid)).exists()).unwrap_or(false);
     let ct = state.conntrack()?;
-    let forwards = state.forwards()?.len();
+    let all_forwards = state.forwards()?;
+    let forwards = all_forwards.len();
     let peers = state.peers()?.len();
+    let stored = state.stored_backends()?;
+    let mut backends = Vec::new();
+    for (id, f) in &all_forwards {
+        for (_, v) in stored.get(id).map(Vec::as_slice).unwrap_or_default() {
+            let b = crate::telemetry::counters::BackendCounters::of(v, Default::default(), 0);
+            backends.push(BackendStatus {
+                forward: f.name.clone(),
+                address: b.address,
+                weight: b.weight,
+                state: b.state,
+            });
+        }
+    }
     let maps = vec![
         MapFill {
             map: forwarder_common::FWD_CT_V4,
@@ -183,6 +208,11 @@ pub fn read(pin: &Path) -> Result<Status> {
             map: forwarder_common::FWD_META_V2,
             entries: forwards,
             capacity: state.capacity(forwarder_common::FWD_META_V2)? - 1,
+        },
+        MapFill {
+            map: forwarder_common::FWD_BACKENDS,
+            entries: backends.len(),
+            capacity: state.capacity(forwarder_common::FWD_BACKENDS)?,
         },
         MapFill {
             map: forwarder_common::FWD_PEERS,
@@ -199,6 +229,7 @@ pub fn read(pin: &Path) -> Result<Status> {
         conntrack_connections: conns,
         forwards,
         peers,
+        backends,
     })
 }
 
@@ -246,5 +277,15 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "map {:<14} {:>8} / {:<8} ({pct:.1}% full)", m.map, m.entries, m.capacity);
     }
     let _ = writeln!(out, "conntrack: {} connections ({} entries)", s.conntrack_connections, s.conntrack_entries);
+    // Backends worth a line: of forwards with several, or not taking new connections.
+    let several: std::collections::HashSet<&str> = s
+        .backends
+        .iter()
+        .filter(|b| s.backends.iter().filter(|o| o.forward == b.forward).count() > 1 || b.state != "up")
+        .map(|b| b.forward.as_str())
+        .collect();
+    for b in s.backends.iter().filter(|b| several.contains(b.forward.as_str())) {
+        let _ = writeln!(out, "backend {:<20} {:<26} weight {:<5} {}", b.forward, b.address, b.weight, b.state);
+    }
     out
 }

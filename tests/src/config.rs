@@ -36,7 +36,7 @@ mod tests {
         let names: Vec<&str> = c.interfaces.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["rc", "rs"]);
         let forwards: Vec<(&str, String)> =
-            c.forwards.iter().map(|f| (f.name.as_str(), f.backend.to_string())).collect();
+            c.forwards.iter().map(|f| (f.name.as_str(), f.backends[0].address.to_string())).collect();
         assert_eq!(forwards, [("db", "203.0.113.20:3197".to_string()), ("dns", "203.0.113.20:5353".to_string())]);
     }
 }

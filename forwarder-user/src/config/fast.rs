@@ -214,11 +214,13 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
                 name: name?,
                 protocol: protocol?,
                 listen: listen?,
-                backend: backend?,
+                backend: Some(backend?),
+                backends: None,
                 snat,
                 local,
                 allow: None,
                 deny: None,
+                health: None,
             });
             Some(())
         }
@@ -278,7 +280,7 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
             Some(())
         }
         Table::Limits => {
-            let mut limits = RawLimits { max_forwards: None };
+            let mut limits = RawLimits { max_forwards: None, max_backends: None };
             for (k, v) in &fields {
                 match *k {
                     "max_forwards" => limits.max_forwards = Some(v.int()?),

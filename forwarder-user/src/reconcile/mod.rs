@@ -17,6 +17,7 @@ use crate::{config::Config, loader::Instance, system};
 
 pub mod config_file;
 pub mod expiry;
+pub mod health;
 pub mod peers;
 pub mod routes;
 
@@ -86,9 +87,11 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
              local_udp_ambiguous); connected sockets are not affected"
         );
     }
-    for (name, want) in
-        [(forwarder_common::FWD_CT_V4, cfg.conntrack.max_entries), (forwarder_common::FWD_META_V2, cfg.max_forwards + 1)]
-    {
+    for (name, want) in [
+        (forwarder_common::FWD_CT_V4, cfg.conntrack.max_entries),
+        (forwarder_common::FWD_META_V2, cfg.max_forwards + 1),
+        (forwarder_common::FWD_BACKENDS, cfg.max_backends),
+    ] {
         let have = state.capacity(name)?;
         if have != want {
             warn!(map = name, have, want, "map size differs from the config: it changes only after `forwarder detach`");
@@ -136,15 +139,16 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
 fn warn_about_host_backends(cfg: &Config, local_addrs: &[std::net::IpAddr]) {
     use crate::config::Protocol;
     for f in cfg.forwards.iter().filter(|f| crate::maps::backend_on_host(f, local_addrs)) {
+        let backend = f.backends[0].address;
         if crate::maps::unreachable_from_interfaces(f) {
-            warn!(forward = %f.name, backend = %f.backend,
+            warn!(forward = %f.name, %backend,
                 "UDP to IPv6 loopback cannot be reached from interfaces (a packet may not carry ::1 into the \
                  stack): the forward serves local programs only");
-        } else if f.protocol == Protocol::Udp && f.backend.is_ipv4() && f.backend.ip().is_loopback() {
+        } else if f.protocol == Protocol::Udp && backend.is_ipv4() && backend.ip().is_loopback() {
             let off: Vec<&str> =
                 cfg.interfaces.iter().map(|i| i.name.as_str()).filter(|i| !system::route_localnet(i)).collect();
             if !off.is_empty() {
-                warn!(forward = %f.name, backend = %f.backend, interfaces = off.join(", "),
+                warn!(forward = %f.name, %backend, interfaces = off.join(", "),
                     "UDP to a loopback backend needs net.ipv4.conf.<interface>.route_localnet = 1 on the \
                      interfaces its clients come by (as iptables DNAT does): without it the kernel drops the \
                      datagrams as martians; bind the backend to the host's address instead");

@@ -5,8 +5,8 @@ use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
-    ALL_REASONS, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats,
-    PeerKey, PeerStats, PeerValue,
+    ALL_REASONS, FWD_BE_STATS, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS,
+    FwdMeta, FwdStats, PeerKey, PeerStats, PeerValue,
 };
 use serde::Serialize;
 
@@ -33,6 +33,65 @@ pub struct ForwardCounters {
     pub local_connections: u64,
     /// Packets of new connections the forward's source lists refused (dropped).
     pub source_denied: u64,
+    /// The forward's backends (slot order) with their own counters.
+    pub backends: Vec<BackendCounters>,
+}
+
+/// One backend of a forward: its packets and connections, and whether it takes new ones.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub address: String,
+    pub weight: u32,
+    /// False while its health checks keep it out of new connections.
+    pub up: bool,
+    /// "up", "down" (health checks) or "drained" (weight 0).
+    pub state: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+    pub local_connections: u64,
+    /// Its connections in the table that are established (TCP) or answered (UDP).
+    pub established_connections: u64,
+}
+
+impl BackendCounters {
+    pub fn of(v: &forwarder_common::BackendValue, s: FwdStats, established: u64) -> Self {
+        let up = v.state & forwarder_common::BACKEND_DOWN == 0;
+        BackendCounters {
+            address: crate::backends::backend_of(v).address.to_string(),
+            weight: v.weight,
+            up,
+            state: if !up {
+                "down"
+            } else if v.weight == 0 {
+                "drained"
+            } else {
+                "up"
+            },
+            packets: s.packets,
+            bytes: s.bytes,
+            new_connections: s.new_conns,
+            local_connections: s.local_conns,
+            established_connections: established,
+        }
+    }
+}
+
+/// Established (TCP) or answered (UDP) connections per backend counter index, from the
+/// connection table's original-direction entries.
+pub fn established_by_backend(
+    entries: &[(forwarder_common::CtKey, forwarder_common::CtValue)],
+) -> std::collections::HashMap<u32, u64> {
+    use forwarder_common::conntrack::{TCP_ESTABLISHED, UDP_REPLIED};
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in entries {
+        let live =
+            if k.proto == forwarder_common::PROTO_TCP { v.state == TCP_ESTABLISHED } else { v.state == UDP_REPLIED };
+        if v.direction == forwarder_common::CT_DIR_ORIGINAL && live && v.backend_index() != 0 {
+            *out.entry(v.backend_index()).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -90,6 +149,12 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_FWD_DENIED)?))
             .map_err(map_error(FWD_FWD_DENIED))?;
 
+    let state = crate::state::State::open(pin_dir)?;
+    let stored = state.stored_backends()?;
+    let established = established_by_backend(&state.conntrack()?);
+    let backend_stats: PerCpuArray<MapData, FwdStats> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_BE_STATS)?))
+            .map_err(map_error(FWD_BE_STATS))?;
     let mut forwards = Vec::new();
     for id in 1..meta.len() {
         let Ok(m) = meta.get(&id, 0) else { continue };
@@ -106,10 +171,13 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             protocol: proto.into(),
             listen: std::net::SocketAddr::new(addr_from_bytes(&m.key.addr, m.key.family), u16::from_be(m.key.port_be))
                 .to_string(),
-            backend: std::net::SocketAddr::new(
-                addr_from_bytes(&m.value.backend_addr, m.value.family),
-                u16::from_be(m.value.backend_port_be),
-            )
+            backend: match stored.get(&id).and_then(|l| l.first()) {
+                Some((_, v)) => crate::backends::backend_of(v).address,
+                None => std::net::SocketAddr::new(
+                    addr_from_bytes(&m.value.backend_addr, m.value.family),
+                    u16::from_be(m.value.backend_port_be),
+                ),
+            }
             .to_string(),
             snat: identity.snat.to_string(),
             local: identity.local,
@@ -118,6 +186,16 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             new_connections: s.new_conns,
             local_connections: s.local_conns,
             source_denied: sum_reason(&denied, id),
+            backends: stored
+                .get(&id)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|(_, v)| {
+                    let live = established.get(&v.index).copied().unwrap_or(0);
+                    BackendCounters::of(v, sum_forward(&backend_stats, v.index), live)
+                })
+                .collect(),
         });
     }
     let peer_map: HashMap<MapData, PeerKey, PeerValue> =
@@ -190,6 +268,29 @@ pub fn render_table(s: &Snapshot) -> String {
             f.local_connections,
             f.source_denied
         );
+    }
+    if s.forwards.iter().any(|f| f.backends.len() > 1 || f.backends.iter().any(|b| b.state != "up")) {
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<26} {:>6} {:<8} {:>12} {:>14} {:>10} {:>12}",
+            "FORWARD", "BACKEND", "WEIGHT", "STATE", "PACKETS", "BYTES", "NEW_CONNS", "ESTABLISHED"
+        );
+        for f in &s.forwards {
+            for b in &f.backends {
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<26} {:>6} {:<8} {:>12} {:>14} {:>10} {:>12}",
+                    f.name,
+                    b.address,
+                    b.weight,
+                    b.state,
+                    b.packets,
+                    b.bytes,
+                    b.new_connections,
+                    b.established_connections
+                );
+            }
+        }
     }
     if !s.peers.is_empty() {
         let _ = writeln!(

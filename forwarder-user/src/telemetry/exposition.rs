@@ -17,7 +17,7 @@ use prometheus_client::{
 
 use super::{
     DaemonCounters, DaemonFigures,
-    counters::{self, ForwardCounters, PeerCounters, Snapshot},
+    counters::{self, BackendCounters, ForwardCounters, PeerCounters, Snapshot},
 };
 
 /// The `Content-Type` of [`render`]'s text.
@@ -61,6 +61,19 @@ const FORWARD_COUNTERS: [(&str, &str, ForwardField); 5] = [
     ),
 ];
 
+type BackendField = fn(&BackendCounters) -> u64;
+
+const BACKEND_COUNTERS: [(&str, &str, BackendField); 4] = [
+    ("forwarder_backend_packets", "Packets of a backend's connections, both directions.", |b| b.packets),
+    ("forwarder_backend_bytes", "L3 bytes of a backend's connections.", |b| b.bytes),
+    ("forwarder_backend_new_connections", "Connections from interface traffic sent to a backend.", |b| {
+        b.new_connections
+    }),
+    ("forwarder_backend_local_connections", "Connections of local programs sent to a backend.", |b| {
+        b.local_connections
+    }),
+];
+
 const PEER_COUNTERS: [(&str, &str, PeerField); 3] = [
     ("forwarder_peer_direct_packets", "Packets sent straight to a peer.", |p| p.direct_packets),
     ("forwarder_peer_direct_bytes", "Bytes sent straight to a peer.", |p| p.direct_bytes),
@@ -88,6 +101,35 @@ impl Collector for Scrape {
             for f in &s.forwards {
                 let labels = [("forward", f.name.as_str()), ("protocol", f.protocol.as_str())];
                 ConstCounter::new(get(f)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, get) in BACKEND_COUNTERS {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for f in &s.forwards {
+                for b in &f.backends {
+                    let labels = [("forward", f.name.as_str()), ("backend", b.address.as_str())];
+                    ConstCounter::new(get(b)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (name, help, get) in [
+            ("forwarder_backend_up", "1 while a backend passes its health checks (always without checks).", {
+                |b: &BackendCounters| u64::from(b.up)
+            }
+                as BackendField),
+            (
+                "forwarder_backend_established_connections",
+                "A backend's established (TCP) or answered (UDP) connections.",
+                { |b: &BackendCounters| b.established_connections },
+            ),
+            ("forwarder_backend_weight", "A backend's weight (0: drained).", |b: &BackendCounters| b.weight as u64),
+        ] {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for f in &s.forwards {
+                for b in &f.backends {
+                    let labels = [("forward", f.name.as_str()), ("backend", b.address.as_str())];
+                    ConstGauge::new(get(b)).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         let mut family = enc.encode_descriptor(
@@ -175,6 +217,17 @@ mod tests {
                 new_connections: 3,
                 local_connections: 1,
                 source_denied: 5,
+                backends: vec![BackendCounters {
+                    address: "203.0.113.20:8080".into(),
+                    weight: 1,
+                    up: true,
+                    state: "up",
+                    packets: 11,
+                    bytes: 1500,
+                    new_connections: 3,
+                    local_connections: 1,
+                    established_connections: 2,
+                }],
             }],
             peers: vec![PeerCounters {
                 id: 1,
@@ -239,6 +292,13 @@ mod tests {
             ("forwarder_forward_new_connections_total", "counter", &["forward", "protocol"]),
             ("forwarder_forward_local_connections_total", "counter", &["forward", "protocol"]),
             ("forwarder_forward_source_denied_total", "counter", &["forward", "protocol"]),
+            ("forwarder_backend_packets_total", "counter", &["forward", "backend"]),
+            ("forwarder_backend_bytes_total", "counter", &["forward", "backend"]),
+            ("forwarder_backend_new_connections_total", "counter", &["forward", "backend"]),
+            ("forwarder_backend_local_connections_total", "counter", &["forward", "backend"]),
+            ("forwarder_backend_up", "gauge", &["forward", "backend"]),
+            ("forwarder_backend_established_connections", "gauge", &["forward", "backend"]),
+            ("forwarder_backend_weight", "gauge", &["forward", "backend"]),
             ("forwarder_packets_total", "counter", &["reason", "kind"]),
             ("forwarder_peer_direct_packets_total", "counter", &["peer"]),
             ("forwarder_peer_direct_bytes_total", "counter", &["peer"]),

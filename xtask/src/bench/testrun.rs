@@ -68,11 +68,12 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             name: "warm".into(),
             protocol: forwarder::config::Protocol::Udp,
             listen: warm_addr,
-            backend: warm_addr,
+            backends: vec![forwarder::config::Backend { address: warm_addr, weight: 1 }],
             snat: forwarder::config::Snat::Off,
             local: false,
             allow: Vec::new(),
             deny: Vec::new(),
+            health: None,
         });
         cfg.max_forwards += 1;
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/fwb-{}", forwarder_tests::unique_tag()));
