@@ -89,7 +89,9 @@ fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> 
     let key = FwdKey { addr, port_be, proto, family: family(v6) };
     // SAFETY: map value reference valid for this program run.
     unsafe { FWD_RULES_V2.get(&key) }.filter(|f| {
-        f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6) && sources::admits(f, family(v6), &loopback(v6))
+        f.flags & FWD_FLAG_LOCAL != 0
+            && f.family == family(v6)
+            && sources::admits(f, family(v6), &loopback(v6), &mut sources::lookup_room())
     })
 }
 
