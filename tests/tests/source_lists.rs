@@ -221,3 +221,59 @@ fn lists_of_live_edits_and_reloads() {
     });
     assert_eq!(try_from(DENY_V4), Ok(()));
 }
+
+/// Established connections are not checked again: a reload that denies a connected source
+/// leaves its connection alone with `drain` (the default), and with `flush` removes it at
+/// once (its next segment meets no rewrite and is reset by the router's stack), while an
+/// allowed source's connection of the same forward goes on in both.
+fn reload_denying_a_connected_source(policy: &str) {
+    let chain = sandbox();
+    let base = router_interfaces("native")
+        + &format!("\n[conntrack]\non_forward_removed = \"{policy}\"\n")
+        + &forward("db", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("203.0.113.20:{BACKEND_PORT}"));
+    let d = Daemon::start(&chain.router, &chain.tag, &base).unwrap();
+    let _peers = tcp_echo(&chain.server, SocketAddr::new("::".parse().unwrap(), BACKEND_PORT)).unwrap();
+    let to = SocketAddr::new(ROUTER_V4.parse().unwrap(), LISTEN_PORT);
+    let open = |source: &'static str| {
+        chain
+            .client
+            .run(move || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                s.bind(&SocketAddr::new(source.parse().unwrap(), 0).into()).unwrap();
+                s.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
+                let s: TcpStream = s.into();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                forwarder_tests::sockets::EchoConn(s)
+            })
+            .unwrap()
+    };
+    let (mut kept, mut denied) = (open("198.51.100.10"), open(DENY_V4));
+    kept.ping(b"before").unwrap();
+    denied.ping(b"before").unwrap();
+    d.replace_config(&format!("{base}deny = [\"{DENY_V4}\"]\n")).unwrap();
+    forwarder_tests::wait_for("the reload with the deny list", Duration::from_secs(30), || {
+        let list: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+        list[0]["deny"] == serde_json::json!([format!("{DENY_V4}/32")])
+    });
+    kept.ping(b"after").unwrap();
+    if policy == "drain" {
+        denied.ping(b"after").expect("an established connection is not checked again");
+    } else {
+        assert!(denied.ping(b"after").is_err(), "flushed: the refused source's connection is gone");
+    }
+    assert_eq!(try_new(&chain, DENY_V4, to), Err(ErrorKind::TimedOut), "new connections are refused");
+}
+
+fn try_new(chain: &Chain, source: &'static str, to: SocketAddr) -> Result<(), ErrorKind> {
+    chain.client.run(move || attempt(source.parse().unwrap(), to)).unwrap()
+}
+
+#[test]
+fn drain_keeps_a_denied_sources_connection() {
+    reload_denying_a_connected_source("drain");
+}
+
+#[test]
+fn flush_removes_a_denied_sources_connection() {
+    reload_denying_a_connected_source("flush");
+}
