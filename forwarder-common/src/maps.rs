@@ -579,13 +579,9 @@ pub fn next_hop_current(generation: u32, jiffies: u32, now_generation: u32, now:
 /// slows its own flows to the entry lookup, no more.
 #[inline(always)]
 pub fn flow_cache_bucket(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
-    // MurmurHash3's finaliser: every input bit reaches the index bits.
-    let mut h = src ^ dst.rotate_left(16) ^ ports.wrapping_mul(0x9e37_79b1) ^ proto as u32;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    (h ^ (h >> 16)) & (FLOW_CACHE_SLOTS - 2)
+    // Every input bit reaches the index bits.
+    let h = src ^ dst.rotate_left(16) ^ ports.wrapping_mul(0x9e37_79b1) ^ proto as u32;
+    crate::maglev::fmix32(h) & (FLOW_CACHE_SLOTS - 2)
 }
 
 /// [`CtValue`] of versions before the next-hop cache (map [`FWD_CT`]), read

@@ -260,14 +260,9 @@ fn flow_hash(flow: &Flow) -> u32 {
         |a: &[u8; 16]| word(a, 0) ^ word(a, 1).rotate_left(7) ^ word(a, 2).rotate_left(14) ^ word(a, 3).rotate_left(21);
     let (a, b) = (fold(&flow.src), fold(&flow.dst));
     let c = (u16::from_ne_bytes(flow.sport) as u32) << 16 | u16::from_ne_bytes(flow.dport) as u32;
-    // MurmurHash3's finaliser: every input bit reaches every output bit, so consecutive
-    // client ports spread over the whole SNAT range instead of clustering.
-    let mut h = a ^ b.rotate_left(13) ^ c.wrapping_mul(0x9e37_79b1);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    // Every input bit reaches every output bit, so consecutive client ports spread over
+    // the whole SNAT range instead of clustering.
+    forwarder_common::maglev::fmix32(a ^ b.rotate_left(13) ^ c.wrapping_mul(0x9e37_79b1))
 }
 
 /// Whether the connection whose entry sits at `key` may give way to a new one (unassured,

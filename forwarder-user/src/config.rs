@@ -1117,6 +1117,77 @@ backend = "203.0.113.20:3197"
 snat = "auto"
 "#;
 
+    const WEB: &str = r#"
+[[forward]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:8080"
+
+[[forward.backends]]
+address = "203.0.113.20:80"
+weight = 2
+[[forward.backends]]
+address = "203.0.113.21:80"
+
+[forward.health]
+kind = "tcp"
+interval = 2
+timeout = 0.5
+rise = 3
+fall = 2
+"#;
+
+    #[test]
+    fn several_backends_with_weights_and_health_parse() {
+        let c = Config::parse(WEB).unwrap();
+        let f = &c.forwards[0];
+        let got: Vec<(String, u32)> = f.backends.iter().map(|b| (b.address.to_string(), b.weight)).collect();
+        assert_eq!(got, [("203.0.113.20:80".to_string(), 2), ("203.0.113.21:80".to_string(), 1)]);
+        let h = f.health.unwrap();
+        assert_eq!((h.kind, h.interval_ms, h.timeout_ms, h.rise, h.fall), (HealthKind::Tcp, 2000, 500, 3, 2));
+        let none = WEB.replace("kind = \"tcp\"", "kind = \"none\"");
+        assert_eq!(Config::parse(&none).unwrap().forwards[0].health, None);
+    }
+
+    /// Bad backends and health checks are refused with the line and field of the value.
+    #[test]
+    fn backend_errors_name_line_and_field() {
+        let invalid = |text: &str| match Config::parse(text) {
+            Err(ConfigError::Invalid { line, field, message }) => (line, field, message),
+            other => panic!("expected an invalid config, got {other:?}"),
+        };
+        let dup = WEB.replace("203.0.113.21:80", "203.0.113.20:80");
+        let (line, field, message) = invalid(&dup);
+        assert_eq!((line, field.as_str()), (11, "forward[0].backends[1].address"), "{message}");
+        assert!(message.contains("listed twice"), "{message}");
+        let (line, field, _) = invalid(&WEB.replace("weight = 2", "weight = -1"));
+        assert_eq!((line, field.as_str()), (9, "forward[0].backends[0].weight"));
+        let zero = WEB
+            .replace("weight = 2", "weight = 0")
+            .replace("address = \"203.0.113.21:80\"", "address = \"203.0.113.21:80\"\nweight = 0");
+        let (_, field, message) = invalid(&zero);
+        assert_eq!(field, "forward[0].backends", "{message}");
+        let (_, field, _) = invalid(&WEB.replace("203.0.113.21:80", "[2001:db8::21]:80"));
+        assert_eq!(field, "forward[0].backends[1].address");
+        let (_, field, _) = invalid(&WEB.replace("203.0.113.21:80", "127.0.0.1:80"));
+        assert_eq!(field, "forward[0].backends[1].address");
+        let (line, field, _) = invalid(&WEB.replace("kind = \"tcp\"", "kind = \"icmp\""));
+        assert_eq!((line, field.as_str()), (14, "forward[0].health.kind"));
+        let (_, field, _) = invalid(&WEB.replace("timeout = 0.5", "timeout = 3"));
+        assert_eq!(field, "forward[0].health.timeout");
+        let (_, field, _) = invalid(&WEB.replace("rise = 3", "rise = 0"));
+        assert_eq!(field, "forward[0].health.rise");
+        let both = WEB.replace("listen = \"0.0.0.0:8080\"", "listen = \"0.0.0.0:8080\"\nbackend = \"203.0.113.9:80\"");
+        let (_, field, _) = invalid(&both);
+        assert_eq!(field, "forward[0].backend");
+        let many: String = (0..=MAX_BACKENDS)
+            .map(|i| format!("[[forward.backends]]\naddress = \"203.0.113.{}:{}\"\n", i % 250 + 1, 1000 + i))
+            .collect();
+        let (_, field, _) =
+            invalid(&format!("[[forward]]\nname = \"w\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:1\"\n{many}"));
+        assert_eq!(field, "forward[0].backends");
+    }
+
     #[test]
     fn classic_example_parses() {
         let c = Config::parse(CLASSIC).unwrap();

@@ -319,7 +319,32 @@ impl State {
         v.state = state;
         m.insert(key, v, 0).on(FWD_BACKENDS)?;
         self.rechoose(forward_id)?;
+        if down {
+            self.forget_closed_connections_of(&HashSet::from([v.index]))?;
+        }
         Ok(true)
+    }
+
+    /// Removes the closed TCP connections (TIME_WAIT, CLOSE) of these backends. A SYN that
+    /// reuses a closed connection's tuple reopens it with the same mapping; for a backend
+    /// that takes no new connections it must be a new connection that chooses again, as
+    /// netfilter makes a new conntrack (and NAT decision) for it.
+    fn forget_closed_connections_of(&self, indices: &HashSet<u32>) -> Result<()> {
+        use forwarder_common::conntrack::{TCP_CLOSE, TCP_TIME_WAIT};
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let closed: Vec<CtKey> = self
+            .conntrack()?
+            .into_iter()
+            .filter(|(k, v)| {
+                k.proto == PROTO_TCP
+                    && (v.state == TCP_TIME_WAIT || v.state == TCP_CLOSE)
+                    && indices.contains(&v.backend_index())
+            })
+            .map(|(k, _)| k)
+            .collect();
+        self.remove_conntrack(&closed)
     }
 
     /// Rewrites the rules of one forward for its backends' current weights and states.
@@ -464,6 +489,10 @@ impl State {
             }
         }
         self.drop_unreferenced_tables(&tables)?;
+        // Backends that take no new connections now (removed, drained, down).
+        let kept: HashSet<u32> = placed.iter().flatten().filter(|(_, v)| takes_new(v)).map(|(_, v)| v.index).collect();
+        let out: HashSet<u32> = stored.values().flatten().map(|(_, v)| v.index).filter(|i| !kept.contains(i)).collect();
+        self.forget_closed_connections_of(&out)?;
         // Metadata of every desired forward, then cleared slots of the retired ids not reused.
         let live_ids: HashSet<u32> = with_ids.iter().map(|(id, _)| *id).collect();
         let (ids, metas): (Vec<u32>, Vec<FwdMeta>) = entries
@@ -747,6 +776,11 @@ struct ForwardPlan {
     /// Ids of current forwards that were removed or changed.
     retired: Vec<u32>,
     report: ApplyReport,
+}
+
+/// The backend takes new connections: weight above 0, not down.
+fn takes_new(v: &BackendValue) -> bool {
+    v.weight > 0 && v.state & BACKEND_DOWN == 0
 }
 
 /// Unchanged forwards keep their id; changed and new ones get the lowest ids below

@@ -22,6 +22,15 @@ pub fn forward(name: &str, protocol: &str, listen: impl Display, backend: impl D
     )
 }
 
+/// A `[[forward]]` table with several `[[forward.backends]]`: (address, weight) each.
+pub fn forward_to_backends(name: &str, protocol: &str, listen: impl Display, backends: &[(String, u32)]) -> String {
+    let mut out = format!("\n[[forward]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\nlisten = \"{listen}\"\n");
+    for (address, weight) in backends {
+        out += &format!("\n[[forward.backends]]\naddress = \"{address}\"\nweight = {weight}\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ pub mod deb;
 pub mod frames;
 pub mod image;
 pub mod kubelet;
+pub mod metrics;
 pub mod netns;
 pub mod sockets;
 pub mod topo;

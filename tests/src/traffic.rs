@@ -100,7 +100,7 @@ pub struct Failed {
 }
 
 impl Failed {
-    fn io(step: &str, e: std::io::Error) -> Self {
+    pub fn io(step: &str, e: std::io::Error) -> Self {
         Self { kind: Failure::of(&e), what: format!("{step}: {e}") }
     }
 }

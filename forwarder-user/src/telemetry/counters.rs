@@ -151,7 +151,8 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
 
     let state = crate::state::State::open(pin_dir)?;
     let stored = state.stored_backends()?;
-    let established = established_by_backend(&state.conntrack()?);
+    // Best effort: the counters stand without the table (its own figures report its loss).
+    let established = state.conntrack().map(|e| established_by_backend(&e)).unwrap_or_default();
     let backend_stats: PerCpuArray<MapData, FwdStats> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_BE_STATS)?))
             .map_err(map_error(FWD_BE_STATS))?;
