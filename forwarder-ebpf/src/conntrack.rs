@@ -26,6 +26,7 @@ use crate::{
     parse::{FRAG_LATER, Flow},
     route::Fib,
     sock::host_socket,
+    sources::{self, SourceLookup},
     stats,
 };
 
@@ -124,9 +125,9 @@ pub fn touch(entry: &mut CtValue) {
 
 /// Tracked flow, new flow of a forward, or no match. `untracked`: the caller has already
 /// looked the flow up in the connection table and found nothing. A tracked connection's
-/// state is not touched here (see [`track`]).
+/// state is not touched here (see [`track`]). `room`: for the source-list lookup.
 #[inline(always)]
-pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
+pub fn classify(flow: &Flow, untracked: bool, room: &mut SourceLookup) -> Result<Plan, Reason> {
     let key = flow_key(flow);
     if let Some(entry) = if untracked { None } else { lookup(&key) } {
         touch(entry);
@@ -141,6 +142,10 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
             // connection of the host's own, from that port).
             if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
                 return Err(Reason::TcpNotSyn);
+            }
+            if !sources::admits(fwd, flow.family, &flow.src, room) {
+                stats::count_source_denied(fwd.forward_id);
+                return Err(Reason::SourceDenied);
             }
             let hash = backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
             Ok(Plan::New { fwd, backend: backend::choose(fwd, hash)? })

@@ -22,6 +22,7 @@ mod peer;
 pub mod route;
 mod sock;
 mod sock_addr;
+mod sources;
 mod stats;
 mod tc;
 mod verdict;

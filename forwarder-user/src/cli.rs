@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    config::{Backend, Config, Forward, Peer, Protocol, Snat, parse_peer_address, validate_ifname},
+    config::{Backend, Config, Forward, Peer, Protocol, Snat, parse_peer_address, parse_source_list, validate_ifname},
     daemon::{self, OnExit, RunOptions},
     error::{Error, Report, exit},
     pins::{self, DEFAULT_PIN_PATH},
@@ -202,6 +202,14 @@ pub enum ForwardAction {
         /// Also serve connections opened on this host (cgroup socket hooks).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         local: bool,
+        /// A source that may use the forward, ADDRESS or ADDRESS/LENGTH (repeatable): with
+        /// any, only the sources listed may.
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<String>,
+        /// A source refused even when --allow lists it, ADDRESS or ADDRESS/LENGTH
+        /// (repeatable).
+        #[arg(long, value_name = "CIDR")]
+        deny: Vec<String>,
     },
     /// Remove a forward by name (its connections follow conntrack.on_forward_removed).
     Del {
@@ -470,13 +478,14 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
                 for (_, f, states) in list {
                     let show = f.backends.len() > 1 || states.iter().any(|s| *s != "up");
                     println!(
-                        "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}",
+                        "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}{}",
                         f.name,
                         f.protocol,
                         f.listen.to_string(),
                         f.backends_text(),
                         f.snat,
-                        f.local
+                        f.local,
+                        source_lists_text(&f)
                     );
                     for (b, s) in f.backends.iter().zip(&states).filter(|_| show) {
                         println!("{:<20} backend {:<26} weight {:<5} {}", f.name, b.address.to_string(), b.weight, s);
@@ -485,7 +494,7 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             }
             Ok(())
         }
-        ForwardAction::Add { name, protocol, listen, backend, weight, snat, local } => {
+        ForwardAction::Add { name, protocol, listen, backend, weight, snat, local, allow, deny } => {
             if weight.len() > backend.len() {
                 return Err(edit("weight", format!("{} weights for {} backends", weight.len(), backend.len())).into());
             }
@@ -495,8 +504,10 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
                 .map(|(i, b)| Backend::new(b, weight.get(i).copied()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| edit(if e.field == "weight" { "weight" } else { "backend" }, e.message))?;
-            let new = Forward::with_backends(&name, protocol, &listen, backends, Some(&snat.to_string()), local)
+            let mut new = Forward::with_backends(&name, protocol, &listen, backends, Some(&snat.to_string()), local)
                 .map_err(Error::from)?;
+            new.allow = parse_source_list("allow", &allow).map_err(|(_, e)| Error::from(e))?;
+            new.deny = parse_source_list("deny", &deny).map_err(|(_, e)| Error::from(e))?;
             let state = State::open(pin)?;
             let _edit = state.lock_edits()?;
             let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
@@ -537,6 +548,18 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             Ok(())
         }
     }
+}
+
+/// ` allow A,B deny C` for `forward list`'s line (nothing for a forward without lists).
+fn source_lists_text(f: &Forward) -> String {
+    let mut out = String::new();
+    for (key, list) in [("allow", &f.allow), ("deny", &f.deny)] {
+        if !list.is_empty() {
+            let items: Vec<String> = list.iter().map(|n| n.to_string()).collect();
+            out += &format!(" {key} {}", items.join(","));
+        }
+    }
+    out
 }
 
 /// Backend edits: the forward is read, changed and applied whole (so the same checks as
@@ -580,8 +603,9 @@ fn backend_cmd(action: BackendAction, pin: &std::path::Path, json: bool) -> anyh
         f.local,
     )
     .map_err(Error::from)?;
-    let health = f.health;
-    *f = Forward { health, ..checked };
+    // What the checks do not take: health checks and source lists stay as they were.
+    let (health, allow, deny) = (f.health, std::mem::take(&mut f.allow), std::mem::take(&mut f.deny));
+    *f = Forward { health, allow, deny, ..checked };
     let f = f.clone();
     state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
     if json {
@@ -730,6 +754,8 @@ mod tests {
             "forwarder check --config c.toml --json",
             "forwarder forward add --name a --protocol udp --listen 0.0.0.0:1 --backend 192.0.2.1:2 \
              --snat 198.51.100.1 --local false",
+            "forwarder forward add --name a --protocol tcp --listen 0.0.0.0:1 --backend 192.0.2.1:2 \
+             --allow 198.51.100.0/25 --allow 2001:db8:1::/48 --deny 198.51.100.66",
             "forwarder run --config c --metrics-addr off --on-exit keep",
         ] {
             parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -758,6 +784,8 @@ mod tests {
         assert_eq!(e.field, "snat");
         let e = Forward::new("", Protocol::Tcp, "0.0.0.0:80", "192.0.2.1:8", None, true).unwrap_err();
         assert_eq!(e.field, "name");
+        let (i, bad) = parse_source_list("deny", &["192.0.2.0/24", "192.0.2.0/99"]).unwrap_err();
+        assert_eq!((i, bad.field), (1, "deny"));
         let report = Report::of(&anyhow::Error::from(Error::from(e)));
         assert_eq!((report.kind, report.field.as_deref(), report.exit_code()), ("edit", Some("name"), 3));
         assert!(!report.message.contains("line"), "{}", report.message);
