@@ -62,8 +62,14 @@ fn murmur3_round(h: u32, word: u32) -> u32 {
 }
 
 #[inline(always)]
-fn murmur3_finish(mut h: u32, length: u32) -> u32 {
-    h ^= length;
+fn murmur3_finish(h: u32, length: u32) -> u32 {
+    fmix32(h ^ length)
+}
+
+/// MurmurHash3's finaliser: every input bit reaches every output bit (the flow cache's
+/// bucket, the SNAT port walk and [`tuple_hash`] all end with it).
+#[inline(always)]
+pub fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

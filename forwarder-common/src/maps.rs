@@ -330,6 +330,24 @@ const _: () = assert!(size_of::<SourceKey>() == 24);
 /// Bits of [`SourceKey`] before the address.
 pub const SOURCE_KEY_FIXED_BITS: u32 = 40;
 
+impl SourceKey {
+    /// The key data of `addr` (IPv4 in the first four bytes) for forward `forward_id`.
+    #[inline(always)]
+    pub const fn new(forward_id: u32, family: u8, addr: [u8; 16]) -> Self {
+        Self { forward_id_be: forward_id.to_be_bytes(), family, addr, _pad: [0; 3] }
+    }
+}
+
+/// The LPM prefix length of a source-list entry whose address prefix is `addr_bits` long.
+#[inline(always)]
+pub const fn source_prefix_len(addr_bits: u32) -> u32 {
+    SOURCE_KEY_FIXED_BITS + addr_bits
+}
+
+/// Per-forward counters of new connections refused by the forward's source lists:
+/// forward id -> u64 (per-CPU array, sized as [`FWD_FWD_STATS`]).
+pub const FWD_FWD_DENIED: &str = "FWD_FWD_DENIED";
+
 /// A flow as seen on the wire: the tuple of one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -613,13 +631,9 @@ pub fn next_hop_current(generation: u32, jiffies: u32, now_generation: u32, now:
 /// slows its own flows to the entry lookup, no more.
 #[inline(always)]
 pub fn flow_cache_bucket(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
-    // MurmurHash3's finaliser: every input bit reaches the index bits.
-    let mut h = src ^ dst.rotate_left(16) ^ ports.wrapping_mul(0x9e37_79b1) ^ proto as u32;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    (h ^ (h >> 16)) & (FLOW_CACHE_SLOTS - 2)
+    // Every input bit reaches the index bits.
+    let h = src ^ dst.rotate_left(16) ^ ports.wrapping_mul(0x9e37_79b1) ^ proto as u32;
+    crate::maglev::fmix32(h) & (FLOW_CACHE_SLOTS - 2)
 }
 
 /// [`CtValue`] of versions before the next-hop cache (map [`FWD_CT`]), read

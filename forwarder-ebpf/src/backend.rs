@@ -47,8 +47,10 @@ pub fn choose(fwd: &'static FwdValue, hash: u32, dport_be: u16) -> Result<Chosen
     Ok(Chosen { addr: &b.addr, port_be: port(b.port_be, b.state & BACKEND_PORT_OFFSET != 0), index: b.index })
 }
 
-/// The hash a connection's tuple chooses by (as it arrives, before any rewrite).
-#[inline(always)]
+/// The hash a connection's tuple chooses by (as it arrives, before any rewrite). Out of
+/// line: inlined, the compiler loads the addresses' 32 bytes ahead of the table lookup and
+/// spills them, which takes the packet path's largest frame past the stack's 512 bytes.
+#[inline(never)]
 pub fn hash_of(src: &[u8; 16], dst: &[u8; 16], sport: [u8; 2], dport: [u8; 2], proto: u8) -> u32 {
     tuple_hash(src, dst, u16::from_ne_bytes(sport), u16::from_ne_bytes(dport), proto)
 }

@@ -27,6 +27,7 @@ use crate::{
     route::Fib,
     rules,
     sock::host_socket,
+    sources::{self, SourceLookup},
     stats,
 };
 
@@ -125,9 +126,9 @@ pub fn touch(entry: &mut CtValue) {
 
 /// Tracked flow, new flow of a forward, or no match. `untracked`: the caller has already
 /// looked the flow up in the connection table and found nothing. A tracked connection's
-/// state is not touched here (see [`track`]).
+/// state is not touched here (see [`track`]). `room`: for the source-list lookup.
 #[inline(always)]
-pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
+pub fn classify(flow: &Flow, untracked: bool, room: &mut SourceLookup) -> Result<Plan, Reason> {
     let key = flow_key(flow);
     if let Some(entry) = if untracked { None } else { lookup(&key) } {
         touch(entry);
@@ -141,6 +142,10 @@ pub fn classify(flow: &Flow, untracked: bool) -> Result<Plan, Reason> {
             // connection of the host's own, from that port).
             if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
                 return Err(Reason::TcpNotSyn);
+            }
+            if !sources::admits(fwd, flow.family, &flow.src, room) {
+                stats::count_source_denied(fwd.forward_id);
+                return Err(Reason::SourceDenied);
             }
             let hash = backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
             Ok(Plan::New { fwd, backend: backend::choose(fwd, hash, u16::from_ne_bytes(flow.dport))? })
@@ -255,14 +260,9 @@ fn flow_hash(flow: &Flow) -> u32 {
         |a: &[u8; 16]| word(a, 0) ^ word(a, 1).rotate_left(7) ^ word(a, 2).rotate_left(14) ^ word(a, 3).rotate_left(21);
     let (a, b) = (fold(&flow.src), fold(&flow.dst));
     let c = (u16::from_ne_bytes(flow.sport) as u32) << 16 | u16::from_ne_bytes(flow.dport) as u32;
-    // MurmurHash3's finaliser: every input bit reaches every output bit, so consecutive
-    // client ports spread over the whole SNAT range instead of clustering.
-    let mut h = a ^ b.rotate_left(13) ^ c.wrapping_mul(0x9e37_79b1);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    // Every input bit reaches every output bit, so consecutive client ports spread over
+    // the whole SNAT range instead of clustering.
+    forwarder_common::maglev::fmix32(a ^ b.rotate_left(13) ^ c.wrapping_mul(0x9e37_79b1))
 }
 
 /// Whether the connection whose entry sits at `key` may give way to a new one (unassured,

@@ -25,7 +25,7 @@ use forwarder_common::{
 use crate::{
     backend::{self, Chosen},
     maps::{FWD_GLOBAL_V2, FWD_LOC_UDP_V2, FWD_LOCAL_CONN},
-    rules, stats,
+    rules, sources, stats,
 };
 
 #[inline(always)]
@@ -87,7 +87,26 @@ fn local_rule(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> 
     // SAFETY: reading a context field.
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
     let mut key = FwdKey { addr, port_be, proto, family: family(v6) };
-    rules::lookup(&mut key).filter(|f| f.flags & FWD_FLAG_LOCAL != 0 && f.family == family(v6))
+    rules::lookup(&mut key).filter(|f| {
+        f.flags & FWD_FLAG_LOCAL != 0
+            && f.family == family(v6)
+            && sources::admits(f, family(v6), &loopback(v6), &mut sources::lookup_room())
+    })
+}
+
+/// The source a forward's lists judge local programs by: the loopback address of the
+/// family (a program's own source is not chosen yet at connect). A forward whose lists
+/// refuse it leaves local programs' sockets alone (README, "Source lists").
+#[inline(always)]
+fn loopback(v6: bool) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    if v6 {
+        a[15] = 1;
+    } else {
+        a[0] = 127;
+        a[3] = 1;
+    }
+    a
 }
 
 /// An address of a `v6` hook as the forwards see it: a v4-mapped address is IPv4

@@ -23,6 +23,7 @@ pub mod route;
 mod rules;
 mod sock;
 mod sock_addr;
+mod sources;
 mod stats;
 mod tc;
 mod verdict;

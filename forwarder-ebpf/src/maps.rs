@@ -55,6 +55,10 @@ pub static FWD_FLOW_CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_en
 #[map(name = "FWD_FWD_STATS")]
 pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
 
+/// New connections refused by a forward's source lists, per forward id.
+#[map(name = "FWD_FWD_DENIED")]
+pub static FWD_FWD_DENIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
+
 #[map(name = "FWD_REASONS")]
 pub static FWD_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
 

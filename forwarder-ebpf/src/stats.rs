@@ -2,7 +2,7 @@
 
 use forwarder_common::Reason;
 
-use crate::maps::{FWD_BE_STATS, FWD_FWD_STATS, FWD_REASONS};
+use crate::maps::{FWD_BE_STATS, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_REASONS};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason) {
@@ -58,5 +58,14 @@ pub fn count_local_conn(forward_id: u32, backend: u32) {
     if let Some(s) = FWD_BE_STATS.get_ptr_mut(backend) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { (*s).local_conns += 1 };
+    }
+}
+
+/// A new connection of `forward_id` refused by the forward's source lists.
+#[inline(always)]
+pub fn count_source_denied(forward_id: u32) {
+    if let Some(n) = FWD_FWD_DENIED.get_ptr_mut(forward_id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *n += 1 };
     }
 }

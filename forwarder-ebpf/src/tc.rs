@@ -81,7 +81,7 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
     if w.flow.frag == FRAG_LATER {
         frag::ports_of_later(&mut w.flow, &mut w.frag_key)?;
     }
-    let mut plan = match conntrack::classify(&w.flow, false) {
+    let mut plan = match conntrack::classify(&w.flow, false, &mut w.source) {
         Ok(p) => p,
         // A new connection no backend takes: refused at once, as a host without the
         // service would (a later fragment never opens a connection).

@@ -6,7 +6,10 @@
 use aya_ebpf::{bindings::bpf_fib_lookup, macros::map, maps::PerCpuArray};
 use forwarder_common::FragKey;
 
-use crate::{conntrack::Tuple, host::Pending, icmp::IcmpWork, icmp_reply::IcmpAnswer, parse::Flow, route::Fib};
+use crate::{
+    conntrack::Tuple, host::Pending, icmp::IcmpWork, icmp_reply::IcmpAnswer, parse::Flow, route::Fib,
+    sources::SourceLookup,
+};
 
 /// The working memory itself (kernel-internal, not pinned).
 #[repr(C, align(8))]
@@ -24,6 +27,8 @@ pub struct Work {
     pub host: Pending,
     /// The ICMP error a packet is answered with (icmp_reply.rs), with a copy of its quote.
     pub answer: IcmpAnswer,
+    /// The key of a new connection's source-list lookup (sources.rs).
+    pub source: SourceLookup,
 }
 
 /// Declared here rather than in maps.rs with the others: its value gathers types of the

@@ -64,7 +64,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     if w.flow.frag != FRAG_NONE {
         return Err(Reason::XdpToTc);
     }
-    let mut plan = conntrack::classify(&w.flow, untracked)?;
+    let mut plan = conntrack::classify(&w.flow, untracked, &mut w.source)?;
     // A backend on this host: TC hands the packet to the stack (see host.rs).
     if host::is_host(&plan) || csum::looks_partial(&w.flow) || w.flow.ttl <= 1 {
         return Err(Reason::XdpToTc);

@@ -7,7 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    config::{Backend, Config, Forward, ListenIndex, Peer, Protocol, Snat, parse_peer_address, validate_ifname},
+    config::{
+        Backend, Config, Forward, ListenIndex, Peer, Protocol, Snat, parse_peer_address, parse_source_list,
+        validate_ifname,
+    },
     daemon::{self, OnExit, RunOptions},
     error::{Error, Report, exit},
     pins::{self, DEFAULT_PIN_PATH},
@@ -205,6 +208,14 @@ pub enum ForwardAction {
         /// Also serve connections opened on this host (cgroup socket hooks).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         local: bool,
+        /// A source that may use the forward, ADDRESS or ADDRESS/LENGTH (repeatable): with
+        /// any, only the sources listed may.
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<String>,
+        /// A source refused even when --allow lists it, ADDRESS or ADDRESS/LENGTH
+        /// (repeatable).
+        #[arg(long, value_name = "CIDR")]
+        deny: Vec<String>,
     },
     /// Remove a forward by name (its connections follow conntrack.on_forward_removed).
     Del {
@@ -276,16 +287,41 @@ pub struct ForwardEntry<'a> {
     pub backend: crate::config::SocketRange,
     #[serde(flatten)]
     pub forward: &'a Forward,
-    /// Each backend's state in `backends` order ("up", "down" by health checks,
-    /// "drained"), where known (`forward list`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// Each backend's state in `backends` order: "up", "down" (by its health checks) or
+    /// "drained" (weight 0).
     pub backend_states: Vec<&'static str>,
 }
 
 impl<'a> ForwardEntry<'a> {
+    /// A forward not (yet) in the maps: its backends' states by their weights.
     pub fn of(id: u32, forward: &'a Forward) -> Self {
-        ForwardEntry { id, backend: forward.backends[0].address, forward, backend_states: Vec::new() }
+        let states = forward.backends.iter().map(|b| if b.weight == 0 { "drained" } else { "up" }).collect();
+        ForwardEntry { id, backend: forward.backends[0].address, forward, backend_states: states }
     }
+}
+
+/// The forwards in the maps with their backends' states, as `forward list` shows them.
+fn stored_forwards(state: &State) -> anyhow::Result<Vec<(u32, Forward, Vec<&'static str>)>> {
+    let stored = state.stored_backends()?;
+    Ok(state
+        .forwards()?
+        .into_iter()
+        .map(|(id, f)| {
+            let list = stored.get(&id).map(Vec::as_slice).unwrap_or_default();
+            let states = list
+                .iter()
+                .map(|(_, v)| crate::telemetry::counters::BackendCounters::of(v, 0, Default::default(), 0).state)
+                .collect();
+            (id, f, states)
+        })
+        .collect())
+}
+
+/// `name` as stored, in its JSON form.
+fn stored_entry(state: &State, name: &str) -> anyhow::Result<serde_json::Value> {
+    let all = stored_forwards(state)?;
+    let (id, f, states) = all.iter().find(|(_, f, _)| f.name == name).context("the forward just applied")?;
+    Ok(serde_json::to_value(ForwardEntry { backend_states: states.clone(), ..ForwardEntry::of(*id, f) })?)
 }
 
 /// The `forwarder` command: parses, runs, reports failures (as JSON on stdout with
@@ -434,32 +470,28 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
     match action {
         ForwardAction::List => {
             let state = State::open(pin)?;
-            let list = state.forwards()?;
-            let stored = state.stored_backends()?;
-            let states = |id: &u32| -> Vec<&'static str> {
-                let list = stored.get(id).map(Vec::as_slice).unwrap_or_default();
-                list.iter()
-                    .map(|(_, v)| crate::telemetry::counters::BackendCounters::of(v, 0, Default::default(), 0).state)
-                    .collect()
-            };
+            let list = stored_forwards(&state)?;
             if json {
                 let v: Vec<_> = list
                     .iter()
-                    .map(|(id, forward)| ForwardEntry { backend_states: states(id), ..ForwardEntry::of(*id, forward) })
+                    .map(|(id, forward, states)| ForwardEntry {
+                        backend_states: states.clone(),
+                        ..ForwardEntry::of(*id, forward)
+                    })
                     .collect();
                 print_json(&v)?;
             } else {
-                for (id, f) in list {
-                    let states = states(&id);
+                for (_, f, states) in list {
                     let show = f.backends.len() > 1 || states.iter().any(|s| *s != "up");
                     println!(
-                        "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}",
+                        "{:<20} {:<4} {:<22} -> {:<22} snat {} local {}{}",
                         f.name,
                         f.protocol,
                         f.listen.to_string(),
                         f.backends_text(),
                         f.snat,
-                        f.local
+                        f.local,
+                        source_lists_text(&f)
                     );
                     for (b, s) in f.backends.iter().zip(&states).filter(|_| show) {
                         println!("{:<20} backend {:<26} weight {:<5} {}", f.name, b.address.to_string(), b.weight, s);
@@ -468,7 +500,7 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             }
             Ok(())
         }
-        ForwardAction::Add { name, protocol, listen, backend, weight, snat, local } => {
+        ForwardAction::Add { name, protocol, listen, backend, weight, snat, local, allow, deny } => {
             if weight.len() > backend.len() {
                 return Err(edit("weight", format!("{} weights for {} backends", weight.len(), backend.len())).into());
             }
@@ -478,8 +510,10 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
                 .map(|(i, b)| Backend::new(b, weight.get(i).copied()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| edit(if e.field == "weight" { "weight" } else { "backend" }, e.message))?;
-            let new = Forward::with_backends(&name, protocol, &listen, backends, Some(&snat.to_string()), local)
+            let mut new = Forward::with_backends(&name, protocol, &listen, backends, Some(&snat.to_string()), local)
                 .map_err(Error::from)?;
+            new.allow = parse_source_list("allow", &allow).map_err(|(_, e)| Error::from(e))?;
+            new.deny = parse_source_list("deny", &deny).map_err(|(_, e)| Error::from(e))?;
             let state = State::open(pin)?;
             let _edit = state.lock_edits()?;
             let mut all: Vec<Forward> = state.forwards()?.into_iter().map(|(_, f)| f).collect();
@@ -495,8 +529,7 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             all.push(new.clone());
             let r = state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
             if json {
-                let id = state.forwards()?.into_iter().find(|(_, f)| f.name == new.name).map(|(id, _)| id);
-                print_json(&serde_json::json!({ "added": ForwardEntry::of(id.unwrap_or(0), &new) }))?;
+                print_json(&serde_json::json!({ "added": stored_entry(&state, &new.name)? }))?;
             } else {
                 println!("added {}", r.added.join(", "));
             }
@@ -520,6 +553,18 @@ fn forward_cmd(action: ForwardAction, pin: &std::path::Path, json: bool) -> anyh
             Ok(())
         }
     }
+}
+
+/// ` allow A,B deny C` for `forward list`'s line (nothing for a forward without lists).
+fn source_lists_text(f: &Forward) -> String {
+    let mut out = String::new();
+    for (key, list) in [("allow", &f.allow), ("deny", &f.deny)] {
+        if !list.is_empty() {
+            let items: Vec<String> = list.iter().map(|n| n.to_string()).collect();
+            out += &format!(" {key} {}", items.join(","));
+        }
+    }
+    out
 }
 
 /// Backend edits: the forward is read, changed and applied whole (so the same checks as
@@ -562,13 +607,13 @@ fn backend_cmd(action: BackendAction, pin: &std::path::Path, json: bool) -> anyh
         f.local,
     )
     .map_err(Error::from)?;
-    let health = f.health;
-    *f = Forward { health, ..checked };
+    // What the checks do not take: health checks and source lists stay as they were.
+    let (health, allow, deny) = (f.health, std::mem::take(&mut f.allow), std::mem::take(&mut f.deny));
+    *f = Forward { health, allow, deny, ..checked };
     let f = f.clone();
     state.apply_forwards(&all, &system::local_addresses()?, state.removal_policy()?)?;
     if json {
-        let id = state.forwards()?.into_iter().find(|(_, g)| g.name == f.name).map(|(id, _)| id);
-        print_json(&serde_json::json!({ "forward": ForwardEntry::of(id.unwrap_or(0), &f) }))?;
+        print_json(&serde_json::json!({ "forward": stored_entry(&state, &f.name)? }))?;
     } else {
         println!("{}: {}", f.name, f.backends_text());
     }
@@ -713,6 +758,8 @@ mod tests {
             "forwarder check --config c.toml --json",
             "forwarder forward add --name a --protocol udp --listen 0.0.0.0:1 --backend 192.0.2.1:2 \
              --snat 198.51.100.1 --local false",
+            "forwarder forward add --name a --protocol tcp --listen 0.0.0.0:1 --backend 192.0.2.1:2 \
+             --allow 198.51.100.0/25 --allow 2001:db8:1::/48 --deny 198.51.100.66",
             "forwarder run --config c --metrics-addr off --on-exit keep",
         ] {
             parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -741,6 +788,8 @@ mod tests {
         assert_eq!(e.field, "snat");
         let e = Forward::new("", Protocol::Tcp, "0.0.0.0:80", "192.0.2.1:8", None, true).unwrap_err();
         assert_eq!(e.field, "name");
+        let (i, bad) = parse_source_list("deny", &["192.0.2.0/24", "192.0.2.0/99"]).unwrap_err();
+        assert_eq!((i, bad.field), (1, "deny"));
         let report = Report::of(&anyhow::Error::from(Error::from(e)));
         assert_eq!((report.kind, report.field.as_deref(), report.exit_code()), ("edit", Some("name"), 3));
         assert!(!report.message.contains("line"), "{}", report.message);
@@ -751,7 +800,7 @@ mod tests {
             serde_json::to_value(ForwardEntry::of(3, &f)).unwrap(),
             serde_json::json!({"id": 3, "name": "a", "protocol": "udp", "listen": "0.0.0.0:80",
                 "backend": "192.0.2.1:8", "backends": [{"address": "192.0.2.1:8", "weight": 1}],
-                "snat": "198.51.100.7", "local": false})
+                "backend_states": ["up"], "snat": "198.51.100.7", "local": false})
         );
     }
 

@@ -12,6 +12,7 @@ use forwarder_common::conntrack::{
     TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_NONE, TCP_STATES, TCP_SYN_RECV,
     TCP_SYN_SENT, TCP_SYN_SENT2, TCP_TIME_WAIT, Timeouts,
 };
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -256,6 +257,12 @@ pub struct Forward {
     pub backends: Vec<Backend>,
     pub snat: Snat,
     pub local: bool,
+    /// Sources that may use the forward (empty: every source), sorted, without repeats.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<IpNet>,
+    /// Sources refused even when `allow` lists them, sorted, without repeats.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<IpNet>,
     /// Active health checks of the backends; None: every backend is taken as up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
@@ -418,11 +425,21 @@ impl Forward {
                 Err(message) => return Err(field_err("snat", message)),
             },
         };
-        Ok(Forward { name: name.to_string(), protocol, listen, backends, snat, local, health: None })
+        Ok(Forward {
+            name: name.to_string(),
+            protocol,
+            listen,
+            backends,
+            snat,
+            local,
+            health: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        })
     }
 
-    /// The same rule apart from backends and health checks: a change of those keeps the
-    /// forward's id and connections.
+    /// The same rule apart from backends, health checks and source lists: a change of
+    /// those keeps the forward's id and connections.
     pub fn same_rule(&self, other: &Forward) -> bool {
         let rule = |f: &Forward| (f.name.clone(), f.protocol, f.listen, f.snat, f.local);
         rule(self) == rule(other)
@@ -443,6 +460,53 @@ impl Forward {
         };
         self.backends.iter().map(one).collect::<Vec<_>>().join(", ")
     }
+}
+
+impl Forward {
+    /// Whether the source lists let a new connection from `source` in (what the kernel
+    /// checks per new connection): in `allow` if there is one, and not in `deny`.
+    pub fn admits_source(&self, source: IpAddr) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&source)))
+            && !self.deny.iter().any(|n| n.contains(&source))
+    }
+}
+
+/// A source-list entry: a prefix in CIDR notation, or a bare address (a host prefix). A
+/// prefix with bits set past its length is refused rather than guessed at.
+pub fn parse_source_prefix(s: &str) -> Result<IpNet, String> {
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => return Err(format!("{s:?} is not an address or a prefix (ADDRESS/LENGTH)")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!("{s:?} has bits set past its prefix length: write {}", net.trunc()));
+    }
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        return Err(format!(
+            "{s:?} is an IPv4-mapped prefix: write {v4}/{} (IPv4 clients are matched by their IPv4 address)",
+            v6.prefix_len() - 96
+        ));
+    }
+    Ok(net)
+}
+
+/// The source list of key `field` (allow or deny): every entry parsed, then sorted and
+/// without repeats (the stored lists read back in that order). A bad entry is returned
+/// with its index.
+pub fn parse_source_list<S: AsRef<str>>(field: &'static str, items: &[S]) -> Result<Vec<IpNet>, (usize, FieldError)> {
+    let mut list = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        list.push(parse_source_prefix(item.as_ref()).map_err(|message| (i, field_err(field, message)))?);
+    }
+    list.sort_unstable();
+    list.dedup();
+    Ok(list)
 }
 
 /// A forward's backends checked together: at least one, at most [`MAX_BACKENDS`], of the
@@ -741,6 +805,8 @@ struct RawForward {
     backends: Option<Spanned<Vec<RawBackend>>>,
     snat: Option<Spanned<String>>,
     local: Option<bool>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    deny: Option<Spanned<Vec<Spanned<String>>>>,
     health: Option<Spanned<RawHealth>>,
 }
 
@@ -1019,6 +1085,22 @@ impl Config {
                     };
                     err(span, &f(&format!("health.{}", e.field)), e.message)
                 })?;
+            }
+            for (key, raw_list, list) in
+                [("allow", &rf.allow, &mut forward.allow), ("deny", &rf.deny, &mut forward.deny)]
+            {
+                let Some(raw_list) = raw_list else { continue };
+                let items = raw_list.get_ref();
+                if items.is_empty() {
+                    return Err(err(
+                        raw_list.span(),
+                        &f(key),
+                        "an empty list: leave the key out to take every source".into(),
+                    ));
+                }
+                let texts: Vec<&str> = items.iter().map(|i| i.get_ref().as_str()).collect();
+                *list = parse_source_list(key, &texts)
+                    .map_err(|(i, e)| err(items[i].span(), &format!("{prefix}.{key}[{i}]"), e.message))?;
             }
             if !seen_names.insert(name.as_str()) {
                 return Err(err(rf.name.span(), &f("name"), format!("forward name {name:?} is used twice")));
@@ -1594,6 +1676,68 @@ address = "203.0.113.22:9000-9009"
         let (_, field, message) = invalid(text);
         assert_eq!(field, format!("forward[{index}].listen"), "{message}");
         message
+    }
+
+    #[test]
+    fn source_lists_parse_sorted_with_bare_addresses_as_hosts() {
+        let c = Config::parse(&format!(
+            "{CLASSIC}allow = [\"2001:db8:1::/48\", \"198.51.100.0/25\", \"198.51.100.0/25\"]\ndeny = [\"198.51.100.66\"]\n"
+        ))
+        .unwrap();
+        let f = &c.forwards[0];
+        let text = |l: &[IpNet]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(text(&f.allow), ["198.51.100.0/25", "2001:db8:1::/48"], "sorted, the repeat gone");
+        assert_eq!(text(&f.deny), ["198.51.100.66/32"], "a bare address is a host prefix");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(f.admits_source(ip("198.51.100.65")));
+        assert!(!f.admits_source(ip("198.51.100.66")), "deny wins over allow");
+        assert!(!f.admits_source(ip("198.51.100.130")), "not allowed");
+        assert!(f.admits_source(ip("2001:db8:1:ff::9")));
+        assert!(Config::parse(CLASSIC).unwrap().forwards[0].admits_source(ip("192.0.2.9")), "no lists: anyone");
+        let deny_only = Config::parse(&format!("{CLASSIC}deny = [\"192.0.2.0/24\"]\n")).unwrap();
+        assert!(deny_only.forwards[0].admits_source(ip("198.51.100.1")));
+        assert!(!deny_only.forwards[0].admits_source(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn bad_source_lists_name_line_field_and_entry() {
+        let with = |lines: &str| format!("{CLASSIC}{lines}");
+        let (line, field, message) =
+            invalid(&with("allow = [\"198.51.100.0/25\", \"198.51.100.0/33\"]\ndeny = [\"192.0.2.1\"]\n"));
+        assert_eq!((line, field.as_str()), (12, "forward[0].allow[1]"), "{message}");
+        assert!(message.contains("198.51.100.0/33"), "{message}");
+        let (line, field, message) = invalid(&with("deny = [\n  \"192.0.2.0/24\",\n  \"example.com\",\n]\n"));
+        assert_eq!((line, field.as_str()), (14, "forward[0].deny[1]"), "{message}");
+        let (_, field, message) = invalid(&with("allow = [\"198.51.100.5/24\"]\n"));
+        assert_eq!(field, "forward[0].allow[0]");
+        assert!(message.contains("write 198.51.100.0/24"), "host bits are refused, not guessed: {message}");
+        let (_, field, message) = invalid(&with("allow = [\"::ffff:198.51.100.0/120\"]\n"));
+        assert_eq!(field, "forward[0].allow[0]");
+        assert!(message.contains("write 198.51.100.0/24"), "{message}");
+        let (line, field, _) = invalid(&with("deny = []\n"));
+        assert_eq!(
+            (line, field.as_str()),
+            (12, "forward[0].deny"),
+            "an empty list would read as deny-all or allow-all"
+        );
+        let e = Config::parse(&with("allow = \"198.51.100.0/25\"\n")).unwrap_err().to_string();
+        assert!(e.contains("line 12"), "a string where a list belongs: {e}");
+        let node = format!(
+            "{CLASSIC}\n[[node.w1.forward]]\nname = \"n\"\nprotocol = \"udp\"\nlisten = \"0.0.0.0:53\"\nbackend = \"192.0.2.53:53\"\nallow = [\"x\"]\n"
+        );
+        let e = Config::parse_for_node(&node, None).unwrap_err();
+        assert!(e.to_string().contains("node.w1.forward[0].allow[0]"), "{e}");
+    }
+
+    /// The fast path takes no lists: a config with them is read by `toml`, the same way.
+    #[test]
+    fn fast_path_leaves_source_lists_to_toml() {
+        for extra in ["allow = [\"198.51.100.0/25\"]\n", "deny = [\"198.51.100.66\"]\n", "allow = [\"x\"]\n"] {
+            let text = PLAIN.replacen("local = false\n", &format!("local = false\n{extra}"), 1);
+            assert!(fast::parse(&text).is_none(), "{extra}");
+            let (fast, slow) = outcomes(&text);
+            assert_eq!(fast, slow, "{extra}");
+        }
     }
 
     fn outcomes(text: &str) -> (String, String) {

@@ -126,6 +126,7 @@ impl Instance {
             .map_max_entries(forwarder_common::FWD_RULES_V2, opts.max_forwards.max(1))
             .map_max_entries(forwarder_common::FWD_PORT_RANGES, opts.max_forwards.max(1))
             .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
+            .map_max_entries(forwarder_common::FWD_FWD_DENIED, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_META_V2, opts.max_forwards + 1)
             .map_max_entries(forwarder_common::FWD_MAGLEV, opts.max_forwards.max(1))
             .map_max_entries(forwarder_common::FWD_BACKENDS, opts.max_backends.max(1))

@@ -3,10 +3,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
-    FAMILY_V4, FAMILY_V6, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FWD_FLAG_PORT_OFFSET, FwdKey,
-    FwdMeta, FwdValue, HEALTH_TCP, HEALTH_UDP, HealthSpec, MAX_PORT_RANGES, PEER_DIRECT, PEER_FALLBACK, PeerKey,
-    PeerValue, PortRanges, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
+    FAMILY_V4, FAMILY_V6, FWD_FLAG_ALLOW, FWD_FLAG_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FWD_FLAG_LOCAL,
+    FWD_FLAG_PORT_OFFSET, FwdKey, FwdMeta, FwdValue, HEALTH_TCP, HEALTH_UDP, HealthSpec, MAX_PORT_RANGES, PEER_DIRECT,
+    PEER_FALLBACK, PeerKey, PeerValue, PortRanges, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, SOURCE_KEY_FIXED_BITS, SourceKey,
+    source_prefix_len,
 };
+use ipnet::IpNet;
 
 use crate::config::{Forward, Health, HealthKind, Protocol, Snat};
 
@@ -129,6 +131,8 @@ pub fn forward_entries(forwards: &[(u32, Forward)], local_addrs: &[IpAddr]) -> V
             let flags = if unreachable_from_interfaces(f) { 0 } else { FWD_FLAG_INGRESS }
                 | if f.local { FWD_FLAG_LOCAL } else { 0 }
                 | if backend_on_host(f, local_addrs) { FWD_FLAG_HOST_BACKEND } else { 0 }
+                | if f.allow.is_empty() { 0 } else { FWD_FLAG_ALLOW }
+                | if f.deny.is_empty() { 0 } else { FWD_FLAG_DENY }
                 | if first.is_range() { FWD_FLAG_PORT_OFFSET } else { 0 };
             let value = FwdValue {
                 backend_addr,
@@ -181,6 +185,35 @@ pub fn port_range_entries(entries: &[ForwardEntries]) -> Result<Vec<(FwdKey, Por
                 (value.first[i], value.last[i]) = (first, last);
             }
             Ok((key, value))
+        })
+        .collect()
+}
+
+/// A source-list entry as the LPM tries `FWD_ALLOW` and `FWD_DENY` key it: the prefix
+/// length (fixed part included) and the key data.
+pub type SourceEntry = (u32, SourceKey);
+
+/// The entry of prefix `net` in the lists of forward `id`.
+pub fn source_entry(id: u32, net: &IpNet) -> SourceEntry {
+    let (addr, family) = addr_bytes(net.addr());
+    (source_prefix_len(u32::from(net.prefix_len())), SourceKey::new(id, family, addr))
+}
+
+/// The forward id and prefix of a stored entry (None for one no forwarder wrote).
+pub fn source_of_entry(e: &SourceEntry) -> Option<(u32, IpNet)> {
+    let (prefix_len, key) = e;
+    let bits = u8::try_from(prefix_len.checked_sub(SOURCE_KEY_FIXED_BITS)?).ok()?;
+    let net = IpNet::new(addr_from_bytes(&key.addr, key.family), bits).ok()?;
+    Some((u32::from_be_bytes(key.forward_id_be), net))
+}
+
+/// The entries of every forward's allow list (`allow`) or deny list.
+pub fn source_entries(forwards: &[(u32, Forward)], allow: bool) -> Vec<SourceEntry> {
+    forwards
+        .iter()
+        .flat_map(|(id, f)| {
+            let list = if allow { &f.allow } else { &f.deny };
+            list.iter().map(move |net| source_entry(*id, net))
         })
         .collect()
 }
@@ -311,5 +344,37 @@ backend = "203.0.113.20:3197"
         let flags: Vec<u32> = forward_entries(&with_ids, &locals).iter().map(|e| e.value.flags).collect();
         let (i, l, h) = (FWD_FLAG_INGRESS, FWD_FLAG_LOCAL, FWD_FLAG_HOST_BACKEND);
         assert_eq!(flags, vec![i | l | h, i | h, i | l | h, l | h, i | l], "UDP to ::1 serves local programs only");
+    }
+
+    #[test]
+    fn source_entries_key_forward_family_and_prefix() {
+        let net = |s: &str| crate::config::parse_source_prefix(s).unwrap();
+        let (len, key) = source_entry(7, &net("198.51.100.0/25"));
+        assert_eq!(len, 40 + 25);
+        assert_eq!((key.forward_id_be, key.family), ([0, 0, 0, 7], FAMILY_V4));
+        assert_eq!(&key.addr[..5], &[198, 51, 100, 0, 0]);
+        let (len, key) = source_entry(0x0102_0304, &net("2001:db8:1::/48"));
+        assert_eq!((len, key.forward_id_be, key.family), (40 + 48, [1, 2, 3, 4], FAMILY_V6));
+        for (id, s) in [(7, "198.51.100.66/32"), (9, "2001:db8:1::/48"), (1, "0.0.0.0/0")] {
+            assert_eq!(source_of_entry(&source_entry(id, &net(s))), Some((id, net(s))));
+        }
+        assert_eq!(source_of_entry(&(39, SourceKey::default())), None, "shorter than the fixed part");
+    }
+
+    #[test]
+    fn source_lists_set_their_flags() {
+        let cfg = Config::parse(
+            "[[forward]]\nname = \"a\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:1\"\nbackend = \"203.0.113.2:1\"\n\
+             allow = [\"198.51.100.0/25\"]\n\
+             [[forward]]\nname = \"d\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:2\"\nbackend = \"203.0.113.2:1\"\n\
+             deny = [\"198.51.100.0/25\"]\n",
+        )
+        .unwrap();
+        let with_ids: Vec<_> = cfg.forwards.iter().cloned().enumerate().map(|(i, f)| (i as u32 + 1, f)).collect();
+        let e = forward_entries(&with_ids, &[]);
+        assert_eq!(e[0].value.flags & (FWD_FLAG_ALLOW | FWD_FLAG_DENY), FWD_FLAG_ALLOW);
+        assert_eq!(e[1].value.flags & (FWD_FLAG_ALLOW | FWD_FLAG_DENY), FWD_FLAG_DENY);
+        assert_eq!(source_entries(&with_ids, true), vec![source_entry(1, &with_ids[0].1.allow[0])]);
+        assert_eq!(source_entries(&with_ids, false), vec![source_entry(2, &with_ids[1].1.deny[0])]);
     }
 }

@@ -9,22 +9,31 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash};
-use forwarder_common::{
-    BACKEND_DOWN, BackendKey, BackendValue, CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_BACKENDS, FWD_BE_STATS,
-    FWD_CT_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FLAG_MAGLEV, FWD_FLAG_PORT_OFFSET, FWD_FWD_STATS,
-    FWD_GLOBAL_V2, FWD_IFACES, FWD_MAGLEV, FWD_META_V2, FWD_PEERS, FWD_PORT_RANGES, FWD_REASONS, FWD_ROUTE_GEN,
-    FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue, GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS,
-    GLOBAL_HAS_PORT_RANGES, GlobalConfig, IfaceConfig, MaglevTable, PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue,
-    PortRanges, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, conntrack::CT_HOST_BACKEND,
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+    xdp::DevMapHash,
 };
+use forwarder_common::{
+    BACKEND_DOWN, BackendKey, BackendValue, CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_ALLOW, FWD_BACKENDS,
+    FWD_BE_STATS, FWD_CT_V4, FWD_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FLAG_MAGLEV, FWD_FLAG_PORT_OFFSET,
+    FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_MAGLEV, FWD_META_V2, FWD_PEERS, FWD_PORT_RANGES,
+    FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue,
+    GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GLOBAL_HAS_PORT_RANGES, GlobalConfig, IfaceConfig, MaglevTable,
+    PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, PortRanges, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, SourceKey,
+    conntrack::CT_HOST_BACKEND,
+};
+use ipnet::IpNet;
 use tracing::{debug, info};
 
 use crate::{
     backends,
     config::{Forward, OnForwardRemoved, Peer, Protocol, Snat, SocketRange},
     error::{Error, Result},
-    maps::{addr_from_bytes, forward_entries, peer_key, peer_value, port_range_entries},
+    maps::{
+        SourceEntry, addr_from_bytes, forward_entries, peer_key, peer_value, port_range_entries, source_entries,
+        source_of_entry,
+    },
     pins::{self, EditLock, check_bpffs},
     sys,
 };
@@ -158,8 +167,78 @@ impl State {
         Ok(pins::open_map(&self.dir, name)?.info().on(name)?.max_entries())
     }
 
-    /// The configured forwards, by id.
+    /// The configured forwards, by id, with their source lists.
     pub fn forwards(&self) -> Result<Vec<(u32, Forward)>> {
+        let mut out = self.forwards_without_source_lists()?;
+        for (name, allow) in [(FWD_ALLOW, true), (FWD_DENY, false)] {
+            let mut lists: StdHashMap<u32, Vec<IpNet>> = StdHashMap::new();
+            for (id, net) in self.source_list_entries(name)?.iter().filter_map(source_of_entry) {
+                lists.entry(id).or_default().push(net);
+            }
+            if lists.is_empty() {
+                continue;
+            }
+            for (id, f) in &mut out {
+                let Some(mut list) = lists.remove(id) else { continue };
+                // The config's order (see config::parse_source_list), so that an unchanged
+                // forward compares equal to its config.
+                list.sort_unstable();
+                list.dedup();
+                if allow {
+                    f.allow = list;
+                } else {
+                    f.deny = list;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry of the source-list trie `name` ([`FWD_ALLOW`] or [`FWD_DENY`]).
+    fn source_list_entries(&self, name: &'static str) -> Result<Vec<SourceEntry>> {
+        let trie: LpmTrie<MapData, SourceKey, u8> = self.typed(name)?;
+        let keys: Vec<Key<SourceKey>> = trie.keys().collect::<std::result::Result<_, _>>().on(name)?;
+        Ok(keys.iter().map(|k| (k.prefix_len(), k.data())).collect())
+    }
+
+    /// What makes the source-list trie `name` hold exactly `wanted`: the entries to add
+    /// and the stale ones. Refused when `wanted` does not fit.
+    fn plan_source_list(&self, name: &'static str, wanted: Vec<SourceEntry>) -> Result<SourceListChange> {
+        let capacity = self.capacity(name)? as usize;
+        let wanted: HashSet<SourceEntry> = wanted.into_iter().collect();
+        if wanted.len() > capacity {
+            return Err(Error::Invalid(format!(
+                "the forwards' {} lists have {} entries in all, more than the {capacity} the map holds",
+                if name == FWD_ALLOW { "allow" } else { "deny" },
+                wanted.len()
+            )));
+        }
+        let present: HashSet<SourceEntry> = self.source_list_entries(name)?.into_iter().collect();
+        let add: Vec<SourceEntry> = wanted.difference(&present).copied().collect();
+        let stale: Vec<SourceEntry> = present.difference(&wanted).copied().collect();
+        // Old and new side by side must fit too; else the stale ones go first.
+        let stale_first = present.len() + add.len() > capacity;
+        Ok(SourceListChange { name, add, stale, stale_first })
+    }
+
+    fn write_source_entries(&self, name: &'static str, entries: &[SourceEntry], insert: bool) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut trie: LpmTrie<MapData, SourceKey, u8> = self.typed(name)?;
+        for (prefix_len, data) in entries {
+            let key = Key::new(*prefix_len, *data);
+            if insert {
+                trie.insert(&key, 1, 0).on(name)?;
+            } else {
+                // Gone meanwhile is as good as removed.
+                let _ = trie.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    fn forwards_without_source_lists(&self) -> Result<Vec<(u32, Forward)>> {
         let stored = self.stored_backends()?;
         let with_backends = |id: u32, m: &FwdMeta| {
             let mut f = forward_of_meta(m);
@@ -314,6 +393,10 @@ impl State {
     ) -> Result<ApplyReport> {
         let current = self.forwards()?;
         let capacity = self.capacity(FWD_META_V2)?;
+        // Each id's name and source lists before the change: a forward that keeps its id
+        // while its lists change refuses (flush) the connections of sources now refused.
+        let lists_before: StdHashMap<u32, (String, Vec<IpNet>, Vec<IpNet>)> =
+            current.iter().map(|(id, f)| (*id, (f.name.clone(), f.allow.clone(), f.deny.clone()))).collect();
         let ForwardPlan { with_ids, retired, mut report } = plan_forwards(current, desired, capacity)?;
 
         let mut entries = forward_entries(&with_ids, local_addrs);
@@ -333,6 +416,11 @@ impl State {
                 )));
             }
         }
+        // Source lists that do not fit are refused before anything is written.
+        let source_lists = [
+            self.plan_source_list(FWD_ALLOW, source_entries(&with_ids, true))?,
+            self.plan_source_list(FWD_DENY, source_entries(&with_ids, false))?,
+        ];
         // Backends: slots, counter indices and states kept for those that stay; the rules
         // choose among them.
         let stored = self.stored_backends()?;
@@ -358,6 +446,14 @@ impl State {
             }
         }
         let ranges = port_range_entries(&entries).map_err(Error::Invalid)?;
+        // A rule that names a list finds its entries in place; stale entries go once no
+        // rule names them.
+        for change in &source_lists {
+            if change.stale_first {
+                self.write_source_entries(change.name, &change.stale, false)?;
+            }
+            self.write_source_entries(change.name, &change.add, true)?;
+        }
         // TC egress rewrites the replies of backends on this host: on before a rule can
         // send it one (re-checked at every apply).
         let host_forwards = entries.iter().any(|e| e.value.flags & FWD_FLAG_HOST_BACKEND != 0);
@@ -391,6 +487,9 @@ impl State {
         }
         for k in &stale {
             rules.remove(k).on(FWD_RULES_V2)?;
+        }
+        for change in source_lists.iter().filter(|c| !c.stale_first) {
+            self.write_source_entries(change.name, &change.stale, false)?;
         }
         for (id, list) in &stored {
             for (slot, _) in list {
@@ -426,6 +525,20 @@ impl State {
         self.set_global_flag(GLOBAL_FLUSH_ON_REMOVE, policy == OnForwardRemoved::Flush)?;
         if policy == OnForwardRemoved::Flush && !retired.is_empty() {
             report.flushed_connections = self.flush_connections_of(&retired)?;
+        }
+        if policy == OnForwardRemoved::Flush {
+            let relisted: StdHashMap<u32, &Forward> = with_ids
+                .iter()
+                .filter(|(id, f)| {
+                    lists_before
+                        .get(id)
+                        .is_some_and(|(name, allow, deny)| *name == f.name && (*allow != f.allow || *deny != f.deny))
+                })
+                .map(|(id, f)| (*id, f))
+                .collect();
+            if !relisted.is_empty() {
+                report.flushed_connections += self.flush_refused_sources(&relisted)?;
+            }
         }
         if !host_forwards && self.global()?.flags & GLOBAL_HAS_HOST_BACKENDS != 0 {
             // Off once no connection to a backend on this host is left to drain.
@@ -478,6 +591,22 @@ impl State {
             self.conntrack()?.into_iter().filter(|(_, v)| ids.contains(&v.forward_id)).collect();
         self.remove_conntrack(&doomed.iter().map(|(k, _)| *k).collect::<Vec<_>>())?;
         Ok(doomed.iter().filter(|(_, v)| v.direction == CT_DIR_ORIGINAL).count())
+    }
+
+    /// Deletes the connections of the given forwards (by id) whose client their source
+    /// lists now refuse; returns connections.
+    fn flush_refused_sources(&self, forwards: &StdHashMap<u32, &Forward>) -> Result<usize> {
+        let entries = self.conntrack()?;
+        let mut doomed = Vec::new();
+        for (key, (value, reply)) in connections(&entries) {
+            let Some(f) = forwards.get(&value.forward_id) else { continue };
+            if !f.admits_source(addr_from_bytes(&key.src_addr, key.family)) {
+                doomed.push(key);
+                doomed.push(reply);
+            }
+        }
+        self.remove_conntrack(&doomed)?;
+        Ok(doomed.len() / 2)
     }
 
     pub fn peers(&self) -> Result<Vec<PeerEntry>> {
@@ -598,6 +727,10 @@ impl State {
         for i in 0..stats.len() {
             stats.set(i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).on(FWD_FWD_STATS)?;
         }
+        let mut denied: PerCpuArray<MapData, u64> = self.typed(FWD_FWD_DENIED)?;
+        for i in 0..denied.len() {
+            denied.set(i, vec![0u64; ncpu].try_into().expect("one per CPU"), 0).on(FWD_FWD_DENIED)?;
+        }
         let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
         self.remove_conntrack(&keys)
     }
@@ -627,6 +760,12 @@ impl State {
         Ok(sum_forward(&arr, id))
     }
 
+    /// New connections of forward `id` its source lists refused, summed over CPUs.
+    pub fn forward_source_denied(&self, id: u32) -> Result<u64> {
+        let arr: PerCpuArray<MapData, u64> = self.typed(FWD_FWD_DENIED)?;
+        Ok(sum_reason(&arr, id))
+    }
+
     /// A reason counter summed over CPUs.
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
         let arr: PerCpuArray<MapData, u64> = self.typed(FWD_REASONS)?;
@@ -651,6 +790,15 @@ pub fn sum_forward<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, FwdStat
 /// A reason counter summed over CPUs.
 pub fn sum_reason<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>, code: u32) -> u64 {
     arr.get(&code, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+/// How [`State::apply_forwards`] brings one source-list trie to the desired entries.
+struct SourceListChange {
+    name: &'static str,
+    add: Vec<SourceEntry>,
+    stale: Vec<SourceEntry>,
+    /// Old and new entries together would not fit: the stale ones are removed first.
+    stale_first: bool,
 }
 
 /// How [`State::apply_forwards`] gets from the current forwards to the desired ones.
@@ -684,7 +832,8 @@ fn plan_forwards(current: Vec<(u32, Forward)>, desired: &[Forward], capacity: u3
         match current.get(&f.name) {
             Some((id, c)) if c == f => with_ids.push((*id, f.clone())),
             Some((id, c)) if c.same_rule(f) => {
-                // Backends, weights or health checks only: the id and connections stay.
+                // Backends, weights, health checks or source lists only: the id and
+                // connections stay (a source the new lists refuse is flushed below).
                 report.updated.push(f.name.clone());
                 with_ids.push((*id, f.clone()));
             }
@@ -741,6 +890,8 @@ pub fn forward_of_meta(m: &FwdMeta) -> Forward {
         backends: vec![crate::config::Backend { address: backend, weight: 1 }],
         snat,
         local: m.value.flags & FWD_FLAG_LOCAL != 0,
+        allow: Vec::new(),
+        deny: Vec::new(),
         health: crate::maps::health_of(&m.health),
     }
 }
@@ -777,18 +928,33 @@ mod tests {
             backends: vec![crate::config::Backend { address: "203.0.113.2:9".parse().unwrap(), weight: 1 }],
             snat: Snat::Auto,
             local: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
             health: None,
         }
     }
 
     /// Creates a map with a raw BPF_MAP_CREATE and pins it at `path`.
     fn create_pinned_map(path: &Path, map_type: u32, key_size: usize, value_size: usize, max_entries: u32) {
+        create_pinned_map_with_flags(path, map_type, key_size, value_size, max_entries, 0);
+    }
+
+    /// [`create_pinned_map`] with `map_flags` (an LPM trie needs BPF_F_NO_PREALLOC).
+    fn create_pinned_map_with_flags(
+        path: &Path,
+        map_type: u32,
+        key_size: usize,
+        value_size: usize,
+        max_entries: u32,
+        map_flags: u32,
+    ) {
         use std::os::unix::ffi::OsStrExt;
         const BPF_MAP_CREATE: libc::c_long = 0;
         const BPF_OBJ_PIN: libc::c_long = 6;
-        // union bpf_attr, map_create member: map_type, key_size, value_size, max_entries.
+        // union bpf_attr, map_create member: map_type, key_size, value_size, max_entries,
+        // map_flags.
         let mut attr = [0u32; 32];
-        attr[..4].copy_from_slice(&[map_type, key_size as u32, value_size as u32, max_entries]);
+        attr[..5].copy_from_slice(&[map_type, key_size as u32, value_size as u32, max_entries, map_flags]);
         // SAFETY: a zeroed bpf_attr of the advertised size with the map_create fields set.
         let fd =
             unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
@@ -809,7 +975,10 @@ mod tests {
     fn pinned_state(max_forwards: u32) -> (State, PathBuf) {
         const HASH: u32 = 1;
         const ARRAY: u32 = 2;
-        let dir = PathBuf::from(format!("/sys/fs/bpf/forwarder-unit-{}", std::process::id()));
+        // One directory per call: the tests of this binary run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = PathBuf::from(format!("/sys/fs/bpf/forwarder-unit-{}-{n}", std::process::id()));
         crate::pins::remove(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let size = std::mem::size_of::<FwdKey>();
@@ -830,6 +999,12 @@ mod tests {
             std::mem::size_of::<CtValue>(),
             1024,
         );
+        const LPM_TRIE: u32 = 11;
+        const BPF_F_NO_PREALLOC: u32 = 1;
+        for name in [FWD_ALLOW, FWD_DENY] {
+            let key_size = 4 + std::mem::size_of::<SourceKey>();
+            create_pinned_map_with_flags(&dir.join(name), LPM_TRIE, key_size, 1, 64, BPF_F_NO_PREALLOC);
+        }
         (State::open(&dir).unwrap(), dir)
     }
 
@@ -921,5 +1096,115 @@ mod tests {
         assert_eq!(p.with_ids[p.with_ids.len() - 1].0, N + 2);
         // The old quadratic diffing made ~5·10^9 name comparisons here; linear takes well under a second.
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+
+    fn net(s: &str) -> IpNet {
+        crate::config::parse_source_prefix(s).unwrap()
+    }
+
+    /// Source lists go to the tries per forward id and come back from them in the
+    /// config's order, so an unchanged forward stays unchanged; edits are diffs, and a
+    /// forward's entries go with its id.
+    #[test]
+    fn source_lists_round_trip_through_the_tries() {
+        let (state, dir) = pinned_state(8);
+        let _pins = Pins(dir.clone());
+        let mut a = fwd(0);
+        a.allow = vec![net("198.51.100.0/25"), net("2001:db8:1::/48")];
+        a.deny = vec![net("198.51.100.66/32")];
+        let mut b = fwd(1);
+        b.deny = vec![net("192.0.2.0/24")];
+        let desired = vec![a.clone(), b.clone(), fwd(2)];
+        let r = state.apply_forwards(&desired, &[], OnForwardRemoved::Drain).unwrap();
+        assert_eq!(r.added.len(), 3);
+        let stored: Vec<Forward> = state.forwards().unwrap().into_iter().map(|(_, f)| f).collect();
+        assert_eq!(stored, desired);
+        assert_eq!(state.apply_forwards(&desired, &[], OnForwardRemoved::Drain).unwrap(), ApplyReport::default());
+        let rules: HashMap<_, FwdKey, FwdValue> = HashMap::try_from(state.map(FWD_RULES_V2).unwrap()).unwrap();
+        let flags = |name: &str| {
+            let id = state.forwards().unwrap().into_iter().find(|(_, f)| f.name == name).unwrap().0;
+            rules.iter().filter_map(|r| r.ok()).find(|(_, v)| v.forward_id == id).unwrap().1.flags
+                & (forwarder_common::FWD_FLAG_ALLOW | forwarder_common::FWD_FLAG_DENY)
+        };
+        use forwarder_common::{FWD_FLAG_ALLOW, FWD_FLAG_DENY};
+        assert_eq!((flags("x0"), flags("x1"), flags("x2")), (FWD_FLAG_ALLOW | FWD_FLAG_DENY, FWD_FLAG_DENY, 0));
+
+        // x0's allow list changes (its id stays), x1 goes: x1's entries and x0's old ones
+        // leave the tries.
+        a.allow = vec![net("198.51.100.128/25")];
+        let r = state.apply_forwards(&[a.clone(), fwd(2)], &[], OnForwardRemoved::Drain).unwrap();
+        assert_eq!((r.updated.clone(), r.changed.len(), r.removed.len()), (vec!["x0".to_string()], 0, 1));
+        let stored: Vec<Forward> = state.forwards().unwrap().into_iter().map(|(_, f)| f).collect();
+        assert_eq!(stored, vec![a.clone(), fwd(2)]);
+        let ids: HashSet<u32> = state.forwards().unwrap().into_iter().map(|(id, _)| id).collect();
+        for name in [FWD_ALLOW, FWD_DENY] {
+            let entries = state.source_list_entries(name).unwrap();
+            assert!(entries.iter().filter_map(source_of_entry).all(|(id, _)| ids.contains(&id)), "{name}");
+        }
+        assert_eq!(state.source_list_entries(FWD_ALLOW).unwrap().len(), 1);
+        assert_eq!(state.source_list_entries(FWD_DENY).unwrap().len(), 1);
+    }
+
+    /// More entries than a trie holds: refused before anything is written.
+    #[test]
+    fn source_lists_larger_than_the_trie_are_refused_unchanged() {
+        let (state, dir) = pinned_state(8);
+        let _pins = Pins(dir.clone());
+        let mut a = fwd(0);
+        a.allow = (0..65u8).map(|i| net(&format!("198.51.100.{i}"))).collect();
+        let e = state.apply_forwards(&[a], &[], OnForwardRemoved::Drain).unwrap_err().to_string();
+        assert!(e.contains("65 entries"), "{e}");
+        assert!(state.forwards().unwrap().is_empty());
+        assert!(state.source_list_entries(FWD_ALLOW).unwrap().is_empty());
+    }
+
+    /// With `flush`, a forward whose lists change drops the connections of the sources
+    /// they now refuse, and only those.
+    #[test]
+    fn refused_sources_connections_are_flushed() {
+        let (state, dir) = pinned_state(8);
+        let _pins = Pins(dir.clone());
+        let conn = |src: [u8; 4], sport: u16, id: u32| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&src);
+            let key = CtKey { src_addr: a, src_port_be: sport.to_be(), proto: 6, family: 4, ..Default::default() };
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&[203, 0, 113, 20]);
+            let value = CtValue {
+                new_src_addr: a,
+                new_dst_addr: b,
+                new_src_port_be: sport.to_be(),
+                new_dst_port_be: 9u16.to_be(),
+                forward_id: id,
+                direction: CT_DIR_ORIGINAL,
+                ..Default::default()
+            };
+            let reply_key = CtKey {
+                src_addr: b,
+                dst_addr: a,
+                src_port_be: 9u16.to_be(),
+                dst_port_be: sport.to_be(),
+                proto: 6,
+                family: 4,
+                ..Default::default()
+            };
+            let reply = CtValue { forward_id: id, direction: forwarder_common::CT_DIR_REPLY, ..Default::default() };
+            state.put_conntrack(&key, &value).unwrap();
+            state.put_conntrack(&reply_key, &reply).unwrap();
+        };
+        conn([198, 51, 100, 10], 1000, 1);
+        conn([198, 51, 100, 66], 1001, 1);
+        conn([198, 51, 100, 66], 1002, 2);
+        let mut f = fwd(0);
+        f.deny = vec![net("198.51.100.66")];
+        let one = std::collections::HashMap::from([(1, &f)]);
+        assert_eq!(state.flush_refused_sources(&one).unwrap(), 1);
+        let left: Vec<(u32, IpAddr)> = connections(&state.conntrack().unwrap())
+            .iter()
+            .map(|(k, (v, _))| (v.forward_id, addr_from_bytes(&k.src_addr, k.family)))
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(!left.contains(&(1, "198.51.100.66".parse().unwrap())), "{left:?}");
+        assert_eq!(state.conntrack_len().unwrap(), 4, "both entries of the refused one went");
     }
 }

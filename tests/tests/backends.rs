@@ -401,3 +401,148 @@ fn local_programs_choose_among_the_backends() {
         assert_eq!(b["local_connections"].as_u64(), Some(want), "{address}: {stats}");
     }
 }
+
+/// A UDP backend that names itself in every answer; stops (its socket closes, so datagrams
+/// get port unreachable) when `stop` is set.
+fn who_udp_server(ns: &Netns, addr: SocketAddr) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    serve_in(
+        ns,
+        "UDP who server",
+        move || forwarder_tests::sockets::udp_bound(addr, Duration::from_millis(50)),
+        move |s: std::net::UdpSocket| {
+            let mut buf = [0u8; 1500];
+            while !stopped.load(Ordering::SeqCst) {
+                if let Ok((_, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(addr.to_string().as_bytes(), from);
+                }
+            }
+        },
+    )
+    .unwrap();
+    stop
+}
+
+/// One datagram from the client's `port` through the router: the backend that answered.
+fn who_udp(client: &Netns, port: u16) -> Option<String> {
+    client
+        .run(move || {
+            let s = forwarder_tests::sockets::udp_bound((CLIENT_ADDR, port), Duration::from_secs(2)).ok()?;
+            s.send_to(b"who", listen()).ok()?;
+            let mut buf = [0u8; 100];
+            let n = s.recv(&mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .unwrap()
+}
+
+/// UDP health checks: a datagram must get an answer. A stopped UDP backend (port
+/// unreachable) is taken out after `fall` checks and new flows go to the other; it comes
+/// back after `rise`.
+#[test]
+fn udp_health_checks_follow_a_stopped_backend() {
+    let chain = chain();
+    let stops: Vec<Arc<AtomicBool>> = (0..2).map(|i| who_udp_server(&chain.server, backend(i))).collect();
+    let list: Vec<(String, u32)> = (0..2).map(|i| (backend(i).to_string(), 1)).collect();
+    let health = "\n[forward.health]\nkind = \"udp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 1\nfall = 2\n";
+    let text = router_interfaces("native") + &forward_to_backends("dns", "udp", listen(), &list) + health;
+    let d = Daemon::start(&chain.router, &chain.tag, &text).unwrap();
+    let state = |d: &Daemon| {
+        let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+        v[0]["backend_states"][1].as_str().unwrap().to_string()
+    };
+    assert_eq!(state(&d), "up");
+    stops[1].store(true, Ordering::SeqCst);
+    wait_for("the stopped UDP backend to be taken out", Duration::from_secs(4), || state(&d) == "down");
+    let answers: Vec<Option<String>> = (0..50).map(|i| who_udp(&chain.client, 54_000 + i)).collect();
+    assert!(answers.iter().all(|a| a.as_deref() == Some(backend(0).to_string().as_str())), "{answers:?}");
+    who_udp_server(&chain.server, backend(1));
+    wait_for("the UDP backend to come back", Duration::from_secs(4), || state(&d) == "up");
+    let answers: Vec<Option<String>> = (0..50).map(|i| who_udp(&chain.client, 55_000 + i)).collect();
+    assert!(answers.iter().all(Option::is_some), "{answers:?}");
+    assert!(answers.iter().any(|a| a.as_deref() == Some(backend(1).to_string().as_str())), "{answers:?}");
+}
+
+/// The CLI's edits of backends: `forward add` with several `--backend` and `--weight`,
+/// `backend add`, and refusals that change nothing.
+#[test]
+fn forward_add_and_backend_edits_from_the_cli() {
+    let chain = chain();
+    for i in 0..3 {
+        who_server(&chain.server, backend(i));
+    }
+    let d = Daemon::start(&chain.router, &chain.tag, &config(&[(0, 1)], "")).unwrap();
+    let api = SocketAddr::new(ROUTER_CLIENT_ADDR.parse().unwrap(), 9090);
+    let (b0, b1, b2) = (backend(0).to_string(), backend(1).to_string(), backend(2).to_string());
+    d.cli(&[
+        "forward",
+        "add",
+        "--name",
+        "api",
+        "--protocol",
+        "tcp",
+        "--listen",
+        &api.to_string(),
+        "--backend",
+        &b0,
+        "--backend",
+        &b1,
+        "--weight",
+        "3",
+        "--weight",
+        "1",
+    ])
+    .unwrap();
+    d.cli(&["backend", "add", "api", &b2, "--weight", "2"]).unwrap();
+    let backends_of = |d: &Daemon| -> Vec<(String, u64)> {
+        let v: serde_json::Value = serde_json::from_str(&d.cli(&["forward", "list", "--json"]).unwrap()).unwrap();
+        let api = v.as_array().unwrap().iter().find(|f| f["name"] == "api").unwrap().clone();
+        api["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["address"].as_str().unwrap().to_string(), b["weight"].as_u64().unwrap()))
+            .collect()
+    };
+    let want = vec![(b0.clone(), 3), (b1.clone(), 1), (b2.clone(), 2)];
+    assert_eq!(backends_of(&d), want);
+    // Refused, exit code 3, nothing changed: a duplicate, an unknown backend, an unknown
+    // forward, a weight below 0, and the last backend of weight above 0 drained.
+    for args in [
+        vec!["backend", "add", "api", b1.as_str()],
+        vec!["backend", "del", "api", "203.0.113.99:80"],
+        vec!["backend", "set-weight", "nope", b1.as_str(), "1"],
+        vec!["backend", "add", "api", "203.0.113.98:80", "--weight", "-2"],
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", chain.router.path()))
+            .arg("--")
+            .arg(forwarder_tests::daemon::forwarder_bin())
+            .args(&args)
+            .arg("--pin-path")
+            .arg(&d.pin_path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    d.cli(&["backend", "set-weight", "web", &b0, "0"]).expect_err("the only backend of weight above 0");
+    assert_eq!(backends_of(&d), want);
+    // The forward works: its connections spread over the three.
+    let api_split = chain
+        .client
+        .run(move || {
+            (56_000..56_060u16)
+                .map(|p| {
+                    let s = traffic::connect(api, Some(SocketAddr::new(CLIENT_ADDR.parse().unwrap(), p))).unwrap();
+                    let mut line = String::new();
+                    BufReader::new(&s).read_line(&mut line).unwrap();
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    line.trim().to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let c = counts(&api_split.into_iter().map(|b| (0, b)).collect::<Vec<_>>());
+    assert_eq!(c.len(), 3, "{c:?}");
+}

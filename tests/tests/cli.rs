@@ -202,7 +202,8 @@ fn keys(v: &serde_json::Value) -> Vec<String> {
     k
 }
 
-const FORWARD_KEYS: [&str; 7] = ["backend", "id", "listen", "local", "name", "protocol", "snat"];
+const FORWARD_KEYS: [&str; 9] =
+    ["backend", "backend_states", "backends", "id", "listen", "local", "name", "protocol", "snat"];
 const PEER_KEYS: [&str; 6] = ["address", "direct", "id", "ifindex", "interface", "state"];
 
 /// Every verb's `--json`: a forward is one object in `forward add`, `forward list` and
@@ -271,8 +272,15 @@ fn every_verb_speaks_json_with_one_shape_per_object() {
     let (code, stats) = json_of(r, &d, &["stats"]);
     assert_eq!(code, 0);
     for (s, f) in stats["forwards"].as_array().unwrap().iter().zip(&list) {
-        for k in FORWARD_KEYS {
+        for k in FORWARD_KEYS.iter().filter(|k| !k.starts_with("backend")) {
             assert_eq!(s[k], f[k], "stats' forward {k} as in forward list");
+        }
+        assert_eq!(s["backend"], f["backend"]);
+        // stats' backends: the list's, each with its state and counters.
+        for (i, b) in f["backends"].as_array().unwrap().iter().enumerate() {
+            let sb = &s["backends"][i];
+            assert_eq!((&sb["address"], &sb["weight"]), (&b["address"], &b["weight"]), "{s}");
+            assert_eq!(sb["state"], f["backend_states"][i], "{s}");
         }
     }
     for k in PEER_KEYS {

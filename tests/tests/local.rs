@@ -359,3 +359,52 @@ fn local_udp_sockets_pinned_by_an_older_version_are_migrated() {
     assert!(!std::path::Path::new(&old_path).exists(), "old map unpinned");
     drop(inst);
 }
+
+/// A forward with source lists serves local programs only if the loopback address of its
+/// family passes them (README, "Source lists"): `outside` allows a remote network only,
+/// so a program dialling it reaches whatever listens where it dialled; `with-lo` allows
+/// 127.0.0.0/8 and rewrites as usual; `lo-denied` allows it but denies 127.0.0.1.
+#[test]
+fn local_programs_take_a_listed_forward_only_if_loopback_passes() {
+    let config = r#"
+[[interface]]
+name = "rc"
+xdp = "native"
+
+[[forward]]
+name = "outside"
+protocol = "tcp"
+listen = "0.0.0.0:3306"
+backend = "203.0.113.20:3197"
+allow = ["198.51.100.0/25"]
+
+[[forward]]
+name = "with-lo"
+protocol = "tcp"
+listen = "0.0.0.0:4406"
+backend = "203.0.113.20:3197"
+allow = ["198.51.100.0/25", "127.0.0.0/8"]
+
+[[forward]]
+name = "lo-denied"
+protocol = "tcp"
+listen = "0.0.0.0:5506"
+backend = "203.0.113.20:3197"
+allow = ["127.0.0.0/8"]
+deny = ["127.0.0.1"]
+"#;
+    let chain = Chain::new().unwrap();
+    let d = Daemon::start(&chain.router, &chain.tag, config).unwrap();
+    let own = tcp_server(&chain.router, "127.0.0.1:3306", "router's own", 1);
+    let backend = tcp_server(&chain.server, "203.0.113.20:3197", "backend", 1);
+    let r = probe(&d, &chain.router, "tcp", "127.0.0.1:3306", "a");
+    assert_eq!(r["reply"], "router's own got a", "left where it was dialled: {r}");
+    own.join().unwrap();
+    let r = probe(&d, &chain.router, "tcp", "127.0.0.1:4406", "b");
+    assert_eq!(r["reply"], "backend got b", "{r}");
+    backend.join().unwrap();
+    let r = probe(&d, &chain.router, "tcp", "127.0.0.1:5506", "c");
+    assert!(r["error"].as_str().unwrap_or("").contains("refused"), "deny wins over allow: {r}");
+    assert_eq!((local_conns(&d, "outside"), local_conns(&d, "with-lo"), local_conns(&d, "lo-denied")), (0, 1, 0));
+    assert_eq!(reason(&d, "source_denied"), 0, "a local program is not refused, only left alone");
+}

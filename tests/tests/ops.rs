@@ -551,3 +551,75 @@ fn a_failed_first_load_leaves_no_pins() {
     let left: Vec<_> = std::fs::read_dir(&pin.0).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "pins left after {err}: {left:?}");
 }
+
+/// Forwards pinned by a version with one backend per forward (`FWD_META`, `FWD_RULES`) are
+/// carried over: the forward keeps its id, name and rule, its backend becomes slot 0 of
+/// `FWD_BACKENDS`, the rule goes on matching, and the old pins go.
+#[test]
+fn forwards_pinned_by_a_version_before_several_backends_are_migrated() {
+    use forwarder_common::{FWD_FLAG_INGRESS, FWD_META, FWD_RULES, FwdKey, FwdMetaV1, FwdValue, FwdValueV1};
+    let pin = PinDir(std::path::PathBuf::from(format!("/sys/fs/bpf/fwt-{}", forwarder_tests::unique_tag())));
+    std::fs::create_dir_all(&pin.0).unwrap();
+    let bpftool = |args: Vec<String>| {
+        let out = std::process::Command::new("bpftool").args(&args).output().unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let s = |v: &str| v.to_string();
+    let create = |name: &str, kind: &str, key: usize, value: usize| {
+        let path = pin.0.join(name).display().to_string();
+        bpftool(
+            vec![s("map"), s("create"), path, s("type"), s(kind), s("key"), key.to_string(), s("value")]
+                .into_iter()
+                .chain([value.to_string(), s("entries"), s("16"), s("name"), s(name)])
+                .collect(),
+        );
+    };
+    let update = |name: &str, key: &[u8], value: &[u8]| {
+        let path = pin.0.join(name).display().to_string();
+        bpftool(
+            [s("map"), s("update"), s("pinned"), path, s("key")]
+                .into_iter()
+                .chain(hex(key))
+                .chain([s("value")])
+                .chain(hex(value))
+                .collect(),
+        );
+    };
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+    let key = FwdKey { addr, port_be: 3306u16.to_be(), proto: 6, family: 4 };
+    let mut backend_addr = [0u8; 16];
+    backend_addr[..4].copy_from_slice(&[203, 0, 113, 20]);
+    let old = FwdValueV1 {
+        backend_addr,
+        backend_port_be: 3197u16.to_be(),
+        family: 4,
+        snat_mode: forwarder_common::SNAT_AUTO,
+        forward_id: 5,
+        flags: FWD_FLAG_INGRESS,
+        ..FwdValueV1::default()
+    };
+    let mut name = [0u8; 48];
+    name[..7].copy_from_slice(b"classic");
+    create(FWD_META, "array", 4, std::mem::size_of::<FwdMetaV1>());
+    update(FWD_META, &5u32.to_ne_bytes(), &as_bytes(&FwdMetaV1 { name, key, value: old }));
+    create(FWD_RULES, "hash", std::mem::size_of::<FwdKey>(), std::mem::size_of::<FwdValueV1>());
+    update(FWD_RULES, &as_bytes(&key), &as_bytes(&old));
+
+    let inst = forwarder::loader::Instance::load(&forwarder::loader::LoadOptions::default(), &pin.0).unwrap();
+    let state = inst.state().unwrap();
+    let forwards = state.forwards().unwrap();
+    assert_eq!(forwards.len(), 1);
+    let (id, f) = &forwards[0];
+    assert_eq!((*id, f.name.as_str(), f.listen.to_string()), (5, "classic", "192.0.2.1:3306".to_string()));
+    let backends: Vec<String> = f.backends.iter().map(|b| format!("{} {}", b.address, b.weight)).collect();
+    assert_eq!(backends, ["203.0.113.20:3197 1"]);
+    let rules: aya::maps::HashMap<_, FwdKey, FwdValue> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+        forwarder::pins::open_map(&pin.0, forwarder_common::FWD_RULES_V2).unwrap(),
+    ))
+    .unwrap();
+    let rule = rules.get(&key, 0).unwrap();
+    assert_eq!((rule.forward_id, rule.backend_addr, rule.backend_index), (5, backend_addr, 5), "the rule goes on");
+    assert!(!pin.0.join(FWD_META).exists() && !pin.0.join(FWD_RULES).exists(), "old pins removed");
+    drop(inst);
+}

@@ -218,6 +218,8 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
                 backends: None,
                 snat,
                 local,
+                allow: None,
+                deny: None,
                 health: None,
             });
             Some(())

@@ -5,8 +5,8 @@ use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use forwarder_common::{
-    ALL_REASONS, FWD_BE_STATS, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS, FwdMeta, FwdStats,
-    PeerKey, PeerStats, PeerValue,
+    ALL_REASONS, FWD_BE_STATS, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_REASONS,
+    FwdMeta, FwdStats, PeerKey, PeerStats, PeerValue,
 };
 use serde::Serialize;
 
@@ -30,6 +30,8 @@ pub struct ForwardCounters {
     pub bytes: u64,
     pub new_connections: u64,
     pub local_connections: u64,
+    /// Packets of new connections the forward's source lists refused (dropped).
+    pub source_denied: u64,
     /// The forward's backends (slot order) with their own counters.
     pub backends: Vec<BackendCounters>,
 }
@@ -144,6 +146,9 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             .map_err(map_error(FWD_REASONS))?;
     let meta: Array<MapData, FwdMeta> =
         Array::try_from(aya::maps::Map::Array(open_map(pin_dir, FWD_META_V2)?)).map_err(map_error(FWD_META_V2))?;
+    let denied: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_map(pin_dir, FWD_FWD_DENIED)?))
+            .map_err(map_error(FWD_FWD_DENIED))?;
 
     let state = crate::state::State::open(pin_dir)?;
     let stored = state.stored_backends()?;
@@ -178,6 +183,7 @@ pub fn read(pin_dir: &Path) -> Result<Snapshot> {
             bytes: s.bytes,
             new_connections: s.new_conns,
             local_connections: s.local_conns,
+            source_denied: sum_reason(&denied, id),
             backends: stored
                 .get(&id)
                 .map(Vec::as_slice)
@@ -243,14 +249,22 @@ pub fn render_table(s: &Snapshot) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}",
-        "FORWARD", "PROTO", "LISTEN", "BACKEND", "PACKETS", "BYTES", "NEW_CONNS", "LOCAL"
+        "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10} {:>10}",
+        "FORWARD", "PROTO", "LISTEN", "BACKEND", "PACKETS", "BYTES", "NEW_CONNS", "LOCAL", "DENIED"
     );
     for f in &s.forwards {
         let _ = writeln!(
             out,
-            "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10}",
-            f.name, f.protocol, f.listen, f.backend, f.packets, f.bytes, f.new_connections, f.local_connections
+            "{:<20} {:<5} {:<22} {:<22} {:>12} {:>14} {:>10} {:>10} {:>10}",
+            f.name,
+            f.protocol,
+            f.listen,
+            f.backend,
+            f.packets,
+            f.bytes,
+            f.new_connections,
+            f.local_connections,
+            f.source_denied
         );
     }
     if s.forwards.iter().any(|f| f.backends.len() > 1 || f.backends.iter().any(|b| b.state != "up")) {

@@ -49,11 +49,16 @@ struct Scrape {
 type ForwardField = fn(&ForwardCounters) -> u64;
 type PeerField = fn(&PeerCounters) -> u64;
 
-const FORWARD_COUNTERS: [(&str, &str, ForwardField); 4] = [
+const FORWARD_COUNTERS: [(&str, &str, ForwardField); 5] = [
     ("forwarder_forward_packets", "Packets rewritten for a forward, both directions.", |f| f.packets),
     ("forwarder_forward_bytes", "L3 bytes rewritten for a forward.", |f| f.bytes),
     ("forwarder_forward_new_connections", "Connections created from interface traffic.", |f| f.new_connections),
     ("forwarder_forward_local_connections", "Connections of local programs (cgroup hooks).", |f| f.local_connections),
+    (
+        "forwarder_forward_source_denied",
+        "Packets of new connections the forward's allow/deny lists refused (dropped).",
+        |f| f.source_denied,
+    ),
 ];
 
 type BackendField = fn(&BackendCounters) -> u64;
@@ -211,6 +216,7 @@ mod tests {
                 bytes: 1500,
                 new_connections: 3,
                 local_connections: 1,
+                source_denied: 5,
                 backends: vec![BackendCounters {
                     address: "203.0.113.20:8080".into(),
                     weight: 1,
@@ -285,6 +291,7 @@ mod tests {
             ("forwarder_forward_bytes_total", "counter", &["forward", "protocol"]),
             ("forwarder_forward_new_connections_total", "counter", &["forward", "protocol"]),
             ("forwarder_forward_local_connections_total", "counter", &["forward", "protocol"]),
+            ("forwarder_forward_source_denied_total", "counter", &["forward", "protocol"]),
             ("forwarder_backend_packets_total", "counter", &["forward", "backend"]),
             ("forwarder_backend_bytes_total", "counter", &["forward", "backend"]),
             ("forwarder_backend_new_connections_total", "counter", &["forward", "backend"]),
@@ -324,6 +331,7 @@ mod tests {
             r#"forwarder_forward_bytes_total{forward="web \"a\\b\"",protocol="tcp"} 1500"#,
             r#"forwarder_forward_new_connections_total{forward="web \"a\\b\"",protocol="tcp"} 3"#,
             r#"forwarder_forward_local_connections_total{forward="web \"a\\b\"",protocol="tcp"} 1"#,
+            r#"forwarder_forward_source_denied_total{forward="web \"a\\b\"",protocol="tcp"} 5"#,
             r#"forwarder_peer_direct_packets_total{peer="2001:db8::2"} 7"#,
             r#"forwarder_peer_direct_bytes_total{peer="2001:db8::2"} 700"#,
             r#"forwarder_peer_fallback_packets_total{peer="2001:db8::2"} 2"#,

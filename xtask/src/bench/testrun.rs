@@ -71,6 +71,8 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             backends: vec![forwarder::config::Backend { address: warm_addr.into(), weight: 1 }],
             snat: forwarder::config::Snat::Off,
             local: false,
+            allow: Vec::new(),
+            deny: Vec::new(),
             health: None,
         });
         cfg.max_forwards += 1;
