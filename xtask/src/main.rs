@@ -36,8 +36,13 @@ enum Task {
         /// Skip the rule-scaling figures.
         #[arg(long)]
         no_scaling: bool,
+        /// Only these parts (comma-separated: figures, many-backends, scaling, testrun;
+        /// default all). The many-backends ratios to one backend need `figures` of the same
+        /// contenders in the run.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        parts: Vec<bench::Part>,
         /// Output directory (default: docs/bench and the README table for a full run,
-        /// target/bench-quick for --quick).
+        /// target/bench-quick for --quick or --parts).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -78,7 +83,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::Bench { quick, reps, contenders, no_scaling, out } => {
+        Task::Bench { quick, reps, contenders, no_scaling, parts, out } => {
             let plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
             build_forwarder()?;
             if plan.forwarder_release {
@@ -101,19 +106,23 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             };
+            let all_parts =
+                [bench::Part::Figures, bench::Part::ManyBackends, bench::Part::Scaling, bench::Part::Testrun];
+            // A run of chosen parts is never the project's record.
+            let partial = !parts.is_empty();
+            let mut parts: std::collections::BTreeSet<_> =
+                if partial { parts.into_iter().collect() } else { all_parts.into() };
+            if no_scaling {
+                parts.remove(&bench::Part::Scaling);
+            }
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             // Only a full run is the project's record (docs/bench and the README table).
-            let record = out.is_none() && !quick;
+            let record = out.is_none() && !quick && !partial;
             let update_readme = record.then(|| root.join("README.md"));
-            let default_out = if quick { root.join("target/bench-quick") } else { root.join("docs/bench") };
+            let default_out = if quick || partial { root.join("target/bench-quick") } else { root.join("docs/bench") };
             let out_dir = out.unwrap_or(default_out);
-            let results = bench::run(bench::Options {
-                plan,
-                contenders,
-                scaling: !no_scaling,
-                out_dir: out_dir.clone(),
-                update_readme,
-            })?;
+            let results =
+                bench::run(bench::Options { plan, contenders, parts, out_dir: out_dir.clone(), update_readme })?;
             println!("{}", bench::report::headline_table(&results));
             println!("written: {}", out_dir.display());
             Ok(())
