@@ -41,6 +41,10 @@ enum Task {
         /// contenders in the run.
         #[arg(long, value_enum, value_delimiter = ',')]
         parts: Vec<bench::Part>,
+        /// Rule scaling at these numbers of forwards only (comma-separated; default 1,1000
+        /// quick, 1,1000,10000,100000 full).
+        #[arg(long, value_delimiter = ',')]
+        scaling_sizes: Vec<usize>,
         /// Output directory (default: docs/bench and the README table for a full run,
         /// target/bench-quick for --quick or --parts).
         #[arg(long)]
@@ -83,8 +87,13 @@ fn main() -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::Bench { quick, reps, contenders, no_scaling, parts, out } => {
-            let plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
+        Task::Bench { quick, reps, contenders, no_scaling, parts, scaling_sizes, out } => {
+            let mut plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
+            // A run of chosen parts or sizes is never the project's record.
+            let partial = !parts.is_empty() || !scaling_sizes.is_empty();
+            if !scaling_sizes.is_empty() {
+                plan.scaling_sizes = scaling_sizes;
+            }
             build_forwarder()?;
             if plan.forwarder_release {
                 let status = std::process::Command::new(env!("CARGO"))
@@ -108,10 +117,8 @@ fn main() -> anyhow::Result<()> {
             };
             let all_parts =
                 [bench::Part::Figures, bench::Part::ManyBackends, bench::Part::Scaling, bench::Part::Testrun];
-            // A run of chosen parts is never the project's record.
-            let partial = !parts.is_empty();
             let mut parts: std::collections::BTreeSet<_> =
-                if partial { parts.into_iter().collect() } else { all_parts.into() };
+                if parts.is_empty() { all_parts.into() } else { parts.into_iter().collect() };
             if no_scaling {
                 parts.remove(&bench::Part::Scaling);
             }

@@ -225,6 +225,9 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "\n- {e}");
         }
     }
+    if r.testrun.is_empty() {
+        return md;
+    }
     md.push_str(
         "\n## BPF_PROG_TEST_RUN\n\nNanoseconds per packet of the programs alone (UDP, 60 bytes), in a router \
          namespace with routes and neighbours. Single runs: the median of one-packet runs per path; they include \
