@@ -36,8 +36,17 @@ enum Task {
         /// Skip the rule-scaling figures.
         #[arg(long)]
         no_scaling: bool,
+        /// Only these parts (comma-separated: figures, many-backends, scaling, testrun;
+        /// default all). The many-backends ratios to one backend need `figures` of the same
+        /// contenders in the run.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        parts: Vec<bench::Part>,
+        /// Rule scaling at these numbers of forwards only (comma-separated; default 1,1000
+        /// quick, 1,1000,10000,100000 full).
+        #[arg(long, value_delimiter = ',')]
+        scaling_sizes: Vec<usize>,
         /// Output directory (default: docs/bench and the README table for a full run,
-        /// target/bench-quick for --quick).
+        /// target/bench-quick for --quick or --parts).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -78,8 +87,13 @@ fn main() -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::Bench { quick, reps, contenders, no_scaling, out } => {
-            let plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
+        Task::Bench { quick, reps, contenders, no_scaling, parts, scaling_sizes, out } => {
+            let mut plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
+            // A run of chosen parts or sizes is never the project's record.
+            let partial = !parts.is_empty() || !scaling_sizes.is_empty();
+            if !scaling_sizes.is_empty() {
+                plan.scaling_sizes = scaling_sizes;
+            }
             build_forwarder()?;
             if plan.forwarder_release {
                 let status = std::process::Command::new(env!("CARGO"))
@@ -101,19 +115,21 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             };
+            let all_parts =
+                [bench::Part::Figures, bench::Part::ManyBackends, bench::Part::Scaling, bench::Part::Testrun];
+            let mut parts: std::collections::BTreeSet<_> =
+                if parts.is_empty() { all_parts.into() } else { parts.into_iter().collect() };
+            if no_scaling {
+                parts.remove(&bench::Part::Scaling);
+            }
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             // Only a full run is the project's record (docs/bench and the README table).
-            let record = out.is_none() && !quick;
+            let record = out.is_none() && !quick && !partial;
             let update_readme = record.then(|| root.join("README.md"));
-            let default_out = if quick { root.join("target/bench-quick") } else { root.join("docs/bench") };
+            let default_out = if quick || partial { root.join("target/bench-quick") } else { root.join("docs/bench") };
             let out_dir = out.unwrap_or(default_out);
-            let results = bench::run(bench::Options {
-                plan,
-                contenders,
-                scaling: !no_scaling,
-                out_dir: out_dir.clone(),
-                update_readme,
-            })?;
+            let results =
+                bench::run(bench::Options { plan, contenders, parts, out_dir: out_dir.clone(), update_readme })?;
             println!("{}", bench::report::headline_table(&results));
             println!("written: {}", out_dir.display());
             Ok(())

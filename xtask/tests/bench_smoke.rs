@@ -81,8 +81,34 @@ fn quick_bench_gives_every_contender_its_figures() {
     let total: u64 = one_flow.values().filter_map(|v| v.as_u64()).sum();
     let from_cache = one_flow.get("redirect_xdp_flow_cache").and_then(|v| v.as_u64()).unwrap_or(0);
     assert!(total > 0 && from_cache * 10 > total * 9, "{one_flow:?}");
+    // The many-backends workload: the UDP forward over 16 backends through every contender
+    // that spreads one forward over several, with its many-flows figures; forwarder's flows
+    // reached every backend (the flows are the same every run, and so is their hashing).
+    let many = &results["many_backends"];
+    assert_eq!(many["backends"], 16);
+    let many_contenders = many["contenders"].as_array().expect("many-backends contenders");
+    let ids: Vec<_> = many_contenders.iter().map(|c| c["id"].as_str().unwrap_or_default()).collect();
+    assert_eq!(ids, ["iptables", "forwarder-tc", "forwarder-xdp-native"]);
+    for c in many_contenders {
+        for f in ["udp_many_flows_pps", "cpu_ns_per_packet_many_flows"] {
+            let median = c["figures"][f]["median"].as_f64();
+            assert!(median.is_some_and(|v| v > 0.0), "{} with 16 backends: no {f} ({:?})", c["id"], c["errors"]);
+        }
+        if c["id"] != "iptables" {
+            let flows = c["flows_per_backend"][0].as_array().expect("flows per backend");
+            assert_eq!(flows.len(), 16, "{}: {flows:?}", c["id"]);
+            assert!(flows.iter().all(|n| n.as_u64().is_some_and(|n| n > 0)), "{}: {flows:?}", c["id"]);
+        }
+    }
+    assert!(md.contains("## Many backends"), "results.md has the many-backends section");
     let scaling = &results["scaling"];
-    assert!(scaling["apply"].as_array().is_some_and(|a| !a.is_empty()), "rule scaling timed");
+    let apply = scaling["apply"].as_array().expect("rule scaling timed");
+    assert!(!apply.is_empty(), "rule scaling timed");
+    for a in apply {
+        for f in ["forwarder_backends_seconds", "iptables_restore_backends_seconds"] {
+            assert!(a[f].as_f64().is_some(), "{f} of {} forwards: {:?}", a["forwards"], scaling["errors"]);
+        }
+    }
     assert!(results["testrun"].as_array().is_some_and(|t| t.len() >= 9), "every BPF_PROG_TEST_RUN path timed");
     // The warm rows time the paths they name: the identity forward's packets are redirected,
     // and the lookup programs found the key the bench inserted.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, DevMap},
@@ -25,6 +25,7 @@ use serde::Serialize;
 use super::topology::{
     Addressing, BenchTopo, CHURN_BACKEND_PORT, CHURN_LISTEN_PORT, ECHO_BACKEND_PORT, ECHO_LISTEN_PORT,
     IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, SNAT_ADDR, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
+    udp_backend_addresses,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -105,30 +106,41 @@ impl Contender {
         }
     }
 
-    /// Sets the contender up on `topo`, with `extra_forwards` more forwards or rules than the
-    /// bench's own (rule scaling; ignored by contenders without rules).
-    pub fn start(self, topo: &BenchTopo, extra_forwards: usize) -> Result<Running> {
+    /// Contenders of the many-backends workload: those that spread one forward over several
+    /// backends (iptables by `statistic --mode nth`, forwarder by its Maglev table).
+    pub const MANY_BACKENDS: [Contender; 3] =
+        [Contender::Iptables, Contender::ForwarderTc, Contender::ForwarderXdpNative];
+
+    /// Sets the contender up on `topo` with `rules`: the bench's forwards, more backends for
+    /// its UDP forward, unused forwards for rule scaling (ignored by contenders without
+    /// rules).
+    pub fn start(self, topo: &BenchTopo, rules: Rules) -> Result<Running> {
+        if rules.udp_backends > 1 {
+            if !Self::MANY_BACKENDS.contains(&self) {
+                bail!("{} has no several backends in this bench", self.id());
+            }
+            topo.add_server_addresses(&udp_backend_addresses(rules.udp_backends))?;
+        }
         let router = &topo.chain.router;
         let mut running = Running::default();
         match self {
             Contender::KernelRouting => {}
             Contender::Iptables => {
-                run_with_stdin(&mut router.cmd("iptables-restore"), &iptables_rules(extra_forwards))?;
+                run_with_stdin(&mut router.cmd("iptables-restore"), &iptables_rules(rules))?;
             }
             Contender::Nftables => {
-                run_with_stdin(router.cmd("nft").args(["-f", "-"]), &nft_rules(extra_forwards))?;
+                run_with_stdin(router.cmd("nft").args(["-f", "-"]), &nft_rules(rules)?)?;
             }
             Contender::Socat => running.processes = start_socat(router)?,
             Contender::ForwarderTc => {
-                running.daemon =
-                    Some(Daemon::start(router, &topo.chain.tag, &forwarder_config("off", extra_forwards))?);
+                running.daemon = Some(Daemon::start(router, &topo.chain.tag, &forwarder_config("off", rules))?);
             }
             Contender::ForwarderXdpGeneric => {
-                let config = forwarder_config("generic", extra_forwards);
+                let config = forwarder_config("generic", rules);
                 running.daemon = Some(Daemon::start(router, &topo.chain.tag, &config)?);
             }
             Contender::ForwarderXdpNative => {
-                let config = forwarder_config("native", extra_forwards);
+                let config = forwarder_config("native", rules);
                 running.daemon = Some(Daemon::start(router, &topo.chain.tag, &config)?);
             }
             Contender::RedirectOnly => {
@@ -215,12 +227,48 @@ fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a contender installs: the bench's forwards, the UDP one with `udp_backends`
+/// backends, and `extra_forwards` unused forwards of `extra_backends` backends each (rule
+/// scaling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    pub udp_backends: usize,
+    pub extra_forwards: usize,
+    pub extra_backends: usize,
+}
+
+impl Rules {
+    /// The bench's forwards, one backend each.
+    pub const BENCH: Rules = Rules { udp_backends: 1, extra_forwards: 0, extra_backends: 1 };
+
+    /// The bench's forwards and `extra` unused forwards of one backend each.
+    pub fn scaled(extra: usize) -> Self {
+        Rules { extra_forwards: extra, ..Self::BENCH }
+    }
+
+    /// Backends of every forward together (what `limits.max_backends` must hold).
+    pub fn total_backends(&self) -> usize {
+        FORWARDS.len() - 1 + self.udp_backends + self.extra_forwards * self.extra_backends
+    }
+}
+
 /// Forwards of the rule-scaling runs besides the bench's own: distinct (address, port) pairs
 /// on 198.51.100.0/24 that no traffic matches.
 pub fn extra_forwards(count: usize) -> impl Iterator<Item = (Ipv4Addr, u16)> {
     const PORTS_PER_ADDR: usize = 60_000;
     (0..count)
         .map(|i| (Ipv4Addr::new(198, 51, 100, 1 + (i / PORTS_PER_ADDR) as u8), 1024 + (i % PORTS_PER_ADDR) as u16))
+}
+
+/// Backends of unused forward number `forward`: one is the server's discard port, as
+/// before; several are 203.0.113.100 and up, on a port that varies with the forward (so
+/// forwards do not share backends, as distinct services would not).
+pub fn extra_backends(forward: usize, count: usize) -> Vec<(Ipv4Addr, u16)> {
+    if count == 1 {
+        return vec![(SERVER_ADDR.parse().expect("literal address"), 9)];
+    }
+    let port = 1024 + (forward % 60_000) as u16;
+    (0..count).map(|j| (Ipv4Addr::new(203, 0, 113, u8::try_from(100 + j).expect("few backends")), port)).collect()
 }
 
 /// The bench's forwards: (protocol, listen port, backend port).
@@ -231,63 +279,122 @@ pub const FORWARDS: [(&str, u16, u16); 4] = [
     ("tcp", CHURN_LISTEN_PORT, CHURN_BACKEND_PORT),
 ];
 
-/// forwarder's config: the bench's forwards plus `extra` unused ones, on both router devices.
-/// In native mode XDP may redirect into the veths: every receiver here runs XDP or has GRO on.
-pub fn forwarder_config(xdp: &str, extra: usize) -> String {
+/// Backends of the bench's forward to `backend_port`: the UDP forward's are on the server's
+/// first `rules.udp_backends` addresses; every other has the server's one address.
+fn bench_backends(rules: Rules, backend_port: u16) -> Vec<(Ipv4Addr, u16)> {
+    let count = if backend_port == UDP_BACKEND_PORT { rules.udp_backends } else { 1 };
+    udp_backend_addresses(count).into_iter().map(|a| (a, backend_port)).collect()
+}
+
+/// One `[[forward]]` table: `backend = ` for one backend (the form of a config without
+/// several), `[[forward.backends]]` tables (weight 1) for more.
+fn write_forward(
+    c: &mut String,
+    name: &str,
+    proto: &str,
+    listen: impl std::fmt::Display,
+    snat: bool,
+    backends: &[(Ipv4Addr, u16)],
+) {
+    let _ = writeln!(c, "[[forward]]\nname = \"{name}\"\nprotocol = \"{proto}\"\nlisten = \"{listen}\"");
+    if snat {
+        let _ = writeln!(c, "snat = \"auto\"");
+    }
+    match backends {
+        [(addr, port)] => {
+            let _ = writeln!(c, "backend = \"{addr}:{port}\"");
+        }
+        several => {
+            for (addr, port) in several {
+                let _ = writeln!(c, "[[forward.backends]]\naddress = \"{addr}:{port}\"");
+            }
+        }
+    }
+    c.push('\n');
+}
+
+/// forwarder's config: the bench's forwards and the unused ones of `rules`, on both router
+/// devices. In native mode XDP may redirect into the veths: every receiver here runs XDP or
+/// has GRO on.
+pub fn forwarder_config(xdp: &str, rules: Rules) -> String {
     let redirect = if xdp == "native" { "xdp" } else { "auto" };
     let mut c = String::new();
     for dev in [ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV] {
         let _ = writeln!(c, "[[interface]]\nname = \"{dev}\"\nxdp = \"{xdp}\"\nredirect = \"{redirect}\"\n");
     }
-    let _ = writeln!(c, "[limits]\nmax_forwards = {}\n", FORWARDS.len() + extra);
-    for (proto, listen, backend) in FORWARDS {
-        let _ = writeln!(
-            c,
-            "[[forward]]\nname = \"{proto}{listen}\"\nprotocol = \"{proto}\"\nlisten = \"{ROUTER_CLIENT_ADDR}:{listen}\"\nbackend = \"{SERVER_ADDR}:{backend}\"\nsnat = \"auto\"\n"
-        );
+    let max_forwards = FORWARDS.len() + rules.extra_forwards;
+    let _ = writeln!(c, "[limits]\nmax_forwards = {max_forwards}");
+    // The backend maps are sized for one backend per forward by default.
+    if rules.total_backends() > (forwarder_common::DEFAULT_MAX_BACKENDS as usize).max(max_forwards) {
+        let _ = writeln!(c, "max_backends = {}", rules.total_backends());
     }
-    for (i, (addr, port)) in extra_forwards(extra).enumerate() {
-        let _ = writeln!(
-            c,
-            "[[forward]]\nname = \"x{i}\"\nprotocol = \"udp\"\nlisten = \"{addr}:{port}\"\nbackend = \"{SERVER_ADDR}:9\"\n"
+    c.push('\n');
+    for (proto, listen, backend) in FORWARDS {
+        let listen_at = format!("{ROUTER_CLIENT_ADDR}:{listen}");
+        write_forward(&mut c, &format!("{proto}{listen}"), proto, listen_at, true, &bench_backends(rules, backend));
+    }
+    for (i, (addr, port)) in extra_forwards(rules.extra_forwards).enumerate() {
+        write_forward(
+            &mut c,
+            &format!("x{i}"),
+            "udp",
+            format!("{addr}:{port}"),
+            false,
+            &extra_backends(i, rules.extra_backends),
         );
     }
     c
 }
 
-/// The same forwards as iptables-restore input: one DNAT rule each, one SNAT rule.
-pub fn iptables_rules(extra: usize) -> String {
+/// iptables-restore lines that DNAT what `matcher` matches to `backends`: one rule for one
+/// backend, else netfilter's round robin, a rule per backend with `statistic --mode nth`
+/// (the k-th of n rules takes every (n-k)-th of the new connections the rules before it
+/// left, so each backend gets 1/n).
+fn dnat_rules(r: &mut String, matcher: &str, backends: &[(Ipv4Addr, u16)]) {
+    let n = backends.len();
+    for (k, (addr, port)) in backends.iter().enumerate() {
+        let nth =
+            if k + 1 < n { format!(" -m statistic --mode nth --every {} --packet 0", n - k) } else { String::new() };
+        let _ = writeln!(r, "-A PREROUTING {matcher}{nth} -j DNAT --to-destination {addr}:{port}");
+    }
+}
+
+/// The same forwards as iptables-restore input: DNAT rules per forward (see [`dnat_rules`]),
+/// one SNAT rule.
+pub fn iptables_rules(rules: Rules) -> String {
     let mut r = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
     for (proto, listen, backend) in FORWARDS {
-        let _ = writeln!(
-            r,
-            "-A PREROUTING -d {ROUTER_CLIENT_ADDR}/32 -p {proto} --dport {listen} -j DNAT --to-destination {SERVER_ADDR}:{backend}"
+        dnat_rules(
+            &mut r,
+            &format!("-d {ROUTER_CLIENT_ADDR}/32 -p {proto} --dport {listen}"),
+            &bench_backends(rules, backend),
         );
     }
-    for (addr, port) in extra_forwards(extra) {
-        let _ =
-            writeln!(r, "-A PREROUTING -d {addr}/32 -p udp --dport {port} -j DNAT --to-destination {SERVER_ADDR}:9");
+    for (i, (addr, port)) in extra_forwards(rules.extra_forwards).enumerate() {
+        dnat_rules(&mut r, &format!("-d {addr}/32 -p udp --dport {port}"), &extra_backends(i, rules.extra_backends));
     }
     let _ = writeln!(r, "-A POSTROUTING -o {ROUTER_SERVER_DEV} -j SNAT --to-source {SNAT_ADDR}\nCOMMIT");
     r
 }
 
-/// The same forwards as an nft script: one DNAT rule each (as iptables, no map), one SNAT rule.
-pub fn nft_rules(extra: usize) -> String {
+/// The same forwards as an nft script: one DNAT rule each (as iptables, no map), one SNAT
+/// rule. One backend per forward only: the bench spreads over several with iptables.
+pub fn nft_rules(rules: Rules) -> Result<String> {
+    ensure!(rules.udp_backends == 1 && rules.extra_backends == 1, "nftables: one backend per forward only");
     let mut r = String::from(
         "table ip bench {\n chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n",
     );
     for (proto, listen, backend) in FORWARDS {
         let _ = writeln!(r, "  ip daddr {ROUTER_CLIENT_ADDR} {proto} dport {listen} dnat to {SERVER_ADDR}:{backend}");
     }
-    for (addr, port) in extra_forwards(extra) {
+    for (addr, port) in extra_forwards(rules.extra_forwards) {
         let _ = writeln!(r, "  ip daddr {addr} udp dport {port} dnat to {SERVER_ADDR}:9");
     }
     let _ = write!(
         r,
         " }}\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"{ROUTER_SERVER_DEV}\" snat to {SNAT_ADDR}\n }}\n}}\n"
     );
-    r
+    Ok(r)
 }
 
 /// socat on the router: one process per forward, as an `ssh -L` or a sidecar proxy would be.
@@ -342,11 +449,87 @@ mod tests {
 
     #[test]
     fn rule_sets_have_one_rule_per_forward() {
-        let extra = 5;
-        assert_eq!(iptables_rules(extra).matches("-j DNAT").count(), FORWARDS.len() + extra);
-        assert_eq!(nft_rules(extra).matches(" dnat to ").count(), FORWARDS.len() + extra);
-        let cfg = forwarder::config::Config::parse(&forwarder_config("native", extra)).unwrap();
-        assert_eq!(cfg.forwards.len(), FORWARDS.len() + extra);
+        let rules = Rules::scaled(5);
+        assert_eq!(iptables_rules(rules).matches("-j DNAT").count(), FORWARDS.len() + 5);
+        assert_eq!(nft_rules(rules).unwrap().matches(" dnat to ").count(), FORWARDS.len() + 5);
+        let cfg = forwarder::config::Config::parse(&forwarder_config("native", rules)).unwrap();
+        assert_eq!(cfg.forwards.len(), FORWARDS.len() + 5);
+        assert!(cfg.forwards.iter().all(|f| f.backends.len() == 1));
+    }
+
+    /// Which backend iptables' nth rules give each of `connections` new connections: every
+    /// rule counts the connections that reach it and matches every `every`-th.
+    fn nth_round_robin(rules: &str, connections: usize) -> Vec<String> {
+        let parsed: Vec<(Option<usize>, String)> = rules
+            .lines()
+            .filter(|l| l.contains(&format!("--dport {UDP_LISTEN_PORT} ")))
+            .map(|l| {
+                let every = l.split_once("--every ").map(|(_, r)| r.split(' ').next().unwrap().parse().unwrap());
+                (every, l.rsplit(' ').next().unwrap().to_string())
+            })
+            .collect();
+        let mut seen = vec![0usize; parsed.len()];
+        (0..connections)
+            .map(|_| {
+                for (k, (every, to)) in parsed.iter().enumerate() {
+                    seen[k] += 1;
+                    if every.is_none_or(|e| (seen[k] - 1).is_multiple_of(e)) {
+                        return to.clone();
+                    }
+                }
+                panic!("no rule matched")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sixteen_backends_config_parses_and_iptables_spreads_evenly() {
+        let rules = Rules { udp_backends: 16, ..Rules::BENCH };
+        let cfg = forwarder::config::Config::parse(&forwarder_config("native", rules)).unwrap();
+        let udp = cfg.forwards.iter().find(|f| f.listen.port() == UDP_LISTEN_PORT).unwrap();
+        let addresses: std::collections::HashSet<_> = udp.backends.iter().map(|b| b.address).collect();
+        assert_eq!(addresses.len(), 16);
+        assert!(udp.backends.iter().all(|b| b.weight == 1 && b.address.port() == UDP_BACKEND_PORT));
+        assert!(
+            addresses.iter().all(|a| matches!(a.ip(), std::net::IpAddr::V4(v4) if v4.octets()[..3] == [203, 0, 113]))
+        );
+        assert!(cfg.forwards.iter().filter(|f| f.listen.port() != UDP_LISTEN_PORT).all(|f| f.backends.len() == 1));
+        let iptables = iptables_rules(rules);
+        assert_eq!(iptables.matches("-j DNAT").count(), FORWARDS.len() - 1 + 16);
+        let mut per_backend: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for to in nth_round_robin(&iptables, 16 * 10) {
+            *per_backend.entry(to).or_default() += 1;
+        }
+        assert_eq!(per_backend.len(), 16);
+        assert!(per_backend.values().all(|n| *n == 10), "{per_backend:?}");
+        assert!(nft_rules(rules).is_err(), "nftables is not a many-backends contender");
+    }
+
+    #[test]
+    fn hundred_thousand_forwards_of_four_backends_parse_under_limits() {
+        let rules = Rules { extra_forwards: 100_000 - FORWARDS.len(), extra_backends: 4, ..Rules::BENCH };
+        let text = forwarder_config("native", rules);
+        let cfg = forwarder::config::Config::parse(&text).unwrap();
+        assert_eq!(cfg.forwards.len(), 100_000);
+        assert_eq!(cfg.max_backends as usize, rules.total_backends());
+        let four: Vec<_> = cfg.forwards.iter().filter(|f| f.backends.len() == 4).collect();
+        assert_eq!(four.len(), 100_000 - FORWARDS.len());
+        // Distinct within each forward, all on 203.0.113.0/24.
+        assert!(
+            four.iter()
+                .all(|f| f.backends.iter().map(|b| b.address).collect::<std::collections::HashSet<_>>().len() == 4)
+        );
+        assert!(four.iter().flat_map(|f| &f.backends).all(|b| b.address.to_string().starts_with("203.0.113.")));
+        // Without the raised limit forwards of four backends are refused once they exceed
+        // the default (one backend per forward, at least 16384): 5000 of them do.
+        let over_default = Rules { extra_forwards: 5_000, ..rules };
+        let text = forwarder_config("native", over_default);
+        assert!(text.contains(&format!("max_backends = {}\n", over_default.total_backends())));
+        let unlimited = text.replace(&format!("max_backends = {}\n", over_default.total_backends()), "");
+        let err = forwarder::config::Config::parse(&unlimited).unwrap_err().to_string();
+        assert!(err.contains("limits.max_backends"), "{err}");
+        let iptables = iptables_rules(rules);
+        assert_eq!(iptables.matches("-j DNAT").count(), FORWARDS.len() + 4 * (100_000 - FORWARDS.len()));
     }
 
     #[test]

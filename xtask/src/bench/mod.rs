@@ -12,13 +12,17 @@ pub mod testrun;
 pub mod topology;
 pub mod workloads;
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Result;
 use serde::Serialize;
 
 use self::{
-    contenders::Contender,
+    contenders::{Contender, Rules},
     generator::Generator,
     stats::Summary,
     topology::BenchTopo,
@@ -36,6 +40,8 @@ pub struct Plan {
     pub forwarder_release: bool,
     pub udp_seconds: f64,
     pub many_flows: u32,
+    /// Backends of the UDP forward in the many-backends workload.
+    pub many_backends: usize,
     pub iperf_seconds: u32,
     pub round_trips: usize,
     pub connect_seconds: f64,
@@ -57,6 +63,7 @@ impl Plan {
             forwarder_release: false,
             udp_seconds: 0.5,
             many_flows: 256,
+            many_backends: 16,
             iperf_seconds: 1,
             round_trips: 1000,
             connect_seconds: 0.5,
@@ -76,6 +83,7 @@ impl Plan {
             forwarder_release: true,
             udp_seconds: 2.0,
             many_flows: 1024,
+            many_backends: 16,
             iperf_seconds: 3,
             round_trips: 5000,
             connect_seconds: 2.0,
@@ -212,6 +220,29 @@ pub struct ChurnRepetition {
 /// Per contender and UDP workload: reason name → packets.
 type ReasonCounts = BTreeMap<(Contender, &'static str), BTreeMap<&'static str, u64>>;
 
+/// The many-backends workload: the UDP forward spread over `backends` backends.
+#[derive(Clone, Debug, Serialize)]
+pub struct ManyBackendsResult {
+    pub backends: usize,
+    pub contenders: Vec<ManyBackendsContender>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ManyBackendsContender {
+    pub id: &'static str,
+    pub description: &'static str,
+    /// The many-flows figures: delivered and offered packets/s, CPU ns per packet.
+    pub figures: BTreeMap<Figure, Summary>,
+    pub errors: Vec<String>,
+    /// forwarder's contenders: new flows per backend (slot order: the config's), from the
+    /// daemon's per-backend counters, per repetition. Empty for iptables.
+    pub flows_per_backend: Vec<Vec<u64>>,
+}
+
+/// The figures of the many-backends workload.
+pub const MANY_BACKENDS_FIGURES: [Figure; 3] =
+    [Figure::UdpManyFlowsPps, Figure::UdpManyFlowsOfferedPps, Figure::CpuNsPerPacketManyFlows];
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ScalingResult {
     pub apply: Vec<scaling::ApplyTimes>,
@@ -251,15 +282,29 @@ pub struct Results {
     pub machine: Machine,
     pub plan: Plan,
     pub contenders: Vec<ContenderResult>,
+    pub many_backends: Option<ManyBackendsResult>,
     pub scaling: Option<ScalingResult>,
     pub testrun: Vec<testrun::PathTime>,
     pub seconds: f64,
 }
 
+/// The parts of a run (`--parts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Part {
+    /// Every figure of every selected contender (UDP, TCP, latency, connections, churn).
+    Figures,
+    /// The UDP forward with several backends, for the selected contenders that have them.
+    ManyBackends,
+    /// Rule scaling: apply times and packet rates with N forwards.
+    Scaling,
+    /// BPF_PROG_TEST_RUN times per path.
+    Testrun,
+}
+
 pub struct Options {
     pub plan: Plan,
     pub contenders: Vec<Contender>,
-    pub scaling: bool,
+    pub parts: BTreeSet<Part>,
     pub out_dir: PathBuf,
     pub update_readme: Option<PathBuf>,
 }
@@ -274,11 +319,15 @@ pub fn run(opts: Options) -> Result<Results> {
     let mut testrun_samples: BTreeMap<(&'static str, &'static str), (Vec<f64>, u32)> = BTreeMap::new();
     let mut reasons: ReasonCounts = BTreeMap::new();
     let mut churns: BTreeMap<Contender, Vec<ChurnRepetition>> = BTreeMap::new();
+    let many_contenders: Vec<Contender> =
+        opts.contenders.iter().copied().filter(|c| Contender::MANY_BACKENDS.contains(c)).collect();
+    let mut many = ManyBackendsSamples::default();
     for rep in 0..plan.repetitions {
+        let figures = if opts.parts.contains(&Part::Figures) { opts.contenders.as_slice() } else { &[] };
         // Rotate the order each repetition so no contender always runs first or last.
-        let n = opts.contenders.len();
+        let n = figures.len();
         for i in 0..n {
-            let contender = opts.contenders[(i + rep) % n];
+            let contender = figures[(i + rep) % n];
             eprintln!("bench: repetition {}/{}: {}", rep + 1, plan.repetitions, contender.id());
             let mut failed = Vec::new();
             let mut collected = Collected { samples: &mut samples, reasons: &mut reasons, churns: &mut churns };
@@ -293,6 +342,27 @@ pub fn run(opts: Options) -> Result<Results> {
                 .or_default()
                 .extend(failed.into_iter().map(|e| format!("repetition {}: {e}", rep + 1)));
         }
+        if opts.parts.contains(&Part::ManyBackends) {
+            let n = many_contenders.len();
+            for i in 0..n {
+                let contender = many_contenders[(i + rep) % n];
+                eprintln!(
+                    "bench: repetition {}/{}: {} with {} backends",
+                    rep + 1,
+                    plan.repetitions,
+                    contender.id(),
+                    plan.many_backends
+                );
+                if let Err(e) = measure_many_backends(contender, &plan, &mut many) {
+                    eprintln!("bench: {} with {} backends: {e:#}", contender.id(), plan.many_backends);
+                    many.errors.entry(contender).or_default().push(format!("repetition {}: {e:#}", rep + 1));
+                }
+                cleanup::check()?;
+            }
+        }
+        if !opts.parts.contains(&Part::Testrun) {
+            continue;
+        }
         eprintln!("bench: repetition {}/{}: BPF_PROG_TEST_RUN", rep + 1, plan.repetitions);
         let topo = BenchTopo::new()?;
         for t in testrun::measure(&topo, plan.testrun_runs)? {
@@ -305,6 +375,7 @@ pub fn run(opts: Options) -> Result<Results> {
     let contenders = opts
         .contenders
         .iter()
+        .filter(|_| opts.parts.contains(&Part::Figures))
         .map(|&c| ContenderResult {
             id: c.id(),
             description: c.describe(),
@@ -330,9 +401,21 @@ pub fn run(opts: Options) -> Result<Results> {
             verdict,
         })
         .collect();
-    let scaling = opts.scaling.then(|| measure_scaling(&plan));
+    let many_backends = opts.parts.contains(&Part::ManyBackends).then(|| ManyBackendsResult {
+        backends: plan.many_backends,
+        contenders: many_contenders.iter().map(|&c| many.result(c)).collect(),
+    });
+    let scaling = opts.parts.contains(&Part::Scaling).then(|| measure_scaling(&plan));
     cleanup::check()?;
-    let results = Results { machine, plan, contenders, scaling, testrun, seconds: started.elapsed().as_secs_f64() };
+    let results = Results {
+        machine,
+        plan,
+        contenders,
+        many_backends,
+        scaling,
+        testrun,
+        seconds: started.elapsed().as_secs_f64(),
+    };
     report::write(&results, &opts.out_dir)?;
     if let Some(readme) = &opts.update_readme {
         report::update_readme(&results, readme)?;
@@ -357,7 +440,7 @@ fn measure_contender(
     errors: &mut Vec<String>,
 ) -> Result<()> {
     let topo = BenchTopo::new()?;
-    let running = contender.start(&topo, 0)?;
+    let running = contender.start(&topo, Rules::BENCH)?;
     let addressing = contender.addressing();
     let Collected { samples, reasons, churns } = collected;
     let mut record = |f: Figure, v: f64| samples.entry((contender, f)).or_default().push(v);
@@ -432,6 +515,63 @@ fn measure_contender(
     Ok(())
 }
 
+/// The many-backends workload's samples over the repetitions.
+#[derive(Default)]
+struct ManyBackendsSamples {
+    samples: BTreeMap<(Contender, Figure), Vec<f64>>,
+    flows_per_backend: BTreeMap<Contender, Vec<Vec<u64>>>,
+    errors: BTreeMap<Contender, Vec<String>>,
+}
+
+impl ManyBackendsSamples {
+    fn result(&mut self, c: Contender) -> ManyBackendsContender {
+        ManyBackendsContender {
+            id: c.id(),
+            description: c.describe(),
+            figures: MANY_BACKENDS_FIGURES
+                .iter()
+                .filter_map(|&f| self.samples.get(&(c, f)).and_then(|s| Summary::of(s)).map(|s| (f, s)))
+                .collect(),
+            errors: self.errors.remove(&c).unwrap_or_default(),
+            flows_per_backend: self.flows_per_backend.remove(&c).unwrap_or_default(),
+        }
+    }
+}
+
+/// The many-flows UDP workload through `contender` with the UDP forward spread over
+/// `plan.many_backends` backends, on a fresh topology.
+fn measure_many_backends(contender: Contender, plan: &Plan, into: &mut ManyBackendsSamples) -> Result<()> {
+    let topo = BenchTopo::new()?;
+    let running = contender.start(&topo, Rules { udp_backends: plan.many_backends, ..Rules::BENCH })?;
+    let generator = Generator::new(&topo, contender.addressing().udp_target(), plan.many_flows)?;
+    let rate = udp_rate(&topo, &generator, Duration::from_secs_f64(plan.udp_seconds), &running.pids())?;
+    let mut record = |f: Figure, v: f64| into.samples.entry((contender, f)).or_default().push(v);
+    record(Figure::UdpManyFlowsPps, rate.delivered_pps);
+    record(Figure::UdpManyFlowsOfferedPps, rate.offered_pps);
+    if let Some(ns) = rate.cpu_ns_per_packet {
+        record(Figure::CpuNsPerPacketManyFlows, ns);
+    }
+    if let Some(daemon) = &running.daemon {
+        into.flows_per_backend.entry(contender).or_default().push(udp_flows_per_backend(&daemon.pin_path)?);
+    }
+    Ok(())
+}
+
+/// New flows per backend of the bench's UDP forward, in slot order (a fresh daemon's slots
+/// are the config's order).
+fn udp_flows_per_backend(pin_path: &std::path::Path) -> Result<Vec<u64>> {
+    use anyhow::Context as _;
+    let state = forwarder::state::State::open(pin_path)?;
+    let (id, _) = state
+        .forwards()?
+        .into_iter()
+        .find(|(_, f)| f.listen.port() == topology::UDP_LISTEN_PORT)
+        .context("the UDP forward")?;
+    let stored = state.stored_backends()?;
+    let placed = stored.get(&id).context("the UDP forward's backends")?;
+    placed.iter().map(|(_, value)| Ok(state.backend_stats(value.index)?.new_conns)).collect()
+}
+
 /// Adds what each reason counter rose by between `before` and `after` to `counts`.
 fn add_reason_deltas(
     counts: &mut BTreeMap<&'static str, u64>,
@@ -467,7 +607,7 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
             return result;
         }
         eprintln!("bench: rule scaling: applying {n} forwards");
-        match scaling::apply_times(n) {
+        match scaling::apply_times(n, &mut result.errors) {
             Ok(t) => result.apply.push(t),
             Err(e) => result.errors.push(format!("applying {n} forwards: {e:#}")),
         }

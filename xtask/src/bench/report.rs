@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use super::{ContenderResult, Figure, Results, stats::ratio};
+use super::{ContenderResult, Figure, MANY_BACKENDS_FIGURES, Results, stats::ratio};
 
 const REFERENCE: &str = "iptables";
 const CEILING: &str = "redirect-only";
@@ -185,15 +185,27 @@ pub fn markdown(r: &Results) -> String {
     }
     md.push_str(&churn_section(r));
     md.push_str(&reasons_section(r));
+    md.push_str(&many_backends_section(r));
     if let Some(s) = &r.scaling {
         let build = if r.plan.forwarder_release { "" } else { ", debug build of forwarder in quick mode" };
-        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own {} (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule:\n\n", super::contenders::FORWARDS.len(), build));
-        md.push_str("| forwards | forwarder | iptables-restore | nft -f |\n|---:|---:|---:|---:|\n");
+        let k = super::scaling::BACKENDS_PER_FORWARD;
+        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own {} (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule. With {k} backends: the same N forwards (but the bench's own) with {k} backends each on 203.0.113.0/24, a port per forward (`limits.max_backends` raised to hold them); iptables-restore with {k} DNAT rules per forward, netfilter's round robin (`statistic --mode nth`):\n\n", super::contenders::FORWARDS.len(), build));
+        let _ = writeln!(
+            md,
+            "| forwards | forwarder | forwarder, {k} backends each | iptables-restore | iptables-restore, {k} nth rules \
+             each | nft -f |\n|---:|---:|---:|---:|---:|---:|"
+        );
+        let seconds = |v: Option<f64>| v.map(|v| format!("{v:.3} s")).unwrap_or_else(|| "n/a".into());
         for a in &s.apply {
             let _ = writeln!(
                 md,
-                "| {} | {:.3} s | {:.3} s | {:.3} s |",
-                a.forwards, a.forwarder_seconds, a.iptables_restore_seconds, a.nft_seconds
+                "| {} | {:.3} s | {} | {:.3} s | {} | {:.3} s |",
+                a.forwards,
+                a.forwarder_seconds,
+                seconds(a.forwarder_backends_seconds),
+                a.iptables_restore_seconds,
+                seconds(a.iptables_restore_backends_seconds),
+                a.nft_seconds
             );
         }
         let sizes = &r.plan.scaling_sizes;
@@ -212,6 +224,9 @@ pub fn markdown(r: &Results) -> String {
         for e in &s.errors {
             let _ = writeln!(md, "\n- {e}");
         }
+    }
+    if r.testrun.is_empty() {
+        return md;
     }
     md.push_str(
         "\n## BPF_PROG_TEST_RUN\n\nNanoseconds per packet of the programs alone (UDP, 60 bytes), in a router \
@@ -425,6 +440,62 @@ fn churn_section(r: &Results) -> String {
     md
 }
 
+/// The many-backends workload beside the single-backend figures of the same run.
+fn many_backends_section(r: &Results) -> String {
+    let mut md = String::new();
+    let Some(many) = &r.many_backends else { return md };
+    let n = many.backends;
+    let _ = write!(
+        md,
+        "\n## Many backends\n\nThe many-flows UDP workload ({} flows) with the UDP forward spread over {n} \
+         backends: 203.0.113.20 and the {} addresses after it on the server's veth, where the sink counts (and drops) \
+         every backend's frames as it counts the one backend's. forwarder: {n} backends of weight 1, chosen per new \
+         flow by its Maglev table; iptables: one DNAT rule per backend with `statistic --mode nth`, netfilter's round \
+         robin over new connections. Measured as the single-backend UDP figures, interleaved with them. Ratios: to \
+         the same contender's single-backend figure of this run (`1 be`) and to iptables with the same {n} backends \
+         (`ipt`); for CPU, lower is better. Flows per backend: new flows each backend took (forwarder's per-backend \
+         counters; fewest–most over the {n}, per repetition).\n\n\
+         | contender | delivered (Mpps) | offered (Mpps) | CPU/packet (ns) | flows per backend |\n|---|---:|---:|---:|---|\n",
+        r.plan.many_flows,
+        n.saturating_sub(1)
+    );
+    let iptables = many.contenders.iter().find(|c| c.id == REFERENCE);
+    let of = |c: Option<&super::ManyBackendsContender>, f: Figure| c.and_then(|c| c.figures.get(&f)).map(|s| s.median);
+    for c in &many.contenders {
+        let _ = write!(md, "| {} ({n} backends) |", c.id);
+        for f in MANY_BACKENDS_FIGURES {
+            match of(Some(c), f) {
+                Some(v) => {
+                    let _ = write!(
+                        md,
+                        " {} ({} 1 be, {} ipt) |",
+                        fmt_value(f, v),
+                        fmt_ratio(ratio(Some(v), value(find(r, c.id), f))),
+                        fmt_ratio(ratio(Some(v), of(iptables, f)))
+                    );
+                }
+                None => md.push_str(" n/a |"),
+            }
+        }
+        let spread: Vec<String> = c
+            .flows_per_backend
+            .iter()
+            .map(|flows| {
+                let (min, max) = (flows.iter().min().unwrap_or(&0), flows.iter().max().unwrap_or(&0));
+                let carried = flows.iter().filter(|f| **f > 0).count();
+                format!("{min}–{max} ({carried} of {} carried flows)", flows.len())
+            })
+            .collect();
+        let _ = writeln!(md, " {} |", if spread.is_empty() { "–".to_string() } else { spread.join("; ") });
+    }
+    for c in &many.contenders {
+        for e in &c.errors {
+            let _ = writeln!(md, "\n- **{}** ({n} backends): {e}", c.id);
+        }
+    }
+    md
+}
+
 /// How forwarder's UDP packets left the router, from its reason counters.
 fn reasons_section(r: &Results) -> String {
     let mut md = String::new();
@@ -483,6 +554,7 @@ mod tests {
                 contender("forwarder-xdp-native", 4e6),
                 contender("redirect-only", 5e6),
             ],
+            many_backends: None,
             scaling: None,
             testrun: vec![],
             seconds: 1.0,
@@ -551,6 +623,63 @@ mod tests {
         let row = t.lines().find(|l| l.starts_with("| forwarder-xdp-native")).unwrap();
         assert!(row.contains("4.00 (4.00× ipt, 0.80× ceil)"), "{row}");
         assert!(row.contains("n/a"), "figures not measured say so: {row}");
+    }
+
+    #[test]
+    fn many_backends_have_ratios_to_one_backend_and_to_iptables() {
+        use crate::bench::{ManyBackendsContender, ManyBackendsResult};
+        let mut r = results();
+        assert!(!markdown(&r).contains("## Many backends"), "no section without the workload");
+        for (c, pps) in r.contenders.iter_mut().zip([1e6, 4e6, 5e6]) {
+            c.figures.insert(Figure::UdpManyFlowsPps, Summary::of(&[pps]).unwrap());
+        }
+        let many = |id, pps: f64, flows: Vec<Vec<u64>>| ManyBackendsContender {
+            id,
+            description: "",
+            figures: BTreeMap::from([(Figure::UdpManyFlowsPps, Summary::of(&[pps]).unwrap())]),
+            errors: vec![],
+            flows_per_backend: flows,
+        };
+        r.many_backends = Some(ManyBackendsResult {
+            backends: 16,
+            contenders: vec![
+                many("iptables", 0.5e6, vec![]),
+                many("forwarder-xdp-native", 3e6, vec![vec![10, 20, 15], vec![0, 30, 15]]),
+            ],
+        });
+        let md = markdown(&r);
+        assert!(md.contains("## Many backends"), "{md}");
+        let row = md.lines().find(|l| l.starts_with("| forwarder-xdp-native (16 backends)")).unwrap();
+        assert!(row.contains("| 3.00 (0.75× 1 be, 6.00× ipt) |"), "{row}");
+        assert!(row.contains("| n/a |"), "figures not measured say so: {row}");
+        assert!(row.contains("10–20 (3 of 3 carried flows); 0–30 (2 of 3 carried flows)"), "{row}");
+        let row = md.lines().find(|l| l.starts_with("| iptables (16 backends)")).unwrap();
+        assert!(row.contains("0.50 (0.50× 1 be, 1.00× ipt)") && row.ends_with(" – |"), "{row}");
+    }
+
+    #[test]
+    fn rule_scaling_lists_several_backends_beside_one() {
+        use crate::bench::{ScalingResult, scaling::ApplyTimes};
+        let mut r = results();
+        let apply = |forwards, backends: Option<f64>| ApplyTimes {
+            forwards,
+            forwarder_seconds: 0.5,
+            iptables_restore_seconds: 9.0,
+            nft_seconds: 5.0,
+            backends_per_forward: 4,
+            forwarder_backends_seconds: backends,
+            iptables_restore_backends_seconds: None,
+        };
+        r.scaling = Some(ScalingResult {
+            apply: vec![apply(1000, Some(0.25)), apply(100_000, None)],
+            packet_rate: BTreeMap::new(),
+            cpu_ns_per_packet: BTreeMap::new(),
+            errors: vec![],
+        });
+        let md = markdown(&r);
+        assert!(md.contains("| forwards | forwarder | forwarder, 4 backends each | iptables-restore |"), "{md}");
+        assert!(md.contains("| 1000 | 0.500 s | 0.250 s | 9.000 s | n/a | 5.000 s |"), "{md}");
+        assert!(md.contains("| 100000 | 0.500 s | n/a | 9.000 s | n/a | 5.000 s |"), "{md}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
     let (client_mac, router_client_mac) = (topo.client_mac, topo.router_client_mac);
     let (server_mac, router_server_mac) = (topo.server_mac, topo.router_server_mac);
     topo.chain.router.run(move || -> Result<Vec<PathTime>> {
-        let mut cfg = Config::parse(&forwarder_config("native", 0))?;
+        let mut cfg = Config::parse(&forwarder_config("native", super::contenders::Rules::BENCH))?;
         // A forward whose rewrite is the identity (backend = listen, no SNAT): its packets
         // come out as they went in but for TTL and MACs, so `repeat` times the same path
         // again and again, warm (see `warm_runs`).

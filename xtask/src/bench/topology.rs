@@ -13,6 +13,9 @@
 //!   forwarder's TC path stalls TCP on GRO-merged packets (see docs/bench/results.md).
 //! - The sink on s0 counts the bench's UDP frames and drops them: the delivered rate is
 //!   counted where a real server would receive, at a cost that is the same for everyone.
+//! - The many-backends workload adds the server addresses 203.0.113.21 and up on s0
+//!   ([`BenchTopo::add_server_addresses`]): the sink matches the UDP port, not the address,
+//!   so it counts (and drops) the frames of every backend alike.
 
 use super::cleanup;
 use anyhow::{Context as _, Result};
@@ -103,6 +106,27 @@ impl BenchTopo {
         Ok(())
     }
 
+    /// Puts `addresses` on the server's veth beside [`SERVER_ADDR`], with static neighbours
+    /// on the router like the server's own address.
+    pub fn add_server_addresses(&self, addresses: &[std::net::Ipv4Addr]) -> Result<()> {
+        let server_mac = self.server_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        for a in addresses.iter().map(|a| a.to_string()).filter(|a| a != SERVER_ADDR) {
+            self.chain.server.ip(&["addr", "add", &format!("{a}/24"), "dev", SERVER_DEV])?;
+            self.chain.router.ip(&[
+                "neigh",
+                "replace",
+                &a,
+                "lladdr",
+                &server_mac,
+                "dev",
+                ROUTER_SERVER_DEV,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Bench UDP frames the server's sink has counted so far.
     pub fn delivered(&self) -> Result<u64> {
         let map = self.sink.map("BENCH_SINK").context("sink map")?;
@@ -175,6 +199,13 @@ impl Addressing {
         .parse()
         .expect("literal address")
     }
+}
+
+/// The addresses of `count` UDP backends on the server: [`SERVER_ADDR`] (203.0.113.20) and
+/// the ones after it.
+pub fn udp_backend_addresses(count: usize) -> Vec<std::net::Ipv4Addr> {
+    let first: std::net::Ipv4Addr = SERVER_ADDR.parse().expect("literal address");
+    (0..count).map(|i| std::net::Ipv4Addr::from(u32::from(first) + i as u32)).collect()
 }
 
 /// The router's address on the server side (SNAT source of the NAT contenders).
