@@ -134,6 +134,35 @@ pub fn choice(placed: &[(u32, BackendValue)]) -> Choice {
     }
 }
 
+/// [`choice`] for many forwards: a table is built once per shape (the slots and weights of
+/// the backends taking new connections), not once per forward.
+#[derive(Default)]
+pub struct Choices {
+    tables: HashMap<Vec<(u32, u32)>, Vec<u8>>,
+}
+
+impl Choices {
+    pub fn of(&mut self, placed: &[(u32, BackendValue)]) -> Choice {
+        let shape: Vec<(u32, u32)> = placed
+            .iter()
+            .filter(|(_, v)| v.weight > 0 && v.state & BACKEND_DOWN == 0)
+            .map(|(s, v)| (*s, v.weight))
+            .collect();
+        if shape.len() < 2 {
+            return choice(placed);
+        }
+        Choice::Table(
+            self.tables
+                .entry(shape)
+                .or_insert_with(|| match choice(placed) {
+                    Choice::Table(t) => t,
+                    _ => unreachable!("two or more backends take connections"),
+                })
+                .clone(),
+        )
+    }
+}
+
 /// The Maglev tables in `FWD_MAGLEV`, by content: forwards of one shape share a table.
 #[derive(Default)]
 pub struct Tables {

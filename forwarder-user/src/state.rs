@@ -427,22 +427,32 @@ impl State {
         let (placed, fresh) = backends::place(&with_ids, &stored, self.capacity(FWD_BE_STATS)?.saturating_sub(1))
             .map_err(Error::Invalid)?;
         let mut tables = self.tables()?;
+        let mut choices = backends::Choices::default();
         for (e, p) in entries.iter_mut().zip(&placed) {
-            backends::apply_choice(&mut e.value, backends::choice(p), &mut tables);
+            backends::apply_choice(&mut e.value, choices.of(p), &mut tables);
             e.meta.value = e.value;
         }
         self.zero_backend_stats(&fresh)?;
         self.write_tables(&tables)?;
         let mut backend_map: HashMap<_, BackendKey, BackendValue> = self.typed(FWD_BACKENDS)?;
         let mut wanted_backends = HashSet::new();
+        let mut changed_backends: Vec<(BackendKey, BackendValue)> = Vec::new();
         for ((id, _), p) in with_ids.iter().zip(&placed) {
             for (slot, v) in p {
                 let key = BackendKey { forward_id: *id, slot: *slot };
                 wanted_backends.insert(key);
                 let unchanged = stored.get(id).is_some_and(|l| l.iter().any(|(s, c)| s == slot && c == v));
                 if !unchanged {
-                    backend_map.insert(key, v, 0).on(FWD_BACKENDS)?;
+                    changed_backends.push((key, *v));
                 }
+            }
+        }
+        let (keys, values): (Vec<BackendKey>, Vec<BackendValue>) = changed_backends.into_iter().unzip();
+        let backends_data = pins::open_map(&self.dir, FWD_BACKENDS)?;
+        if let Err((done, e)) = sys::update_batch(backends_data.fd().as_fd(), &keys, &values) {
+            debug!("{FWD_BACKENDS}: batch update failed ({e}), writing entry by entry");
+            for (k, v) in keys[done..].iter().zip(&values[done..]) {
+                backend_map.insert(k, v, 0).on(FWD_BACKENDS)?;
             }
         }
         let ranges = port_range_entries(&entries).map_err(Error::Invalid)?;
@@ -741,9 +751,15 @@ impl State {
             return Ok(());
         }
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))?;
-        let mut stats: PerCpuArray<MapData, FwdStats> = self.typed(FWD_BE_STATS)?;
-        for i in indices {
-            stats.set(*i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).on(FWD_BE_STATS)?;
+        let value_size = ncpu * std::mem::size_of::<FwdStats>().next_multiple_of(8);
+        let data = pins::open_map(&self.dir, FWD_BE_STATS)?;
+        let zeros = vec![0u8; indices.len() * value_size];
+        if let Err((done, e)) = sys::update_batch_bytes(data.fd().as_fd(), indices, &zeros, value_size) {
+            debug!("{FWD_BE_STATS}: batch update failed ({e}), writing entry by entry");
+            let mut stats: PerCpuArray<MapData, FwdStats> = self.typed(FWD_BE_STATS)?;
+            for i in &indices[done..] {
+                stats.set(*i, vec![FwdStats::default(); ncpu].try_into().expect("one per CPU"), 0).on(FWD_BE_STATS)?;
+            }
         }
         Ok(())
     }

@@ -51,12 +51,26 @@ pub fn update_batch<K: Pod, V: Pod>(
     values: &[V],
 ) -> Result<(), (usize, std::io::Error)> {
     assert_eq!(keys.len(), values.len(), "one value per key");
+    // SAFETY: Pod values are plain bytes, laid out back to back.
+    let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
+    update_batch_bytes(map, keys, bytes, std::mem::size_of::<V>())
+}
+
+/// [`update_batch`] with the values as bytes, `value_size` each: for per-CPU maps, whose
+/// value is one per possible CPU, each rounded up to 8 bytes, back to back.
+pub fn update_batch_bytes<K: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[u8],
+    value_size: usize,
+) -> Result<(), (usize, std::io::Error)> {
+    assert_eq!(keys.len() * value_size, values.len(), "one value per key");
     let mut done = 0;
     while done < keys.len() {
         let n = (keys.len() - done).min(CHUNK);
         let mut attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
+            values: values[done * value_size..].as_ptr() as u64,
             count: n as u32,
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()

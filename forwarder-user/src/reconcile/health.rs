@@ -104,6 +104,8 @@ pub async fn run(
     let mut checks: HashMap<Key, Check> = HashMap::new();
     let mut probes: JoinSet<(Key, bool)> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut applied: Option<Arc<Config>> = None;
+    let mut wanted: HashMap<Key, Health> = HashMap::new();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -131,16 +133,14 @@ pub async fn run(
                 continue;
             }
         }
+        // The checked backends, read again only when a reload publishes a new config (a
+        // walk of 100k forwards every tick would cost a core).
         let cfg = config.borrow().clone();
-        let mut wanted: HashMap<Key, Health> = HashMap::new();
-        for f in &cfg.forwards {
-            if let Some(h) = f.health {
-                for b in &f.backends {
-                    wanted.insert((f.name.clone(), *b.address), h);
-                }
-            }
+        if !applied.as_ref().is_some_and(|a| Arc::ptr_eq(a, &cfg)) {
+            wanted = checked_backends(&cfg);
+            applied = Some(cfg);
+            checks.retain(|k, c| wanted.get(k).is_some_and(|h| *h == c.health));
         }
-        checks.retain(|k, c| wanted.get(k).is_some_and(|h| *h == c.health));
         let down = if wanted.keys().any(|k| !checks.contains_key(k)) {
             let pin = pin_path.clone();
             super::blocking(move || down_backends(&pin)).await.unwrap_or_default()
@@ -148,7 +148,7 @@ pub async fn run(
             Vec::new()
         };
         let now = Instant::now();
-        for (key, health) in wanted {
+        for (key, health) in wanted.iter().map(|(k, h)| (k.clone(), *h)) {
             let check = checks.entry(key.clone()).or_insert_with(|| Check {
                 health,
                 // A new backend starts up (as a DNAT target is): checks take it out. One
@@ -169,6 +169,19 @@ pub async fn run(
             });
         }
     }
+}
+
+/// Every backend with health checks in `cfg`, with its forward's checks.
+fn checked_backends(cfg: &Config) -> HashMap<Key, Health> {
+    let mut wanted = HashMap::new();
+    for f in &cfg.forwards {
+        if let Some(h) = f.health {
+            for b in &f.backends {
+                wanted.insert((f.name.clone(), *b.address), h);
+            }
+        }
+    }
+    wanted
 }
 
 /// The backends the maps hold as down.
