@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(cfg) => {
                 for f in &cfg.forwards {
                     assert!(!f.name.is_empty() && f.name.len() <= forwarder::config::MAX_NAME_LEN);
-                    assert!(f.listen.port() != 0 && f.backend.port() != 0);
+                    assert!(f.listen.port() != 0 && f.backends.iter().all(|b| b.address.port() != 0));
                 }
                 // Map entries can always be built from an accepted config.
                 let with_ids: Vec<_> = cfg.forwards.iter().cloned().enumerate().map(|(i, f)| (i as u32 + 1, f)).collect();
