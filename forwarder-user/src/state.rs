@@ -995,6 +995,8 @@ mod tests {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = PathBuf::from(format!("/sys/fs/bpf/forwarder-unit-{}-{n}", std::process::id()));
+        // A fresh machine may have no bpffs mounted yet (the daemon mounts it as it starts).
+        crate::pins::mount_default_bpffs(&dir);
         crate::pins::remove(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let size = std::mem::size_of::<FwdKey>();
