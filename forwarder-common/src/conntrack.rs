@@ -44,6 +44,10 @@ pub const CT_SEQ_KNOWN: u8 = 1 << 1;
 /// the connection's life): the client's packets are handed to the local stack by TC
 /// ingress, and the backend's replies are rewritten by TC egress as they leave.
 pub const CT_HOST_BACKEND: u8 = 1 << 2;
+/// [`crate::CtValue::flags`]: this direction's cached next hop takes XDP frames (its egress
+/// is in the devmap and takes XDP_REDIRECT): the XDP fast path may use it. A next hop TC
+/// cached for an egress XDP cannot send to serves TC only.
+pub const CT_NH_XDP: u8 = 1 << 3;
 
 /// Names of the TCP states, as conntrack-tools prints them.
 pub const TCP_STATE_NAMES: [&str; TCP_STATES] = [

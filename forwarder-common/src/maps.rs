@@ -63,6 +63,9 @@ pub const NH_MAX_AGE_JIFFIES: u32 = 250;
 /// kernel-internal, not pinned). A copy of an established IPv4 connection's rewrite and
 /// next hop, found by indexing instead of hashing; see [`flow_cache_bucket`].
 pub const FWD_FLOW_CACHE: &str = "FWD_FLOW_CACHE";
+/// The TC flow cache: as [`FWD_FLOW_CACHE`], for the TC program's fast path (its own, so a
+/// slot copied from a next hop only TC can send to never serves XDP).
+pub const FWD_FLOW_CACHE_TC: &str = "FWD_FLOW_CACHE_TC";
 /// log2 of [`FLOW_CACHE_SLOTS`].
 pub const FLOW_CACHE_BITS: u32 = 12;
 /// Slots of the flow cache per CPU (64 bytes each: 256 KiB per CPU).

@@ -117,10 +117,16 @@ pub enum Reason {
     NoBackend = 40,
     /// A new connection from a source the forward's allow/deny lists refuse: dropped.
     SourceDenied = 41,
+    /// Rewritten and sent by TC (`bpf_redirect`) from the connection's cached next hop: the
+    /// TC established-flow fast path, without the full parse and the FIB lookup.
+    RedirectTcCached = 42,
+    /// As `RedirectTcCached`, from this CPU's TC flow cache (without the connection
+    /// table's hash lookup).
+    RedirectTcFlowCache = 43,
 }
 
 /// Every reason, for iteration by userspace (table order).
-pub const ALL_REASONS: [Reason; 40] = [
+pub const ALL_REASONS: [Reason; 42] = [
     Reason::NoRule,
     Reason::NotIp,
     Reason::Malformed,
@@ -161,6 +167,8 @@ pub const ALL_REASONS: [Reason; 40] = [
     Reason::FragmentMapFull,
     Reason::NoBackend,
     Reason::SourceDenied,
+    Reason::RedirectTcCached,
+    Reason::RedirectTcFlowCache,
 ];
 
 impl Reason {
@@ -207,6 +215,8 @@ impl Reason {
             36 => Some(Reason::FragmentMapFull),
             40 => Some(Reason::NoBackend),
             41 => Some(Reason::SourceDenied),
+            42 => Some(Reason::RedirectTcCached),
+            43 => Some(Reason::RedirectTcFlowCache),
             _ => None,
         }
     }
@@ -254,6 +264,8 @@ impl Reason {
             Reason::FragmentMapFull => "fragment_map_full",
             Reason::NoBackend => "no_backend",
             Reason::SourceDenied => "source_denied",
+            Reason::RedirectTcCached => "redirect_tc_cached",
+            Reason::RedirectTcFlowCache => "redirect_tc_flow_cache",
         }
     }
 
@@ -294,6 +306,8 @@ impl Reason {
                 | Reason::RedirectXdpCached
                 | Reason::RedirectXdpFlowCache
                 | Reason::RedirectTc
+                | Reason::RedirectTcCached
+                | Reason::RedirectTcFlowCache
                 | Reason::FibToStack
                 | Reason::FibNoNeigh
                 | Reason::TtlToStack

@@ -11,7 +11,7 @@ use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FwdKey,
     FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
     conntrack::{
-        CT_ASSURED, CT_HOST_BACKEND, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
+        CT_ASSURED, CT_HOST_BACKEND, CT_NH_XDP, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
         TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port,
         rst_acceptable, segment_end, seq_after, tcp_step,
     },
@@ -215,7 +215,7 @@ pub fn record_seq(entry: &mut CtValue, flow: &Flow) {
 /// `reopen` forgets both directions' sequences; a backend on this host stays one.
 #[inline(always)]
 fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, reopen: bool) {
-    let keep = CT_HOST_BACKEND | if reopen { 0 } else { CT_SEQ_KNOWN };
+    let keep = CT_HOST_BACKEND | CT_NH_XDP | if reopen { 0 } else { CT_SEQ_KNOWN };
     entry.state = state;
     entry.flags = flags | (entry.flags & keep);
     if reopen {
@@ -667,17 +667,20 @@ pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
 
 /// Keeps the next hop the full path has just found (and the checksum deltas of the
 /// rewrite) in the entry, so the next packets of this direction skip the FIB lookup
-/// (see fastpath). IPv4 through XDP only. `ifindex` is written last, so the fast path,
-/// which runs only when it is non-zero, never sees a next hop half written.
+/// (see fastpath). IPv4, from XDP's full path and TC's. `len_ok`: the length the FIB has
+/// just passed (a GSO packet's segment's at TC); `xdp_ok`: XDP can send to the egress
+/// (`CT_NH_XDP`). `ifindex` is written last, so the fast path, which runs only when it is
+/// non-zero, never sees a next hop half written.
 #[inline(always)]
-pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, ifindex: u32, dmac: [u8; 6], smac: [u8; 6]) {
+pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, fib: &Fib, len_ok: u16, xdp_ok: bool) {
+    let (ifindex, dmac, smac) = (fib.ifindex, fib.dmac, fib.smac);
     let generation = route_generation();
     // SAFETY: helper without arguments (inlined by the verifier).
     let now = unsafe { bpf_jiffies64() } as u32;
-    // The FIB has just passed this packet's length; a still-current entry for the same
-    // egress keeps the larger length it passed before.
+    // The FIB has just passed this length; a still-current entry for the same egress keeps
+    // the larger length it passed before.
     let current = entry.nh_ifindex == ifindex && next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now);
-    let len_ok = if current && entry.nh_len_ok > flow.l3_len { entry.nh_len_ok } else { flow.l3_len };
+    let len_ok = if current && entry.nh_len_ok > len_ok { entry.nh_len_ok } else { len_ok };
     let old_addrs = sum_addr(&flow.src, false) + sum_addr(&flow.dst, false);
     let new_addrs = sum_addr(&new.src, false) + sum_addr(&new.dst, false);
     let ports = |p: [u8; 2], q: [u8; 2]| u16::from_be_bytes(p) as u32 + u16::from_be_bytes(q) as u32;
@@ -692,6 +695,7 @@ pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, ifindex: u3
     entry.nh_len_ok = len_ok;
     entry.nh_gen = generation;
     entry.nh_jiffies = now;
+    entry.flags = (entry.flags & !CT_NH_XDP) | if xdp_ok { CT_NH_XDP } else { 0 };
     // SAFETY: as above.
     unsafe {
         core::ptr::write_volatile(&mut entry.nh_ifindex, ifindex);

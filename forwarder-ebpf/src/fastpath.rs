@@ -1,6 +1,7 @@
-//! The established-flow fast path (XDP, IPv4): a packet of a tracked connection whose entry
-//! holds a current next hop is rewritten with the entry's precomputed checksum deltas and
-//! redirected, without the full parse, the forward lookup or the FIB lookup.
+//! The established-flow fast path (IPv4), for XDP and for TC ingress: a packet of a
+//! tracked connection whose entry holds a current next hop is rewritten with the entry's
+//! precomputed checksum deltas and redirected, without the full parse, the forward lookup
+//! or the FIB lookup.
 //!
 //! Two tiers. The first is this CPU's flow cache: a slot found by indexing, without the
 //! connection table's hash lookup (the largest part of this path's cost), that holds a copy
@@ -14,54 +15,100 @@
 //! handshake's last ACK, a first UDP answer) and anything unusual about the packet go to
 //! the full path (conntrack::track), which also fills the entry's next hop in
 //! (conntrack::cache_next_hop).
+//!
+//! XDP and TC differ in three ways. XDP writes the packet directly with the combined
+//! deltas, and leaves a locally sent segment whose checksum is still a CHECKSUM_PARTIAL
+//! seed to TC; TC rewrites through the skb helpers, which keep CHECKSUM_PARTIAL and
+//! CHECKSUM_COMPLETE skbs right, and measures a GSO packet by its segments. XDP uses only
+//! next hops its redirect can reach (`CT_NH_XDP`); TC any. Each has its own flow cache.
 
-use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_jiffies64, bpf_redirect},
+    maps::PerCpuArray,
+    programs::{TcContext, XdpContext},
+};
 use forwarder_common::{
     CT_DIR_REPLY, CtValue, FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
-    conntrack::{CT_SEQ_KNOWN, SEQ_SYNC_BYTES, UDP_UNREPLIED, segment_end, seq_after, tcp_keeps_state},
+    conntrack::{CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, UDP_UNREPLIED, segment_end, seq_after, tcp_keeps_state},
     csum::{apply_delta, ipv4_pseudo_seed},
     flow_cache_bucket, next_hop_current,
 };
 
 use crate::{
     conntrack::{ct_key_v4, fwd_key_v4, route_generation},
-    ctx::{read, write},
-    maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_TX_PORTS},
+    ctx::{Packet, read, write},
+    maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_FLOW_CACHE_TC, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
     rules, stats,
     verdict::Outcome,
 };
 
-/// What the fast path made of a packet.
-enum Fast {
-    /// Handled: forwarded from the cache (or, should a write fail, dropped).
-    Done(Outcome),
+/// What the fast path found for a packet.
+enum Hit {
+    /// A current copy of the packet's connection (a flow cache slot, filled from the entry
+    /// when `how` is the entry tier's reason).
+    Slot(&'static FlowCacheSlot, Reason),
     /// An IPv4 TCP/UDP packet of no tracked connection for a forward's listen address: a
     /// new flow (the full path need not look it up in the connection table again).
     Untracked,
     /// An IPv4 TCP/UDP packet of no connection and no forward: not ours (host traffic pays
     /// two lookups, without the full parse).
     NoMatch,
+    /// XDP: a forward's packet whose checksum is a CHECKSUM_PARTIAL seed; only TC can
+    /// finish it, so XDP hands it over without the full path's work.
+    ToTc,
     /// Everything else: the full path decides.
     Full,
 }
 
-/// [`try_cached_out_of_line`]'s answers below 2^32 (a packed outcome is above).
+/// The fast paths' answers below 2^32 (a packed outcome is above).
 pub const NOT_CACHED_NO_MATCH: u32 = 0;
 pub const NOT_CACHED_UNTRACKED: u32 = 1;
 pub const NOT_CACHED_FULL: u32 = 2;
+pub const NOT_CACHED_TO_TC: u32 = 3;
 
-/// The fast path in its own frame (its stack and the full path's would not fit in one):
-/// a packed outcome (verdict::pack, at least 2^32) when it handled the packet, else a
-/// `NOT_CACHED_*` code.
+#[inline(always)]
+fn answer(hit: Result<Hit, Reason>, send: impl FnOnce(&FlowCacheSlot, Reason) -> Outcome) -> u64 {
+    match hit {
+        Ok(Hit::Slot(slot, how)) => crate::verdict::pack(send(slot, how)),
+        Ok(Hit::NoMatch) => NOT_CACHED_NO_MATCH as u64,
+        Ok(Hit::Untracked) => NOT_CACHED_UNTRACKED as u64,
+        Ok(Hit::ToTc) => NOT_CACHED_TO_TC as u64,
+        Ok(Hit::Full) | Err(_) => NOT_CACHED_FULL as u64,
+    }
+}
+
+/// The XDP fast path in its own frame (its stack and the full path's would not fit in
+/// one): a packed outcome (verdict::pack, at least 2^32) when it handled the packet, else
+/// a `NOT_CACHED_*` code.
 #[inline(never)]
 pub fn try_cached_out_of_line(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
-    match forward_cached(&XdpContext::new(raw)) {
-        Ok(Fast::Done(outcome)) => crate::verdict::pack(outcome),
-        Ok(Fast::NoMatch) => NOT_CACHED_NO_MATCH as u64,
-        Ok(Fast::Untracked) => NOT_CACHED_UNTRACKED as u64,
-        Ok(Fast::Full) | Err(_) => NOT_CACHED_FULL as u64,
+    let ctx = XdpContext::new(raw);
+    let Ok(Some(h)) = headers(&ctx, false) else {
+        return NOT_CACHED_FULL as u64;
+    };
+    answer(find::<false>(&h, &FWD_FLOW_CACHE), |s, how| send_xdp(&ctx, &h, s, how))
+}
+
+/// The TC fast path, likewise (TC never sees `NOT_CACHED_TO_TC`).
+#[inline(never)]
+pub fn try_cached_tc_out_of_line(raw: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
+    let ctx = TcContext::new(raw);
+    // SAFETY: reading context fields.
+    let (vlan, gso_size) = unsafe { ((*raw).vlan_present, (*raw).gso_size) };
+    // A tag in skb->vlan_tci is l2::untagged_tc's to judge.
+    if vlan != 0 {
+        return NOT_CACHED_FULL as u64;
     }
+    let Ok(Some(mut h)) = headers(&ctx, true) else {
+        return NOT_CACHED_FULL as u64;
+    };
+    // A GSO packet leaves as segments: each is its headers and gso_size bytes.
+    if gso_size != 0 && h.hdr_len + (gso_size as usize) < h.len {
+        h.len = h.hdr_len + gso_size as usize;
+    }
+    answer(find::<true>(&h, &FWD_FLOW_CACHE_TC), |s, how| send_tc(&ctx, &h, s, how))
 }
 
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
@@ -82,6 +129,10 @@ struct Headers {
     proto: u8,
     ttl: u8,
     tot_len: usize,
+    /// The length the next hop must pass: the IP length, or a GSO packet's segment's.
+    len: usize,
+    /// IP and TCP/UDP header bytes.
+    hdr_len: usize,
     /// Offset of the L4 checksum, and its value.
     check_off: usize,
     l4_check: u16,
@@ -89,6 +140,8 @@ struct Headers {
     /// TCP sequence (host order) and the sequence just past this segment.
     seq: u32,
     seq_end: u32,
+    /// The L4 checksum is a CHECKSUM_PARTIAL seed (see csum::looks_partial).
+    partial: bool,
 }
 
 impl Headers {
@@ -100,14 +153,15 @@ impl Headers {
 }
 
 #[inline(always)]
-fn word(ctx: &XdpContext, offset: usize) -> Result<u32, Reason> {
+fn word<P: Packet>(ctx: &P, offset: usize) -> Result<u32, Reason> {
     Ok(u32::from_ne_bytes(read(ctx, offset)?))
 }
 
 /// The headers of a plain IPv4 TCP/UDP packet, or `None` for the cases parse.rs takes
-/// apart and the fast path leaves to it.
+/// apart and the fast path leaves to it. Only the headers need be linear; the IP length
+/// is checked against the whole packet (an skb's paged data included).
 #[inline(always)]
-fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
+fn headers<P: Packet>(ctx: &P, partial_ok: bool) -> Result<Option<Headers>, Reason> {
     if read::<2, _>(ctx, 12)? != ETH_P_IP {
         return Ok(None);
     }
@@ -123,73 +177,82 @@ fn headers(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
         return Ok(None);
     }
     let tot_len = be16([ver_tos[2], ver_tos[3]]) as usize;
-    if tot_len < L4_OFF_V4 - L3_OFF || tot_len + ETH_LEN > ctx.data_end() - ctx.data() {
+    if tot_len < L4_OFF_V4 - L3_OFF || tot_len + ETH_LEN > ctx.len() {
         return Ok(None);
     }
     let l4_len = tot_len - (L4_OFF_V4 - L3_OFF);
-    let (check_off, tcp_flags, seq, seq_end) = if proto == PROTO_TCP {
+    let (check_off, l4_hdr, tcp_flags, seq, seq_end) = if proto == PROTO_TCP {
         let seq = u32::from_be_bytes(read(ctx, L4_OFF_V4 + 4)?);
         let tcp: [u8; 2] = read(ctx, L4_OFF_V4 + 12)?;
         let data_off = (tcp[0] >> 4) as usize * 4;
         if l4_len < 20 || data_off < 20 || data_off > l4_len {
             return Ok(None);
         }
-        (L4_OFF_V4 + 16, tcp[1], seq, segment_end(seq, (l4_len - data_off) as u32, tcp[1]))
+        (L4_OFF_V4 + 16, data_off, tcp[1], seq, segment_end(seq, (l4_len - data_off) as u32, tcp[1]))
     } else {
         let udp_len = be16(read(ctx, L4_OFF_V4 + 4)?) as usize;
         if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
             return Ok(None);
         }
-        (L4_OFF_V4 + 6, 0, 0, 0)
+        (L4_OFF_V4 + 6, 8, 0, 0, 0)
     };
-    let h = Headers {
+    let mut h = Headers {
         src: word(ctx, IPV4_SRC_OFF)?,
         dst: word(ctx, IPV4_SRC_OFF + 4)?,
         ports: word(ctx, L4_OFF_V4)?,
         proto,
         ttl: frag_ttl_proto[2],
         tot_len,
+        len: tot_len,
+        hdr_len: L4_OFF_V4 - L3_OFF + l4_hdr,
         check_off,
         l4_check: be16(read(ctx, check_off)?),
         tcp_flags,
         seq,
         seq_end,
+        partial: false,
     };
-    // A CHECKSUM_PARTIAL seed (see csum::looks_partial) needs TC's checksum helpers.
-    let seed = ipv4_pseudo_seed(h.src.to_ne_bytes(), h.dst.to_ne_bytes(), proto, l4_len as u16);
-    if !h.no_udp_check() && h.l4_check == seed {
-        return Ok(None);
+    // A CHECKSUM_PARTIAL seed needs TC's checksum helpers (TC's rewrite keeps it right).
+    if !partial_ok {
+        let seed = ipv4_pseudo_seed(h.src.to_ne_bytes(), h.dst.to_ne_bytes(), proto, l4_len as u16);
+        h.partial = !h.no_udp_check() && h.l4_check == seed;
     }
     Ok(Some(h))
 }
 
+/// The two tiers (see the module's text); `TC` picks the program's rules, `cache` its flow
+/// cache.
 #[inline(always)]
-fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
-    let Some(h) = headers(ctx)? else {
-        return Ok(Fast::Full);
-    };
+fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>) -> Result<Hit, Reason> {
     let (src, dst, ports, proto) = (h.src, h.dst, h.ports, h.proto);
+    let (cache_reason, entry_reason) = if TC {
+        (Reason::RedirectTcFlowCache, Reason::RedirectTcCached)
+    } else {
+        (Reason::RedirectXdpFlowCache, Reason::RedirectXdpCached)
+    };
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
     let first = flow_cache_bucket(src, dst, ports, proto);
-    let (Some(s0), Some(s1)) = (FWD_FLOW_CACHE.get_ptr_mut(first), FWD_FLOW_CACHE.get_ptr_mut(first + 1)) else {
-        return Ok(Fast::Full);
+    let (Some(s0), Some(s1)) = (cache.get_ptr_mut(first), cache.get_ptr_mut(first + 1)) else {
+        return Ok(Hit::Full);
     };
     // SAFETY: per-CPU slots, used by one program run at a time.
     let (s0, s1) = unsafe { (&mut *s0, &mut *s1) };
     let serves = |s: &FlowCacheSlot| {
         s.holds(src, dst, ports, proto)
             && s.current(generation, now)
-            && h.tot_len <= s.len_ok as usize
+            && h.len <= s.len_ok as usize
             && (proto != PROTO_TCP
                 || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
     };
-    if serves(s0) {
-        return Ok(Fast::Done(send(ctx, &h, s0, Reason::RedirectXdpFlowCache)));
-    }
-    if serves(s1) {
-        return Ok(Fast::Done(send(ctx, &h, s1, Reason::RedirectXdpFlowCache)));
+    if !h.partial {
+        if serves(s0) {
+            return Ok(Hit::Slot(s0, cache_reason));
+        }
+        if serves(s1) {
+            return Ok(Hit::Slot(s1, cache_reason));
+        }
     }
 
     let key = ct_key_v4(src, dst, ports, proto);
@@ -197,10 +260,19 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         let p = ports.to_ne_bytes();
         let mut rule = fwd_key_v4(dst, [p[2], p[3]], proto);
         return Ok(match rules::lookup(&mut rule) {
-            Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => Fast::Untracked,
-            _ => Fast::NoMatch,
+            Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => {
+                if h.partial {
+                    Hit::ToTc
+                } else {
+                    Hit::Untracked
+                }
+            }
+            _ => Hit::NoMatch,
         });
     };
+    if h.partial {
+        return Ok(Hit::ToTc);
+    }
     // SAFETY: map value pointer from a successful lookup.
     let entry = unsafe { &mut *entry };
     // SAFETY: a map value; read once, see conntrack::cache_next_hop.
@@ -208,16 +280,17 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
     let (nh_gen, nh_jiffies) = (entry.nh_gen, entry.nh_jiffies);
     if ifindex == 0
         || !next_hop_current(nh_gen, nh_jiffies, generation, now)
-        || h.tot_len > entry.nh_len_ok as usize
-        || moves_state(entry, &h)
+        || h.len > entry.nh_len_ok as usize
+        || (!TC && entry.flags & CT_NH_XDP == 0)
+        || moves_state(entry, h)
     {
-        return Ok(Fast::Full);
+        return Ok(Hit::Full);
     }
     // The slot counts a backend index of 16 bits; a connection of a larger one takes the
     // full path.
     let backend = entry.backend_index();
     if backend > u16::MAX as u32 {
-        return Ok(Fast::Full);
+        return Ok(Hit::Full);
     }
     if proto == PROTO_TCP && (entry.flags & CT_SEQ_KNOWN == 0 || seq_after(h.seq_end, entry.seq_end)) {
         entry.seq_end = h.seq_end;
@@ -259,12 +332,13 @@ fn forward_cached(ctx: &XdpContext) -> Result<Fast, Reason> {
         core::ptr::read_volatile(&entry.nh_ifindex) == ifindex
             && core::ptr::read_volatile(&entry.nh_gen) == nh_gen
             && core::ptr::read_volatile(&entry.nh_jiffies) == nh_jiffies
+            && (TC || core::ptr::read_volatile(&entry.flags) & CT_NH_XDP != 0)
     };
     if !settled {
         slot.ifindex = 0;
-        return Ok(Fast::Full);
+        return Ok(Hit::Full);
     }
-    Ok(Fast::Done(send(ctx, &h, slot, Reason::RedirectXdpCached)))
+    Ok(Hit::Slot(slot, entry_reason))
 }
 
 /// Whether the packet would move its connection's state (the full path's conntrack::track
@@ -279,13 +353,13 @@ fn moves_state(entry: &CtValue, h: &Headers) -> bool {
     }
 }
 
-/// Rewrites the packet as `s` says, counts it for its forward and redirects it; `how` is
-/// the tier that found it.
+/// Rewrites the packet as `s` says, counts it for its forward and redirects it through the
+/// devmap; `how` is the tier that found it.
 #[inline(always)]
-fn send(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
+fn send_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
     // The packet was read up to past every offset written, so this cannot fail; were it to,
     // a half-rewritten packet must not go on.
-    if rewrite(ctx, h, s).is_err() {
+    if rewrite_xdp(ctx, h, s).is_err() {
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
@@ -294,7 +368,7 @@ fn send(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcom
 }
 
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
+fn rewrite_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
     if !h.no_udp_check() {
         let mut c = apply_delta(h.l4_check, s.l4_delta);
         if h.proto == PROTO_UDP && c == 0 {
@@ -310,4 +384,64 @@ fn rewrite(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reaso
     write(ctx, L4_OFF_V4, s.new_ports.to_ne_bytes())?;
     let (m, n) = (&s.dmac, &s.smac);
     write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]])
+}
+
+/// TC's [`send_xdp`]: `bpf_redirect` takes any egress.
+#[inline(always)]
+fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
+    // A helper that fails may have written part of the packet: it must not go on.
+    if rewrite_tc(ctx, h, s).is_err() {
+        return Err(Reason::RewriteFailed);
+    }
+    stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
+    // SAFETY: helper call.
+    let action = unsafe { bpf_redirect(s.ifindex, 0) } as i32;
+    Ok((action, how))
+}
+
+/// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no
+/// size) of replacing the words `old` by `new`.
+#[inline(always)]
+fn wsum_diff(old: [u32; 2], new: [u32; 2]) -> u64 {
+    let mut sum = (!old[0]) as u64 + (!old[1]) as u64 + new[0] as u64 + new[1] as u64;
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
+}
+
+/// The rewrite through the skb helpers: the L4 checksum by two differences, the
+/// addresses' (part of the pseudo header, which a CHECKSUM_PARTIAL seed holds and a
+/// CHECKSUM_COMPLETE sum must follow) and the ports' (which a seed leaves to the device);
+/// then the IPv4 header with its checksum and the ports in one store (they are contiguous
+/// without options), and the MAC addresses.
+#[inline(always)]
+fn rewrite_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
+    let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let failed = |_| Reason::RewriteFailed;
+    let addrs = wsum_diff([h.src, h.dst], [s.new_src, s.new_dst]);
+    ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
+    let ports = wsum_diff([h.ports, 0], [s.new_ports, 0]);
+    ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
+    let check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), s.l3_delta).to_be_bytes();
+    let (a, b, p) = (s.new_src.to_ne_bytes(), s.new_dst.to_ne_bytes(), s.new_ports.to_ne_bytes());
+    let l3: [u8; 16] = [
+        h.ttl - 1,
+        h.proto,
+        check[0],
+        check[1],
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+    ];
+    ctx.store(IPV4_TTL_OFF, &l3, 0).map_err(failed)?;
+    let (m, n) = (&s.dmac, &s.smac);
+    ctx.store(0, &[m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]], 0).map_err(failed)
 }

@@ -52,6 +52,11 @@ pub static FWD_ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "FWD_FLOW_CACHE")]
 pub static FWD_FLOW_CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
+/// This CPU's flow cache of the TC fast path (see fastpath): XDP's own slots serve only
+/// next hops XDP can send to.
+#[map(name = "FWD_FLOW_CACHE_TC")]
+pub static FWD_FLOW_CACHE_TC: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
 #[map(name = "FWD_FWD_STATS")]
 pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);
 

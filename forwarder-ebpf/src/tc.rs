@@ -14,8 +14,8 @@ use forwarder_common::{GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, PEER_DIRECT, 
 
 use crate::{
     conntrack::{self, Plan},
-    frag, global, host, icmp, icmp_reply, l2, nat,
-    parse::{self, FRAG_FIRST, FRAG_LATER, L3Dst},
+    fastpath, frag, global, host, icmp, icmp_reply, l2, nat,
+    parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3Dst},
     peer,
     route::{self, FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS},
     stats, verdict,
@@ -27,10 +27,19 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     if xdp_said_skip(&ctx) {
         return TC_ACT_OK;
     }
+    let fast = fastpath::try_cached_tc_out_of_line(ctx.skb.skb);
+    if fast >= 1 << 32 {
+        return verdict::tc(verdict::unpack(fast));
+    }
+    // Neither a connection nor a forward: the full path would only look for a peer.
+    if fast == fastpath::NOT_CACHED_NO_MATCH as u64 && !peer::enabled() {
+        return verdict::tc(Err(Reason::NoRule));
+    }
     let Some(w) = work::this_cpu() else {
         return verdict::tc(Err(Reason::Malformed));
     };
-    let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb, w));
+    let untracked = fast == fastpath::NOT_CACHED_UNTRACKED as u64;
+    let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb, untracked, w));
     match outcome {
         Err(Reason::IcmpError) => outcome = verdict::unpack(icmp::translate(ctx.skb.skb, false, w)),
         Err(Reason::ToHostBackend) => outcome = verdict::unpack(host::deliver(ctx.skb.skb, w)),
@@ -43,13 +52,14 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
 /// The loopback device's ifindex, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// The TCP/UDP path in its own frame (see icmp::translate). `Err(IcmpError)`: an ICMP
+/// The TCP/UDP path in its own frame (see icmp::translate); `untracked`: the fast path
+/// found no connection for the packet. `Err(IcmpError)`: an ICMP
 /// error for icmp::translate; `Err(ToHostBackend)`: a committed packet for a backend on
 /// this host, for host::deliver; an ICMP answer's reason: for icmp_reply::send (each in a
 /// frame of its own beside this one, with the working memory `w` as this path left it).
 #[inline(never)]
-fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff, w: &mut Work) -> u64 {
-    verdict::pack(try_tc(&TcContext::new(skb), w))
+fn try_tc_out_of_line(skb: *mut aya_ebpf::bindings::__sk_buff, untracked: bool, w: &mut Work) -> u64 {
+    verdict::pack(try_tc(&TcContext::new(skb), untracked, w))
 }
 
 #[inline(always)]
@@ -69,7 +79,7 @@ const PULL_LEN: u32 = 14 + 40 + 8 + 20;
 
 /// The complete path: everything XDP hands over, and everything when XDP is off.
 #[inline(always)]
-fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
+fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
     l2::untagged_tc(ctx)?;
     let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
     if ctx.data() + (want as usize) > ctx.data_end() {
@@ -81,7 +91,7 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
     if w.flow.frag == FRAG_LATER {
         frag::ports_of_later(&mut w.flow, &mut w.frag_key)?;
     }
-    let mut plan = match conntrack::classify(&w.flow, false, &mut w.source) {
+    let mut plan = match conntrack::classify(&w.flow, untracked, &mut w.source) {
         Ok(p) => p,
         // A new connection no backend takes: refused at once, as a host without the
         // service would (a later fragment never opens a connection).
@@ -149,6 +159,13 @@ fn try_tc(ctx: &TcContext, w: &mut Work) -> verdict::Outcome {
     stats::count_forwarded(counted.forward_id, counted.backend, flow.l3_len);
     match fib.rc as u32 {
         FIB_SUCCESS if fib.rc >= 0 => {
+            // The next packets of this direction take the fast path (fastpath.rs).
+            if !flow.is_v6() && flow.frag == FRAG_NONE {
+                if let Some(entry) = conntrack::entry_of(plan, flow) {
+                    let xdp_ok = route::xdp_can_send(ingress, fib.ifindex);
+                    conntrack::cache_next_hop(entry, flow, new, fib, route::check_len(ctx, flow), xdp_ok);
+                }
+            }
             l2::set_macs_tc(ctx, fib.dmac, fib.smac)?;
             // SAFETY: helper call.
             let action = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;

@@ -36,6 +36,8 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32, w: &mut Work) -> u
     let result = match how {
         fastpath::NOT_CACHED_NO_MATCH => Err(Reason::NoRule),
         fastpath::NOT_CACHED_UNTRACKED => try_xdp(&ctx, true, w),
+        // A forward's packet with a CHECKSUM_PARTIAL seed: TC's to finish.
+        fastpath::NOT_CACHED_TO_TC => Err(Reason::XdpToTc),
         _ => try_xdp(&ctx, false, w),
     };
     let outcome = match result {
@@ -81,7 +83,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
     if !w.flow.is_v6() {
         if let Some(entry) = conntrack::entry_of(plan, &w.flow) {
-            conntrack::cache_next_hop(entry, &w.flow, &w.new, w.fib.ifindex, w.fib.dmac, w.fib.smac);
+            conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, w.flow.l3_len, true);
         }
     }
     nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;

@@ -365,6 +365,78 @@ fn tc_tcp_and_udp_get_the_same_rewrite() {
     });
 }
 
+/// TC's fast path, as XDP's: once the full path has forwarded a packet of a connection,
+/// the next ones of that direction are rewritten from the entry's cached next hop, then
+/// from TC's flow cache, byte for byte as the full path would (TCP, UDP, UDP without a
+/// checksum); a bump of the route generation sends the next one through the full path
+/// again. A next hop TC cached for an egress that takes XDP frames serves XDP too.
+#[test]
+fn tc_established_packets_take_the_cached_next_hop_with_the_same_bytes() {
+    with_fixture(CONFIG, |fx| {
+        let syn = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40200, 3306, true, b"");
+        let (_, out) = fx.tc(&syn, fx.v0);
+        let snat_port = check(&out).5;
+        let reply = tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, true, b"");
+        assert_eq!(fx.tc(&reply, fx.v1).0, TC_ACT_REDIRECT);
+        assert_eq!((fx.reason(Reason::RedirectTc), fx.reason(Reason::RedirectTcCached)), (2, 0));
+
+        let mut q0 = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6110, 53, b"no checksum");
+        q0[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        let frames = [
+            (tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40200, 3306, false, &[7u8; 333]), fx.v0),
+            (tcp_frame(SERVER_MAC, fx.v1_mac, SERVER, ROUTER_OUT, 3197, snat_port, false, &[9u8; 77]), fx.v1),
+            (udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6111, 53, b"query"), fx.v0),
+            (q0, fx.v0),
+        ];
+        for (f, ifindex) in &frames[2..] {
+            assert_eq!(fx.tc(f, *ifindex).0, TC_ACT_REDIRECT);
+        }
+        for (i, (f, ifindex)) in frames.iter().enumerate() {
+            // Through the full path first (a state change, a longer packet than the
+            // handshake's, or the previous frame's generation bump).
+            assert_eq!(fx.tc(f, *ifindex).0, TC_ACT_REDIRECT, "frame {i}");
+            let (entry_before, slot_before) = (fx.reason(Reason::RedirectTcCached), fx.reason(Reason::RedirectTcFlowCache));
+            let (verdict, cached) = fx.tc(f, *ifindex);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "frame {i}");
+            assert_eq!(fx.reason(Reason::RedirectTcCached), entry_before + 1, "frame {i} took the fast path");
+            let (verdict, from_slot) = fx.tc(f, *ifindex);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "frame {i}");
+            assert_eq!(fx.reason(Reason::RedirectTcFlowCache), slot_before + 1, "frame {i}: flow cache");
+            assert_eq!(fx.reason(Reason::RedirectTcCached), entry_before + 1, "frame {i}: not the entry");
+            fx.state.bump_route_generation().unwrap();
+            let full_before = fx.reason(Reason::RedirectTc);
+            let (verdict, full) = fx.tc(f, *ifindex);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "frame {i}");
+            assert_eq!(fx.reason(Reason::RedirectTc), full_before + 1, "frame {i}: new generation, full path");
+            assert_eq!(cached, full, "frame {i}: the fast path rewrites exactly as the full path");
+            assert_eq!(from_slot, full, "frame {i}: so does the flow cache");
+            check(&cached);
+        }
+        let zero_out = fx.tc(&frames[3].0, fx.v0).1;
+        let h = PacketHeaders::from_ethernet_slice(&zero_out).unwrap();
+        let Some(TransportHeader::Udp(u)) = h.transport else { panic!() };
+        assert_eq!(u.checksum, 0, "zero UDP checksum stays zero on the fast path");
+        assert_eq!(fx.stats(1).packets, 2 + 4 + 4, "cached packets count for their forward");
+        assert_eq!(fx.reason(Reason::RedirectXdp) + fast_path(fx), 0);
+
+        // The data segment's next hop, cached by TC's full path after the last bump, serves
+        // XDP (the egress takes XDP frames) with the same bytes.
+        let data = &frames[0].0;
+        let (_, by_tc) = fx.tc(data, fx.v0);
+        let (verdict, by_xdp, _) = fx.xdp(data, fx.v0);
+        assert_eq!((verdict, fx.reason(Reason::RedirectXdpCached)), (XDP_REDIRECT, 1));
+        assert_eq!(by_xdp, by_tc);
+
+        // What TC's fast path must not take is left to the full path: a frame shorter than
+        // its IP length is passed untouched.
+        let truncated = data[..data.len() - 10].to_vec();
+        let fast_before = fx.reason(Reason::RedirectTcCached) + fx.reason(Reason::RedirectTcFlowCache);
+        let (verdict, out) = fx.tc(&truncated, fx.v0);
+        assert_eq!((verdict, out == truncated), (TC_ACT_OK, true));
+        assert_eq!(fx.reason(Reason::RedirectTcCached) + fx.reason(Reason::RedirectTcFlowCache), fast_before);
+    });
+}
+
 #[test]
 fn udp_checksums_including_zero_checksum() {
     with_fixture(CONFIG, |fx| {
