@@ -24,7 +24,12 @@ mod fast;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// In the driver (fastest; veth supports it).
+    /// The default: native (falling back to generic) on devices whose traffic comes from
+    /// the wire, none on a veth, where the TC program is faster: native XDP on a veth takes
+    /// GSO from its peer, so a container's TCP is cut into MTU-sized packets, and locally
+    /// sent segments (CHECKSUM_PARTIAL) are TC's to finish anyway (docs/bench/results.md).
+    Auto,
+    /// In the driver (fastest for frames from the wire or another XDP program).
     Native,
     /// In the kernel's generic (skb) path: works on every device.
     Generic,
@@ -58,6 +63,7 @@ pub enum Protocol {
 impl std::fmt::Display for XdpMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(match self {
+            XdpMode::Auto => "auto",
             XdpMode::Native => "native",
             XdpMode::Generic => "generic",
             XdpMode::Off => "off",
@@ -792,7 +798,7 @@ struct RawInterface {
 }
 
 fn default_xdp() -> XdpMode {
-    XdpMode::Native
+    XdpMode::Auto
 }
 
 #[derive(Deserialize)]
@@ -1378,6 +1384,9 @@ fall = 2
         assert_eq!(f.backends[0].address, "203.0.113.20:3197".parse().unwrap());
         assert_eq!(f.snat, Snat::Auto);
         assert!(f.local);
+        // Without the key an interface gets `auto` (native, or none on a veth).
+        let c = Config::parse(&CLASSIC.replace("xdp = \"native\"\n", "")).unwrap();
+        assert_eq!(c.interfaces[0].xdp, XdpMode::Auto);
     }
 
     fn invalid(text: &str) -> (usize, String, String) {
@@ -1798,6 +1807,7 @@ address = "203.0.113.22:9000-9009"
             ("local = false", "local = False", false),
             ("local = false", "local = false#x", false),
             ("xdp = \"generic\"", "xdp = \"turbo\"", false),
+            ("xdp = \"generic\"", "xdp = \"auto\"", true),
             ("redirect = \"tc\"", "redirect = \"xdp\"", true),
             ("redirect = \"tc\"", "redirect = \"auto\"", true),
             ("redirect = \"tc\"", "", true),

@@ -236,8 +236,12 @@ impl Instance {
             name: iface.name.clone(),
             message: format!("{what}: {e}"),
         };
-        // Native where the driver supports it, generic otherwise.
-        let mut mode = iface.xdp;
+        // Native where the driver supports it, generic otherwise; `auto`: none on a veth.
+        let mut mode = match iface.xdp {
+            XdpMode::Auto if is_veth => XdpMode::Off,
+            XdpMode::Auto => XdpMode::Native,
+            m => m,
+        };
         if mode != XdpMode::Off {
             let native_path = self.link_path("xdp_native", &iface.name);
             let generic_path = self.link_path("xdp_generic", &iface.name);
@@ -412,6 +416,7 @@ pub fn restore_sysctls(pin_dir: &Path) {
 
 fn mode_name(m: XdpMode) -> &'static str {
     match m {
+        XdpMode::Auto => "auto",
         XdpMode::Native => "native",
         XdpMode::Generic => "generic",
         XdpMode::Off => "off",

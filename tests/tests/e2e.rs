@@ -71,6 +71,17 @@ fn tcp_forward(xdp: &str) {
         .sum();
     assert_eq!(left, f["packets"].as_u64().unwrap(), "every rewritten packet left one way: {stats}");
     assert_eq!(reason(&daemon, "malformed"), 0, "{stats}");
+    assert_eq!(reason(&daemon, "rewrite_failed"), 0, "{stats}");
+    // Established segments take a fast path: XDP's, or TC's for the locally sent ones
+    // (CHECKSUM_PARTIAL, GSO) XDP hands over and for everything without XDP. The
+    // megabytes' segments are most of the packets, and their bytes arrived intact above.
+    let fast: u64 = ["redirect_xdp_flow_cache", "redirect_xdp_cached", "redirect_tc_flow_cache", "redirect_tc_cached"]
+        .iter()
+        .map(|r| reason(&daemon, r))
+        .sum();
+    assert!(fast * 2 > f["packets"].as_u64().unwrap(), "fast path: {fast} of {f}: {stats}");
+    let tc_fast = reason(&daemon, "redirect_tc_flow_cache") + reason(&daemon, "redirect_tc_cached");
+    assert!(tc_fast > 0, "locally sent segments through TC's fast path: {stats}");
 }
 
 #[test]
@@ -86,6 +97,36 @@ fn tcp_forward_xdp_generic() {
 #[test]
 fn tcp_forward_tc_only() {
     tcp_forward("off");
+}
+
+/// `xdp = "auto"`, the default: no XDP on a veth (TC's fast path carries its traffic), and
+/// on another device native XDP, or generic where the driver has none (a bridge).
+#[test]
+fn xdp_auto_runs_tc_only_on_veths() {
+    let chain = Chain::new().unwrap();
+    chain.router.ip(&["link", "add", "rd", "type", "bridge"]).unwrap();
+    chain.router.ip(&["link", "set", "rd", "up"]).unwrap();
+    let cfg = "[[interface]]\nname = \"rc\"\n\n[[interface]]\nname = \"rs\"\n\n[[interface]]\nname = \"rd\"\nxdp = \"auto\"\n"
+        .to_string()
+        + &forward("classic", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"));
+    let daemon = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&daemon.cli(&["status", "--json"]).unwrap()).unwrap();
+    let modes: Vec<(String, String)> = status["daemon"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap().to_string(), i["xdp"].as_str().unwrap().to_string()))
+        .collect();
+    let want = [("rc", "off"), ("rs", "off"), ("rd", "generic")].map(|(n, m)| (n.to_string(), m.to_string()));
+    assert_eq!(modes, want, "{status}");
+    let rc = chain.router.ip(&["-d", "link", "show", "dev", "rc"]).unwrap();
+    assert!(!rc.contains("prog/xdp"), "no XDP on the veth: {rc}");
+    let server = tcp_server(&chain, 1);
+    tcp_exchange(&chain, 1_000_000);
+    server.join().unwrap();
+    let stats = daemon.stats().unwrap();
+    assert!(reason(&daemon, "redirect_tc_flow_cache") > 0, "{stats}");
+    assert_eq!(reason(&daemon, "xdp_to_tc") + reason(&daemon, "redirect_xdp"), 0, "{stats}");
 }
 
 /// UDP request/reply with an unconnected client socket: replies come from the listen
@@ -349,6 +390,10 @@ fn generic_xdp_to_an_interface_not_configured() {
     assert_eq!(forward_stats(&daemon)["new_connections"], 2, "{stats}");
     // Every packet of the client's that XDP saw went on to TC.
     assert!(reason(&daemon, "xdp_to_tc") > 10, "{stats}");
-    let tc_sent = reason(&daemon, "redirect_tc") + reason(&daemon, "fib_no_neigh");
+    let tc_sent: u64 =
+        ["redirect_tc", "redirect_tc_cached", "redirect_tc_flow_cache", "fib_no_neigh"].iter().map(|r| reason(&daemon, r)).sum();
     assert_eq!(tc_sent, reason(&daemon, "xdp_to_tc"), "TC sends what XDP may not: {stats}");
+    // TC's fast path carried most of them; XDP never used a next hop TC cached for `rx`.
+    assert!(reason(&daemon, "redirect_tc_flow_cache") * 2 > tc_sent, "{stats}");
+    assert_eq!(reason(&daemon, "redirect_xdp_cached") + reason(&daemon, "redirect_xdp_flow_cache"), 0, "{stats}");
 }

@@ -295,6 +295,7 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
 
 fn xdp_mode(s: &str) -> Option<XdpMode> {
     Some(match s {
+        "auto" => XdpMode::Auto,
         "native" => XdpMode::Native,
         "generic" => XdpMode::Generic,
         "off" => XdpMode::Off,
