@@ -11,9 +11,9 @@ use forwarder_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FAMILY_V4, FWD_FLAG_HOST_BACKEND, FWD_FLAG_INGRESS, FwdKey,
     FwdValue, GlobalConfig, PROTO_TCP, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF,
     conntrack::{
-        CT_ASSURED, CT_HOST_BACKEND, CT_NH_XDP, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange, Step, TCP_ACK,
-        TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen, pick_port,
-        rst_acceptable, segment_end, seq_after, tcp_step,
+        CT_ASSURED, CT_HOST_BACKEND, CT_NH_XDP, CT_SEQ_KNOWN, EARLY_DROP_MIN_AGE_NS, LAST_SEEN_SLACK_NS, PortRange,
+        Step, TCP_ACK, TCP_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, is_reopen,
+        pick_port, rst_acceptable, segment_end, seq_after, tcp_step,
     },
     csum::{TTL_DECREMENT_DELTA, add_deltas, delta},
     next_hop_current,
@@ -667,7 +667,7 @@ pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
 
 /// Keeps the next hop the full path has just found (and the checksum deltas of the
 /// rewrite) in the entry, so the next packets of this direction skip the FIB lookup
-/// (see fastpath). IPv4, from XDP's full path and TC's. `len_ok`: the length the FIB has
+/// (see fastpath, fastpath6), from XDP's full path and TC's. `len_ok`: the length the FIB has
 /// just passed (a GSO packet's segment's at TC); `xdp_ok`: XDP can send to the egress
 /// (`CT_NH_XDP`). `ifindex` is written last, so the fast path, which runs only when it is
 /// non-zero, never sees a next hop half written.
@@ -681,8 +681,10 @@ pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, fib: &Fib, 
     // the larger length it passed before.
     let current = entry.nh_ifindex == ifindex && next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now);
     let len_ok = if current && entry.nh_len_ok > len_ok { entry.nh_len_ok } else { len_ok };
-    let old_addrs = sum_addr(&flow.src, false) + sum_addr(&flow.dst, false);
-    let new_addrs = sum_addr(&new.src, false) + sum_addr(&new.dst, false);
+    // IPv6: all 16 address bytes enter the L4 pseudo header; the L3 delta goes unused.
+    let v6 = flow.is_v6();
+    let old_addrs = sum_addr(&flow.src, v6) + sum_addr(&flow.dst, v6);
+    let new_addrs = sum_addr(&new.src, v6) + sum_addr(&new.dst, v6);
     let ports = |p: [u8; 2], q: [u8; 2]| u16::from_be_bytes(p) as u32 + u16::from_be_bytes(q) as u32;
     // SAFETY: a map value; volatile so the stores keep their order (see above).
     unsafe {

@@ -45,7 +45,7 @@ use crate::{
 };
 
 /// What the fast path found for a packet.
-enum Hit {
+pub(crate) enum Hit {
     /// A current copy of the packet's connection (a flow cache slot, filled from the entry
     /// when `how` is the entry tier's reason).
     Slot(&'static FlowCacheSlot, Reason),
@@ -69,7 +69,7 @@ pub const NOT_CACHED_FULL: u32 = 2;
 pub const NOT_CACHED_TO_TC: u32 = 3;
 
 #[inline(always)]
-fn answer(hit: Result<Hit, Reason>, send: impl FnOnce(&FlowCacheSlot, Reason) -> Outcome) -> u64 {
+pub(crate) fn answer(hit: Result<Hit, Reason>, send: impl FnOnce(&FlowCacheSlot, Reason) -> Outcome) -> u64 {
     match hit {
         Ok(Hit::Slot(slot, how)) => crate::verdict::pack(send(slot, how)),
         Ok(Hit::NoMatch) => NOT_CACHED_NO_MATCH as u64,
@@ -95,20 +95,30 @@ pub fn try_cached_out_of_line(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
 #[inline(never)]
 pub fn try_cached_tc_out_of_line(raw: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
     let ctx = TcContext::new(raw);
-    // SAFETY: reading context fields.
-    let (vlan, gso_size) = unsafe { ((*raw).vlan_present, (*raw).gso_size) };
-    // A tag in skb->vlan_tci is l2::untagged_tc's to judge.
-    if vlan != 0 {
+    let Some(gso_size) = tc_gso_size(raw) else {
         return NOT_CACHED_FULL as u64;
-    }
+    };
     let Ok(Some(mut h)) = headers(&ctx, true) else {
         return NOT_CACHED_FULL as u64;
     };
-    // A GSO packet leaves as segments: each is its headers and gso_size bytes.
-    if gso_size != 0 && h.hdr_len + (gso_size as usize) < h.len {
-        h.len = h.hdr_len + gso_size as usize;
-    }
+    h.len = segment_len(h.len, h.hdr_len, gso_size);
     answer(find::<true>(&h, &FWD_FLOW_CACHE_TC), |s, how| send_tc(&ctx, &h, s, how))
+}
+
+/// The gso_size of an skb the TC fast paths may take; `None` when skb->vlan_tci holds a
+/// tag (l2::untagged_tc's to judge).
+#[inline(always)]
+pub(crate) fn tc_gso_size(raw: *mut aya_ebpf::bindings::__sk_buff) -> Option<usize> {
+    // SAFETY: reading context fields.
+    let (vlan, gso_size) = unsafe { ((*raw).vlan_present, (*raw).gso_size) };
+    if vlan != 0 { None } else { Some(gso_size as usize) }
+}
+
+/// The length a next hop must pass for a packet of IP length `len` with `hdr_len` header
+/// bytes: a GSO packet leaves as segments of its headers and gso_size bytes each.
+#[inline(always)]
+pub(crate) fn segment_len(len: usize, hdr_len: usize, gso_size: usize) -> usize {
+    if gso_size != 0 && hdr_len + gso_size < len { hdr_len + gso_size } else { len }
 }
 
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
@@ -346,8 +356,14 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
 /// first answer of a UDP flow.
 #[inline(always)]
 fn moves_state(entry: &CtValue, h: &Headers) -> bool {
-    if h.proto == PROTO_TCP {
-        !tcp_keeps_state(entry.state, h.tcp_flags)
+    moves_state_of(entry, h.proto, h.tcp_flags)
+}
+
+/// [`moves_state`] of a packet's protocol and TCP flags (IPv4 or IPv6).
+#[inline(always)]
+pub(crate) fn moves_state_of(entry: &CtValue, proto: u8, tcp_flags: u8) -> bool {
+    if proto == PROTO_TCP {
+        !tcp_keeps_state(entry.state, tcp_flags)
     } else {
         entry.direction == CT_DIR_REPLY && entry.state == UDP_UNREPLIED
     }
@@ -402,7 +418,7 @@ fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outc
 /// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no
 /// size) of replacing the words `old` by `new`.
 #[inline(always)]
-fn wsum_diff(old: [u32; 2], new: [u32; 2]) -> u64 {
+pub(crate) fn wsum_diff(old: [u32; 2], new: [u32; 2]) -> u64 {
     let mut sum = (!old[0]) as u64 + (!old[1]) as u64 + new[0] as u64 + new[1] as u64;
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     (sum & 0xffff_ffff) + (sum >> 32)

@@ -8,6 +8,7 @@ pub mod conntrack;
 mod csum;
 mod ctx;
 mod fastpath;
+mod fastpath6;
 mod frag;
 mod global;
 mod host;

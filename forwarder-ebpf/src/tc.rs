@@ -14,7 +14,7 @@ use forwarder_common::{GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, PEER_DIRECT, 
 
 use crate::{
     conntrack::{self, Plan},
-    fastpath, frag, global, host, icmp, icmp_reply, l2, nat,
+    fastpath, fastpath6, frag, global, host, icmp, icmp_reply, l2, nat,
     parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3Dst},
     peer,
     route::{self, FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS},
@@ -27,7 +27,11 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     if xdp_said_skip(&ctx) {
         return TC_ACT_OK;
     }
-    let fast = fastpath::try_cached_tc_out_of_line(ctx.skb.skb);
+    let fast = if fastpath6::is_v6(&ctx) {
+        fastpath6::try_cached6_tc_out_of_line(ctx.skb.skb)
+    } else {
+        fastpath::try_cached_tc_out_of_line(ctx.skb.skb)
+    };
     if fast >= 1 << 32 {
         return verdict::tc(verdict::unpack(fast));
     }
@@ -160,7 +164,7 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
     match fib.rc as u32 {
         FIB_SUCCESS if fib.rc >= 0 => {
             // The next packets of this direction take the fast path (fastpath.rs).
-            if !flow.is_v6() && flow.frag == FRAG_NONE {
+            if flow.frag == FRAG_NONE {
                 if let Some(entry) = conntrack::entry_of(plan, flow) {
                     let xdp_ok = route::xdp_can_send(ingress, fib.ifindex);
                     conntrack::cache_next_hop(entry, flow, new, fib, route::check_len(ctx, flow), xdp_ok);

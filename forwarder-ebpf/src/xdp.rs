@@ -6,7 +6,7 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 use forwarder_common::Reason;
 
 use crate::{
-    conntrack, csum, fastpath, host, l2,
+    conntrack, csum, fastpath, fastpath6, host, l2,
     maps::FWD_TX_PORTS,
     nat,
     parse::{self, FRAG_NONE, L3Dst},
@@ -18,7 +18,11 @@ use crate::{
 
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
-    let fast = fastpath::try_cached_out_of_line(ctx.ctx);
+    let fast = if fastpath6::is_v6(&ctx) {
+        fastpath6::try_cached6_out_of_line(ctx.ctx)
+    } else {
+        fastpath::try_cached_out_of_line(ctx.ctx)
+    };
     if fast >= 1 << 32 {
         return verdict::xdp(&ctx, verdict::unpack(fast));
     }
@@ -55,8 +59,8 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32, w: &mut Work) -> u
 
 /// The XDP fast path: it finishes a packet only when it can do all of it (full checksum,
 /// FIB answer with a neighbour, an egress that takes XDP frames); otherwise the packet goes
-/// untouched to the TC program, so no state is committed twice. IPv4 connections keep the
-/// next hop found here for the fast path. `untracked`: the fast path found no connection.
+/// untouched to the TC program, so no state is committed twice. Connections keep the
+/// next hop found here for the fast path (fastpath.rs, fastpath6.rs). `untracked`: the fast path found no connection.
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
     parse::parse_flow(ctx, &mut w.flow)?;
@@ -81,10 +85,8 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
         return Err(Reason::XdpToTc);
     }
     conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
-    if !w.flow.is_v6() {
-        if let Some(entry) = conntrack::entry_of(plan, &w.flow) {
-            conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, w.flow.l3_len, true);
-        }
+    if let Some(entry) = conntrack::entry_of(plan, &w.flow) {
+        conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, w.flow.l3_len, true);
     }
     nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
     l2::set_macs_xdp(ctx, w.fib.dmac, w.fib.smac)?;

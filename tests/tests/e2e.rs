@@ -106,9 +106,10 @@ fn xdp_auto_runs_tc_only_on_veths() {
     let chain = Chain::new().unwrap();
     chain.router.ip(&["link", "add", "rd", "type", "bridge"]).unwrap();
     chain.router.ip(&["link", "set", "rd", "up"]).unwrap();
-    let cfg = "[[interface]]\nname = \"rc\"\n\n[[interface]]\nname = \"rs\"\n\n[[interface]]\nname = \"rd\"\nxdp = \"auto\"\n"
-        .to_string()
-        + &forward("classic", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"));
+    let cfg =
+        "[[interface]]\nname = \"rc\"\n\n[[interface]]\nname = \"rs\"\n\n[[interface]]\nname = \"rd\"\nxdp = \"auto\"\n"
+            .to_string()
+            + &forward("classic", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"));
     let daemon = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
     let status: serde_json::Value = serde_json::from_str(&daemon.cli(&["status", "--json"]).unwrap()).unwrap();
     let modes: Vec<(String, String)> = status["daemon"]["interfaces"]
@@ -390,8 +391,10 @@ fn generic_xdp_to_an_interface_not_configured() {
     assert_eq!(forward_stats(&daemon)["new_connections"], 2, "{stats}");
     // Every packet of the client's that XDP saw went on to TC.
     assert!(reason(&daemon, "xdp_to_tc") > 10, "{stats}");
-    let tc_sent: u64 =
-        ["redirect_tc", "redirect_tc_cached", "redirect_tc_flow_cache", "fib_no_neigh"].iter().map(|r| reason(&daemon, r)).sum();
+    let tc_sent: u64 = ["redirect_tc", "redirect_tc_cached", "redirect_tc_flow_cache", "fib_no_neigh"]
+        .iter()
+        .map(|r| reason(&daemon, r))
+        .sum();
     assert_eq!(tc_sent, reason(&daemon, "xdp_to_tc"), "TC sends what XDP may not: {stats}");
     // TC's fast path carried most of them; XDP never used a next hop TC cached for `rx`.
     assert!(reason(&daemon, "redirect_tc_flow_cache") * 2 > tc_sent, "{stats}");

@@ -395,7 +395,8 @@ fn tc_established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             // Through the full path first (a state change, a longer packet than the
             // handshake's, or the previous frame's generation bump).
             assert_eq!(fx.tc(f, *ifindex).0, TC_ACT_REDIRECT, "frame {i}");
-            let (entry_before, slot_before) = (fx.reason(Reason::RedirectTcCached), fx.reason(Reason::RedirectTcFlowCache));
+            let (entry_before, slot_before) =
+                (fx.reason(Reason::RedirectTcCached), fx.reason(Reason::RedirectTcFlowCache));
             let (verdict, cached) = fx.tc(f, *ifindex);
             assert_eq!(verdict, TC_ACT_REDIRECT, "frame {i}");
             assert_eq!(fx.reason(Reason::RedirectTcCached), entry_before + 1, "frame {i} took the fast path");
@@ -434,6 +435,94 @@ fn tc_established_packets_take_the_cached_next_hop_with_the_same_bytes() {
         let (verdict, out) = fx.tc(&truncated, fx.v0);
         assert_eq!((verdict, out == truncated), (TC_ACT_OK, true));
         assert_eq!(fx.reason(Reason::RedirectTcCached) + fx.reason(Reason::RedirectTcFlowCache), fast_before);
+    });
+}
+
+/// IPv6's fast path (the connection entry's cached next hop; no flow cache), in XDP and in
+/// TC: after the full path, the next packets of a direction are rewritten from the entry,
+/// byte for byte as the full path does.
+#[test]
+fn ipv6_established_packets_take_the_cached_next_hop_with_the_same_bytes() {
+    with_fixture(CONFIG, |fx| {
+        // This thread is in the fixture's namespace: routes and neighbours for IPv6.
+        for args in [
+            &["addr", "add", "2001:db8:1::1/64", "dev", "v0", "nodad"][..],
+            &["addr", "add", "2001:db8:2::1/64", "dev", "v1", "nodad"],
+            &["neigh", "replace", "2001:db8:1::2", "lladdr", "02:00:00:00:00:02", "dev", "v0", "nud", "permanent"],
+            &["neigh", "replace", "2001:db8:2::20", "lladdr", "02:00:00:00:00:20", "dev", "v1", "nud", "permanent"],
+        ] {
+            assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "{args:?}");
+        }
+        fx.state.bump_route_generation().unwrap();
+        let syn = tcp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 40300, 3306, true, b"");
+        let (verdict, out) = fx.tc(&syn, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (src, dst, _, sport, _) = check6(&out);
+        assert_eq!((src, dst), (ROUTER_OUT6, SERVER6));
+        let reply = tcp6_frame(SERVER_MAC, fx.v1_mac, SERVER6, ROUTER_OUT6, 3197, sport, true, b"");
+        assert_eq!(fx.tc(&reply, fx.v1).0, TC_ACT_REDIRECT);
+        let query = udp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 6120, 53, b"query6");
+        assert_eq!(fx.tc(&query, fx.v0).0, TC_ACT_REDIRECT, "opens the UDP flow");
+        let frames = [
+            (tcp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 40300, 3306, false, &[7u8; 333]), fx.v0),
+            (tcp6_frame(SERVER_MAC, fx.v1_mac, SERVER6, ROUTER_OUT6, 3197, sport, false, &[9u8; 77]), fx.v1),
+            (query, fx.v0),
+        ];
+        for (i, (f, ifindex)) in frames.iter().enumerate() {
+            fx.state.bump_route_generation().unwrap();
+            let full_before = fx.reason(Reason::RedirectTc);
+            let (verdict, full) = fx.tc(f, *ifindex);
+            assert_eq!(
+                (verdict, fx.reason(Reason::RedirectTc)),
+                (TC_ACT_REDIRECT, full_before + 1),
+                "frame {i}: TC's full path"
+            );
+            let cached_before = fx.reason(Reason::RedirectTcCached);
+            let (verdict, cached) = fx.tc(f, *ifindex);
+            assert_eq!(
+                (verdict, fx.reason(Reason::RedirectTcCached)),
+                (TC_ACT_REDIRECT, cached_before + 1),
+                "frame {i}: TC's entry"
+            );
+            assert_eq!(cached, full, "frame {i}: TC's fast path rewrites exactly as its full path");
+            check6(&cached);
+
+            fx.state.bump_route_generation().unwrap();
+            let full_before = fx.reason(Reason::RedirectXdp);
+            let (verdict, xdp_full, _) = fx.xdp(f, *ifindex);
+            assert_eq!(
+                (verdict, fx.reason(Reason::RedirectXdp)),
+                (XDP_REDIRECT, full_before + 1),
+                "frame {i}: XDP's full path"
+            );
+            let cached_before = fx.reason(Reason::RedirectXdpCached);
+            let (verdict, xdp_cached, _) = fx.xdp(f, *ifindex);
+            assert_eq!(
+                (verdict, fx.reason(Reason::RedirectXdpCached)),
+                (XDP_REDIRECT, cached_before + 1),
+                "frame {i}: XDP's entry"
+            );
+            assert_eq!(xdp_cached, xdp_full, "frame {i}: XDP's fast path rewrites exactly as its full path");
+            assert_eq!(xdp_full, full, "frame {i}: XDP and TC alike");
+        }
+        // The entry tier only: no flow cache slot for IPv6.
+        assert_eq!(fx.reason(Reason::RedirectTcFlowCache) + fx.reason(Reason::RedirectXdpFlowCache), 0);
+        // A CHECKSUM_PARTIAL seed goes from XDP to TC untouched.
+        let mut partial = frames[0].0.clone();
+        let l4_len = (partial.len() - 54) as u32;
+        let mut sum = 6 + l4_len;
+        for a in [CLIENT6, ROUTER_IN6] {
+            for w in a.chunks(2) {
+                sum += u16::from_be_bytes([w[0], w[1]]) as u32;
+            }
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        partial[54 + 16..54 + 18].copy_from_slice(&(sum as u16).to_be_bytes());
+        let to_tc = fx.reason(Reason::XdpToTc);
+        let (verdict, out, _) = fx.xdp(&partial, fx.v0);
+        assert_eq!((verdict, out == partial, fx.reason(Reason::XdpToTc)), (XDP_PASS, true, to_tc + 1));
     });
 }
 
