@@ -552,6 +552,9 @@ fn measure_contender(
     // Last: the SYNs leave connection entries (and SNAT ports) behind.
     if contender.forwards_syns() {
         cleanup::check()?;
+        // GRO back on the router, as for the UDP figures: the TCP figures turned it off,
+        // and without it (or XDP) the router's veth drops the generator's XDP_TX frames.
+        topo.router_gro(true)?;
         connection_tables.get_or_insert_with(|| ConnectionTables::read(&topo));
         let before = reason_counts(&running);
         let r = Generator::syns(&topo, addressing.syn_target()).and_then(|generator| {

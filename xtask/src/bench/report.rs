@@ -172,7 +172,12 @@ pub fn markdown(r: &Results) -> String {
          generator (on the same 2 CPUs) was the limit and CPU time per packet is the figure that compares. CPU per \
          packet is the CPU time of the tasks that handle the packets (the generator thread, with the XDP, netfilter \
          and sink work that runs as softirq in its context; ksoftirqd; socat), per packet delivered: the \
-         generator's own share is the same for everyone, so the differences are the router's. TCP: one iperf3 stream, {} s,          GRO off on the router's veths (on on the client's, as the UDP figures need). TCP, veth defaults: the same          stream on a topology of its own where no offload was changed in any namespace (the veths' GRO, GSO and TSO          as the kernel creates them) and no sink is attached (an XDP program on the server's veth would take GSO off          the router's); forwarder in XDP native mode keeps its default `redirect = \"auto\"` there, since the          client's veth neither runs XDP nor has GRO on. New flows: see below. Latency: {} request/responses of 32 \
+         generator's own share is the same for everyone, so the differences are the router's. TCP: one iperf3 stream, {} s, \
+         GRO off on the router's veths (on on the client's, as the UDP figures need). TCP, veth defaults: the same \
+         stream on a topology of its own where no offload was changed in any namespace (the veths' GRO, GSO and TSO \
+         as the kernel creates them) and no sink is attached (an XDP program on the server's veth would take GSO off \
+         the router's); forwarder in XDP native mode keeps its default `redirect = \"auto\"` there, since the \
+         client's veth neither runs XDP nor has GRO on. New flows: see below. Latency: {} request/responses of 32 \
          bytes on one connection. Connections: connect, one request/response, close, one after another for {} s, \
          with no cap on their number; a connection that fails is counted (`new TCP conn failed`) and the next one \
          tried. Churn: see below.\n",
@@ -541,13 +546,16 @@ fn new_flows_section(r: &Results) -> String {
         let mut full = Vec::new();
         if offered_most > t.snat_ports as f64 {
             full.push(
-                "more than the SNAT ports: once they are taken, the NAT contenders drop every further SYN                  (forwarder counts `ports_exhausted`; netfilter fails to insert the entry), so their delivered rate                  is capped near ports / duration and the drops are port exhaustion, not per-flow cost",
+                "more than the SNAT ports: once they are taken, the NAT contenders drop every further SYN \
+                 (forwarder counts `ports_exhausted`; netfilter fails to insert the entry), so their delivered rate \
+                 is capped near ports / duration and the drops are port exhaustion, not per-flow cost",
             );
         }
         let table = t.forwarder_entries.min(t.nf_conntrack_max.map_or(u32::MAX, |n| n.min(u32::MAX as u64) as u32));
         if offered_most > table as f64 {
             full.push(
-                "more than a connection table holds: both sides then early-drop unassured entries (these SYNs'                  own) to make room, and may drop SYNs when they cannot",
+                "more than a connection table holds: both sides then early-drop unassured entries (these SYNs' \
+                 own) to make room, and may drop SYNs when they cannot",
             );
         }
         if full.is_empty() {
@@ -582,8 +590,11 @@ fn reasons_section(r: &Results) -> String {
     md
 }
 
-/// `name N (share%)`, largest first.
+/// `name N (share%)`, largest first; `–` when no counter rose.
 fn reason_shares(counts: &BTreeMap<&'static str, u64>) -> String {
+    if counts.is_empty() {
+        return "–".into();
+    }
     let total: u64 = counts.values().sum();
     let mut v: Vec<_> = counts.iter().collect();
     v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
