@@ -47,12 +47,18 @@ const SYN_LAST_HOST: u8 = 254;
 /// each, sized from the rate measured so far.
 const CALL_TIME: Duration = Duration::from_millis(200);
 const FIRST_CALL: u32 = 65_536;
+/// The SYN generator's first call: a router that NATs them may take tens of µs per SYN once
+/// the SNAT ports fill, and a first call of [`FIRST_CALL`] frames would then run for seconds,
+/// far past the workload's duration.
+const FIRST_CALL_SYNS: u32 = 4096;
 /// Frames per live batch (the kernel's default NAPI budget).
 const BATCH: u32 = 64;
 
 pub struct Generator {
     ebpf: Ebpf,
     frame: Vec<u8>,
+    /// Frames of the first live-frames call, and the fewest of any call.
+    first_call: u32,
 }
 
 /// What one generator run offered.
@@ -70,7 +76,7 @@ impl Generator {
     pub fn new(topo: &BenchTopo, target: ([u8; 4], u16), flows: u32) -> Result<Self> {
         let client = client_address()?;
         let frame = udp_frame(topo.client_mac, topo.router_client_mac, (client, BASE_SPORT), target)?;
-        Self::load(frame, KIND_UDP, flows.max(1), flows.max(1))
+        Self::load(frame, KIND_UDP, flows.max(1), flows.max(1), FIRST_CALL)
     }
 
     /// A generator of TCP SYNs from the client's subnet to `target`, each from a source
@@ -78,7 +84,7 @@ impl Generator {
     pub fn syns(topo: &BenchTopo, target: ([u8; 4], u16)) -> Result<Self> {
         let client = client_address()?;
         let frame = syn_frame(topo.client_mac, topo.router_client_mac, (client, SYN_FIRST_SPORT), target)?;
-        Self::load(frame, KIND_TCP, Self::syn_flows()?, SYN_PORTS)
+        Self::load(frame, KIND_TCP, Self::syn_flows()?, SYN_PORTS, FIRST_CALL_SYNS)
     }
 
     /// Distinct SYNs: every source port of every source address from the client's up.
@@ -87,7 +93,7 @@ impl Generator {
         Ok(addresses * SYN_PORTS)
     }
 
-    fn load(frame: Vec<u8>, kind: u32, flows: u32, ports: u32) -> Result<Self> {
+    fn load(frame: Vec<u8>, kind: u32, flows: u32, ports: u32, first_call: u32) -> Result<Self> {
         let header_len = if kind == KIND_TCP { SYN_HEADER_LEN } else { HEADER_LEN };
         let mut ebpf = load_bench_object()?;
         let mut config = [0u8; CONFIG_LEN];
@@ -99,20 +105,20 @@ impl Generator {
             Array::try_from(ebpf.map_mut("BENCH_GEN").context("BENCH_GEN")?)?;
         gen_config.set(0, config, 0)?;
         load_xdp(&mut ebpf, "bench_trafficgen")?;
-        Ok(Self { ebpf, frame })
+        Ok(Self { ebpf, frame, first_call })
     }
 
     /// Sends frames as fast as one thread can for `duration`.
     pub fn run(&self, topo: &BenchTopo, duration: Duration) -> Result<Offered> {
         let prog: &Xdp = self.ebpf.program("bench_trafficgen").context("generator program")?.try_into()?;
-        let frame = &self.frame;
+        let (frame, first_call) = (&self.frame, self.first_call);
         let ifindex = topo.client_ifindex;
         topo.chain.client.run_scoped(move || -> Result<Offered> {
             let ctx = super::testrun::xdp_md(frame.len(), ifindex);
             let cpu_start = thread_cpu_time();
             let start = Instant::now();
             let mut frames = 0u64;
-            let mut per_call = FIRST_CALL;
+            let mut per_call = first_call;
             while let Some(remaining) = duration.checked_sub(start.elapsed()) {
                 prog.test_run(TestRunOptions {
                     data_in: Some(frame),
@@ -124,7 +130,7 @@ impl Generator {
                 .context("live-frames test run")?;
                 frames += per_call as u64;
                 let rate = frames as f64 / start.elapsed().as_secs_f64();
-                per_call = (rate * remaining.min(CALL_TIME).as_secs_f64()).clamp(FIRST_CALL as f64, 1e8) as u32;
+                per_call = (rate * remaining.min(CALL_TIME).as_secs_f64()).clamp(first_call as f64, 1e8) as u32;
             }
             Ok(Offered { frames, elapsed: start.elapsed(), cpu: thread_cpu_time() - cpu_start })
         })?
@@ -225,7 +231,7 @@ mod tests {
         use aya::programs::{TestRun, TestRunOptions, Xdp};
         let template =
             syn_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ([192, 0, 2, 2], 1024), ([192, 0, 2, 1], 9000)).unwrap();
-        let generator = Generator::load(template.clone(), KIND_TCP, 6, 2).unwrap();
+        let generator = Generator::load(template.clone(), KIND_TCP, 6, 2, 1).unwrap();
         let prog: &Xdp = generator.ebpf.program("bench_trafficgen").unwrap().try_into().unwrap();
         let mut sources = Vec::new();
         for _ in 0..7 {
