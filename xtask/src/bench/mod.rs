@@ -311,9 +311,13 @@ pub struct ConnectionTables {
     pub forwarder_entries: u32,
     /// `net.netfilter.nf_conntrack_max` as the router namespace sees it (None: unreadable).
     pub nf_conntrack_max: Option<u64>,
-    /// SNAT source ports toward one backend (address, port): forwarder's default range;
-    /// netfilter's for source ports from 1024 up is the same 1024..=65535.
+    /// SNAT source ports toward one backend (address, port): netfilter's for source ports
+    /// from 1024 up, 1024..=65535 ...
     pub snat_ports: u32,
+    /// ... and forwarder's: the same default range less the router namespace's ephemeral
+    /// ports (`net.ipv4.ip_local_port_range`), which it leaves to the host's own sockets by
+    /// default (`snat_avoid_local_ports`). None: the range was unreadable.
+    pub forwarder_snat_ports: Option<u32>,
     /// Distinct SYNs the generator sends before one repeats.
     pub distinct_syns: u32,
 }
@@ -321,22 +325,30 @@ pub struct ConnectionTables {
 impl ConnectionTables {
     /// Read in the router namespace of `topo`.
     fn read(topo: &BenchTopo) -> Self {
-        let nf_conntrack_max = topo
-            .chain
-            .router
-            .run(|| std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max"))
-            .ok()
-            .and_then(|r| r.ok())
-            .and_then(|t| t.trim().parse().ok());
+        let sysctl = |path: &'static str| -> Option<Vec<u64>> {
+            let text = topo.chain.router.run(move || std::fs::read_to_string(path)).ok()?.ok()?;
+            text.split_whitespace().map(|v| v.parse().ok()).collect()
+        };
+        let (min, max) =
+            (u32::from(forwarder_common::DEFAULT_SNAT_PORT_MIN), u32::from(forwarder_common::DEFAULT_SNAT_PORT_MAX));
+        let local = sysctl("/proc/sys/net/ipv4/ip_local_port_range");
         Self {
             forwarder_entries: forwarder_common::DEFAULT_CT_ENTRIES,
-            nf_conntrack_max,
-            snat_ports: u32::from(forwarder_common::DEFAULT_SNAT_PORT_MAX)
-                - u32::from(forwarder_common::DEFAULT_SNAT_PORT_MIN)
-                + 1,
+            nf_conntrack_max: sysctl("/proc/sys/net/netfilter/nf_conntrack_max").and_then(|v| v.first().copied()),
+            snat_ports: max - min + 1,
+            forwarder_snat_ports: local.and_then(|v| match v[..] {
+                [lo, hi] => Some(ports_outside(min, max, lo as u32, hi as u32)),
+                _ => None,
+            }),
             distinct_syns: Generator::syn_flows().unwrap_or(0),
         }
     }
+}
+
+/// Ports of `min..=max` outside `hole_min..=hole_max`.
+fn ports_outside(min: u32, max: u32, hole_min: u32, hole_max: u32) -> u32 {
+    let overlap = (max.min(hole_max) + 1).saturating_sub(min.max(hole_min));
+    (max - min + 1) - overlap
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -787,4 +799,16 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ports_outside;
+
+    #[test]
+    fn snat_ports_leave_the_ephemeral_range_out() {
+        assert_eq!(ports_outside(1024, 65535, 32768, 60999), 64512 - 28232);
+        assert_eq!(ports_outside(1024, 65535, 1, 1023), 64512);
+        assert_eq!(ports_outside(1024, 2047, 2000, 65535), 976);
+    }
 }

@@ -534,17 +534,20 @@ fn new_flows_section(r: &Results) -> String {
         .fold(0.0f64, f64::max);
     if let Some(t) = &r.connection_tables {
         let conntrack = t.nf_conntrack_max.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
+        let forwarder_ports = t.forwarder_snat_ports.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
         let _ = write!(
             md,
             "\nWhat fills up: every SYN that gets through takes a connection entry, in forwarder's table \
              ({} entries by default) or conntrack's (`nf_conntrack_max` {conntrack} in the router namespace), and \
-             under DNAT+SNAT a source port toward the one backend: {} ports (1024–65535), for forwarder and \
-             netfilter alike. The generator sends {} distinct SYNs before one repeats. The most offered in one \
-             repetition of this run was about {:.0}",
+             under DNAT+SNAT a source port toward the one backend: {} for netfilter (1024–65535), \
+             {forwarder_ports} for forwarder (the same range less the router's ephemeral ports, \
+             `net.ipv4.ip_local_port_range`, which it leaves to the host's own sockets by default). The generator \
+             sends {} distinct SYNs before one repeats. The most offered in one repetition of this run was about \
+             {:.0}",
             t.forwarder_entries, t.snat_ports, t.distinct_syns, offered_most
         );
         let mut full = Vec::new();
-        if offered_most > t.snat_ports as f64 {
+        if offered_most > t.forwarder_snat_ports.unwrap_or(t.snat_ports).min(t.snat_ports) as f64 {
             full.push(
                 "more than the SNAT ports: once they are taken, the NAT contenders drop every further SYN \
                  (forwarder counts `ports_exhausted`; netfilter fails to insert the entry), so their delivered rate \
