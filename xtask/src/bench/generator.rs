@@ -200,8 +200,8 @@ mod tests {
 
     #[test]
     fn syn_is_minimum_size_with_valid_checksums() {
-        let f = syn_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ([192, 0, 2, 2], 1024), ([192, 0, 2, 1], 9000))
-            .unwrap();
+        let f =
+            syn_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ([192, 0, 2, 2], 1024), ([192, 0, 2, 1], 9000)).unwrap();
         assert_eq!(f.len(), 60);
         // The header the program rewrites is all of the IPv4 packet; the rest is padding.
         assert_eq!(u16::from_be_bytes([f[16], f[17]]) as usize + 14, SYN_HEADER_LEN);

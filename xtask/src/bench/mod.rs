@@ -580,7 +580,11 @@ fn measure_contender(
                 record(Figure::CpuNsPerNewFlow, ns);
             }
             if before.is_some() {
-                add_reason_deltas(reasons.entry((contender, "new flows")).or_default(), before, reason_counts(&running));
+                add_reason_deltas(
+                    reasons.entry((contender, "new flows")).or_default(),
+                    before,
+                    reason_counts(&running),
+                );
             }
         });
         attempt("new flows", r);
@@ -657,10 +661,7 @@ fn measure_tcp(
 /// One iperf3 stream through `contender` on a fresh topology with the veths' defaults (no
 /// offload changed anywhere; forwarder's XDP keeps its default `redirect = "auto"`), and
 /// for forwarder's contenders the reason counters' rise over the run.
-fn tcp_with_veth_defaults(
-    contender: Contender,
-    plan: &Plan,
-) -> Result<(f64, Option<BTreeMap<&'static str, u64>>)> {
+fn tcp_with_veth_defaults(contender: Contender, plan: &Plan) -> Result<(f64, Option<BTreeMap<&'static str, u64>>)> {
     let topo = BenchTopo::with_veth_defaults()?;
     let running = contender.start(&topo, Rules::VETH_DEFAULTS)?;
     let before = reason_counts(&running);
