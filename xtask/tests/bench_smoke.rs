@@ -37,6 +37,7 @@ fn quick_bench_gives_every_contender_its_figures() {
                 "udp_many_flows_pps",
                 "cpu_ns_per_packet_one_flow",
                 "tcp_bits_per_second",
+                "tcp_veth_defaults_bits_per_second",
                 "latency_p99_us",
                 "connections_per_second",
                 "connections_failed",
@@ -47,9 +48,19 @@ fn quick_bench_gives_every_contender_its_figures() {
         } else {
             &["udp_one_flow_pps", "udp_many_flows_pps", "cpu_ns_per_packet_one_flow"]
         };
-        for f in expected {
+        // New flows: every contender but socat (whose kernel answers the SYNs itself).
+        let new_flows: &[&str] = if c["id"] == "socat" {
+            &[]
+        } else {
+            &["new_flows_per_second", "new_flows_offered_per_second", "cpu_ns_per_new_flow", "new_flows_dropped"]
+        };
+        for f in expected.iter().chain(new_flows) {
             let median = figures.get(*f).and_then(|s| s["median"].as_f64());
             assert!(median.is_some(), "{}: no {f} ({:?})", c["id"], c["errors"]);
+        }
+        if !new_flows.is_empty() {
+            let delivered = figures["new_flows_per_second"]["median"].as_f64().unwrap();
+            assert!(delivered > 0.0, "{}: no SYN delivered", c["id"]);
         }
         assert!(figures["udp_one_flow_pps"]["median"].as_f64().unwrap() > 0.0, "{}: nothing delivered", c["id"]);
         // Connection churn: every window counted and every failure reported (a count, zero
@@ -73,14 +84,24 @@ fn quick_bench_gives_every_contender_its_figures() {
     }
     let md = std::fs::read_to_string(out_dir.join("results.md")).expect("results.md");
     assert!(md.contains("## Connection churn"), "results.md has the churn section");
+    assert!(md.contains("## New flows"), "results.md has the new-flows section");
+    assert!(results["connection_tables"]["forwarder_entries"].as_u64().is_some(), "connection-table limits");
     // forwarder's counters say how its UDP packets left: with XDP native and one flow,
     // nearly all from the flow cache (the first through the full path, then one entry hit
     // per CPU the flow meets).
     let native = contenders.iter().find(|c| c["id"] == "forwarder-xdp-native").expect("XDP native ran");
-    let one_flow = native["udp_reasons"]["1 flow"].as_object().expect("reason counts of the one-flow workload");
+    let one_flow = native["reasons"]["1 flow"].as_object().expect("reason counts of the one-flow workload");
     let total: u64 = one_flow.values().filter_map(|v| v.as_u64()).sum();
     let from_cache = one_flow.get("redirect_xdp_flow_cache").and_then(|v| v.as_u64()).unwrap_or(0);
     assert!(total > 0 && from_cache * 10 > total * 9, "{one_flow:?}");
+    // And how the packets of the TCP figure with the veth defaults and of the new flows left,
+    // whatever the reasons' names.
+    for c in contenders.iter().filter(|c| c["id"].as_str().is_some_and(|id| id.starts_with("forwarder-"))) {
+        for workload in ["TCP, veth defaults", "new flows"] {
+            let counts = c["reasons"][workload].as_object();
+            assert!(counts.is_some_and(|m| !m.is_empty()), "{}: reasons of {workload}: {counts:?}", c["id"]);
+        }
+    }
     // The many-backends workload: the UDP forward over 16 backends through every contender
     // that spreads one forward over several, with its many-flows figures; forwarder's flows
     // reached every backend (the flows are the same every run, and so is their hashing).

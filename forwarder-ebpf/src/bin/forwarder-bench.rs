@@ -9,12 +9,13 @@
 //!   key (forwarder's connection key) and a 16-byte one: the least a forwarder that keeps
 //!   per-connection state does per packet, to set the established path's time against.
 //! - `bench_trafficgen`: the packet generator, run with BPF_PROG_TEST_RUN live frames (as
-//!   xdp-trafficgen does): writes a UDP frame from a template, varies the source port over
-//!   N flows and sends it with XDP_TX. The template is written every time because live-frame
-//!   pages are recycled without being reset, and the router may have rewritten them.
-//! - `bench_sink`: the receiver. Counts and drops the bench's UDP frames, passes the rest
-//!   (TCP of the other figures). Having an XDP program also lets the veth take
-//!   XDP_REDIRECTed frames.
+//!   xdp-trafficgen does): writes a UDP frame (or a TCP SYN) from a template, varies the
+//!   source port over N flows (past `ports` flows, the source address's last byte too) and
+//!   sends it with XDP_TX. The template is written every time because live-frame pages are
+//!   recycled without being reset, and the router may have rewritten them.
+//! - `bench_sink`: the receiver. Counts and drops the bench's UDP frames and the SYNs of the
+//!   new-flows workload (by destination port), passes the rest (TCP of the other figures).
+//!   Having an XDP program also lets the veth take XDP_REDIRECTed frames.
 #![no_std]
 #![no_main]
 
@@ -38,31 +39,45 @@ static BENCH_L2: Array<[u8; 12]> = Array::with_max_entries(1, 0);
 #[map(name = "BENCH_TX")]
 static BENCH_TX: DevMap = DevMap::with_max_entries(1, 0);
 
-/// Generator template: a complete Ethernet + IPv4 + UDP header with full checksums.
+/// Generator template: the first bytes of the frame with full checksums, Ethernet + IPv4 +
+/// UDP (42 bytes) or Ethernet + IPv4 + TCP with a 4-byte option (58 bytes).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GenConfig {
-    pub header: [u8; HEADER_LEN],
+    pub header: [u8; TCP_HEADER_LEN],
     pub _pad: [u8; 2],
-    /// Number of flows: the source port runs from the template's port upwards.
+    /// Number of flows before the pattern repeats.
     pub flows: u32,
+    /// Source ports per source address: flow k has the template's port + k % ports and the
+    /// template's source address with k / ports added to its last byte (0: all flows vary
+    /// the port only).
+    pub ports: u32,
+    /// 0: UDP, [`GEN_TCP`]: a TCP SYN.
+    pub kind: u32,
 }
 
-const HEADER_LEN: usize = 14 + 20 + 8;
-const UDP_SPORT: usize = 14 + 20;
+const TCP_HEADER_LEN: usize = 14 + 20 + 24;
+const GEN_TCP: u32 = 1;
+const IP_CHECK: usize = 14 + 10;
+/// The source address's second word (its last two bytes).
+const IP_SADDR_LOW: usize = 14 + 14;
+const L4_SPORT: usize = 14 + 20;
 const UDP_CHECK: usize = 14 + 20 + 6;
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 48);
+const TCP_CHECK: usize = 14 + 20 + 16;
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 72);
 
 #[map(name = "BENCH_GEN")]
 static BENCH_GEN: Array<GenConfig> = Array::with_max_entries(1, 0);
 
-/// Frames generated so far on each CPU (the flow of the next frame).
+/// Frames generated so far (the flow of the next frame). One counter, not one per CPU: the
+/// generator is one thread, and should it move to another CPU, a per-CPU count would start
+/// the flows over, which the new-flows workload (every SYN a new connection) must not.
 #[map(name = "BENCH_GEN_SEQ")]
-static BENCH_GEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static BENCH_GEN_SEQ: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Sink: the UDP destination ports counted, [low, high].
+/// Sink: the destination ports counted, [low, high]: index 0 UDP, index 1 TCP.
 #[map(name = "BENCH_PORTS")]
-static BENCH_PORTS: Array<[u16; 2]> = Array::with_max_entries(1, 0);
+static BENCH_PORTS: Array<[u16; 2]> = Array::with_max_entries(2, 0);
 
 /// Sink: frames counted (index 0).
 #[map(name = "BENCH_SINK")]
@@ -134,13 +149,13 @@ pub fn bench_trafficgen(ctx: XdpContext) -> u32 {
 fn generate(ctx: &XdpContext) -> Result<(), Reason> {
     let cfg = BENCH_GEN.get(0).ok_or(Reason::Malformed)?;
     let seq = BENCH_GEN_SEQ.get_ptr_mut(0).ok_or(Reason::Malformed)?;
-    // SAFETY: per-CPU slot, no concurrent writer.
+    // SAFETY: one generator thread, and a program run is not preempted by another.
     let n = unsafe {
         let n = *seq;
         *seq = n.wrapping_add(1);
         n
     };
-    let flow = if cfg.flows > 1 { (n % cfg.flows as u64) as u16 } else { 0 };
+    let flow = if cfg.flows > 1 { (n % cfg.flows as u64) as u32 } else { 0 };
     // Eight bytes at a time from explicit bytes: an array copy would be a call to a
     // byte-loop memmove, which would make the generator slower than it needs to be.
     let h = &cfg.header;
@@ -151,23 +166,48 @@ fn generate(ctx: &XdpContext) -> Result<(), Reason> {
     ctx::write(ctx, 24, eight(24))?;
     ctx::write(ctx, 32, eight(32))?;
     ctx::write(ctx, 40, [h[40], h[41]])?;
-    if flow != 0 {
-        let base = u16::from_be_bytes([cfg.header[UDP_SPORT], cfg.header[UDP_SPORT + 1]]);
-        let sport = base.wrapping_add(flow);
-        let check = u16::from_be_bytes([cfg.header[UDP_CHECK], cfg.header[UDP_CHECK + 1]]);
-        let mut check = csum::update(check, base as u32, sport as u32);
-        if check == 0 {
-            check = 0xffff;
-        }
-        ctx::write(ctx, UDP_SPORT, sport.to_be_bytes())?;
-        ctx::write(ctx, UDP_CHECK, check.to_be_bytes())?;
+    let tcp = cfg.kind == GEN_TCP;
+    if tcp {
+        ctx::write(ctx, 42, eight(42))?;
+        ctx::write(ctx, 50, eight(50))?;
     }
+    if flow == 0 {
+        return Ok(());
+    }
+    // Checked: a plain `%` or `/` would keep a call to the panic path, which the verifier
+    // refuses.
+    let (port_step, address_step) = match (flow.checked_rem(cfg.ports), flow.checked_div(cfg.ports)) {
+        (Some(r), Some(d)) => (r as u16, d as u16),
+        _ => (flow as u16, 0),
+    };
+    let word = |o: usize| u16::from_be_bytes([h[o], h[o + 1]]);
+    let base = word(L4_SPORT);
+    let sport = base.wrapping_add(port_step);
+    ctx::write(ctx, L4_SPORT, sport.to_be_bytes())?;
+    let (mut old_sum, mut new_sum) = (base as u32, sport as u32);
+    if address_step != 0 {
+        // The last byte of the source address; the IPv4 header checksum and the transport
+        // checksum's pseudo header both hold it.
+        let saddr = word(IP_SADDR_LOW);
+        let new_saddr = saddr.wrapping_add(address_step);
+        ctx::write(ctx, IP_SADDR_LOW, new_saddr.to_be_bytes())?;
+        let ip_check = csum::update(word(IP_CHECK), saddr as u32, new_saddr as u32);
+        ctx::write(ctx, IP_CHECK, ip_check.to_be_bytes())?;
+        old_sum += saddr as u32;
+        new_sum += new_saddr as u32;
+    }
+    let at = if tcp { TCP_CHECK } else { UDP_CHECK };
+    let mut check = csum::update(word(at), old_sum, new_sum);
+    if check == 0 && !tcp {
+        check = 0xffff;
+    }
+    ctx::write(ctx, at, check.to_be_bytes())?;
     Ok(())
 }
 
 #[xdp]
 pub fn bench_sink(ctx: XdpContext) -> u32 {
-    if is_bench_udp(&ctx).unwrap_or(false) {
+    if is_counted(&ctx).unwrap_or(false) {
         if let Some(count) = BENCH_SINK.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, no concurrent writer.
             unsafe { *count += 1 };
@@ -177,16 +217,22 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// The bench's UDP frames, and TCP segments to the new-flows workload's ports.
 #[inline(always)]
-fn is_bench_udp(ctx: &XdpContext) -> Result<bool, Reason> {
+fn is_counted(ctx: &XdpContext) -> Result<bool, Reason> {
     let ethertype: [u8; 2] = ctx::read(ctx, 12)?;
     let ver_ihl: [u8; 1] = ctx::read(ctx, 14)?;
     let proto: [u8; 1] = ctx::read(ctx, 14 + 9)?;
-    if ethertype != [0x08, 0x00] || ver_ihl[0] != 0x45 || proto[0] != 17 {
+    if ethertype != [0x08, 0x00] || ver_ihl[0] != 0x45 {
         return Ok(false);
     }
+    let index = match proto[0] {
+        17 => 0,
+        6 => 1,
+        _ => return Ok(false),
+    };
     let dport = u16::from_be_bytes(ctx::read(ctx, 14 + 20 + 2)?);
-    let ports = BENCH_PORTS.get(0).ok_or(Reason::Malformed)?;
+    let ports = BENCH_PORTS.get(index).ok_or(Reason::Malformed)?;
     Ok(dport >= ports[0] && dport <= ports[1])
 }
 

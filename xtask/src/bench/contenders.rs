@@ -24,8 +24,8 @@ use serde::Serialize;
 
 use super::topology::{
     Addressing, BenchTopo, CHURN_BACKEND_PORT, CHURN_LISTEN_PORT, ECHO_BACKEND_PORT, ECHO_LISTEN_PORT,
-    IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, SNAT_ADDR, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
-    udp_backend_addresses,
+    IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, SNAT_ADDR, SYN_BACKEND_PORT, SYN_LISTEN_PORT, UDP_BACKEND_PORT,
+    UDP_LISTEN_PORT, load_bench_object, load_xdp, udp_backend_addresses,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -93,6 +93,14 @@ impl Contender {
 
     pub fn carries_tcp(self) -> bool {
         self.limitation().is_none()
+    }
+
+    /// Whether the new-flows workload (a SYN flood through the router, never answered)
+    /// measures this contender: all but socat, a userspace proxy whose kernel answers each
+    /// SYN itself, so the SYNs never reach the server (it cannot keep up with the flood
+    /// anyway). The redirect-only ceiling forwards SYNs as any frame.
+    pub fn forwards_syns(self) -> bool {
+        self != Contender::Socat
     }
 
     pub fn from_id(id: &str) -> Option<Self> {
@@ -229,17 +237,23 @@ fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
 
 /// What a contender installs: the bench's forwards, the UDP one with `udp_backends`
 /// backends, and `extra_forwards` unused forwards of `extra_backends` backends each (rule
-/// scaling).
+/// scaling). `redirect_into_veths`: forwarder's XDP native mode may XDP-redirect into the
+/// veths (`redirect = "xdp"`), as on [`BenchTopo::new`]'s topology; otherwise it keeps its
+/// default (`auto`), as it must on veths with their defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rules {
     pub udp_backends: usize,
     pub extra_forwards: usize,
     pub extra_backends: usize,
+    pub redirect_into_veths: bool,
 }
 
 impl Rules {
     /// The bench's forwards, one backend each.
-    pub const BENCH: Rules = Rules { udp_backends: 1, extra_forwards: 0, extra_backends: 1 };
+    pub const BENCH: Rules = Rules { udp_backends: 1, extra_forwards: 0, extra_backends: 1, redirect_into_veths: true };
+
+    /// [`Rules::BENCH`] for a topology with the veths' defaults.
+    pub const VETH_DEFAULTS: Rules = Rules { redirect_into_veths: false, ..Rules::BENCH };
 
     /// The bench's forwards and `extra` unused forwards of one backend each.
     pub fn scaled(extra: usize) -> Self {
@@ -272,11 +286,12 @@ pub fn extra_backends(forward: usize, count: usize) -> Vec<(Ipv4Addr, u16)> {
 }
 
 /// The bench's forwards: (protocol, listen port, backend port).
-pub const FORWARDS: [(&str, u16, u16); 4] = [
+pub const FORWARDS: [(&str, u16, u16); 5] = [
     ("udp", UDP_LISTEN_PORT, UDP_BACKEND_PORT),
     ("tcp", IPERF_LISTEN_PORT, IPERF_BACKEND_PORT),
     ("tcp", ECHO_LISTEN_PORT, ECHO_BACKEND_PORT),
     ("tcp", CHURN_LISTEN_PORT, CHURN_BACKEND_PORT),
+    ("tcp", SYN_LISTEN_PORT, SYN_BACKEND_PORT),
 ];
 
 /// Backends of the bench's forward to `backend_port`: the UDP forward's are on the server's
@@ -314,10 +329,10 @@ fn write_forward(
 }
 
 /// forwarder's config: the bench's forwards and the unused ones of `rules`, on both router
-/// devices. In native mode XDP may redirect into the veths: every receiver here runs XDP or
-/// has GRO on.
+/// devices. In native mode XDP may redirect into the veths (unless `rules` says otherwise):
+/// on the bench's topology every receiver runs XDP or has GRO on.
 pub fn forwarder_config(xdp: &str, rules: Rules) -> String {
-    let redirect = if xdp == "native" { "xdp" } else { "auto" };
+    let redirect = if xdp == "native" && rules.redirect_into_veths { "xdp" } else { "auto" };
     let mut c = String::new();
     for dev in [ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV] {
         let _ = writeln!(c, "[[interface]]\nname = \"{dev}\"\nxdp = \"{xdp}\"\nredirect = \"{redirect}\"\n");
@@ -397,7 +412,8 @@ pub fn nft_rules(rules: Rules) -> Result<String> {
     Ok(r)
 }
 
-/// socat on the router: one process per forward, as an `ssh -L` or a sidecar proxy would be.
+/// socat on the router: one process per forward, as an `ssh -L` or a sidecar proxy would be,
+/// but for the new-flows workload's (see [`Contender::forwards_syns`]).
 /// UDP one way (`-u`, one socket for every flow): a forking UDP listener would start a
 /// process per flow. TCP listeners with the backlog the bench's own servers have (128):
 /// socat's default of 5 overflows under the churn workload's 32 clients, and the

@@ -2,6 +2,8 @@
 //! live-frames mode from a thread in the client namespace, as xdp-trafficgen does (Debian's
 //! xdp-trafficgen does not load on this kernel). Each repetition sends one small UDP frame
 //! with full checksums out of c0 (XDP_TX); the program varies the source port over N flows.
+//! For the new-flows workload it sends TCP SYNs instead, each from a source (address, port)
+//! of its own: the ports 1024..=65535, then the same from the client subnet's next address.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,7 @@ use aya::{
     maps::Array,
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use etherparse::PacketBuilder;
+use etherparse::{PacketBuilder, TcpOptionElement};
 
 use super::{
     stats::thread_cpu_time,
@@ -20,21 +22,43 @@ use super::{
 
 /// Ethernet + IPv4 + UDP header the program rewrites on every frame.
 const HEADER_LEN: usize = 14 + 20 + 8;
+/// Ethernet + IPv4 + TCP with the MSS option: the SYN's header, rewritten on every frame.
+const SYN_HEADER_LEN: usize = 14 + 20 + 24;
+/// The generator's config as the program reads it (`GenConfig` of forwarder-bench.rs):
+/// header template (58 bytes), 2 bytes padding, flows, ports per source address, kind.
+const CONFIG_LEN: usize = 72;
+const KIND_UDP: u32 = 0;
+const KIND_TCP: u32 = 1;
+/// Minimum Ethernet frame, FCS excluded.
+const MIN_FRAME: usize = 60;
 /// Payload that makes a minimum-size (60-byte, FCS excluded) Ethernet frame.
 const PAYLOAD_LEN: usize = 18;
 /// First source port; flow k uses BASE_SPORT + k.
 const BASE_SPORT: u16 = 10_000;
+/// Source ports of the SYNs: 1024..=65535 from each source address.
+const SYN_FIRST_SPORT: u16 = 1024;
+pub const SYN_PORTS: u32 = 65_536 - SYN_FIRST_SPORT as u32;
+/// Last byte of the SYNs' last source address: the client's /24 up to .254 (.255 is its
+/// broadcast address). The router routes the subnet out of its client veth, so every one
+/// passes its reverse-path check.
+const SYN_LAST_HOST: u8 = 254;
 /// Every live-frames call sets up and tears down a page pool, which sleeps: calls of a few
 /// frames would leave the CPU idle and understate the rate. So calls last about CALL_TIME
 /// each, sized from the rate measured so far.
 const CALL_TIME: Duration = Duration::from_millis(200);
 const FIRST_CALL: u32 = 65_536;
+/// The SYN generator's first call: a router that NATs them may take tens of µs per SYN once
+/// the SNAT ports fill, and a first call of [`FIRST_CALL`] frames would then run for seconds,
+/// far past the workload's duration.
+const FIRST_CALL_SYNS: u32 = 4096;
 /// Frames per live batch (the kernel's default NAPI budget).
 const BATCH: u32 = 64;
 
 pub struct Generator {
     ebpf: Ebpf,
     frame: Vec<u8>,
+    /// Frames of the first live-frames call, and the fewest of any call.
+    first_call: u32,
 }
 
 /// What one generator run offered.
@@ -50,29 +74,51 @@ pub struct Offered {
 impl Generator {
     /// A generator of `flows` UDP flows from the client to `target` (address, port).
     pub fn new(topo: &BenchTopo, target: ([u8; 4], u16), flows: u32) -> Result<Self> {
-        let client = forwarder_tests::topo::CLIENT_ADDR.parse::<std::net::Ipv4Addr>()?.octets();
+        let client = client_address()?;
         let frame = udp_frame(topo.client_mac, topo.router_client_mac, (client, BASE_SPORT), target)?;
+        Self::load(frame, KIND_UDP, flows.max(1), flows.max(1), FIRST_CALL)
+    }
+
+    /// A generator of TCP SYNs from the client's subnet to `target`, each from a source
+    /// (address, port) of its own, [`Generator::syn_flows`] of them before one repeats.
+    pub fn syns(topo: &BenchTopo, target: ([u8; 4], u16)) -> Result<Self> {
+        let client = client_address()?;
+        let frame = syn_frame(topo.client_mac, topo.router_client_mac, (client, SYN_FIRST_SPORT), target)?;
+        Self::load(frame, KIND_TCP, Self::syn_flows()?, SYN_PORTS, FIRST_CALL_SYNS)
+    }
+
+    /// Distinct SYNs: every source port of every source address from the client's up.
+    pub fn syn_flows() -> Result<u32> {
+        let addresses = u32::from(SYN_LAST_HOST.saturating_sub(client_address()?[3])) + 1;
+        Ok(addresses * SYN_PORTS)
+    }
+
+    fn load(frame: Vec<u8>, kind: u32, flows: u32, ports: u32, first_call: u32) -> Result<Self> {
+        let header_len = if kind == KIND_TCP { SYN_HEADER_LEN } else { HEADER_LEN };
         let mut ebpf = load_bench_object()?;
-        let mut config = [0u8; 48];
-        config[..HEADER_LEN].copy_from_slice(&frame[..HEADER_LEN]);
-        config[44..48].copy_from_slice(&flows.max(1).to_ne_bytes());
-        let mut gen_config: Array<_, [u8; 48]> = Array::try_from(ebpf.map_mut("BENCH_GEN").context("BENCH_GEN")?)?;
+        let mut config = [0u8; CONFIG_LEN];
+        config[..header_len].copy_from_slice(&frame[..header_len]);
+        for (at, v) in [(60, flows), (64, ports), (68, kind)] {
+            config[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        let mut gen_config: Array<_, [u8; CONFIG_LEN]> =
+            Array::try_from(ebpf.map_mut("BENCH_GEN").context("BENCH_GEN")?)?;
         gen_config.set(0, config, 0)?;
         load_xdp(&mut ebpf, "bench_trafficgen")?;
-        Ok(Self { ebpf, frame })
+        Ok(Self { ebpf, frame, first_call })
     }
 
     /// Sends frames as fast as one thread can for `duration`.
     pub fn run(&self, topo: &BenchTopo, duration: Duration) -> Result<Offered> {
         let prog: &Xdp = self.ebpf.program("bench_trafficgen").context("generator program")?.try_into()?;
-        let frame = &self.frame;
+        let (frame, first_call) = (&self.frame, self.first_call);
         let ifindex = topo.client_ifindex;
         topo.chain.client.run_scoped(move || -> Result<Offered> {
             let ctx = super::testrun::xdp_md(frame.len(), ifindex);
             let cpu_start = thread_cpu_time();
             let start = Instant::now();
             let mut frames = 0u64;
-            let mut per_call = FIRST_CALL;
+            let mut per_call = first_call;
             while let Some(remaining) = duration.checked_sub(start.elapsed()) {
                 prog.test_run(TestRunOptions {
                     data_in: Some(frame),
@@ -84,7 +130,7 @@ impl Generator {
                 .context("live-frames test run")?;
                 frames += per_call as u64;
                 let rate = frames as f64 / start.elapsed().as_secs_f64();
-                per_call = (rate * remaining.min(CALL_TIME).as_secs_f64()).clamp(FIRST_CALL as f64, 1e8) as u32;
+                per_call = (rate * remaining.min(CALL_TIME).as_secs_f64()).clamp(first_call as f64, 1e8) as u32;
             }
             Ok(Offered { frames, elapsed: start.elapsed(), cpu: thread_cpu_time() - cpu_start })
         })?
@@ -111,6 +157,25 @@ pub fn udp_frame_ttl(
     Ok(frame)
 }
 
+fn client_address() -> Result<[u8; 4]> {
+    Ok(forwarder_tests::topo::CLIENT_ADDR.parse::<std::net::Ipv4Addr>()?.octets())
+}
+
+/// A TCP SYN (with the MSS option, as real ones carry) with full IPv4 and TCP checksums,
+/// padded with zeros to a minimum-size Ethernet frame as a NIC pads it.
+pub fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1, 64_240)
+        .syn()
+        .options(&[TcpOptionElement::MaximumSegmentSize(1460)])
+        .map_err(|e| anyhow::anyhow!("TCP options: {e:?}"))?;
+    let mut frame = Vec::with_capacity(MIN_FRAME);
+    builder.write(&mut frame, &[])?;
+    frame.resize(frame.len().max(MIN_FRAME), 0);
+    Ok(frame)
+}
+
 #[cfg(test)]
 mod tests {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
@@ -131,5 +196,66 @@ mod tests {
         assert_eq!(header.header_checksum, header.calc_header_checksum());
         let udp_header = udp.to_header();
         assert_eq!(udp_header.checksum, udp_header.calc_checksum_ipv4(&header, udp.payload()).unwrap());
+    }
+
+    #[test]
+    fn syn_is_minimum_size_with_valid_checksums() {
+        let f =
+            syn_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ([192, 0, 2, 2], 1024), ([192, 0, 2, 1], 9000)).unwrap();
+        assert_eq!(f.len(), 60);
+        // The header the program rewrites is all of the IPv4 packet; the rest is padding.
+        assert_eq!(u16::from_be_bytes([f[16], f[17]]) as usize + 14, SYN_HEADER_LEN);
+        assert!(f[SYN_HEADER_LEN..].iter().all(|b| *b == 0));
+        assert_eq!(checked_syn(&f), ([192, 0, 2, 2], 1024, 9000));
+    }
+
+    /// A SYN's source address, source and destination ports, once its checksums and flags
+    /// are checked.
+    fn checked_syn(frame: &[u8]) -> ([u8; 4], u16, u16) {
+        let p = SlicedPacket::from_ethernet(frame).unwrap();
+        let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+        let Some(TransportSlice::Tcp(tcp)) = &p.transport else { panic!("not TCP") };
+        assert!(tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin());
+        let header = ip.header().to_header();
+        assert_eq!(header.header_checksum, header.calc_header_checksum());
+        let tcp_header = tcp.to_header();
+        assert_eq!(tcp_header.checksum, tcp_header.calc_checksum_ipv4(&header, tcp.payload()).unwrap());
+        (header.source, tcp.source_port(), tcp.destination_port())
+    }
+
+    /// The program's rewrite (run here without live frames, output read back): each frame
+    /// a new source port, past `ports` of them the next source address, checksums valid.
+    /// Needs root, as the other tests that load programs.
+    #[test]
+    fn generator_program_rewrites_syns_with_valid_checksums() {
+        use aya::programs::{TestRun, TestRunOptions, Xdp};
+        let template =
+            syn_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ([192, 0, 2, 2], 1024), ([192, 0, 2, 1], 9000)).unwrap();
+        let generator = Generator::load(template.clone(), KIND_TCP, 6, 2, 1).unwrap();
+        let prog: &Xdp = generator.ebpf.program("bench_trafficgen").unwrap().try_into().unwrap();
+        let mut sources = Vec::new();
+        for _ in 0..7 {
+            let mut out = vec![0u8; template.len()];
+            // The input differs from the template: the program writes every header byte.
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&[0xee; 60]),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::default()
+                })
+                .unwrap();
+            assert_eq!(r.return_value, 3, "XDP_TX");
+            let (source, sport, dport) = checked_syn(&out);
+            assert_eq!((&source[..3], dport), (&[192, 0, 2][..], 9000));
+            sources.push((source[3], sport));
+        }
+        assert_eq!(sources, [(2, 1024), (2, 1025), (3, 1024), (3, 1025), (4, 1024), (4, 1025), (2, 1024)]);
+    }
+
+    #[test]
+    fn syns_cover_the_client_subnet_past_64k_tuples() {
+        // From 192.0.2.2 to .254: 253 addresses of 64512 ports each.
+        assert_eq!(Generator::syn_flows().unwrap(), 253 * 64_512);
+        assert_eq!(SYN_PORTS, 64_512);
     }
 }

@@ -26,7 +26,7 @@ use self::{
     generator::Generator,
     stats::Summary,
     topology::BenchTopo,
-    workloads::{Churn, ChurnPlan, churn, connection_rate, latency, tcp_throughput, udp_rate},
+    workloads::{Churn, ChurnPlan, churn, connection_rate, latency, new_flow_rate, tcp_throughput, udp_rate},
 };
 
 /// How long and how often: `--quick` (about 2 minutes) or full (about half an hour: the churn
@@ -43,6 +43,8 @@ pub struct Plan {
     /// Backends of the UDP forward in the many-backends workload.
     pub many_backends: usize,
     pub iperf_seconds: u32,
+    /// The new-flows workload: how long the SYNs are sent per repetition.
+    pub new_flow_seconds: f64,
     pub round_trips: usize,
     pub connect_seconds: f64,
     /// Connection churn: how long, the window requests/s are counted in, how many clients.
@@ -65,6 +67,7 @@ impl Plan {
             many_flows: 256,
             many_backends: 16,
             iperf_seconds: 1,
+            new_flow_seconds: 0.5,
             round_trips: 1000,
             connect_seconds: 0.5,
             churn_seconds: 4.0,
@@ -85,6 +88,7 @@ impl Plan {
             many_flows: 1024,
             many_backends: 16,
             iperf_seconds: 3,
+            new_flow_seconds: 2.0,
             round_trips: 5000,
             connect_seconds: 2.0,
             churn_seconds: 30.0,
@@ -108,6 +112,7 @@ pub enum Figure {
     CpuNsPerPacketOneFlow,
     CpuNsPerPacketManyFlows,
     TcpBitsPerSecond,
+    TcpVethDefaultsBitsPerSecond,
     LatencyP50Us,
     LatencyP99Us,
     ConnectionsPerSecond,
@@ -116,10 +121,14 @@ pub enum Figure {
     ChurnMinWindowRequestsPerSecond,
     ChurnFailedConnections,
     CpuUsPerConnection,
+    NewFlowsPerSecond,
+    NewFlowsOfferedPerSecond,
+    CpuNsPerNewFlow,
+    NewFlowsDropped,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 15] = [
+    pub const ALL: [Figure; 20] = [
         Figure::UdpOneFlowPps,
         Figure::UdpOneFlowOfferedPps,
         Figure::UdpManyFlowsPps,
@@ -127,6 +136,7 @@ impl Figure {
         Figure::CpuNsPerPacketOneFlow,
         Figure::CpuNsPerPacketManyFlows,
         Figure::TcpBitsPerSecond,
+        Figure::TcpVethDefaultsBitsPerSecond,
         Figure::LatencyP50Us,
         Figure::LatencyP99Us,
         Figure::ConnectionsPerSecond,
@@ -135,6 +145,10 @@ impl Figure {
         Figure::ChurnMinWindowRequestsPerSecond,
         Figure::ChurnFailedConnections,
         Figure::CpuUsPerConnection,
+        Figure::NewFlowsPerSecond,
+        Figure::NewFlowsOfferedPerSecond,
+        Figure::CpuNsPerNewFlow,
+        Figure::NewFlowsDropped,
     ];
 
     pub fn heading(self) -> &'static str {
@@ -146,6 +160,7 @@ impl Figure {
             Figure::CpuNsPerPacketOneFlow => "CPU/packet, 1 flow",
             Figure::CpuNsPerPacketManyFlows => "CPU/packet, many flows",
             Figure::TcpBitsPerSecond => "TCP (iperf3)",
+            Figure::TcpVethDefaultsBitsPerSecond => "TCP (iperf3), veth defaults",
             Figure::LatencyP50Us => "RR latency p50",
             Figure::LatencyP99Us => "RR latency p99",
             Figure::ConnectionsPerSecond => "new TCP conn/s",
@@ -154,6 +169,10 @@ impl Figure {
             Figure::ChurnMinWindowRequestsPerSecond => "churn req/s, worst window",
             Figure::ChurnFailedConnections => "churn failed conns",
             Figure::CpuUsPerConnection => "CPU/connection, churn",
+            Figure::NewFlowsPerSecond => "new flows/s delivered",
+            Figure::NewFlowsOfferedPerSecond => "new flows/s offered",
+            Figure::CpuNsPerNewFlow => "CPU/new flow",
+            Figure::NewFlowsDropped => "new flows dropped",
         }
     }
 
@@ -164,13 +183,14 @@ impl Figure {
             | Figure::UdpOneFlowOfferedPps
             | Figure::UdpManyFlowsPps
             | Figure::UdpManyFlowsOfferedPps => "Mpps",
-            Figure::CpuNsPerPacketOneFlow | Figure::CpuNsPerPacketManyFlows => "ns",
-            Figure::TcpBitsPerSecond => "Gbit/s",
+            Figure::CpuNsPerPacketOneFlow | Figure::CpuNsPerPacketManyFlows | Figure::CpuNsPerNewFlow => "ns",
+            Figure::TcpBitsPerSecond | Figure::TcpVethDefaultsBitsPerSecond => "Gbit/s",
+            Figure::NewFlowsPerSecond | Figure::NewFlowsOfferedPerSecond => "kflows/s",
             Figure::LatencyP50Us | Figure::LatencyP99Us | Figure::CpuUsPerConnection => "µs",
             Figure::ConnectionsPerSecond | Figure::ChurnRequestsPerSecond | Figure::ChurnMinWindowRequestsPerSecond => {
                 "/s"
             }
-            Figure::ConnectionsFailed | Figure::ChurnFailedConnections => "count",
+            Figure::ConnectionsFailed | Figure::ChurnFailedConnections | Figure::NewFlowsDropped => "count",
         }
     }
 
@@ -184,6 +204,7 @@ impl Figure {
         match self.unit() {
             "Mpps" => 1e-6,
             "Gbit/s" => 1e-9,
+            "kflows/s" => 1e-3,
             _ => 1.0,
         }
     }
@@ -198,10 +219,11 @@ pub struct ContenderResult {
     pub errors: Vec<String>,
     /// Why some figures are missing by design.
     pub limitation: Option<&'static str>,
-    /// forwarder's contenders: how the UDP workloads' packets left the router, by reason
-    /// code (`1 flow`, `many flows` → reason name → packets, over all repetitions), from
-    /// the daemon's counters. Empty for the others.
-    pub udp_reasons: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// forwarder's contenders: how the packets of the UDP workloads, the TCP figure with the
+    /// veth defaults and the new-flows workload left the router, by reason code (workload →
+    /// reason name → packets, over all repetitions; workloads as in [`REASON_WORKLOADS`]),
+    /// from the daemon's counters. Empty for the others.
+    pub reasons: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// The connection-churn workload, per repetition: every window and failure.
     pub churn: Vec<ChurnRepetition>,
 }
@@ -217,7 +239,10 @@ pub struct ChurnRepetition {
     pub reasons: BTreeMap<&'static str, u64>,
 }
 
-/// Per contender and UDP workload: reason name → packets.
+/// The workloads whose reason counters are recorded, by the names the report shows.
+pub const REASON_WORKLOADS: [&str; 4] = ["1 flow", "many flows", "TCP, veth defaults", "new flows"];
+
+/// Per contender and workload: reason name → packets.
 type ReasonCounts = BTreeMap<(Contender, &'static str), BTreeMap<&'static str, u64>>;
 
 /// The many-backends workload: the UDP forward spread over `backends` backends.
@@ -277,10 +302,61 @@ impl Machine {
     }
 }
 
+/// What the new-flows workload's SYNs can fill on the router: every one that gets through
+/// takes a connection entry (forwarder's table, or conntrack's) and, for NAT, a SNAT port
+/// toward the one backend.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionTables {
+    /// forwarder's connection table with the bench's config (the default size).
+    pub forwarder_entries: u32,
+    /// `net.netfilter.nf_conntrack_max` as the router namespace sees it (None: unreadable).
+    pub nf_conntrack_max: Option<u64>,
+    /// SNAT source ports toward one backend (address, port): netfilter's for source ports
+    /// from 1024 up, 1024..=65535 ...
+    pub snat_ports: u32,
+    /// ... and forwarder's: the same default range less the router namespace's ephemeral
+    /// ports (`net.ipv4.ip_local_port_range`), which it leaves to the host's own sockets by
+    /// default (`snat_avoid_local_ports`). None: the range was unreadable.
+    pub forwarder_snat_ports: Option<u32>,
+    /// Distinct SYNs the generator sends before one repeats.
+    pub distinct_syns: u32,
+}
+
+impl ConnectionTables {
+    /// Read in the router namespace of `topo`.
+    fn read(topo: &BenchTopo) -> Self {
+        let sysctl = |path: &'static str| -> Option<Vec<u64>> {
+            let text = topo.chain.router.run(move || std::fs::read_to_string(path)).ok()?.ok()?;
+            text.split_whitespace().map(|v| v.parse().ok()).collect()
+        };
+        let (min, max) =
+            (u32::from(forwarder_common::DEFAULT_SNAT_PORT_MIN), u32::from(forwarder_common::DEFAULT_SNAT_PORT_MAX));
+        let local = sysctl("/proc/sys/net/ipv4/ip_local_port_range");
+        Self {
+            forwarder_entries: forwarder_common::DEFAULT_CT_ENTRIES,
+            nf_conntrack_max: sysctl("/proc/sys/net/netfilter/nf_conntrack_max").and_then(|v| v.first().copied()),
+            snat_ports: max - min + 1,
+            forwarder_snat_ports: local.and_then(|v| match v[..] {
+                [lo, hi] => Some(ports_outside(min, max, lo as u32, hi as u32)),
+                _ => None,
+            }),
+            distinct_syns: Generator::syn_flows().unwrap_or(0),
+        }
+    }
+}
+
+/// Ports of `min..=max` outside `hole_min..=hole_max`.
+fn ports_outside(min: u32, max: u32, hole_min: u32, hole_max: u32) -> u32 {
+    let overlap = (max.min(hole_max) + 1).saturating_sub(min.max(hole_min));
+    (max - min + 1) - overlap
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Results {
     pub machine: Machine,
     pub plan: Plan,
+    /// The new-flows workload's limits (None: it did not run).
+    pub connection_tables: Option<ConnectionTables>,
     pub contenders: Vec<ContenderResult>,
     pub many_backends: Option<ManyBackendsResult>,
     pub scaling: Option<ScalingResult>,
@@ -319,6 +395,7 @@ pub fn run(opts: Options) -> Result<Results> {
     let mut testrun_samples: BTreeMap<(&'static str, &'static str), (Vec<f64>, u32)> = BTreeMap::new();
     let mut reasons: ReasonCounts = BTreeMap::new();
     let mut churns: BTreeMap<Contender, Vec<ChurnRepetition>> = BTreeMap::new();
+    let mut connection_tables = None;
     let many_contenders: Vec<Contender> =
         opts.contenders.iter().copied().filter(|c| Contender::MANY_BACKENDS.contains(c)).collect();
     let mut many = ManyBackendsSamples::default();
@@ -330,7 +407,12 @@ pub fn run(opts: Options) -> Result<Results> {
             let contender = figures[(i + rep) % n];
             eprintln!("bench: repetition {}/{}: {}", rep + 1, plan.repetitions, contender.id());
             let mut failed = Vec::new();
-            let mut collected = Collected { samples: &mut samples, reasons: &mut reasons, churns: &mut churns };
+            let mut collected = Collected {
+                samples: &mut samples,
+                reasons: &mut reasons,
+                churns: &mut churns,
+                connection_tables: &mut connection_tables,
+            };
             if let Err(e) = measure_contender(contender, &plan, rep + 1, &mut collected, &mut failed) {
                 eprintln!("bench: {}: {e:#}", contender.id());
                 failed.push(format!("{e:#}"));
@@ -385,7 +467,7 @@ pub fn run(opts: Options) -> Result<Results> {
                 .collect(),
             errors: errors.remove(&c).unwrap_or_default(),
             limitation: c.limitation(),
-            udp_reasons: ["1 flow", "many flows"]
+            reasons: REASON_WORKLOADS
                 .into_iter()
                 .filter_map(|w| reasons.get(&(c, w)).map(|r| (w, r.clone())))
                 .collect(),
@@ -410,6 +492,7 @@ pub fn run(opts: Options) -> Result<Results> {
     let results = Results {
         machine,
         plan,
+        connection_tables,
         contenders,
         many_backends,
         scaling,
@@ -428,6 +511,7 @@ struct Collected<'a> {
     samples: &'a mut BTreeMap<(Contender, Figure), Vec<f64>>,
     reasons: &'a mut ReasonCounts,
     churns: &'a mut BTreeMap<Contender, Vec<ChurnRepetition>>,
+    connection_tables: &'a mut Option<ConnectionTables>,
 }
 
 /// All per-contender figures of one repetition, on a fresh topology. A figure that fails is
@@ -442,7 +526,7 @@ fn measure_contender(
     let topo = BenchTopo::new()?;
     let running = contender.start(&topo, Rules::BENCH)?;
     let addressing = contender.addressing();
-    let Collected { samples, reasons, churns } = collected;
+    let Collected { samples, reasons, churns, connection_tables } = collected;
     let mut record = |f: Figure, v: f64| samples.entry((contender, f)).or_default().push(v);
     let mut attempt = |what: &str, r: Result<()>| {
         if let Err(e) = r {
@@ -474,21 +558,80 @@ fn measure_contender(
             record(cpu, ns);
         }
     }
-    if !contender.carries_tcp() {
-        return Ok(());
+    if contender.carries_tcp() {
+        measure_tcp(contender, plan, repetition, &topo, &running, &mut record, &mut attempt, churns)?;
     }
+    // Last: the SYNs leave connection entries (and SNAT ports) behind.
+    if contender.forwards_syns() {
+        cleanup::check()?;
+        // GRO back on the router, as for the UDP figures: the TCP figures turned it off,
+        // and without it (or XDP) the router's veth drops the generator's XDP_TX frames.
+        topo.router_gro(true)?;
+        connection_tables.get_or_insert_with(|| ConnectionTables::read(&topo));
+        let before = reason_counts(&running);
+        let r = Generator::syns(&topo, addressing.syn_target()).and_then(|generator| {
+            new_flow_rate(&topo, &generator, Duration::from_secs_f64(plan.new_flow_seconds), &running.pids())
+        });
+        let r = r.map(|rate| {
+            record(Figure::NewFlowsPerSecond, rate.delivered_pps);
+            record(Figure::NewFlowsOfferedPerSecond, rate.offered_pps);
+            record(Figure::NewFlowsDropped, rate.offered.saturating_sub(rate.delivered) as f64);
+            if let Some(ns) = rate.cpu_ns_per_packet {
+                record(Figure::CpuNsPerNewFlow, ns);
+            }
+            if before.is_some() {
+                add_reason_deltas(
+                    reasons.entry((contender, "new flows")).or_default(),
+                    before,
+                    reason_counts(&running),
+                );
+            }
+        });
+        attempt("new flows", r);
+    }
+    drop((running, topo));
+    if contender.carries_tcp() {
+        cleanup::check()?;
+        let r = tcp_with_veth_defaults(contender, plan).map(|(bps, counts)| {
+            record(Figure::TcpVethDefaultsBitsPerSecond, bps);
+            if let Some(counts) = counts {
+                let into = reasons.entry((contender, "TCP, veth defaults")).or_default();
+                for (name, n) in counts {
+                    *into.entry(name).or_default() += n;
+                }
+            }
+        });
+        attempt("TCP throughput, veth defaults", r);
+    }
+    Ok(())
+}
+
+/// The TCP figures on the bench's topology, GRO off on the router: throughput, latency,
+/// connection rate, churn.
+#[allow(clippy::too_many_arguments)]
+fn measure_tcp(
+    contender: Contender,
+    plan: &Plan,
+    repetition: usize,
+    topo: &BenchTopo,
+    running: &contenders::Running,
+    record: &mut impl FnMut(Figure, f64),
+    attempt: &mut impl FnMut(&str, Result<()>),
+    churns: &mut BTreeMap<Contender, Vec<ChurnRepetition>>,
+) -> Result<()> {
+    let addressing = contender.addressing();
     topo.router_gro(false)?;
     cleanup::check()?;
-    let r = tcp_throughput(&topo, addressing, plan.iperf_seconds).map(|bps| record(Figure::TcpBitsPerSecond, bps));
+    let r = tcp_throughput(topo, addressing, plan.iperf_seconds).map(|bps| record(Figure::TcpBitsPerSecond, bps));
     attempt("TCP throughput", r);
     cleanup::check()?;
-    let r = latency(&topo, addressing, plan.round_trips).map(|(p50, p99)| {
+    let r = latency(topo, addressing, plan.round_trips).map(|(p50, p99)| {
         record(Figure::LatencyP50Us, p50);
         record(Figure::LatencyP99Us, p99);
     });
     attempt("latency", r);
     cleanup::check()?;
-    let r = connection_rate(&topo, addressing, Duration::from_secs_f64(plan.connect_seconds)).map(|rate| {
+    let r = connection_rate(topo, addressing, Duration::from_secs_f64(plan.connect_seconds)).map(|rate| {
         record(Figure::ConnectionsPerSecond, rate.per_second);
         record(Figure::ConnectionsFailed, rate.failed as f64);
     });
@@ -499,8 +642,8 @@ fn measure_contender(
         window: Duration::from_secs_f64(plan.churn_window_seconds),
         clients: plan.churn_clients,
     };
-    let before = reason_counts(&running);
-    let r = churn(&topo, addressing, churn_plan, &running.router_pids()).map(|run| {
+    let before = reason_counts(running);
+    let r = churn(topo, addressing, churn_plan, &running.router_pids()).map(|run| {
         record(Figure::ChurnRequestsPerSecond, run.median_window().unwrap_or(0.0));
         record(Figure::ChurnMinWindowRequestsPerSecond, run.min_window().unwrap_or(0.0));
         record(Figure::ChurnFailedConnections, run.failed as f64);
@@ -508,11 +651,27 @@ fn measure_contender(
             record(Figure::CpuUsPerConnection, us);
         }
         let mut counts = BTreeMap::new();
-        add_reason_deltas(&mut counts, before, reason_counts(&running));
+        add_reason_deltas(&mut counts, before, reason_counts(running));
         churns.entry(contender).or_default().push(ChurnRepetition { repetition, run, reasons: counts });
     });
     attempt("connection churn", r);
     Ok(())
+}
+
+/// One iperf3 stream through `contender` on a fresh topology with the veths' defaults (no
+/// offload changed anywhere; forwarder's XDP keeps its default `redirect = "auto"`), and
+/// for forwarder's contenders the reason counters' rise over the run.
+fn tcp_with_veth_defaults(contender: Contender, plan: &Plan) -> Result<(f64, Option<BTreeMap<&'static str, u64>>)> {
+    let topo = BenchTopo::with_veth_defaults()?;
+    let running = contender.start(&topo, Rules::VETH_DEFAULTS)?;
+    let before = reason_counts(&running);
+    let bps = tcp_throughput(&topo, contender.addressing(), plan.iperf_seconds)?;
+    let counts = before.is_some().then(|| {
+        let mut counts = BTreeMap::new();
+        add_reason_deltas(&mut counts, before, reason_counts(&running));
+        counts
+    });
+    Ok((bps, counts))
 }
 
 /// The many-backends workload's samples over the repetitions.
@@ -641,4 +800,16 @@ fn measure_scaling(plan: &Plan) -> ScalingResult {
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ports_outside;
+
+    #[test]
+    fn snat_ports_leave_the_ephemeral_range_out() {
+        assert_eq!(ports_outside(1024, 65535, 32768, 60999), 64512 - 28232);
+        assert_eq!(ports_outside(1024, 65535, 1, 1023), 64512);
+        assert_eq!(ports_outside(1024, 2047, 2000, 65535), 976);
+    }
 }

@@ -13,17 +13,20 @@ const README_START: &str = "<!-- bench:start (written by cargo xtask bench) -->"
 const README_END: &str = "<!-- bench:end -->";
 
 /// The figures of the headline table (README and the top of results.md).
-const HEADLINE: [Figure; 10] = [
+const HEADLINE: [Figure; 13] = [
     Figure::UdpOneFlowPps,
     Figure::UdpManyFlowsPps,
     Figure::CpuNsPerPacketManyFlows,
     Figure::TcpBitsPerSecond,
+    Figure::TcpVethDefaultsBitsPerSecond,
     Figure::LatencyP99Us,
     Figure::ConnectionsPerSecond,
     Figure::ChurnRequestsPerSecond,
     Figure::ChurnMinWindowRequestsPerSecond,
     Figure::ChurnFailedConnections,
     Figure::CpuUsPerConnection,
+    Figure::NewFlowsPerSecond,
+    Figure::CpuNsPerNewFlow,
 ];
 
 pub fn write(results: &Results, dir: &Path) -> Result<()> {
@@ -169,7 +172,12 @@ pub fn markdown(r: &Results) -> String {
          generator (on the same 2 CPUs) was the limit and CPU time per packet is the figure that compares. CPU per \
          packet is the CPU time of the tasks that handle the packets (the generator thread, with the XDP, netfilter \
          and sink work that runs as softirq in its context; ksoftirqd; socat), per packet delivered: the \
-         generator's own share is the same for everyone, so the differences are the router's. TCP: one iperf3 stream, {} s. Latency: {} request/responses of 32 \
+         generator's own share is the same for everyone, so the differences are the router's. TCP: one iperf3 stream, {} s, \
+         GRO off on the router's veths (on on the client's, as the UDP figures need). TCP, veth defaults: the same \
+         stream on a topology of its own where no offload was changed in any namespace (the veths' GRO, GSO and TSO \
+         as the kernel creates them) and no sink is attached (an XDP program on the server's veth would take GSO off \
+         the router's); forwarder in XDP native mode keeps its default `redirect = \"auto\"` there, since the \
+         client's veth neither runs XDP nor has GRO on. New flows: see below. Latency: {} request/responses of 32 \
          bytes on one connection. Connections: connect, one request/response, close, one after another for {} s, \
          with no cap on their number; a connection that fails is counted (`new TCP conn failed`) and the next one \
          tried. Churn: see below.\n",
@@ -184,6 +192,7 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     md.push_str(&churn_section(r));
+    md.push_str(&new_flows_section(r));
     md.push_str(&reasons_section(r));
     md.push_str(&many_backends_section(r));
     if let Some(s) = &r.scaling {
@@ -496,27 +505,99 @@ fn many_backends_section(r: &Results) -> String {
     md
 }
 
-/// How forwarder's UDP packets left the router, from its reason counters.
-fn reasons_section(r: &Results) -> String {
+/// The new-flows workload: what it does, and what could fill up in it.
+fn new_flows_section(r: &Results) -> String {
     let mut md = String::new();
-    for c in r.contenders.iter().filter(|c| !c.udp_reasons.is_empty()) {
-        if md.is_empty() {
-            md.push_str(
-                "\n## How forwarder's packets left (UDP figures)\n\nfrom its reason counters over all \
-                 repetitions: `redirect_xdp_flow_cache` and `redirect_xdp_cached` are the fast path (flow cache, \
-                 connection entry), `redirect_xdp` the full path with a FIB lookup, `xdp_to_tc` packets XDP left to \
-                 the TC program (counted again under how TC sent them).\n\n| contender | workload | packets by reason |\n|---|---|---|\n",
+    let measured: Vec<_> =
+        r.contenders.iter().filter(|c| c.figures.contains_key(&Figure::NewFlowsOfferedPerSecond)).collect();
+    if measured.is_empty() {
+        return md;
+    }
+    let seconds = r.plan.new_flow_seconds;
+    let _ = write!(
+        md,
+        "\n## New flows\n\nThe router's cost of a new connection: the generator sends minimum-size TCP SYNs (60 \
+         bytes, MSS option, valid IPv4 and TCP checksums) to the forward's listen address and port (the server's \
+         for kernel routing and the redirect-only ceiling), for {seconds} s per repetition with no warm-up, each \
+         from a source (address, port) of its own: ports 1024–65535, then the same from the client subnet's next \
+         address (192.0.2.2 to .254). The server's XDP sink counts the SYNs that arrive and drops them, so none is \
+         answered and every one is a new flow for conntrack or forwarder. `new flows/s delivered` is what the sink \
+         counted per second, `new flows/s offered` what the generator sent, `new flows dropped` their difference \
+         in frames (a total over the repetitions): SYNs the router dropped. `CPU/new flow` is measured as CPU per \
+         packet is (the generator thread with the softirq work in its context, and ksoftirqd), per delivered SYN. \
+         socat: n/a, its kernel answers each SYN itself, so no SYN reaches the server.\n",
+    );
+    let offered_most = measured
+        .iter()
+        .filter_map(|c| c.figures.get(&Figure::NewFlowsOfferedPerSecond))
+        .map(|s| s.max * seconds)
+        .fold(0.0f64, f64::max);
+    if let Some(t) = &r.connection_tables {
+        let conntrack = t.nf_conntrack_max.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
+        let forwarder_ports = t.forwarder_snat_ports.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
+        let _ = write!(
+            md,
+            "\nWhat fills up: every SYN that gets through takes a connection entry, in forwarder's table \
+             ({} entries by default) or conntrack's (`nf_conntrack_max` {conntrack} in the router namespace), and \
+             under DNAT+SNAT a source port toward the one backend: {} for netfilter (1024–65535), \
+             {forwarder_ports} for forwarder (the same range less the router's ephemeral ports, \
+             `net.ipv4.ip_local_port_range`, which it leaves to the host's own sockets by default). The generator \
+             sends {} distinct SYNs before one repeats. The most offered in one repetition of this run was about \
+             {:.0}",
+            t.forwarder_entries, t.snat_ports, t.distinct_syns, offered_most
+        );
+        let mut full = Vec::new();
+        if offered_most > t.forwarder_snat_ports.unwrap_or(t.snat_ports).min(t.snat_ports) as f64 {
+            full.push(
+                "more than the SNAT ports: once they are taken, the NAT contenders drop every further SYN \
+                 (forwarder counts `ports_exhausted`; netfilter fails to insert the entry), so their delivered rate \
+                 is capped near ports / duration and the drops are port exhaustion, not per-flow cost",
             );
         }
-        for (workload, counts) in &c.udp_reasons {
+        let table = t.forwarder_entries.min(t.nf_conntrack_max.map_or(u32::MAX, |n| n.min(u32::MAX as u64) as u32));
+        if offered_most > table as f64 {
+            full.push(
+                "more than a connection table holds: both sides then early-drop unassured entries (these SYNs' \
+                 own) to make room, and may drop SYNs when they cannot",
+            );
+        }
+        if full.is_empty() {
+            md.push_str(": within every limit above.\n");
+        } else {
+            let _ = writeln!(md, ": {}.", full.join("; and "));
+        }
+    }
+    md
+}
+
+/// How forwarder's packets left the router, from its reason counters.
+fn reasons_section(r: &Results) -> String {
+    let mut md = String::new();
+    for c in r.contenders.iter().filter(|c| !c.reasons.is_empty()) {
+        if md.is_empty() {
+            md.push_str(
+                "\n## How forwarder's packets left\n\nfrom its reason counters over all repetitions, for the UDP \
+                 figures, the TCP figure with the veth defaults (both directions of the stream) and the new flows: \
+                 `redirect_xdp_flow_cache` and `redirect_xdp_cached` are the fast path (flow cache, connection \
+                 entry), `redirect_xdp` the full path with a FIB lookup, `xdp_to_tc` packets XDP left to the TC \
+                 program (counted again under how TC sent them), `redirect_tc` and any `redirect_tc_…` the TC \
+                 program's redirects; `ports_exhausted`, `conntrack_full` and `early_drop` are new connections \
+                 refused or entries given up to make room. Every reason the daemon counted is listed, by its \
+                 name.\n\n| contender | workload | packets by reason |\n|---|---|---|\n",
+            );
+        }
+        for (workload, counts) in &c.reasons {
             let _ = writeln!(md, "| {} | {workload} | {} |", c.id, reason_shares(counts));
         }
     }
     md
 }
 
-/// `name N (share%)`, largest first.
+/// `name N (share%)`, largest first; `–` when no counter rose.
 fn reason_shares(counts: &BTreeMap<&'static str, u64>) -> String {
+    if counts.is_empty() {
+        return "–".into();
+    }
     let total: u64 = counts.values().sum();
     let mut v: Vec<_> = counts.iter().collect();
     v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -538,7 +619,7 @@ mod tests {
             figures: BTreeMap::from([(Figure::UdpOneFlowPps, Summary::of(&[pps, pps * 1.1, pps * 0.9]).unwrap())]),
             errors: vec![],
             limitation: None,
-            udp_reasons: BTreeMap::new(),
+            reasons: BTreeMap::new(),
             churn: vec![],
         };
         Results {
@@ -549,6 +630,7 @@ mod tests {
                 load_average_before: "0".into(),
             },
             plan: Plan::quick(Some(1)),
+            connection_tables: None,
             contenders: vec![
                 contender("iptables", 1e6),
                 contender("forwarder-xdp-native", 4e6),
@@ -571,7 +653,7 @@ mod tests {
         );
         let mut r = results();
         assert!(!markdown(&r).contains("How forwarder's packets left"), "no section without counts");
-        r.contenders[1].udp_reasons.insert("1 flow", counts);
+        r.contenders[1].reasons.insert("1 flow", counts);
         assert!(markdown(&r).contains("| forwarder-xdp-native | 1 flow | `redirect_xdp_flow_cache` 990 (99.00%)"));
     }
 

@@ -13,6 +13,11 @@
 //!   forwarder's TC path stalls TCP on GRO-merged packets (see docs/bench/results.md).
 //! - The sink on s0 counts the bench's UDP frames and drops them: the delivered rate is
 //!   counted where a real server would receive, at a cost that is the same for everyone.
+//! - The new-flows workload's SYNs go to a TCP forward of their own; the sink counts (and
+//!   drops) TCP segments to its ports as it counts the UDP frames, so no SYN is answered.
+//! - The TCP figure "veth defaults" runs on a topology made with
+//!   [`BenchTopo::with_veth_defaults`]: no offload changed anywhere, and no sink (an XDP
+//!   program on s0 would take GSO off its peer rs).
 //! - The many-backends workload adds the server addresses 203.0.113.21 and up on s0
 //!   ([`BenchTopo::add_server_addresses`]): the sink matches the UDP port, not the address,
 //!   so it counts (and drops) the frames of every backend alike.
@@ -41,13 +46,16 @@ pub const ECHO_BACKEND_PORT: u16 = 8001;
 /// connection-table entries of their own, not those the sequential connections left.
 pub const CHURN_LISTEN_PORT: u16 = 8080;
 pub const CHURN_BACKEND_PORT: u16 = 8081;
+/// The new-flows workload's forward: SYNs only, counted and dropped by the sink.
+pub const SYN_LISTEN_PORT: u16 = 9000;
+pub const SYN_BACKEND_PORT: u16 = 9001;
 
 pub const CLIENT_DEV: &str = "c0";
 pub const SERVER_DEV: &str = "s0";
 
 pub struct BenchTopo {
     // Field order is drop order: the sink's link goes before the namespaces.
-    sink: Ebpf,
+    sink: Option<Ebpf>,
     pub chain: Chain,
     pub client_mac: [u8; 6],
     pub router_client_mac: [u8; 6],
@@ -60,7 +68,18 @@ pub struct BenchTopo {
 }
 
 impl BenchTopo {
+    /// The bench's topology: GRO on where XDP frames arrive, the sink on s0.
     pub fn new() -> Result<Self> {
+        Self::make(true)
+    }
+
+    /// The veths as they come: no offload changed in any namespace, no sink (so
+    /// [`BenchTopo::delivered`] fails). Static neighbours as in [`BenchTopo::new`].
+    pub fn with_veth_defaults() -> Result<Self> {
+        Self::make(false)
+    }
+
+    fn make(bench_offloads: bool) -> Result<Self> {
         cleanup::check()?;
         let chain = Chain::new().context("creating the namespace sandbox")?;
         let registration = cleanup::Registration::new(&chain.tag);
@@ -78,10 +97,12 @@ impl BenchTopo {
         ] {
             ns.ip(&["neigh", "replace", addr, "lladdr", &lladdr, "dev", dev, "nud", "permanent"])?;
         }
-        forwarder_tests::netns::run_ok(chain.client.cmd("ethtool").args(["-K", CLIENT_DEV, "gro", "on"]))?;
+        if bench_offloads {
+            forwarder_tests::netns::run_ok(chain.client.cmd("ethtool").args(["-K", CLIENT_DEV, "gro", "on"]))?;
+        }
         let client_ifindex = chain.client.ifindex(CLIENT_DEV)?;
         let router_server_ifindex = chain.router.ifindex(ROUTER_SERVER_DEV)?;
-        let sink = chain.server.run(attach_sink)??;
+        let sink = if bench_offloads { Some(chain.server.run(attach_sink)??) } else { None };
         let topo = Self {
             sink,
             chain,
@@ -93,7 +114,9 @@ impl BenchTopo {
             router_server_ifindex,
             _registration: registration,
         };
-        topo.router_gro(true)?;
+        if bench_offloads {
+            topo.router_gro(true)?;
+        }
         Ok(topo)
     }
 
@@ -127,9 +150,10 @@ impl BenchTopo {
         Ok(())
     }
 
-    /// Bench UDP frames the server's sink has counted so far.
+    /// Bench UDP frames and new-flow SYNs the server's sink has counted so far.
     pub fn delivered(&self) -> Result<u64> {
-        let map = self.sink.map("BENCH_SINK").context("sink map")?;
+        let sink = self.sink.as_ref().context("a topology with the veth defaults has no sink")?;
+        let map = sink.map("BENCH_SINK").context("sink map")?;
         let counts: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
         Ok(counts.get(&0, 0)?.iter().sum())
     }
@@ -153,6 +177,7 @@ fn attach_sink() -> Result<Ebpf> {
     let mut ports: Array<_, [u16; 2]> = Array::try_from(ebpf.map_mut("BENCH_PORTS").context("ports map")?)?;
     // Both ports: frames of contenders without NAT arrive still addressed to the listen port.
     ports.set(0, [UDP_LISTEN_PORT, UDP_BACKEND_PORT], 0)?;
+    ports.set(1, [SYN_LISTEN_PORT, SYN_BACKEND_PORT], 0)?;
     load_xdp(&mut ebpf, "bench_sink")?.attach(SERVER_DEV, XdpMode::Driver).context("attaching the sink")?;
     Ok(ebpf)
 }
@@ -168,11 +193,19 @@ pub enum Addressing {
 
 impl Addressing {
     pub fn udp_target(self) -> ([u8; 4], u16) {
-        match self {
-            Addressing::Forward => {
-                (ROUTER_CLIENT_ADDR.parse::<std::net::Ipv4Addr>().unwrap().octets(), UDP_LISTEN_PORT)
-            }
-            Addressing::Direct => (SERVER_ADDR.parse::<std::net::Ipv4Addr>().unwrap().octets(), UDP_BACKEND_PORT),
+        self.octets_target(UDP_LISTEN_PORT, UDP_BACKEND_PORT)
+    }
+
+    /// Where the new-flows workload's SYNs go.
+    pub fn syn_target(self) -> ([u8; 4], u16) {
+        self.octets_target(SYN_LISTEN_PORT, SYN_BACKEND_PORT)
+    }
+
+    /// [`Addressing::target`] as the generator takes it: address octets and port.
+    fn octets_target(self, listen_port: u16, backend_port: u16) -> ([u8; 4], u16) {
+        match self.target(listen_port, backend_port) {
+            std::net::SocketAddr::V4(a) => (a.ip().octets(), a.port()),
+            std::net::SocketAddr::V6(_) => unreachable!("IPv4 literals"),
         }
     }
 
@@ -184,14 +217,15 @@ impl Addressing {
     }
 
     pub fn echo_target(self) -> std::net::SocketAddr {
-        self.tcp_target(ECHO_LISTEN_PORT, ECHO_BACKEND_PORT)
+        self.target(ECHO_LISTEN_PORT, ECHO_BACKEND_PORT)
     }
 
     pub fn churn_target(self) -> std::net::SocketAddr {
-        self.tcp_target(CHURN_LISTEN_PORT, CHURN_BACKEND_PORT)
+        self.target(CHURN_LISTEN_PORT, CHURN_BACKEND_PORT)
     }
 
-    fn tcp_target(self, listen_port: u16, backend_port: u16) -> std::net::SocketAddr {
+    /// The forward on `listen_port` (NAT contenders) or the server on `backend_port`.
+    fn target(self, listen_port: u16, backend_port: u16) -> std::net::SocketAddr {
         match self {
             Addressing::Forward => format!("{ROUTER_CLIENT_ADDR}:{listen_port}"),
             Addressing::Direct => format!("{SERVER_ADDR}:{backend_port}"),

@@ -34,6 +34,9 @@ use super::{
 pub struct UdpRate {
     pub offered_pps: f64,
     pub delivered_pps: f64,
+    /// Frames the generator sent and the sink counted over the run.
+    pub offered: u64,
+    pub delivered: u64,
     /// CPU time per delivered packet of everything that handles the bench's packets: the
     /// generator thread (with the softirq work in its context), ksoftirqd, and the contender's
     /// own processes. Counted per task, so other load on the machine does not enter.
@@ -48,6 +51,20 @@ pub fn udp_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, hel
     // Warm-up: flows created, caches warm, before anything is counted.
     generator.run(topo, Duration::from_millis(100))?;
     std::thread::sleep(DRAIN);
+    frame_rate(topo, generator, duration, helpers)
+}
+
+/// New flows through the router: the generator's SYNs ([`Generator::syns`]), every one a new
+/// connection, for `duration`, measured as [`udp_rate`] measures UDP (delivered = the SYNs
+/// the sink counted) but with no warm-up, which would take connection entries and SNAT
+/// ports before the count starts.
+pub fn new_flow_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<UdpRate> {
+    frame_rate(topo, generator, duration, helpers)
+}
+
+/// One counted generator run: frames offered and delivered, and the CPU of the generator
+/// thread, ksoftirqd and `helpers` per delivered frame.
+fn frame_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<UdpRate> {
     let mut tasks = ksoftirqd_pids()?;
     tasks.extend_from_slice(helpers);
     let delivered_before = topo.delivered()?;
@@ -61,6 +78,8 @@ pub fn udp_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, hel
     Ok(UdpRate {
         offered_pps: offered.frames as f64 / seconds,
         delivered_pps: delivered as f64 / seconds,
+        offered: offered.frames,
+        delivered,
         cpu_ns_per_packet: (delivered > 0).then(|| cpu_seconds * 1e9 / delivered as f64),
     })
 }
