@@ -51,6 +51,11 @@ const FIRST_CALL: u32 = 65_536;
 /// the SNAT ports fill, and a first call of [`FIRST_CALL`] frames would then run for seconds,
 /// far past the workload's duration.
 const FIRST_CALL_SYNS: u32 = 4096;
+/// SYNs per repetition at most: fewer than forwarder's SNAT ports toward the one backend
+/// (36,280 with the default ephemeral range; netfilter has 64,512), so the figures are the
+/// cost of new flows the router can take, not of running out of ports (where each further
+/// SYN makes the NAT search the whole port range and then drops it).
+pub const SYN_BUDGET: u64 = 30_000;
 /// Frames per live batch (the kernel's default NAPI budget).
 const BATCH: u32 = 64;
 
@@ -59,6 +64,8 @@ pub struct Generator {
     frame: Vec<u8>,
     /// Frames of the first live-frames call, and the fewest of any call.
     first_call: u32,
+    /// Frames per run at most (the SYNs' [`SYN_BUDGET`]).
+    budget: Option<u64>,
 }
 
 /// What one generator run offered.
@@ -76,7 +83,7 @@ impl Generator {
     pub fn new(topo: &BenchTopo, target: ([u8; 4], u16), flows: u32) -> Result<Self> {
         let client = client_address()?;
         let frame = udp_frame(topo.client_mac, topo.router_client_mac, (client, BASE_SPORT), target)?;
-        Self::load(frame, KIND_UDP, flows.max(1), flows.max(1), FIRST_CALL)
+        Self::load(frame, KIND_UDP, flows.max(1), flows.max(1), FIRST_CALL, None)
     }
 
     /// A generator of TCP SYNs from the client's subnet to `target`, each from a source
@@ -84,7 +91,7 @@ impl Generator {
     pub fn syns(topo: &BenchTopo, target: ([u8; 4], u16)) -> Result<Self> {
         let client = client_address()?;
         let frame = syn_frame(topo.client_mac, topo.router_client_mac, (client, SYN_FIRST_SPORT), target)?;
-        Self::load(frame, KIND_TCP, Self::syn_flows()?, SYN_PORTS, FIRST_CALL_SYNS)
+        Self::load(frame, KIND_TCP, Self::syn_flows()?, SYN_PORTS, FIRST_CALL_SYNS, Some(SYN_BUDGET))
     }
 
     /// Distinct SYNs: every source port of every source address from the client's up.
@@ -93,7 +100,7 @@ impl Generator {
         Ok(addresses * SYN_PORTS)
     }
 
-    fn load(frame: Vec<u8>, kind: u32, flows: u32, ports: u32, first_call: u32) -> Result<Self> {
+    fn load(frame: Vec<u8>, kind: u32, flows: u32, ports: u32, first_call: u32, budget: Option<u64>) -> Result<Self> {
         let header_len = if kind == KIND_TCP { SYN_HEADER_LEN } else { HEADER_LEN };
         let mut ebpf = load_bench_object()?;
         let mut config = [0u8; CONFIG_LEN];
@@ -105,21 +112,25 @@ impl Generator {
             Array::try_from(ebpf.map_mut("BENCH_GEN").context("BENCH_GEN")?)?;
         gen_config.set(0, config, 0)?;
         load_xdp(&mut ebpf, "bench_trafficgen")?;
-        Ok(Self { ebpf, frame, first_call })
+        Ok(Self { ebpf, frame, first_call, budget })
     }
 
-    /// Sends frames as fast as one thread can for `duration`.
+    /// Sends frames as fast as one thread can for `duration` (or until its budget is sent).
     pub fn run(&self, topo: &BenchTopo, duration: Duration) -> Result<Offered> {
         let prog: &Xdp = self.ebpf.program("bench_trafficgen").context("generator program")?.try_into()?;
-        let (frame, first_call) = (&self.frame, self.first_call);
+        let (frame, first_call, budget) = (&self.frame, self.first_call, self.budget.unwrap_or(u64::MAX));
         let ifindex = topo.client_ifindex;
         topo.chain.client.run_scoped(move || -> Result<Offered> {
             let ctx = super::testrun::xdp_md(frame.len(), ifindex);
             let cpu_start = thread_cpu_time();
             let start = Instant::now();
             let mut frames = 0u64;
-            let mut per_call = first_call;
+            let mut next_call = first_call;
             while let Some(remaining) = duration.checked_sub(start.elapsed()) {
+                let per_call = next_call.min(budget.saturating_sub(frames).min(u32::MAX as u64) as u32);
+                if per_call == 0 {
+                    break;
+                }
                 prog.test_run(TestRunOptions {
                     data_in: Some(frame),
                     ctx_in: Some(&ctx),
@@ -130,7 +141,7 @@ impl Generator {
                 .context("live-frames test run")?;
                 frames += per_call as u64;
                 let rate = frames as f64 / start.elapsed().as_secs_f64();
-                per_call = (rate * remaining.min(CALL_TIME).as_secs_f64()).clamp(first_call as f64, 1e8) as u32;
+                next_call = (rate * remaining.min(CALL_TIME).as_secs_f64()).clamp(first_call as f64, 1e8) as u32;
             }
             Ok(Offered { frames, elapsed: start.elapsed(), cpu: thread_cpu_time() - cpu_start })
         })?

@@ -514,11 +514,13 @@ fn new_flows_section(r: &Results) -> String {
         return md;
     }
     let seconds = r.plan.new_flow_seconds;
+    let budget = super::generator::SYN_BUDGET;
     let _ = write!(
         md,
         "\n## New flows\n\nThe router's cost of a new connection: the generator sends minimum-size TCP SYNs (60 \
          bytes, MSS option, valid IPv4 and TCP checksums) to the forward's listen address and port (the server's \
-         for kernel routing and the redirect-only ceiling), for {seconds} s per repetition with no warm-up, each \
+         for kernel routing and the redirect-only ceiling), for {seconds} s per repetition or until {budget} are sent (fewer than the SNAT ports below, so the \
+         figures are the cost of flows the router takes, not of running out of ports), with no warm-up, each \
          from a source (address, port) of its own: ports 1024–65535, then the same from the client subnet's next \
          address (192.0.2.2 to .254). The server's XDP sink counts the SYNs that arrive and drops them, so none is \
          answered and every one is a new flow for conntrack or forwarder. `new flows/s delivered` is what the sink \
@@ -530,7 +532,7 @@ fn new_flows_section(r: &Results) -> String {
     let offered_most = measured
         .iter()
         .filter_map(|c| c.figures.get(&Figure::NewFlowsOfferedPerSecond))
-        .map(|s| s.max * seconds)
+        .map(|s| (s.max * seconds).min(budget as f64))
         .fold(0.0f64, f64::max);
     if let Some(t) = &r.connection_tables {
         let conntrack = t.nf_conntrack_max.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());
