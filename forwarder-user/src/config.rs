@@ -918,13 +918,16 @@ impl Config {
     /// address a program sent to, so an unconnected socket reaches it through one listen
     /// address at a time (docs/architecture.md, "Local forwards").
     pub fn shared_local_udp_backends(&self) -> Vec<(SocketAddr, Vec<&str>)> {
+        // In the order backends first appear; indexed, since a config may hold 100,000s.
         let mut by_backend: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
+        let mut index = std::collections::HashMap::new();
         for f in self.forwards.iter().filter(|f| f.local && f.protocol == Protocol::Udp) {
             for backend in f.backends.iter().map(|b| *b.address) {
-                match by_backend.iter_mut().find(|(b, _)| *b == backend) {
-                    Some((_, names)) => names.push(&f.name),
-                    None => by_backend.push((backend, vec![&f.name])),
-                }
+                let i = *index.entry(backend).or_insert_with(|| {
+                    by_backend.push((backend, Vec::new()));
+                    by_backend.len() - 1
+                });
+                by_backend[i].1.push(&f.name);
             }
         }
         by_backend.retain(|(_, names)| names.len() > 1);

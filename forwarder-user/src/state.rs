@@ -561,8 +561,9 @@ impl State {
             || !report.removed.is_empty()
             || !report.updated.is_empty()
         {
-            info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
-                updated = ?report.updated, flushed = report.flushed_connections, "forwards applied");
+            info!(added = %names_for_log(&report.added), changed = %names_for_log(&report.changed),
+                removed = %names_for_log(&report.removed), updated = %names_for_log(&report.updated),
+                flushed = report.flushed_connections, "forwards applied");
         }
         Ok(report)
     }
@@ -930,6 +931,16 @@ pub fn connections(entries: &[(CtKey, CtValue)]) -> StdHashMap<CtKey, (CtValue, 
             (*k, (*v, reply))
         })
         .collect()
+}
+
+/// Forward names for a log line: all of a few, the first few and a count of many (a config
+/// of 100,000 forwards would otherwise log megabytes).
+fn names_for_log(names: &[String]) -> String {
+    const NAMED: usize = 16;
+    if names.len() <= NAMED {
+        return format!("[{}]", names.join(", "));
+    }
+    format!("[{}, … {} more]", names[..NAMED].join(", "), names.len() - NAMED)
 }
 
 #[cfg(test)]

@@ -78,7 +78,13 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
         snat_hole_max,
         local_udp_idle_s: u32::try_from(cfg.conntrack.udp_unreplied_timeout).unwrap_or(u32::MAX),
     })?;
-    for (backend, names) in cfg.shared_local_udp_backends() {
+    // A few by name; a config of many such forwards gets one line for the rest.
+    const SHARED_NAMED: usize = 8;
+    let shared = cfg.shared_local_udp_backends();
+    if shared.len() > SHARED_NAMED {
+        warn!(count = shared.len(), "local UDP forwards share {} backends; the first {SHARED_NAMED}:", shared.len());
+    }
+    for (backend, names) in shared.into_iter().take(SHARED_NAMED) {
         warn!(
             %backend,
             forwards = names.join(", "),
