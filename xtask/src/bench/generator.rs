@@ -242,7 +242,7 @@ mod tests {
         use aya::programs::{TestRun, TestRunOptions, Xdp};
         let template =
             syn_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ([192, 0, 2, 2], 1024), ([192, 0, 2, 1], 9000)).unwrap();
-        let generator = Generator::load(template.clone(), KIND_TCP, 6, 2, 1).unwrap();
+        let generator = Generator::load(template.clone(), KIND_TCP, 6, 2, 1, None).unwrap();
         let prog: &Xdp = generator.ebpf.program("bench_trafficgen").unwrap().try_into().unwrap();
         let mut sources = Vec::new();
         for _ in 0..7 {
