@@ -418,8 +418,13 @@ fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outc
 /// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no
 /// size) of replacing the words `old` by `new`.
 #[inline(always)]
-pub(crate) fn wsum_diff(old: [u32; 2], new: [u32; 2]) -> u64 {
-    let mut sum = (!old[0]) as u64 + (!old[1]) as u64 + new[0] as u64 + new[1] as u64;
+pub(crate) fn wsum_diff<const N: usize>(old: [u32; N], new: [u32; N]) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < N {
+        sum += (!old[i]) as u64 + new[i] as u64;
+        i += 1;
+    }
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     (sum & 0xffff_ffff) + (sum >> 32)
 }
@@ -435,7 +440,7 @@ fn rewrite_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Rea
     let failed = |_| Reason::RewriteFailed;
     let addrs = wsum_diff([h.src, h.dst], [s.new_src, s.new_dst]);
     ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
-    let ports = wsum_diff([h.ports, 0], [s.new_ports, 0]);
+    let ports = wsum_diff([h.ports], [s.new_ports]);
     ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
     let check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), s.l3_delta).to_be_bytes();
     let (a, b, p) = (s.new_src.to_ne_bytes(), s.new_dst.to_ne_bytes(), s.new_ports.to_ne_bytes());

@@ -24,7 +24,7 @@ use crate::{
     ctx::{Packet, read, write},
     fastpath::{
         NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, moves_state_of, segment_len,
-        tc_gso_size,
+        tc_gso_size, wsum_diff,
     },
     maps::{FWD_CT_V4, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6},
@@ -66,11 +66,16 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
+/// An address's native-endian words.
+#[inline(always)]
+fn words_of(b: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
 #[inline(always)]
 fn words<P: Packet>(ctx: &P, offset: usize) -> Result<[u32; 4], Reason> {
-    let b: [u8; 16] = read(ctx, offset)?;
-    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    Ok([w(0), w(4), w(8), w(12)])
+    Ok(words_of(&read(ctx, offset)?))
 }
 
 #[inline(always)]
@@ -299,19 +304,14 @@ fn rewrite_tc(ctx: &TcContext, h: &Headers6, e: &CtValue, hop: &NextHop) -> Resu
     let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let failed = |_| Reason::RewriteFailed;
     let (a, b) = (&e.new_src_addr, &e.new_dst_addr);
-    let word = |x: &[u8; 16], i: usize| u32::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]) as u64;
-    let mut sum = 0u64;
-    let mut i = 0;
-    while i < 4 {
-        sum += (!h.src[i]) as u64 + (!h.dst[i]) as u64 + word(a, 4 * i) + word(b, 4 * i);
-        i += 1;
-    }
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    ctx.l4_csum_replace(h.check_off, 0, sum, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
+    let (o, n) = (h.src, h.dst);
+    let (p, q) = (words_of(a), words_of(b));
+    let addrs =
+        wsum_diff([o[0], o[1], o[2], o[3], n[0], n[1], n[2], n[3]], [p[0], p[1], p[2], p[3], q[0], q[1], q[2], q[3]]);
+    ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
     let (sp, dp) = (e.new_src_port_be.to_ne_bytes(), e.new_dst_port_be.to_ne_bytes());
     let new_ports = u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]);
-    let ports = crate::fastpath::wsum_diff([h.ports, 0], [new_ports, 0]);
+    let ports = wsum_diff([h.ports], [new_ports]);
     ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
     let out: [u8; 37] = [
         h.hop_limit - 1,
