@@ -30,7 +30,10 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     CT_DIR_REPLY, CtValue, FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
-    conntrack::{CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, UDP_UNREPLIED, segment_end, seq_after, tcp_keeps_state},
+    conntrack::{
+        CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, TCP_FIN, TCP_RST, TCP_SYN, UDP_UNREPLIED, segment_end, seq_after,
+        tcp_keeps_state,
+    },
     csum::{apply_delta, ipv4_pseudo_seed},
     flow_cache_bucket, next_hop_current,
 };
@@ -265,6 +268,11 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         }
     }
 
+    // TC: a SYN, FIN or RST always takes the full path, which looks the connection up
+    // itself; looking it up here too would only add to a short connection's cost.
+    if TC && proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return Ok(Hit::Full);
+    }
     let key = ct_key_v4(src, dst, ports, proto);
     let Some(entry) = FWD_CT_V4.get_ptr_mut(&key) else {
         let p = ports.to_ne_bytes();

@@ -10,7 +10,10 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use forwarder_common::{GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, PEER_DIRECT, Reason, XDP_META_SKIP};
+use forwarder_common::{
+    GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, PEER_DIRECT, PROTO_TCP, Reason, XDP_META_SKIP,
+    conntrack::{TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 use crate::{
     conntrack::{self, Plan},
@@ -164,7 +167,10 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
     match fib.rc as u32 {
         FIB_SUCCESS if fib.rc >= 0 => {
             // The next packets of this direction take the fast path (fastpath.rs).
-            if flow.frag == FRAG_NONE {
+            // Not for a SYN, FIN or RST: the fast path never takes those, and the next
+            // packet of an opening connection caches it anyway.
+            let opens_or_closes = flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+            if flow.frag == FRAG_NONE && !opens_or_closes {
                 if let Some(entry) = conntrack::entry_of(plan, flow) {
                     let xdp_ok = route::xdp_can_send(ingress, fib.ifindex);
                     conntrack::cache_next_hop(entry, flow, new, fib, route::check_len(ctx, flow), xdp_ok);
