@@ -41,6 +41,10 @@ enum Task {
         /// contenders in the run.
         #[arg(long, value_enum, value_delimiter = ',')]
         parts: Vec<bench::Part>,
+        /// Only these workloads of the figures part (comma-separated: udp, ipv6, tcp,
+        /// new-flows, veth-defaults; default all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        workloads: Vec<bench::Workload>,
         /// Rule scaling at these numbers of forwards only (comma-separated; default 1,1000
         /// quick, 1,1000,10000,100000 full).
         #[arg(long, value_delimiter = ',')]
@@ -87,10 +91,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::Bench { quick, reps, contenders, no_scaling, parts, scaling_sizes, out } => {
+        Task::Bench { quick, reps, contenders, no_scaling, parts, workloads, scaling_sizes, out } => {
             let mut plan = if quick { bench::Plan::quick(reps) } else { bench::Plan::full(reps) };
-            // A run of chosen parts or sizes is never the project's record.
-            let partial = !parts.is_empty() || !scaling_sizes.is_empty();
+            // A run of chosen parts, workloads or sizes is never the project's record.
+            let partial = !parts.is_empty() || !workloads.is_empty() || !scaling_sizes.is_empty();
+            let workloads =
+                if workloads.is_empty() { bench::Workload::ALL.into() } else { workloads.into_iter().collect() };
             if !scaling_sizes.is_empty() {
                 plan.scaling_sizes = scaling_sizes;
             }
@@ -128,8 +134,14 @@ fn main() -> anyhow::Result<()> {
             let update_readme = record.then(|| root.join("README.md"));
             let default_out = if quick || partial { root.join("target/bench-quick") } else { root.join("docs/bench") };
             let out_dir = out.unwrap_or(default_out);
-            let results =
-                bench::run(bench::Options { plan, contenders, parts, out_dir: out_dir.clone(), update_readme })?;
+            let results = bench::run(bench::Options {
+                plan,
+                contenders,
+                parts,
+                workloads,
+                out_dir: out_dir.clone(),
+                update_readme,
+            })?;
             println!("{}", bench::report::headline_table(&results));
             println!("written: {}", out_dir.display());
             Ok(())

@@ -9,11 +9,11 @@
 //!   key (forwarder's connection key) and a 16-byte one: the least a forwarder that keeps
 //!   per-connection state does per packet, to set the established path's time against.
 //! - `bench_trafficgen`: the packet generator, run with BPF_PROG_TEST_RUN live frames (as
-//!   xdp-trafficgen does): writes a UDP frame (or a TCP SYN) from a template, varies the
+//!   xdp-trafficgen does): writes a UDP frame (IPv4 or IPv6, or a TCP SYN) from a template, varies the
 //!   source port over N flows (past `ports` flows, the source address's last byte too) and
 //!   sends it with XDP_TX. The template is written every time because live-frame pages are
 //!   recycled without being reset, and the router may have rewritten them.
-//! - `bench_sink`: the receiver. Counts and drops the bench's UDP frames and the SYNs of the
+//! - `bench_sink`: the receiver. Counts and drops the bench's UDP frames (IPv4 and IPv6) and the SYNs of the
 //!   new-flows workload (by destination port), passes the rest (TCP of the other figures).
 //!   Having an XDP program also lets the veth take XDP_REDIRECTed frames.
 #![no_std]
@@ -40,31 +40,36 @@ static BENCH_L2: Array<[u8; 12]> = Array::with_max_entries(1, 0);
 static BENCH_TX: DevMap = DevMap::with_max_entries(1, 0);
 
 /// Generator template: the first bytes of the frame with full checksums, Ethernet + IPv4 +
-/// UDP (42 bytes) or Ethernet + IPv4 + TCP with a 4-byte option (58 bytes).
+/// UDP (42 bytes), Ethernet + IPv4 + TCP with a 4-byte option (58 bytes) or Ethernet + IPv6 +
+/// UDP (62 bytes).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GenConfig {
-    pub header: [u8; TCP_HEADER_LEN],
-    pub _pad: [u8; 2],
+    pub header: [u8; HEADER_ROOM],
     /// Number of flows before the pattern repeats.
     pub flows: u32,
     /// Source ports per source address: flow k has the template's port + k % ports and the
     /// template's source address with k / ports added to its last byte (0: all flows vary
     /// the port only).
     pub ports: u32,
-    /// 0: UDP, [`GEN_TCP`]: a TCP SYN.
+    /// 0: UDP, [`GEN_TCP`]: a TCP SYN, [`GEN_UDP6`]: UDP over IPv6.
     pub kind: u32,
+    pub _pad: u32,
 }
 
-const TCP_HEADER_LEN: usize = 14 + 20 + 24;
+/// The longest template (IPv6 UDP, 62 bytes), rounded up to whole words.
+const HEADER_ROOM: usize = 64;
 const GEN_TCP: u32 = 1;
+const GEN_UDP6: u32 = 2;
 const IP_CHECK: usize = 14 + 10;
 /// The source address's second word (its last two bytes).
 const IP_SADDR_LOW: usize = 14 + 14;
 const L4_SPORT: usize = 14 + 20;
 const UDP_CHECK: usize = 14 + 20 + 6;
 const TCP_CHECK: usize = 14 + 20 + 16;
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 72);
+const UDP6_SPORT: usize = 14 + 40;
+const UDP6_CHECK: usize = 14 + 40 + 6;
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 80);
 
 #[map(name = "BENCH_GEN")]
 static BENCH_GEN: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -167,12 +172,28 @@ fn generate(ctx: &XdpContext) -> Result<(), Reason> {
     ctx::write(ctx, 32, eight(32))?;
     ctx::write(ctx, 40, [h[40], h[41]])?;
     let tcp = cfg.kind == GEN_TCP;
-    if tcp {
+    let udp6 = cfg.kind == GEN_UDP6;
+    if tcp || udp6 {
         ctx::write(ctx, 42, eight(42))?;
         ctx::write(ctx, 50, eight(50))?;
     }
+    if udp6 {
+        ctx::write(ctx, 58, [h[58], h[59], h[60], h[61]])?;
+    }
     if flow == 0 {
         return Ok(());
+    }
+    if udp6 {
+        // The source port only (flows never exceed the ports here); the checksum is mandatory.
+        let base = u16::from_be_bytes([h[UDP6_SPORT], h[UDP6_SPORT + 1]]);
+        let sport = base.wrapping_add(flow as u16);
+        ctx::write(ctx, UDP6_SPORT, sport.to_be_bytes())?;
+        let old = u16::from_be_bytes([h[UDP6_CHECK], h[UDP6_CHECK + 1]]);
+        let mut check = csum::update(old, base as u32, sport as u32);
+        if check == 0 {
+            check = 0xffff;
+        }
+        return ctx::write(ctx, UDP6_CHECK, check.to_be_bytes());
     }
     // Checked: a plain `%` or `/` would keep a call to the panic path, which the verifier
     // refuses.
@@ -217,10 +238,20 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
-/// The bench's UDP frames, and TCP segments to the new-flows workload's ports.
+/// The bench's UDP frames (IPv4 and IPv6), and TCP segments to the new-flows workload's
+/// ports.
 #[inline(always)]
 fn is_counted(ctx: &XdpContext) -> Result<bool, Reason> {
     let ethertype: [u8; 2] = ctx::read(ctx, 12)?;
+    if ethertype == [0x86, 0xdd] {
+        let next_header: [u8; 1] = ctx::read(ctx, 14 + 6)?;
+        if next_header[0] != 17 {
+            return Ok(false);
+        }
+        let dport = u16::from_be_bytes(ctx::read(ctx, 14 + 40 + 2)?);
+        let ports = BENCH_PORTS.get(0).ok_or(Reason::Malformed)?;
+        return Ok(dport >= ports[0] && dport <= ports[1]);
+    }
     let ver_ihl: [u8; 1] = ctx::read(ctx, 14)?;
     let proto: [u8; 1] = ctx::read(ctx, 14 + 9)?;
     if ethertype != [0x08, 0x00] || ver_ihl[0] != 0x45 {

@@ -24,8 +24,9 @@ use serde::Serialize;
 
 use super::topology::{
     Addressing, BenchTopo, CHURN_BACKEND_PORT, CHURN_LISTEN_PORT, ECHO_BACKEND_PORT, ECHO_LISTEN_PORT,
-    IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, SNAT_ADDR, SYN_BACKEND_PORT, SYN_LISTEN_PORT, UDP_BACKEND_PORT,
-    UDP_LISTEN_PORT, load_bench_object, load_xdp, udp_backend_addresses,
+    IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, ROUTER_CLIENT_ADDR_V6, ROUTER_SERVER_ADDR_V6, SERVER_ADDR_V6, SNAT_ADDR,
+    SYN_BACKEND_PORT, SYN_LISTEN_PORT, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
+    udp_backend_addresses,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -103,6 +104,12 @@ impl Contender {
         self != Contender::Socat
     }
 
+    /// Whether the IPv6 UDP workloads measure this contender: all but socat (a userspace
+    /// proxy, a thousand times off the others' rates over IPv4 already).
+    pub fn carries_ipv6(self) -> bool {
+        self != Contender::Socat
+    }
+
     pub fn from_id(id: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.id() == id)
     }
@@ -135,6 +142,7 @@ impl Contender {
             Contender::KernelRouting => {}
             Contender::Iptables => {
                 run_with_stdin(&mut router.cmd("iptables-restore"), &iptables_rules(rules))?;
+                run_with_stdin(&mut router.cmd("ip6tables-restore"), &ip6tables_rules())?;
             }
             Contender::Nftables => {
                 run_with_stdin(router.cmd("nft").args(["-f", "-"]), &nft_rules(rules)?)?;
@@ -262,7 +270,7 @@ impl Rules {
 
     /// Backends of every forward together (what `limits.max_backends` must hold).
     pub fn total_backends(&self) -> usize {
-        FORWARDS.len() - 1 + self.udp_backends + self.extra_forwards * self.extra_backends
+        FORWARDS.len() - 1 + self.udp_backends + self.extra_forwards * self.extra_backends + FORWARDS_V6
     }
 }
 
@@ -293,6 +301,9 @@ pub const FORWARDS: [(&str, u16, u16); 5] = [
     ("tcp", CHURN_LISTEN_PORT, CHURN_BACKEND_PORT),
     ("tcp", SYN_LISTEN_PORT, SYN_BACKEND_PORT),
 ];
+
+/// The bench's IPv6 forward: UDP, the IPv4 one's ports, router to server over IPv6.
+pub const FORWARDS_V6: usize = 1;
 
 /// Backends of the bench's forward to `backend_port`: the UDP forward's are on the server's
 /// first `rules.udp_backends` addresses; every other has the server's one address.
@@ -337,7 +348,7 @@ pub fn forwarder_config(xdp: &str, rules: Rules) -> String {
     for dev in [ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV] {
         let _ = writeln!(c, "[[interface]]\nname = \"{dev}\"\nxdp = \"{xdp}\"\nredirect = \"{redirect}\"\n");
     }
-    let max_forwards = FORWARDS.len() + rules.extra_forwards;
+    let max_forwards = FORWARDS.len() + FORWARDS_V6 + rules.extra_forwards;
     let _ = writeln!(c, "[limits]\nmax_forwards = {max_forwards}");
     // The backend maps are sized for one backend per forward by default.
     if rules.total_backends() > (forwarder_common::DEFAULT_MAX_BACKENDS as usize).max(max_forwards) {
@@ -348,6 +359,11 @@ pub fn forwarder_config(xdp: &str, rules: Rules) -> String {
         let listen_at = format!("{ROUTER_CLIENT_ADDR}:{listen}");
         write_forward(&mut c, &format!("{proto}{listen}"), proto, listen_at, true, &bench_backends(rules, backend));
     }
+    let _ = writeln!(
+        c,
+        "[[forward]]\nname = \"udp6\"\nprotocol = \"udp\"\nlisten = \"[{ROUTER_CLIENT_ADDR_V6}]:{UDP_LISTEN_PORT}\"\n\
+         snat = \"auto\"\nbackend = \"[{SERVER_ADDR_V6}]:{UDP_BACKEND_PORT}\"\n"
+    );
     for (i, (addr, port)) in extra_forwards(rules.extra_forwards).enumerate() {
         write_forward(
             &mut c,
@@ -392,6 +408,16 @@ pub fn iptables_rules(rules: Rules) -> String {
     r
 }
 
+/// The IPv6 forward as ip6tables-restore input: DNAT and SNAT, as for IPv4.
+pub fn ip6tables_rules() -> String {
+    format!(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         -A PREROUTING -d {ROUTER_CLIENT_ADDR_V6}/128 -p udp --dport {UDP_LISTEN_PORT} -j DNAT --to-destination \
+         [{SERVER_ADDR_V6}]:{UDP_BACKEND_PORT}\n\
+         -A POSTROUTING -o {ROUTER_SERVER_DEV} -j SNAT --to-source {ROUTER_SERVER_ADDR_V6}\nCOMMIT\n"
+    )
+}
+
 /// The same forwards as an nft script: one DNAT rule each (as iptables, no map), one SNAT
 /// rule. One backend per forward only: the bench spreads over several with iptables.
 pub fn nft_rules(rules: Rules) -> Result<String> {
@@ -408,6 +434,13 @@ pub fn nft_rules(rules: Rules) -> Result<String> {
     let _ = write!(
         r,
         " }}\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"{ROUTER_SERVER_DEV}\" snat to {SNAT_ADDR}\n }}\n}}\n"
+    );
+    let _ = write!(
+        r,
+        "table ip6 bench6 {{\n chain prerouting {{\n  type nat hook prerouting priority dstnat; policy accept;\n  \
+         ip6 daddr {ROUTER_CLIENT_ADDR_V6} udp dport {UDP_LISTEN_PORT} dnat to [{SERVER_ADDR_V6}]:{UDP_BACKEND_PORT}\n \
+         }}\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  \
+         oifname \"{ROUTER_SERVER_DEV}\" snat to {ROUTER_SERVER_ADDR_V6}\n }}\n}}\n"
     );
     Ok(r)
 }
@@ -467,10 +500,12 @@ mod tests {
     fn rule_sets_have_one_rule_per_forward() {
         let rules = Rules::scaled(5);
         assert_eq!(iptables_rules(rules).matches("-j DNAT").count(), FORWARDS.len() + 5);
-        assert_eq!(nft_rules(rules).unwrap().matches(" dnat to ").count(), FORWARDS.len() + 5);
+        assert_eq!(nft_rules(rules).unwrap().matches(" dnat to ").count(), FORWARDS.len() + FORWARDS_V6 + 5);
+        assert_eq!(ip6tables_rules().matches("-j DNAT").count(), FORWARDS_V6);
         let cfg = forwarder::config::Config::parse(&forwarder_config("native", rules)).unwrap();
-        assert_eq!(cfg.forwards.len(), FORWARDS.len() + 5);
+        assert_eq!(cfg.forwards.len(), FORWARDS.len() + FORWARDS_V6 + 5);
         assert!(cfg.forwards.iter().all(|f| f.backends.len() == 1));
+        assert_eq!(cfg.forwards.iter().filter(|f| f.listen.is_ipv6()).count(), FORWARDS_V6);
     }
 
     /// Which backend iptables' nth rules give each of `connections` new connections: every
@@ -523,13 +558,14 @@ mod tests {
 
     #[test]
     fn hundred_thousand_forwards_of_four_backends_parse_under_limits() {
-        let rules = Rules { extra_forwards: 100_000 - FORWARDS.len(), extra_backends: 4, ..Rules::BENCH };
+        let own = FORWARDS.len() + FORWARDS_V6;
+        let rules = Rules { extra_forwards: 100_000 - own, extra_backends: 4, ..Rules::BENCH };
         let text = forwarder_config("native", rules);
         let cfg = forwarder::config::Config::parse(&text).unwrap();
         assert_eq!(cfg.forwards.len(), 100_000);
         assert_eq!(cfg.max_backends as usize, rules.total_backends());
         let four: Vec<_> = cfg.forwards.iter().filter(|f| f.backends.len() == 4).collect();
-        assert_eq!(four.len(), 100_000 - FORWARDS.len());
+        assert_eq!(four.len(), 100_000 - own);
         // Distinct within each forward, all on 203.0.113.0/24.
         assert!(
             four.iter()
@@ -545,7 +581,7 @@ mod tests {
         let err = forwarder::config::Config::parse(&unlimited).unwrap_err().to_string();
         assert!(err.contains("limits.max_backends"), "{err}");
         let iptables = iptables_rules(rules);
-        assert_eq!(iptables.matches("-j DNAT").count(), FORWARDS.len() + 4 * (100_000 - FORWARDS.len()));
+        assert_eq!(iptables.matches("-j DNAT").count(), FORWARDS.len() + 4 * (100_000 - own));
     }
 
     #[test]

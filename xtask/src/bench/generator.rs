@@ -24,11 +24,14 @@ use super::{
 const HEADER_LEN: usize = 14 + 20 + 8;
 /// Ethernet + IPv4 + TCP with the MSS option: the SYN's header, rewritten on every frame.
 const SYN_HEADER_LEN: usize = 14 + 20 + 24;
+/// Ethernet + IPv6 + UDP header the program rewrites on every frame of the IPv6 workload.
+const UDP6_HEADER_LEN: usize = 14 + 40 + 8;
 /// The generator's config as the program reads it (`GenConfig` of forwarder-bench.rs):
-/// header template (58 bytes), 2 bytes padding, flows, ports per source address, kind.
-const CONFIG_LEN: usize = 72;
+/// header template (up to 62 bytes, in 64), flows, ports per source address, kind, padding.
+const CONFIG_LEN: usize = 80;
 const KIND_UDP: u32 = 0;
 const KIND_TCP: u32 = 1;
+const KIND_UDP6: u32 = 2;
 /// Minimum Ethernet frame, FCS excluded.
 const MIN_FRAME: usize = 60;
 /// Payload that makes a minimum-size (60-byte, FCS excluded) Ethernet frame.
@@ -86,6 +89,14 @@ impl Generator {
         Self::load(frame, KIND_UDP, flows.max(1), flows.max(1), FIRST_CALL, None)
     }
 
+    /// [`Generator::new`] over IPv6: `flows` UDP flows from the client's IPv6 address
+    /// ([`CLIENT_ADDR_V6`](super::topology::CLIENT_ADDR_V6)) to `target`.
+    pub fn new_v6(topo: &BenchTopo, target: ([u8; 16], u16), flows: u32) -> Result<Self> {
+        let client: std::net::Ipv6Addr = super::topology::CLIENT_ADDR_V6.parse()?;
+        let frame = udp6_frame(topo.client_mac, topo.router_client_mac, (client.octets(), BASE_SPORT), target)?;
+        Self::load(frame, KIND_UDP6, flows.max(1), flows.max(1), FIRST_CALL, None)
+    }
+
     /// A generator of TCP SYNs from the client's subnet to `target`, each from a source
     /// (address, port) of its own, [`Generator::syn_flows`] of them before one repeats.
     pub fn syns(topo: &BenchTopo, target: ([u8; 4], u16)) -> Result<Self> {
@@ -101,11 +112,15 @@ impl Generator {
     }
 
     fn load(frame: Vec<u8>, kind: u32, flows: u32, ports: u32, first_call: u32, budget: Option<u64>) -> Result<Self> {
-        let header_len = if kind == KIND_TCP { SYN_HEADER_LEN } else { HEADER_LEN };
+        let header_len = match kind {
+            KIND_TCP => SYN_HEADER_LEN,
+            KIND_UDP6 => UDP6_HEADER_LEN,
+            _ => HEADER_LEN,
+        };
         let mut ebpf = load_bench_object()?;
         let mut config = [0u8; CONFIG_LEN];
         config[..header_len].copy_from_slice(&frame[..header_len]);
-        for (at, v) in [(60, flows), (64, ports), (68, kind)] {
+        for (at, v) in [(64, flows), (68, ports), (72, kind)] {
             config[at..at + 4].copy_from_slice(&v.to_ne_bytes());
         }
         let mut gen_config: Array<_, [u8; CONFIG_LEN]> =
@@ -162,6 +177,15 @@ pub fn udp_frame_ttl(
     ttl: u8,
 ) -> Result<Vec<u8>> {
     let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.0, dst.0, ttl).udp(src.1, dst.1);
+    let payload = [0u8; PAYLOAD_LEN];
+    let mut frame = Vec::with_capacity(builder.size(PAYLOAD_LEN));
+    builder.write(&mut frame, &payload)?;
+    Ok(frame)
+}
+
+/// [`udp_frame`] over IPv6 (hop limit 64): the same payload, so 80 bytes.
+pub fn udp6_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.0, dst.0, 64).udp(src.1, dst.1);
     let payload = [0u8; PAYLOAD_LEN];
     let mut frame = Vec::with_capacity(builder.size(PAYLOAD_LEN));
     builder.write(&mut frame, &payload)?;
@@ -261,6 +285,45 @@ mod tests {
             sources.push((source[3], sport));
         }
         assert_eq!(sources, [(2, 1024), (2, 1025), (3, 1024), (3, 1025), (4, 1024), (4, 1025), (2, 1024)]);
+    }
+
+    /// The IPv6 UDP generator: each frame the next source port, the UDP checksum valid.
+    #[test]
+    fn generator_program_rewrites_ipv6_udp_with_valid_checksums() {
+        use aya::programs::{TestRun, TestRunOptions, Xdp};
+        let (src, dst) = (
+            [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        );
+        let template = udp6_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], (src, BASE_SPORT), (dst, 7000)).unwrap();
+        assert_eq!(template.len(), 80);
+        let generator = Generator::load(template.clone(), KIND_UDP6, 3, 3, 1, None).unwrap();
+        let prog: &Xdp = generator.ebpf.program("bench_trafficgen").unwrap().try_into().unwrap();
+        // The header differs from the template (the program writes every header byte); the
+        // payload, which it leaves as it is, is the template's.
+        let mut input = template.clone();
+        input[..UDP6_HEADER_LEN].fill(0xee);
+        let mut ports = Vec::new();
+        for _ in 0..4 {
+            let mut out = vec![0u8; template.len()];
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&input),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::default()
+                })
+                .unwrap();
+            assert_eq!(r.return_value, 3, "XDP_TX");
+            let p = SlicedPacket::from_ethernet(&out).unwrap();
+            let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not IPv6") };
+            let Some(TransportSlice::Udp(udp)) = &p.transport else { panic!("not UDP") };
+            let header = ip.header().to_header();
+            assert_eq!((header.source, header.destination, udp.destination_port()), (src, dst, 7000));
+            let udp_header = udp.to_header();
+            assert_eq!(udp_header.checksum, udp_header.calc_checksum_ipv6(&header, udp.payload()).unwrap());
+            ports.push(udp.source_port());
+        }
+        assert_eq!(ports, [BASE_SPORT, BASE_SPORT + 1, BASE_SPORT + 2, BASE_SPORT]);
     }
 
     #[test]

@@ -125,10 +125,16 @@ pub enum Figure {
     NewFlowsOfferedPerSecond,
     CpuNsPerNewFlow,
     NewFlowsDropped,
+    Udp6OneFlowPps,
+    Udp6OneFlowOfferedPps,
+    Udp6ManyFlowsPps,
+    Udp6ManyFlowsOfferedPps,
+    CpuNsPerPacket6OneFlow,
+    CpuNsPerPacket6ManyFlows,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 20] = [
+    pub const ALL: [Figure; 26] = [
         Figure::UdpOneFlowPps,
         Figure::UdpOneFlowOfferedPps,
         Figure::UdpManyFlowsPps,
@@ -149,6 +155,12 @@ impl Figure {
         Figure::NewFlowsOfferedPerSecond,
         Figure::CpuNsPerNewFlow,
         Figure::NewFlowsDropped,
+        Figure::Udp6OneFlowPps,
+        Figure::Udp6OneFlowOfferedPps,
+        Figure::Udp6ManyFlowsPps,
+        Figure::Udp6ManyFlowsOfferedPps,
+        Figure::CpuNsPerPacket6OneFlow,
+        Figure::CpuNsPerPacket6ManyFlows,
     ];
 
     pub fn heading(self) -> &'static str {
@@ -173,6 +185,12 @@ impl Figure {
             Figure::NewFlowsOfferedPerSecond => "new flows/s offered",
             Figure::CpuNsPerNewFlow => "CPU/new flow",
             Figure::NewFlowsDropped => "new flows dropped",
+            Figure::Udp6OneFlowPps => "IPv6 UDP 1 flow, delivered",
+            Figure::Udp6OneFlowOfferedPps => "IPv6 UDP 1 flow, offered",
+            Figure::Udp6ManyFlowsPps => "IPv6 UDP many flows, delivered",
+            Figure::Udp6ManyFlowsOfferedPps => "IPv6 UDP many flows, offered",
+            Figure::CpuNsPerPacket6OneFlow => "IPv6 CPU/packet, 1 flow",
+            Figure::CpuNsPerPacket6ManyFlows => "IPv6 CPU/packet, many flows",
         }
     }
 
@@ -182,8 +200,16 @@ impl Figure {
             Figure::UdpOneFlowPps
             | Figure::UdpOneFlowOfferedPps
             | Figure::UdpManyFlowsPps
-            | Figure::UdpManyFlowsOfferedPps => "Mpps",
-            Figure::CpuNsPerPacketOneFlow | Figure::CpuNsPerPacketManyFlows | Figure::CpuNsPerNewFlow => "ns",
+            | Figure::UdpManyFlowsOfferedPps
+            | Figure::Udp6OneFlowPps
+            | Figure::Udp6OneFlowOfferedPps
+            | Figure::Udp6ManyFlowsPps
+            | Figure::Udp6ManyFlowsOfferedPps => "Mpps",
+            Figure::CpuNsPerPacketOneFlow
+            | Figure::CpuNsPerPacketManyFlows
+            | Figure::CpuNsPerNewFlow
+            | Figure::CpuNsPerPacket6OneFlow
+            | Figure::CpuNsPerPacket6ManyFlows => "ns",
             Figure::TcpBitsPerSecond | Figure::TcpVethDefaultsBitsPerSecond => "Gbit/s",
             Figure::NewFlowsPerSecond | Figure::NewFlowsOfferedPerSecond => "kflows/s",
             Figure::LatencyP50Us | Figure::LatencyP99Us | Figure::CpuUsPerConnection => "µs",
@@ -240,7 +266,8 @@ pub struct ChurnRepetition {
 }
 
 /// The workloads whose reason counters are recorded, by the names the report shows.
-pub const REASON_WORKLOADS: [&str; 4] = ["1 flow", "many flows", "TCP, veth defaults", "new flows"];
+pub const REASON_WORKLOADS: [&str; 6] =
+    ["1 flow", "many flows", "IPv6 1 flow", "IPv6 many flows", "TCP, veth defaults", "new flows"];
 
 /// Per contender and workload: reason name → packets.
 type ReasonCounts = BTreeMap<(Contender, &'static str), BTreeMap<&'static str, u64>>;
@@ -364,6 +391,26 @@ pub struct Results {
     pub seconds: f64,
 }
 
+/// The workloads of the figures part (`--workloads`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Workload {
+    /// UDP over IPv4, one flow and many: packets/s and CPU per packet.
+    Udp,
+    /// The same over IPv6.
+    Ipv6,
+    /// TCP with GRO off on the router: iperf3, latency, connections, churn.
+    Tcp,
+    /// Generated SYNs, each a new connection.
+    NewFlows,
+    /// iperf3 on veths with their default offloads.
+    VethDefaults,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] =
+        [Workload::Udp, Workload::Ipv6, Workload::Tcp, Workload::NewFlows, Workload::VethDefaults];
+}
+
 /// The parts of a run (`--parts`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Part {
@@ -381,6 +428,7 @@ pub struct Options {
     pub plan: Plan,
     pub contenders: Vec<Contender>,
     pub parts: BTreeSet<Part>,
+    pub workloads: BTreeSet<Workload>,
     pub out_dir: PathBuf,
     pub update_readme: Option<PathBuf>,
 }
@@ -413,7 +461,7 @@ pub fn run(opts: Options) -> Result<Results> {
                 churns: &mut churns,
                 connection_tables: &mut connection_tables,
             };
-            if let Err(e) = measure_contender(contender, &plan, rep + 1, &mut collected, &mut failed) {
+            if let Err(e) = measure_contender(contender, &plan, &opts.workloads, rep + 1, &mut collected, &mut failed) {
                 eprintln!("bench: {}: {e:#}", contender.id());
                 failed.push(format!("{e:#}"));
             }
@@ -519,6 +567,7 @@ struct Collected<'a> {
 fn measure_contender(
     contender: Contender,
     plan: &Plan,
+    workloads: &BTreeSet<Workload>,
     repetition: usize,
     collected: &mut Collected,
     errors: &mut Vec<String>,
@@ -535,18 +584,37 @@ fn measure_contender(
         }
     };
     let udp_time = Duration::from_secs_f64(plan.udp_seconds);
-    for (workload, flows, delivered, offered, cpu) in [
-        ("1 flow", 1, Figure::UdpOneFlowPps, Figure::UdpOneFlowOfferedPps, Figure::CpuNsPerPacketOneFlow),
+    let v4 = workloads.contains(&Workload::Udp);
+    let v6 = workloads.contains(&Workload::Ipv6) && contender.carries_ipv6();
+    for (ipv6, workload, flows, delivered, offered, cpu) in [
+        (false, "1 flow", 1, Figure::UdpOneFlowPps, Figure::UdpOneFlowOfferedPps, Figure::CpuNsPerPacketOneFlow),
         (
+            false,
             "many flows",
             plan.many_flows,
             Figure::UdpManyFlowsPps,
             Figure::UdpManyFlowsOfferedPps,
             Figure::CpuNsPerPacketManyFlows,
         ),
+        (true, "IPv6 1 flow", 1, Figure::Udp6OneFlowPps, Figure::Udp6OneFlowOfferedPps, Figure::CpuNsPerPacket6OneFlow),
+        (
+            true,
+            "IPv6 many flows",
+            plan.many_flows,
+            Figure::Udp6ManyFlowsPps,
+            Figure::Udp6ManyFlowsOfferedPps,
+            Figure::CpuNsPerPacket6ManyFlows,
+        ),
     ] {
+        if !(if ipv6 { v6 } else { v4 }) {
+            continue;
+        }
         cleanup::check()?;
-        let generator = Generator::new(&topo, addressing.udp_target(), flows)?;
+        let generator = if ipv6 {
+            Generator::new_v6(&topo, addressing.udp6_target(), flows)?
+        } else {
+            Generator::new(&topo, addressing.udp_target(), flows)?
+        };
         let before = reason_counts(&running);
         let rate = udp_rate(&topo, &generator, udp_time, &running.pids())?;
         if before.is_some() {
@@ -558,11 +626,11 @@ fn measure_contender(
             record(cpu, ns);
         }
     }
-    if contender.carries_tcp() {
+    if contender.carries_tcp() && workloads.contains(&Workload::Tcp) {
         measure_tcp(contender, plan, repetition, &topo, &running, &mut record, &mut attempt, churns)?;
     }
     // Last: the SYNs leave connection entries (and SNAT ports) behind.
-    if contender.forwards_syns() {
+    if contender.forwards_syns() && workloads.contains(&Workload::NewFlows) {
         cleanup::check()?;
         // GRO back on the router, as for the UDP figures: the TCP figures turned it off,
         // and without it (or XDP) the router's veth drops the generator's XDP_TX frames.
@@ -590,7 +658,7 @@ fn measure_contender(
         attempt("new flows", r);
     }
     drop((running, topo));
-    if contender.carries_tcp() {
+    if contender.carries_tcp() && workloads.contains(&Workload::VethDefaults) {
         cleanup::check()?;
         let r = tcp_with_veth_defaults(contender, plan).map(|(bps, counts)| {
             record(Figure::TcpVethDefaultsBitsPerSecond, bps);

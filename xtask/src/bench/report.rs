@@ -193,12 +193,13 @@ pub fn markdown(r: &Results) -> String {
     }
     md.push_str(&churn_section(r));
     md.push_str(&new_flows_section(r));
+    md.push_str(&ipv6_section(r));
     md.push_str(&reasons_section(r));
     md.push_str(&many_backends_section(r));
     if let Some(s) = &r.scaling {
         let build = if r.plan.forwarder_release { "" } else { ", debug build of forwarder in quick mode" };
         let k = super::scaling::BACKENDS_PER_FORWARD;
-        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own {} (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule. With {k} backends: the same N forwards (but the bench's own) with {k} backends each on 203.0.113.0/24, a port per forward (`limits.max_backends` raised to hold them); iptables-restore with {k} DNAT rules per forward, netfilter's round robin (`statistic --mode nth`):\n\n", super::contenders::FORWARDS.len(), build));
+        md.push_str(&format!("\n## Rule scaling\n\nTime to apply N forwards. forwarder: start-up of `forwarder run` with N forwards minus its start-up with the bench's own {} (the difference is parsing, validating and writing the maps){}; iptables-restore / nft -f: the command, one DNAT rule per forward plus one SNAT rule. With {k} backends: the same N forwards (but the bench's own) with {k} backends each on 203.0.113.0/24, a port per forward (`limits.max_backends` raised to hold them); iptables-restore with {k} DNAT rules per forward, netfilter's round robin (`statistic --mode nth`):\n\n", super::contenders::FORWARDS.len() + super::contenders::FORWARDS_V6, build));
         let _ = writeln!(
             md,
             "| forwards | forwarder | forwarder, {k} backends each | iptables-restore | iptables-restore, {k} nth rules \
@@ -572,6 +573,57 @@ fn new_flows_section(r: &Results) -> String {
     md
 }
 
+/// IPv6 against IPv4 per contender: the UDP figures' ratios (CPU per packet: lower is
+/// better, so IPv6 at most 1.10× IPv4 is "within 10%").
+fn ipv6_section(r: &Results) -> String {
+    let mut md = String::new();
+    let pairs = [
+        (Figure::CpuNsPerPacketOneFlow, Figure::CpuNsPerPacket6OneFlow),
+        (Figure::CpuNsPerPacketManyFlows, Figure::CpuNsPerPacket6ManyFlows),
+        (Figure::UdpOneFlowPps, Figure::Udp6OneFlowPps),
+        (Figure::UdpManyFlowsPps, Figure::Udp6ManyFlowsPps),
+    ];
+    let measured: Vec<_> =
+        r.contenders.iter().filter(|c| pairs.iter().any(|(_, v6)| c.figures.contains_key(v6))).collect();
+    if measured.is_empty() {
+        return md;
+    }
+    md.push_str(
+        "\n## IPv6 against IPv4\n\nThe UDP workloads again over IPv6 (80-byte frames: the same payload behind a \
+         40-byte header; forwarder's forward `[2001:db8:1::1]:7000` → `[2001:db8:2::20]:7001` with SNAT, ip6tables / \
+         nft `ip6` DNAT + SNAT for the netfilter contenders), each figure as IPv6 (IPv4, IPv6 / IPv4). socat: not \
+         measured.\n\n| contender |",
+    );
+    for (_, v6) in pairs {
+        let _ = write!(md, " {} ({}) |", v6.heading(), v6.unit());
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(pairs.len()));
+    md.push('\n');
+    for c in measured {
+        let _ = write!(md, "| {} |", c.id);
+        for (v4, v6) in pairs {
+            match (c.figures.get(&v4), c.figures.get(&v6)) {
+                (Some(a), Some(b)) => {
+                    let _ = write!(
+                        md,
+                        " {} ({}, {:.2}×) |",
+                        fmt_value(v6, b.median),
+                        fmt_value(v4, a.median),
+                        b.median / a.median
+                    );
+                }
+                (None, Some(b)) => {
+                    let _ = write!(md, " {} |", fmt_value(v6, b.median));
+                }
+                _ => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md
+}
+
 /// How forwarder's packets left the router, from its reason counters.
 fn reasons_section(r: &Results) -> String {
     let mut md = String::new();
@@ -657,6 +709,21 @@ mod tests {
         assert!(!markdown(&r).contains("How forwarder's packets left"), "no section without counts");
         r.contenders[1].reasons.insert("1 flow", counts);
         assert!(markdown(&r).contains("| forwarder-xdp-native | 1 flow | `redirect_xdp_flow_cache` 990 (99.00%)"));
+    }
+
+    #[test]
+    fn ipv6_section_sets_each_figure_against_ipv4() {
+        let mut r = results();
+        assert!(!markdown(&r).contains("## IPv6 against IPv4"), "no section without IPv6 figures");
+        let c = &mut r.contenders[1];
+        c.figures.insert(Figure::CpuNsPerPacketManyFlows, Summary::of(&[200.0]).unwrap());
+        c.figures.insert(Figure::CpuNsPerPacket6ManyFlows, Summary::of(&[230.0]).unwrap());
+        c.figures.insert(Figure::Udp6OneFlowPps, Summary::of(&[3e6]).unwrap());
+        let md = markdown(&r);
+        assert!(md.contains("## IPv6 against IPv4"), "{md}");
+        let row = md.lines().find(|l| l.starts_with("| forwarder-xdp-native |") && l.contains("1.15×")).unwrap();
+        // CPU 1 flow: not measured; many flows 230 against 200; 1 flow 3.00 Mpps against 4.00.
+        assert!(row.contains("| – | 230 (200, 1.15×) | 3.00 (4.00, 0.75×) | – |"), "{row}");
     }
 
     #[test]

@@ -18,8 +18,8 @@ use super::{
 /// Contenders whose packet rate is measured at each size.
 pub const SCALED: [Contender; 3] = [Contender::Iptables, Contender::Nftables, Contender::ForwarderXdpNative];
 
-/// The bench's own forwards (UDP, iperf3, echo, churn) count towards N.
-const OWN_FORWARDS: usize = super::contenders::FORWARDS.len();
+/// The bench's own forwards (UDP, iperf3, echo, churn, SYNs, UDP over IPv6) count towards N.
+const OWN_FORWARDS: usize = super::contenders::FORWARDS.len() + super::contenders::FORWARDS_V6;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ApplyTimes {

@@ -18,6 +18,9 @@
 //! - The TCP figure "veth defaults" runs on a topology made with
 //!   [`BenchTopo::with_veth_defaults`]: no offload changed anywhere, and no sink (an XDP
 //!   program on s0 would take GSO off its peer rs).
+//! - IPv6 beside IPv4 (no DAD, static neighbours, forwarding on in the router): client
+//!   2001:db8:1::2 ── router 2001:db8:1::1 | 2001:db8:2::1 ── server 2001:db8:2::20, for the
+//!   IPv6 UDP workloads, counted by the sink as the IPv4 ones.
 //! - The many-backends workload adds the server addresses 203.0.113.21 and up on s0
 //!   ([`BenchTopo::add_server_addresses`]): the sink matches the UDP port, not the address,
 //!   so it counts (and drops) the frames of every backend alike.
@@ -49,6 +52,12 @@ pub const CHURN_BACKEND_PORT: u16 = 8081;
 /// The new-flows workload's forward: SYNs only, counted and dropped by the sink.
 pub const SYN_LISTEN_PORT: u16 = 9000;
 pub const SYN_BACKEND_PORT: u16 = 9001;
+
+/// The IPv6 addresses of the chain (see the module's picture).
+pub const CLIENT_ADDR_V6: &str = "2001:db8:1::2";
+pub const ROUTER_CLIENT_ADDR_V6: &str = "2001:db8:1::1";
+pub const ROUTER_SERVER_ADDR_V6: &str = "2001:db8:2::1";
+pub const SERVER_ADDR_V6: &str = "2001:db8:2::20";
 
 pub const CLIENT_DEV: &str = "c0";
 pub const SERVER_DEV: &str = "s0";
@@ -89,11 +98,26 @@ impl BenchTopo {
         let router_client_mac = chain.router.mac(ROUTER_CLIENT_DEV)?;
         let router_server_mac = chain.router.mac(ROUTER_SERVER_DEV)?;
         let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        for (ns, dev, addr) in [
+            (&chain.client, CLIENT_DEV, CLIENT_ADDR_V6),
+            (&chain.router, ROUTER_CLIENT_DEV, ROUTER_CLIENT_ADDR_V6),
+            (&chain.router, ROUTER_SERVER_DEV, ROUTER_SERVER_ADDR_V6),
+            (&chain.server, SERVER_DEV, SERVER_ADDR_V6),
+        ] {
+            ns.ip(&["-6", "addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"])?;
+        }
+        chain.client.ip(&["-6", "route", "add", "default", "via", ROUTER_CLIENT_ADDR_V6])?;
+        chain.server.ip(&["-6", "route", "add", "2001:db8:1::/64", "via", ROUTER_SERVER_ADDR_V6])?;
+        chain.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         for (ns, addr, lladdr, dev) in [
             (&chain.router, CLIENT_ADDR, mac(client_mac), ROUTER_CLIENT_DEV),
             (&chain.router, SERVER_ADDR, mac(server_mac), ROUTER_SERVER_DEV),
             (&chain.client, ROUTER_CLIENT_ADDR, mac(router_client_mac), CLIENT_DEV),
             (&chain.server, ROUTER_SERVER_ADDR, mac(router_server_mac), SERVER_DEV),
+            (&chain.router, CLIENT_ADDR_V6, mac(client_mac), ROUTER_CLIENT_DEV),
+            (&chain.router, SERVER_ADDR_V6, mac(server_mac), ROUTER_SERVER_DEV),
+            (&chain.client, ROUTER_CLIENT_ADDR_V6, mac(router_client_mac), CLIENT_DEV),
+            (&chain.server, ROUTER_SERVER_ADDR_V6, mac(router_server_mac), SERVER_DEV),
         ] {
             ns.ip(&["neigh", "replace", addr, "lladdr", &lladdr, "dev", dev, "nud", "permanent"])?;
         }
@@ -194,6 +218,15 @@ pub enum Addressing {
 impl Addressing {
     pub fn udp_target(self) -> ([u8; 4], u16) {
         self.octets_target(UDP_LISTEN_PORT, UDP_BACKEND_PORT)
+    }
+
+    /// Where the IPv6 UDP workloads' frames go.
+    pub fn udp6_target(self) -> ([u8; 16], u16) {
+        let (addr, port) = match self {
+            Addressing::Forward => (ROUTER_CLIENT_ADDR_V6, UDP_LISTEN_PORT),
+            Addressing::Direct => (SERVER_ADDR_V6, UDP_BACKEND_PORT),
+        };
+        (addr.parse::<std::net::Ipv6Addr>().expect("literal address").octets(), port)
     }
 
     /// Where the new-flows workload's SYNs go.
