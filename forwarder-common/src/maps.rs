@@ -66,6 +66,10 @@ pub const FWD_FLOW_CACHE: &str = "FWD_FLOW_CACHE";
 /// The TC flow cache: as [`FWD_FLOW_CACHE`], for the TC program's fast path (its own, so a
 /// slot copied from a next hop only TC can send to never serves XDP).
 pub const FWD_FLOW_CACHE_TC: &str = "FWD_FLOW_CACHE_TC";
+/// The IPv6 flow caches: as [`FWD_FLOW_CACHE`] and [`FWD_FLOW_CACHE_TC`], of
+/// [`FlowCacheSlot6`] (the same number of slots, 112 bytes each: 448 KiB per CPU each).
+pub const FWD_FLOW_CACHE6: &str = "FWD_FLOW_CACHE6";
+pub const FWD_FLOW_CACHE6_TC: &str = "FWD_FLOW_CACHE6_TC";
 /// log2 of [`FLOW_CACHE_SLOTS`].
 pub const FLOW_CACHE_BITS: u32 = 12;
 /// Slots of the flow cache per CPU (64 bytes each: 256 KiB per CPU).
@@ -609,7 +613,7 @@ impl FlowCacheSlot {
     /// The copy is as current as its entry's next hop would be ([`next_hop_current`]).
     #[inline(always)]
     pub fn current(&self, generation: u32, now: u32) -> bool {
-        self.ifindex != 0 && next_hop_current(self.generation as u32, self.jiffies, generation & 0xffff, now)
+        copy_current(self.ifindex, self.generation, self.jiffies, generation, now)
     }
 
     /// A new copy for this tuple may go here: the slot is empty, stale, or this tuple's.
@@ -617,6 +621,77 @@ impl FlowCacheSlot {
     pub fn free_for(&self, src: u32, dst: u32, ports: u32, proto: u8, generation: u32, now: u32) -> bool {
         !self.current(generation, now) || self.holds(src, dst, ports, proto)
     }
+}
+
+/// [`FlowCacheSlot`] for IPv6 ([`FWD_FLOW_CACHE6`]): the same fields and rules, addresses
+/// of four words (each the native-endian word of four of its bytes in the packet), and no
+/// header checksum to carry a delta for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowCacheSlot6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub ports: u32,
+    pub proto: u8,
+    pub state: u8,
+    pub _pad: u16,
+    pub new_src: [u32; 4],
+    pub new_dst: [u32; 4],
+    pub new_ports: u32,
+    pub forward_id: u32,
+    /// Egress ifindex; 0 for an empty slot.
+    pub ifindex: u32,
+    pub generation: u16,
+    pub backend: u16,
+    pub jiffies: u32,
+    pub l4_delta: u16,
+    pub len_ok: u16,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub seq: u32,
+}
+const _: () = assert!(size_of::<FlowCacheSlot6>() == 112);
+// The TC fast path stores the rewritten addresses and ports in one piece from the slot, as
+// they lie in an IPv6 packet without extension headers.
+const _: () = assert!(
+    core::mem::offset_of!(FlowCacheSlot6, new_dst) == core::mem::offset_of!(FlowCacheSlot6, new_src) + 16
+        && core::mem::offset_of!(FlowCacheSlot6, new_ports) == core::mem::offset_of!(FlowCacheSlot6, new_src) + 32
+);
+
+impl FlowCacheSlot6 {
+    /// The slot holds a copy for this tuple.
+    #[inline(always)]
+    pub fn holds(&self, src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8) -> bool {
+        self.ifindex != 0 && self.ports == ports && self.src == *src && self.dst == *dst && self.proto == proto
+    }
+
+    /// As [`FlowCacheSlot::current`].
+    #[inline(always)]
+    pub fn current(&self, generation: u32, now: u32) -> bool {
+        copy_current(self.ifindex, self.generation, self.jiffies, generation, now)
+    }
+
+    /// As [`FlowCacheSlot::free_for`].
+    #[inline(always)]
+    pub fn free_for(&self, src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8, generation: u32, now: u32) -> bool {
+        !self.current(generation, now) || self.holds(src, dst, ports, proto)
+    }
+}
+
+/// [`flow_cache_bucket`] of an IPv6 tuple: every address word counts (flows that differ
+/// only in an address's upper bits still spread).
+#[inline(always)]
+pub fn flow_cache_bucket6(src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8) -> u32 {
+    let fold = |a: &[u32; 4]| a[0] ^ a[1].rotate_left(7) ^ a[2].rotate_left(14) ^ a[3].rotate_left(21);
+    flow_cache_bucket(fold(src), fold(dst), ports, proto)
+}
+
+/// A flow cache slot (of either family) with egress `ifindex`, copied under `generation`
+/// (its low 16 bits) at `jiffies`, is in use and as current as its entry's next hop would
+/// be ([`next_hop_current`]).
+#[inline(always)]
+fn copy_current(ifindex: u32, generation: u16, jiffies: u32, now_generation: u32, now: u32) -> bool {
+    ifindex != 0 && next_hop_current(generation as u32, jiffies, now_generation & 0xffff, now)
 }
 
 /// A next hop looked up under route generation `generation` at `jiffies` (low 32 bits) is
@@ -1012,6 +1087,8 @@ mod pod {
     unsafe impl aya::Pod for CtValueV2 {}
     unsafe impl aya::Pod for CtValueV3 {}
     unsafe impl aya::Pod for FlowCacheSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowCacheSlot6 {}
     unsafe impl aya::Pod for FwdStats {}
     unsafe impl aya::Pod for IfaceConfig {}
     unsafe impl aya::Pod for GlobalConfig {}
@@ -1094,6 +1171,52 @@ mod tests {
         assert!(slot.free_for(9, 2, 3, 17, 8, 1001), "stale");
         assert!(FlowCacheSlot::default().free_for(9, 2, 3, 17, 0, 0), "empty");
         assert!(!FlowCacheSlot::default().holds(0, 0, 0, 0), "an empty slot holds nothing");
+    }
+
+    /// IPv6: consecutive client ports spread as IPv4's do, and flows that differ only in
+    /// an address's first word land apart.
+    #[test]
+    fn ipv6_flow_cache_buckets_spread() {
+        let (src, dst) = ([0x0db8_0120, 0, 0, 0x0200_0000], [0x0db8_0120, 0, 0, 0x2000_0000]);
+        let mut per_bucket = [0u32; FLOW_CACHE_SLOTS as usize / 2];
+        for port in 20_000u16..21_024 {
+            let [a, b] = port.to_be_bytes();
+            let first = flow_cache_bucket6(&src, &dst, u32::from_ne_bytes([a, b, 0x1b, 0x58]), 17);
+            assert!(first.is_multiple_of(2) && first + 1 < FLOW_CACHE_SLOTS);
+            per_bucket[first as usize / 2] += 1;
+        }
+        let crowded = per_bucket.iter().filter(|n| **n > 2).count();
+        assert!(crowded < 60, "{crowded} buckets with more than two of 1024 flows");
+        let mut seen = [false; FLOW_CACHE_SLOTS as usize / 2];
+        for hi in 0..64u32 {
+            seen[flow_cache_bucket6(&[hi, 0, 0, 1], &dst, 7, 17) as usize / 2] = true;
+        }
+        let distinct = seen.iter().filter(|b| **b).count();
+        assert!(distinct > 48, "{distinct} buckets for 64 prefixes");
+    }
+
+    #[test]
+    fn an_ipv6_slot_holds_its_whole_tuple() {
+        let (src, dst) = ([1, 2, 3, 4], [5, 6, 7, 8]);
+        let slot = FlowCacheSlot6 {
+            src,
+            dst,
+            ports: 9,
+            proto: 17,
+            ifindex: 4,
+            generation: 7,
+            jiffies: 1000,
+            ..Default::default()
+        };
+        assert!(slot.holds(&src, &dst, 9, 17));
+        for other in [[0, 2, 3, 4], [1, 0, 3, 4], [1, 2, 0, 4], [1, 2, 3, 0]] {
+            assert!(!slot.holds(&other, &dst, 9, 17) && !slot.holds(&src, &other, 9, 17), "{other:?}");
+        }
+        assert!(!slot.holds(&src, &dst, 9, 6) && !slot.holds(&src, &dst, 10, 17));
+        assert!(slot.current(7, 1000 + NH_MAX_AGE_JIFFIES - 1) && !slot.current(7, 1000 + NH_MAX_AGE_JIFFIES));
+        assert!(!slot.free_for(&[9, 9, 9, 9], &dst, 9, 17, 7, 1001) && slot.free_for(&src, &dst, 9, 17, 7, 1001));
+        assert!(slot.free_for(&[9, 9, 9, 9], &dst, 9, 17, 8, 1001), "stale");
+        assert!(!FlowCacheSlot6::default().holds(&[0; 4], &[0; 4], 0, 0), "an empty slot holds nothing");
     }
 
     #[test]

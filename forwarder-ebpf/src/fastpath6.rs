@@ -1,22 +1,26 @@
 //! The established-flow fast path for IPv6, XDP and TC (fastpath.rs is IPv4's): a plain
 //! TCP/UDP packet (no extension header) of a tracked connection whose entry holds a
 //! current next hop is rewritten with the entry's L4 checksum delta and redirected,
-//! without the full parse, the forward lookup or the FIB lookup. It has the entry tier
-//! only (no flow cache: a slot of two 16-byte addresses each way would be twice IPv4's),
-//! and the same rules as IPv4's entry tier: a packet that would move the connection's
-//! state, a longer packet than the next hop has passed, and anything unusual go to the
-//! full path, which (re)fills the next hop (conntrack::cache_next_hop).
+//! without the full parse, the forward lookup or the FIB lookup. The same two tiers and
+//! rules as IPv4's: this CPU's flow cache (FWD_FLOW_CACHE6 / FWD_FLOW_CACHE6_TC, slots of
+//! [`FlowCacheSlot6`]), then the connection's entry, which refills a slot; a packet that
+//! would move the connection's state, a longer packet than the next hop has passed, and
+//! anything unusual go to the full path, which (re)fills the next hop
+//! (conntrack::cache_next_hop).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_jiffies64, bpf_redirect},
+    maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
 use forwarder_common::{
-    CtKey, CtValue, FAMILY_V6, FWD_FLAG_INGRESS, FwdKey, PROTO_TCP, PROTO_UDP, Reason,
-    conntrack::{CT_NH_XDP, CT_SEQ_KNOWN, segment_end, seq_after},
+    CtKey, FAMILY_V6, FWD_FLAG_INGRESS, FlowCacheSlot6, FwdKey, PROTO_TCP, PROTO_UDP, Reason,
+    conntrack::{
+        CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, TCP_FIN, TCP_RST, TCP_SYN, segment_end, seq_after, tcp_keeps_state,
+    },
     csum::{apply_delta, fold, sum4},
-    next_hop_current,
+    flow_cache_bucket6, next_hop_current,
 };
 
 use crate::{
@@ -26,7 +30,7 @@ use crate::{
         NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, moves_state_of, segment_len,
         tc_gso_size, wsum_diff,
     },
-    maps::{FWD_CT_V4, FWD_TX_PORTS},
+    maps::{FWD_CT_V4, FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6},
     rules, stats,
     verdict::{Outcome, pack},
@@ -39,8 +43,9 @@ pub fn is_v6<P: Packet>(ctx: &P) -> bool {
 }
 
 /// The headers of a plain IPv6 TCP/UDP packet, addresses as the native-endian words of
-/// their bytes.
-struct Headers6 {
+/// their bytes. Kept in the per-CPU working memory (work.rs): on the stack, beside the
+/// entry tier's frame, they would take the call chain past its 512 bytes.
+pub struct Headers6 {
     src: [u32; 4],
     dst: [u32; 4],
     ports: u32,
@@ -55,7 +60,8 @@ struct Headers6 {
     check_off: usize,
     l4_check: u16,
     tcp_flags: u8,
-    /// TCP: the sequence just past this segment (host order).
+    /// TCP: this segment's sequence and the one just past it (host order).
+    seq: u32,
     seq_end: u32,
     /// The L4 checksum is a CHECKSUM_PARTIAL seed.
     partial: bool,
@@ -73,41 +79,55 @@ fn words_of(b: &[u8; 16]) -> [u32; 4] {
     [w(0), w(4), w(8), w(12)]
 }
 
+/// An address's bytes from its native-endian words ([`words_of`] undone).
+#[inline(always)]
+fn bytes_of(w: &[u32; 4]) -> [u8; 16] {
+    let (x, y, z, v) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3], z[0], z[1], z[2], z[3], v[0], v[1], v[2], v[3]]
+}
+
 #[inline(always)]
 fn words<P: Packet>(ctx: &P, offset: usize) -> Result<[u32; 4], Reason> {
     Ok(words_of(&read(ctx, offset)?))
 }
 
+/// Reads a plain IPv6 TCP/UDP packet's headers into `h`; false for the cases the full
+/// path takes apart.
 #[inline(always)]
-fn headers6<P: Packet>(ctx: &P, partial_ok: bool) -> Result<Option<Headers6>, Reason> {
+fn headers6<P: Packet>(ctx: &P, partial_ok: bool, h: &mut Headers6) -> bool {
+    matches!(read_headers6(ctx, partial_ok, h), Ok(true))
+}
+
+#[inline(always)]
+fn read_headers6<P: Packet>(ctx: &P, partial_ok: bool, h: &mut Headers6) -> Result<bool, Reason> {
     // Version, traffic class, flow label, payload length, next header, hop limit.
     let fixed: [u8; 8] = read(ctx, L3_OFF)?;
     let (payload, proto, hop_limit) = (be16([fixed[4], fixed[5]]) as usize, fixed[6], fixed[7]);
     if fixed[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) || hop_limit <= 1 {
-        return Ok(None);
+        return Ok(false);
     }
     if payload == 0 || IPV6_LEN + payload + ETH_LEN > ctx.len() {
-        return Ok(None);
+        return Ok(false);
     }
-    let (check_off, l4_hdr, tcp_flags, seq_end) = if proto == PROTO_TCP {
+    let (check_off, l4_hdr, tcp_flags, seq, seq_end) = if proto == PROTO_TCP {
         let seq = u32::from_be_bytes(read(ctx, L4_OFF_V6 + 4)?);
         let tcp: [u8; 2] = read(ctx, L4_OFF_V6 + 12)?;
         let data_off = (tcp[0] >> 4) as usize * 4;
         if payload < 20 || data_off < 20 || data_off > payload {
-            return Ok(None);
+            return Ok(false);
         }
-        (L4_OFF_V6 + 16, data_off, tcp[1], segment_end(seq, (payload - data_off) as u32, tcp[1]))
+        (L4_OFF_V6 + 16, data_off, tcp[1], seq, segment_end(seq, (payload - data_off) as u32, tcp[1]))
     } else {
         let udp_len = be16(read(ctx, L4_OFF_V6 + 4)?) as usize;
         if payload < 8 || udp_len < 8 || udp_len > payload {
-            return Ok(None);
+            return Ok(false);
         }
-        (L4_OFF_V6 + 6, 8, 0, 0)
+        (L4_OFF_V6 + 6, 8, 0, 0, 0)
     };
     let l4_check = be16(read(ctx, check_off)?);
     // IPv6 UDP must carry a checksum: a zero one is the full path's to judge.
     if proto == PROTO_UDP && l4_check == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     let (src, dst) = (words(ctx, IPV6_SRC_OFF)?, words(ctx, IPV6_SRC_OFF + 16)?);
     let mut partial = false;
@@ -120,55 +140,100 @@ fn headers6<P: Packet>(ctx: &P, partial_ok: bool) -> Result<Option<Headers6>, Re
         }
         partial = l4_check == fold(sum);
     }
-    Ok(Some(Headers6 {
-        src,
-        dst,
-        ports: u32::from_ne_bytes(read(ctx, L4_OFF_V6)?),
-        proto,
-        hop_limit,
-        tot_len: IPV6_LEN + payload,
-        len: IPV6_LEN + payload,
-        hdr_len: IPV6_LEN + l4_hdr,
-        check_off,
-        l4_check,
-        tcp_flags,
-        seq_end,
-        partial,
-    }))
+    h.src = src;
+    h.dst = dst;
+    h.ports = u32::from_ne_bytes(read(ctx, L4_OFF_V6)?);
+    h.proto = proto;
+    h.hop_limit = hop_limit;
+    h.tot_len = IPV6_LEN + payload;
+    h.len = IPV6_LEN + payload;
+    h.hdr_len = IPV6_LEN + l4_hdr;
+    h.check_off = check_off;
+    h.l4_check = l4_check;
+    h.tcp_flags = tcp_flags;
+    h.seq = seq;
+    h.seq_end = seq_end;
+    h.partial = partial;
+    Ok(true)
 }
 
-/// What the entry gives the rewrite, copied out of it and checked to be one next hop.
-struct NextHop {
-    ifindex: u32,
-    l4_delta: u16,
-    dmac: [u8; 6],
-    smac: [u8; 6],
-}
-
+/// What the fast path found: a current copy of the packet's connection (the tier's
+/// reason), or a `NOT_CACHED_*` code.
 enum Found {
-    Entry(&'static CtValue, NextHop),
+    Slot(&'static FlowCacheSlot6, Reason),
     Code(u32),
 }
 
+/// The two tiers, as fastpath's `find`: this CPU's flow cache, then the connection's entry,
+/// which (re)fills a slot. `TC` picks the program's rules, `cache` its flow cache.
 #[inline(always)]
-fn find6<const TC: bool>(h: &Headers6) -> Found {
-    let p = h.ports.to_ne_bytes();
-    let w = |a: &[u32; 4]| {
-        let (x, y, z, v) = (a[0].to_ne_bytes(), a[1].to_ne_bytes(), a[2].to_ne_bytes(), a[3].to_ne_bytes());
-        [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3], z[0], z[1], z[2], z[3], v[0], v[1], v[2], v[3]]
+fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot6>) -> Found {
+    let (cache_reason, entry_reason) = if TC {
+        (Reason::RedirectTcFlowCache, Reason::RedirectTcCached)
+    } else {
+        (Reason::RedirectXdpFlowCache, Reason::RedirectXdpCached)
     };
+    let (ports, proto) = (h.ports, h.proto);
+    let generation = route_generation();
+    // SAFETY: inlined helper without arguments.
+    let now = unsafe { bpf_jiffies64() } as u32;
+    let first = flow_cache_bucket6(&h.src, &h.dst, ports, proto);
+    let (Some(s0), Some(s1)) = (cache.get_ptr_mut(first), cache.get_ptr_mut(first + 1)) else {
+        return Found::Code(NOT_CACHED_FULL);
+    };
+    // SAFETY: per-CPU slots, used by one program run at a time.
+    let (s0, s1) = unsafe { (&mut *s0, &mut *s1) };
+    let serves = |s: &FlowCacheSlot6| {
+        s.holds(&h.src, &h.dst, ports, proto)
+            && s.current(generation, now)
+            && h.len <= s.len_ok as usize
+            && (proto != PROTO_TCP
+                || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
+    };
+    if !h.partial {
+        if serves(s0) {
+            return Found::Slot(s0, cache_reason);
+        }
+        if serves(s1) {
+            return Found::Slot(s1, cache_reason);
+        }
+    }
+    // TC: a SYN, FIN or RST always takes the full path (see fastpath's `find`).
+    if TC && proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return Found::Code(NOT_CACHED_FULL);
+    }
+    match fill6::<TC>(h, s0, s1, (generation as u64) << 32 | now as u64) {
+        FILLED_FIRST => Found::Slot(s0, entry_reason),
+        FILLED_SECOND => Found::Slot(s1, entry_reason),
+        code => Found::Code(code),
+    }
+}
+
+/// [`fill6`]'s answers beside the `NOT_CACHED_*` codes: which slot it filled.
+const FILLED_FIRST: u32 = 8;
+const FILLED_SECOND: u32 = 9;
+
+/// The entry tier: the connection's entry, when its next hop is current, refills one of the
+/// bucket's slots (`s0` unless it holds another flow's current copy). Out of line: the
+/// connection key and the copy would take the fast path's frame past the stack's 512
+/// bytes. `clock`: the route generation (high word) and jiffies (low word).
+#[inline(never)]
+fn fill6<const TC: bool>(h: &Headers6, s0: &mut FlowCacheSlot6, s1: &mut FlowCacheSlot6, clock: u64) -> u32 {
+    let (generation, now) = ((clock >> 32) as u32, clock as u32);
+    let (ports, proto) = (h.ports, h.proto);
+    let p = ports.to_ne_bytes();
     let key = CtKey {
-        src_addr: w(&h.src),
-        dst_addr: w(&h.dst),
+        src_addr: bytes_of(&h.src),
+        dst_addr: bytes_of(&h.dst),
         src_port_be: u16::from_ne_bytes([p[0], p[1]]),
         dst_port_be: u16::from_ne_bytes([p[2], p[3]]),
-        proto: h.proto,
+        proto,
         family: FAMILY_V6,
         _pad: [0; 2],
     };
     let Some(entry) = FWD_CT_V4.get_ptr_mut(&key) else {
-        let mut rule = FwdKey { addr: key.dst_addr, port_be: key.dst_port_be, proto: h.proto, family: FAMILY_V6 };
-        return Found::Code(match rules::lookup(&mut rule) {
+        let mut rule = FwdKey { addr: key.dst_addr, port_be: key.dst_port_be, proto, family: FAMILY_V6 };
+        return match rules::lookup(&mut rule) {
             Some(f) if f.flags & FWD_FLAG_INGRESS != 0 => {
                 if h.partial {
                     NOT_CACHED_TO_TC
@@ -177,16 +242,13 @@ fn find6<const TC: bool>(h: &Headers6) -> Found {
                 }
             }
             _ => NOT_CACHED_NO_MATCH,
-        });
+        };
     };
     if h.partial {
-        return Found::Code(NOT_CACHED_TO_TC);
+        return NOT_CACHED_TO_TC;
     }
     // SAFETY: map value pointer from a successful lookup.
     let entry = unsafe { &mut *entry };
-    let generation = route_generation();
-    // SAFETY: inlined helper without arguments.
-    let now = unsafe { bpf_jiffies64() } as u32;
     // SAFETY: a map value; read once, see conntrack::cache_next_hop.
     let ifindex = unsafe { core::ptr::read_volatile(&entry.nh_ifindex) };
     let (nh_gen, nh_jiffies) = (entry.nh_gen, entry.nh_jiffies);
@@ -194,60 +256,85 @@ fn find6<const TC: bool>(h: &Headers6) -> Found {
         || !next_hop_current(nh_gen, nh_jiffies, generation, now)
         || h.len > entry.nh_len_ok as usize
         || (!TC && entry.flags & CT_NH_XDP == 0)
-        || moves_state_of(entry, h.proto, h.tcp_flags)
+        || moves_state_of(entry, proto, h.tcp_flags)
     {
-        return Found::Code(NOT_CACHED_FULL);
+        return NOT_CACHED_FULL;
     }
-    if h.proto == PROTO_TCP && (entry.flags & CT_SEQ_KNOWN == 0 || seq_after(h.seq_end, entry.seq_end)) {
+    // The slot counts a backend index of 16 bits; a connection of a larger one takes the
+    // full path.
+    let backend = entry.backend_index();
+    if backend > u16::MAX as u32 {
+        return NOT_CACHED_FULL;
+    }
+    if proto == PROTO_TCP && (entry.flags & CT_SEQ_KNOWN == 0 || seq_after(h.seq_end, entry.seq_end)) {
         entry.seq_end = h.seq_end;
         entry.flags |= CT_SEQ_KNOWN;
     }
+    // As IPv4's: the first slot unless it holds another flow's current copy.
+    let first = s0.free_for(&h.src, &h.dst, ports, proto, generation, now);
+    let slot = if first { s0 } else { s1 };
+    let (sp, dp) = (entry.new_src_port_be.to_ne_bytes(), entry.new_dst_port_be.to_ne_bytes());
+    slot.src = h.src;
+    slot.dst = h.dst;
+    slot.ports = ports;
+    slot.proto = proto;
+    slot.state = entry.state;
+    slot.new_src = words_of(&entry.new_src_addr);
+    slot.new_dst = words_of(&entry.new_dst_addr);
+    slot.new_ports = u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]);
+    slot.forward_id = entry.forward_id;
+    slot.ifindex = ifindex;
+    slot.generation = nh_gen as u16;
+    slot.backend = backend as u16;
+    slot.jiffies = nh_jiffies;
+    slot.l4_delta = entry.nh_l4_delta;
+    slot.len_ok = entry.nh_len_ok;
+    slot.seq = h.seq;
     let (d, m) = (&entry.nh_dmac, &entry.nh_smac);
-    let hop = NextHop {
-        ifindex,
-        l4_delta: entry.nh_l4_delta,
-        dmac: [d[0], d[1], d[2], d[3], d[4], d[5]],
-        smac: [m[0], m[1], m[2], m[3], m[4], m[5]],
-    };
-    // Another CPU's full path may have rewritten the next hop meanwhile (see fastpath).
+    slot.dmac = [d[0], d[1], d[2], d[3], d[4], d[5]];
+    slot.smac = [m[0], m[1], m[2], m[3], m[4], m[5]];
+    // Another CPU's full path may have rewritten the next hop meanwhile (see fastpath): a
+    // copy mixing two next hops must not be kept, nor used.
     // SAFETY: map value fields, read again from memory.
     let settled = unsafe {
         core::ptr::read_volatile(&entry.nh_ifindex) == ifindex
             && core::ptr::read_volatile(&entry.nh_gen) == nh_gen
             && core::ptr::read_volatile(&entry.nh_jiffies) == nh_jiffies
+            && (TC || core::ptr::read_volatile(&entry.flags) & CT_NH_XDP != 0)
     };
     if !settled {
-        return Found::Code(NOT_CACHED_FULL);
+        slot.ifindex = 0;
+        return NOT_CACHED_FULL;
     }
-    Found::Entry(entry, hop)
+    if first { FILLED_FIRST } else { FILLED_SECOND }
 }
 
 /// The IPv6 XDP fast path in its own frame: as fastpath::try_cached_out_of_line.
 #[inline(never)]
-pub fn try_cached6_out_of_line(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+pub fn try_cached6_out_of_line(raw: *mut aya_ebpf::bindings::xdp_md, h: &mut Headers6) -> u64 {
     let ctx = XdpContext::new(raw);
-    let Ok(Some(h)) = headers6(&ctx, false) else {
+    if !headers6(&ctx, false, h) {
         return NOT_CACHED_FULL as u64;
-    };
-    match find6::<false>(&h) {
-        Found::Entry(entry, hop) => pack(send_xdp(&ctx, &h, entry, &hop)),
+    }
+    match find6::<false>(h, &FWD_FLOW_CACHE6) {
+        Found::Slot(slot, how) => pack(send_xdp(&ctx, h, slot, how)),
         Found::Code(code) => code as u64,
     }
 }
 
 /// The IPv6 TC fast path in its own frame: as fastpath::try_cached_tc_out_of_line.
 #[inline(never)]
-pub fn try_cached6_tc_out_of_line(raw: *mut aya_ebpf::bindings::__sk_buff) -> u64 {
+pub fn try_cached6_tc_out_of_line(raw: *mut aya_ebpf::bindings::__sk_buff, h: &mut Headers6) -> u64 {
     let ctx = TcContext::new(raw);
     let Some(gso_size) = tc_gso_size(raw) else {
         return NOT_CACHED_FULL as u64;
     };
-    let Ok(Some(mut h)) = headers6(&ctx, true) else {
+    if !headers6(&ctx, true, h) {
         return NOT_CACHED_FULL as u64;
-    };
+    }
     h.len = segment_len(h.len, h.hdr_len, gso_size);
-    match find6::<true>(&h) {
-        Found::Entry(entry, hop) => pack(send_tc(&ctx, &h, entry, &hop)),
+    match find6::<true>(h, &FWD_FLOW_CACHE6_TC) {
+        Found::Slot(slot, how) => pack(send_tc(&ctx, h, slot, how)),
         // TC never hands anything on.
         Found::Code(NOT_CACHED_TO_TC) => NOT_CACHED_FULL as u64,
         Found::Code(code) => code as u64,
@@ -255,103 +342,69 @@ pub fn try_cached6_tc_out_of_line(raw: *mut aya_ebpf::bindings::__sk_buff) -> u6
 }
 
 #[inline(always)]
-fn macs(hop: &NextHop) -> [u8; 12] {
-    let (m, n) = (&hop.dmac, &hop.smac);
+fn macs(s: &FlowCacheSlot6) -> [u8; 12] {
+    let (m, n) = (&s.dmac, &s.smac);
     [m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]]
 }
 
 #[inline(always)]
-fn send_xdp(ctx: &XdpContext, h: &Headers6, e: &CtValue, hop: &NextHop) -> Outcome {
-    if rewrite_xdp(ctx, h, e, hop).is_err() {
+fn send_xdp(ctx: &XdpContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> Outcome {
+    if rewrite_xdp(ctx, h, s).is_err() {
         return Err(Reason::RewriteFailed);
     }
-    stats::count_forwarded(e.forward_id, e.backend_index(), h.tot_len as u16);
-    let action = FWD_TX_PORTS.redirect(hop.ifindex, 0).unwrap_or_else(|a| a);
-    Ok((action as i32, Reason::RedirectXdpCached))
+    stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
+    let action = FWD_TX_PORTS.redirect(s.ifindex, 0).unwrap_or_else(|a| a);
+    Ok((action as i32, how))
 }
 
 #[inline(always)]
-fn rewrite_xdp(ctx: &XdpContext, h: &Headers6, e: &CtValue, hop: &NextHop) -> Result<(), Reason> {
-    let mut c = apply_delta(h.l4_check, hop.l4_delta);
+fn rewrite_xdp(ctx: &XdpContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), Reason> {
+    let mut c = apply_delta(h.l4_check, s.l4_delta);
     if h.proto == PROTO_UDP && c == 0 {
         c = 0xffff;
     }
     write(ctx, h.check_off, c.to_be_bytes())?;
     write(ctx, IPV6_HOP_LIMIT_OFF, [h.hop_limit - 1])?;
-    write(ctx, IPV6_SRC_OFF, e.new_src_addr)?;
-    write(ctx, IPV6_SRC_OFF + 16, e.new_dst_addr)?;
-    let (sp, dp) = (e.new_src_port_be.to_ne_bytes(), e.new_dst_port_be.to_ne_bytes());
-    write(ctx, L4_OFF_V6, [sp[0], sp[1], dp[0], dp[1]])?;
-    write(ctx, 0, macs(hop))
+    // Word by word: arrays of the slot's words would be built on the stack first.
+    let mut i = 0;
+    while i < 4 {
+        write(ctx, IPV6_SRC_OFF + 4 * i, s.new_src[i].to_ne_bytes())?;
+        write(ctx, IPV6_SRC_OFF + 16 + 4 * i, s.new_dst[i].to_ne_bytes())?;
+        i += 1;
+    }
+    write(ctx, L4_OFF_V6, s.new_ports.to_ne_bytes())?;
+    write(ctx, 0, macs(s))
 }
 
 #[inline(always)]
-fn send_tc(ctx: &TcContext, h: &Headers6, e: &CtValue, hop: &NextHop) -> Outcome {
-    if rewrite_tc(ctx, h, e, hop).is_err() {
+fn send_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> Outcome {
+    if rewrite_tc(ctx, h, s).is_err() {
         return Err(Reason::RewriteFailed);
     }
-    stats::count_forwarded(e.forward_id, e.backend_index(), h.tot_len as u16);
+    stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
     // SAFETY: helper call.
-    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as i32;
-    Ok((action, Reason::RedirectTcCached))
+    let action = unsafe { bpf_redirect(s.ifindex, 0) } as i32;
+    Ok((action, how))
 }
 
 /// As fastpath's TC rewrite: the L4 checksum by the addresses' difference (pseudo header)
-/// and the ports', then hop limit, addresses and ports in one store (contiguous), then the
-/// MAC addresses.
+/// and the ports', then the hop limit, the addresses and ports in one store straight from
+/// the slot, then the MAC addresses.
 #[inline(always)]
-fn rewrite_tc(ctx: &TcContext, h: &Headers6, e: &CtValue, hop: &NextHop) -> Result<(), Reason> {
+fn rewrite_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), Reason> {
     let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let failed = |_| Reason::RewriteFailed;
-    let (a, b) = (&e.new_src_addr, &e.new_dst_addr);
-    let (o, n) = (h.src, h.dst);
-    let (p, q) = (words_of(a), words_of(b));
+    let (o, n, p, q) = (h.src, h.dst, s.new_src, s.new_dst);
     let addrs =
         wsum_diff([o[0], o[1], o[2], o[3], n[0], n[1], n[2], n[3]], [p[0], p[1], p[2], p[3], q[0], q[1], q[2], q[3]]);
     ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
-    let (sp, dp) = (e.new_src_port_be.to_ne_bytes(), e.new_dst_port_be.to_ne_bytes());
-    let new_ports = u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]);
-    let ports = wsum_diff([h.ports], [new_ports]);
+    let ports = wsum_diff([h.ports], [s.new_ports]);
     ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
-    let out: [u8; 37] = [
-        h.hop_limit - 1,
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        a[4],
-        a[5],
-        a[6],
-        a[7],
-        a[8],
-        a[9],
-        a[10],
-        a[11],
-        a[12],
-        a[13],
-        a[14],
-        a[15],
-        b[0],
-        b[1],
-        b[2],
-        b[3],
-        b[4],
-        b[5],
-        b[6],
-        b[7],
-        b[8],
-        b[9],
-        b[10],
-        b[11],
-        b[12],
-        b[13],
-        b[14],
-        b[15],
-        sp[0],
-        sp[1],
-        dp[0],
-        dp[1],
-    ];
-    ctx.store(IPV6_HOP_LIMIT_OFF, &out, 0).map_err(failed)?;
-    ctx.store(0, &macs(hop), 0).map_err(failed)
+    ctx.store(IPV6_HOP_LIMIT_OFF, &(h.hop_limit - 1), 0).map_err(failed)?;
+    // SAFETY: the slot's new_src, new_dst and new_ports are contiguous (checked where the
+    // slot is declared), as the packet's source address, destination address and ports are
+    // without extension headers; read from the map value by the helper.
+    let rewritten = unsafe { &*(core::ptr::addr_of!(s.new_src) as *const [u8; 36]) };
+    ctx.store(IPV6_SRC_OFF, rewritten, 0).map_err(failed)?;
+    ctx.store(0, &macs(s), 0).map_err(failed)
 }

@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     BackendKey, BackendValue, CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FORWARDS,
-    FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FragKey, FragValue, FwdKey, FwdMeta, FwdStats, FwdValue,
-    GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, LocalUdpOrig, MAX_IFACES, MAX_PEERS,
-    MaglevTable, PeerKey, PeerStats, PeerValue, PortRanges, REASON_SLOTS, SOURCE_LIST_ENTRIES, SourceKey,
+    FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FlowCacheSlot6, FragKey, FragValue, FwdKey, FwdMeta, FwdStats,
+    FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, LocalUdpOrig, MAX_IFACES,
+    MAX_PEERS, MaglevTable, PeerKey, PeerStats, PeerValue, PortRanges, REASON_SLOTS, SOURCE_LIST_ENTRIES, SourceKey,
 };
 
 #[map(name = "FWD_RULES_V2")]
@@ -56,6 +56,13 @@ pub static FWD_FLOW_CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_en
 /// next hops XDP can send to.
 #[map(name = "FWD_FLOW_CACHE_TC")]
 pub static FWD_FLOW_CACHE_TC: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// The IPv6 flow caches of XDP and TC (forwarder_common::FlowCacheSlot6; see fastpath6).
+#[map(name = "FWD_FLOW_CACHE6")]
+pub static FWD_FLOW_CACHE6: PerCpuArray<FlowCacheSlot6> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+#[map(name = "FWD_FLOW_CACHE6_TC")]
+pub static FWD_FLOW_CACHE6_TC: PerCpuArray<FlowCacheSlot6> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 #[map(name = "FWD_FWD_STATS")]
 pub static FWD_FWD_STATS: PerCpuArray<FwdStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_FORWARDS + 1, 0);

@@ -30,8 +30,11 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     if xdp_said_skip(&ctx) {
         return TC_ACT_OK;
     }
+    let Some(w) = work::this_cpu() else {
+        return verdict::tc(Err(Reason::Malformed));
+    };
     let fast = if fastpath6::is_v6(&ctx) {
-        fastpath6::try_cached6_tc_out_of_line(ctx.skb.skb)
+        fastpath6::try_cached6_tc_out_of_line(ctx.skb.skb, &mut w.headers6)
     } else {
         fastpath::try_cached_tc_out_of_line(ctx.skb.skb)
     };
@@ -42,9 +45,6 @@ pub fn forwarder_tc_ingress(ctx: TcContext) -> i32 {
     if fast == fastpath::NOT_CACHED_NO_MATCH as u64 && !peer::enabled() {
         return verdict::tc(Err(Reason::NoRule));
     }
-    let Some(w) = work::this_cpu() else {
-        return verdict::tc(Err(Reason::Malformed));
-    };
     let untracked = fast == fastpath::NOT_CACHED_UNTRACKED as u64;
     let mut outcome = verdict::unpack(try_tc_out_of_line(ctx.skb.skb, untracked, w));
     match outcome {

@@ -7,8 +7,8 @@ use aya_ebpf::{bindings::bpf_fib_lookup, macros::map, maps::PerCpuArray};
 use forwarder_common::FragKey;
 
 use crate::{
-    conntrack::Tuple, host::Pending, icmp::IcmpWork, icmp_reply::IcmpAnswer, parse::Flow, route::Fib,
-    sources::SourceLookup,
+    conntrack::Tuple, fastpath6::Headers6, host::Pending, icmp::IcmpWork, icmp_reply::IcmpAnswer, parse::Flow,
+    route::Fib, sources::SourceLookup,
 };
 
 /// The working memory itself (kernel-internal, not pinned).
@@ -29,6 +29,8 @@ pub struct Work {
     pub answer: IcmpAnswer,
     /// The key of a new connection's source-list lookup (sources.rs).
     pub source: SourceLookup,
+    /// An IPv6 packet's headers as the fast path read them (fastpath6.rs).
+    pub headers6: Headers6,
 }
 
 /// Declared here rather than in maps.rs with the others: its value gathers types of the

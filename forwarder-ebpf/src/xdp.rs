@@ -18,17 +18,17 @@ use crate::{
 
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
+    let Some(w) = work::this_cpu() else {
+        return verdict::xdp(&ctx, Err(Reason::Malformed));
+    };
     let fast = if fastpath6::is_v6(&ctx) {
-        fastpath6::try_cached6_out_of_line(ctx.ctx)
+        fastpath6::try_cached6_out_of_line(ctx.ctx, &mut w.headers6)
     } else {
         fastpath::try_cached_out_of_line(ctx.ctx)
     };
     if fast >= 1 << 32 {
         return verdict::xdp(&ctx, verdict::unpack(fast));
     }
-    let Some(w) = work::this_cpu() else {
-        return verdict::xdp(&ctx, Err(Reason::Malformed));
-    };
     not_cached(ctx.ctx, fast as u32, w)
 }
 

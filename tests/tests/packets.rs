@@ -486,6 +486,14 @@ fn ipv6_established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             );
             assert_eq!(cached, full, "frame {i}: TC's fast path rewrites exactly as its full path");
             check6(&cached);
+            let slot_before = fx.reason(Reason::RedirectTcFlowCache);
+            let (verdict, from_slot) = fx.tc(f, *ifindex);
+            assert_eq!(
+                (verdict, fx.reason(Reason::RedirectTcFlowCache)),
+                (TC_ACT_REDIRECT, slot_before + 1),
+                "frame {i}: TC's flow cache"
+            );
+            assert_eq!(from_slot, full, "frame {i}: TC's flow cache slot rewrites exactly as its full path");
 
             fx.state.bump_route_generation().unwrap();
             let full_before = fx.reason(Reason::RedirectXdp);
@@ -504,9 +512,23 @@ fn ipv6_established_packets_take_the_cached_next_hop_with_the_same_bytes() {
             );
             assert_eq!(xdp_cached, xdp_full, "frame {i}: XDP's fast path rewrites exactly as its full path");
             assert_eq!(xdp_full, full, "frame {i}: XDP and TC alike");
+            let slot_before = fx.reason(Reason::RedirectXdpFlowCache);
+            let (verdict, xdp_slot, _) = fx.xdp(f, *ifindex);
+            assert_eq!(
+                (verdict, fx.reason(Reason::RedirectXdpFlowCache)),
+                (XDP_REDIRECT, slot_before + 1),
+                "frame {i}: XDP's flow cache"
+            );
+            assert_eq!(xdp_slot, full, "frame {i}: XDP's flow cache slot rewrites exactly as its full path");
         }
-        // The entry tier only: no flow cache slot for IPv6.
-        assert_eq!(fx.reason(Reason::RedirectTcFlowCache) + fx.reason(Reason::RedirectXdpFlowCache), 0);
+        // A slot serves only its own tuple: another source port of the UDP flow's client is a
+        // new flow for the full path, never the cached rewrite.
+        let other = udp6_frame(CLIENT_MAC, fx.v0_mac, CLIENT6, ROUTER_IN6, 6121, 53, b"query6");
+        let full_before = fx.reason(Reason::RedirectXdp);
+        let (verdict, out, _) = fx.xdp(&other, fx.v0);
+        assert_eq!((verdict, fx.reason(Reason::RedirectXdp)), (XDP_REDIRECT, full_before + 1), "a new flow");
+        let (_, _, _, sport, _) = check6(&out);
+        assert_eq!(sport, 6121, "its own SNAT port (the client's, kept), not the cached flow's 6120");
         // A CHECKSUM_PARTIAL seed goes from XDP to TC untouched.
         let mut partial = frames[0].0.clone();
         let l4_len = (partial.len() - 54) as u32;
