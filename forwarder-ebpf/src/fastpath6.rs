@@ -31,7 +31,7 @@ use crate::{
         tc_gso_size, wsum_diff,
     },
     maps::{FWD_CT_V4, FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_TX_PORTS},
-    parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6},
+    parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6, addr_bytes, addr_words},
     rules, stats,
     verdict::{Outcome, pack},
 };
@@ -72,23 +72,9 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-/// An address's native-endian words.
-#[inline(always)]
-fn words_of(b: &[u8; 16]) -> [u32; 4] {
-    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    [w(0), w(4), w(8), w(12)]
-}
-
-/// An address's bytes from its native-endian words ([`words_of`] undone).
-#[inline(always)]
-fn bytes_of(w: &[u32; 4]) -> [u8; 16] {
-    let (x, y, z, v) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
-    [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3], z[0], z[1], z[2], z[3], v[0], v[1], v[2], v[3]]
-}
-
 #[inline(always)]
 fn words<P: Packet>(ctx: &P, offset: usize) -> Result<[u32; 4], Reason> {
-    Ok(words_of(&read(ctx, offset)?))
+    Ok(addr_words(&read(ctx, offset)?))
 }
 
 /// Reads a plain IPv6 TCP/UDP packet's headers into `h`; false for the cases the full
@@ -223,8 +209,8 @@ fn fill6<const TC: bool>(h: &Headers6, s0: &mut FlowCacheSlot6, s1: &mut FlowCac
     let (ports, proto) = (h.ports, h.proto);
     let p = ports.to_ne_bytes();
     let key = CtKey {
-        src_addr: bytes_of(&h.src),
-        dst_addr: bytes_of(&h.dst),
+        src_addr: addr_bytes(&h.src),
+        dst_addr: addr_bytes(&h.dst),
         src_port_be: u16::from_ne_bytes([p[0], p[1]]),
         dst_port_be: u16::from_ne_bytes([p[2], p[3]]),
         proto,
@@ -279,8 +265,8 @@ fn fill6<const TC: bool>(h: &Headers6, s0: &mut FlowCacheSlot6, s1: &mut FlowCac
     slot.ports = ports;
     slot.proto = proto;
     slot.state = entry.state;
-    slot.new_src = words_of(&entry.new_src_addr);
-    slot.new_dst = words_of(&entry.new_dst_addr);
+    slot.new_src = addr_words(&entry.new_src_addr);
+    slot.new_dst = addr_words(&entry.new_dst_addr);
     slot.new_ports = u32::from_ne_bytes([sp[0], sp[1], dp[0], dp[1]]);
     slot.forward_id = entry.forward_id;
     slot.ifindex = ifindex;

@@ -314,3 +314,18 @@ pub fn parse_l3_dst<P: Packet>(pkt: &P) -> Result<L3Dst, Reason> {
         _ => Err(Reason::NotIp),
     }
 }
+
+/// An address's bytes as four native-endian words (how the fast paths and the FIB
+/// parameters hold IPv6 addresses).
+#[inline(always)]
+pub fn addr_words(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// [`addr_words`] undone.
+#[inline(always)]
+pub fn addr_bytes(w: &[u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+}

@@ -11,7 +11,7 @@ use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC, PROTO_TCP};
 use crate::{
     conntrack::Tuple,
     maps::FWD_IFACES,
-    parse::{Flow, L3_OFF},
+    parse::{Flow, L3_OFF, addr_bytes, addr_words},
 };
 
 pub use aya_ebpf::bindings::{
@@ -69,8 +69,8 @@ pub fn lookup<C: EbpfContext>(
     p.__bindgen_anon_1.tot_len = tot_len;
     if flow.is_v6() {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = words(&to.src);
-        p.__bindgen_anon_4.ipv6_dst = words(&to.dst);
+        p.__bindgen_anon_3.ipv6_src = addr_words(&to.src);
+        p.__bindgen_anon_4.ipv6_dst = addr_words(&to.dst);
     } else {
         p.family = AF_INET;
         p.__bindgen_anon_2.tos = flow.tos;
@@ -95,7 +95,7 @@ pub fn lookup<C: EbpfContext>(
     if want_src && (routed || (rc == FIB_FRAG_NEEDED as i64 && tot_len == 0)) {
         // SAFETY: union members written by the kernel for the family asked.
         if flow.is_v6() {
-            out.src = bytes(unsafe { &p.__bindgen_anon_3.ipv6_src });
+            out.src = addr_bytes(unsafe { &p.__bindgen_anon_3.ipv6_src });
         } else {
             let v4 = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
             out.src[0] = v4[0];
@@ -129,22 +129,6 @@ pub fn check_len(ctx: &TcContext, flow: &Flow) -> u16 {
 }
 
 const UDP_HEADER_LEN: u16 = 8;
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
-}
-
-#[inline(always)]
-fn bytes(w: &[u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
-    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
-}
 
 /// XDP_REDIRECT delivers only when the receiver takes XDP frames (a veth peer needs an XDP
 /// program or GRO), which the loader records per device. Generic XDP redirects skbs, which
