@@ -767,6 +767,10 @@ const _: () = assert!(size_of::<FwdStats>() == 32);
 pub const IFACE_XDP_GENERIC: u32 = 1 << 0;
 /// Frames may be XDP_REDIRECTed into this interface (its receiver takes XDP frames).
 pub const IFACE_XDP_EGRESS_OK: u32 = 1 << 1;
+/// A veth whose peer is in another network namespace (a container's): TC sends packets
+/// straight into the peer's ingress (`bpf_redirect_peer`), skipping this device's transmit
+/// and the peer's backlog queue.
+pub const IFACE_TC_PEER: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -24,7 +24,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_jiffies64, bpf_redirect},
+    helpers::bpf_jiffies64,
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
@@ -410,7 +410,7 @@ fn rewrite_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), R
     write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]])
 }
 
-/// TC's [`send_xdp`]: `bpf_redirect` takes any egress.
+/// TC's [`send_xdp`]: `bpf_redirect` (or `bpf_redirect_peer`) takes any egress.
 #[inline(always)]
 fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
     // A helper that fails may have written part of the packet: it must not go on.
@@ -418,9 +418,7 @@ fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outc
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
-    // SAFETY: helper call.
-    let action = unsafe { bpf_redirect(s.ifindex, 0) } as i32;
-    Ok((action, how))
+    Ok((crate::route::tc_redirect(s.ifindex), how))
 }
 
 /// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_jiffies64, bpf_redirect},
+    helpers::bpf_jiffies64,
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
@@ -368,9 +368,7 @@ fn send_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> Ou
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
-    // SAFETY: helper call.
-    let action = unsafe { bpf_redirect(s.ifindex, 0) } as i32;
-    Ok((action, how))
+    Ok((crate::route::tc_redirect(s.ifindex), how))
 }
 
 /// As fastpath's TC rewrite: the L4 checksum by the addresses' difference (pseudo header)

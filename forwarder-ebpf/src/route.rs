@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup_helper,
     programs::TcContext,
 };
-use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC, PROTO_TCP};
+use forwarder_common::{IFACE_TC_PEER, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC, PROTO_TCP};
 
 use crate::{
     conntrack::Tuple,
@@ -129,6 +129,24 @@ pub fn check_len(ctx: &TcContext, flow: &Flow) -> u16 {
 }
 
 const UDP_HEADER_LEN: u16 = 8;
+
+/// TC ingress's redirect to `egress`: into the peer's ingress when `egress` is a veth to
+/// another namespace (`IFACE_TC_PEER`: the packet skips this device's transmit and the
+/// peer's backlog queue, as Cilium sends to its pods), else out of `egress`. Returns the
+/// TC action.
+#[inline(always)]
+pub fn tc_redirect(egress: u32) -> i32 {
+    // SAFETY: a value copied.
+    let peer = unsafe { FWD_IFACES.get(&egress) }.is_some_and(|c| c.flags & IFACE_TC_PEER != 0);
+    // SAFETY: helper calls.
+    unsafe {
+        if peer {
+            aya_ebpf::helpers::bpf_redirect_peer(egress, 0) as i32
+        } else {
+            aya_ebpf::helpers::bpf_redirect(egress, 0) as i32
+        }
+    }
+}
 
 /// XDP_REDIRECT delivers only when the receiver takes XDP frames (a veth peer needs an XDP
 /// program or GRO), which the loader records per device. Generic XDP redirects skbs, which

@@ -177,9 +177,7 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
                 }
             }
             l2::set_macs_tc(ctx, fib.dmac, fib.smac)?;
-            // SAFETY: helper call.
-            let action = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
-            Ok((action, Reason::RedirectTc))
+            Ok((route::tc_redirect(fib.ifindex), Reason::RedirectTc))
         }
         FIB_NO_NEIGH if fib.rc >= 0 => {
             // SAFETY: helper call; a null neighbour lets the kernel resolve it.

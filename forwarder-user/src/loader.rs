@@ -20,7 +20,7 @@ use aya::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, links::FdLink, tc,
     },
 };
-use forwarder_common::{IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC};
+use forwarder_common::{IFACE_TC_PEER, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC};
 use tracing::{info, warn};
 
 use crate::{
@@ -226,7 +226,7 @@ impl Instance {
     /// programs into the links an earlier instance pinned for it.
     pub fn attach(&mut self, iface: &Interface) -> Result<()> {
         let link = system::link(&iface.name)?;
-        let (ifindex, is_veth) = (link.index, link.is_veth());
+        let (ifindex, is_veth, tc_peer) = (link.index, link.is_veth(), link.is_veth_to_elsewhere());
         let xdp_egress = match iface.redirect {
             RedirectMode::Xdp => true,
             RedirectMode::Tc => false,
@@ -274,10 +274,11 @@ impl Instance {
             }
         }
         let flags = (if mode == XdpMode::Generic { IFACE_XDP_GENERIC } else { 0 })
-            | (if xdp_egress { IFACE_XDP_EGRESS_OK } else { 0 });
+            | (if xdp_egress { IFACE_XDP_EGRESS_OK } else { 0 })
+            | (if tc_peer { IFACE_TC_PEER } else { 0 });
         self.state()?.set_egress(ifindex, flags)?;
         self.attach_tc(&iface.name, TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tcin")?;
-        info!(interface = %iface.name, ifindex, xdp = ?mode, xdp_egress, veth = is_veth, "attached");
+        info!(interface = %iface.name, ifindex, xdp = ?mode, xdp_egress, veth = is_veth, tc_peer, "attached");
         self.attached.retain(|a| a.name != iface.name);
         self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: mode, xdp_egress });
         Ok(())

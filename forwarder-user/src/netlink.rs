@@ -47,12 +47,21 @@ pub struct Link {
     pub kind: Option<String>,
     /// Administratively up (IFF_UP).
     pub up: bool,
+    /// `IFLA_LINK_NETNSID` is present: the device's peer (a veth's other end) lives in
+    /// another network namespace.
+    pub peer_elsewhere: bool,
 }
 
 impl Link {
     /// A veth's far end only takes XDP frames if it runs XDP or GRO.
     pub fn is_veth(&self) -> bool {
         self.kind.as_deref() == Some("veth")
+    }
+
+    /// A veth whose other end is in another namespace: TC may send into that end's ingress
+    /// directly (`bpf_redirect_peer`, which refuses a peer in the same namespace).
+    pub fn is_veth_to_elsewhere(&self) -> bool {
+        self.is_veth() && self.peer_elsewhere
     }
 }
 
@@ -145,11 +154,17 @@ fn request(request: &'static str, msg: RouteNetlinkMessage, dump: bool) -> Resul
 }
 
 fn link_of(msg: LinkMessage) -> Link {
-    let mut link =
-        Link { index: msg.header.index, name: String::new(), kind: None, up: msg.header.flags.contains(LinkFlags::Up) };
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        kind: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        peer_elsewhere: false,
+    };
     for attr in msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => link.name = name,
+            LinkAttribute::LinkNetNsId(_) => link.peer_elsewhere = true,
             LinkAttribute::LinkInfo(infos) => {
                 link.kind = infos.into_iter().find_map(|i| match i {
                     LinkInfo::Kind(InfoKind::Other(k)) => Some(k),
@@ -404,6 +419,16 @@ mod tests {
         m.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]));
         let l = link_of(m);
         assert_eq!((l.index, l.name.as_str(), l.up, l.is_veth()), (7, "fwd-a", true, true));
+        // Its peer in this namespace: no IFLA_LINK_NETNSID, no redirect into the peer.
+        assert!(!l.is_veth_to_elsewhere());
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]));
+        m.attributes.push(LinkAttribute::LinkNetNsId(3));
+        assert!(link_of(m).is_veth_to_elsewhere(), "a veth to another namespace");
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Vxlan)]));
+        m.attributes.push(LinkAttribute::LinkNetNsId(3));
+        assert!(!link_of(m).is_veth_to_elsewhere(), "only a veth has a peer to send into");
         assert!(!link_of(LinkMessage::default()).is_veth());
     }
 }

@@ -49,6 +49,7 @@ fn the_bench_programs_call_no_byte_loop() {
         "bench_lookup_redirect_16",
         "bench_trafficgen",
         "bench_sink",
+        "bench_sink_tc",
     ] {
         assert_no_byte_loops(forwarder::BENCH_OBJECT, program);
     }

@@ -43,10 +43,18 @@ fn reason(d: &Daemon, name: &str) -> u64 {
     s["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == name).unwrap()["packets"].as_u64().unwrap()
 }
 
+/// Packets the router's `dev` has transmitted itself (`ip -s link`).
+fn tx_packets(chain: &Chain, dev: &str) -> u64 {
+    let out = chain.router.ip(&["-s", "-j", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or_else(|| panic!("no tx counter: {out}"))
+}
+
 fn tcp_forward(xdp: &str) {
     let chain = Chain::new().unwrap();
     let daemon = Daemon::start(&chain.router, &chain.tag, &config(xdp, "tcp", "auto")).unwrap();
     let server = tcp_server(&chain, 3);
+    let tx_before = tx_packets(&chain, "rc") + tx_packets(&chain, "rs");
     // Megabytes, so that GSO/GRO packets far above the MTU go through (a lost big
     // segment would stall the stream).
     for n in [10, 4_000_000, 1] {
@@ -82,6 +90,13 @@ fn tcp_forward(xdp: &str) {
     assert!(fast * 2 > f["packets"].as_u64().unwrap(), "fast path: {fast} of {f}: {stats}");
     let tc_fast = reason(&daemon, "redirect_tc_flow_cache") + reason(&daemon, "redirect_tc_cached");
     assert!(tc_fast > 0, "locally sent segments through TC's fast path: {stats}");
+    if xdp == "off" {
+        // Both router veths have their peers in other namespaces: TC sends into the peer's
+        // ingress (bpf_redirect_peer), so the router's own devices transmit next to nothing
+        // (neighbour resolution) of the forwarded packets.
+        let tx = tx_packets(&chain, "rc") + tx_packets(&chain, "rs") - tx_before;
+        assert!(tx * 10 < f["packets"].as_u64().unwrap(), "{tx} packets sent by rc and rs themselves: {f}");
+    }
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //!   source port over N flows (past `ports` flows, the source address's last byte too) and
 //!   sends it with XDP_TX. The template is written every time because live-frame pages are
 //!   recycled without being reset, and the router may have rewritten them.
-//! - `bench_sink`: the receiver. Counts and drops the bench's UDP frames (IPv4 and IPv6) and the SYNs of the
+//! - `bench_sink` (XDP) and `bench_sink_tc` (TC ingress, for frames sent into the veth's
+//!   ingress past its XDP): the receiver. Counts and drops the bench's UDP frames (IPv4 and IPv6) and the SYNs of the
 //!   new-flows workload (by destination port), passes the rest (TCP of the other figures).
 //!   Having an XDP program also lets the veth take XDP_REDIRECTed frames.
 #![no_std]
@@ -24,10 +25,13 @@
 mod ctx;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
-    macros::{map, xdp},
+    bindings::{
+        TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    macros::{classifier, map, xdp},
     maps::{Array, DevMap, HashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use forwarder_common::{Reason, csum};
 
@@ -228,20 +232,34 @@ fn generate(ctx: &XdpContext) -> Result<(), Reason> {
 
 #[xdp]
 pub fn bench_sink(ctx: XdpContext) -> u32 {
-    if is_counted(&ctx).unwrap_or(false) {
-        if let Some(count) = BENCH_SINK.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, no concurrent writer.
-            unsafe { *count += 1 };
-        }
-        return XDP_DROP;
+    if sink(&ctx) { XDP_DROP } else { XDP_PASS }
+}
+
+/// The same sink at TC ingress, for frames that reach the server's veth without passing
+/// its XDP: a router's `bpf_redirect_peer` puts them straight into this device's ingress.
+/// What XDP counted and dropped never gets here, so nothing is counted twice.
+#[classifier]
+pub fn bench_sink_tc(ctx: TcContext) -> i32 {
+    if sink(&ctx) { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
+/// Counts a frame of the bench's (see [`is_counted`]); true when it was one.
+#[inline(always)]
+fn sink<P: ctx::Packet>(ctx: &P) -> bool {
+    if !is_counted(ctx).unwrap_or(false) {
+        return false;
     }
-    XDP_PASS
+    if let Some(count) = BENCH_SINK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *count += 1 };
+    }
+    true
 }
 
 /// The bench's UDP frames (IPv4 and IPv6), and TCP segments to the new-flows workload's
 /// ports.
 #[inline(always)]
-fn is_counted(ctx: &XdpContext) -> Result<bool, Reason> {
+fn is_counted<P: ctx::Packet>(ctx: &P) -> Result<bool, Reason> {
     let ethertype: [u8; 2] = ctx::read(ctx, 12)?;
     if ethertype == [0x86, 0xdd] {
         let next_header: [u8; 1] = ctx::read(ctx, 14 + 6)?;

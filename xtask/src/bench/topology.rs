@@ -12,7 +12,10 @@
 //!   GRO off on the router again ([`BenchTopo::router_gro`]): veths start without it, and
 //!   forwarder's TC path stalls TCP on GRO-merged packets (see docs/bench/results.md).
 //! - The sink on s0 counts the bench's UDP frames and drops them: the delivered rate is
-//!   counted where a real server would receive, at a cost that is the same for everyone.
+//!   counted where a real server would receive, at a cost that is the same for everyone. It
+//!   runs as XDP and again at TC ingress, where frames a router sends with
+//!   `bpf_redirect_peer` (forwarder's TC path into a veth to another namespace) arrive
+//!   without passing s0's XDP.
 //! - The new-flows workload's SYNs go to a TCP forward of their own; the sink counts (and
 //!   drops) TCP segments to its ports as it counts the UDP frames, so no SYN is answered.
 //! - The TCP figure "veth defaults" runs on a topology made with
@@ -203,6 +206,12 @@ fn attach_sink() -> Result<Ebpf> {
     ports.set(0, [UDP_LISTEN_PORT, UDP_BACKEND_PORT], 0)?;
     ports.set(1, [SYN_LISTEN_PORT, SYN_BACKEND_PORT], 0)?;
     load_xdp(&mut ebpf, "bench_sink")?.attach(SERVER_DEV, XdpMode::Driver).context("attaching the sink")?;
+    // And at TC ingress: a router's bpf_redirect_peer delivers into s0's ingress past XDP.
+    let _ = aya::programs::tc::qdisc_add_clsact(SERVER_DEV);
+    let tc: &mut aya::programs::SchedClassifier =
+        ebpf.program_mut("bench_sink_tc").context("no program bench_sink_tc")?.try_into()?;
+    tc.load()?;
+    tc.attach(SERVER_DEV, aya::programs::TcAttachType::Ingress).context("attaching the TC sink")?;
     Ok(ebpf)
 }
 
