@@ -691,6 +691,31 @@ enum ClientClose {
 
 const REOPENS: usize = 5;
 
+/// Waits (up to 2 s) until the socket's TCP state is CLOSE: its FIN answered.
+fn wait_until_closed(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    const TCP_CLOSE: u8 = 7;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: a tcp_info buffer of `len` bytes for the kernel to fill.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || info.tcpi_state == TCP_CLOSE {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// A client binds a fixed source port (SO_REUSEADDR), connects through the forward,
 /// exchanges a request and answer, closes, and at once does it again from the same port,
 /// several times in a row; with a FIN and with an RST close.
@@ -718,6 +743,14 @@ fn reopen_from_the_same_source_port() {
                                     kind: forwarder_tests::traffic::Failure::Other,
                                     what: e.to_string(),
                                 })?;
+                            } else {
+                                // The server closed first; the client's own FIN is answered
+                                // by the server's last ACK, and until then the client's
+                                // kernel holds the tuple (LAST_ACK: connect from the same
+                                // port fails with EADDRNOTAVAIL whatever the router). Wait
+                                // for that ACK, not for the router.
+                                let _ = s.shutdown(std::net::Shutdown::Write);
+                                wait_until_closed(&s);
                             }
                             drop(s);
                             Ok::<Duration, Failed>(t.elapsed())
