@@ -661,17 +661,30 @@ fn mixed_run(via: Via) -> Vec<(&'static str, ChurnReport)> {
 /// Forwarded clients churning through the forward, and at the same time programs on the
 /// router churning to the same backend through localhost:3306 (local forward) and
 /// directly: every connection gets its own answer (the backend echoes each connection's
-/// id) and none fails.
+/// id) and none fails through forwarder.
+///
+/// The iptables control must carry connections of every kind; its failures are printed,
+/// not asserted. Its direct connections share the router's address and port space with
+/// MASQUERADE, which the router's sockets do not see: a direct connection can pick a port
+/// whose masqueraded connection the backend still holds in TIME_WAIT (the server closes
+/// first), where a SYN with an older timestamp is refused (PAWS) — our reading of why the
+/// control has dozens of slow connections per run (a retransmitted SYN) and, once in a
+/// CI run (1 of 21,097), a direct one that ran out of its 5 s connect timeout. Forwarder's
+/// arm had no slow connection in the same run.
 #[test]
 fn local_forwarded_and_direct_churn_at_once() {
     let _turn = one_at_a_time();
     let mut c = Checks::default();
     for via in [Via::Iptables, Via::Forwarder] {
         for (kind, r) in mixed_run(via) {
-            c.check(
-                r.completed > 0 && r.failed.total() == 0,
-                format!("{via}, {kind}: {} connections with their own answers, {}", r.completed, r.failed),
-            );
+            let what = format!("{via}, {kind}: {} connections with their own answers, {}", r.completed, r.failed);
+            match via {
+                Via::Iptables => {
+                    c.check(r.completed > 0, format!("{via}, {kind}: connections completed ({})", r.completed));
+                    c.note(what);
+                }
+                Via::Forwarder | Via::ForwarderTc => c.check(r.completed > 0 && r.failed.total() == 0, what),
+            }
         }
     }
     c.finish();
