@@ -226,7 +226,7 @@ fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, 
     let Some(scratch) = FWD_SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU slot, used by this program run only.
     let other = unsafe { &mut (*scratch).other };
-    *other = other_direction(entry, flow.family, flow.proto);
+    set_other_direction(other, entry, flow.family, flow.proto);
     if let Some(peer) = FWD_CT_V4.get_ptr_mut(&*other) {
         // SAFETY: map value pointer from a successful lookup.
         let peer = unsafe { &mut *peer };
@@ -236,19 +236,19 @@ fn set_connection_state(entry: &mut CtValue, flow: &Flow, state: u8, flags: u8, 
     }
 }
 
-/// The key of the other direction of the connection `entry` belongs to: its rewritten
-/// tuple, reversed.
+/// Writes into `key` the key of the other direction of the connection `entry` belongs
+/// to: its rewritten tuple, reversed. Field by field, in place: a whole key built and then
+/// copied would pass through the stack, which the bpf_loop steps that call this have
+/// little of.
 #[inline(always)]
-fn other_direction(entry: &CtValue, family: u8, proto: u8) -> CtKey {
-    CtKey {
-        src_addr: entry.new_dst_addr,
-        dst_addr: entry.new_src_addr,
-        src_port_be: entry.new_dst_port_be,
-        dst_port_be: entry.new_src_port_be,
-        proto,
-        family,
-        _pad: [0; 2],
-    }
+fn set_other_direction(key: &mut CtKey, entry: &CtValue, family: u8, proto: u8) {
+    key.src_addr = entry.new_dst_addr;
+    key.dst_addr = entry.new_src_addr;
+    key.src_port_be = entry.new_dst_port_be;
+    key.dst_port_be = entry.new_src_port_be;
+    key.proto = proto;
+    key.family = family;
+    key._pad = [0; 2];
 }
 
 #[inline(always)]
@@ -290,7 +290,7 @@ fn early_drop_age(proto: u8) -> u64 {
 fn early_drop(key: &CtKey, other: &mut CtKey) {
     // SAFETY: copied out at once.
     let Some(e) = (unsafe { FWD_CT_V4.get(key) }) else { return };
-    *other = other_direction(e, key.family, key.proto);
+    set_other_direction(other, e, key.family, key.proto);
     let _ = FWD_CT_V4.remove(&*other);
     let _ = FWD_CT_V4.remove(key);
     stats::count_reason(Reason::EarlyDrop);
