@@ -18,10 +18,11 @@ pub struct Chosen {
     pub index: u32,
 }
 
-/// The backend of a new connection of `fwd` to port `dport_be` whose tuple hashes to
-/// `hash` (see [`hash_of`]). `NoBackend` when none takes new connections.
+/// The backend of a new connection of `fwd` to port `dport_be`; `hash` gives its tuple's
+/// hash (see [`hash_of`]), computed only for a Maglev table. `NoBackend` when none takes
+/// new connections.
 #[inline(always)]
-pub fn choose(fwd: &'static FwdValue, hash: u32, dport_be: u16) -> Result<Chosen, Reason> {
+pub fn choose(fwd: &'static FwdValue, hash: impl FnOnce() -> u32, dport_be: u16) -> Result<Chosen, Reason> {
     if fwd.flags & FWD_FLAG_NO_BACKEND != 0 {
         return Err(Reason::NoBackend);
     }
@@ -37,7 +38,7 @@ pub fn choose(fwd: &'static FwdValue, hash: u32, dport_be: u16) -> Result<Chosen
     let table = unsafe { FWD_MAGLEV.get(&fwd.table_id) }.ok_or(Reason::NoBackend)?;
     // The compiler knows the slot is below the table's size and drops a plain check, which
     // the verifier needs: read through memory, the bound is checked again.
-    let at = maglev_slot(hash) as usize;
+    let at = maglev_slot(hash()) as usize;
     // SAFETY: a local's address.
     let at = unsafe { core::ptr::read_volatile(&at) };
     let slot = *table.slots.get(at).ok_or(Reason::NoBackend)?;

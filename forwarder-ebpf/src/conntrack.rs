@@ -147,7 +147,7 @@ pub fn classify(flow: &Flow, untracked: bool, room: &mut SourceLookup) -> Result
                 stats::count_source_denied(fwd.forward_id);
                 return Err(Reason::SourceDenied);
             }
-            let hash = backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
+            let hash = || backend::hash_of(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto);
             Ok(Plan::New { fwd, backend: backend::choose(fwd, hash, u16::from_ne_bytes(flow.dport))? })
         }
         _ => Err(Reason::NoRule),

@@ -159,7 +159,7 @@ fn choose(f: &'static FwdValue, cookie: u64, addr: &[u8; 16], port_be: u16, prot
     let mut src = [0u8; 16];
     let c = cookie.to_ne_bytes();
     src[..8].copy_from_slice(&c);
-    match backend::choose(f, backend::hash_of(&src, addr, [0; 2], port_be.to_ne_bytes(), proto), port_be) {
+    match backend::choose(f, || backend::hash_of(&src, addr, [0; 2], port_be.to_ne_bytes(), proto), port_be) {
         Ok(b) => Some(b),
         Err(r) => {
             stats::count_reason(r);
