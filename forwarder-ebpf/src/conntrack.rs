@@ -327,7 +327,10 @@ pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (Counted, bool) {
 
 /// Commits the packet to the connection table: a tracked connection's state moves on
 /// ([`track`]), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
-/// Called once per packet, by the program that goes on to forward it.
+/// Called once per packet, by the program that goes on to forward it. `cache_new`: for a
+/// new flow, the next hop to cache (`len_ok`, `xdp_ok` as [`cache_next_hop`] takes them)
+/// is written into its original entry before that is inserted, which saves looking the
+/// entry up again; a tracked connection's caller caches it itself.
 #[inline(always)]
 pub fn commit<C: EbpfContext>(
     ctx: &C,
@@ -336,6 +339,7 @@ pub fn commit<C: EbpfContext>(
     fib: &Fib,
     to: &Tuple,
     new: &mut Tuple,
+    cache_new: Option<(u16, bool)>,
 ) -> Result<(), Reason> {
     match plan {
         Plan::Tracked { entry } => {
@@ -355,7 +359,7 @@ pub fn commit<C: EbpfContext>(
                 _ if fib.src != [0; 16] => &fib.src,
                 _ => &flow.dst,
             };
-            commit_new(ctx, flow, fwd, backend, snat_src, new)?;
+            commit_new(ctx, flow, fwd, backend, snat_src, new, fib, cache_new)?;
             log_new_flow(ctx, flow, new);
             Ok(())
         }
@@ -399,6 +403,8 @@ pub fn commit_new<C: EbpfContext>(
     chosen: &Chosen,
     snat_src: &[u8; 16],
     new: &mut Tuple,
+    fib: &Fib,
+    cache: Option<(u16, bool)>,
 ) -> Result<(), Reason> {
     if flow.proto != PROTO_TCP
         && host_socket(ctx.as_ptr(), flow.proto, flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, true)
@@ -477,6 +483,9 @@ pub fn commit_new<C: EbpfContext>(
     if flow.proto == PROTO_TCP {
         value.seq_end = segment_end(flow.tcp_seq, flow.tcp_payload as u32, flow.tcp_flags);
         value.flags |= CT_SEQ_KNOWN;
+    }
+    if let Some((len_ok, xdp_ok)) = cache {
+        cache_next_hop(value, flow, new, fib, len_ok, xdp_ok);
     }
     *other = flow_key(flow);
     match FWD_CT_V4.insert(&*other, &*value, BPF_NOEXIST as u64) {
@@ -649,6 +658,15 @@ extern "C" fn early_drop_step(i: u32, walk: *mut core::ffi::c_void) -> i64 {
 #[inline(always)]
 fn bport_of(key: &CtKey) -> [u8; 2] {
     key.src_port_be.to_ne_bytes()
+}
+
+/// The entry of a tracked connection (none for a new flow).
+#[inline(always)]
+pub fn tracked_entry(plan: Plan) -> Option<&'static mut CtValue> {
+    match plan {
+        Plan::Tracked { entry } => Some(entry),
+        Plan::New { .. } => None,
+    }
 }
 
 /// The connection-table entry of a flow the full path has just handled: the tracked entry,

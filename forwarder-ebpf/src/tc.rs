@@ -143,7 +143,8 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
             w.fib.rc = FIB_FRAG_NEEDED as i64;
         }
     }
-    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
+    // The next hop is cached below, once the packet is known to take it.
+    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, None)?;
     if w.flow.frag == FRAG_FIRST {
         frag::record(&w.flow, &mut w.frag_key)?;
     }

@@ -84,8 +84,9 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     if w.fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, w.fib.ifindex) {
         return Err(Reason::XdpToTc);
     }
-    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new)?;
-    if let Some(entry) = conntrack::entry_of(plan, &w.flow) {
+    // A new flow's original entry goes in with its next hop (no lookup again after it).
+    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, Some((w.flow.l3_len, true)))?;
+    if let Some(entry) = conntrack::tracked_entry(plan) {
         conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, w.flow.l3_len, true);
     }
     nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
