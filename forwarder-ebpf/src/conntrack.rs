@@ -328,9 +328,9 @@ pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (Counted, bool) {
 /// Commits the packet to the connection table: a tracked connection's state moves on
 /// ([`track`]), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
 /// Called once per packet, by the program that goes on to forward it. `cache_new`: for a
-/// new flow, the next hop to cache (`len_ok`, `xdp_ok` as [`cache_next_hop`] takes them)
-/// is written into its original entry before that is inserted, which saves looking the
-/// entry up again; a tracked connection's caller caches it itself.
+/// new flow, the next hop to cache, written into its original entry before that is
+/// inserted (no lookup of the entry again after it); a tracked connection's caller caches
+/// its next hop itself ([`cache_next_hop`]).
 #[inline(always)]
 pub fn commit<C: EbpfContext>(
     ctx: &C,
@@ -339,7 +339,7 @@ pub fn commit<C: EbpfContext>(
     fib: &Fib,
     to: &Tuple,
     new: &mut Tuple,
-    cache_new: Option<(u16, bool)>,
+    cache_new: Option<NextHopToCache>,
 ) -> Result<(), Reason> {
     match plan {
         Plan::Tracked { entry } => {
@@ -404,7 +404,7 @@ pub fn commit_new<C: EbpfContext>(
     snat_src: &[u8; 16],
     new: &mut Tuple,
     fib: &Fib,
-    cache: Option<(u16, bool)>,
+    cache: Option<NextHopToCache>,
 ) -> Result<(), Reason> {
     if flow.proto != PROTO_TCP
         && host_socket(ctx.as_ptr(), flow.proto, flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, true)
@@ -484,8 +484,12 @@ pub fn commit_new<C: EbpfContext>(
         value.seq_end = segment_end(flow.tcp_seq, flow.tcp_payload as u32, flow.tcp_flags);
         value.flags |= CT_SEQ_KNOWN;
     }
-    if let Some((len_ok, xdp_ok)) = cache {
-        cache_next_hop(value, flow, new, fib, len_ok, xdp_ok);
+    if let Some(hop) = cache {
+        // Not yet in the table: no other program reads it, so no ordering of the stores.
+        // SAFETY: helper without arguments (inlined by the verifier).
+        let clock = (route_generation(), unsafe { bpf_jiffies64() } as u32);
+        write_next_hop(value, flow, new, fib, hop, clock);
+        value.nh_ifindex = fib.ifindex;
     }
     *other = flow_key(flow);
     match FWD_CT_V4.insert(&*other, &*value, BPF_NOEXIST as u64) {
@@ -673,53 +677,64 @@ pub fn tracked_entry(plan: Plan) -> Option<&'static mut CtValue> {
 /// or the one `commit_new` has just written (or adopted).
 #[inline(always)]
 pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
-    match plan {
-        Plan::Tracked { entry } => Some(entry),
-        Plan::New { .. } => {
-            let key = flow_key(flow);
-            // SAFETY: map value pointer from a successful lookup.
-            FWD_CT_V4.get_ptr_mut(&key).map(|e| unsafe { &mut *e })
-        }
-    }
+    tracked_entry(plan).or_else(|| {
+        let key = flow_key(flow);
+        // SAFETY: map value pointer from a successful lookup.
+        FWD_CT_V4.get_ptr_mut(&key).map(|e| unsafe { &mut *e })
+    })
+}
+
+/// A next hop to keep in a connection's entry beside the FIB's answer: `len_ok`, the
+/// length the FIB has just passed (a GSO packet's segment's at TC); `xdp_ok`, XDP can send
+/// to the egress (`CT_NH_XDP`).
+#[derive(Clone, Copy)]
+pub struct NextHopToCache {
+    pub len_ok: u16,
+    pub xdp_ok: bool,
 }
 
 /// Keeps the next hop the full path has just found (and the checksum deltas of the
-/// rewrite) in the entry, so the next packets of this direction skip the FIB lookup
-/// (see fastpath, fastpath6), from XDP's full path and TC's. `len_ok`: the length the FIB has
-/// just passed (a GSO packet's segment's at TC); `xdp_ok`: XDP can send to the egress
-/// (`CT_NH_XDP`). `ifindex` is written last, so the fast path, which runs only when it is
-/// non-zero, never sees a next hop half written.
+/// rewrite) in a live entry, so the next packets of this direction skip the FIB lookup
+/// (see fastpath, fastpath6), from XDP's full path and TC's. `ifindex` is written last, so
+/// the fast path, which runs only when it is non-zero, never sees a next hop half written.
 #[inline(always)]
-pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, fib: &Fib, len_ok: u16, xdp_ok: bool) {
-    let (ifindex, dmac, smac) = (fib.ifindex, fib.dmac, fib.smac);
+pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, fib: &Fib, hop: NextHopToCache) {
     let generation = route_generation();
     // SAFETY: helper without arguments (inlined by the verifier).
     let now = unsafe { bpf_jiffies64() } as u32;
     // The FIB has just passed this length; a still-current entry for the same egress keeps
     // the larger length it passed before.
-    let current = entry.nh_ifindex == ifindex && next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now);
-    let len_ok = if current && entry.nh_len_ok > len_ok { entry.nh_len_ok } else { len_ok };
+    let current = entry.nh_ifindex == fib.ifindex && next_hop_current(entry.nh_gen, entry.nh_jiffies, generation, now);
+    let len_ok = if current && entry.nh_len_ok > hop.len_ok { entry.nh_len_ok } else { hop.len_ok };
+    // SAFETY: a map value; volatile so the stores keep their order (see above).
+    unsafe {
+        core::ptr::write_volatile(&mut entry.nh_ifindex, 0);
+    }
+    write_next_hop(entry, flow, new, fib, NextHopToCache { len_ok, ..hop }, (generation, now));
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile(&mut entry.nh_ifindex, fib.ifindex);
+    }
+}
+
+/// The next hop's fields but its `ifindex`, for an entry no other program sees yet
+/// ([`commit_new`]'s, then `nh_ifindex` is set plainly) or under [`cache_next_hop`]'s
+/// ordering. `clock`: the route generation and jiffies it was looked up under.
+#[inline(always)]
+fn write_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, fib: &Fib, hop: NextHopToCache, clock: (u32, u32)) {
     // IPv6: all 16 address bytes enter the L4 pseudo header; the L3 delta goes unused.
     let v6 = flow.is_v6();
     let old_addrs = sum_addr(&flow.src, v6) + sum_addr(&flow.dst, v6);
     let new_addrs = sum_addr(&new.src, v6) + sum_addr(&new.dst, v6);
     let ports = |p: [u8; 2], q: [u8; 2]| u16::from_be_bytes(p) as u32 + u16::from_be_bytes(q) as u32;
-    // SAFETY: a map value; volatile so the stores keep their order (see above).
-    unsafe {
-        core::ptr::write_volatile(&mut entry.nh_ifindex, 0);
-    }
     entry.nh_l3_delta = add_deltas(delta(old_addrs, new_addrs), TTL_DECREMENT_DELTA);
     entry.nh_l4_delta = delta(old_addrs + ports(flow.sport, flow.dport), new_addrs + ports(new.sport, new.dport));
-    entry.nh_dmac = dmac;
-    entry.nh_smac = smac;
-    entry.nh_len_ok = len_ok;
-    entry.nh_gen = generation;
-    entry.nh_jiffies = now;
-    entry.flags = (entry.flags & !CT_NH_XDP) | if xdp_ok { CT_NH_XDP } else { 0 };
-    // SAFETY: as above.
-    unsafe {
-        core::ptr::write_volatile(&mut entry.nh_ifindex, ifindex);
-    }
+    entry.nh_dmac = fib.dmac;
+    entry.nh_smac = fib.smac;
+    entry.nh_len_ok = hop.len_ok;
+    entry.nh_gen = clock.0;
+    entry.nh_jiffies = clock.1;
+    entry.flags = (entry.flags & !CT_NH_XDP) | if hop.xdp_ok { CT_NH_XDP } else { 0 };
 }
 
 /// The current route generation (0 until userspace sets one).

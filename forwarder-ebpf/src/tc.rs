@@ -16,7 +16,7 @@ use forwarder_common::{
 };
 
 use crate::{
-    conntrack::{self, Plan},
+    conntrack::{self, NextHopToCache, Plan},
     fastpath, fastpath6, frag, global, host, icmp, icmp_reply, l2, nat,
     parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3Dst},
     peer,
@@ -173,8 +173,11 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
             let opens_or_closes = flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
             if flow.frag == FRAG_NONE && !opens_or_closes {
                 if let Some(entry) = conntrack::entry_of(plan, flow) {
-                    let xdp_ok = route::xdp_can_send(ingress, fib.ifindex);
-                    conntrack::cache_next_hop(entry, flow, new, fib, route::check_len(ctx, flow), xdp_ok);
+                    let hop = NextHopToCache {
+                        len_ok: route::check_len(ctx, flow),
+                        xdp_ok: route::xdp_can_send(ingress, fib.ifindex),
+                    };
+                    conntrack::cache_next_hop(entry, flow, new, fib, hop);
                 }
             }
             l2::set_macs_tc(ctx, fib.dmac, fib.smac)?;

@@ -6,7 +6,8 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 use forwarder_common::Reason;
 
 use crate::{
-    conntrack, csum, fastpath, fastpath6, host, l2,
+    conntrack::{self, NextHopToCache},
+    csum, fastpath, fastpath6, host, l2,
     maps::FWD_TX_PORTS,
     nat,
     parse::{self, FRAG_NONE, L3Dst},
@@ -85,9 +86,10 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
         return Err(Reason::XdpToTc);
     }
     // A new flow's original entry goes in with its next hop (no lookup again after it).
-    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, Some((w.flow.l3_len, true)))?;
+    let hop = NextHopToCache { len_ok: w.flow.l3_len, xdp_ok: true };
+    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, Some(hop))?;
     if let Some(entry) = conntrack::tracked_entry(plan) {
-        conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, w.flow.l3_len, true);
+        conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, hop);
     }
     nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
     l2::set_macs_xdp(ctx, w.fib.dmac, w.fib.smac)?;
