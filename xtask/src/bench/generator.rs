@@ -185,7 +185,18 @@ pub fn udp_frame_ttl(
 
 /// [`udp_frame`] over IPv6 (hop limit 64): the same payload, so 80 bytes.
 pub fn udp6_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.0, dst.0, 64).udp(src.1, dst.1);
+    udp6_frame_hops(src_mac, dst_mac, src, dst, 64)
+}
+
+/// [`udp6_frame`] with the given hop limit.
+pub fn udp6_frame_hops(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hops: u8,
+) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.0, dst.0, hops).udp(src.1, dst.1);
     let payload = [0u8; PAYLOAD_LEN];
     let mut frame = Vec::with_capacity(builder.size(PAYLOAD_LEN));
     builder.write(&mut frame, &payload)?;

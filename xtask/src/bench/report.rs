@@ -246,7 +246,8 @@ pub fn markdown(r: &Results) -> String {
          pairs of BPF_PROG_TEST_RUN calls with `repeat` 50 and 250 (the difference of their totals over 200 \
          runs, so what each call pays once is left out), for paths whose output takes the same path again: no \
          match, and an identity forward (backend = listen, SNAT off) for established and reverse, whose rewrite \
-         leaves the frame as it was but for TTL (255 in these frames) and MACs; the warm `timer floor` row is \
+         leaves the frame as it was but for TTL (255 in these frames) and MACs (the `IPv6` rows: the same over \
+         IPv6, 80-byte frames, hop limit 255); the warm `timer floor` row is \
          the test-run loop's own cost per run, included in every warm row. `lookup + redirect`: the ceiling \
          plus one hash-map lookup that hits (40-byte key as forwarder's connection key, and 16-byte), the least \
          a forwarder with per-connection state does. An established packet takes the fast path (cached next \

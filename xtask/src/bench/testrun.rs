@@ -21,9 +21,11 @@ use serde::Serialize;
 
 use super::{
     contenders::forwarder_config,
-    generator::{udp_frame, udp_frame_ttl},
+    generator::{udp_frame, udp_frame_ttl, udp6_frame_hops},
     stats::median,
-    topology::{BenchTopo, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp},
+    topology::{
+        BenchTopo, CLIENT_ADDR_V6, SERVER_ADDR_V6, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
+    },
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -63,19 +65,24 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
         // A forward whose rewrite is the identity (backend = listen, no SNAT): its packets
         // come out as they went in but for TTL and MACs, so `repeat` times the same path
         // again and again, warm (see `warm_runs`).
-        let warm_addr = std::net::SocketAddr::from((ip(SERVER_ADDR), WARM_PORT));
-        cfg.forwards.push(forwarder::config::Forward {
-            name: "warm".into(),
-            protocol: forwarder::config::Protocol::Udp,
-            listen: warm_addr.into(),
-            backends: vec![forwarder::config::Backend { address: warm_addr.into(), weight: 1 }],
-            snat: forwarder::config::Snat::Off,
-            local: false,
-            allow: Vec::new(),
-            deny: Vec::new(),
-            health: None,
-        });
-        cfg.max_forwards += 1;
+        // The same for IPv6, on the server's IPv6 address.
+        for (name, warm_addr) in [
+            ("warm", std::net::SocketAddr::from((ip(SERVER_ADDR), WARM_PORT))),
+            ("warm6", std::net::SocketAddr::from((ip6(SERVER_ADDR_V6), WARM_PORT))),
+        ] {
+            cfg.forwards.push(forwarder::config::Forward {
+                name: name.into(),
+                protocol: forwarder::config::Protocol::Udp,
+                listen: warm_addr.into(),
+                backends: vec![forwarder::config::Backend { address: warm_addr.into(), weight: 1 }],
+                snat: forwarder::config::Snat::Off,
+                local: false,
+                allow: Vec::new(),
+                deny: Vec::new(),
+                health: None,
+            });
+            cfg.max_forwards += 1;
+        }
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/fwb-{}", forwarder_tests::unique_tag()));
         let mut inst = Instance::load(&LoadOptions::from_config(&cfg), &pin)?;
         inst.detach_on_drop(true); // pins go even if a measurement fails
@@ -125,6 +132,13 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             time("established, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity, rc, repeat))?);
             let identity_reply = udp_frame_ttl(server_mac, router_server_mac, to_warm, (client, 31_000), 255)?;
             time("reverse, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity_reply, rs, repeat))?);
+            // IPv6's established path, beside IPv4's (the aim: within 10%).
+            let (client6, to_warm6) = (ip6(CLIENT_ADDR_V6), (ip6(SERVER_ADDR_V6), WARM_PORT));
+            let identity6 = udp6_frame_hops(client_mac, router_client_mac, (client6, 31_000), to_warm6, 255)?;
+            run(&identity6, rc)?;
+            time("IPv6 established, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity6, rc, repeat))?);
+            let identity6_reply = udp6_frame_hops(server_mac, router_server_mac, to_warm6, (client6, 31_000), 255)?;
+            time("IPv6 reverse, warm", warm_runs(runs, |repeat| run_warm(&inst, hook, &identity6_reply, rs, repeat))?);
         }
         let frame = udp_frame(client_mac, router_client_mac, (client, 30_000), to_forward)?;
         times.extend(bench_programs(&frame, rc, rs, runs)?);
@@ -170,6 +184,10 @@ fn ns(d: Duration) -> f64 {
 
 fn ip(s: &str) -> [u8; 4] {
     s.parse::<Ipv4Addr>().expect("literal address").octets()
+}
+
+fn ip6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().expect("literal address").octets()
 }
 
 /// Each path is timed one run at a time: with `repeat` the kernel runs the program again on
