@@ -1,5 +1,16 @@
 //! The one place where raw packet pointers are made: every access is bounds-checked right
 //! before it, against the context's `data_end`.
+//!
+//! Packet bytes are loaded and stored in words. LLVM's BPF backend splits any load or store
+//! it cannot prove aligned into single bytes (a 4-byte field became four loads, three
+//! shifts and three ORs; an IPv6 address sixteen of each), so [`read`] and [`write`] access
+//! an N-byte field as 4-byte words when N is a multiple of 4, 2-byte words when it is even.
+//! The packet need not be aligned for that: the verifier checks packet alignment only on
+//! hosts without efficient unaligned access, and there it assumes NET_IP_ALIGN, under which
+//! the header fields read here in words are aligned to their word size. Nothing computes
+//! with a packet pointer's alignment, so claiming it costs nothing else. (LLVM's
+//! `allows-misaligned-mem-access` would do the same for all memory, but also for the stack,
+//! where the verifier always wants aligned access.)
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use forwarder_common::Reason;
@@ -56,19 +67,50 @@ pub fn ptr_at_mut<T, P: Packet>(pkt: &P, offset: usize) -> Result<*mut T, Reason
     ptr_at::<T, P>(pkt, offset).map(|p| p as *mut T)
 }
 
-/// Copy of `N` packet bytes at `offset`.
+/// Copy of `N` packet bytes at `offset`, loaded in words (see the module's note).
 #[inline(always)]
 pub fn read<const N: usize, P: Packet>(pkt: &P, offset: usize) -> Result<[u8; N], Reason> {
     let p = ptr_at::<[u8; N], P>(pkt, offset)?;
-    // SAFETY: bounds checked by ptr_at; packet bytes have no alignment requirement as [u8; N].
-    Ok(unsafe { core::ptr::read_unaligned(p) })
+    let mut bytes = [0u8; N];
+    // SAFETY: bounds checked by ptr_at; the word loads stay inside the N bytes (N is a
+    // multiple of the word size), alignment as the module's note says.
+    unsafe {
+        if N % 4 == 0 {
+            let (from, to) = (p as *const u32, bytes.as_mut_ptr() as *mut u32);
+            for i in 0..N / 4 {
+                to.add(i).write_unaligned(from.add(i).read());
+            }
+        } else if N % 2 == 0 {
+            let (from, to) = (p as *const u16, bytes.as_mut_ptr() as *mut u16);
+            for i in 0..N / 2 {
+                to.add(i).write_unaligned(from.add(i).read());
+            }
+        } else {
+            bytes = core::ptr::read_unaligned(p);
+        }
+    }
+    Ok(bytes)
 }
 
-/// Overwrites `N` packet bytes at `offset` (XDP).
+/// Overwrites `N` packet bytes at `offset` (XDP), stored in words as [`read`] loads them.
 #[inline(always)]
 pub fn write<const N: usize, P: Packet>(pkt: &P, offset: usize, bytes: [u8; N]) -> Result<(), Reason> {
     let p = ptr_at_mut::<[u8; N], P>(pkt, offset)?;
-    // SAFETY: bounds checked by ptr_at_mut.
-    unsafe { core::ptr::write_unaligned(p, bytes) };
+    // SAFETY: bounds checked by ptr_at_mut; as in `read`.
+    unsafe {
+        if N % 4 == 0 {
+            let (from, to) = (bytes.as_ptr() as *const u32, p as *mut u32);
+            for i in 0..N / 4 {
+                to.add(i).write(from.add(i).read_unaligned());
+            }
+        } else if N % 2 == 0 {
+            let (from, to) = (bytes.as_ptr() as *const u16, p as *mut u16);
+            for i in 0..N / 2 {
+                to.add(i).write(from.add(i).read_unaligned());
+            }
+        } else {
+            core::ptr::write_unaligned(p, bytes);
+        }
+    }
     Ok(())
 }
