@@ -19,7 +19,7 @@ use forwarder_common::{
     conntrack::{
         CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, TCP_FIN, TCP_RST, TCP_SYN, segment_end, seq_after, tcp_keeps_state,
     },
-    csum::{apply_delta, fold, sum4},
+    csum::{apply_delta, ipv6_pseudo_sum_ne},
     flow_cache_bucket6, next_hop_current,
 };
 
@@ -110,7 +110,8 @@ fn read_headers6<P: Packet>(ctx: &P, partial_ok: bool, h: &mut Headers6) -> Resu
         }
         (L4_OFF_V6 + 6, 8, 0, 0, 0)
     };
-    let l4_check = be16(read(ctx, check_off)?);
+    let check: [u8; 2] = read(ctx, check_off)?;
+    let l4_check = be16(check);
     // IPv6 UDP must carry a checksum: a zero one is the full path's to judge.
     if proto == PROTO_UDP && l4_check == 0 {
         return Ok(false);
@@ -118,13 +119,7 @@ fn read_headers6<P: Packet>(ctx: &P, partial_ok: bool, h: &mut Headers6) -> Resu
     let (src, dst) = (words(ctx, IPV6_SRC_OFF)?, words(ctx, IPV6_SRC_OFF + 16)?);
     let mut partial = false;
     if !partial_ok {
-        let mut sum = proto as u32 + payload as u32;
-        let mut i = 0;
-        while i < 4 {
-            sum += sum4(src[i].to_ne_bytes()) + sum4(dst[i].to_ne_bytes());
-            i += 1;
-        }
-        partial = l4_check == fold(sum);
+        partial = u16::from_ne_bytes(check) == ipv6_pseudo_sum_ne(&src, &dst, proto, payload as u32);
     }
     h.src = src;
     h.dst = dst;
