@@ -92,6 +92,16 @@ pub fn read<const N: usize, P: Packet>(pkt: &P, offset: usize) -> Result<[u8; N]
     Ok(bytes)
 }
 
+/// `N` words of packet bytes at `offset`, each the native-endian word of its four bytes
+/// (how the fast paths hold addresses), loaded straight into them: built from [`read`]'s
+/// bytes, LLVM went through the stack and back.
+#[inline(always)]
+pub fn read_words<const N: usize, P: Packet>(pkt: &P, offset: usize) -> Result<[u32; N], Reason> {
+    let p = ptr_at::<[u32; N], P>(pkt, offset)?;
+    // SAFETY: bounds checked by ptr_at; alignment as the module's note says.
+    Ok(unsafe { core::ptr::read(p) })
+}
+
 /// Overwrites `N` packet bytes at `offset` (XDP), stored in words as [`read`] loads them.
 #[inline(always)]
 pub fn write<const N: usize, P: Packet>(pkt: &P, offset: usize, bytes: [u8; N]) -> Result<(), Reason> {

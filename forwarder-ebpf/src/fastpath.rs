@@ -40,7 +40,7 @@ use forwarder_common::{
 
 use crate::{
     conntrack::{ct_key_v4, fwd_key_v4, route_generation},
-    ctx::{Packet, read, write},
+    ctx::{Packet, read, read_words, write},
     maps::{FWD_CT_V4, FWD_FLOW_CACHE, FWD_FLOW_CACHE_TC, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV4_CHECK_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, L3_OFF, L4_OFF_V4},
     rules, stats,
@@ -167,7 +167,7 @@ impl Headers {
 
 #[inline(always)]
 fn word<P: Packet>(ctx: &P, offset: usize) -> Result<u32, Reason> {
-    Ok(u32::from_ne_bytes(read(ctx, offset)?))
+    read_words::<1, P>(ctx, offset).map(|[w]| w)
 }
 
 /// The headers of a plain IPv4 TCP/UDP packet, or `None` for the cases parse.rs takes

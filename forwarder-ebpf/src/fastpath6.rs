@@ -25,7 +25,7 @@ use forwarder_common::{
 
 use crate::{
     conntrack::route_generation,
-    ctx::{Packet, read, write},
+    ctx::{Packet, read, read_words, write},
     fastpath::{
         NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, moves_state_of, segment_len,
         tc_gso_size, wsum_diff,
@@ -72,10 +72,6 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-#[inline(always)]
-fn words<P: Packet>(ctx: &P, offset: usize) -> Result<[u32; 4], Reason> {
-    Ok(addr_words(&read(ctx, offset)?))
-}
 
 /// Reads a plain IPv6 TCP/UDP packet's headers into `h`; false for the cases the full
 /// path takes apart.
@@ -116,7 +112,7 @@ fn read_headers6<P: Packet>(ctx: &P, partial_ok: bool, h: &mut Headers6) -> Resu
     if proto == PROTO_UDP && l4_check == 0 {
         return Ok(false);
     }
-    let (src, dst) = (words(ctx, IPV6_SRC_OFF)?, words(ctx, IPV6_SRC_OFF + 16)?);
+    let (src, dst) = (read_words(ctx, IPV6_SRC_OFF)?, read_words(ctx, IPV6_SRC_OFF + 16)?);
     let mut partial = false;
     if !partial_ok {
         partial = u16::from_ne_bytes(check) == ipv6_pseudo_sum_ne(&src, &dst, proto, payload as u32);
