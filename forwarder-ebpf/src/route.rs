@@ -136,6 +136,9 @@ const UDP_HEADER_LEN: u16 = 8;
 /// TC action.
 #[inline(always)]
 pub fn tc_redirect(egress: u32) -> i32 {
+    // The flag must be current (the daemon's link watch keeps it so): the helper only records
+    // the request and returns TC_ACT_REDIRECT, and the kernel drops the packet later, in
+    // skb_do_redirect, if the peer is in this namespace; there is no error to fall back on.
     // SAFETY: a value copied.
     let peer = unsafe { FWD_IFACES.get(&egress) }.is_some_and(|c| c.flags & IFACE_TC_PEER != 0);
     // SAFETY: helper calls.

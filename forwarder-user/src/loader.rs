@@ -284,6 +284,38 @@ impl Instance {
         Ok(())
     }
 
+    /// Brings each attached interface's `IFACE_TC_PEER` in line with where its veth's far
+    /// end is now: the flag is computed at [`Instance::attach`], and a container's veth end
+    /// is often moved into its namespace (or taken out, or deleted with it) after that. A
+    /// stale flag on a veth whose far end is back in this namespace would make the kernel
+    /// drop every packet TC sends into it. Other flag bits are kept. Returns how many
+    /// interfaces changed; run on link events (see `reconcile::routes`).
+    pub fn refresh_tc_peers(&self) -> Result<usize> {
+        let state = self.state()?;
+        let mut changed = 0;
+        for a in &self.attached {
+            let tc_peer = match crate::netlink::link_by_index(a.ifindex) {
+                Ok(link) => link.is_veth_to_elsewhere(),
+                // Gone (deleted, or moved away itself): nothing is sent into it any more.
+                Err(crate::netlink::Error::NoSuchLink(_)) => false,
+                Err(e) => return Err(e.into()),
+            };
+            let Some(flags) = state.iface_flags(a.ifindex)? else { continue };
+            let want = if tc_peer { flags | IFACE_TC_PEER } else { flags & !IFACE_TC_PEER };
+            if want != flags {
+                state.set_iface_flags(a.ifindex, want)?;
+                changed += 1;
+                let how = if tc_peer {
+                    "veth's far end now in another namespace: TC sends into its ingress (bpf_redirect_peer)"
+                } else {
+                    "veth's far end no longer in another namespace: TC sends out of the device (bpf_redirect)"
+                };
+                info!(interface = %a.name, ifindex = a.ifindex, tc_peer, "{how}");
+            }
+        }
+        Ok(changed)
+    }
+
     fn attach_tc(&mut self, ifname: &str, prog: &'static str, dir: TcAttachType, kind: &str) -> Result<()> {
         let path = self.link_path(kind, ifname);
         let p: &mut SchedClassifier = program(&mut self.ebpf, prog)?;

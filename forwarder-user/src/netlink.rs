@@ -182,6 +182,18 @@ fn link_of(msg: LinkMessage) -> Link {
 pub fn link(name: &str) -> Result<Link> {
     let mut msg = LinkMessage::default();
     msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    get_link(msg, || name.to_string())
+}
+
+/// The device with index `index` (RTM_GETLINK by index).
+pub fn link_by_index(index: u32) -> Result<Link> {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    get_link(msg, || format!("with index {index}"))
+}
+
+/// One RTM_GETLINK; `what` names the device asked for when there is none.
+fn get_link(msg: LinkMessage, what: impl FnOnce() -> String) -> Result<Link> {
     match request("get link", RouteNetlinkMessage::GetLink(msg), false) {
         Ok(answers) => answers
             .into_iter()
@@ -189,9 +201,9 @@ pub fn link(name: &str) -> Result<Link> {
                 RouteNetlinkMessage::NewLink(l) => Some(link_of(l)),
                 _ => None,
             })
-            .ok_or_else(|| Error::NoSuchLink(name.to_string())),
+            .ok_or_else(|| Error::NoSuchLink(what())),
         Err(Error::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
-            Err(Error::NoSuchLink(name.to_string()))
+            Err(Error::NoSuchLink(what()))
         }
         Err(e) => Err(e),
     }
@@ -281,6 +293,9 @@ pub struct Batch {
     /// Events were lost (the socket's queue overflowed): whatever is derived from the
     /// kernel's state must be read again. `changed` is set too.
     pub lost: bool,
+    /// A device was added, changed, moved or removed (RTM_NEWLINK / RTM_DELLINK; a veth end
+    /// that moves to another namespace leaves as a RTM_DELLINK of this one).
+    pub links: bool,
     /// Neighbour entries that changed, in order (a deleted one with state NONE).
     pub neighbours: Vec<Neighbour>,
 }
@@ -326,6 +341,7 @@ fn classify(msg: NetlinkMessage<RouteNetlinkMessage>, batch: &mut Batch) {
             match &m {
                 NewNeighbour(n) => batch.neighbours.extend(neighbour_of(n, false)),
                 DelNeighbour(n) => batch.neighbours.extend(neighbour_of(n, true)),
+                NewLink(_) | DelLink(_) => batch.links = true,
                 _ => {}
             }
             if matches!(
@@ -392,7 +408,7 @@ mod tests {
             ))),
             &mut batch,
         );
-        assert!(batch.changed && !batch.lost);
+        assert!(batch.changed && !batch.lost && !batch.links);
         assert_eq!(
             batch.neighbours,
             vec![
@@ -403,11 +419,27 @@ mod tests {
 
         let mut batch = Batch::default();
         classify(NetlinkMessage::from(RouteNetlinkMessage::NewLink(LinkMessage::default())), &mut batch);
-        assert!(batch.changed && batch.neighbours.is_empty());
+        assert!(batch.changed && batch.links && batch.neighbours.is_empty());
+
+        let mut batch = Batch::default();
+        classify(NetlinkMessage::from(RouteNetlinkMessage::DelLink(LinkMessage::default())), &mut batch);
+        assert!(batch.changed && batch.links);
+
+        let mut batch = Batch::default();
+        classify(NetlinkMessage::from(RouteNetlinkMessage::NewAddress(AddressMessage::default())), &mut batch);
+        assert!(batch.changed && !batch.links);
 
         let mut batch = Batch::default();
         classify(NetlinkMessage::new(Default::default(), NetlinkPayload::Overrun(Vec::new())), &mut batch);
         assert!(batch.changed && batch.lost);
+    }
+
+    #[test]
+    fn a_link_is_found_by_index() {
+        // Every namespace's loopback device has index 1.
+        let lo = link_by_index(1).unwrap();
+        assert_eq!((lo.index, lo.name.as_str(), lo.is_veth()), (1, "lo", false));
+        assert!(matches!(link_by_index(u32::MAX >> 1), Err(Error::NoSuchLink(_))));
     }
 
     #[test]

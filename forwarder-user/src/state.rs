@@ -675,6 +675,22 @@ impl State {
         Ok(())
     }
 
+    /// The `IFACE_*` flags recorded for `ifindex`, if it has an entry.
+    pub fn iface_flags(&self, ifindex: u32) -> Result<Option<u32>> {
+        let ifaces: HashMap<_, u32, IfaceConfig> = self.typed(FWD_IFACES)?;
+        match ifaces.get(&ifindex, 0) {
+            Ok(c) => Ok(Some(c.flags)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).on(FWD_IFACES),
+        }
+    }
+
+    /// Rewrites the `IFACE_*` flags of an interface [`State::set_egress`] recorded.
+    pub fn set_iface_flags(&self, ifindex: u32, flags: u32) -> Result<()> {
+        let mut ifaces: HashMap<_, u32, IfaceConfig> = self.typed(FWD_IFACES)?;
+        ifaces.insert(ifindex, IfaceConfig { flags }, 0).on(FWD_IFACES)
+    }
+
     /// Every conntrack entry (diagnostics, expiry), read in batches: the expiry pass reads
     /// the whole table every few seconds, and entry by entry that is two syscalls per entry.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {

@@ -415,3 +415,83 @@ fn generic_xdp_to_an_interface_not_configured() {
     assert!(reason(&daemon, "redirect_tc_flow_cache") * 2 > tc_sent, "{stats}");
     assert_eq!(reason(&daemon, "redirect_xdp_cached") + reason(&daemon, "redirect_xdp_flow_cache"), 0, "{stats}");
 }
+
+/// Whether the daemon's FWD_IFACES entry for `ifindex` has `IFACE_TC_PEER`.
+fn tc_peer(daemon: &Daemon, ifindex: u32) -> bool {
+    let flags = forwarder::state::State::open(&daemon.pin_path).unwrap().iface_flags(ifindex).unwrap();
+    flags.unwrap_or_else(|| panic!("no FWD_IFACES entry for {ifindex}")) & forwarder_common::IFACE_TC_PEER != 0
+}
+
+/// Waits until the daemon has brought `IFACE_TC_PEER` of the router's `rs` to `want`.
+fn wait_for_tc_peer(daemon: &Daemon, ifindex: u32, want: bool, why: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tc_peer(daemon, ifindex) != want {
+        assert!(std::time::Instant::now() < deadline, "IFACE_TC_PEER of rs is not {want} {why}:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `conns` forwarded connections of a megabyte each way to a plus-one server in `server`;
+/// returns the packets the forward rewrote and the packets `rs` transmitted itself meanwhile.
+fn exchange_via_rs(chain: &Chain, daemon: &Daemon, server: &forwarder_tests::Netns, conns: usize) -> (u64, u64) {
+    let srv = plus_one_server(server, SocketAddr::new([0, 0, 0, 0].into(), BACKEND_PORT), conns).unwrap();
+    let packets = || forward_stats(daemon)["packets"].as_u64().unwrap();
+    let (p0, tx0) = (packets(), tx_packets(chain, "rs"));
+    for _ in 0..conns {
+        tcp_exchange(chain, 1_000_000);
+    }
+    srv.join().unwrap();
+    (packets() - p0, tx_packets(chain, "rs") - tx0)
+}
+
+/// TC only: the router's veth `rs` is attached while its far end `s0` is in the router's own
+/// namespace, and `s0` then moves about as a container's veth does (created on the host and
+/// moved into the container; taken back; moved into a recreated container). The daemon
+/// follows the link events: `IFACE_TC_PEER` (TC sends into the peer's ingress with
+/// `bpf_redirect_peer`) is on exactly while `s0` is in another namespace. Stale on, every
+/// packet to `rs` would be dropped (the kernel refuses a peer redirect within a namespace);
+/// stale off, `rs` would transmit each packet itself.
+#[test]
+fn tc_peer_follows_the_far_end() {
+    let chain = Chain::new().unwrap();
+    let rs = chain.router.ifindex("rs").unwrap();
+    chain.server.ip(&["link", "set", "s0", "netns", &chain.router.name]).unwrap();
+    chain.router.ip(&["link", "set", "s0", "up"]).unwrap();
+    let daemon = Daemon::start(&chain.router, &chain.tag, &config("off", "tcp", "auto")).unwrap();
+    assert!(!tc_peer(&daemon, rs), "both ends in the router's namespace at attach");
+    assert!(tc_peer(&daemon, chain.router.ifindex("rc").unwrap()), "c0 is in the client's namespace");
+
+    // Into the server's namespace, as a container's end after its creation.
+    chain.router.ip(&["link", "set", "s0", "netns", &chain.server.name]).unwrap();
+    chain.server.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "s0"]).unwrap();
+    chain.server.ip(&["link", "set", "s0", "up"]).unwrap();
+    wait_for_tc_peer(&daemon, rs, true, "after s0 moved into the server's namespace");
+    let (packets, tx) = exchange_via_rs(&chain, &daemon, &chain.server, 2);
+    assert!(tx * 10 < packets, "peer redirect: rs itself sent {tx} of {packets} packets:\n{}", daemon.log());
+
+    // Back into the router's namespace, where it reaches the server through a bridge: a
+    // peer redirect now would be dropped.
+    chain.server.ip(&["link", "set", "s0", "netns", &chain.router.name]).unwrap();
+    wait_for_tc_peer(&daemon, rs, false, "after s0 came back into the router's namespace");
+    chain.router.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    chain.router.ip(&["link", "add", "b0", "type", "veth", "peer", "name", "b1", "netns", &chain.server.name]).unwrap();
+    for dev in ["s0", "b0"] {
+        chain.router.ip(&["link", "set", dev, "master", "br0", "up"]).unwrap();
+    }
+    chain.router.ip(&["link", "set", "br0", "up"]).unwrap();
+    chain.server.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "b1"]).unwrap();
+    chain.server.ip(&["link", "set", "b1", "up"]).unwrap();
+    let (packets, tx) = exchange_via_rs(&chain, &daemon, &chain.server, 2);
+    assert!(tx * 4 > packets, "plain redirect: rs itself sent {tx} of {packets} packets:\n{}", daemon.log());
+
+    // Into a new server namespace, as a recreated container's end.
+    chain.router.ip(&["link", "del", "b0"]).unwrap();
+    chain.router.ip(&["link", "del", "br0"]).unwrap();
+    let server2 = forwarder_tests::Netns::new(&format!("fwt-{}-s2", chain.tag)).unwrap();
+    chain.router.ip(&["link", "set", "s0", "netns", &server2.name]).unwrap();
+    server2.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "s0"]).unwrap();
+    server2.ip(&["link", "set", "s0", "up"]).unwrap();
+    wait_for_tc_peer(&daemon, rs, true, "after s0 moved into a new server namespace");
+    let (packets, tx) = exchange_via_rs(&chain, &daemon, &server2, 2);
+    assert!(tx * 10 < packets, "peer redirect again: rs itself sent {tx} of {packets} packets:\n{}", daemon.log());
+}

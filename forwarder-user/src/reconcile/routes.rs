@@ -3,17 +3,25 @@
 //! generation (`FWD_ROUTE_GEN`), so each connection's next packet takes the full path with a
 //! fresh FIB lookup. Without this watch a cached next hop still expires after
 //! `NH_MAX_AGE_JIFFIES` (about a second). The same stream tells the peer watch which
-//! neighbour entries changed.
+//! neighbour entries changed, and on link changes the attached veths' `IFACE_TC_PEER` is
+//! brought in line with where their far ends are now ([`Instance::refresh_tc_peers`]).
+//!
+//! [`Instance::refresh_tc_peers`]: crate::loader::Instance::refresh_tc_peers
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::SharedInstance;
 use crate::{
     netlink::{self, Neighbour},
     state::State,
+    telemetry::DaemonCounters,
 };
 
 /// What the peer watch hears from the stream.
@@ -25,30 +33,45 @@ pub enum NeighbourNews {
     Lost,
 }
 
-/// Subscribes and runs the watch as a tokio task: each batch of events bumps the route
-/// generation once (then `on_bump` runs); neighbour changes go to the returned channel.
-/// The task ends at `stop`, when the receiver is dropped, or when the stream ends.
-pub fn spawn(
+/// Subscribes and returns the watch, to be run as a task until `stop` (or until the
+/// receiver is dropped or the stream ends): each batch of events bumps the route
+/// generation once (counted in `route_changes`); a batch with link events, or with events
+/// lost, then has the attached veths' peer flags read again, with one more bump if any
+/// changed; neighbour changes go to the returned channel. The attached veths are read once
+/// as the watch starts too, for a move between their attach and the subscription.
+pub fn watch(
     pin: PathBuf,
+    inst: SharedInstance,
+    counters: Arc<DaemonCounters>,
     stop: CancellationToken,
-    on_bump: impl Fn() + Send + 'static,
-) -> Result<mpsc::UnboundedReceiver<NeighbourNews>, netlink::Error> {
+) -> Result<(mpsc::UnboundedReceiver<NeighbourNews>, impl Future<Output = ()> + Send + 'static), netlink::Error> {
     let mut events = netlink::Events::subscribe()?;
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(batch) = tokio::select! {
-            _ = stop.cancelled() => return,
-            batch = events.next() => batch,
-        } {
-            if batch.changed {
-                match State::open(&pin).and_then(|s| s.bump_route_generation()) {
-                    Ok(generation) => {
-                        on_bump();
-                        debug!(generation, "routes or neighbours changed: cached next hops invalidated");
-                    }
-                    Err(e) => warn!("route generation: {e}"),
-                }
+    let task = async move {
+        let bump = |why: &str| match State::open(&pin).and_then(|s| s.bump_route_generation()) {
+            Ok(generation) => {
+                counters.route_changes.fetch_add(1, Ordering::Relaxed);
+                debug!(generation, "{why}: cached next hops invalidated");
             }
+            Err(e) => warn!("route generation: {e}"),
+        };
+        let mut links = true;
+        loop {
+            // The flags are read per packet; the bump after a change makes every
+            // connection's next packet take the full path with the new flags as well.
+            if links && refresh_tc_peers(&inst, &counters).await {
+                bump("veth peers moved");
+            }
+            let batch = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                batch = events.next() => batch,
+            };
+            let Some(batch) = batch else { break };
+            if batch.changed {
+                bump("routes, neighbours, links or addresses changed");
+            }
+            links = batch.links || batch.lost;
             let news = if batch.lost {
                 Some(NeighbourNews::Lost)
             } else {
@@ -60,7 +83,24 @@ pub fn spawn(
                 return; // the daemon is stopping
             }
         }
-        warn!("route watch stopped (the rtnetlink stream ended); cached next hops now expire by age only");
-    });
-    Ok(rx)
+        warn!(
+            "route watch stopped (the rtnetlink stream ended); cached next hops now expire by age only, \
+             and veth peer flags are read again only on reload"
+        );
+    };
+    Ok((rx, task))
+}
+
+/// [`crate::loader::Instance::refresh_tc_peers`] off the event loop's thread; true if a
+/// flag changed. An error is logged and counted.
+async fn refresh_tc_peers(inst: &SharedInstance, counters: &DaemonCounters) -> bool {
+    let inst = inst.clone();
+    match super::blocking(move || Ok(super::lock(&inst).refresh_tc_peers()?)).await {
+        Ok(changed) => changed > 0,
+        Err(e) => {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            warn!("veth peer flags: {e:#}");
+            false
+        }
+    }
 }
