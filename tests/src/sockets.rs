@@ -309,6 +309,12 @@ impl PatternStream {
         crate::wait_for(what, Duration::from_secs(10), || self.received() >= from + more);
     }
 
+    /// Waits until the server has checked `total` bytes (a stream with that limit has all
+    /// arrived), naming `what` if it does not within 30 s.
+    pub fn wait_for_total(&self, total: usize, what: &str) {
+        crate::wait_for(what, Duration::from_secs(30), || self.received() >= total);
+    }
+
     /// Stops the client (if it has not reached its limit), waits for both ends.
     pub fn finish(self) -> StreamTotals {
         self.stop.store(true, Ordering::Relaxed);

@@ -59,6 +59,9 @@ fn sigkill_and_restart_lose_no_byte() {
     stream.wait_for_more(100_000, "the stream to flow with no daemon");
     d.launch().unwrap();
     assert!(d.log().contains("adopting pinned state"), "{}", d.log());
+    // All of it, before the client is told to stop (the restart may be quicker than the
+    // paced stream's rest).
+    stream.wait_for_total(TOTAL, "the whole stream through the restarted daemon");
     assert_eq!(stream.finish(), StreamTotals { sent: TOTAL, answered: TOTAL, received: TOTAL });
     assert_eq!(d.stats().unwrap()["forwards"][0]["new_connections"], 1, "counters survived the restart");
 }
