@@ -72,7 +72,6 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-
 /// Reads a plain IPv6 TCP/UDP packet's headers into `h`; false for the cases the full
 /// path takes apart.
 #[inline(always)]
