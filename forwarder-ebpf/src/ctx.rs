@@ -6,9 +6,11 @@
 //! shifts and three ORs; an IPv6 address sixteen of each), so [`read`] and [`write`] access
 //! an N-byte field as 4-byte words when N is a multiple of 4, 2-byte words when it is even.
 //! The packet need not be aligned for that: the verifier checks packet alignment only on
-//! hosts without efficient unaligned access, and there it assumes NET_IP_ALIGN, under which
-//! the header fields read here in words are aligned to their word size. Nothing computes
-//! with a packet pointer's alignment, so claiming it costs nothing else. (LLVM's
+//! kernels without efficient unaligned access (CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS, which
+//! x86-64 and arm64 have) or for programs loaded with BPF_F_STRICT_ALIGNMENT, which the
+//! loader does not ask for; on such a kernel some of these loads (the IPv4 header's TTL
+//! word, the MAC addresses) would be refused at load time, never run misaligned. Nothing
+//! computes with a packet pointer's alignment, so claiming it costs nothing else. (LLVM's
 //! `allows-misaligned-mem-access` would do the same for all memory, but also for the stack,
 //! where the verifier always wants aligned access.)
 
