@@ -13,7 +13,7 @@ use aya::{
     maps::Array,
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use etherparse::{PacketBuilder, TcpOptionElement};
+use etherparse::{PacketBuilder, PacketBuilderStep, TcpOptionElement, UdpHeader};
 
 use super::{
     stats::thread_cpu_time,
@@ -176,11 +176,7 @@ pub fn udp_frame_ttl(
     dst: ([u8; 4], u16),
     ttl: u8,
 ) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.0, dst.0, ttl).udp(src.1, dst.1);
-    let payload = [0u8; PAYLOAD_LEN];
-    let mut frame = Vec::with_capacity(builder.size(PAYLOAD_LEN));
-    builder.write(&mut frame, &payload)?;
-    Ok(frame)
+    with_payload(PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.0, dst.0, ttl).udp(src.1, dst.1))
 }
 
 /// [`udp_frame`] over IPv6 (hop limit 64): the same payload, so 80 bytes.
@@ -196,7 +192,11 @@ pub fn udp6_frame_hops(
     dst: ([u8; 16], u16),
     hops: u8,
 ) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.0, dst.0, hops).udp(src.1, dst.1);
+    with_payload(PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.0, dst.0, hops).udp(src.1, dst.1))
+}
+
+/// The frame `builder` describes with the bench's zero payload (checksums computed).
+fn with_payload(builder: PacketBuilderStep<UdpHeader>) -> Result<Vec<u8>> {
     let payload = [0u8; PAYLOAD_LEN];
     let mut frame = Vec::with_capacity(builder.size(PAYLOAD_LEN));
     builder.write(&mut frame, &payload)?;
