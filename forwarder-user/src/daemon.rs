@@ -113,20 +113,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reconcile::expiry::run(opts.pin_path.clone(), applied_rx.clone(), counters.clone(), stop.clone()));
     tasks.spawn(reconcile::health::run(opts.pin_path.clone(), applied_rx.clone(), counters.clone(), stop.clone()));
-    let neighbour_news =
-        match reconcile::routes::watch(opts.pin_path.clone(), inst.clone(), counters.clone(), stop.clone()) {
-            Ok((rx, watch)) => {
-                tasks.spawn(watch);
-                Some(rx)
-            }
-            Err(e) => {
-                warn!(
-                    "route watch unavailable ({e}); cached next hops expire by age only, and veth peer flags \
+    let neighbour_news = match reconcile::routes::watch(
+        opts.pin_path.clone(),
+        opts.config_path.clone(),
+        inst.clone(),
+        counters.clone(),
+        stop.clone(),
+    ) {
+        Ok((rx, watch)) => {
+            tasks.spawn(watch);
+            Some(rx)
+        }
+        Err(e) => {
+            warn!(
+                "route watch unavailable ({e}); cached next hops expire by age only, and veth peer flags \
                      are read again only on reload"
-                );
-                None
-            }
-        };
+            );
+            None
+        }
+    };
     tasks.spawn(reconcile::peers::run(inst.clone(), applied_rx, neighbour_news, counters.clone(), stop.clone()));
     if let Some(logger) = logger {
         tasks.spawn(kernel_logs(logger, counters.clone(), stop.clone()));

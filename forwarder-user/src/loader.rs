@@ -28,7 +28,7 @@ use crate::{
     error::{Error, Result},
     pins::{self, PINNED_MAPS, mount_default_bpffs, unpin_link},
     state::State,
-    sys::{link_update, obj_get},
+    sys::{link_ifindex, link_update, obj_get},
     system,
 };
 
@@ -85,9 +85,14 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Attached {
     pub name: String,
+    /// 0 while the device is gone (deleted, or moved to another namespace): it is
+    /// attached again when a device of its name appears ([`Instance::follow_links`]).
     pub ifindex: u32,
     pub xdp: XdpMode,
     pub xdp_egress: bool,
+    /// The config entry it was attached by.
+    #[serde(skip)]
+    pub config: Interface,
 }
 
 /// A loaded instance. Dropping it leaves the pinned state in place (that is what makes
@@ -205,12 +210,25 @@ impl Instance {
     }
 
     /// Makes `prog_fd` the program of the pinned link at `path` if there is one (atomic swap);
-    /// returns false when nothing is pinned there.
-    fn update_pinned_link(path: &Path, prog_fd: std::os::fd::BorrowedFd<'_>) -> Result<bool> {
+    /// returns false when nothing is pinned there. A device's link (`ifindex` given) that
+    /// is not on that device any more (the device was deleted, and perhaps created again
+    /// under its name) is unpinned instead, and false returned: the kernel detached it
+    /// with the old device and would refuse the swap (ENOLINK).
+    fn update_pinned_link(path: &Path, prog_fd: std::os::fd::BorrowedFd<'_>, ifindex: Option<u32>) -> Result<bool> {
         if !path.exists() {
             return Ok(false);
         }
         let link = obj_get(path).map_err(|e| pin_err(path)(format!("BPF_OBJ_GET: {e}")))?;
+        if let Some(want) = ifindex {
+            let have = link_ifindex(link.as_fd()).map_err(|e| pin_err(path)(format!("BPF_OBJ_GET_INFO_BY_FD: {e}")))?;
+            if let Some(have) = have
+                && have != want
+            {
+                info!(path = %path.display(), was_on = have, now = want, "pinned link of a device that is gone: attaching anew");
+                unpin_link(path);
+                return Ok(false);
+            }
+        }
         link_update(link.as_fd(), prog_fd).map_err(|e| pin_err(path)(format!("BPF_LINK_UPDATE: {e}")))?;
         Ok(true)
     }
@@ -247,10 +265,16 @@ impl Instance {
             let generic_path = self.link_path("xdp_generic", &iface.name);
             let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
             let fd = xdp.fd().map_err(prog_err(XDP_PROGRAM))?.as_fd();
-            if mode == XdpMode::Native && !native_path.exists() && Self::update_pinned_link(&generic_path, fd)? {
-                mode = XdpMode::Generic; // an earlier instance fell back already
-            } else if !Self::update_pinned_link(if mode == XdpMode::Native { &native_path } else { &generic_path }, fd)?
+            if mode == XdpMode::Native
+                && !native_path.exists()
+                && Self::update_pinned_link(&generic_path, fd, Some(ifindex))?
             {
+                mode = XdpMode::Generic; // an earlier instance fell back already
+            } else if !Self::update_pinned_link(
+                if mode == XdpMode::Native { &native_path } else { &generic_path },
+                fd,
+                Some(ifindex),
+            )? {
                 let attached = match xdp
                     .attach(&iface.name, if mode == XdpMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb })
                 {
@@ -277,11 +301,60 @@ impl Instance {
             | (if xdp_egress { IFACE_XDP_EGRESS_OK } else { 0 })
             | (if tc_peer { IFACE_TC_PEER } else { 0 });
         self.state()?.set_egress(ifindex, flags)?;
-        self.attach_tc(&iface.name, TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tcin")?;
+        self.attach_tc(&iface.name, ifindex, TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tcin")?;
         info!(interface = %iface.name, ifindex, xdp = ?mode, xdp_egress, veth = is_veth, tc_peer, "attached");
         self.attached.retain(|a| a.name != iface.name);
-        self.attached.push(Attached { name: iface.name.clone(), ifindex, xdp: mode, xdp_egress });
+        self.attached.push(Attached {
+            name: iface.name.clone(),
+            ifindex,
+            xdp: mode,
+            xdp_egress,
+            config: iface.clone(),
+        });
         Ok(())
+    }
+
+    /// Follows the attached interfaces' devices: one that is gone (deleted, or moved to
+    /// another namespace) loses its `FWD_IFACES` entry, as its programs went with it; a
+    /// device that appears under an attached interface's name (a container's veth created
+    /// again, say) is attached as its config entry says, egress included. Returns how many
+    /// interfaces changed; run on link events (see `reconcile::routes`). An interface that
+    /// cannot be attached is reported after the others were tried.
+    pub fn follow_links(&mut self) -> Result<usize> {
+        let mut changed = 0;
+        let mut failed = None;
+        for a in self.attached.clone() {
+            let now = match crate::netlink::link(&a.name) {
+                Ok(link) if link.index == a.ifindex => continue,
+                Ok(link) => Some(link.index),
+                Err(crate::netlink::Error::NoSuchLink(_)) if a.ifindex == 0 => continue,
+                Err(crate::netlink::Error::NoSuchLink(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            changed += 1;
+            if a.ifindex != 0 {
+                self.state()?.remove_iface(a.ifindex)?;
+            }
+            let Some(ifindex) = now else {
+                warn!(interface = %a.name, was = a.ifindex, "interface gone: attached again when it appears");
+                if let Some(entry) = self.attached.iter_mut().find(|e| e.name == a.name) {
+                    entry.ifindex = 0;
+                }
+                continue;
+            };
+            info!(interface = %a.name, was = a.ifindex, ifindex, "interface appeared again: attaching");
+            let attached = self
+                .attach(&a.config)
+                .and_then(|()| if self.egress.contains(&a.name) { self.attach_egress(&a.name) } else { Ok(()) });
+            if let Err(e) = attached {
+                warn!(interface = %a.name, "attaching again: {e}");
+                failed.get_or_insert(e);
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
     }
 
     /// Brings each attached interface's `IFACE_TC_PEER` in line with where its veth's far
@@ -293,7 +366,7 @@ impl Instance {
     pub fn refresh_tc_peers(&self) -> Result<usize> {
         let state = self.state()?;
         let mut changed = 0;
-        for a in &self.attached {
+        for a in self.attached.iter().filter(|a| a.ifindex != 0) {
             let tc_peer = match crate::netlink::link_by_index(a.ifindex) {
                 Ok(link) => link.is_veth_to_elsewhere(),
                 // Gone (deleted, or moved away itself): nothing is sent into it any more.
@@ -316,11 +389,18 @@ impl Instance {
         Ok(changed)
     }
 
-    fn attach_tc(&mut self, ifname: &str, prog: &'static str, dir: TcAttachType, kind: &str) -> Result<()> {
+    fn attach_tc(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        prog: &'static str,
+        dir: TcAttachType,
+        kind: &str,
+    ) -> Result<()> {
         let path = self.link_path(kind, ifname);
         let p: &mut SchedClassifier = program(&mut self.ebpf, prog)?;
         let fd = p.fd().map_err(prog_err(prog))?.as_fd();
-        if Self::update_pinned_link(&path, fd)? {
+        if Self::update_pinned_link(&path, fd, Some(ifindex))? {
             return Ok(());
         }
         // Only needed on kernels without tcx; harmless otherwise.
@@ -335,7 +415,8 @@ impl Instance {
         Self::pin_link(link, &path)
     }
 
-    /// Detaches from an interface that left the config.
+    /// Detaches from an interface that left the config (its `FWD_IFACES` entry goes in
+    /// [`crate::reconcile::apply`], which keeps the entries of attached interfaces only).
     pub fn detach_interface(&mut self, ifname: &str) {
         for kind in ["xdp_native", "xdp_generic", "tcin"] {
             unpin_link(&self.link_path(kind, ifname));
@@ -347,7 +428,7 @@ impl Instance {
     /// Attaches the TC egress program (host traffic to peers, replies of backends on this
     /// host) to an interface.
     pub fn attach_egress(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(ifname, TC_EGRESS_PROGRAM, TcAttachType::Egress, "tceg")?;
+        self.attach_tc(ifname, system::ifindex(ifname)?, TC_EGRESS_PROGRAM, TcAttachType::Egress, "tceg")?;
         if self.egress.insert(ifname.to_string()) {
             info!(interface = ifname, "egress attached");
         }
@@ -384,7 +465,7 @@ impl Instance {
             let path = self.link_path("cg", name);
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let fd = p.fd().map_err(prog_err(name))?.as_fd();
-            if Self::update_pinned_link(&path, fd)? {
+            if Self::update_pinned_link(&path, fd, None)? {
                 continue;
             }
             let err = |e: &dyn std::fmt::Display| Error::Interface {

@@ -675,6 +675,29 @@ impl State {
         Ok(())
     }
 
+    /// Forgets an interface [`State::set_egress`] recorded (gone, or left the config).
+    pub fn remove_iface(&self, ifindex: u32) -> Result<()> {
+        let mut ifaces: HashMap<_, u32, IfaceConfig> = self.typed(FWD_IFACES)?;
+        match ifaces.remove(&ifindex) {
+            Err(e) if !no_such_key(&e) => return Err(e).on(FWD_IFACES),
+            _ => {}
+        }
+        // The kernel empties a devmap slot of a device it unregisters by itself.
+        let mut tx: DevMapHash<_> = self.typed(FWD_TX_PORTS)?;
+        match tx.remove(ifindex) {
+            Err(e) if !no_such_key(&e) => {
+                Err(Error::Interface { name: ifindex.to_string(), message: format!("devmap: {e}") })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The interfaces [`State::set_egress`] recorded.
+    pub fn iface_indexes(&self) -> Result<Vec<u32>> {
+        let ifaces: HashMap<_, u32, IfaceConfig> = self.typed(FWD_IFACES)?;
+        ifaces.keys().collect::<std::result::Result<_, _>>().on(FWD_IFACES)
+    }
+
     /// The `IFACE_*` flags recorded for `ifindex`, if it has an entry.
     pub fn iface_flags(&self, ifindex: u32) -> Result<Option<u32>> {
         let ifaces: HashMap<_, u32, IfaceConfig> = self.typed(FWD_IFACES)?;
@@ -957,6 +980,12 @@ fn names_for_log(names: &[String]) -> String {
         return format!("[{}]", names.join(", "));
     }
     format!("[{}, … {} more]", names[..NAMED].join(", "), names.len() - NAMED)
+}
+
+/// A delete of a key that is not there (the kernel's ENOENT).
+fn no_such_key(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::KeyNotFound)
+        || matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
 #[cfg(test)]

@@ -173,6 +173,41 @@ pub fn link_update(link: BorrowedFd<'_>, prog_fd: BorrowedFd<'_>) -> std::io::Re
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// The device of an XDP or tcx link (BPF_OBJ_GET_INFO_BY_FD): `Some(0)` once the device
+/// is gone (the kernel detaches such links but their pins live on), `None` for a link of
+/// another kind.
+pub fn link_ifindex(link: BorrowedFd<'_>) -> std::io::Result<Option<u32>> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose xdp and tcx
+    // members start with the ifindex.
+    let mut info = [0u32; 16];
+    // union bpf_attr, info member.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+        rest: [u64; 6],
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+        rest: [0; 6],
+    };
+    // SAFETY: attr is a zeroed bpf_attr with the info fields set; info outlives the call
+    // and is as large as info_len says.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoAttr, std::mem::size_of_val(&attr))
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info[4]))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;

@@ -8,7 +8,7 @@ use std::{
 
 use forwarder_tests::{
     Chain, Daemon,
-    config::{forward, router_interfaces},
+    config::{forward, interface, router_interfaces},
     sockets::{plus_one_exchange, plus_one_server, serve_in, udp_bound},
     topo::{ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
 };
@@ -494,4 +494,76 @@ fn tc_peer_follows_the_far_end() {
     wait_for_tc_peer(&daemon, rs, true, "after s0 moved into a new server namespace");
     let (packets, tx) = exchange_via_rs(&chain, &daemon, &server2, 2);
     assert!(tx * 10 < packets, "peer redirect again: rs itself sent {tx} of {packets} packets:\n{}", daemon.log());
+}
+
+/// The router's `rs` is deleted and created again under its name, as a container's veth is
+/// when the container restarts: the running daemon drops the old device's `FWD_IFACES`
+/// entry, attaches its programs (generic XDP and TC) to the new device, and the forward
+/// carries connections again. A daemon killed (pins kept) and started after another such
+/// re-creation adopts its state and attaches anew instead of failing on the old device's
+/// pinned links. An interface that leaves the config loses its entry.
+#[test]
+fn interface_created_again_is_attached_again() {
+    let chain = Chain::new().unwrap();
+    let mut daemon = Daemon::start(&chain.router, &chain.tag, &config("generic", "tcp", "auto")).unwrap();
+    let server = tcp_server(&chain, 3);
+    tcp_exchange(&chain, 100_000);
+    let pin = daemon.pin_path.clone();
+    let flags = |ifindex: u32| forwarder::state::State::open(&pin).unwrap().iface_flags(ifindex).unwrap();
+    let attached_as = |d: &Daemon| -> u32 {
+        let status: serde_json::Value = serde_json::from_str(&d.cli(&["status", "--json"]).unwrap()).unwrap();
+        let rs = status["daemon"]["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == "rs").cloned();
+        rs.map_or(0, |rs| rs["ifindex"].as_u64().unwrap() as u32)
+    };
+    let old = chain.router.ifindex("rs").unwrap();
+    assert!(flags(old).is_some());
+
+    chain.router.ip(&["link", "del", "rs"]).unwrap();
+    wait_until(&daemon, "the deleted device's entry stays", || flags(old).is_none());
+    create_rs(&chain);
+    let new = chain.router.ifindex("rs").unwrap();
+    assert_ne!(new, old);
+    wait_until(&daemon, "the new device is not attached", || attached_as(&daemon) == new && flags(new).is_some());
+    let link = chain.router.ip(&["-d", "link", "show", "dev", "rs"]).unwrap();
+    assert!(link.contains("xdpgeneric"), "{link}");
+    tcp_exchange(&chain, 100_000);
+    assert_eq!(forward_stats(&daemon)["new_connections"], 2, "{}", daemon.stats().unwrap());
+
+    // Killed with its pins kept; the device goes and comes back before the next start.
+    daemon.kill().unwrap();
+    chain.router.ip(&["link", "del", "rs"]).unwrap();
+    create_rs(&chain);
+    let newer = chain.router.ifindex("rs").unwrap();
+    daemon.launch().unwrap();
+    assert_eq!(attached_as(&daemon), newer);
+    assert!(flags(new).is_none() || new == newer, "the earlier device's entry stays");
+    tcp_exchange(&chain, 100_000);
+    assert_eq!(forward_stats(&daemon)["new_connections"], 3, "{}", daemon.stats().unwrap());
+    server.join().unwrap();
+
+    // Out of the config: its entry goes with its programs.
+    let rc_only = interface("rc", "generic")
+        + &forward("classic", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"));
+    daemon.replace_config(&rc_only).unwrap();
+    wait_until(&daemon, "the entry of an interface that left the config stays", || flags(newer).is_none());
+    let link = chain.router.ip(&["-d", "link", "show", "dev", "rs"]).unwrap();
+    assert!(!link.contains("xdp"), "{link}");
+}
+
+/// Waits up to 10 s for `done`; fails with `what` and the daemon's log.
+fn wait_until(daemon: &Daemon, what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Creates the router's `rs` and the server's `s0` as [`Chain::new`] does.
+fn create_rs(chain: &Chain) {
+    chain.router.ip(&["link", "add", "rs", "type", "veth", "peer", "name", "s0", "netns", &chain.server.name]).unwrap();
+    chain.router.ip(&["addr", "add", &format!("{ROUTER_SERVER_ADDR}/24"), "dev", "rs"]).unwrap();
+    chain.router.ip(&["link", "set", "rs", "up"]).unwrap();
+    chain.server.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "s0"]).unwrap();
+    chain.server.ip(&["link", "set", "s0", "up"]).unwrap();
 }

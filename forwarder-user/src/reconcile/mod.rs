@@ -130,6 +130,14 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
     for iface in &cfg.interfaces {
         inst.attach(iface)?;
     }
+    // Entries of interfaces that left the config, or of devices gone while no daemon ran
+    // (a stale one would let XDP redirect into a device without forwarder's programs).
+    let attached: Vec<u32> = inst.attached.iter().map(|a| a.ifindex).collect();
+    for ifindex in state.iface_indexes()? {
+        if !attached.contains(&ifindex) {
+            state.remove_iface(ifindex)?;
+        }
+    }
     match cgroup {
         Some(dir) => inst.attach_local(&dir)?,
         None => inst.detach_local(),

@@ -3,13 +3,16 @@
 //! generation (`FWD_ROUTE_GEN`), so each connection's next packet takes the full path with a
 //! fresh FIB lookup. Without this watch a cached next hop still expires after
 //! `NH_MAX_AGE_JIFFIES` (about a second). The same stream tells the peer watch which
-//! neighbour entries changed, and on link changes the attached veths' `IFACE_TC_PEER` is
-//! brought in line with where their far ends are now ([`Instance::refresh_tc_peers`]).
+//! neighbour entries changed, and on link changes the attached interfaces are followed: a
+//! device deleted and created again under its name is attached again
+//! ([`Instance::follow_links`]), and the veths' `IFACE_TC_PEER` is brought in line with
+//! where their far ends are now ([`Instance::refresh_tc_peers`]).
 //!
+//! [`Instance::follow_links`]: crate::loader::Instance::follow_links
 //! [`Instance::refresh_tc_peers`]: crate::loader::Instance::refresh_tc_peers
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
 };
 
@@ -36,11 +39,13 @@ pub enum NeighbourNews {
 /// Subscribes and returns the watch, to be run as a task until `stop` (or until the
 /// receiver is dropped or the stream ends): each batch of events bumps the route
 /// generation once (counted in `route_changes`); a batch with link events, or with events
-/// lost, then has the attached veths' peer flags read again, with one more bump if any
-/// changed; neighbour changes go to the returned channel. The attached veths are read once
-/// as the watch starts too, for a move between their attach and the subscription.
+/// lost, then has the attached interfaces followed (attached again, peer flags read again;
+/// the status file at `config`'s daemon rewritten), with one more bump if any changed;
+/// neighbour changes go to the returned channel. The links are read once as the watch
+/// starts too, for a change between the attach and the subscription.
 pub fn watch(
     pin: PathBuf,
+    config: PathBuf,
     inst: SharedInstance,
     counters: Arc<DaemonCounters>,
     stop: CancellationToken,
@@ -59,8 +64,8 @@ pub fn watch(
         loop {
             // The flags are read per packet; the bump after a change makes every
             // connection's next packet take the full path with the new flags as well.
-            if links && refresh_tc_peers(&inst, &counters).await {
-                bump("veth peers moved");
+            if links && follow_links(&inst, &pin, &config, &counters).await {
+                bump("attached interfaces or veth peers changed");
             }
             let batch = tokio::select! {
                 biased;
@@ -91,16 +96,35 @@ pub fn watch(
     Ok((rx, task))
 }
 
-/// [`crate::loader::Instance::refresh_tc_peers`] off the event loop's thread; true if a
-/// flag changed. An error is logged and counted.
-async fn refresh_tc_peers(inst: &SharedInstance, counters: &DaemonCounters) -> bool {
-    let inst = inst.clone();
-    match super::blocking(move || Ok(super::lock(&inst).refresh_tc_peers()?)).await {
-        Ok(changed) => changed > 0,
-        Err(e) => {
+/// [`crate::loader::Instance::follow_links`] and then
+/// [`crate::loader::Instance::refresh_tc_peers`] off the event loop's thread; true if
+/// anything changed. Errors are logged and counted (an interface that could not be
+/// attached again is tried again at the next link event).
+async fn follow_links(inst: &SharedInstance, pin: &Path, config: &Path, counters: &Arc<DaemonCounters>) -> bool {
+    let (inst, pin, config, counters) = (inst.clone(), pin.to_path_buf(), config.to_path_buf(), counters.clone());
+    let work = move || {
+        let mut inst = super::lock(&inst);
+        let error = |what: &str, e: &dyn std::fmt::Display| {
             counters.errors.fetch_add(1, Ordering::Relaxed);
-            warn!("veth peer flags: {e:#}");
-            false
+            warn!("{what}: {e}");
+        };
+        let relinked = inst.follow_links().unwrap_or_else(|e| {
+            error("following the attached interfaces", &e);
+            1 // perhaps some were attached again
+        });
+        if relinked > 0
+            && let Err(e) = crate::status::write(&pin, &config, &inst)
+        {
+            error("status file", &e);
         }
-    }
+        let moved = inst.refresh_tc_peers().unwrap_or_else(|e| {
+            error("veth peer flags", &e);
+            0
+        });
+        Ok(relinked + moved > 0)
+    };
+    super::blocking(work).await.unwrap_or_else(|e| {
+        warn!("following links: {e:#}");
+        false
+    })
 }
