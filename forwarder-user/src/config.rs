@@ -252,6 +252,10 @@ pub struct Interface {
     pub name: String,
     pub xdp: XdpMode,
     pub redirect: RedirectMode,
+    /// The daemon starts and reloads while the device is missing, and attaches it when it
+    /// appears (a PPP, VPN or container device); otherwise a missing device refuses the
+    /// config.
+    pub optional: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -795,6 +799,8 @@ struct RawInterface {
     xdp: XdpMode,
     #[serde(default)]
     redirect: RedirectMode,
+    #[serde(default)]
+    optional: bool,
 }
 
 fn default_xdp() -> XdpMode {
@@ -1006,7 +1012,12 @@ impl Config {
             if !seen_if.insert(name.clone()) {
                 return Err(err(ri.name.span(), &field, format!("interface {name:?} is listed twice")));
             }
-            interfaces.push(Interface { name: name.clone(), xdp: ri.xdp, redirect: ri.redirect });
+            interfaces.push(Interface {
+                name: name.clone(),
+                xdp: ri.xdp,
+                redirect: ri.redirect,
+                optional: ri.optional,
+            });
         }
 
         let mut forwards = Vec::new();
@@ -1380,7 +1391,12 @@ fall = 2
         let c = Config::parse(CLASSIC).unwrap();
         assert_eq!(
             c.interfaces,
-            vec![Interface { name: "eth0".into(), xdp: XdpMode::Native, redirect: RedirectMode::Auto }]
+            vec![Interface {
+                name: "eth0".into(),
+                xdp: XdpMode::Native,
+                redirect: RedirectMode::Auto,
+                optional: false
+            }]
         );
         let f = &c.forwards[0];
         assert_eq!(f.listen, "0.0.0.0:3306".parse().unwrap());
@@ -1756,7 +1772,7 @@ address = "203.0.113.22:9000-9009"
         fast_path_outcomes(text)
     }
 
-    const PLAIN: &str = "[[interface]]\nname = \"eth0\"\nxdp = \"generic\"\nredirect = \"tc\"\n\n\
+    const PLAIN: &str = "[[interface]]\nname = \"eth0\"\nxdp = \"generic\"\nredirect = \"tc\"\noptional = true\n\n\
         [[forward]]\nname = \"web\"\nprotocol = \"tcp\"\nlisten = \"192.0.2.1:80\"\nbackend = \"203.0.113.1:8080\"\n\
         snat = \"198.51.100.7\"\nlocal = false\n\n\
         [[peer]]\naddress = \"198.51.100.20\"\ninterface = \"eth0\"\n\n\
@@ -1779,6 +1795,7 @@ address = "203.0.113.22:9000-9009"
             (OnForwardRemoved::Flush, 2, 16)
         );
         assert_eq!(c.interfaces[0].redirect, RedirectMode::Tc);
+        assert!(c.interfaces[0].optional);
     }
 
     #[test]
@@ -1814,6 +1831,9 @@ address = "203.0.113.22:9000-9009"
             ("redirect = \"tc\"", "redirect = \"xdp\"", true),
             ("redirect = \"tc\"", "redirect = \"auto\"", true),
             ("redirect = \"tc\"", "", true),
+            ("optional = true", "optional = false", true),
+            ("optional = true", "", true),
+            ("optional = true", "optional = \"yes\"", false),
             ("xdp = \"generic\"", "", true),
             ("max_entries = 1024", "max_entries = 1024 # entries", true),
             ("max_entries = 1024", "max_entries = 1024#entries", false),

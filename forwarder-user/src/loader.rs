@@ -104,6 +104,9 @@ pub struct Instance {
     pub adopted: bool,
     pub attached: Vec<Attached>,
     pub egress: BTreeSet<String>,
+    /// Interfaces that should have the TC egress program (set by each apply): one that
+    /// is missing gets it when it appears ([`Instance::follow_links`]).
+    pub egress_wanted: BTreeSet<String>,
     /// cgroup the local-forward hooks are attached to.
     pub local_cgroup: Option<PathBuf>,
     detach_on_drop: bool,
@@ -181,6 +184,7 @@ impl Instance {
             adopted,
             attached: Vec::new(),
             egress: BTreeSet::new(),
+            egress_wanted: BTreeSet::new(),
             local_cgroup: None,
             detach_on_drop: false,
         })
@@ -314,6 +318,21 @@ impl Instance {
         Ok(())
     }
 
+    /// Records an optional interface whose device is missing: it is attached when the
+    /// device appears ([`Instance::follow_links`]); `forwarder status` shows it with
+    /// ifindex 0 meanwhile.
+    pub fn defer(&mut self, iface: &Interface) {
+        info!(interface = %iface.name, "optional interface not present: attached when it appears");
+        self.attached.retain(|a| a.name != iface.name);
+        self.attached.push(Attached {
+            name: iface.name.clone(),
+            ifindex: 0,
+            xdp: iface.xdp,
+            xdp_egress: false,
+            config: iface.clone(),
+        });
+    }
+
     /// Follows the attached interfaces' devices: one that is gone (deleted, or moved to
     /// another namespace) loses its `FWD_IFACES` entry, as its programs went with it; a
     /// device that appears under an attached interface's name (a container's veth created
@@ -337,6 +356,7 @@ impl Instance {
             }
             let Some(ifindex) = now else {
                 warn!(interface = %a.name, was = a.ifindex, "interface gone: attached again when it appears");
+                self.egress.remove(&a.name);
                 if let Some(entry) = self.attached.iter_mut().find(|e| e.name == a.name) {
                     entry.ifindex = 0;
                 }
@@ -345,7 +365,7 @@ impl Instance {
             info!(interface = %a.name, was = a.ifindex, ifindex, "interface appeared again: attaching");
             let attached = self
                 .attach(&a.config)
-                .and_then(|()| if self.egress.contains(&a.name) { self.attach_egress(&a.name) } else { Ok(()) });
+                .and_then(|()| if self.egress_wanted.contains(&a.name) { self.attach_egress(&a.name) } else { Ok(()) });
             if let Err(e) = attached {
                 warn!(interface = %a.name, "attaching again: {e}");
                 failed.get_or_insert(e);

@@ -550,6 +550,38 @@ fn interface_created_again_is_attached_again() {
     assert!(!link.contains("xdp"), "{link}");
 }
 
+/// `optional = true`: the daemon starts while `rs` is missing (a required interface that is
+/// missing refuses the config), shows it with ifindex 0, and attaches it when it appears,
+/// as a PPP or VPN device comes up after the router's services.
+#[test]
+fn optional_interface_is_attached_when_it_appears() {
+    let chain = Chain::new().unwrap();
+    chain.router.ip(&["link", "del", "rs"]).unwrap();
+    let cfg = config("off", "tcp", "auto").replacen("name = \"rs\"\n", "name = \"rs\"\noptional = true\n", 1);
+    assert!(cfg.contains("optional = true"), "{cfg}");
+    let daemon = Daemon::start(&chain.router, &chain.tag, &cfg).unwrap();
+    let status = || -> serde_json::Value { serde_json::from_str(&daemon.cli(&["status", "--json"]).unwrap()).unwrap() };
+    let rs_index = || {
+        let s = status();
+        s["daemon"]["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == "rs").map(|rs| rs["ifindex"].clone())
+    };
+    assert_eq!(rs_index(), Some(0.into()), "{}", status());
+    assert!(daemon.log().contains("optional interface not present"), "{}", daemon.log());
+
+    create_rs(&chain);
+    let ifindex = chain.router.ifindex("rs").unwrap();
+    wait_until(&daemon, "rs is not attached", || rs_index() == Some(ifindex.into()));
+    let server = tcp_server(&chain, 1);
+    tcp_exchange(&chain, 100_000);
+    server.join().unwrap();
+    assert_eq!(forward_stats(&daemon)["new_connections"], 1, "{}", daemon.stats().unwrap());
+    assert!(
+        reason(&daemon, "redirect_tc") + reason(&daemon, "redirect_tc_flow_cache") > 0,
+        "{}",
+        daemon.stats().unwrap()
+    );
+}
+
 /// Waits up to 10 s for `done`; fails with `what` and the daemon's log.
 fn wait_until(daemon: &Daemon, what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

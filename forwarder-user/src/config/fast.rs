@@ -174,12 +174,13 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
     match table {
         Table::Top => (fields.is_empty()).then_some(()),
         Table::Interface => {
-            let (mut name, mut xdp, mut redirect) = (None, None, None);
+            let (mut name, mut xdp, mut redirect, mut optional) = (None, None, None, None);
             for (k, v) in &fields {
                 match *k {
                     "name" => name = Some(v.string()?),
                     "xdp" => xdp = Some(xdp_mode(v.str()?)?),
                     "redirect" => redirect = Some(redirect_mode(v.str()?)?),
+                    "optional" => optional = Some(v.bool()?),
                     _ => return None,
                 }
             }
@@ -187,6 +188,7 @@ fn finish(raw: &mut RawConfig, table: Table, fields: Fields) -> Option<()> {
                 name: name?,
                 xdp: xdp.unwrap_or_else(default_xdp),
                 redirect: redirect.unwrap_or_default(),
+                optional: optional.unwrap_or_default(),
             });
             Some(())
         }

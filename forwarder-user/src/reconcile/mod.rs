@@ -52,9 +52,11 @@ pub struct Source {
 /// their connections), peers, attachments. Everything that can be checked without
 /// changing anything is checked first.
 pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow::Result<()> {
-    for name in cfg.interfaces.iter().map(|i| &i.name).chain(cfg.peers.iter().map(|p| &p.interface)) {
+    let required = cfg.interfaces.iter().filter(|i| !i.optional).map(|i| &i.name);
+    for name in required.chain(cfg.peers.iter().map(|p| &p.interface)) {
         system::ifindex(name)?;
     }
+    let present = |name: &str| system::ifindex(name).is_ok();
     let cgroup = if cfg.forwards.iter().any(|f| f.local) {
         Some(
             cgroup
@@ -119,8 +121,10 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
             inst.detach_egress(&name);
         }
     }
-    for name in egress {
-        inst.attach_egress(&name)?;
+    inst.egress_wanted = egress.iter().cloned().collect();
+    // A missing (optional) interface gets it when it appears.
+    for name in egress.iter().filter(|name| present(name)) {
+        inst.attach_egress(name)?;
     }
     for gone in inst.pinned_interfaces() {
         if !cfg.interfaces.iter().any(|i| i.name == gone) {
@@ -128,7 +132,11 @@ pub fn apply(inst: &mut Instance, cfg: &Config, cgroup: Option<&Path>) -> anyhow
         }
     }
     for iface in &cfg.interfaces {
-        inst.attach(iface)?;
+        if iface.optional && !present(&iface.name) {
+            inst.defer(iface);
+        } else {
+            inst.attach(iface)?;
+        }
     }
     // Entries of interfaces that left the config, or of devices gone while no daemon ran
     // (a stale one would let XDP redirect into a device without forwarder's programs).
