@@ -252,6 +252,11 @@ pub fn render(s: &Status) -> String {
                 if d.adopted { ", adopted earlier state" } else { "" }
             );
             for i in &d.interfaces {
+                if i.ifindex == 0 {
+                    // Optional, or deleted: the daemon attaches it when it appears.
+                    let _ = writeln!(out, "interface {:<12} missing (attached when it appears)", i.name);
+                    continue;
+                }
                 let _ = writeln!(
                     out,
                     "interface {:<12} ifindex {:<4} xdp {:<8} xdp-redirect-into {}",

@@ -567,6 +567,8 @@ fn optional_interface_is_attached_when_it_appears() {
     };
     assert_eq!(rs_index(), Some(0.into()), "{}", status());
     assert!(daemon.log().contains("optional interface not present"), "{}", daemon.log());
+    let table = daemon.cli(&["status"]).unwrap();
+    assert!(table.contains("missing (attached when it appears)"), "{table}");
 
     create_rs(&chain);
     let ifindex = chain.router.ifindex("rs").unwrap();
