@@ -126,10 +126,17 @@ impl Daemon {
         Ok((d, socket))
     }
 
-    /// The next sd_notify message on `socket` (waits up to its read timeout).
+    /// The next sd_notify message on `socket` (waits up to its read timeout). A signal
+    /// delivered to the test process meanwhile (EINTR: std does not retry `recv`) is not
+    /// the end of the wait.
     pub fn next_notification(socket: &UnixDatagram) -> Result<String> {
         let mut buf = [0u8; 4096];
-        let n = socket.recv(&mut buf).context("no sd_notify message")?;
+        let n = loop {
+            match socket.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other.context("no sd_notify message")?,
+            }
+        };
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
