@@ -11,6 +11,7 @@ use forwarder_tests::{
     config::{forward, interface, router_interfaces},
     sockets::{plus_one_exchange, plus_one_server, serve_in, udp_bound},
     topo::{ROUTER_CLIENT_ADDR, ROUTER_SERVER_ADDR, SERVER_ADDR},
+    wait_for,
 };
 
 const BACKEND_PORT: u16 = 3197;
@@ -519,11 +520,13 @@ fn interface_created_again_is_attached_again() {
     assert!(flags(old).is_some());
 
     chain.router.ip(&["link", "del", "rs"]).unwrap();
-    wait_until(&daemon, "the deleted device's entry stays", || flags(old).is_none());
+    wait_for("the deleted device's entry to go", Duration::from_secs(10), || flags(old).is_none());
     create_rs(&chain);
     let new = chain.router.ifindex("rs").unwrap();
     assert_ne!(new, old);
-    wait_until(&daemon, "the new device is not attached", || attached_as(&daemon) == new && flags(new).is_some());
+    wait_for("the new device to be attached", Duration::from_secs(10), || {
+        attached_as(&daemon) == new && flags(new).is_some()
+    });
     let link = chain.router.ip(&["-d", "link", "show", "dev", "rs"]).unwrap();
     assert!(link.contains("xdpgeneric"), "{link}");
     tcp_exchange(&chain, 100_000);
@@ -545,7 +548,9 @@ fn interface_created_again_is_attached_again() {
     let rc_only = interface("rc", "generic")
         + &forward("classic", "tcp", format!("0.0.0.0:{LISTEN_PORT}"), format!("{SERVER_ADDR}:{BACKEND_PORT}"));
     daemon.replace_config(&rc_only).unwrap();
-    wait_until(&daemon, "the entry of an interface that left the config stays", || flags(newer).is_none());
+    wait_for("the entry of an interface that left the config to go", Duration::from_secs(10), || {
+        flags(newer).is_none()
+    });
     let link = chain.router.ip(&["-d", "link", "show", "dev", "rs"]).unwrap();
     assert!(!link.contains("xdp"), "{link}");
 }
@@ -572,7 +577,7 @@ fn optional_interface_is_attached_when_it_appears() {
 
     create_rs(&chain);
     let ifindex = chain.router.ifindex("rs").unwrap();
-    wait_until(&daemon, "rs is not attached", || rs_index() == Some(ifindex.into()));
+    wait_for("rs to be attached", Duration::from_secs(10), || rs_index() == Some(ifindex.into()));
     let server = tcp_server(&chain, 1);
     tcp_exchange(&chain, 100_000);
     server.join().unwrap();
@@ -582,15 +587,6 @@ fn optional_interface_is_attached_when_it_appears() {
         "{}",
         daemon.stats().unwrap()
     );
-}
-
-/// Waits up to 10 s for `done`; fails with `what` and the daemon's log.
-fn wait_until(daemon: &Daemon, what: &str, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what}:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Creates the router's `rs` and the server's `s0` as [`Chain::new`] does.
