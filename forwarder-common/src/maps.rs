@@ -74,6 +74,8 @@ pub const FWD_FLOW_CACHE6_TC: &str = "FWD_FLOW_CACHE6_TC";
 pub const FLOW_CACHE_BITS: u32 = 12;
 /// Slots of the flow cache per CPU (64 bytes each: 256 KiB per CPU).
 pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
+/// Slots of one bucket ([`flow_cache_bucket`]): a tuple may be cached in any of them.
+pub const FLOW_CACHE_WAYS: u32 = 4;
 /// Per-forward counters: forward id -> [`FwdStats`] (per-CPU array).
 pub const FWD_FWD_STATS: &str = "FWD_FWD_STATS";
 /// Per-reason packet counters: [`crate::Reason`] code -> u64 (per-CPU array).
@@ -703,16 +705,18 @@ pub fn next_hop_current(generation: u32, jiffies: u32, now_generation: u32, now:
     generation == now_generation && now.wrapping_sub(jiffies) < NH_MAX_AGE_JIFFIES
 }
 
-/// The first of the two slots (a bucket) where an IPv4 tuple (words as in
-/// [`FlowCacheSlot`]) may be cached; it is even, the other one follows. Two ways, so two
-/// flows that hash alike both stay cached; a third takes turns with the second. Collisions
-/// only cost a miss (the key is compared in full), so a sender that picks colliding tuples
-/// slows its own flows to the entry lookup, no more.
+/// The first of the [`FLOW_CACHE_WAYS`] slots (a bucket) where an IPv4 tuple (words as in
+/// [`FlowCacheSlot`]) may be cached; a multiple of the ways, the others follow. Four ways,
+/// so four flows that hash alike all stay cached; a fifth takes turns with the last (with
+/// two ways, 1024 flows left 5-8% of their packets to the entry lookup, as a third flow of
+/// a bucket and the one it displaced took turns). Collisions only cost a miss (the key is
+/// compared in full), so a sender that picks colliding tuples slows its own flows to the
+/// entry lookup, no more.
 #[inline(always)]
 pub fn flow_cache_bucket(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
     // Every input bit reaches the index bits.
     let h = src ^ dst.rotate_left(16) ^ ports.wrapping_mul(0x9e37_79b1) ^ proto as u32;
-    crate::maglev::fmix32(h) & (FLOW_CACHE_SLOTS - 2)
+    crate::maglev::fmix32(h) & (FLOW_CACHE_SLOTS - FLOW_CACHE_WAYS)
 }
 
 /// [`CtValue`] of versions before the next-hop cache (map [`FWD_CT`]), read
@@ -1141,17 +1145,18 @@ mod tests {
     fn flow_cache_buckets_spread_consecutive_ports() {
         let word = |b: [u8; 4]| u32::from_ne_bytes(b);
         let (src, dst) = (word([192, 0, 2, 2]), word([203, 0, 113, 20]));
-        let mut per_bucket = [0u32; FLOW_CACHE_SLOTS as usize / 2];
+        const WAYS: usize = FLOW_CACHE_WAYS as usize;
+        let mut per_bucket = [0u32; FLOW_CACHE_SLOTS as usize / WAYS];
         for port in 20_000u16..21_024 {
             let [a, b] = port.to_be_bytes();
             let first = flow_cache_bucket(src, dst, word([a, b, 0x0c, 0xea]), 17);
-            assert!(first.is_multiple_of(2) && first + 1 < FLOW_CACHE_SLOTS);
-            per_bucket[first as usize / 2] += 1;
+            assert!(first.is_multiple_of(FLOW_CACHE_WAYS) && first + FLOW_CACHE_WAYS <= FLOW_CACHE_SLOTS);
+            per_bucket[first as usize / WAYS] += 1;
         }
-        // A random function leaves 2048 * P(Poisson(1/2) > 2) = 29 buckets with a third
+        // A random function leaves 1024 * P(Poisson(1) > 4) = 3.7 buckets with a fifth
         // flow on average (the flows that take turns).
-        let crowded = per_bucket.iter().filter(|n| **n > 2).count();
-        assert!(crowded < 60, "{crowded} buckets with more than two of 1024 flows");
+        let crowded = per_bucket.iter().filter(|n| **n > 4).count();
+        assert!(crowded < 12, "{crowded} buckets with more than four of 1024 flows");
     }
 
     #[test]
@@ -1183,18 +1188,19 @@ mod tests {
     #[test]
     fn ipv6_flow_cache_buckets_spread() {
         let (src, dst) = ([0x0db8_0120, 0, 0, 0x0200_0000], [0x0db8_0120, 0, 0, 0x2000_0000]);
-        let mut per_bucket = [0u32; FLOW_CACHE_SLOTS as usize / 2];
+        const WAYS: usize = FLOW_CACHE_WAYS as usize;
+        let mut per_bucket = [0u32; FLOW_CACHE_SLOTS as usize / WAYS];
         for port in 20_000u16..21_024 {
             let [a, b] = port.to_be_bytes();
             let first = flow_cache_bucket6(&src, &dst, u32::from_ne_bytes([a, b, 0x1b, 0x58]), 17);
-            assert!(first.is_multiple_of(2) && first + 1 < FLOW_CACHE_SLOTS);
-            per_bucket[first as usize / 2] += 1;
+            assert!(first.is_multiple_of(FLOW_CACHE_WAYS) && first + FLOW_CACHE_WAYS <= FLOW_CACHE_SLOTS);
+            per_bucket[first as usize / WAYS] += 1;
         }
-        let crowded = per_bucket.iter().filter(|n| **n > 2).count();
-        assert!(crowded < 60, "{crowded} buckets with more than two of 1024 flows");
-        let mut seen = [false; FLOW_CACHE_SLOTS as usize / 2];
+        let crowded = per_bucket.iter().filter(|n| **n > 4).count();
+        assert!(crowded < 12, "{crowded} buckets with more than four of 1024 flows");
+        let mut seen = [false; FLOW_CACHE_SLOTS as usize / FLOW_CACHE_WAYS as usize];
         for hi in 0..64u32 {
-            seen[flow_cache_bucket6(&[hi, 0, 0, 1], &dst, 7, 17) as usize / 2] = true;
+            seen[(flow_cache_bucket6(&[hi, 0, 0, 1], &dst, 7, 17) / FLOW_CACHE_WAYS) as usize] = true;
         }
         let distinct = seen.iter().filter(|b| **b).count();
         assert!(distinct > 48, "{distinct} buckets for 64 prefixes");

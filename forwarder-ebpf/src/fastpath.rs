@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use forwarder_common::{
-    CT_DIR_REPLY, CtValue, FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
+    CT_DIR_REPLY, CtValue, FLOW_CACHE_WAYS, FWD_FLAG_INGRESS, FlowCacheSlot, PROTO_TCP, PROTO_UDP, Reason,
     conntrack::{
         CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, TCP_FIN, TCP_RST, TCP_SYN, UDP_UNREPLIED, segment_end, seq_after,
         tcp_keeps_state,
@@ -246,12 +246,9 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
-    let first = flow_cache_bucket(src, dst, ports, proto);
-    let (Some(s0), Some(s1)) = (cache.get_ptr_mut(first), cache.get_ptr_mut(first + 1)) else {
+    let Some([s0, s1, s2, s3]) = bucket(cache, flow_cache_bucket(src, dst, ports, proto)) else {
         return Ok(Hit::Full);
     };
-    // SAFETY: per-CPU slots, used by one program run at a time.
-    let (s0, s1) = unsafe { (&mut *s0, &mut *s1) };
     let serves = |s: &FlowCacheSlot| {
         s.holds(src, dst, ports, proto)
             && s.current(generation, now)
@@ -265,6 +262,12 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         }
         if serves(s1) {
             return Ok(Hit::Slot(s1, cache_reason));
+        }
+        if serves(s2) {
+            return Ok(Hit::Slot(s2, cache_reason));
+        }
+        if serves(s3) {
+            return Ok(Hit::Slot(s3, cache_reason));
         }
     }
 
@@ -314,9 +317,18 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         entry.seq_end = h.seq_end;
         entry.flags |= CT_SEQ_KNOWN;
     }
-    // The first slot unless it holds another flow's current copy: two flows of a bucket
-    // both stay, a third takes turns in the second slot.
-    let slot = if s0.free_for(src, dst, ports, proto, generation, now) { s0 } else { s1 };
+    // The first slot that holds no other flow's current copy: four flows of a bucket all
+    // stay, a fifth takes turns in the last slot.
+    let free = |s: &FlowCacheSlot| s.free_for(src, dst, ports, proto, generation, now);
+    let slot = if free(s0) {
+        s0
+    } else if free(s1) {
+        s1
+    } else if free(s2) {
+        s2
+    } else {
+        s3
+    };
     // The slot, field by field and arrays byte by byte: a struct or array copy would be a
     // call to a byte-loop memmove.
     let (a, b) = (&entry.new_src_addr, &entry.new_dst_addr);
@@ -357,6 +369,22 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         return Ok(Hit::Full);
     }
     Ok(Hit::Slot(slot, entry_reason))
+}
+
+/// The [`FLOW_CACHE_WAYS`] slots of the bucket that starts at `first` (IPv4 or IPv6).
+#[inline(always)]
+pub(crate) fn bucket<T>(cache: &'static PerCpuArray<T>, first: u32) -> Option<[&'static mut T; 4]> {
+    const _: () = assert!(FLOW_CACHE_WAYS == 4);
+    let (Some(a), Some(b), Some(c), Some(d)) = (
+        cache.get_ptr_mut(first),
+        cache.get_ptr_mut(first + 1),
+        cache.get_ptr_mut(first + 2),
+        cache.get_ptr_mut(first + 3),
+    ) else {
+        return None;
+    };
+    // SAFETY: distinct per-CPU slots, used by one program run at a time.
+    Some(unsafe { [&mut *a, &mut *b, &mut *c, &mut *d] })
 }
 
 /// Whether the packet would move its connection's state (the full path's conntrack::track

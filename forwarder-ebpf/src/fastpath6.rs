@@ -27,8 +27,8 @@ use crate::{
     conntrack::route_generation,
     ctx::{Packet, read, read_words, write},
     fastpath::{
-        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, moves_state_of, segment_len,
-        tc_gso_size, wsum_diff,
+        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, bucket, moves_state_of,
+        segment_len, tc_gso_size, wsum_diff,
     },
     maps::{FWD_CT_V4, FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6, addr_bytes, addr_words},
@@ -153,12 +153,9 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
-    let first = flow_cache_bucket6(&h.src, &h.dst, ports, proto);
-    let (Some(s0), Some(s1)) = (cache.get_ptr_mut(first), cache.get_ptr_mut(first + 1)) else {
+    let Some([s0, s1, s2, s3]) = bucket(cache, flow_cache_bucket6(&h.src, &h.dst, ports, proto)) else {
         return Found::Code(NOT_CACHED_FULL);
     };
-    // SAFETY: per-CPU slots, used by one program run at a time.
-    let (s0, s1) = unsafe { (&mut *s0, &mut *s1) };
     let serves = |s: &FlowCacheSlot6| {
         s.holds(&h.src, &h.dst, ports, proto)
             && s.current(generation, now)
@@ -173,28 +170,43 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
         if serves(s1) {
             return Found::Slot(s1, cache_reason);
         }
+        if serves(s2) {
+            return Found::Slot(s2, cache_reason);
+        }
+        if serves(s3) {
+            return Found::Slot(s3, cache_reason);
+        }
     }
     // TC: a SYN, FIN or RST always takes the full path (see fastpath's `find`).
     if TC && proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return Found::Code(NOT_CACHED_FULL);
     }
-    match fill6::<TC>(h, s0, s1, (generation as u64) << 32 | now as u64) {
-        FILLED_FIRST => Found::Slot(s0, entry_reason),
-        FILLED_SECOND => Found::Slot(s1, entry_reason),
+    // As IPv4's: the first slot that holds no other flow's current copy, else the last.
+    let free = |s: &FlowCacheSlot6| s.free_for(&h.src, &h.dst, ports, proto, generation, now);
+    let slot = if free(s0) {
+        s0
+    } else if free(s1) {
+        s1
+    } else if free(s2) {
+        s2
+    } else {
+        s3
+    };
+    match fill6::<TC>(h, slot, (generation as u64) << 32 | now as u64) {
+        FILLED => Found::Slot(slot, entry_reason),
         code => Found::Code(code),
     }
 }
 
-/// [`fill6`]'s answers beside the `NOT_CACHED_*` codes: which slot it filled.
-const FILLED_FIRST: u32 = 8;
-const FILLED_SECOND: u32 = 9;
+/// [`fill6`]'s answer beside the `NOT_CACHED_*` codes: it filled the slot.
+const FILLED: u32 = 8;
 
-/// The entry tier: the connection's entry, when its next hop is current, refills one of the
-/// bucket's slots (`s0` unless it holds another flow's current copy). Out of line: the
+/// The entry tier: the connection's entry, when its next hop is current, refills `slot`
+/// (the bucket's one [`find6`] chose). Out of line: the
 /// connection key and the copy would take the fast path's frame past the stack's 512
 /// bytes. `clock`: the route generation (high word) and jiffies (low word).
 #[inline(never)]
-fn fill6<const TC: bool>(h: &Headers6, s0: &mut FlowCacheSlot6, s1: &mut FlowCacheSlot6, clock: u64) -> u32 {
+fn fill6<const TC: bool>(h: &Headers6, slot: &mut FlowCacheSlot6, clock: u64) -> u32 {
     let (generation, now) = ((clock >> 32) as u32, clock as u32);
     let (ports, proto) = (h.ports, h.proto);
     let p = ports.to_ne_bytes();
@@ -246,9 +258,6 @@ fn fill6<const TC: bool>(h: &Headers6, s0: &mut FlowCacheSlot6, s1: &mut FlowCac
         entry.seq_end = h.seq_end;
         entry.flags |= CT_SEQ_KNOWN;
     }
-    // As IPv4's: the first slot unless it holds another flow's current copy.
-    let first = s0.free_for(&h.src, &h.dst, ports, proto, generation, now);
-    let slot = if first { s0 } else { s1 };
     let (sp, dp) = (entry.new_src_port_be.to_ne_bytes(), entry.new_dst_port_be.to_ne_bytes());
     slot.src = h.src;
     slot.dst = h.dst;
@@ -282,7 +291,7 @@ fn fill6<const TC: bool>(h: &Headers6, s0: &mut FlowCacheSlot6, s1: &mut FlowCac
         slot.ifindex = 0;
         return NOT_CACHED_FULL;
     }
-    if first { FILLED_FIRST } else { FILLED_SECOND }
+    FILLED
 }
 
 /// The IPv6 XDP fast path in its own frame: as fastpath::try_cached_out_of_line.

@@ -302,8 +302,8 @@ fn tcp_states(fx: &Fixture, client_port: u16) -> (u8, u8) {
     (o.state, r.state)
 }
 
-/// Flows whose tuples fall into the same flow cache bucket (two slots) each keep their own
-/// rewrite: two of them both stay cached, a third takes turns with the second.
+/// Flows whose tuples fall into the same flow cache bucket (four slots) each keep their own
+/// rewrite: four of them all stay cached, a fifth takes turns with the fourth.
 #[test]
 fn flows_sharing_a_flow_cache_bucket_keep_their_own_rewrite() {
     with_fixture(CONFIG, |fx| {
@@ -313,26 +313,34 @@ fn flows_sharing_a_flow_cache_bucket_keep_their_own_rewrite() {
             flow_cache_bucket(word(CLIENT), word(ROUTER_IN), word([a, b, c, d]), 17)
         };
         let first = 7000u16;
-        let mut same = (first + 1..u16::MAX).filter(|p| bucket(*p) == bucket(first));
-        let (second, third) = (same.next().expect("a colliding port"), same.next().expect("another"));
+        let same: Vec<u16> = (first + 1..u16::MAX).filter(|p| bucket(*p) == bucket(first)).take(4).collect();
+        assert_eq!(same.len(), 4, "colliding ports");
         let query = |port: u16| udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, port, 53, b"q");
-        let (qa, qb, qc) = (query(first), query(second), query(third));
+        let flows: Vec<Vec<u8>> = [first].iter().chain(&same).map(|p| query(*p)).collect();
         let port_of = |f: &[u8]| check(&fx.xdp(f, fx.v0).1).5;
         let tiers = |fx: &Fixture| (fx.reason(Reason::RedirectXdpCached), fx.reason(Reason::RedirectXdpFlowCache));
         // New flows (full path), then each from its entry into a slot of the bucket.
-        let (pa, pb, pc) = (port_of(&qa), port_of(&qb), port_of(&qc));
-        assert!(pa != pb && pb != pc && pa != pc);
-        assert_eq!((port_of(&qa), port_of(&qb)), (pa, pb));
-        assert_eq!(tiers(fx), (2, 0));
-        for _ in 0..3 {
-            assert_eq!((port_of(&qa), port_of(&qb)), (pa, pb));
+        let ports: Vec<u16> = flows.iter().map(|f| port_of(f)).collect();
+        let mut distinct = ports.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 5, "{ports:?}");
+        let four = &flows[..4];
+        for (f, p) in four.iter().zip(&ports) {
+            assert_eq!(port_of(f), *p);
         }
-        assert_eq!(tiers(fx), (2, 6), "two flows of a bucket both stay cached");
-        assert_eq!(port_of(&qc), pc);
-        assert_eq!((port_of(&qa), port_of(&qc)), (pa, pc));
-        assert_eq!(tiers(fx), (3, 8), "the third took the second slot; the first kept its own");
-        assert_eq!(port_of(&qb), pb);
-        assert_eq!(tiers(fx), (4, 8), "the second, displaced, from its entry");
+        assert_eq!(tiers(fx), (4, 0));
+        for _ in 0..3 {
+            for (f, p) in four.iter().zip(&ports) {
+                assert_eq!(port_of(f), *p);
+            }
+        }
+        assert_eq!(tiers(fx), (4, 12), "four flows of a bucket all stay cached");
+        assert_eq!(port_of(&flows[4]), ports[4]);
+        assert_eq!((port_of(&flows[0]), port_of(&flows[4])), (ports[0], ports[4]));
+        assert_eq!(tiers(fx), (5, 14), "the fifth took the last slot; the first kept its own");
+        assert_eq!(port_of(&flows[3]), ports[3]);
+        assert_eq!(tiers(fx), (6, 14), "the fourth, displaced, from its entry");
     });
 }
 
