@@ -18,13 +18,15 @@
 //!
 //! XDP and TC differ in three ways. XDP writes the packet directly with the combined
 //! deltas, and leaves a locally sent segment whose checksum is still a CHECKSUM_PARTIAL
-//! seed to TC; TC rewrites through the skb helpers, which keep CHECKSUM_PARTIAL and
-//! CHECKSUM_COMPLETE skbs right, and measures a GSO packet by its segments. XDP uses only
+//! seed to TC; TC writes directly too when the skb's checksums were verified
+//! (CHECKSUM_UNNECESSARY), and otherwise through the skb helpers, which keep
+//! CHECKSUM_PARTIAL and CHECKSUM_COMPLETE skbs right; it measures a GSO packet by its
+//! segments. XDP uses only
 //! next hops its redirect can reach (`CT_NH_XDP`); TC any. Each has its own flow cache.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_jiffies64,
+    bindings::{BPF_CSUM_LEVEL_QUERY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_csum_level, bpf_jiffies64},
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
 };
@@ -411,7 +413,7 @@ pub(crate) fn moves_state_of(entry: &CtValue, proto: u8, tcp_flags: u8) -> bool 
 fn send_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
     // The packet was read up to past every offset written, so this cannot fail; were it to,
     // a half-rewritten packet must not go on.
-    if rewrite_xdp(ctx, h, s).is_err() {
+    if rewrite_direct(ctx, h, s).is_err() {
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
@@ -419,8 +421,10 @@ fn send_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Ou
     Ok((action as i32, how))
 }
 
+/// The rewrite by direct writes with the slot's combined checksum deltas (RFC 1624): XDP's,
+/// and TC's for an skb whose checksums are full ones (see [`checksum_verified`]).
 #[inline(always)]
-fn rewrite_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
+fn rewrite_direct<P: Packet>(ctx: &P, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
     if !h.no_udp_check() {
         let mut c = apply_delta(h.l4_check, s.l4_delta);
         if h.proto == PROTO_UDP && c == 0 {
@@ -442,11 +446,24 @@ fn rewrite_xdp(ctx: &XdpContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), R
 #[inline(always)]
 fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outcome {
     // A helper that fails may have written part of the packet: it must not go on.
-    if rewrite_tc(ctx, h, s).is_err() {
+    let rewritten = if checksum_verified(ctx) { rewrite_direct(ctx, h, s) } else { rewrite_tc(ctx, h, s) };
+    if rewritten.is_err() {
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
     Ok((crate::route::tc_redirect(s.ifindex), how))
+}
+
+/// Whether the skb is CHECKSUM_UNNECESSARY: its checksums were verified and are full ones
+/// in the packet, and nothing in the skb follows the packet's bytes (no CHECKSUM_PARTIAL
+/// seed whose rest the device adds, no CHECKSUM_COMPLETE sum), so the direct writes that
+/// keep them valid are all it takes, without four helper calls. What a NIC verified
+/// arrives so; a locally sent segment (CHECKSUM_PARTIAL), a GRO packet (likewise), a
+/// CHECKSUM_COMPLETE one and an unverified one take the helpers.
+#[inline(always)]
+pub(crate) fn checksum_verified(ctx: &TcContext) -> bool {
+    // SAFETY: a helper that only reads the skb's checksum state.
+    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_QUERY as u64) >= 0 }
 }
 
 /// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no

@@ -27,8 +27,8 @@ use crate::{
     conntrack::route_generation,
     ctx::{Packet, read, read_words, write},
     fastpath::{
-        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, bucket, moves_state_of,
-        segment_len, tc_gso_size, wsum_diff,
+        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, bucket, checksum_verified,
+        moves_state_of, segment_len, tc_gso_size, wsum_diff,
     },
     maps::{FWD_CT_V4, FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_TX_PORTS},
     parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6, addr_bytes, addr_words},
@@ -334,7 +334,7 @@ fn macs(s: &FlowCacheSlot6) -> [u8; 12] {
 
 #[inline(always)]
 fn send_xdp(ctx: &XdpContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> Outcome {
-    if rewrite_xdp(ctx, h, s).is_err() {
+    if rewrite_direct(ctx, h, s).is_err() {
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);
@@ -342,8 +342,9 @@ fn send_xdp(ctx: &XdpContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> 
     Ok((action as i32, how))
 }
 
+/// XDP's rewrite, and TC's for a verified skb (fastpath::checksum_verified).
 #[inline(always)]
-fn rewrite_xdp(ctx: &XdpContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), Reason> {
+fn rewrite_direct<P: Packet>(ctx: &P, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), Reason> {
     let mut c = apply_delta(h.l4_check, s.l4_delta);
     if h.proto == PROTO_UDP && c == 0 {
         c = 0xffff;
@@ -363,7 +364,8 @@ fn rewrite_xdp(ctx: &XdpContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(),
 
 #[inline(always)]
 fn send_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> Outcome {
-    if rewrite_tc(ctx, h, s).is_err() {
+    let rewritten = if checksum_verified(ctx) { rewrite_direct(ctx, h, s) } else { rewrite_tc(ctx, h, s) };
+    if rewritten.is_err() {
         return Err(Reason::RewriteFailed);
     }
     stats::count_forwarded(s.forward_id, s.backend as u32, h.tot_len as u16);

@@ -405,3 +405,51 @@ pub fn icmp_checksum_ok(frame: &[u8]) -> bool {
         fold(sum_words(&frame[34..14 + len])) == 0xffff
     }
 }
+
+/// What a TCP/UDP frame's checksums say (IPv4 without options, IPv6 without extension
+/// headers; see [`wire_checksums`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireChecksums {
+    /// The IPv4 header checksum is valid (always for IPv6).
+    pub ip_header_ok: bool,
+    /// The L4 checksum is valid over pseudo header and segment (an IPv4 UDP datagram
+    /// without checksum counts as valid).
+    pub l4_ok: bool,
+    /// The L4 checksum field holds the pseudo header's folded sum: a CHECKSUM_PARTIAL seed,
+    /// for the device to add the segment's sum to.
+    pub l4_is_seed: bool,
+}
+
+/// The checksums of an IPv4 or IPv6 TCP/UDP frame as captured, with the tests' own
+/// arithmetic; `None` for any other frame or one shorter than its IP length.
+pub fn wire_checksums(frame: &[u8]) -> Option<WireChecksums> {
+    let v6 = match ether_type(frame)? {
+        [0x08, 0x00] => false,
+        [0x86, 0xdd] => true,
+        _ => return None,
+    };
+    let (proto, l4_at, end, ip_header_ok) = if v6 {
+        let payload = u16::from_be_bytes([*frame.get(18)?, *frame.get(19)?]) as usize;
+        (*frame.get(20)?, 54, 54 + payload, true)
+    } else {
+        if *frame.get(14)? != 0x45 {
+            return None;
+        }
+        let total = u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]) as usize;
+        (*frame.get(23)?, 34, 14 + total, ipv4_header_ok(frame.get(14..34)?))
+    };
+    let check_at = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    let l4 = frame.get(l4_at..end)?;
+    let check = u16::from_be_bytes([*l4.get(check_at)?, *l4.get(check_at + 1)?]);
+    let addrs = if v6 { &frame[22..54] } else { &frame[26..34] };
+    let pseudo = sum_words(addrs) + proto as u64 + l4.len() as u64;
+    Some(WireChecksums {
+        ip_header_ok,
+        l4_ok: (!v6 && proto == 17 && check == 0) || fold(pseudo + sum_words(l4)) == 0xffff,
+        l4_is_seed: check == fold(pseudo),
+    })
+}

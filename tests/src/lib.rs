@@ -2,6 +2,7 @@
 //! by veth pairs with documentation addresses, created per test with unique names and
 //! removed on every exit path (Drop guards run on panics too).
 
+pub mod capture;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
