@@ -14,6 +14,22 @@ pub fn router_interfaces(xdp: &str) -> String {
     interface(crate::topo::ROUTER_CLIENT_DEV, xdp) + &interface(crate::topo::ROUTER_SERVER_DEV, xdp)
 }
 
+/// The router of [`crate::topo::Line`]: `rc` and `rm` with `xdp`, and a TCP and a UDP
+/// forward per family to the server (tcp4/tcp6 :3306 → :3197, udp4/udp6 :5353 → :5353),
+/// with the default SNAT.
+pub fn line_config(xdp: &str) -> String {
+    let mut c = interface("rc", xdp) + &interface("rm", xdp);
+    for (name, protocol, listen, backend) in [
+        ("tcp4", "tcp", "0.0.0.0:3306", "203.0.113.20:3197"),
+        ("tcp6", "tcp", "[::]:3306", "[2001:db8:2::20]:3197"),
+        ("udp4", "udp", "0.0.0.0:5353", "203.0.113.20:5353"),
+        ("udp6", "udp", "[::]:5353", "[2001:db8:2::20]:5353"),
+    ] {
+        c += &forward(name, protocol, listen, backend);
+    }
+    c
+}
+
 /// A `[[forward]]` table: `protocol` (tcp or udp) from `listen` to `backend`, with the
 /// default SNAT; append `snat = "..."` and the like for others.
 pub fn forward(name: &str, protocol: &str, listen: impl Display, backend: impl Display) -> String {

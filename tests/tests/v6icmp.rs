@@ -8,43 +8,10 @@ use std::{
 
 use forwarder_tests::{
     Daemon, Netns,
+    config::line_config,
     sockets::{tcp_sink, upload_to_sink},
     topo::{LINE_ROUTER_V6, LINE_SERVER_V6, Line},
 };
-
-const CONFIG: &str = r#"
-[[interface]]
-name = "rc"
-xdp = "native"
-
-[[interface]]
-name = "rm"
-xdp = "native"
-
-[[forward]]
-name = "tcp4"
-protocol = "tcp"
-listen = "0.0.0.0:3306"
-backend = "203.0.113.20:3197"
-
-[[forward]]
-name = "tcp6"
-protocol = "tcp"
-listen = "[::]:3306"
-backend = "[2001:db8:2::20]:3197"
-
-[[forward]]
-name = "udp4"
-protocol = "udp"
-listen = "0.0.0.0:5353"
-backend = "203.0.113.20:5353"
-
-[[forward]]
-name = "udp6"
-protocol = "udp"
-listen = "[::]:5353"
-backend = "[2001:db8:2::20]:5353"
-"#;
 
 /// A TCP sink in `ns` on `addr` for `conns` connections (see [`tcp_sink`]).
 fn sink(ns: &Netns, addr: &str, conns: usize) -> std::thread::JoinHandle<Vec<(SocketAddr, usize)>> {
@@ -60,7 +27,7 @@ fn upload(ns: &Netns, to: &str, n: usize) -> usize {
 #[test]
 fn ipv6_tcp_forward_and_local_ipv6() {
     let line = Line::new(1500).unwrap();
-    let d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let d = Daemon::start(&line.router, &line.tag, &line_config("native")).unwrap();
     let server = sink(&line.server, "[2001:db8:2::20]:3197", 2);
     assert_eq!(upload(&line.client, "[2001:db8:1::1]:3306", 300_000), 300_000);
     // A program on the router dialling [::1]:3306 reaches the IPv6 backend too.
@@ -90,7 +57,7 @@ fn ipv6_tcp_forward_and_local_ipv6() {
 #[test]
 fn path_mtu_discovery_works_through_the_forwarder() {
     let line = Line::new(1280).unwrap();
-    let d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let d = Daemon::start(&line.router, &line.tag, &line_config("native")).unwrap();
     let server4 = sink(&line.server, "203.0.113.20:3197", 1);
     assert_eq!(upload(&line.client, "192.0.2.1:3306", 1_000_000), 1_000_000);
     server4.join().unwrap();
@@ -112,7 +79,7 @@ fn path_mtu_discovery_works_through_the_forwarder() {
 #[test]
 fn ttl_expiry_beyond_the_forwarder_returns_a_translated_error() {
     let line = Line::new(1500).unwrap();
-    let d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let d = Daemon::start(&line.router, &line.tag, &line_config("native")).unwrap();
     for (to, v6) in [("192.0.2.1:5353", false), ("[2001:db8:1::1]:5353", true)] {
         let err = line
             .client
@@ -151,7 +118,7 @@ fn ttl_expiry_beyond_the_forwarder_returns_a_translated_error() {
 #[test]
 fn ping_to_a_listen_address_is_answered_by_the_host() {
     let line = Line::new(1500).unwrap();
-    let _d = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let _d = Daemon::start(&line.router, &line.tag, &line_config("native")).unwrap();
     for to in ["192.0.2.1", "2001:db8:1::1"] {
         let out = line.client.cmd("ping").args(["-n", "-c", "2", "-i", "0.2", "-W", "2", to]).output().unwrap();
         assert!(out.status.success(), "{to}: {}", String::from_utf8_lossy(&out.stdout));

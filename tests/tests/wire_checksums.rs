@@ -13,44 +13,11 @@ use std::{net::UdpSocket, time::Duration};
 use forwarder_tests::{
     Daemon,
     capture::{Capture, Frame},
+    config::line_config,
     frames::wire_checksums,
     sockets::{serve_in, tcp_sink, upload_to_sink},
     topo::Line,
 };
-
-const CONFIG: &str = r#"
-[[interface]]
-name = "rc"
-xdp = "off"
-
-[[interface]]
-name = "rm"
-xdp = "off"
-
-[[forward]]
-name = "tcp4"
-protocol = "tcp"
-listen = "0.0.0.0:3306"
-backend = "203.0.113.20:3197"
-
-[[forward]]
-name = "tcp6"
-protocol = "tcp"
-listen = "[::]:3306"
-backend = "[2001:db8:2::20]:3197"
-
-[[forward]]
-name = "udp4"
-protocol = "udp"
-listen = "0.0.0.0:5353"
-backend = "203.0.113.20:5353"
-
-[[forward]]
-name = "udp6"
-protocol = "udp"
-listen = "[::]:5353"
-backend = "[2001:db8:2::20]:5353"
-"#;
 
 const DATAGRAMS: usize = 200;
 const UPLOAD: usize = 400_000;
@@ -125,7 +92,7 @@ fn tc_rewrites_leave_valid_checksums_on_the_wire() {
     // checksum offload off turns off too): mid's forwarded replies as well.
     line.mid.sh("ethtool -K mr tx off >/dev/null").unwrap();
     line.router.sh("ethtool -K rc gro on >/dev/null && ethtool -K rm gro on >/dev/null").unwrap();
-    let daemon = Daemon::start(&line.router, &line.tag, CONFIG).unwrap();
+    let daemon = Daemon::start(&line.router, &line.tag, &line_config("off")).unwrap();
 
     // What the router sends towards the server (mid's side of the link) and back to the
     // client.
