@@ -1,18 +1,19 @@
-//! The address/port rewrite of a packet with its checksums, once for XDP (direct writes,
-//! RFC 1624 incremental updates) and once for TC (kernel helpers, which also know about
-//! checksum offload state). IPv4 and IPv6; IPv6 has no header checksum, and its addresses
+//! The address/port rewrite of a packet with its checksums, once by direct writes (RFC 1624
+//! incremental updates: XDP, and TC for a verified skb) and once through the kernel's skb
+//! helpers (TC), which also know about checksum offload state. IPv4 and IPv6; IPv6 has no header checksum, and its addresses
 //! enter the L4 pseudo header with all 16 bytes.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::{TcContext, XdpContext},
+    programs::TcContext,
 };
 use forwarder_common::{PROTO_UDP, Reason, csum::update};
 
 use crate::{
     conntrack::Tuple,
     csum::sum_addr,
-    ctx::{read, write},
+    ctx::{Packet, read, write},
+    fastpath::checksum_verified,
     parse::{
         FRAG_LATER, FRAG_NONE, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF,
         IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF,
@@ -31,10 +32,12 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 }
 
 /// Rewrites addresses and ports to `new` and, when `dec_ttl`, decrements the TTL / hop
-/// limit (the packet is being forwarded by us rather than the stack). Never a fragment:
-/// XDP hands those to TC.
+/// limit (the packet is being forwarded by us rather than the stack), by direct writes and
+/// incremental checksum updates: XDP's rewrite, and TC's for a verified skb
+/// (fastpath::checksum_verified). Never a fragment: XDP hands those to TC, and TC rewrites
+/// them through the helpers.
 #[inline(always)]
-pub fn rewrite_xdp(ctx: &XdpContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
+pub fn rewrite_direct<P: Packet>(ctx: &P, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
     let v6 = flow.is_v6();
     let old_addrs = sum_addr(&flow.src, v6) + sum_addr(&flow.dst, v6);
     let new_addrs = sum_addr(&new.src, v6) + sum_addr(&new.dst, v6);
@@ -134,12 +137,17 @@ pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result
         .map_err(|_| Reason::RewriteFailed)
 }
 
-/// TC variant of [`rewrite_xdp`], through the skb helpers. A first fragment is rewritten
-/// like a whole packet: its L4 checksum covers the whole datagram, and the change of the
-/// words replaced is the same. A later fragment has no L4 header: its addresses only (and
-/// the IPv4 header checksum). A fragment rewritten is counted as `FragmentTranslated`.
+/// TC's rewrite: [`rewrite_direct`] for a whole packet whose checksums were verified, else
+/// through the skb helpers, which keep a CHECKSUM_PARTIAL seed and a CHECKSUM_COMPLETE sum
+/// right. A first fragment is rewritten like a whole packet: its L4 checksum covers the
+/// whole datagram, and the change of the words replaced is the same. A later fragment has
+/// no L4 header: its addresses only (and the IPv4 header checksum). A fragment rewritten is
+/// counted as `FragmentTranslated`.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
+    if flow.frag == FRAG_NONE && checksum_verified(ctx) {
+        return rewrite_direct(ctx, flow, new, dec_ttl);
+    }
     let v6 = flow.is_v6();
     let l4_check = flow.l4_check_off();
     let has_l4 = flow.frag != FRAG_LATER;

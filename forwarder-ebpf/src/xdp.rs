@@ -91,7 +91,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     if let Some(entry) = conntrack::tracked_entry(plan) {
         conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, hop);
     }
-    nat::rewrite_xdp(ctx, &w.flow, &w.new, true)?;
+    nat::rewrite_direct(ctx, &w.flow, &w.new, true)?;
     l2::set_macs_xdp(ctx, w.fib.dmac, w.fib.smac)?;
     stats::count_forwarded(counted.forward_id, counted.backend, w.flow.l3_len);
     let action = FWD_TX_PORTS.redirect(w.fib.ifindex, 0).unwrap_or_else(|a| a);

@@ -5,8 +5,8 @@
 //!
 //! The ends send full checksums (tx checksum offload off, as packets from a NIC's wire
 //! arrive) and the router's devices have GRO on, which verifies them: TC sees
-//! CHECKSUM_UNNECESSARY skbs, which its fast path rewrites by direct writes, and GRO's
-//! merged TCP segments as CHECKSUM_PARTIAL, which take the skb helpers.
+//! CHECKSUM_UNNECESSARY skbs, which its fast and full paths rewrite by direct writes, and
+//! GRO's merged TCP segments as CHECKSUM_PARTIAL, which take the skb helpers.
 
 use std::{net::UdpSocket, time::Duration};
 
