@@ -63,9 +63,9 @@ pub fn ptr_at<T, P: Packet>(pkt: &P, offset: usize) -> Result<*const T, Reason> 
     Ok((start + offset) as *const T)
 }
 
-/// Mutable variant of [`ptr_at`], for direct writes (XDP; TC's fast paths when the skb's
-/// checksums were verified, else TC writes through helpers). A TC program that writes
-/// directly gets the verifier's prologue, which unclones a cloned skb first.
+/// Mutable variant of [`ptr_at`], for direct writes (XDP; TC when the skb's checksums were
+/// verified, else TC writes through helpers). A TC program that writes directly gets the
+/// verifier's prologue, which unclones a cloned skb first.
 #[inline(always)]
 pub fn ptr_at_mut<T, P: Packet>(pkt: &P, offset: usize) -> Result<*mut T, Reason> {
     ptr_at::<T, P>(pkt, offset).map(|p| p as *mut T)
@@ -106,7 +106,8 @@ pub fn read_words<const N: usize, P: Packet>(pkt: &P, offset: usize) -> Result<[
     Ok(unsafe { core::ptr::read(p) })
 }
 
-/// Overwrites `N` packet bytes at `offset` (see [`ptr_at_mut`]), stored in words as [`read`] loads them.
+/// Overwrites `N` packet bytes at `offset` (see [`ptr_at_mut`]), stored in words as
+/// [`read`] loads them.
 #[inline(always)]
 pub fn write<const N: usize, P: Packet>(pkt: &P, offset: usize, bytes: [u8; N]) -> Result<(), Reason> {
     let p = ptr_at_mut::<[u8; N], P>(pkt, offset)?;

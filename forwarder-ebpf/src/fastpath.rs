@@ -21,8 +21,8 @@
 //! seed to TC; TC writes directly too when the skb's checksums were verified
 //! (CHECKSUM_UNNECESSARY), and otherwise through the skb helpers, which keep
 //! CHECKSUM_PARTIAL and CHECKSUM_COMPLETE skbs right; it measures a GSO packet by its
-//! segments. XDP uses only
-//! next hops its redirect can reach (`CT_NH_XDP`); TC any. Each has its own flow cache.
+//! segments. XDP uses only next hops its redirect can reach (`CT_NH_XDP`); TC any. Each
+//! has its own flow cache.
 
 use aya_ebpf::{
     bindings::{BPF_CSUM_LEVEL_QUERY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
