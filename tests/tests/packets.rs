@@ -19,9 +19,11 @@ use forwarder_tests::frames::{
     tcp6_frame, udp_frame, udp6_frame, with_fixture,
 };
 
-/// Parsed output: (eth src, eth dst, ip src, ip dst, ttl, sport, dport) after asserting that
-/// every checksum is valid.
-fn check(frame: &[u8]) -> ([u8; 6], [u8; 6], [u8; 4], [u8; 4], u8, u16, u16) {
+/// Parsed output: (eth src, eth dst, ip src, ip dst, ttl, sport, dport).
+type Checked = ([u8; 6], [u8; 6], [u8; 4], [u8; 4], u8, u16, u16);
+
+/// The frame's addresses, TTL and ports after asserting that every checksum is valid.
+fn check(frame: &[u8]) -> Checked {
     let h = PacketHeaders::from_ethernet_slice(frame).expect("output parses");
     let eth = h.link.clone().unwrap().ethernet2().unwrap();
     let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { panic!("not IPv4") };
@@ -585,15 +587,12 @@ fn udp_checksums_including_zero_checksum() {
 fn frames_forwarder_does_not_handle_pass_untouched_with_their_reason() {
     with_fixture(CONFIG, |fx| {
         let base = tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 3306, true, b"");
-        let mut cases: Vec<(&str, Vec<u8>, Reason)> = Vec::new();
-        cases.push((
-            "no rule",
-            tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 80, true, b""),
-            Reason::NoRule,
-        ));
-        cases.push(("udp no rule", udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 1, 3306, b"x"), Reason::NoRule));
-        cases.push(("truncated tcp", base[..14 + 20 + 10].to_vec(), Reason::Malformed));
-        cases.push(("truncated ip", base[..14 + 12].to_vec(), Reason::Malformed));
+        let mut cases: Vec<(&str, Vec<u8>, Reason)> = vec![
+            ("no rule", tcp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 40000, 80, true, b""), Reason::NoRule),
+            ("udp no rule", udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 1, 3306, b"x"), Reason::NoRule),
+            ("truncated tcp", base[..14 + 20 + 10].to_vec(), Reason::Malformed),
+            ("truncated ip", base[..14 + 12].to_vec(), Reason::Malformed),
+        ];
         let mut bad_len = base.clone();
         bad_len[16] = 0x05; // total length 1280+ beyond the frame
         cases.push(("ip total length beyond frame", bad_len, Reason::Malformed));

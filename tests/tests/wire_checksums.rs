@@ -179,6 +179,8 @@ fn tc_rewrites_leave_valid_checksums_on_the_wire() {
     for (what, seen) in [("towards the server", &out), ("back to the client", &back)] {
         assert!(seen.marked_valid >= 2 * DATAGRAMS - 10, "{what}: verified frames {seen:?}");
     }
+    // Most of the 4 x DATAGRAMS datagrams: the first of each way, any that outgrow the largest
+    // length the FIB has passed, and any sent before the neighbour was known take the full path.
     let fast = reason(&daemon, "redirect_tc_flow_cache") + reason(&daemon, "redirect_tc_cached");
-    assert!(fast >= 4 * (DATAGRAMS as u64 - 20), "{}", daemon.stats().unwrap());
+    assert!(fast >= 3 * DATAGRAMS as u64, "{}", daemon.stats().unwrap());
 }

@@ -216,25 +216,18 @@ pub fn xdp_md(frame_len: usize, ifindex: u32) -> Vec<u8> {
 }
 
 /// One BPF_PROG_TEST_RUN of `prog`-like closure on `frame`: (run, output frame).
-fn test_run<P: TestRun<Result = aya::programs::TestRunResult> + ?Sized>(
-    prog: &P,
-    frame: &[u8],
-    ctx: &[u8],
-) -> Result<(Run, Vec<u8>)>
+fn test_run<P>(prog: &P, frame: &[u8], ctx: &[u8]) -> Result<(Run, Vec<u8>)>
 where
+    P: TestRun<Result = aya::programs::TestRunResult> + ?Sized,
     for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>>,
 {
     test_run_repeat(prog, frame, ctx, 1)
 }
 
 /// `repeat` runs in one call; the kernel reports the mean time of one run.
-fn test_run_repeat<P: TestRun<Result = aya::programs::TestRunResult> + ?Sized>(
-    prog: &P,
-    frame: &[u8],
-    ctx: &[u8],
-    repeat: u32,
-) -> Result<(Run, Vec<u8>)>
+fn test_run_repeat<P>(prog: &P, frame: &[u8], ctx: &[u8], repeat: u32) -> Result<(Run, Vec<u8>)>
 where
+    P: TestRun<Result = aya::programs::TestRunResult> + ?Sized,
     for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>>,
 {
     let mut out = vec![0u8; frame.len() + 256];
