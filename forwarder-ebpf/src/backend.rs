@@ -10,10 +10,13 @@ use forwarder_common::{
 
 use crate::maps::{FWD_BACKENDS, FWD_MAGLEV};
 
-/// A chosen backend: its address and port (network order), and its counter index.
+/// A chosen backend: its address and port (network order), and its counter index. The
+/// address is a copy: a pointer into the rule or into `FWD_BACKENDS` would differ by map
+/// between the two choices, and the verifier would walk everything after the choice that
+/// moves the plan around (the commit, the port walk) once for each.
 #[derive(Clone, Copy)]
 pub struct Chosen {
-    pub addr: &'static [u8; 16],
+    pub addr: [u8; 16],
     pub port_be: u16,
     pub index: u32,
 }
@@ -32,7 +35,7 @@ pub fn choose(fwd: &'static FwdValue, hash: impl FnOnce() -> u32, dport_be: u16)
     };
     if fwd.flags & FWD_FLAG_MAGLEV == 0 {
         let port_be = port(fwd.backend_port_be, fwd.flags & FWD_FLAG_PORT_OFFSET != 0);
-        return Ok(Chosen { addr: &fwd.backend_addr, port_be, index: fwd.backend_index });
+        return Ok(Chosen { addr: fwd.backend_addr, port_be, index: fwd.backend_index });
     }
     // SAFETY: map value references valid for this program run.
     let table = unsafe { FWD_MAGLEV.get(&fwd.table_id) }.ok_or(Reason::NoBackend)?;
@@ -45,7 +48,7 @@ pub fn choose(fwd: &'static FwdValue, hash: impl FnOnce() -> u32, dport_be: u16)
     let key = BackendKey { forward_id: fwd.forward_id, slot: slot as u32 };
     // SAFETY: as above.
     let b = unsafe { FWD_BACKENDS.get(&key) }.ok_or(Reason::NoBackend)?;
-    Ok(Chosen { addr: &b.addr, port_be: port(b.port_be, b.state & BACKEND_PORT_OFFSET != 0), index: b.index })
+    Ok(Chosen { addr: b.addr, port_be: port(b.port_be, b.state & BACKEND_PORT_OFFSET != 0), index: b.index })
 }
 
 /// The hash a connection's tuple chooses by (as it arrives, before any rewrite). Out of

@@ -317,7 +317,7 @@ pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (Counted, bool) {
         }
         Plan::New { fwd, backend } => {
             to.src = flow.src;
-            to.dst = *backend.addr;
+            to.dst = backend.addr;
             to.sport = flow.sport;
             to.dport = backend.port_be.to_ne_bytes();
             (Counted { forward_id: fwd.forward_id, backend: backend.index }, fwd.snat_mode == SNAT_AUTO)
@@ -359,7 +359,7 @@ pub fn commit<C: EbpfContext>(
                 _ if fib.src != [0; 16] => &fib.src,
                 _ => &flow.dst,
             };
-            commit_new(ctx, flow, fwd, backend, snat_src, new, fib, cache_new)?;
+            commit_new(ctx, flow, fwd, backend.index, to, snat_src, new, fib, cache_new)?;
             log_new_flow(ctx, flow, new);
             Ok(())
         }
@@ -383,7 +383,10 @@ fn log_new_flow<C: EbpfContext>(ctx: &C, flow: &Flow, new: &Tuple) {
 }
 
 /// Records a new flow in both directions and returns the tuple its packets are rewritten
-/// to. `snat_src` is the source address for SNAT (ignored when the forward has SNAT off,
+/// to. `to` holds the chosen backend (`target_of`), whose counter index is `backend_index`:
+/// read from the tuple, not through `Chosen`'s pointer, which points into one map or
+/// another and would make the verifier walk the commit once for each. `snat_src` is the
+/// source address for SNAT (ignored when the forward has SNAT off,
 /// or its backend is on this host: the backend sees the client, and the destination is
 /// `host::delivery_addr`).
 /// Keys and values are built in a per-CPU scratch slot: the stack (512 bytes) is too small
@@ -400,7 +403,8 @@ pub fn commit_new<C: EbpfContext>(
     ctx: &C,
     flow: &Flow,
     fwd: &FwdValue,
-    chosen: &Chosen,
+    backend_index: u32,
+    to: &Tuple,
     snat_src: &[u8; 16],
     new: &mut Tuple,
     fib: &Fib,
@@ -415,8 +419,8 @@ pub fn commit_new<C: EbpfContext>(
     // SAFETY: per-CPU slot, used by this program run only.
     let CtScratch { key, value, other } = unsafe { &mut *scratch };
     let host = fwd.flags & FWD_FLAG_HOST_BACKEND != 0;
-    let backend = if host { crate::host::delivery_addr(fwd, flow) } else { *chosen.addr };
-    let bport = chosen.port_be.to_ne_bytes();
+    let backend = if host { crate::host::delivery_addr(fwd, flow) } else { to.dst };
+    let bport = to.dport;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     *value = CtValue {
@@ -441,7 +445,7 @@ pub fn commit_new<C: EbpfContext>(
         backend: [0; 3],
         created_ns: now,
     };
-    value.set_backend_index(chosen.index);
+    value.set_backend_index(backend_index);
 
     if fwd.snat_mode == SNAT_OFF || host {
         *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
@@ -467,9 +471,11 @@ pub fn commit_new<C: EbpfContext>(
             Some(g) => g.snat_ports(),
             None => GlobalConfig::default().snat_ports(),
         };
-        *key = ct_key(flow.family, backend, *snat_src, bport, [0; 2], flow.proto);
-        let port = reserve_port(ctx, flow, range, now)?;
+        // Copied before the walk: a pointer live across it (into the rule, the FIB answer
+        // or the flow) would make the verifier walk it once for each.
         new.src = *snat_src;
+        *key = ct_key(flow.family, backend, new.src, bport, [0; 2], flow.proto);
+        let port = reserve_port(ctx, flow, range, now)?;
         new.dst = backend;
         new.sport = port;
         new.dport = bport;
@@ -494,7 +500,7 @@ pub fn commit_new<C: EbpfContext>(
     *other = flow_key(flow);
     match FWD_CT_V4.insert(&*other, &*value, BPF_NOEXIST as u64) {
         Ok(()) => {
-            stats::count_new_conn(fwd.forward_id, chosen.index);
+            stats::count_new_conn(fwd.forward_id, backend_index);
             Ok(())
         }
         Err(e) => {

@@ -197,7 +197,7 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
     };
     // What the program dialled, as its own family writes it (getpeername answers with it).
     let orig = LocalOrig { addr, port_be: port, family: family(v6), _pad: 0, forward_id: f.forward_id };
-    set_dest(ctx, v6, &for_hook(v6 && !rule_v6, b.addr), b.port_be);
+    set_dest(ctx, v6, &for_hook(v6 && !rule_v6, &b.addr), b.port_be);
     let _ = FWD_LOCAL_CONN.insert(&cookie, &orig, 0);
     stats::count_local_conn(f.forward_id, b.index);
     true
@@ -232,7 +232,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
     let Some(b) = choose(f, cookie, &addr, port, protocol(ctx)) else { return false };
     let key = LocalUdpKey {
         socket_cookie: cookie,
-        backend_addr: *b.addr,
+        backend_addr: b.addr,
         backend_port_be: b.port_be,
         family: family(v6),
         _pad: [0; 5],
@@ -271,7 +271,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
             }
         }
     }
-    set_dest(ctx, v6, b.addr, b.port_be);
+    set_dest(ctx, v6, &b.addr, b.port_be);
     true
 }
 

@@ -40,10 +40,10 @@ fn not_cached(raw: *mut aya_ebpf::bindings::xdp_md, how: u32, w: &mut Work) -> u
     let ctx = XdpContext::new(raw);
     let result = match how {
         fastpath::NOT_CACHED_NO_MATCH => Err(Reason::NoRule),
-        fastpath::NOT_CACHED_UNTRACKED => try_xdp(&ctx, true, w),
         // A forward's packet with a CHECKSUM_PARTIAL seed: TC's to finish.
         fastpath::NOT_CACHED_TO_TC => Err(Reason::XdpToTc),
-        _ => try_xdp(&ctx, false, w),
+        // One call: inlined at two, the full path would be verified twice.
+        _ => try_xdp(&ctx, how == fastpath::NOT_CACHED_UNTRACKED, w),
     };
     let outcome = match result {
         // Peer delivery needs bpf_redirect_neigh, which only TC has.

@@ -130,30 +130,13 @@ impl Instance {
             [forwarder_common::FWD_RULES_V2, forwarder_common::FWD_RULES].iter().any(|n| pin_dir.join(n).exists());
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(forwarder_common::FWD_RULES_V2, opts.max_forwards.max(1))
-            .map_max_entries(forwarder_common::FWD_PORT_RANGES, opts.max_forwards.max(1))
-            .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
-            .map_max_entries(forwarder_common::FWD_FWD_DENIED, opts.max_forwards + 1)
-            .map_max_entries(forwarder_common::FWD_META_V2, opts.max_forwards + 1)
-            .map_max_entries(forwarder_common::FWD_MAGLEV, opts.max_forwards.max(1))
-            .map_max_entries(forwarder_common::FWD_BACKENDS, opts.max_backends.max(1))
-            .map_max_entries(forwarder_common::FWD_BE_STATS, opts.max_backends + 1)
-            .map_max_entries(forwarder_common::FWD_CT_V4, opts.ct_entries)
-            .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);
+        sized(&mut loader, opts);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let loaded = loader.load(crate::EBPF_OBJECT).map_err(Error::from).and_then(|mut ebpf| {
-            let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
-            xdp.load().map_err(prog_err(XDP_PROGRAM))?;
-            for name in [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-                let p: &mut SchedClassifier = program(&mut ebpf, name)?;
-                p.load().map_err(prog_err(name))?;
-            }
-            for name in LOCAL_PROGRAMS {
-                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-                p.load().map_err(prog_err(name))?;
+            for name in PROGRAMS {
+                load_program(&mut ebpf, name)?;
             }
             Ok(ebpf)
         });
@@ -554,6 +537,94 @@ fn mode_name(m: XdpMode) -> &'static str {
         XdpMode::Native => "native",
         XdpMode::Generic => "generic",
         XdpMode::Off => "off",
+    }
+}
+
+/// Every program of the object, in the order they are loaded.
+pub const PROGRAMS: [&str; 11] = [
+    XDP_PROGRAM,
+    TC_INGRESS_PROGRAM,
+    TC_EGRESS_PROGRAM,
+    LOCAL_PROGRAMS[0],
+    LOCAL_PROGRAMS[1],
+    LOCAL_PROGRAMS[2],
+    LOCAL_PROGRAMS[3],
+    LOCAL_PROGRAMS[4],
+    LOCAL_PROGRAMS[5],
+    LOCAL_PROGRAMS[6],
+    LOCAL_PROGRAMS[7],
+];
+
+/// The kernel refuses a program whose verification walks more instructions than this
+/// (E2BIG, "BPF program is too large").
+pub const VERIFIER_LIMIT: u32 = 1_000_000;
+
+/// The map capacities of `opts` and the kernel-side log level.
+fn sized<'a>(loader: &mut EbpfLoader<'a>, opts: &'a LoadOptions) {
+    loader
+        .map_max_entries(forwarder_common::FWD_RULES_V2, opts.max_forwards.max(1))
+        .map_max_entries(forwarder_common::FWD_PORT_RANGES, opts.max_forwards.max(1))
+        .map_max_entries(forwarder_common::FWD_FWD_STATS, opts.max_forwards + 1)
+        .map_max_entries(forwarder_common::FWD_FWD_DENIED, opts.max_forwards + 1)
+        .map_max_entries(forwarder_common::FWD_META_V2, opts.max_forwards + 1)
+        .map_max_entries(forwarder_common::FWD_MAGLEV, opts.max_forwards.max(1))
+        .map_max_entries(forwarder_common::FWD_BACKENDS, opts.max_backends.max(1))
+        .map_max_entries(forwarder_common::FWD_BE_STATS, opts.max_backends + 1)
+        .map_max_entries(forwarder_common::FWD_CT_V4, opts.ct_entries)
+        .override_global(aya_log::LEVEL, &opts.bpf_log_level, true);
+}
+
+/// Loads one program of the object into the kernel (the verifier checks it here).
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
+    match name {
+        XDP_PROGRAM => program::<Xdp>(ebpf, name)?.load(),
+        TC_INGRESS_PROGRAM | TC_EGRESS_PROGRAM => program::<SchedClassifier>(ebpf, name)?.load(),
+        _ => program::<CgroupSockAddr>(ebpf, name)?.load(),
+    }
+    .map_err(prog_err(name))
+}
+
+/// What the verifier made of one program: the instructions it walked, or why the kernel
+/// refused the program.
+#[derive(Debug)]
+pub struct VerifierCost {
+    pub program: &'static str,
+    pub walked: std::result::Result<u32, String>,
+}
+
+/// Loads every program of the embedded object, each on its own and with maps of their own
+/// (nothing pinned, nothing attached), and reports how far the verifier walked each: how
+/// close the programs are to [`VERIFIER_LIMIT`] on this kernel. The walk depends on the
+/// kernel's verifier and on the compiler's output, not only on the code.
+pub fn verifier_costs(opts: &LoadOptions) -> Result<Vec<VerifierCost>> {
+    let mut ebpf = {
+        let mut loader = EbpfLoader::new();
+        sized(&mut loader, opts);
+        loader.load(crate::EBPF_OBJECT)?
+    };
+    let mut costs = Vec::new();
+    for name in PROGRAMS {
+        let walked = load_program(&mut ebpf, name).map_err(|e| refusal(&e.to_string())).and_then(|()| {
+            let info = ebpf.program(name).expect("the object has every program").info();
+            info.map_err(|e| e.to_string())?
+                .verified_instruction_count()
+                .ok_or_else(|| "the kernel does not report the instructions walked".to_string())
+        });
+        costs.push(VerifierCost { program: name, walked });
+    }
+    Ok(costs)
+}
+
+/// A refused program's error, shortened to the verifier's own summary when it has one
+/// (the full log runs to thousands of lines).
+fn refusal(error: &str) -> String {
+    let summary: Vec<&str> = error
+        .lines()
+        .filter(|l| l.starts_with("processed ") || l.contains("too large") || l.contains("too complex"))
+        .collect();
+    match summary.as_slice() {
+        [] => error.chars().take(300).collect(),
+        lines => lines.join("; "),
     }
 }
 
