@@ -13,6 +13,7 @@ use crate::{
     },
     daemon::{self, OnExit, RunOptions},
     error::{Error, Report, exit},
+    loader::{self, LoadOptions},
     pins::{self, DEFAULT_PIN_PATH},
     state::State,
     status, system,
@@ -110,6 +111,11 @@ pub enum Command {
         /// Show the result for this node's section.
         #[arg(long, env = "FORWARDER_NODE_NAME")]
         node_name: Option<String>,
+        /// Also load every BPF program into this kernel (with the config's map sizes;
+        /// nothing pinned or attached) and show how far the verifier walked each against
+        /// its budget of 1,000,000 instructions. Needs the privileges `run` needs.
+        #[arg(long)]
+        programs: bool,
     },
     /// Counters of the running instance.
     Stats {
@@ -364,16 +370,28 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let json = cli.json;
     match cli.command {
-        Command::Check { config, node_name } => {
+        Command::Check { config, node_name, programs } => {
             let cfg = Config::from_file_for_node(&config, node_name.as_deref())?;
+            let costs = if programs { Some(loader::verifier_costs(&LoadOptions::from_config(&cfg))?) } else { None };
             if json {
-                print_json(&serde_json::json!({
+                let mut out = serde_json::json!({
                     "config": config.display().to_string(),
                     "node": node_name,
                     "interfaces": cfg.interfaces.len(),
                     "forwards": cfg.forwards.len(),
                     "peers": cfg.peers.len(),
-                }))?;
+                });
+                if let Some(costs) = &costs {
+                    out["programs"] = costs
+                        .iter()
+                        .map(|c| match &c.walked {
+                            Ok(n) => serde_json::json!({ "program": c.program, "instructions_walked": n }),
+                            Err(e) => serde_json::json!({ "program": c.program, "refused": e }),
+                        })
+                        .collect();
+                    out["verifier_limit"] = loader::VERIFIER_LIMIT.into();
+                }
+                print_json(&out)?;
             } else {
                 println!(
                     "{}: ok ({} interfaces, {} forwards, {} peers)",
@@ -382,8 +400,19 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     cfg.forwards.len(),
                     cfg.peers.len()
                 );
+                for c in costs.iter().flatten() {
+                    match &c.walked {
+                        Ok(n) => println!(
+                            "{:<24} {n:>9} instructions walked by the verifier ({:.0}% of its budget)",
+                            c.program,
+                            100.0 * *n as f64 / loader::VERIFIER_LIMIT as f64
+                        ),
+                        Err(e) => println!("{:<24} refused by the kernel: {e}", c.program),
+                    }
+                }
             }
-            Ok(exit::OK)
+            let refused = costs.iter().flatten().any(|c| c.walked.is_err());
+            Ok(if refused { exit::OTHER } else { exit::OK })
         }
         Command::Stats { pin, watch } => {
             State::open(&pin.pin_path)?;

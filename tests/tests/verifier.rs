@@ -26,3 +26,32 @@ fn every_program_verifies_within_half_the_budget() {
         assert!(n <= VERIFIER_LIMIT / 2, "{}: {n} instructions walked, over half the verifier's budget", c.program);
     }
 }
+
+/// `forwarder check --programs`, for an operator trying a kernel before a rollout: the same
+/// walk per program, in JSON, and a failing exit status when the kernel refuses one.
+#[test]
+fn check_programs_reports_the_walk_of_every_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("forwarder.toml");
+    std::fs::write(
+        &config,
+        "[[interface]]\nname = \"rc\"\n\n[[forward]]\nname = \"mysql\"\nprotocol = \"tcp\"\n\
+         listen = \"0.0.0.0:3306\"\nbackend = \"203.0.113.20:3197\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(forwarder_tests::daemon::forwarder_bin())
+        .args(["check", "--json", "--programs", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verifier_limit"], VERIFIER_LIMIT);
+    let listed: Vec<&str> =
+        report["programs"].as_array().unwrap().iter().map(|p| p["program"].as_str().unwrap()).collect();
+    assert_eq!(listed, forwarder::loader::PROGRAMS);
+    for p in report["programs"].as_array().unwrap() {
+        let n = p["instructions_walked"].as_u64().unwrap_or_else(|| panic!("no walk reported: {p}"));
+        assert!(n > 0 && n <= VERIFIER_LIMIT as u64 / 2, "{p}");
+    }
+}
