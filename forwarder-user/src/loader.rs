@@ -615,16 +615,18 @@ pub fn verifier_costs(opts: &LoadOptions) -> Result<Vec<VerifierCost>> {
     Ok(costs)
 }
 
-/// A refused program's error, shortened to the verifier's own summary when it has one
-/// (the full log runs to thousands of lines).
+/// A refused program's error, shortened to the verifier's verdict (what it refused, or that
+/// the program is too large: the last line before its closing statistics) and its
+/// "processed N insns" line; the full log runs to thousands of lines.
 fn refusal(error: &str) -> String {
-    let summary: Vec<&str> = error
-        .lines()
-        .filter(|l| l.starts_with("processed ") || l.contains("too large") || l.contains("too complex"))
-        .collect();
-    match summary.as_slice() {
-        [] => error.chars().take(300).collect(),
-        lines => lines.join("; "),
+    let lines: Vec<&str> = error.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let Some(at) = lines.iter().rposition(|l| l.starts_with("processed ")) else {
+        return error.chars().take(300).collect();
+    };
+    let statistics = |l: &&str| l.starts_with("verification time") || l.starts_with("stack depth");
+    match lines[..at].iter().rev().find(|l| !statistics(l)) {
+        Some(verdict) => format!("{verdict}; {}", lines[at]),
+        None => lines[at].to_string(),
     }
 }
 
@@ -839,5 +841,27 @@ pub fn warn_if_forwarding_disabled() {
         warn!(
             "net.ipv4.ip_forward is 0 in this network namespace: forwarded packets will be dropped by the kernel (sysctl -w net.ipv4.ip_forward=1)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal;
+
+    #[test]
+    fn a_refusal_is_the_verdict_and_the_walk() {
+        let log = "BPF program forwarder_xdp: the BPF_PROG_LOAD syscall returned Argument list too long \
+                   (os error 7). Verifier output: 0: R1=ctx() R10=fp0\n9095: (6b) *(u16 *)(r5 +72) = r3\n\
+                   BPF program is too large. Processed 1000001 insn\nverification time 9038611 usec\n\
+                   stack depth 8+0+216\nprocessed 1000001 insns (limit 1000000) max_states_per_insn 60\n";
+        assert_eq!(
+            refusal(log),
+            "BPF program is too large. Processed 1000001 insn; \
+             processed 1000001 insns (limit 1000000) max_states_per_insn 60"
+        );
+        let log = "...\n12: (61) r0 = *(u32 *)(r1 +0)\nR1 invalid mem access 'scalar'\n\
+                   verification time 10 usec\nstack depth 8\nprocessed 13 insns (limit 1000000)\n";
+        assert_eq!(refusal(log), "R1 invalid mem access 'scalar'; processed 13 insns (limit 1000000)");
+        assert_eq!(refusal("map creation failed"), "map creation failed");
     }
 }
