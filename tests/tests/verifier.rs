@@ -8,7 +8,18 @@ use forwarder::loader::{LoadOptions, VERIFIER_LIMIT, verifier_costs};
 
 #[test]
 fn every_program_verifies_within_half_the_budget() {
-    let costs = verifier_costs(&LoadOptions::default()).unwrap();
+    within_half_the_budget(&LoadOptions::default());
+}
+
+/// `run --bpf-debug` turns the kernel side's debug logs on: the verifier then walks their
+/// code too (with logs off it knows the level and skips it).
+#[test]
+fn every_program_verifies_within_half_the_budget_with_debug_logs() {
+    within_half_the_budget(&LoadOptions { bpf_log_level: 5, ..LoadOptions::default() });
+}
+
+fn within_half_the_budget(opts: &LoadOptions) {
+    let costs = verifier_costs(opts).unwrap();
     for c in &costs {
         match &c.walked {
             Ok(n) => println!(
