@@ -367,7 +367,9 @@ fn print_json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
 /// Runs a parsed command line; its exit code when it did not fail.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: journald, a container's log and a file get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let json = cli.json;
     match cli.command {
         Command::Check { config, node_name, programs } => {

@@ -151,6 +151,7 @@ impl Instance {
                 return Err(e);
             }
         };
+        log_verifier_walks(&ebpf);
         if adopted {
             info!(pin_dir = %pin_dir.display(), "adopting pinned state of an earlier instance");
         }
@@ -582,6 +583,20 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
         _ => program::<CgroupSockAddr>(ebpf, name)?.load(),
     }
     .map_err(prog_err(name))
+}
+
+/// Logs how far the verifier walked the two packet programs (`verified_insns`), against its
+/// budget: the headroom on this kernel, at every start.
+fn log_verifier_walks(ebpf: &Ebpf) {
+    let walked = |name: &str| {
+        ebpf.program(name).and_then(|p| p.info().ok()).and_then(|i| i.verified_instruction_count()).unwrap_or(0)
+    };
+    info!(
+        xdp = walked(XDP_PROGRAM),
+        tc_ingress = walked(TC_INGRESS_PROGRAM),
+        budget = VERIFIER_LIMIT,
+        "programs loaded (instructions the verifier walked)"
+    );
 }
 
 /// What the verifier made of one program: the instructions it walked, or why the kernel

@@ -135,6 +135,18 @@ fn native_xdp_falls_back_to_generic_where_the_driver_lacks_it() {
     assert!(d.log().contains("native XDP unavailable"));
     let link = chain.router.ip(&["-d", "link", "show", "dev", "d0"]).unwrap();
     assert!(link.contains("xdpgeneric"), "{link}");
+    // Every start logs how far the verifier walked the packet programs.
+    let log = d.log();
+    let loaded = log.lines().find(|l| l.contains("programs loaded")).unwrap_or_else(|| panic!("{log}"));
+    for field in ["xdp=", "tc_ingress="] {
+        let walked: u64 = loaded
+            .split(field)
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{field} in {loaded}"));
+        assert!(walked > 0 && walked <= 500_000, "{loaded}");
+    }
 }
 
 /// `stats --watch` redraws a table of per-second rates in place.
