@@ -403,14 +403,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     cfg.peers.len()
                 );
                 for c in costs.iter().flatten() {
-                    match &c.walked {
-                        Ok(n) => println!(
-                            "{:<24} {n:>9} instructions walked by the verifier ({:.0}% of its budget)",
-                            c.program,
-                            100.0 * *n as f64 / loader::VERIFIER_LIMIT as f64
-                        ),
-                        Err(e) => println!("{:<24} refused by the kernel: {e}", c.program),
-                    }
+                    println!("{c}");
                 }
             }
             let refused = costs.iter().flatten().any(|c| c.walked.is_err());

@@ -588,9 +588,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
 /// Logs how far the verifier walked the two packet programs (`verified_insns`), against its
 /// budget: the headroom on this kernel, at every start.
 fn log_verifier_walks(ebpf: &Ebpf) {
-    let walked = |name: &str| {
-        ebpf.program(name).and_then(|p| p.info().ok()).and_then(|i| i.verified_instruction_count()).unwrap_or(0)
-    };
+    let walked = |name| walk_of(ebpf, name).unwrap_or(0);
     info!(
         xdp = walked(XDP_PROGRAM),
         tc_ingress = walked(TC_INGRESS_PROGRAM),
@@ -599,12 +597,35 @@ fn log_verifier_walks(ebpf: &Ebpf) {
     );
 }
 
+/// The instructions the verifier walked for a loaded program (`verified_insns`).
+fn walk_of(ebpf: &Ebpf, name: &str) -> std::result::Result<u32, String> {
+    let info = ebpf.program(name).expect("the object has every program").info();
+    info.map_err(|e| e.to_string())?
+        .verified_instruction_count()
+        .ok_or_else(|| "the kernel does not report the instructions walked".to_string())
+}
+
 /// What the verifier made of one program: the instructions it walked, or why the kernel
 /// refused the program.
 #[derive(Debug)]
 pub struct VerifierCost {
     pub program: &'static str,
     pub walked: std::result::Result<u32, String>,
+}
+
+/// One line: the program, and its walk against the budget or the kernel's refusal.
+impl std::fmt::Display for VerifierCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.walked {
+            Ok(n) => write!(
+                f,
+                "{:<24} {n:>9} instructions walked by the verifier ({:.0}% of its budget)",
+                self.program,
+                100.0 * *n as f64 / VERIFIER_LIMIT as f64
+            ),
+            Err(e) => write!(f, "{:<24} refused by the kernel: {e}", self.program),
+        }
+    }
 }
 
 /// Loads every program of the embedded object, each on its own and with maps of their own
@@ -619,12 +640,8 @@ pub fn verifier_costs(opts: &LoadOptions) -> Result<Vec<VerifierCost>> {
     };
     let mut costs = Vec::new();
     for name in PROGRAMS {
-        let walked = load_program(&mut ebpf, name).map_err(|e| refusal(&e.to_string())).and_then(|()| {
-            let info = ebpf.program(name).expect("the object has every program").info();
-            info.map_err(|e| e.to_string())?
-                .verified_instruction_count()
-                .ok_or_else(|| "the kernel does not report the instructions walked".to_string())
-        });
+        let walked =
+            load_program(&mut ebpf, name).map_err(|e| refusal(&e.to_string())).and_then(|()| walk_of(&ebpf, name));
         costs.push(VerifierCost { program: name, walked });
     }
     Ok(costs)
