@@ -432,6 +432,14 @@ fn rewrite_direct<P: Packet>(ctx: &P, h: &Headers, s: &FlowCacheSlot) -> Result<
         }
         write(ctx, h.check_off, c.to_be_bytes())?;
     }
+    rewrite_but_l4_check(ctx, h, s)
+}
+
+/// Everything but the L4 checksum, by direct writes: the IPv4 header with its checksum
+/// (whose sum stays what it was, so a CHECKSUM_COMPLETE sum need not follow it), the
+/// ports and the MAC addresses.
+#[inline(always)]
+fn rewrite_but_l4_check<P: Packet>(ctx: &P, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
     let ip_check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), s.l3_delta);
     write(ctx, IPV4_CHECK_OFF, ip_check.to_be_bytes())?;
     write(ctx, IPV4_TTL_OFF, [h.ttl - 1])?;
@@ -480,11 +488,11 @@ pub(crate) fn wsum_diff<const N: usize>(old: [u32; N], new: [u32; N]) -> u64 {
     (sum & 0xffff_ffff) + (sum >> 32)
 }
 
-/// The rewrite through the skb helpers: the L4 checksum by two differences, the
-/// addresses' (part of the pseudo header, which a CHECKSUM_PARTIAL seed holds and a
-/// CHECKSUM_COMPLETE sum must follow) and the ports' (which a seed leaves to the device);
-/// then the IPv4 header with its checksum and the ports in one store (they are contiguous
-/// without options), and the MAC addresses.
+/// TC's rewrite of an skb whose checksums may be anything: the L4 checksum through the skb
+/// helpers, by two differences, the addresses' (part of the pseudo header, which a
+/// CHECKSUM_PARTIAL seed holds and a CHECKSUM_COMPLETE sum must follow) and the ports'
+/// (which a seed leaves to the device); the rest by direct writes, whose changes leave
+/// every sum the skb keeps as it was (a helper call each cost more than the write).
 #[inline(always)]
 fn rewrite_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Reason> {
     let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
@@ -493,27 +501,5 @@ fn rewrite_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot) -> Result<(), Rea
     ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
     let ports = wsum_diff([h.ports], [s.new_ports]);
     ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
-    let check = apply_delta(be16(read(ctx, IPV4_CHECK_OFF)?), s.l3_delta).to_be_bytes();
-    let (a, b, p) = (s.new_src.to_ne_bytes(), s.new_dst.to_ne_bytes(), s.new_ports.to_ne_bytes());
-    let l3: [u8; 16] = [
-        h.ttl - 1,
-        h.proto,
-        check[0],
-        check[1],
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        b[0],
-        b[1],
-        b[2],
-        b[3],
-        p[0],
-        p[1],
-        p[2],
-        p[3],
-    ];
-    ctx.store(IPV4_TTL_OFF, &l3, 0).map_err(failed)?;
-    let (m, n) = (&s.dmac, &s.smac);
-    ctx.store(0, &[m[0], m[1], m[2], m[3], m[4], m[5], n[0], n[1], n[2], n[3], n[4], n[5]], 0).map_err(failed)
+    rewrite_but_l4_check(ctx, h, s)
 }

@@ -350,6 +350,13 @@ fn rewrite_direct<P: Packet>(ctx: &P, h: &Headers6, s: &FlowCacheSlot6) -> Resul
         c = 0xffff;
     }
     write(ctx, h.check_off, c.to_be_bytes())?;
+    rewrite_but_l4_check(ctx, h, s)
+}
+
+/// Everything but the L4 checksum, by direct writes: the hop limit, the addresses, the
+/// ports and the MAC addresses.
+#[inline(always)]
+fn rewrite_but_l4_check<P: Packet>(ctx: &P, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), Reason> {
     write(ctx, IPV6_HOP_LIMIT_OFF, [h.hop_limit - 1])?;
     // Word by word: arrays of the slot's words would be built on the stack first.
     let mut i = 0;
@@ -372,9 +379,8 @@ fn send_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6, how: Reason) -> Ou
     Ok((crate::route::tc_redirect(s.ifindex), how))
 }
 
-/// As fastpath's TC rewrite: the L4 checksum by the addresses' difference (pseudo header)
-/// and the ports', then the hop limit, the addresses and ports in one store straight from
-/// the slot, then the MAC addresses.
+/// As fastpath's TC rewrite: the L4 checksum through the helpers by the addresses'
+/// difference (pseudo header) and the ports', the rest by direct writes.
 #[inline(always)]
 fn rewrite_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), Reason> {
     let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
@@ -385,11 +391,5 @@ fn rewrite_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), R
     ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
     let ports = wsum_diff([h.ports], [s.new_ports]);
     ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
-    ctx.store(IPV6_HOP_LIMIT_OFF, &(h.hop_limit - 1), 0).map_err(failed)?;
-    // SAFETY: the slot's new_src, new_dst and new_ports are contiguous (checked where the
-    // slot is declared), as the packet's source address, destination address and ports are
-    // without extension headers; read from the map value by the helper.
-    let rewritten = unsafe { &*(core::ptr::addr_of!(s.new_src) as *const [u8; 36]) };
-    ctx.store(IPV6_SRC_OFF, rewritten, 0).map_err(failed)?;
-    ctx.store(0, &macs(s), 0).map_err(failed)
+    rewrite_but_l4_check(ctx, h, s)
 }

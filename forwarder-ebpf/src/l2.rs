@@ -52,7 +52,8 @@ pub fn set_macs_xdp(ctx: &XdpContext, dmac: [u8; 6], smac: [u8; 6]) -> Result<()
     write(ctx, 0, macs(dmac, smac))
 }
 
+/// A direct write, as XDP's: the Ethernet header is linear and in no checksum.
 #[inline(always)]
 pub fn set_macs_tc(ctx: &TcContext, dmac: [u8; 6], smac: [u8; 6]) -> Result<(), Reason> {
-    ctx.store(0, &macs(dmac, smac), 0).map_err(|_| Reason::RewriteFailed)
+    write(ctx, 0, macs(dmac, smac))
 }

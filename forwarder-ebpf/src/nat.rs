@@ -1,6 +1,6 @@
 //! The address/port rewrite of a packet with its checksums, once by direct writes (RFC 1624
-//! incremental updates: XDP, and TC for a verified skb) and once through the kernel's skb
-//! helpers (TC), which also know about checksum offload state. IPv4 and IPv6; IPv6 has no
+//! incremental updates: XDP, and TC for a verified skb) and once with the L4 checksum
+//! through the kernel's skb helpers (TC), which also know about checksum offload state. IPv4 and IPv6; IPv6 has no
 //! header checksum, and its addresses enter the L4 pseudo header with all 16 bytes.
 
 use aya_ebpf::{
@@ -13,10 +13,10 @@ use crate::{
     conntrack::Tuple,
     csum::sum_addr,
     ctx::{Packet, read, write},
-    fastpath::checksum_verified,
+    fastpath::{checksum_verified, wsum_diff},
     parse::{
         FRAG_LATER, FRAG_NONE, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF,
-        IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF,
+        IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF, addr_words,
     },
     stats,
 };
@@ -39,27 +39,43 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 #[inline(always)]
 pub fn rewrite_direct<P: Packet>(ctx: &P, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
     let v6 = flow.is_v6();
-    let old_addrs = sum_addr(&flow.src, v6) + sum_addr(&flow.dst, v6);
-    let new_addrs = sum_addr(&new.src, v6) + sum_addr(&new.dst, v6);
-    let new_ttl = flow.ttl.wrapping_sub(dec_ttl as u8);
-
     if !(flow.proto == PROTO_UDP && flow.l4_check == 0) {
-        let old = old_addrs + sum2(flow.sport) + sum2(flow.dport);
-        let new_sum = new_addrs + sum2(new.sport) + sum2(new.dport);
+        let old = sum_addr(&flow.src, v6) + sum_addr(&flow.dst, v6) + sum2(flow.sport) + sum2(flow.dport);
+        let new_sum = sum_addr(&new.src, v6) + sum_addr(&new.dst, v6) + sum2(new.sport) + sum2(new.dport);
         let mut c = update(flow.l4_check, old, new_sum);
         if flow.proto == PROTO_UDP && c == 0 {
             c = 0xffff; // a computed zero is sent as all ones; zero means "no checksum"
         }
         write(ctx, flow.l4_check_off(), c.to_be_bytes())?;
     }
-    let l4 = flow.l4_off();
-    write(ctx, l4, new.sport)?;
-    write(ctx, l4 + 2, new.dport)?;
-    if v6 {
+    rewrite_but_l4_check(ctx, flow, new, dec_ttl, true)
+}
+
+/// Everything but the L4 checksum, by direct writes: the ports (`ports`: the packet has
+/// its L4 header), then the addresses and TTL / hop limit, for IPv4 with the header
+/// checksum, whose sum then stays what it was (so a CHECKSUM_COMPLETE sum need not follow
+/// the IPv4 header).
+#[inline(always)]
+fn rewrite_but_l4_check<P: Packet>(
+    ctx: &P,
+    flow: &Flow,
+    new: &Tuple,
+    dec_ttl: bool,
+    ports: bool,
+) -> Result<(), Reason> {
+    let new_ttl = flow.ttl.wrapping_sub(dec_ttl as u8);
+    if ports {
+        let l4 = flow.l4_off();
+        write(ctx, l4, new.sport)?;
+        write(ctx, l4 + 2, new.dport)?;
+    }
+    if flow.is_v6() {
         write(ctx, IPV6_HOP_LIMIT_OFF, [new_ttl])?;
         write(ctx, IPV6_SRC_OFF, new.src)?;
         write(ctx, IPV6_DST_OFF, new.dst)?;
     } else {
+        let old_addrs = sum_addr(&flow.src, false) + sum_addr(&flow.dst, false);
+        let new_addrs = sum_addr(&new.src, false) + sum_addr(&new.dst, false);
         let ttl_word = [flow.ttl, flow.proto];
         let ip_check = u16::from_be_bytes(read::<2, _>(ctx, IPV4_CHECK_OFF)?);
         let ip_check = update(ip_check, old_addrs + sum2(ttl_word), new_addrs + sum2([new_ttl, flow.proto]));
@@ -105,24 +121,6 @@ pub fn replace_addr(
     Ok(())
 }
 
-#[inline(always)]
-fn store_port(
-    ctx: &TcContext,
-    off: usize,
-    l4_check_off: usize,
-    l4_flags: u64,
-    old: [u8; 2],
-    new: [u8; 2],
-) -> Result<(), Reason> {
-    if old == new {
-        return Ok(());
-    }
-    let (from, to) = (u16::from_ne_bytes(old) as u64, u16::from_ne_bytes(new) as u64);
-    ctx.l4_csum_replace(l4_check_off, from, to, l4_flags | 2)
-        .and_then(|_| ctx.store(off, &new, 0))
-        .map_err(|_| Reason::RewriteFailed)
-}
-
 /// Decrements the TTL / hop limit of a packet TC sends itself.
 #[inline(always)]
 pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result<(), Reason> {
@@ -137,33 +135,46 @@ pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result
         .map_err(|_| Reason::RewriteFailed)
 }
 
-/// TC's rewrite: [`rewrite_direct`] for a whole packet whose checksums were verified, else
-/// through the skb helpers, which keep a CHECKSUM_PARTIAL seed and a CHECKSUM_COMPLETE sum
-/// right. A first fragment is rewritten like a whole packet: its L4 checksum covers the
-/// whole datagram, and the change of the words replaced is the same. A later fragment has
-/// no L4 header: its addresses only (and the IPv4 header checksum). A fragment rewritten is
-/// counted as `FragmentTranslated`.
+/// TC's rewrite: [`rewrite_direct`] for a whole packet whose checksums were verified; else
+/// the L4 checksum through the skb helpers, which keep a CHECKSUM_PARTIAL seed and a
+/// CHECKSUM_COMPLETE sum right, by two differences (the addresses', part of the pseudo
+/// header, and the ports', which a seed leaves to the device), and the rest by direct
+/// writes, whose changes leave every sum the skb keeps as it was (a helper call per field
+/// cost more than the rewrite). A first fragment is rewritten like a whole packet: its L4
+/// checksum covers the whole datagram, and the change of the words replaced is the same.
+/// A later fragment has no L4 header: its addresses only (and the IPv4 header checksum).
+/// A fragment rewritten is counted as `FragmentTranslated`.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> Result<(), Reason> {
     if flow.frag == FRAG_NONE && checksum_verified(ctx) {
         return rewrite_direct(ctx, flow, new, dec_ttl);
     }
-    let v6 = flow.is_v6();
-    let l4_check = flow.l4_check_off();
     let has_l4 = flow.frag != FRAG_LATER;
-    // UDP: leave a zero ("no checksum") as it is.
-    let l4_flags = if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    let (src_off, dst_off) = if v6 { (IPV6_SRC_OFF, IPV6_DST_OFF) } else { (IPV4_SRC_OFF, IPV4_DST_OFF) };
-    let l4 = if has_l4 { Some((l4_check, l4_flags | BPF_F_PSEUDO_HDR as u64)) } else { None };
-    replace_addr(ctx, src_off, v6, &flow.src, &new.src, l4, !v6)?;
-    replace_addr(ctx, dst_off, v6, &flow.dst, &new.dst, l4, !v6)?;
     if has_l4 {
-        store_port(ctx, flow.l4_off(), l4_check, l4_flags, flow.sport, new.sport)?;
-        store_port(ctx, flow.l4_off() + 2, l4_check, l4_flags, flow.dport, new.dport)?;
+        let check_off = flow.l4_check_off();
+        // UDP: leave a zero ("no checksum") as it is.
+        let mangled = if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+        let failed = |_| Reason::RewriteFailed;
+        if flow.src != new.src || flow.dst != new.dst {
+            let (a, b, c, d) =
+                (addr_words(&flow.src), addr_words(&flow.dst), addr_words(&new.src), addr_words(&new.dst));
+            let addrs = if flow.is_v6() {
+                wsum_diff(
+                    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]],
+                    [c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]],
+                )
+            } else {
+                wsum_diff([a[0], b[0]], [c[0], d[0]])
+            };
+            ctx.l4_csum_replace(check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
+        }
+        if flow.sport != new.sport || flow.dport != new.dport {
+            let word = |p: [u8; 2], q: [u8; 2]| u32::from_ne_bytes([p[0], p[1], q[0], q[1]]);
+            let ports = wsum_diff([word(flow.sport, flow.dport)], [word(new.sport, new.dport)]);
+            ctx.l4_csum_replace(check_off, 0, ports, mangled).map_err(failed)?;
+        }
     }
-    if dec_ttl {
-        decrement_ttl_tc(ctx, v6, flow.ttl, flow.proto)?;
-    }
+    rewrite_but_l4_check(ctx, flow, new, dec_ttl, has_l4)?;
     if flow.frag != FRAG_NONE {
         stats::count_reason(Reason::FragmentTranslated);
     }
