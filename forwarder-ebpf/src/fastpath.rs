@@ -488,6 +488,14 @@ pub(crate) fn wsum_diff<const N: usize>(old: [u32; N], new: [u32; N]) -> u64 {
     (sum & 0xffff_ffff) + (sum >> 32)
 }
 
+/// The one's-complement sum of two differences (`wsum_diff`'s), in 32 bits.
+#[inline(always)]
+pub(crate) fn add_wsum(a: u64, b: u64) -> u64 {
+    let sum = a + b;
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
+}
+
 /// TC's rewrite of an skb whose checksums may be anything: the L4 checksum through the skb
 /// helpers, by two differences, the addresses' (part of the pseudo header, which a
 /// CHECKSUM_PARTIAL seed holds and a CHECKSUM_COMPLETE sum must follow) and the ports'

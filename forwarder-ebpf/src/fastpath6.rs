@@ -27,10 +27,11 @@ use crate::{
     conntrack::route_generation,
     ctx::{Packet, read, read_words, write},
     fastpath::{
-        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, bucket, checksum_verified,
-        moves_state_of, segment_len, tc_gso_size, wsum_diff,
+        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, add_wsum, bucket,
+        checksum_verified, moves_state_of, segment_len, tc_gso_size, wsum_diff,
     },
     maps::{FWD_CT_V4, FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_TX_PORTS},
+    nat::{complete_sum_follows_v6, hop_limit_diff},
     parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6, addr_bytes, addr_words},
     rules, stats,
     verdict::{Outcome, pack},
@@ -391,5 +392,7 @@ fn rewrite_tc(ctx: &TcContext, h: &Headers6, s: &FlowCacheSlot6) -> Result<(), R
     ctx.l4_csum_replace(h.check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
     let ports = wsum_diff([h.ports], [s.new_ports]);
     ctx.l4_csum_replace(h.check_off, 0, ports, mangled).map_err(failed)?;
+    // The addresses' change and the hop limit's (nat::complete_sum_follows_v6).
+    complete_sum_follows_v6(ctx, add_wsum(addrs, hop_limit_diff(h.hop_limit)));
     rewrite_but_l4_check(ctx, h, s)
 }

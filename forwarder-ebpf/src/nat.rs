@@ -5,6 +5,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_update,
     programs::TcContext,
 };
 use forwarder_common::{PROTO_UDP, Reason, csum::update};
@@ -13,7 +14,7 @@ use crate::{
     conntrack::Tuple,
     csum::sum_addr,
     ctx::{Packet, read, write},
-    fastpath::{checksum_verified, wsum_diff},
+    fastpath::{add_wsum, checksum_verified, wsum_diff},
     parse::{
         FRAG_LATER, FRAG_NONE, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF,
         IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF, addr_words,
@@ -110,6 +111,9 @@ pub fn replace_addr(
             let (from, to) = (u32::from_ne_bytes(o) as u64, u32::from_ne_bytes(n) as u64);
             if let Some((check_off, flags)) = l4 {
                 ctx.l4_csum_replace(check_off, from, to, flags | 4).map_err(|_| Reason::RewriteFailed)?;
+                if v6 && flags & BPF_F_PSEUDO_HDR as u64 != 0 {
+                    complete_sum_follows_v6(ctx, wsum_diff([from as u32], [to as u32]));
+                }
             }
             if ip_check {
                 ctx.l3_csum_replace(IPV4_CHECK_OFF, from, to, 4).map_err(|_| Reason::RewriteFailed)?;
@@ -121,12 +125,35 @@ pub fn replace_addr(
     Ok(())
 }
 
+/// IPv6 under CHECKSUM_COMPLETE (a NIC's sum of the whole packet in skb->csum, which the
+/// stack checks a delivered packet against): the sum must follow the bytes changed in the
+/// IPv6 header, which no header checksum balances as IPv4's does. `bpf_l4_csum_replace`
+/// with BPF_F_PSEUDO_HDR takes the addresses' change off the sum as if one did (the
+/// kernel's own fix, BPF_F_IPV6 in 6.16, is missing from older kernels), and a direct
+/// write or a store changes no sum: `diff` is what the sum lacks, the addresses' change
+/// (helper) and the hop limit's (a store). Without CHECKSUM_COMPLETE the helper changes
+/// nothing.
+#[inline(always)]
+pub fn complete_sum_follows_v6(ctx: &TcContext, diff: u64) {
+    // SAFETY: helper call on our own skb; it only adds to skb->csum of a COMPLETE skb.
+    unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+}
+
+/// The sum's change when the hop limit `old` (the last byte of the IPv6 header's second
+/// word) is decremented.
+#[inline(always)]
+pub fn hop_limit_diff(old: u8) -> u64 {
+    wsum_diff([u32::from_ne_bytes([0, 0, 0, old])], [u32::from_ne_bytes([0, 0, 0, old.wrapping_sub(1)])])
+}
+
 /// Decrements the TTL / hop limit of a packet TC sends itself.
 #[inline(always)]
 pub fn decrement_ttl_tc(ctx: &TcContext, v6: bool, ttl: u8, proto: u8) -> Result<(), Reason> {
     let new_ttl = ttl.wrapping_sub(1);
     if v6 {
-        return ctx.store(IPV6_HOP_LIMIT_OFF, &new_ttl, 0).map_err(|_| Reason::RewriteFailed);
+        ctx.store(IPV6_HOP_LIMIT_OFF, &new_ttl, 0).map_err(|_| Reason::RewriteFailed)?;
+        complete_sum_follows_v6(ctx, hop_limit_diff(ttl));
+        return Ok(());
     }
     let old = u16::from_ne_bytes([ttl, proto]) as u64;
     let new = u16::from_ne_bytes([new_ttl, proto]) as u64;
@@ -150,22 +177,27 @@ pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> R
         return rewrite_direct(ctx, flow, new, dec_ttl);
     }
     let has_l4 = flow.frag != FRAG_LATER;
+    let v6 = flow.is_v6();
+    let addrs_change = flow.src != new.src || flow.dst != new.dst;
+    let addrs = if !addrs_change {
+        0
+    } else {
+        let (a, b, c, d) = (addr_words(&flow.src), addr_words(&flow.dst), addr_words(&new.src), addr_words(&new.dst));
+        if v6 {
+            wsum_diff(
+                [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]],
+                [c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]],
+            )
+        } else {
+            wsum_diff([a[0], b[0]], [c[0], d[0]])
+        }
+    };
     if has_l4 {
         let check_off = flow.l4_check_off();
         // UDP: leave a zero ("no checksum") as it is.
         let mangled = if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         let failed = |_| Reason::RewriteFailed;
-        if flow.src != new.src || flow.dst != new.dst {
-            let (a, b, c, d) =
-                (addr_words(&flow.src), addr_words(&flow.dst), addr_words(&new.src), addr_words(&new.dst));
-            let addrs = if flow.is_v6() {
-                wsum_diff(
-                    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]],
-                    [c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]],
-                )
-            } else {
-                wsum_diff([a[0], b[0]], [c[0], d[0]])
-            };
+        if addrs_change {
             ctx.l4_csum_replace(check_off, 0, addrs, BPF_F_PSEUDO_HDR as u64 | mangled).map_err(failed)?;
         }
         if flow.sport != new.sport || flow.dport != new.dport {
@@ -173,6 +205,12 @@ pub fn rewrite_tc(ctx: &TcContext, flow: &Flow, new: &Tuple, dec_ttl: bool) -> R
             let ports = wsum_diff([word(flow.sport, flow.dport)], [word(new.sport, new.dport)]);
             ctx.l4_csum_replace(check_off, 0, ports, mangled).map_err(failed)?;
         }
+    }
+    if v6 && (addrs_change || dec_ttl) {
+        // The addresses' change and the hop limit's (see complete_sum_follows_v6; a later
+        // fragment's sum lacks the addresses' change too, with no helper called).
+        let hop = if dec_ttl { hop_limit_diff(flow.ttl) } else { 0 };
+        complete_sum_follows_v6(ctx, add_wsum(addrs, hop));
     }
     rewrite_but_l4_check(ctx, flow, new, dec_ttl, has_l4)?;
     if flow.frag != FRAG_NONE {
