@@ -258,7 +258,10 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
             && (proto != PROTO_TCP
                 || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
     };
-    if !h.partial {
+    // A SYN, FIN or RST moves its connection's state: no slot serves it, so its bucket
+    // (four cache lines, cold for a new connection) is not read.
+    let moves = proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    if !h.partial && !moves {
         if serves(s0) {
             return Ok(Hit::Slot(s0, cache_reason));
         }
@@ -275,7 +278,7 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
 
     // TC: a SYN, FIN or RST always takes the full path, which looks the connection up
     // itself; looking it up here too would only add to a short connection's cost.
-    if TC && proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+    if TC && moves {
         return Ok(Hit::Full);
     }
     let key = ct_key_v4(src, dst, ports, proto);

@@ -164,7 +164,10 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
             && (proto != PROTO_TCP
                 || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
     };
-    if !h.partial {
+    // A SYN, FIN or RST moves its connection's state: no slot serves it, so its bucket
+    // (four cache lines, cold for a new connection) is not read.
+    let moves = proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    if !h.partial && !moves {
         if serves(s0) {
             return Found::Slot(s0, cache_reason);
         }
@@ -179,12 +182,15 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
         }
     }
     // TC: a SYN, FIN or RST always takes the full path (see fastpath's `find`).
-    if TC && proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+    if TC && moves {
         return Found::Code(NOT_CACHED_FULL);
     }
     // As IPv4's: the first slot that holds no other flow's current copy, else the last.
+    // (Never filled for a packet that moves its connection's state: no need to read them.)
     let free = |s: &FlowCacheSlot6| s.free_for(&h.src, &h.dst, ports, proto, generation, now);
-    let slot = if free(s0) {
+    let slot = if moves {
+        s3
+    } else if free(s0) {
         s0
     } else if free(s1) {
         s1
