@@ -328,9 +328,12 @@ pub fn target_of(plan: &Plan, flow: &Flow, to: &mut Tuple) -> (Counted, bool) {
 /// Commits the packet to the connection table: a tracked connection's state moves on
 /// ([`track`]), a new flow is recorded. Leaves the tuple to rewrite to in `new`.
 /// Called once per packet, by the program that goes on to forward it. `cache_new`: for a
-/// new flow, the next hop to cache, written into its original entry before that is
-/// inserted (no lookup of the entry again after it); a tracked connection's caller caches
-/// its next hop itself ([`cache_next_hop`]).
+/// new flow, the next hop to cache (none when its `len_ok` is 0), written into its original
+/// entry before that is inserted (no lookup of the entry again after it); a tracked
+/// connection's caller caches its next hop itself ([`cache_next_hop`]). It is read from the
+/// program's working memory after the SNAT port walk: a value kept in a register across
+/// the walk, one on one path and another on the other, would make the verifier walk it
+/// twice.
 #[inline(always)]
 pub fn commit<C: EbpfContext>(
     ctx: &C,
@@ -339,7 +342,7 @@ pub fn commit<C: EbpfContext>(
     fib: &Fib,
     to: &Tuple,
     new: &mut Tuple,
-    cache_new: Option<NextHopToCache>,
+    cache_new: &NextHopToCache,
 ) -> Result<(), Reason> {
     match plan {
         Plan::Tracked { entry } => {
@@ -408,7 +411,7 @@ pub fn commit_new<C: EbpfContext>(
     snat_src: &[u8; 16],
     new: &mut Tuple,
     fib: &Fib,
-    cache: Option<NextHopToCache>,
+    cache: &NextHopToCache,
 ) -> Result<(), Reason> {
     if flow.proto != PROTO_TCP
         && host_socket(ctx.as_ptr(), flow.proto, flow.family, &flow.src, &flow.dst, flow.sport, flow.dport, true)
@@ -490,7 +493,9 @@ pub fn commit_new<C: EbpfContext>(
         value.seq_end = segment_end(flow.tcp_seq, flow.tcp_payload as u32, flow.tcp_flags);
         value.flags |= CT_SEQ_KNOWN;
     }
-    if let Some(hop) = cache {
+    // SAFETY: a field of this CPU's working memory, read (again) after the walk.
+    let hop = unsafe { core::ptr::read_volatile(cache) };
+    if hop.len_ok != 0 {
         // Not yet in the table: no other program reads it, so no ordering of the stores.
         // SAFETY: helper without arguments (inlined by the verifier).
         let clock = (route_generation(), unsafe { bpf_jiffies64() } as u32);
@@ -691,8 +696,9 @@ pub fn entry_of(plan: Plan, flow: &Flow) -> Option<&'static mut CtValue> {
 }
 
 /// A next hop to keep in a connection's entry beside the FIB's answer: `len_ok`, the
-/// length the FIB has just passed (a GSO packet's segment's at TC); `xdp_ok`, XDP can send
-/// to the egress (`CT_NH_XDP`).
+/// length the FIB has just passed (a GSO packet's segment's at TC; 0: none to keep);
+/// `xdp_ok`, XDP can send to the egress (`CT_NH_XDP`).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct NextHopToCache {
     pub len_ok: u16,

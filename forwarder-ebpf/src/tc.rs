@@ -18,7 +18,7 @@ use forwarder_common::{
 use crate::{
     conntrack::{self, NextHopToCache, Plan},
     fastpath, fastpath6, frag, global, host, icmp, icmp_reply, l2, nat,
-    parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3Dst},
+    parse::{self, FRAG_FIRST, FRAG_LATER, FRAG_NONE, Flow, L3Dst},
     peer,
     route::{self, FIB_FRAG_NEEDED, FIB_NO_NEIGH, FIB_SUCCESS},
     stats, verdict,
@@ -143,8 +143,24 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
             w.fib.rc = FIB_FRAG_NEEDED as i64;
         }
     }
-    // The next hop is cached below, once the packet is known to take it.
-    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, None)?;
+    // A new flow's original entry goes in with its next hop when the packet is sure to take
+    // it, as XDP's does (no lookup of the entry after the commit): a FIB answer with a
+    // neighbour, a whole packet that neither opens nor closes a connection (the next packet
+    // of an opening one caches it), and no peers (which may take the packet elsewhere;
+    // cached below then, once the packet is known to take it).
+    w.hop = NextHopToCache { len_ok: 0, xdp_ok: false };
+    if !host::is_host(&plan)
+        && w.fib.rc == FIB_SUCCESS as i64
+        && w.flow.frag == FRAG_NONE
+        && !opens_or_closes(&w.flow)
+        && !peer::enabled()
+    {
+        w.hop = NextHopToCache {
+            len_ok: route::check_len(ctx, &w.flow),
+            xdp_ok: route::xdp_can_send(ingress, w.fib.ifindex),
+        };
+    }
+    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, &w.hop)?;
     if w.flow.frag == FRAG_FIRST {
         frag::record(&w.flow, &mut w.frag_key)?;
     }
@@ -169,10 +185,12 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
         FIB_SUCCESS if fib.rc >= 0 => {
             // The next packets of this direction take the fast path (fastpath.rs).
             // Not for a SYN, FIN or RST: the fast path never takes those, and the next
-            // packet of an opening connection caches it anyway.
-            let opens_or_closes = flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
-            if flow.frag == FRAG_NONE && !opens_or_closes {
-                if let Some(entry) = conntrack::entry_of(plan, flow) {
+            // packet of an opening connection caches it anyway. A new flow's entry went in
+            // with it, unless peers are on (above).
+            if flow.frag == FRAG_NONE && !opens_or_closes(flow) {
+                let entry =
+                    if peer::enabled() { conntrack::entry_of(plan, flow) } else { conntrack::tracked_entry(plan) };
+                if let Some(entry) = entry {
                     let hop = NextHopToCache {
                         len_ok: route::check_len(ctx, flow),
                         xdp_ok: route::xdp_can_send(ingress, fib.ifindex),
@@ -200,6 +218,12 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
         }
         _ => Ok((TC_ACT_OK, Reason::FibToStack)),
     }
+}
+
+/// A TCP segment with SYN, FIN or RST, which the fast path never takes.
+#[inline(always)]
+fn opens_or_closes(flow: &Flow) -> bool {
+    flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
 }
 
 /// A packet that is not a forward's: when it is addressed to a peer, it goes straight there.

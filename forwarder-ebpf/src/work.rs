@@ -7,8 +7,14 @@ use aya_ebpf::{bindings::bpf_fib_lookup, macros::map, maps::PerCpuArray};
 use forwarder_common::FragKey;
 
 use crate::{
-    conntrack::Tuple, fastpath6::Headers6, host::Pending, icmp::IcmpWork, icmp_reply::IcmpAnswer, parse::Flow,
-    route::Fib, sources::SourceLookup,
+    conntrack::{NextHopToCache, Tuple},
+    fastpath6::Headers6,
+    host::Pending,
+    icmp::IcmpWork,
+    icmp_reply::IcmpAnswer,
+    parse::Flow,
+    route::Fib,
+    sources::SourceLookup,
 };
 
 /// The working memory itself (kernel-internal, not pinned).
@@ -31,6 +37,8 @@ pub struct Work {
     pub source: SourceLookup,
     /// An IPv6 packet's headers as the fast path read them (fastpath6.rs).
     pub headers6: Headers6,
+    /// The next hop a new flow's original entry goes in with (conntrack::commit).
+    pub hop: NextHopToCache,
 }
 
 /// Declared here rather than in maps.rs with the others: its value gathers types of the

@@ -87,7 +87,8 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     }
     // A new flow's original entry goes in with its next hop (no lookup again after it).
     let hop = NextHopToCache { len_ok: w.flow.l3_len, xdp_ok: true };
-    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, Some(hop))?;
+    w.hop = hop;
+    conntrack::commit(ctx, &mut plan, &w.flow, &w.fib, &w.to, &mut w.new, &w.hop)?;
     if let Some(entry) = conntrack::tracked_entry(plan) {
         conntrack::cache_next_hop(entry, &w.flow, &w.new, &w.fib, hop);
     }
