@@ -88,6 +88,36 @@ pub fn ipv6_pseudo_sum_ne(src: &[u32; 4], dst: &[u32; 4], proto: u8, l4_len: u32
     fold(sum as u32)
 }
 
+/// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no
+/// size and `bpf_csum_update` adds it) of replacing the words `old` by `new`, each word the
+/// native-endian word of its four bytes in the packet.
+#[inline(always)]
+pub fn wsum_diff<const N: usize>(old: [u32; N], new: [u32; N]) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < N {
+        sum += (!old[i]) as u64 + new[i] as u64;
+        i += 1;
+    }
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
+}
+
+/// The one's-complement sum of two differences ([`wsum_diff`]'s), in 32 bits.
+#[inline(always)]
+pub fn add_wsum(a: u64, b: u64) -> u64 {
+    let sum = a + b;
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
+}
+
+/// The difference of decrementing the IPv6 hop limit `old`: the last byte of the header's
+/// second word (its first word starts the header, which a sum starts at).
+#[inline(always)]
+pub fn hop_limit_diff(old: u8) -> u64 {
+    wsum_diff([u32::from_ne_bytes([0, 0, 0, old])], [u32::from_ne_bytes([0, 0, 0, old.wrapping_sub(1)])])
+}
+
 /// Full RFC 1071 checksum over a byte slice (host-side helper for tests and tools).
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
@@ -106,7 +136,180 @@ pub fn checksum(data: &[u8]) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
     use super::*;
+
+    /// The kernel's `__wsum` arithmetic, as include/net/checksum.h has it: 32-bit sums with
+    /// the carry added back, words as the CPU loads them.
+    fn csum_add(a: u32, b: u32) -> u32 {
+        let (sum, carry) = a.overflowing_add(b);
+        sum + carry as u32
+    }
+
+    fn csum_fold(sum: u32) -> u16 {
+        !fold(sum)
+    }
+
+    /// `csum_partial`: the sum of the bytes as native-endian 32-bit words.
+    fn csum_partial(bytes: &[u8]) -> u32 {
+        bytes.chunks(4).fold(0, |sum, c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            csum_add(sum, u32::from_ne_bytes(w))
+        })
+    }
+
+    /// A folded sum with one's complement's two zeros made one.
+    fn folded(sum: u32) -> u16 {
+        match fold(sum) {
+            0xffff => 0,
+            f => f,
+        }
+    }
+
+    /// `inet_proto_csum_replace_by_diff` on an skb that is not CHECKSUM_PARTIAL (what
+    /// `bpf_l4_csum_replace` with no size does without BPF_F_IPV6): the L4 checksum field at
+    /// `off` takes `diff`, and a CHECKSUM_COMPLETE sum loses it when `pseudohdr`.
+    fn l4_csum_replace_by_diff(pkt: &mut [u8], off: usize, skb_csum: &mut u32, diff: u64, pseudohdr: bool) {
+        let field = u16::from_ne_bytes([pkt[off], pkt[off + 1]]) as u32;
+        let new = csum_fold(csum_add(diff as u32, !field));
+        pkt[off..off + 2].copy_from_slice(&new.to_ne_bytes());
+        if pseudohdr {
+            *skb_csum = !csum_add(diff as u32, !*skb_csum);
+        }
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u8 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 as u8
+        }
+        fn fill(&mut self, b: &mut [u8]) {
+            b.iter_mut().for_each(|x| *x = self.next());
+        }
+    }
+
+    /// What both rewrites share: the UDP checksum at `check_at` set right (`udp_check` of the
+    /// packet with a zero field), the CHECKSUM_COMPLETE sum of the packet taken, then the
+    /// helpers' part of TC's rewrite to random addresses (in place of those at `addrs`) and
+    /// ports (at `ports_at`): the checksum by the addresses' and the ports' differences.
+    /// Returns the sum as the helpers left it, the addresses' difference, and the new
+    /// addresses and ports, which the caller writes.
+    fn sum_and_helpers(
+        pkt: &mut [u8],
+        rng: &mut Rng,
+        addrs: core::ops::Range<usize>,
+        ports_at: usize,
+        check_at: usize,
+        udp_check: impl Fn(&[u8]) -> u16,
+    ) -> (u32, u64, Vec<u8>, [u8; 4]) {
+        pkt[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+        let check = udp_check(pkt);
+        pkt[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
+        assert_eq!(udp_check(pkt), 0);
+        let mut skb_csum = csum_partial(pkt);
+        let mut new_addrs = vec![0u8; addrs.len()];
+        rng.fill(&mut new_addrs);
+        let mut new_ports = [0u8; 4];
+        rng.fill(&mut new_ports);
+        let word = |b: &[u8], i: usize| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+        let (old, new) = (&pkt[addrs.clone()], &new_addrs);
+        let addrs_diff = (0..old.len() / 4).fold(0, |d, i| add_wsum(d, wsum_diff([word(old, i)], [word(new, i)])));
+        let ports = wsum_diff([word(&pkt[ports_at..], 0)], [u32::from_ne_bytes(new_ports)]);
+        l4_csum_replace_by_diff(pkt, check_at, &mut skb_csum, addrs_diff, true);
+        l4_csum_replace_by_diff(pkt, check_at, &mut skb_csum, ports, false);
+        (skb_csum, addrs_diff, new_addrs, new_ports)
+    }
+
+    /// TC's rewrite of a CHECKSUM_COMPLETE IPv6 UDP packet (nat::rewrite_tc, fastpath6):
+    /// the L4 checksum by the helper's two differences, the rest by direct writes, and
+    /// `bpf_csum_update` of the addresses' and hop limit's difference. skb->csum must then be
+    /// the sum of the packet's bytes as they are, and the UDP checksum valid; without the
+    /// update it is not (what Cilium met, kernel commit ead7f9b8de65).
+    #[test]
+    fn ipv6_rewrite_keeps_a_complete_sum_with_the_update() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for case in 0..2_000 {
+            let payload_len = 1 + case % 40;
+            let mut pkt = vec![0u8; 48 + payload_len];
+            rng.fill(&mut pkt);
+            pkt[0] = 0x60;
+            pkt[4..6].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+            pkt[6] = 17;
+            pkt[7] = 2 + rng.next() % 250;
+            pkt[44..46].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+            let udp_check = |pkt: &[u8]| {
+                let mut pseudo = pkt[8..40].to_vec();
+                pseudo.extend_from_slice(&((pkt.len() - 40) as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 17]);
+                pseudo.extend_from_slice(&pkt[40..]);
+                checksum(&pseudo)
+            };
+            let hop = pkt[7];
+            let (mut skb_csum, addrs, new_addrs, new_ports) =
+                sum_and_helpers(&mut pkt, &mut rng, 8..40, 40, 46, udp_check);
+            pkt[7] = hop - 1;
+            pkt[8..40].copy_from_slice(&new_addrs);
+            pkt[40..44].copy_from_slice(&new_ports);
+            assert_eq!(udp_check(&pkt), 0, "case {case}: UDP checksum");
+
+            let without = skb_csum;
+            skb_csum = csum_add(skb_csum, add_wsum(addrs, hop_limit_diff(hop)) as u32);
+            assert_eq!(folded(skb_csum), folded(csum_partial(&pkt)), "case {case}: skb->csum");
+            if folded(addrs as u32) != 0 {
+                assert_ne!(folded(without), folded(csum_partial(&pkt)), "case {case}: control");
+            }
+        }
+    }
+
+    /// The same for IPv4, whose header checksum balances the addresses and TTL: the helper's
+    /// pseudo-header difference alone keeps skb->csum right (no update).
+    #[test]
+    fn ipv4_rewrite_keeps_a_complete_sum_without_an_update() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..2_000 {
+            let payload_len = 1 + case % 40;
+            let mut pkt = vec![0u8; 28 + payload_len];
+            rng.fill(&mut pkt);
+            pkt[0] = 0x45;
+            pkt[2..4].copy_from_slice(&((28 + payload_len) as u16).to_be_bytes());
+            pkt[8] = 2 + rng.next() % 250;
+            pkt[9] = 17;
+            pkt[10..12].copy_from_slice(&[0, 0]);
+            let ip_check = checksum(&pkt[..20]);
+            pkt[10..12].copy_from_slice(&ip_check.to_be_bytes());
+            pkt[24..26].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+            let udp_check = |pkt: &[u8]| {
+                let mut pseudo = pkt[12..20].to_vec();
+                pseudo.extend_from_slice(&[0, 17]);
+                pseudo.extend_from_slice(&((pkt.len() - 20) as u16).to_be_bytes());
+                pseudo.extend_from_slice(&pkt[20..]);
+                checksum(&pseudo)
+            };
+            let (old_addrs, ttl) = (pkt[12..20].to_vec(), pkt[8]);
+            let (skb_csum, _, new_addrs, new_ports) = sum_and_helpers(&mut pkt, &mut rng, 12..20, 20, 26, udp_check);
+            // The IPv4 header by direct writes, its checksum by RFC 1624 (nat::rewrite_tc).
+            let old_sum = sum4([old_addrs[0], old_addrs[1], old_addrs[2], old_addrs[3]])
+                + sum4([old_addrs[4], old_addrs[5], old_addrs[6], old_addrs[7]])
+                + u16::from_be_bytes([ttl, 17]) as u32;
+            let new_sum = sum4([new_addrs[0], new_addrs[1], new_addrs[2], new_addrs[3]])
+                + sum4([new_addrs[4], new_addrs[5], new_addrs[6], new_addrs[7]])
+                + u16::from_be_bytes([ttl - 1, 17]) as u32;
+            let ip_check = update(u16::from_be_bytes([pkt[10], pkt[11]]), old_sum, new_sum);
+            pkt[8] = ttl - 1;
+            pkt[10..12].copy_from_slice(&ip_check.to_be_bytes());
+            pkt[12..20].copy_from_slice(&new_addrs);
+            pkt[20..24].copy_from_slice(&new_ports);
+            assert_eq!(checksum(&pkt[..20]), 0, "case {case}: IPv4 header checksum");
+            assert_eq!(udp_check(&pkt), 0, "case {case}: UDP checksum");
+            assert_eq!(folded(skb_csum), folded(csum_partial(&pkt)), "case {case}: skb->csum");
+        }
+    }
 
     /// The word-wise IPv6 pseudo-header sum is the byte-wise one, as the field's bytes.
     #[test]

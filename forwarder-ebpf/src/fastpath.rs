@@ -36,7 +36,7 @@ use forwarder_common::{
         CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, TCP_FIN, TCP_RST, TCP_SYN, UDP_UNREPLIED, segment_end, seq_after,
         tcp_keeps_state,
     },
-    csum::{apply_delta, ipv4_pseudo_seed},
+    csum::{apply_delta, ipv4_pseudo_seed, wsum_diff},
     flow_cache_bucket, next_hop_current,
 };
 
@@ -475,28 +475,6 @@ fn send_tc(ctx: &TcContext, h: &Headers, s: &FlowCacheSlot, how: Reason) -> Outc
 pub(crate) fn checksum_verified(ctx: &TcContext) -> bool {
     // SAFETY: a helper that only reads the skb's checksum state.
     unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_QUERY as u64) >= 0 }
-}
-
-/// The one's-complement difference (a `__wsum`, as `bpf_l4_csum_replace` takes it with no
-/// size) of replacing the words `old` by `new`.
-#[inline(always)]
-pub(crate) fn wsum_diff<const N: usize>(old: [u32; N], new: [u32; N]) -> u64 {
-    let mut sum = 0u64;
-    let mut i = 0;
-    while i < N {
-        sum += (!old[i]) as u64 + new[i] as u64;
-        i += 1;
-    }
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    (sum & 0xffff_ffff) + (sum >> 32)
-}
-
-/// The one's-complement sum of two differences (`wsum_diff`'s), in 32 bits.
-#[inline(always)]
-pub(crate) fn add_wsum(a: u64, b: u64) -> u64 {
-    let sum = a + b;
-    let sum = (sum & 0xffff_ffff) + (sum >> 32);
-    (sum & 0xffff_ffff) + (sum >> 32)
 }
 
 /// TC's rewrite of an skb whose checksums may be anything: the L4 checksum through the skb

@@ -19,7 +19,7 @@ use forwarder_common::{
     conntrack::{
         CT_NH_XDP, CT_SEQ_KNOWN, SEQ_SYNC_BYTES, TCP_FIN, TCP_RST, TCP_SYN, segment_end, seq_after, tcp_keeps_state,
     },
-    csum::{apply_delta, ipv6_pseudo_sum_ne},
+    csum::{add_wsum, apply_delta, hop_limit_diff, ipv6_pseudo_sum_ne, wsum_diff},
     flow_cache_bucket6, next_hop_current,
 };
 
@@ -27,11 +27,11 @@ use crate::{
     conntrack::route_generation,
     ctx::{Packet, read, read_words, write},
     fastpath::{
-        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, add_wsum, bucket,
-        checksum_verified, moves_state_of, segment_len, tc_gso_size, wsum_diff,
+        NOT_CACHED_FULL, NOT_CACHED_NO_MATCH, NOT_CACHED_TO_TC, NOT_CACHED_UNTRACKED, bucket, checksum_verified,
+        moves_state_of, segment_len, tc_gso_size,
     },
     maps::{FWD_CT_V4, FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_TX_PORTS},
-    nat::{complete_sum_follows_v6, hop_limit_diff},
+    nat::complete_sum_follows_v6,
     parse::{ETH_LEN, IPV6_HOP_LIMIT_OFF, IPV6_LEN, IPV6_SRC_OFF, L3_OFF, L4_OFF_V6, addr_bytes, addr_words},
     rules, stats,
     verdict::{Outcome, pack},

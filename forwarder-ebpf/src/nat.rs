@@ -8,13 +8,16 @@ use aya_ebpf::{
     helpers::bpf_csum_update,
     programs::TcContext,
 };
-use forwarder_common::{PROTO_UDP, Reason, csum::update};
+use forwarder_common::{
+    PROTO_UDP, Reason,
+    csum::{add_wsum, hop_limit_diff, update, wsum_diff},
+};
 
 use crate::{
     conntrack::Tuple,
     csum::sum_addr,
     ctx::{Packet, read, write},
-    fastpath::{add_wsum, checksum_verified, wsum_diff},
+    fastpath::checksum_verified,
     parse::{
         FRAG_LATER, FRAG_NONE, Flow, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IPV4_TTL_OFF, IPV6_DST_OFF,
         IPV6_HOP_LIMIT_OFF, IPV6_SRC_OFF, addr_words,
@@ -137,13 +140,6 @@ pub fn replace_addr(
 pub fn complete_sum_follows_v6(ctx: &TcContext, diff: u64) {
     // SAFETY: helper call on our own skb; it only adds to skb->csum of a COMPLETE skb.
     unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
-}
-
-/// The sum's change when the hop limit `old` (the last byte of the IPv6 header's second
-/// word) is decremented.
-#[inline(always)]
-pub fn hop_limit_diff(old: u8) -> u64 {
-    wsum_diff([u32::from_ne_bytes([0, 0, 0, old])], [u32::from_ne_bytes([0, 0, 0, old.wrapping_sub(1)])])
 }
 
 /// Decrements the TTL / hop limit of a packet TC sends itself.
