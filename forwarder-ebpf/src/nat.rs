@@ -1,7 +1,8 @@
 //! The address/port rewrite of a packet with its checksums, once by direct writes (RFC 1624
 //! incremental updates: XDP, and TC for a verified skb) and once with the L4 checksum
-//! through the kernel's skb helpers (TC), which also know about checksum offload state. IPv4 and IPv6; IPv6 has no
-//! header checksum, and its addresses enter the L4 pseudo header with all 16 bytes.
+//! through the kernel's skb helpers (TC), which also know about checksum offload state.
+//! IPv4 and IPv6; IPv6 has no header checksum, and its addresses enter the L4 pseudo header
+//! with all 16 bytes.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},

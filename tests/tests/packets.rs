@@ -375,6 +375,23 @@ fn tc_tcp_and_udp_get_the_same_rewrite() {
     });
 }
 
+/// A new UDP flow goes into the connection table with its next hop, in TC as in XDP: the
+/// flow's next datagram takes the fast path's entry at once, rewritten to the same bytes.
+#[test]
+fn tc_new_udp_flow_goes_in_with_its_next_hop() {
+    with_fixture(CONFIG, |fx| {
+        let query = udp_frame(CLIENT_MAC, fx.v0_mac, CLIENT, ROUTER_IN, 6120, 53, b"query");
+        let (verdict, first) = fx.tc(&query, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (full, entry) = (fx.reason(Reason::RedirectTc), fx.reason(Reason::RedirectTcCached));
+        assert_eq!(full, 1, "the new flow took the full path");
+        let (verdict, second) = fx.tc(&query, fx.v0);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!((fx.reason(Reason::RedirectTc), fx.reason(Reason::RedirectTcCached)), (full, entry + 1));
+        assert_eq!(first, second, "the entry's rewrite is the full path's");
+    });
+}
+
 /// TC's fast path, as XDP's: once the full path has forwarded a packet of a connection,
 /// the next ones of that direction are rewritten from the entry's cached next hop, then
 /// from TC's flow cache, byte for byte as the full path would (TCP, UDP, UDP without a
