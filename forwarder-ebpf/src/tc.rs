@@ -168,7 +168,7 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
         // Committed: host::deliver, beside this frame, rewrites and hands it over.
         return Err(Reason::ToHostBackend);
     }
-    let (flow, new, fib) = (&w.flow, &w.new, &w.fib);
+    let (flow, new, fib, hop_at_commit) = (&w.flow, &w.new, &w.fib, w.hop);
     if peer::enabled() {
         let dst = L3Dst::of_flow_to(flow, new.dst);
         if let Some(p) = peer::lookup(&dst).filter(|p| p.state == PEER_DIRECT) {
@@ -191,9 +191,14 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
                 let entry =
                     if peer::enabled() { conntrack::entry_of(plan, flow) } else { conntrack::tracked_entry(plan) };
                 if let Some(entry) = entry {
-                    let hop = NextHopToCache {
-                        len_ok: route::check_len(ctx, flow),
-                        xdp_ok: route::xdp_can_send(ingress, fib.ifindex),
+                    // The hop worked out before the commit, unless peers are on.
+                    let hop = if hop_at_commit.len_ok != 0 {
+                        hop_at_commit
+                    } else {
+                        NextHopToCache {
+                            len_ok: route::check_len(ctx, flow),
+                            xdp_ok: route::xdp_can_send(ingress, fib.ifindex),
+                        }
                     };
                     conntrack::cache_next_hop(entry, flow, new, fib, hop);
                 }
