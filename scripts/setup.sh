@@ -7,7 +7,7 @@ set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
 need_pkgs=(rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-    iproute2 iputils-ping ethtool socat iperf3 iptables nftables bpftool tcpdump hping3
+    iproute2 iputils-ping ethtool socat iperf3 iptables nftables conntrack bpftool tcpdump hping3
     binutils man-db systemd buildah python3)
 
 missing=()

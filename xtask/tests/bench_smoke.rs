@@ -101,6 +101,11 @@ fn quick_bench_gives_every_contender_its_figures() {
             let counts = c["reasons"][workload].as_object();
             assert!(counts.is_some_and(|m| !m.is_empty()), "{}: reasons of {workload}: {counts:?}", c["id"]);
         }
+        // The new flows came in rounds (3 in quick mode), each of at most 30,000 SYNs (the
+        // generator's budget), the connection table emptied between them: more SYNs than
+        // one round holds, each new to the router (a flush that failed fails the figure).
+        let syns: u64 = c["reasons"]["new flows"].as_object().unwrap().values().filter_map(|v| v.as_u64()).sum();
+        assert!(syns > 30_000, "{}: {syns} SYNs, not several rounds", c["id"]);
     }
     // The many-backends workload: the UDP forward over 16 backends through every contender
     // that spreads one forward over several, with its many-flows figures; forwarder's flows

@@ -169,6 +169,26 @@ impl Contender {
     }
 }
 
+impl Contender {
+    /// Empties the contender's connection table (between the new-flows workload's rounds):
+    /// conntrack's in the router namespace for iptables and nftables (`conntrack -F`),
+    /// forwarder's through its pinned maps (as `forwarder conntrack flush`); the others keep
+    /// no connections.
+    pub fn forget_connections(self, topo: &BenchTopo, running: &Running) -> Result<()> {
+        match self {
+            Contender::Iptables | Contender::Nftables => {
+                run_ok(topo.chain.router.cmd("conntrack").args(["-F"]))?;
+            }
+            Contender::ForwarderTc | Contender::ForwarderXdpGeneric | Contender::ForwarderXdpNative => {
+                let daemon = running.daemon.as_ref().context("forwarder runs without its daemon")?;
+                forwarder::connections::flush(&daemon.pin_path, None)?;
+            }
+            Contender::KernelRouting | Contender::Socat | Contender::RedirectOnly => {}
+        }
+        Ok(())
+    }
+}
+
 /// What keeps a contender running; dropping it stops processes and detaches programs.
 #[derive(Default)]
 pub struct Running {

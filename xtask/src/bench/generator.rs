@@ -130,6 +130,14 @@ impl Generator {
         Ok(Self { ebpf, frame, first_call, budget })
     }
 
+    /// Starts the flows over: the next frame is the first run's first again.
+    pub fn rewind(&mut self) -> Result<()> {
+        let map = self.ebpf.map_mut("BENCH_GEN_SEQ").context("BENCH_GEN_SEQ")?;
+        let mut seq: Array<_, u64> = Array::try_from(map)?;
+        seq.set(0, 0, 0).context("rewinding the generator")?;
+        Ok(())
+    }
+
     /// Sends frames as fast as one thread can for `duration` (or until its budget is sent).
     pub fn run(&self, topo: &BenchTopo, duration: Duration) -> Result<Offered> {
         let prog: &Xdp = self.ebpf.program("bench_trafficgen").context("generator program")?.try_into()?;

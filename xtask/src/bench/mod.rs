@@ -43,8 +43,11 @@ pub struct Plan {
     /// Backends of the UDP forward in the many-backends workload.
     pub many_backends: usize,
     pub iperf_seconds: u32,
-    /// The new-flows workload: how long the SYNs are sent per repetition.
+    /// The new-flows workload: how long the SYNs are sent per round at most (the SYN budget
+    /// usually ends a round sooner), and rounds per repetition (the connection table emptied
+    /// between them).
     pub new_flow_seconds: f64,
+    pub new_flow_rounds: u32,
     pub round_trips: usize,
     pub connect_seconds: f64,
     /// Connection churn: how long, the window requests/s are counted in, how many clients.
@@ -68,6 +71,7 @@ impl Plan {
             many_backends: 16,
             iperf_seconds: 1,
             new_flow_seconds: 0.5,
+            new_flow_rounds: 3,
             round_trips: 1000,
             connect_seconds: 0.5,
             churn_seconds: 4.0,
@@ -89,6 +93,7 @@ impl Plan {
             many_backends: 16,
             iperf_seconds: 3,
             new_flow_seconds: 2.0,
+            new_flow_rounds: 10,
             round_trips: 5000,
             connect_seconds: 2.0,
             churn_seconds: 30.0,
@@ -637,8 +642,15 @@ fn measure_contender(
         topo.router_gro(true)?;
         connection_tables.get_or_insert_with(|| ConnectionTables::read(&topo));
         let before = reason_counts(&running);
-        let r = Generator::syns(&topo, addressing.syn_target()).and_then(|generator| {
-            new_flow_rate(&topo, &generator, Duration::from_secs_f64(plan.new_flow_seconds), &running.pids())
+        let r = Generator::syns(&topo, addressing.syn_target()).and_then(|mut generator| {
+            new_flow_rate(
+                &topo,
+                &mut generator,
+                Duration::from_secs_f64(plan.new_flow_seconds),
+                &running.pids(),
+                plan.new_flow_rounds,
+                || contender.forget_connections(&topo, &running),
+            )
         });
         let r = r.map(|rate| {
             record(Figure::NewFlowsPerSecond, rate.delivered_pps);

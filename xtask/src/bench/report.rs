@@ -515,16 +515,19 @@ fn new_flows_section(r: &Results) -> String {
     if measured.is_empty() {
         return md;
     }
-    let seconds = r.plan.new_flow_seconds;
+    let (seconds, rounds) = (r.plan.new_flow_seconds, r.plan.new_flow_rounds);
     let budget = super::generator::SYN_BUDGET;
     let _ = write!(
         md,
         "\n## New flows\n\nThe router's cost of a new connection: the generator sends minimum-size TCP SYNs (60 \
          bytes, MSS option, valid IPv4 and TCP checksums) to the forward's listen address and port (the server's \
-         for kernel routing and the redirect-only ceiling), for {seconds} s per repetition or until {budget} are sent (fewer than the SNAT ports below, so the \
+         for kernel routing and the redirect-only ceiling), in {rounds} rounds per repetition, each for at most {seconds} s or until {budget} are sent (fewer than the SNAT ports below, so the \
          figures are the cost of flows the router takes, not of running out of ports), with no warm-up, each \
          from a source (address, port) of its own: ports 1024–65535, then the same from the client subnet's next \
-         address (192.0.2.2 to .254). The server's XDP sink counts the SYNs that arrive and drops them, so none is \
+         address (192.0.2.2 to .254). Between rounds, outside the count, the contender's connection table is \
+         emptied (`conntrack -F` in the router namespace; forwarder's table as `forwarder conntrack flush` \
+         empties it) and the generator starts over, so every round's SYNs are new flows again; the figures are \
+         over all rounds (one round lasts a fraction of a second, too short for the CPU time on its own). The server's XDP sink counts the SYNs that arrive and drops them, so none is \
          answered and every one is a new flow for conntrack or forwarder. `new flows/s delivered` is what the sink \
          counted per second, `new flows/s offered` what the generator sent, `new flows dropped` their difference \
          in frames (a total over the repetitions): SYNs the router dropped. `CPU/new flow` is measured as CPU per \
@@ -546,7 +549,7 @@ fn new_flows_section(r: &Results) -> String {
              under DNAT+SNAT a source port toward the one backend: {} for netfilter (1024–65535), \
              {forwarder_ports} for forwarder (the same range less the router's ephemeral ports, \
              `net.ipv4.ip_local_port_range`, which it leaves to the host's own sockets by default). The generator \
-             sends {} distinct SYNs before one repeats. The most offered in one repetition of this run was about \
+             sends {} distinct SYNs before one repeats. The most offered in one round of this run (the tables are emptied between rounds) was about \
              {:.0}",
             t.forwarder_entries, t.snat_ports, t.distinct_syns, offered_most
         );

@@ -55,16 +55,70 @@ pub fn udp_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, hel
 }
 
 /// New flows through the router: the generator's SYNs ([`Generator::syns`]), every one a new
-/// connection, for `duration`, measured as [`udp_rate`] measures UDP (delivered = the SYNs
-/// the sink counted) but with no warm-up, which would take connection entries and SNAT
-/// ports before the count starts.
-pub fn new_flow_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<UdpRate> {
-    frame_rate(topo, generator, duration, helpers)
+/// connection, measured as [`udp_rate`] measures UDP (delivered = the SYNs the sink counted)
+/// but with no warm-up, which would take connection entries and SNAT ports before the count
+/// starts. `rounds` runs of at most `duration` each, the same SYNs every round: before each
+/// round after the first, `forget` empties the contender's connection table (outside the
+/// count) and the generator starts over, so every round is the first round's flows again,
+/// new to the router. One round is a fraction of a second (the SYN budget); several make
+/// the CPU figure less a matter of where the scheduler's ticks fell.
+pub fn new_flow_rate(
+    topo: &BenchTopo,
+    generator: &mut Generator,
+    duration: Duration,
+    helpers: &[u32],
+    rounds: u32,
+    mut forget: impl FnMut() -> Result<()>,
+) -> Result<UdpRate> {
+    let mut total = FrameCount::default();
+    for round in 0..rounds.max(1) {
+        if round > 0 {
+            forget().context("emptying the connection table between rounds")?;
+            generator.rewind()?;
+        }
+        total += count_frames(topo, generator, duration, helpers)?;
+    }
+    Ok(total.rate())
+}
+
+/// What counted generator runs offered and delivered, over how long, at what CPU time.
+#[derive(Clone, Copy, Debug, Default)]
+struct FrameCount {
+    offered: u64,
+    delivered: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+}
+
+impl std::ops::AddAssign for FrameCount {
+    fn add_assign(&mut self, o: Self) {
+        self.offered += o.offered;
+        self.delivered += o.delivered;
+        self.seconds += o.seconds;
+        self.cpu_seconds += o.cpu_seconds;
+    }
+}
+
+impl FrameCount {
+    fn rate(self) -> UdpRate {
+        UdpRate {
+            offered_pps: self.offered as f64 / self.seconds,
+            delivered_pps: self.delivered as f64 / self.seconds,
+            offered: self.offered,
+            delivered: self.delivered,
+            cpu_ns_per_packet: (self.delivered > 0).then(|| self.cpu_seconds * 1e9 / self.delivered as f64),
+        }
+    }
 }
 
 /// One counted generator run: frames offered and delivered, and the CPU of the generator
 /// thread, ksoftirqd and `helpers` per delivered frame.
 fn frame_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<UdpRate> {
+    Ok(count_frames(topo, generator, duration, helpers)?.rate())
+}
+
+/// [`frame_rate`]'s counts.
+fn count_frames(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<FrameCount> {
     let mut tasks = ksoftirqd_pids()?;
     tasks.extend_from_slice(helpers);
     let delivered_before = topo.delivered()?;
@@ -73,14 +127,11 @@ fn frame_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, helpe
     std::thread::sleep(DRAIN);
     let ticks = tasks_ticks(&tasks).saturating_sub(ticks_before);
     let delivered = topo.delivered()?.saturating_sub(delivered_before);
-    let seconds = offered.elapsed.as_secs_f64();
-    let cpu_seconds = offered.cpu.as_secs_f64() + ticks as f64 / ticks_per_second() as f64;
-    Ok(UdpRate {
-        offered_pps: offered.frames as f64 / seconds,
-        delivered_pps: delivered as f64 / seconds,
+    Ok(FrameCount {
         offered: offered.frames,
         delivered,
-        cpu_ns_per_packet: (delivered > 0).then(|| cpu_seconds * 1e9 / delivered as f64),
+        seconds: offered.elapsed.as_secs_f64(),
+        cpu_seconds: offered.cpu.as_secs_f64() + ticks as f64 / ticks_per_second() as f64,
     })
 }
 
@@ -575,6 +626,22 @@ impl Drop for EchoServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_add_up_before_the_ratios_are_taken() {
+        let mut total = FrameCount::default();
+        total += FrameCount { offered: 30_000, delivered: 30_000, seconds: 0.1, cpu_seconds: 0.06 };
+        total += FrameCount { offered: 10_000, delivered: 9_000, seconds: 0.1, cpu_seconds: 0.03 };
+        let rate = total.rate();
+        assert_eq!((rate.offered, rate.delivered), (40_000, 39_000));
+        assert!((rate.offered_pps - 200_000.0).abs() < 1e-6);
+        assert!((rate.delivered_pps - 195_000.0).abs() < 1e-6);
+        // CPU over every delivered frame (0.09 s / 39,000), not a mean of the rounds' own
+        // figures (2000 and 3333 ns).
+        let ns = rate.cpu_ns_per_packet.expect("frames were delivered");
+        assert!((ns - 0.09e9 / 39_000.0).abs() < 1e-6, "{ns}");
+        assert_eq!(FrameCount { seconds: 1.0, ..FrameCount::default() }.rate().cpu_ns_per_packet, None);
+    }
 
     fn windows(n: u32) -> Windows {
         let plan =
