@@ -145,8 +145,9 @@ pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
 
 /// A forward's listen side: what a packet's destination must be to match.
 /// Wildcard listen addresses (0.0.0.0, ::) are expanded by userspace into one key per
-/// local address, so the kernel makes exactly one lookup.
-#[repr(C)]
+/// local address, so the kernel makes exactly one lookup. 4-aligned (its size and layout
+/// as without), so its address is built in words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FwdKey {
     /// Destination address, network order; IPv4 in the first 4 bytes.
@@ -357,8 +358,10 @@ pub const fn source_prefix_len(addr_bits: u32) -> u32 {
 /// forward id -> u64 (per-CPU array, sized as [`FWD_FWD_STATS`]).
 pub const FWD_FWD_DENIED: &str = "FWD_FWD_DENIED";
 
-/// A flow as seen on the wire: the tuple of one direction.
-#[repr(C)]
+/// A flow as seen on the wire: the tuple of one direction. 8-aligned (its size and
+/// layout as without): the kernel side then builds and copies its addresses in 64-bit
+/// words, not byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
     pub src_addr: [u8; 16],
@@ -956,8 +959,8 @@ pub const fn mapped_of_v4(a: &[u8; 16]) -> [u8; 16] {
 
 /// The datagram a fragment belongs to, as on the wire before translation (RFC 791 and
 /// RFC 8200: source, destination, protocol and identification tell one datagram's
-/// fragments from all others).
-#[repr(C)]
+/// fragments from all others). 8-aligned, as [`CtKey`].
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
     pub src_addr: [u8; 16],

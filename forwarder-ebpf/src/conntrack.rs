@@ -32,7 +32,8 @@ use crate::{
 };
 
 /// An address + port tuple of one direction (network order; IPv4 in the first 4 bytes).
-#[repr(C)]
+/// 8-aligned, as [`Flow`](crate::parse::Flow), so its addresses are copied in words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct Tuple {
     pub src: [u8; 16],

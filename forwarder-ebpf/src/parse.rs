@@ -43,13 +43,15 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
 
 /// The fields of a TCP/UDP packet that the NAT reads. Addresses (IPv4 in the first four
-/// bytes) and ports as on the wire (network order).
-#[repr(C)]
+/// bytes) and ports as on the wire (network order). The addresses first and the whole
+/// 8-aligned: the compiler then copies an address in two 64-bit words (keys, entries, FIB
+/// parameters) where it otherwise copied it byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct Flow {
-    pub family: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    pub family: u8,
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub proto: u8,
