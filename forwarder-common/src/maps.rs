@@ -159,7 +159,7 @@ pub struct FwdKey {
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
 }
-const _: () = assert!(size_of::<FwdKey>() == 20);
+const _: () = assert!(size_of::<FwdKey>() == 20 && align_of::<FwdKey>() == 4);
 
 /// No source rewrite: the backend must route replies back through this host.
 pub const SNAT_OFF: u8 = 0;
@@ -372,7 +372,7 @@ pub struct CtKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<CtKey>() == 40);
+const _: () = assert!(size_of::<CtKey>() == 40 && align_of::<CtKey>() == 8);
 
 /// Direction of a conntrack entry: the client's packets towards the backend.
 pub const CT_DIR_ORIGINAL: u8 = 0;
@@ -973,7 +973,7 @@ pub struct FragKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<FragKey>() == 40);
+const _: () = assert!(size_of::<FragKey>() == 40 && align_of::<FragKey>() == 8);
 
 /// The L4 ports of a fragmented datagram, read from its first fragment.
 #[repr(C)]

@@ -41,6 +41,7 @@ pub struct Tuple {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
 }
+const _: () = assert!(align_of::<Tuple>() == 8);
 
 /// What to do with a matching packet.
 pub enum Plan {

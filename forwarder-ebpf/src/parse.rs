@@ -77,6 +77,8 @@ pub struct Flow {
     pub frag_id: u32,
 }
 
+const _: () = assert!(align_of::<Flow>() == 8 && core::mem::offset_of!(Flow, dst) == 16);
+
 impl Flow {
     #[inline(always)]
     pub fn is_v6(&self) -> bool {
