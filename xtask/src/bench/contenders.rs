@@ -167,9 +167,7 @@ impl Contender {
         }
         Ok(running)
     }
-}
 
-impl Contender {
     /// Empties the contender's connection table (between the new-flows workload's rounds):
     /// conntrack's in the router namespace for iptables and nftables (`conntrack -F`),
     /// forwarder's through its pinned maps (as `forwarder conntrack flush`); the others keep
