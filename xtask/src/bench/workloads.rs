@@ -51,7 +51,7 @@ pub fn udp_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, hel
     // Warm-up: flows created, caches warm, before anything is counted.
     generator.run(topo, Duration::from_millis(100))?;
     std::thread::sleep(DRAIN);
-    frame_rate(topo, generator, duration, helpers)
+    Ok(count_frames(topo, generator, duration, helpers)?.rate())
 }
 
 /// New flows through the router: the generator's SYNs ([`Generator::syns`]), every one a new
@@ -111,13 +111,8 @@ impl FrameCount {
     }
 }
 
-/// One counted generator run: frames offered and delivered, and the CPU of the generator
-/// thread, ksoftirqd and `helpers` per delivered frame.
-fn frame_rate(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<UdpRate> {
-    Ok(count_frames(topo, generator, duration, helpers)?.rate())
-}
-
-/// [`frame_rate`]'s counts.
+/// One counted generator run: frames offered and delivered, and the CPU time of the
+/// generator thread, ksoftirqd and `helpers` ([`FrameCount::rate`] makes it per frame).
 fn count_frames(topo: &BenchTopo, generator: &Generator, duration: Duration, helpers: &[u32]) -> Result<FrameCount> {
     let mut tasks = ksoftirqd_pids()?;
     tasks.extend_from_slice(helpers);
