@@ -55,6 +55,24 @@ pub const FWD_CT: &str = "FWD_CT";
 /// neighbours, links, addresses or the config change; a connection's cached next hop is
 /// used only while the generation it was looked up under is current.
 pub const FWD_ROUTE_GEN: &str = "FWD_ROUTE_GEN";
+/// Routing facts userspace keeps for the programs: index 0 -> u32 of `ROUTE_*` bits (array
+/// of one). The rtnetlink watch of the daemon writes it as the rules and the multipath hash
+/// policies change, and clears it as it stops; 0 (nothing known) keeps every use of it off.
+pub const FWD_ROUTE_FLAGS: &str = "FWD_ROUTE_FLAGS";
+/// [`FWD_ROUTE_FLAGS`] bit: the FIB's answer does not depend on a packet's L4 ports here (no
+/// policy rule matches ports, and neither family's multipath hash takes them), so one answer
+/// serves every flow between the same two addresses ([`FWD_FIB_MEMO`]).
+pub const ROUTE_PORTS_IGNORED: u32 = 1;
+/// The FIB memo: slot -> [`FibMemoSlot`] (per-CPU array of [`FIB_MEMO_SLOTS`],
+/// kernel-internal, not pinned). The last FIB answer with a neighbour for a (source,
+/// destination, ingress) of the full path, so a client's next new connection to the same
+/// backend skips the lookup; used only under [`ROUTE_PORTS_IGNORED`] and, like a
+/// connection's cached next hop, only in the route generation and [`NH_MAX_AGE_JIFFIES`]
+/// it was looked up in.
+pub const FWD_FIB_MEMO: &str = "FWD_FIB_MEMO";
+/// Slots of [`FWD_FIB_MEMO`] per CPU (direct-mapped, see [`fib_memo_slot`]).
+pub const FIB_MEMO_SLOTS: u32 = 256;
+const _: () = assert!(FIB_MEMO_SLOTS.is_power_of_two());
 /// A cached next hop is looked up again after this many jiffies even without a route
 /// change (1 s at HZ=250; 2.5 s at most, at HZ=100). It also bounds how stale
 /// `CtValue::last_seen_ns` gets, since the fast path does not refresh it.
@@ -562,6 +580,47 @@ impl CtValueV2 {
             ..CtValueV3::default()
         }
     }
+}
+
+/// One slot of the FIB memo ([`FWD_FIB_MEMO`]): the FIB's answer (a route with a neighbour)
+/// for the inputs it is keyed by; the ports are not among them, which is why the memo needs
+/// [`ROUTE_PORTS_IGNORED`]. IPv4 addresses in the first 4 bytes, the rest zero.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FibMemoSlot {
+    /// The destination and source the FIB was asked about.
+    pub dst: [u8; 16],
+    pub src: [u8; 16],
+    /// The route's preferred source, when `want_src` (SNAT auto asked for it).
+    pub pref_src: [u8; 16],
+    /// The device the packet arrived on (part of the question: rules may match it).
+    pub ingress: u32,
+    /// The answer's egress device; 0: an empty slot.
+    pub ifindex: u32,
+    /// Route generation ([`FWD_ROUTE_GEN`]) and jiffies (low 32 bits) of the lookup.
+    pub generation: u32,
+    pub jiffies: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The length the FIB's MTU check passed; a longer packet asks the FIB again.
+    pub len_ok: u16,
+    pub family: u8,
+    pub proto: u8,
+    /// IPv4 TOS of the question (rules may match it); 0 for IPv6.
+    pub tos: u8,
+    pub want_src: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<FibMemoSlot>() == 88 && align_of::<FibMemoSlot>() == 8);
+
+/// The [`FWD_FIB_MEMO`] slot of a (source, destination, ingress, protocol); the addresses as
+/// native-endian words ([`FibMemoSlot`]'s bytes read four at a time).
+#[inline(always)]
+pub fn fib_memo_slot(src: [u32; 4], dst: [u32; 4], ingress: u32, proto: u8) -> u32 {
+    let a = src[0] ^ src[1].rotate_left(8) ^ src[2].rotate_left(16) ^ src[3].rotate_left(24);
+    let b = dst[0] ^ dst[1].rotate_left(8) ^ dst[2].rotate_left(16) ^ dst[3].rotate_left(24);
+    let h = a ^ b.rotate_left(16) ^ ingress.wrapping_mul(0x9e37_79b1) ^ proto as u32;
+    crate::maglev::fmix32(h) & (FIB_MEMO_SLOTS - 1)
 }
 
 /// One slot of the flow cache ([`FWD_FLOW_CACHE`]): a copy of one direction of a tracked
@@ -1101,6 +1160,7 @@ mod pod {
     unsafe impl aya::Pod for FlowCacheSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowCacheSlot6 {}
+    unsafe impl aya::Pod for FibMemoSlot {}
     unsafe impl aya::Pod for FwdStats {}
     unsafe impl aya::Pod for IfaceConfig {}
     unsafe impl aya::Pod for GlobalConfig {}
@@ -1313,5 +1373,41 @@ mod tests {
         assert_eq!(e.on_send(&b, 53u16.to_be(), 5_999, idle), LocalUdpSend::Refuse, "another address, live");
         assert_eq!(e.on_send(&b, 53u16.to_be(), 6_000, idle), LocalUdpSend::Switch, "quiet for idle_ns");
         assert_eq!(e.on_send(&b, 53u16.to_be(), 4_000, idle), LocalUdpSend::Refuse, "a clock behind the entry's");
+    }
+    #[test]
+    fn fib_memo_slots_spread_clients_and_backends() {
+        // Distinct slots taken by some keys (every slot in range).
+        let spread = |slots: &mut dyn Iterator<Item = u32>| {
+            let mut taken = [false; FIB_MEMO_SLOTS as usize];
+            for i in slots {
+                assert!(i < FIB_MEMO_SLOTS);
+                taken[i as usize] = true;
+            }
+            taken.iter().filter(|&&t| t).count()
+        };
+        let v4 = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
+        let backend = v4([198, 51, 100, 2]);
+        // 256 clients of one /24 to one backend, and one client to 256 backends: a random
+        // spread of 256 keys over 256 slots fills ~162 of them.
+        let clients = spread(&mut (0..=255u8).map(|h| fib_memo_slot(v4([192, 0, 2, h]), backend, 3, 6)));
+        assert!(clients > 140, "{clients} slots");
+        let client = v4([192, 0, 2, 7]);
+        let backends = spread(&mut (0..=255u8).map(|h| fib_memo_slot(client, v4([198, 51, 100, h]), 3, 6)));
+        assert!(backends > 140, "{backends} slots");
+        // The ingress device and the protocol are part of the question.
+        let one = fib_memo_slot(client, backend, 3, 6);
+        assert!((4..20).any(|dev| fib_memo_slot(client, backend, dev, 6) != one));
+        assert_ne!(fib_memo_slot(client, backend, 3, 17), one);
+        // IPv6: every word of both addresses counts.
+        for i in 0..8 {
+            let word = |w: u32| {
+                let mut a =
+                    [[0x0db8_0120u32.to_be(), 0, 0, 1u32.to_be()], [0x0db8_0220u32.to_be(), 0, 0, 2u32.to_be()]];
+                a[i / 4][i % 4] ^= w << 3;
+                fib_memo_slot(a[0], a[1], 3, 6)
+            };
+            let n = spread(&mut (0..64u32).map(word));
+            assert!(n > 30, "word {i}: {n} slots");
+        }
     }
 }

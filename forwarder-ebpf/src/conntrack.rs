@@ -499,8 +499,8 @@ pub fn commit_new<C: EbpfContext>(
     let hop = unsafe { core::ptr::read_volatile(cache) };
     if hop.len_ok != 0 {
         // Not yet in the table: no other program reads it, so no ordering of the stores.
-        // SAFETY: helper without arguments (inlined by the verifier).
-        let clock = (route_generation(), unsafe { bpf_jiffies64() } as u32);
+        // It ages from the FIB's answer (which may come from the FIB memo).
+        let clock = (route_generation(), fib.looked_up);
         write_next_hop(value, flow, new, fib, hop, clock);
         value.nh_ifindex = fib.ifindex;
     }
@@ -724,7 +724,8 @@ pub fn cache_next_hop(entry: &mut CtValue, flow: &Flow, new: &Tuple, fib: &Fib, 
     unsafe {
         core::ptr::write_volatile(&mut entry.nh_ifindex, 0);
     }
-    write_next_hop(entry, flow, new, fib, NextHopToCache { len_ok, ..hop }, (generation, now));
+    // It ages from the FIB's answer (which may come from the FIB memo, route::lookup_memo).
+    write_next_hop(entry, flow, new, fib, NextHopToCache { len_ok, ..hop }, (generation, fib.looked_up));
     // SAFETY: as above.
     unsafe {
         core::ptr::write_volatile(&mut entry.nh_ifindex, fib.ifindex);

@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     BackendKey, BackendValue, CtKey, CtValue, DEFAULT_CT_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FORWARDS,
-    FLOW_CACHE_SLOTS, FRAG_ENTRIES, FlowCacheSlot, FlowCacheSlot6, FragKey, FragValue, FwdKey, FwdMeta, FwdStats,
-    FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey, LocalUdpOrig, MAX_IFACES,
-    MAX_PEERS, MaglevTable, PeerKey, PeerStats, PeerValue, PortRanges, REASON_SLOTS, SOURCE_LIST_ENTRIES, SourceKey,
+    FIB_MEMO_SLOTS, FLOW_CACHE_SLOTS, FRAG_ENTRIES, FibMemoSlot, FlowCacheSlot, FlowCacheSlot6, FragKey, FragValue,
+    FwdKey, FwdMeta, FwdStats, FwdValue, GlobalConfig, IfaceConfig, LOCAL_SOCKET_ENTRIES, LocalOrig, LocalUdpKey,
+    LocalUdpOrig, MAX_IFACES, MAX_PEERS, MaglevTable, PeerKey, PeerStats, PeerValue, PortRanges, REASON_SLOTS,
+    SOURCE_LIST_ENTRIES, SourceKey,
 };
 
 #[map(name = "FWD_RULES_V2")]
@@ -47,6 +48,14 @@ pub static FWD_CT_V4: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAUL
 /// or config change; cached next hops of another generation are not used.
 #[map(name = "FWD_ROUTE_GEN")]
 pub static FWD_ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Routing facts from userspace (index 0, `ROUTE_*` bits; see forwarder_common).
+#[map(name = "FWD_ROUTE_FLAGS")]
+pub static FWD_ROUTE_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// This CPU's FIB memo (forwarder_common::FibMemoSlot; kernel-internal, see route).
+#[map(name = "FWD_FIB_MEMO")]
+pub static FWD_FIB_MEMO: PerCpuArray<FibMemoSlot> = PerCpuArray::with_max_entries(FIB_MEMO_SLOTS, 0);
 
 /// This CPU's flow cache (forwarder_common::FlowCacheSlot; kernel-internal, see fastpath).
 #[map(name = "FWD_FLOW_CACHE")]

@@ -3,14 +3,17 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup},
-    helpers::bpf_fib_lookup as fib_lookup_helper,
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_jiffies64},
     programs::TcContext,
 };
-use forwarder_common::{IFACE_TC_PEER, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC, PROTO_TCP};
+use forwarder_common::{
+    FibMemoSlot, IFACE_TC_PEER, IFACE_XDP_EGRESS_OK, IFACE_XDP_GENERIC, PROTO_TCP, ROUTE_PORTS_IGNORED, fib_memo_slot,
+    next_hop_current,
+};
 
 use crate::{
-    conntrack::Tuple,
-    maps::FWD_IFACES,
+    conntrack::{Tuple, route_generation},
+    maps::{FWD_FIB_MEMO, FWD_IFACES, FWD_ROUTE_FLAGS},
     parse::{Flow, L3_OFF, addr_bytes, addr_words},
 };
 
@@ -35,6 +38,9 @@ pub struct Fib {
     pub src: [u8; 16],
     /// The next hop's MTU when the answer is `FIB_FRAG_NEEDED` (the kernel's `mtu_result`).
     pub mtu: u16,
+    /// Jiffies (low 32 bits) when the FIB gave this answer: now, or a memo's time
+    /// ([`lookup_memo`]). A next hop cached from it ages from then.
+    pub looked_up: u32,
 }
 
 /// Looks up the route for `to` as if the packet arrived on `ingress`. With `want_src` the
@@ -82,6 +88,8 @@ pub fn lookup<C: EbpfContext>(
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe { fib_lookup_helper(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
     out.rc = rc;
+    // SAFETY: helper without arguments (inlined by the verifier).
+    out.looked_up = unsafe { bpf_jiffies64() } as u32;
     out.ifindex = p.ifindex;
     out.smac = p.smac;
     out.dmac = p.dmac;
@@ -102,6 +110,85 @@ pub fn lookup<C: EbpfContext>(
             out.src[1] = v4[1];
             out.src[2] = v4[2];
             out.src[3] = v4[3];
+        }
+    }
+}
+
+/// [`lookup`] for the full path, through this CPU's FIB memo (`FWD_FIB_MEMO`): a FIB answer
+/// with a neighbour is kept per (source, destination, ingress, protocol, TOS, `want_src`)
+/// and serves the next packet with the same question, a client's next connection to the
+/// same backend, while the route generation is the one it was found in and it is younger
+/// than a cached next hop may be (NH_MAX_AGE_JIFFIES), for packets no longer than the
+/// length it passed. The FIB's question also has the ports, so the memo is used only while
+/// userspace vouches that no rule and no multipath hash takes them (`ROUTE_PORTS_IGNORED`).
+/// The lookup of a new flow was 12% of its cost (BPF_PROG_TEST_RUN profile).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn lookup_memo<C: EbpfContext>(
+    ctx: &C,
+    ingress: u32,
+    flow: &Flow,
+    to: &Tuple,
+    want_src: bool,
+    tot_len: u16,
+    p: &mut bpf_fib_lookup,
+    out: &mut Fib,
+) {
+    let usable = FWD_ROUTE_FLAGS.get(0).is_some_and(|f| *f & ROUTE_PORTS_IGNORED != 0);
+    let slot = if usable {
+        FWD_FIB_MEMO.get_ptr_mut(fib_memo_slot(addr_words(&to.src), addr_words(&to.dst), ingress, flow.proto))
+    } else {
+        None
+    };
+    // Read before the lookup: an answer found while a route change is being announced goes
+    // in under the generation the announcement ends.
+    let generation = route_generation();
+    // SAFETY: helper without arguments (inlined by the verifier).
+    let now = unsafe { bpf_jiffies64() } as u32;
+    let tos = if flow.is_v6() { 0 } else { flow.tos };
+    if let Some(s) = slot {
+        // SAFETY: this CPU's slot; the programs that use it do not interleave on one CPU.
+        let s: &FibMemoSlot = unsafe { &*s };
+        if s.ifindex != 0
+            && s.dst == to.dst
+            && s.src == to.src
+            && s.ingress == ingress
+            && s.family == flow.family
+            && s.proto == flow.proto
+            && s.tos == tos
+            && s.want_src == want_src as u8
+            && tot_len <= s.len_ok
+            && next_hop_current(s.generation, s.jiffies, generation, now)
+        {
+            out.rc = FIB_SUCCESS as i64;
+            out.ifindex = s.ifindex;
+            out.smac = s.smac;
+            out.dmac = s.dmac;
+            out.src = if want_src { s.pref_src } else { [0; 16] };
+            out.mtu = 0;
+            out.looked_up = s.jiffies;
+            return;
+        }
+    }
+    lookup(ctx, ingress, flow, to, want_src, tot_len, p, out);
+    if let Some(s) = slot {
+        if out.rc == FIB_SUCCESS as i64 {
+            // SAFETY: as above.
+            let s: &mut FibMemoSlot = unsafe { &mut *s };
+            s.dst = to.dst;
+            s.src = to.src;
+            s.pref_src = out.src;
+            s.ingress = ingress;
+            s.ifindex = out.ifindex;
+            s.generation = generation;
+            s.jiffies = now;
+            s.dmac = out.dmac;
+            s.smac = out.smac;
+            s.len_ok = tot_len;
+            s.family = flow.family;
+            s.proto = flow.proto;
+            s.tos = tos;
+            s.want_src = want_src as u8;
         }
     }
 }

@@ -132,7 +132,7 @@ fn try_tc(ctx: &TcContext, untracked: bool, w: &mut Work) -> verdict::Outcome {
             return Err(icmp_reply::request(&mut w.answer, &plan, &w.flow, icmp_reply::Why::TtlExpired));
         }
         let check_len = route::check_len(ctx, &w.flow);
-        route::lookup(ctx, ingress, &w.flow, &w.to, want_src, check_len, &mut w.params, &mut w.fib);
+        route::lookup_memo(ctx, ingress, &w.flow, &w.to, want_src, check_len, &mut w.params, &mut w.fib);
         if let Some(reason) = icmp_reply::after_fib(ctx, &mut w.answer, &plan, &w.flow, &w.fib) {
             return Err(reason);
         }

@@ -81,7 +81,7 @@ fn try_xdp(ctx: &XdpContext, untracked: bool, w: &mut Work) -> verdict::Outcome 
     if peer::enabled() && peer::lookup(&L3Dst::of_flow_to(&w.flow, w.to.dst)).is_some() {
         return Err(Reason::XdpToTc);
     }
-    route::lookup(ctx, ingress, &w.flow, &w.to, want_src, w.flow.l3_len, &mut w.params, &mut w.fib);
+    route::lookup_memo(ctx, ingress, &w.flow, &w.to, want_src, w.flow.l3_len, &mut w.params, &mut w.fib);
     if w.fib.rc != FIB_SUCCESS as i64 || !route::xdp_can_send(ingress, w.fib.ifindex) {
         return Err(Reason::XdpToTc);
     }

@@ -1,6 +1,6 @@
 //! Everything forwarder asks the kernel's rtnetlink about, in one place: links (index, kind,
-//! up), the namespace's addresses, neighbour entries, and one event stream of the route,
-//! neighbour, link and address groups.
+//! up), the namespace's addresses, neighbour entries, policy rules, and one event stream of
+//! the route, rule, neighbour, link and address groups.
 //!
 //! One-shot questions are blocking (the loader and the reconciler are synchronous): a
 //! request on a fresh `NETLINK_ROUTE` socket (`netlink-sys`), messages built and parsed
@@ -18,6 +18,7 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+    rule::{RuleAttribute, RuleMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -285,11 +286,34 @@ pub fn neighbour_state(address: IpAddr, ifindex: u32) -> Result<Option<Neighbour
     Ok(neighbours()?.into_iter().find(|n| n.address == address && n.ifindex == ifindex).map(|n| n.state))
 }
 
+/// Whether a policy rule of this namespace (IPv4 or IPv6) matches on L4 ports (`ip rule ...
+/// sport` / `dport`): then the FIB's answer may differ between two flows of the same
+/// addresses.
+pub fn rules_match_ports() -> Result<bool> {
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut msg = RuleMessage::default();
+        msg.header.family = family;
+        let rules = request("dump rules", RouteNetlinkMessage::GetRule(msg), true)?;
+        if rules.iter().any(|m| matches!(m, RouteNetlinkMessage::NewRule(r) if rule_matches_ports(r))) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn rule_matches_ports(rule: &RuleMessage) -> bool {
+    rule.attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::SourcePortRange(_) | RuleAttribute::DestinationPortRange(_)))
+}
+
 /// What one read of the event stream saw.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// A route, neighbour, link or address changed: cached next hops are stale.
+    /// A route, rule, neighbour, link or address changed: cached next hops are stale.
     pub changed: bool,
+    /// A policy rule was added or removed (RTM_NEWRULE / RTM_DELRULE).
+    pub rules: bool,
     /// Events were lost (the socket's queue overflowed): whatever is derived from the
     /// kernel's state must be read again. `changed` is set too.
     pub lost: bool,
@@ -300,7 +324,8 @@ pub struct Batch {
     pub neighbours: Vec<Neighbour>,
 }
 
-/// The rtnetlink event stream of this namespace: route, neighbour, link and address groups.
+/// The rtnetlink event stream of this namespace: route, rule, neighbour, link and address
+/// groups.
 pub struct Events {
     messages: futures_channel::mpsc::UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
 }
@@ -309,9 +334,10 @@ impl Events {
     /// Subscribes; the connection runs as a tokio task (call inside a runtime).
     pub fn subscribe() -> Result<Self> {
         use rtnetlink::MulticastGroup::*;
-        let (conn, _handle, messages) =
-            rtnetlink::new_multicast_connection(&[Link, Neigh, Ipv4Ifaddr, Ipv6Ifaddr, Ipv4Route, Ipv6Route])
-                .map_err(Error::Socket)?;
+        let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
+            Link, Neigh, Ipv4Ifaddr, Ipv6Ifaddr, Ipv4Route, Ipv6Route, Ipv4Rule, Ipv6Rule,
+        ])
+        .map_err(Error::Socket)?;
         tokio::spawn(conn);
         Ok(Self { messages })
     }
@@ -342,6 +368,7 @@ fn classify(msg: NetlinkMessage<RouteNetlinkMessage>, batch: &mut Batch) {
                 NewNeighbour(n) => batch.neighbours.extend(neighbour_of(n, false)),
                 DelNeighbour(n) => batch.neighbours.extend(neighbour_of(n, true)),
                 NewLink(_) | DelLink(_) => batch.links = true,
+                NewRule(_) | DelRule(_) => batch.rules = true,
                 _ => {}
             }
             if matches!(
@@ -354,6 +381,8 @@ fn classify(msg: NetlinkMessage<RouteNetlinkMessage>, batch: &mut Batch) {
                     | DelLink(_)
                     | NewAddress(_)
                     | DelAddress(_)
+                    | NewRule(_)
+                    | DelRule(_)
             ) {
                 batch.changed = true;
             }
@@ -430,8 +459,28 @@ mod tests {
         assert!(batch.changed && !batch.links);
 
         let mut batch = Batch::default();
+        classify(NetlinkMessage::from(RouteNetlinkMessage::DelRule(RuleMessage::default())), &mut batch);
+        assert!(batch.changed && batch.rules && !batch.links);
+
+        let mut batch = Batch::default();
         classify(NetlinkMessage::new(Default::default(), NetlinkPayload::Overrun(Vec::new())), &mut batch);
         assert!(batch.changed && batch.lost);
+    }
+
+    #[test]
+    fn rules_with_port_ranges_are_told_apart() {
+        use netlink_packet_route::rule::RulePortRange;
+        let mut rule = RuleMessage::default();
+        rule.attributes.push(RuleAttribute::Table(100));
+        assert!(!rule_matches_ports(&rule));
+        for a in [
+            RuleAttribute::SourcePortRange(RulePortRange { start: 40000, end: 40999 }),
+            RuleAttribute::DestinationPortRange(RulePortRange { start: 53, end: 53 }),
+        ] {
+            let mut with = rule.clone();
+            with.attributes.push(a);
+            assert!(rule_matches_ports(&with));
+        }
     }
 
     #[test]

@@ -8,10 +8,10 @@ use std::{fs::File, path::Path};
 
 use aya::maps::MapData;
 use forwarder_common::{
-    FWD_ALLOW, FWD_BACKENDS, FWD_BE_STATS, FWD_CT_V4, FWD_DENY, FWD_FLOW_CACHE, FWD_FLOW_CACHE_TC, FWD_FLOW_CACHE6,
-    FWD_FLOW_CACHE6_TC, FWD_FRAG_V1, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_LOC_UDP_V2,
-    FWD_LOCAL_CONN, FWD_MAGLEV, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_PORT_RANGES, FWD_REASONS, FWD_ROUTE_GEN,
-    FWD_RULES_V2, FWD_TX_PORTS,
+    FWD_ALLOW, FWD_BACKENDS, FWD_BE_STATS, FWD_CT_V4, FWD_DENY, FWD_FIB_MEMO, FWD_FLOW_CACHE, FWD_FLOW_CACHE_TC,
+    FWD_FLOW_CACHE6, FWD_FLOW_CACHE6_TC, FWD_FRAG_V1, FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES,
+    FWD_LOC_UDP_V2, FWD_LOCAL_CONN, FWD_MAGLEV, FWD_META_V2, FWD_PEER_STATS, FWD_PEERS, FWD_PORT_RANGES, FWD_REASONS,
+    FWD_ROUTE_FLAGS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS,
 };
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
@@ -27,7 +27,7 @@ pub const EDIT_LOCK_DIR: &str = "edit";
 /// The object's maps that are pinned: the state that outlives a process and that the next
 /// instance adopts. A map of the object must be here or in [`UNPINNED_MAPS`]
 /// (tests/object_maps.rs reads the embedded object and checks it).
-pub const PINNED_MAPS: [&str; 22] = [
+pub const PINNED_MAPS: [&str; 23] = [
     FWD_RULES_V2,
     FWD_PORT_RANGES,
     FWD_BACKENDS,
@@ -37,6 +37,7 @@ pub const PINNED_MAPS: [&str; 22] = [
     FWD_DENY,
     FWD_CT_V4,
     FWD_ROUTE_GEN,
+    FWD_ROUTE_FLAGS,
     FWD_FWD_STATS,
     FWD_FWD_DENIED,
     FWD_REASONS,
@@ -55,13 +56,15 @@ pub const PINNED_MAPS: [&str; 22] = [
 
 /// The object's maps that belong to one loaded program set: per-CPU scratch, caches that
 /// start empty, and aya's own maps. Each new instance gets fresh ones.
-pub const UNPINNED_MAPS: [&str; 7] = [
+pub const UNPINNED_MAPS: [&str; 8] = [
     // Copies of connection entries (XDP's and TC's, IPv4 and IPv6); a new instance starts
     // them empty.
     FWD_FLOW_CACHE,
     FWD_FLOW_CACHE_TC,
     FWD_FLOW_CACHE6,
     FWD_FLOW_CACHE6_TC,
+    // The last FIB answers per CPU, likewise.
+    FWD_FIB_MEMO,
     // Per-CPU working memory of a packet's path.
     "FWD_WORK",
     // Per-CPU token buckets of the ICMP errors the forwarder sends.

@@ -18,7 +18,7 @@ use forwarder_common::{
     BACKEND_DOWN, BackendKey, BackendValue, CT_DIR_ORIGINAL, CtKey, CtValue, FAMILY_V6, FWD_ALLOW, FWD_BACKENDS,
     FWD_BE_STATS, FWD_CT_V4, FWD_DENY, FWD_FLAG_HOST_BACKEND, FWD_FLAG_LOCAL, FWD_FLAG_MAGLEV, FWD_FLAG_PORT_OFFSET,
     FWD_FWD_DENIED, FWD_FWD_STATS, FWD_GLOBAL_V2, FWD_IFACES, FWD_MAGLEV, FWD_META_V2, FWD_PEERS, FWD_PORT_RANGES,
-    FWD_REASONS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue,
+    FWD_REASONS, FWD_ROUTE_FLAGS, FWD_ROUTE_GEN, FWD_RULES_V2, FWD_TX_PORTS, FwdKey, FwdMeta, FwdStats, FwdValue,
     GLOBAL_HAS_HOST_BACKENDS, GLOBAL_HAS_PEERS, GLOBAL_HAS_PORT_RANGES, GlobalConfig, IfaceConfig, MaglevTable,
     PEER_DIRECT, PROTO_TCP, PeerKey, PeerValue, PortRanges, Reason, SNAT_AUTO, SNAT_FIXED, SNAT_OFF, SourceKey,
     conntrack::CT_HOST_BACKEND,
@@ -155,6 +155,17 @@ impl State {
     pub fn route_generation(&self) -> Result<u32> {
         let a: Array<_, u32> = self.typed(FWD_ROUTE_GEN)?;
         a.get(&0, 0).on(FWD_ROUTE_GEN)
+    }
+
+    /// The routing facts the programs may rely on (`FWD_ROUTE_FLAGS`, `ROUTE_*` bits).
+    pub fn set_route_flags(&self, flags: u32) -> Result<()> {
+        let mut a: Array<_, u32> = self.typed(FWD_ROUTE_FLAGS)?;
+        a.set(0, flags, 0).on(FWD_ROUTE_FLAGS)
+    }
+
+    pub fn route_flags(&self) -> Result<u32> {
+        let a: Array<_, u32> = self.typed(FWD_ROUTE_FLAGS)?;
+        a.get(&0, 0).on(FWD_ROUTE_FLAGS)
     }
 
     fn set_global_flag(&self, flag: u32, on: bool) -> Result<()> {

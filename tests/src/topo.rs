@@ -52,6 +52,18 @@ impl Chain {
     pub fn server_route_via_router(&self) -> Result<()> {
         self.server.ip(&["route", "add", "192.0.2.0/24", "via", ROUTER_SERVER_ADDR]).map(|_| ())
     }
+
+    /// The netfilter control of a forward: iptables DNAT of `protocol` to the router's
+    /// `listen_port` onto `backend`, and MASQUERADE out of the server's side.
+    pub fn iptables_dnat_masquerade(&self, protocol: &str, listen_port: u16, backend: &str) -> Result<()> {
+        for rule in [
+            format!("-t nat -A PREROUTING -p {protocol} --dport {listen_port} -j DNAT --to-destination {backend}"),
+            format!("-t nat -A POSTROUTING -o {ROUTER_SERVER_DEV} -j MASQUERADE"),
+        ] {
+            crate::netns::run_ok(self.router.cmd("iptables").args(rule.split(' ')))?;
+        }
+        Ok(())
+    }
 }
 
 /// The two-ISP same-switch topology of the peer shortcut:

@@ -12,7 +12,6 @@ use forwarder_tests::{
     Cgroup, Chain, Daemon, ExactLaunch, Netns,
     config::{forward, interface},
     daemon::forwarder_bin,
-    netns::run_ok,
     sockets::{plus_one_exchange, plus_one_server},
     topo::{A_DEV, B_ADDR, ROUTER_CLIENT_ADDR, ROUTER_CLIENT_DEV, ROUTER_SERVER_DEV, SERVER_ADDR, TwoIsp},
 };
@@ -85,14 +84,7 @@ fn exchange(chain: &Chain) {
 #[test]
 fn iptables_control_forwards_over_veths() {
     let chain = Chain::new().unwrap();
-    for r in [
-        format!(
-            "-t nat -A PREROUTING -p tcp --dport {LISTEN_PORT} -j DNAT --to-destination {SERVER_ADDR}:{BACKEND_PORT}"
-        ),
-        "-t nat -A POSTROUTING -o rs -j MASQUERADE".to_string(),
-    ] {
-        run_ok(chain.router.cmd("iptables").args(r.split(' '))).unwrap();
-    }
+    chain.iptables_dnat_masquerade("tcp", LISTEN_PORT, &format!("{SERVER_ADDR}:{BACKEND_PORT}")).unwrap();
     exchange(&chain);
 }
 

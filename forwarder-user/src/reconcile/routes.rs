@@ -1,8 +1,11 @@
-//! Keeps the fast path's cached next hops honest: every routing, neighbour, link or address
-//! change the kernel announces on rtnetlink ([`crate::netlink::Events`]) bumps the route
-//! generation (`FWD_ROUTE_GEN`), so each connection's next packet takes the full path with a
-//! fresh FIB lookup. Without this watch a cached next hop still expires after
-//! `NH_MAX_AGE_JIFFIES` (about a second). The same stream tells the peer watch which
+//! Keeps the fast path's cached next hops honest: every routing, rule, neighbour, link or
+//! address change the kernel announces on rtnetlink ([`crate::netlink::Events`]) bumps the
+//! route generation (`FWD_ROUTE_GEN`), so each connection's next packet takes the full path
+//! with a fresh FIB lookup, and the FIB memo's answers go too. Without this watch a cached
+//! next hop still expires after `NH_MAX_AGE_JIFFIES` (about a second). The watch also keeps
+//! the routing facts (`FWD_ROUTE_FLAGS`): whether the FIB's answer ignores the ports, from
+//! the rules (read again on every rule event) and the multipath hash policies (sysctls,
+//! which announce nothing: read every [`FACTS_EVERY`]); it clears them as it stops. The same stream tells the peer watch which
 //! neighbour entries changed, and on link changes the attached interfaces are followed: a
 //! device deleted and created again under its name is attached again
 //! ([`Instance::follow_links`]), and the veths' `IFACE_TC_PEER` is brought in line with
@@ -14,7 +17,10 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
+
+use forwarder_common::ROUTE_PORTS_IGNORED;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -61,22 +67,53 @@ pub fn watch(
             Err(e) => warn!("route generation: {e}"),
         };
         let mut links = true;
+        let mut rules = true;
+        let mut rules_match_ports = true;
+        let mut facts_written: Option<u32> = None;
+        let mut facts_tick = tokio::time::interval(FACTS_EVERY);
+        facts_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             // The flags are read per packet; the bump after a change makes every
             // connection's next packet take the full path with the new flags as well.
             if links && follow_links(&inst, &pin, &config, &counters).await {
                 bump("attached interfaces or veth peers changed");
             }
+            if rules {
+                rules_match_ports = netlink::rules_match_ports().unwrap_or_else(|e| {
+                    warn!("policy rules: {e}");
+                    true // unknown: assume the worst
+                });
+            }
+            let facts = route_facts(rules_match_ports, [multipath_policy("ipv4"), multipath_policy("ipv6")]);
+            if facts_written != Some(facts) {
+                match State::open(&pin).and_then(|s| s.set_route_flags(facts)) {
+                    Ok(()) => {
+                        facts_written = Some(facts);
+                        debug!(facts, "routing facts");
+                        bump("routing facts changed");
+                    }
+                    Err(e) => warn!("routing facts: {e}"),
+                }
+            }
+            (links, rules) = (false, false);
             let batch = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
+                _ = facts_tick.tick() => continue,
                 batch = events.next() => batch,
             };
-            let Some(batch) = batch else { break };
+            let Some(batch) = batch else {
+                warn!(
+                    "route watch stopped (the rtnetlink stream ended); cached next hops now expire by age only, \
+                     the FIB memo is off, and veth peer flags are read again only on reload"
+                );
+                break;
+            };
             if batch.changed {
-                bump("routes, neighbours, links or addresses changed");
+                bump("routes, rules, neighbours, links or addresses changed");
             }
             links = batch.links || batch.lost;
+            rules = batch.rules || batch.lost;
             let news = if batch.lost {
                 Some(NeighbourNews::Lost)
             } else {
@@ -85,15 +122,44 @@ pub fn watch(
             if let Some(news) = news
                 && tx.send(news).is_err()
             {
-                return; // the daemon is stopping
+                break; // the daemon is stopping
             }
         }
-        warn!(
-            "route watch stopped (the rtnetlink stream ended); cached next hops now expire by age only, \
-             and veth peer flags are read again only on reload"
-        );
+        // Nobody follows the rules and sysctls any more: the programs stop relying on them.
+        if let Err(e) = State::open(&pin).and_then(|s| s.set_route_flags(0)) {
+            debug!("routing facts not cleared: {e}");
+        }
     };
     Ok((rx, task))
+}
+
+/// How often the multipath hash policies (sysctls, which send no event) are read again.
+pub const FACTS_EVERY: Duration = Duration::from_secs(1);
+
+/// The `FWD_ROUTE_FLAGS` bits for what the watch knows: `ROUTE_PORTS_IGNORED` unless a
+/// policy rule matches ports or a family's multipath hash may take them (`policies`: IPv4's
+/// and IPv6's `fib_multipath_hash_policy`; 1 hashes L4 ports, 3 the fields the admin chose,
+/// which may be ports; None: unreadable, assumed to take them).
+pub fn route_facts(rules_match_ports: bool, policies: [Option<u32>; 2]) -> u32 {
+    let hash_takes_ports = policies.iter().any(|p| !matches!(p, Some(0 | 2)));
+    if rules_match_ports || hash_takes_ports { 0 } else { ROUTE_PORTS_IGNORED }
+}
+
+/// [`route_facts`] of the calling thread's namespace as it is now (for a program set run
+/// without the daemon's watch, as the benchmark's BPF_PROG_TEST_RUN part does).
+pub fn route_facts_here() -> u32 {
+    let rules_match_ports = netlink::rules_match_ports().unwrap_or(true);
+    route_facts(rules_match_ports, [multipath_policy("ipv4"), multipath_policy("ipv6")])
+}
+
+/// This namespace's `net.<family>.fib_multipath_hash_policy`; a kernel without multipath
+/// routing has no such sysctl, and hashes nothing (0).
+fn multipath_policy(family: &str) -> Option<u32> {
+    match std::fs::read_to_string(format!("/proc/sys/net/{family}/fib_multipath_hash_policy")) {
+        Ok(s) => s.trim().parse().ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+        Err(_) => None,
+    }
 }
 
 /// [`crate::loader::Instance::follow_links`] and then
@@ -127,4 +193,29 @@ async fn follow_links(inst: &SharedInstance, pin: &Path, config: &Path, counters
         warn!("following links: {e:#}");
         false
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_ignored_only_when_no_rule_and_no_hash_takes_them() {
+        assert_eq!(route_facts(false, [Some(0), Some(0)]), ROUTE_PORTS_IGNORED);
+        // L3 and inner-L3 hashes take addresses only.
+        assert_eq!(route_facts(false, [Some(2), Some(0)]), ROUTE_PORTS_IGNORED);
+        // A rule on ports, an L4 or custom hash in either family, or a policy not read.
+        assert_eq!(route_facts(true, [Some(0), Some(0)]), 0);
+        assert_eq!(route_facts(false, [Some(1), Some(0)]), 0);
+        assert_eq!(route_facts(false, [Some(0), Some(3)]), 0);
+        assert_eq!(route_facts(false, [None, Some(0)]), 0);
+    }
+
+    #[test]
+    fn this_namespace_has_a_multipath_policy() {
+        // Read from /proc as the watch does (a value, or 0 without multipath routing).
+        for family in ["ipv4", "ipv6"] {
+            assert!(multipath_policy(family).is_some_and(|p| p <= 3), "{family}");
+        }
+    }
 }

@@ -97,6 +97,8 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             local_udp_idle_s: 0,
         })?;
         state.apply_forwards(&cfg.forwards, &[], forwarder::config::OnForwardRemoved::Drain)?;
+        // The routing facts the daemon's route watch would find here (the FIB memo's gate).
+        state.set_route_flags(forwarder::reconcile::routes::route_facts_here())?;
         state.set_egress(rc, IFACE_XDP_EGRESS_OK)?;
         state.set_egress(rs, IFACE_XDP_EGRESS_OK)?;
         let client = ip(CLIENT_ADDR);
