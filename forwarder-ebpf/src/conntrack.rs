@@ -23,7 +23,7 @@ use crate::{
     backend::{self, Chosen},
     csum::sum_addr,
     maps::{CtScratch, FWD_CT_V4, FWD_GLOBAL_V2, FWD_ROUTE_GEN, FWD_SCRATCH},
-    parse::{FRAG_LATER, Flow},
+    parse::{FRAG_LATER, Flow, Words16, copy_addr},
     route::Fib,
     rules,
     sock::host_socket,
@@ -424,7 +424,8 @@ pub fn commit_new<C: EbpfContext>(
     // SAFETY: per-CPU slot, used by this program run only.
     let CtScratch { key, value, other } = unsafe { &mut *scratch };
     let host = fwd.flags & FWD_FLAG_HOST_BACKEND != 0;
-    let backend = if host { crate::host::delivery_addr(fwd, flow) } else { to.dst };
+    // 8-aligned, so it is copied in words (see parse::Words16).
+    let backend = Words16(if host { *crate::host::delivery_addr(fwd, flow) } else { to.dst });
     let bport = to.dport;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -453,7 +454,7 @@ pub fn commit_new<C: EbpfContext>(
     value.set_backend_index(backend_index);
 
     if fwd.snat_mode == SNAT_OFF || host {
-        *key = ct_key(flow.family, backend, flow.src, bport, flow.sport, flow.proto);
+        *key = ct_key(flow.family, backend.0, flow.src, bport, flow.sport, flow.proto);
         match FWD_CT_V4.insert(&*key, &*value, BPF_NOEXIST as u64) {
             Ok(()) => {}
             // The same flow committed by another CPU: the original entry below adopts it.
@@ -467,8 +468,8 @@ pub fn commit_new<C: EbpfContext>(
             Err(EEXIST) => return Err(Reason::PortsExhausted),
             Err(_) => return Err(Reason::ConntrackFull),
         }
-        new.src = flow.src;
-        new.dst = backend;
+        copy_addr(&mut new.src, &flow.src);
+        new.dst = backend.0;
         new.sport = flow.sport;
         new.dport = bport;
     } else {
@@ -478,17 +479,17 @@ pub fn commit_new<C: EbpfContext>(
         };
         // Copied before the walk: a pointer live across it (into the rule, the FIB answer
         // or the flow) would make the verifier walk it once for each.
-        new.src = *snat_src;
-        *key = ct_key(flow.family, backend, new.src, bport, [0; 2], flow.proto);
+        copy_addr(&mut new.src, snat_src);
+        *key = ct_key(flow.family, backend.0, new.src, bport, [0; 2], flow.proto);
         let port = reserve_port(ctx, flow, range, now)?;
-        new.dst = backend;
+        new.dst = backend.0;
         new.sport = port;
         new.dport = bport;
     }
 
     value.direction = CT_DIR_ORIGINAL;
-    value.new_src_addr = new.src;
-    value.new_dst_addr = new.dst;
+    copy_addr(&mut value.new_src_addr, &new.src);
+    copy_addr(&mut value.new_dst_addr, &new.dst);
     value.new_src_port_be = u16::from_ne_bytes(new.sport);
     value.new_dst_port_be = u16::from_ne_bytes(new.dport);
     if flow.proto == PROTO_TCP {

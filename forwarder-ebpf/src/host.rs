@@ -48,8 +48,8 @@ fn through_listener(fwd: &FwdValue, proto: u8) -> bool {
 /// The destination address a new flow of a host-backend forward is rewritten to: the
 /// backend's, except for a TCP backend on loopback, which keeps the address dialled.
 #[inline(always)]
-pub fn delivery_addr(fwd: &FwdValue, flow: &parse::Flow) -> [u8; 16] {
-    if through_listener(fwd, flow.proto) { flow.dst } else { fwd.backend_addr }
+pub fn delivery_addr<'a>(fwd: &'a FwdValue, flow: &'a parse::Flow) -> &'a [u8; 16] {
+    if through_listener(fwd, flow.proto) { &flow.dst } else { &fwd.backend_addr }
 }
 
 /// Whether this TCP packet may need assigning to a loopback backend's listener: a new

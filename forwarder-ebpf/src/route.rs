@@ -14,7 +14,7 @@ use forwarder_common::{
 use crate::{
     conntrack::{Tuple, route_generation},
     maps::{FWD_FIB_MEMO, FWD_IFACES, FWD_ROUTE_FLAGS},
-    parse::{Flow, L3_OFF, addr_bytes, addr_words},
+    parse::{Flow, L3_OFF, addr_words, copy_addr, load_addr, store_addr},
 };
 
 pub use aya_ebpf::bindings::{
@@ -95,23 +95,26 @@ pub fn lookup<C: EbpfContext>(
     out.dmac = p.dmac;
     // SAFETY: union member the kernel writes on FRAG_NEEDED (else it still holds tot_len).
     out.mtu = if rc == FIB_FRAG_NEEDED as i64 { unsafe { p.__bindgen_anon_1.mtu_result } } else { 0 };
-    out.src = [0u8; 16];
     // The kernel fills the source in only when it found a route with a device; otherwise
     // the field still holds what we passed in. Its MTU check with a length comes first (a
     // FRAG_NEEDED answer then has no source); without one, it checks the skb afterwards.
     let routed = rc == FIB_SUCCESS as i64 || rc == FIB_NO_NEIGH as i64;
+    let mut src = [0u64; 2];
     if want_src && (routed || (rc == FIB_FRAG_NEEDED as i64 && tot_len == 0)) {
         // SAFETY: union members written by the kernel for the family asked.
         if flow.is_v6() {
-            out.src = addr_bytes(unsafe { &p.__bindgen_anon_3.ipv6_src });
+            let w = unsafe { p.__bindgen_anon_3.ipv6_src };
+            let pair = |a: u32, b: u32| {
+                let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+                u64::from_ne_bytes([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]])
+            };
+            src = [pair(w[0], w[1]), pair(w[2], w[3])];
         } else {
             let v4 = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
-            out.src[0] = v4[0];
-            out.src[1] = v4[1];
-            out.src[2] = v4[2];
-            out.src[3] = v4[3];
+            src[0] = u64::from_ne_bytes([v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0]);
         }
     }
+    store_addr(&mut out.src, src);
 }
 
 /// [`lookup`] for the full path, through this CPU's FIB memo (`FWD_FIB_MEMO`): a FIB answer
@@ -164,7 +167,7 @@ pub fn lookup_memo<C: EbpfContext>(
             out.ifindex = s.ifindex;
             out.smac = s.smac;
             out.dmac = s.dmac;
-            out.src = if want_src { s.pref_src } else { [0; 16] };
+            store_addr(&mut out.src, if want_src { load_addr(&s.pref_src) } else { [0; 2] });
             out.mtu = 0;
             out.looked_up = s.jiffies;
             return;
@@ -175,9 +178,9 @@ pub fn lookup_memo<C: EbpfContext>(
         if out.rc == FIB_SUCCESS as i64 {
             // SAFETY: as above.
             let s: &mut FibMemoSlot = unsafe { &mut *s };
-            s.dst = to.dst;
-            s.src = to.src;
-            s.pref_src = out.src;
+            copy_addr(&mut s.dst, &to.dst);
+            copy_addr(&mut s.src, &to.src);
+            copy_addr(&mut s.pref_src, &out.src);
             s.ingress = ingress;
             s.ifindex = out.ifindex;
             s.generation = generation;
