@@ -48,7 +48,10 @@ pub enum NeighbourNews {
 /// lost, then has the attached interfaces followed (attached again, peer flags read again;
 /// the status file at `config`'s daemon rewritten), with one more bump if any changed;
 /// neighbour changes go to the returned channel. The links are read once as the watch
-/// starts too, for a change between the attach and the subscription.
+/// starts too, for a change between the attach and the subscription. The routing facts
+/// (`FWD_ROUTE_FLAGS`, [`route_facts`]) are written as it starts and whenever they change
+/// (rules read again on rule events, sysctls every [`FACTS_EVERY`]), each change with a
+/// bump, and cleared as it ends.
 pub fn watch(
     pin: PathBuf,
     config: PathBuf,
@@ -79,8 +82,9 @@ pub fn watch(
                 bump("attached interfaces or veth peers changed");
             }
             if rules {
-                rules_match_ports = netlink::rules_match_ports().unwrap_or_else(|e| {
-                    warn!("policy rules: {e}");
+                let dump = super::blocking(|| Ok(netlink::rules_match_ports()?)).await;
+                rules_match_ports = dump.unwrap_or_else(|e| {
+                    warn!("policy rules: {e:#}");
                     true // unknown: assume the worst
                 });
             }
