@@ -52,7 +52,13 @@ fn quick_bench_gives_every_contender_its_figures() {
         let new_flows: &[&str] = if c["id"] == "socat" {
             &[]
         } else {
-            &["new_flows_per_second", "new_flows_offered_per_second", "cpu_ns_per_new_flow", "new_flows_dropped"]
+            &[
+                "new_flows_per_second",
+                "new_flows_offered_per_second",
+                "cpu_ns_per_new_flow",
+                "new_flows_dropped",
+                "new_flows_refused_at_ring",
+            ]
         };
         for f in expected.iter().chain(new_flows) {
             let median = figures.get(*f).and_then(|s| s["median"].as_f64());
@@ -61,6 +67,13 @@ fn quick_bench_gives_every_contender_its_figures() {
         if !new_flows.is_empty() {
             let delivered = figures["new_flows_per_second"]["median"].as_f64().unwrap();
             assert!(delivered > 0.0, "{}: no SYN delivered", c["id"]);
+            // What the router veth's ring refused is part of what did not arrive.
+            let samples = |f: &str| {
+                figures[f]["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>()
+            };
+            for (refused, dropped) in samples("new_flows_refused_at_ring").iter().zip(samples("new_flows_dropped")) {
+                assert!(*refused <= dropped, "{}: {refused} refused at the ring, {dropped} dropped", c["id"]);
+            }
         }
         assert!(figures["udp_one_flow_pps"]["median"].as_f64().unwrap() > 0.0, "{}: nothing delivered", c["id"]);
         // Connection churn: every window counted and every failure reported (a count, zero

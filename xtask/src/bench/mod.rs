@@ -130,6 +130,7 @@ pub enum Figure {
     NewFlowsOfferedPerSecond,
     CpuNsPerNewFlow,
     NewFlowsDropped,
+    NewFlowsRefusedAtRing,
     Udp6OneFlowPps,
     Udp6OneFlowOfferedPps,
     Udp6ManyFlowsPps,
@@ -139,7 +140,7 @@ pub enum Figure {
 }
 
 impl Figure {
-    pub const ALL: [Figure; 26] = [
+    pub const ALL: [Figure; 27] = [
         Figure::UdpOneFlowPps,
         Figure::UdpOneFlowOfferedPps,
         Figure::UdpManyFlowsPps,
@@ -160,6 +161,7 @@ impl Figure {
         Figure::NewFlowsOfferedPerSecond,
         Figure::CpuNsPerNewFlow,
         Figure::NewFlowsDropped,
+        Figure::NewFlowsRefusedAtRing,
         Figure::Udp6OneFlowPps,
         Figure::Udp6OneFlowOfferedPps,
         Figure::Udp6ManyFlowsPps,
@@ -190,6 +192,7 @@ impl Figure {
             Figure::NewFlowsOfferedPerSecond => "new flows/s offered",
             Figure::CpuNsPerNewFlow => "CPU/new flow",
             Figure::NewFlowsDropped => "new flows dropped",
+            Figure::NewFlowsRefusedAtRing => "of them, refused by the router veth's ring",
             Figure::Udp6OneFlowPps => "IPv6 UDP 1 flow, delivered",
             Figure::Udp6OneFlowOfferedPps => "IPv6 UDP 1 flow, offered",
             Figure::Udp6ManyFlowsPps => "IPv6 UDP many flows, delivered",
@@ -221,7 +224,10 @@ impl Figure {
             Figure::ConnectionsPerSecond | Figure::ChurnRequestsPerSecond | Figure::ChurnMinWindowRequestsPerSecond => {
                 "/s"
             }
-            Figure::ConnectionsFailed | Figure::ChurnFailedConnections | Figure::NewFlowsDropped => "count",
+            Figure::ConnectionsFailed
+            | Figure::ChurnFailedConnections
+            | Figure::NewFlowsDropped
+            | Figure::NewFlowsRefusedAtRing => "count",
         }
     }
 
@@ -656,6 +662,7 @@ fn measure_contender(
             record(Figure::NewFlowsPerSecond, rate.delivered_pps);
             record(Figure::NewFlowsOfferedPerSecond, rate.offered_pps);
             record(Figure::NewFlowsDropped, rate.offered.saturating_sub(rate.delivered) as f64);
+            record(Figure::NewFlowsRefusedAtRing, rate.refused_at_ring as f64);
             if let Some(ns) = rate.cpu_ns_per_packet {
                 record(Figure::CpuNsPerNewFlow, ns);
             }

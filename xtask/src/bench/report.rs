@@ -530,7 +530,10 @@ fn new_flows_section(r: &Results) -> String {
          over all rounds (one round lasts a fraction of a second, too short for the CPU time on its own). The server's XDP sink counts the SYNs that arrive and drops them, so none is \
          answered and every one is a new flow for conntrack or forwarder. `new flows/s delivered` is what the sink \
          counted per second, `new flows/s offered` what the generator sent, `new flows dropped` their difference \
-         in frames (a total over the repetitions): SYNs the router dropped. `CPU/new flow` is measured as CPU per \
+         in frames (a total over the repetitions): SYNs lost on the way. `of them, refused by the router veth's \
+         ring` counts those the client's veth could not hand to the router veth's receive ring (256 frames; \
+         `tx_queue_*_xdp_xmit_errors` in `ethtool -S c0`): lost before the router saw them, when the \
+         generator's XDP_TX filled the ring faster than the router's softirq work emptied it. `CPU/new flow` is measured as CPU per \
          packet is (the generator thread with the softirq work in its context, and ksoftirqd), per delivered SYN. \
          socat: n/a, its kernel answers each SYN itself, so no SYN reaches the server.\n",
     );

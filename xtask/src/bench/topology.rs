@@ -177,6 +177,13 @@ impl BenchTopo {
         Ok(())
     }
 
+    /// Frames the client's veth could not hand to the router's receive ring so far: the
+    /// generator's XDP_TX frames that found the ring (256 frames) full, lost before the
+    /// router saw them (`ethtool -S c0`: the peer's `tx_queue_*_xdp_xmit_errors`).
+    pub fn client_ring_refused(&self) -> Result<u64> {
+        ring_refused(&self.chain.client.sh(&format!("ethtool -S {CLIENT_DEV}"))?)
+    }
+
     /// Bench UDP frames and new-flow SYNs the server's sink has counted so far.
     pub fn delivered(&self) -> Result<u64> {
         let sink = self.sink.as_ref().context("a topology with the veth defaults has no sink")?;
@@ -184,6 +191,19 @@ impl BenchTopo {
         let counts: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
         Ok(counts.get(&0, 0)?.iter().sum())
     }
+}
+
+/// The sum of a veth's `tx_queue_N_xdp_xmit_errors` in `ethtool -S` output (frames it sent
+/// with XDP that its peer's receive ring refused).
+fn ring_refused(ethtool_stats: &str) -> Result<u64> {
+    let mut total = None;
+    for line in ethtool_stats.lines() {
+        let Some((name, value)) = line.trim().split_once(':') else { continue };
+        if name.starts_with("tx_queue_") && name.ends_with("_xdp_xmit_errors") {
+            *total.get_or_insert(0) += value.trim().parse::<u64>().with_context(|| format!("ethtool: {line}"))?;
+        }
+    }
+    total.context("ethtool -S shows no tx_queue_*_xdp_xmit_errors (not a veth?)")
 }
 
 /// Loads a fresh copy of the bench helper object (each user gets its own maps).
@@ -286,3 +306,17 @@ pub fn udp_backend_addresses(count: usize) -> Vec<std::net::Ipv4Addr> {
 
 /// The router's address on the server side (SNAT source of the NAT contenders).
 pub const SNAT_ADDR: &str = ROUTER_SERVER_ADDR;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_frames_are_read_from_the_veth_stats() {
+        let stats = "NIC statistics:\n     peer_ifindex: 2\n     rx_queue_0_xdp_packets: 9\n     \
+                     rx_queue_0_xdp_tx_errors: 5\n     tx_queue_0_xdp_xmit: 1000\n     tx_queue_0_xdp_xmit_errors: 711\n     \
+                     tx_queue_1_xdp_xmit_errors: 3\n";
+        assert_eq!(ring_refused(stats).unwrap(), 714);
+        assert!(ring_refused("NIC statistics:\n     rx_packets: 4\n").is_err());
+    }
+}

@@ -37,6 +37,9 @@ pub struct UdpRate {
     /// Frames the generator sent and the sink counted over the run.
     pub offered: u64,
     pub delivered: u64,
+    /// Of the frames offered, those the client's veth could not hand to the router's receive
+    /// ring ([`BenchTopo::client_ring_refused`]): lost before the router saw them.
+    pub refused_at_ring: u64,
     /// CPU time per delivered packet of everything that handles the bench's packets: the
     /// generator thread (with the softirq work in its context), ksoftirqd, and the contender's
     /// own processes. Counted per task, so other load on the machine does not enter.
@@ -86,6 +89,7 @@ pub fn new_flow_rate(
 struct FrameCount {
     offered: u64,
     delivered: u64,
+    refused_at_ring: u64,
     seconds: f64,
     cpu_seconds: f64,
 }
@@ -94,6 +98,7 @@ impl std::ops::AddAssign for FrameCount {
     fn add_assign(&mut self, o: Self) {
         self.offered += o.offered;
         self.delivered += o.delivered;
+        self.refused_at_ring += o.refused_at_ring;
         self.seconds += o.seconds;
         self.cpu_seconds += o.cpu_seconds;
     }
@@ -106,6 +111,7 @@ impl FrameCount {
             delivered_pps: self.delivered as f64 / self.seconds,
             offered: self.offered,
             delivered: self.delivered,
+            refused_at_ring: self.refused_at_ring,
             cpu_ns_per_packet: (self.delivered > 0).then(|| self.cpu_seconds * 1e9 / self.delivered as f64),
         }
     }
@@ -117,6 +123,7 @@ fn count_frames(topo: &BenchTopo, generator: &Generator, duration: Duration, hel
     let mut tasks = ksoftirqd_pids()?;
     tasks.extend_from_slice(helpers);
     let delivered_before = topo.delivered()?;
+    let refused_before = topo.client_ring_refused()?;
     let ticks_before = tasks_ticks(&tasks);
     let offered = generator.run(topo, duration)?;
     std::thread::sleep(DRAIN);
@@ -125,6 +132,7 @@ fn count_frames(topo: &BenchTopo, generator: &Generator, duration: Duration, hel
     Ok(FrameCount {
         offered: offered.frames,
         delivered,
+        refused_at_ring: topo.client_ring_refused()?.saturating_sub(refused_before),
         seconds: offered.elapsed.as_secs_f64(),
         cpu_seconds: offered.cpu.as_secs_f64() + ticks as f64 / ticks_per_second() as f64,
     })
@@ -625,10 +633,11 @@ mod tests {
     #[test]
     fn rounds_add_up_before_the_ratios_are_taken() {
         let mut total = FrameCount::default();
-        total += FrameCount { offered: 30_000, delivered: 30_000, seconds: 0.1, cpu_seconds: 0.06 };
-        total += FrameCount { offered: 10_000, delivered: 9_000, seconds: 0.1, cpu_seconds: 0.03 };
+        total += FrameCount { offered: 30_000, delivered: 30_000, refused_at_ring: 0, seconds: 0.1, cpu_seconds: 0.06 };
+        total +=
+            FrameCount { offered: 10_000, delivered: 9_000, refused_at_ring: 600, seconds: 0.1, cpu_seconds: 0.03 };
         let rate = total.rate();
-        assert_eq!((rate.offered, rate.delivered), (40_000, 39_000));
+        assert_eq!((rate.offered, rate.delivered, rate.refused_at_ring), (40_000, 39_000, 600));
         assert!((rate.offered_pps - 200_000.0).abs() < 1e-6);
         assert!((rate.delivered_pps - 195_000.0).abs() < 1e-6);
         // CPU over every delivered frame (0.09 s / 39,000), not a mean of the rounds' own
