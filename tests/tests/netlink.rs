@@ -147,3 +147,21 @@ fn peer_state_follows_neighbour_events_without_ip() {
     });
     assert!(log_lines(&d, &["peer direct", "neighbour event"]) >= 1, "{}", d.log());
 }
+
+/// The daemon's rule dump (one request for every family) sees a rule on ports in either
+/// family, and only such a rule: the FIB memo serves only while there is none.
+#[test]
+fn rule_dump_sees_port_rules_of_both_families() {
+    let ns = Netns::new("rules").unwrap();
+    let dump = |ns: &Netns| ns.run(|| forwarder::netlink::rules_match_ports().unwrap()).unwrap();
+    assert!(!dump(&ns), "a namespace's default rules match no ports");
+    for (family, ports) in [("-4", "sport"), ("-6", "dport")] {
+        ns.ip(&[family, "rule", "add", "from", "all", "table", "100", "priority", "90"]).unwrap();
+        assert!(!dump(&ns), "{family}: a rule without ports");
+        ns.ip(&[family, "rule", "add", ports, "40000-40999", "table", "100", "priority", "100"]).unwrap();
+        assert!(dump(&ns), "{family}: a rule on {ports}");
+        ns.ip(&[family, "rule", "del", "priority", "100"]).unwrap();
+        ns.ip(&[family, "rule", "del", "priority", "90"]).unwrap();
+        assert!(!dump(&ns), "{family}: its rules removed");
+    }
+}

@@ -88,7 +88,7 @@ pub fn watch(
                     true // unknown: assume the worst
                 });
             }
-            let facts = route_facts(rules_match_ports, [multipath_policy("ipv4"), multipath_policy("ipv6")]);
+            let facts = route_facts_with(rules_match_ports);
             if facts_written != Some(facts) {
                 match State::open(&pin).and_then(|s| s.set_route_flags(facts)) {
                     Ok(()) => {
@@ -152,7 +152,11 @@ pub fn route_facts(rules_match_ports: bool, policies: [Option<u32>; 2]) -> u32 {
 /// [`route_facts`] of the calling thread's namespace as it is now (for a program set run
 /// without the daemon's watch, as the benchmark's BPF_PROG_TEST_RUN part does).
 pub fn route_facts_here() -> u32 {
-    let rules_match_ports = netlink::rules_match_ports().unwrap_or(true);
+    route_facts_with(netlink::rules_match_ports().unwrap_or(true))
+}
+
+/// [`route_facts`] with this namespace's hash policies as they are now.
+fn route_facts_with(rules_match_ports: bool) -> u32 {
     route_facts(rules_match_ports, [multipath_policy("ipv4"), multipath_policy("ipv6")])
 }
 
