@@ -27,7 +27,7 @@ fn quick_bench_gives_every_contender_its_figures() {
         assert!(out_dir.join(file).exists(), "{file} missing");
     }
     let contenders = results["contenders"].as_array().expect("contenders");
-    assert_eq!(contenders.len(), 8, "every contender ran");
+    assert_eq!(contenders.len(), 10, "every contender ran");
     for c in contenders {
         let figures = c["figures"].as_object().expect("figures");
         // The ceiling only redirects: it has the packet-rate figures, and says why not more.

@@ -5,6 +5,10 @@
 //! - `bench_redirect_only`: the ceiling. The least an XDP forwarder can do on this path:
 //!   set the next hop's Ethernet addresses (so the receiver's stack takes the frame) and
 //!   `bpf_redirect_map` it to the one egress in a devmap. No parsing, no state, no rewrite.
+//!   The same program attached in generic mode is the floor of any generic-XDP program.
+//! - `bench_redirect_only_tc`: the same at TC ingress, the floor of any TC program: the two
+//!   MAC addresses, then `bpf_redirect_peer` into the egress veth's far end, as forwarder's
+//!   TC path sends into a container (`route::tc_redirect`).
 //! - `bench_lookup_redirect_40` and `_16`: the ceiling plus one hash lookup, with a 40-byte
 //!   key (forwarder's connection key) and a 16-byte one: the least a forwarder that keeps
 //!   per-connection state does per packet, to set the established path's time against.
@@ -29,6 +33,7 @@ use aya_ebpf::{
         TC_ACT_OK, TC_ACT_SHOT,
         xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
     },
+    helpers::bpf_redirect_peer,
     macros::{classifier, map, xdp},
     maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -42,6 +47,10 @@ static BENCH_L2: Array<[u8; 12]> = Array::with_max_entries(1, 0);
 /// The redirect-only program's egress (index 0).
 #[map(name = "BENCH_TX")]
 static BENCH_TX: DevMap = DevMap::with_max_entries(1, 0);
+
+/// The TC floor's egress (index 0): a veth whose far end is in another namespace.
+#[map(name = "BENCH_TC_EGRESS")]
+static BENCH_TC_EGRESS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Generator template: the first bytes of the frame with full checksums, Ethernet + IPv4 +
 /// UDP (42 bytes), Ethernet + IPv4 + TCP with a 4-byte option (58 bytes) or Ethernet + IPv6 +
@@ -118,6 +127,17 @@ fn redirect(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     }
     BENCH_TX.redirect(0, 0).unwrap_or(XDP_ABORTED)
+}
+
+#[classifier]
+pub fn bench_redirect_only_tc(ctx: TcContext) -> i32 {
+    let (Some(l2), Some(egress)) = (BENCH_L2.get(0), BENCH_TC_EGRESS.get(0)) else { return TC_ACT_SHOT };
+    let m = l2;
+    if ctx::write(&ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11]]).is_err() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: helper call.
+    unsafe { bpf_redirect_peer(*egress, 0) as i32 }
 }
 
 /// The address and port words of an IPv4 UDP frame without options.

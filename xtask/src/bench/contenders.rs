@@ -40,10 +40,12 @@ pub enum Contender {
     ForwarderXdpGeneric,
     ForwarderXdpNative,
     RedirectOnly,
+    RedirectOnlyGeneric,
+    RedirectOnlyTc,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 8] = [
+    pub const ALL: [Contender; 10] = [
         Contender::KernelRouting,
         Contender::Iptables,
         Contender::Nftables,
@@ -52,6 +54,8 @@ impl Contender {
         Contender::ForwarderXdpGeneric,
         Contender::ForwarderXdpNative,
         Contender::RedirectOnly,
+        Contender::RedirectOnlyGeneric,
+        Contender::RedirectOnlyTc,
     ];
 
     pub fn id(self) -> &'static str {
@@ -64,6 +68,8 @@ impl Contender {
             Contender::ForwarderXdpGeneric => "forwarder-xdp-generic",
             Contender::ForwarderXdpNative => "forwarder-xdp-native",
             Contender::RedirectOnly => "redirect-only",
+            Contender::RedirectOnlyGeneric => "redirect-only-generic",
+            Contender::RedirectOnlyTc => "redirect-only-tc",
         }
     }
 
@@ -77,6 +83,10 @@ impl Contender {
             Contender::ForwarderXdpGeneric => "forwarder, XDP generic",
             Contender::ForwarderXdpNative => "forwarder, XDP native",
             Contender::RedirectOnly => "redirect-only XDP (the ceiling)",
+            Contender::RedirectOnlyGeneric => {
+                "redirect-only XDP in generic mode (the floor of any generic-XDP program)"
+            }
+            Contender::RedirectOnlyTc => "redirect-only TC ingress, bpf_redirect_peer (the floor of any TC program)",
         }
     }
 
@@ -87,6 +97,11 @@ impl Contender {
                 "TCP figures n/a: a program that only redirects cannot carry a locally-sent TCP conversation over \
                  veth (the sender's CHECKSUM_PARTIAL state is lost by XDP_REDIRECT, so the server drops every \
                  segment); it is the ceiling of the packet-rate figures.",
+            ),
+            Contender::RedirectOnlyGeneric | Contender::RedirectOnlyTc => Some(
+                "TCP figures n/a: a floor of the packet-rate figures, the ceiling's program (two MAC addresses and a \
+                 redirect) in generic XDP or at TC ingress: the least any program in that place costs on this path, \
+                 so forwarder's figures in the same mode less these are what forwarder's program adds.",
             ),
             _ => None,
         }
@@ -116,7 +131,10 @@ impl Contender {
 
     pub fn addressing(self) -> Addressing {
         match self {
-            Contender::KernelRouting | Contender::RedirectOnly => Addressing::Direct,
+            Contender::KernelRouting
+            | Contender::RedirectOnly
+            | Contender::RedirectOnlyGeneric
+            | Contender::RedirectOnlyTc => Addressing::Direct,
             _ => Addressing::Forward,
         }
     }
@@ -162,7 +180,19 @@ impl Contender {
             Contender::RedirectOnly => {
                 let (server_mac, router_mac, egress) =
                     (topo.server_mac, topo.router_server_mac, topo.router_server_ifindex);
-                running.ceiling = Some(router.run(move || attach_redirect_only(server_mac, router_mac, egress))??);
+                running.ceiling =
+                    Some(router.run(move || attach_redirect_only(server_mac, router_mac, egress, XdpMode::Driver))??);
+            }
+            Contender::RedirectOnlyGeneric => {
+                let (server_mac, router_mac, egress) =
+                    (topo.server_mac, topo.router_server_mac, topo.router_server_ifindex);
+                running.ceiling =
+                    Some(router.run(move || attach_redirect_only(server_mac, router_mac, egress, XdpMode::Skb))??);
+            }
+            Contender::RedirectOnlyTc => {
+                let (server_mac, router_mac, egress) =
+                    (topo.server_mac, topo.router_server_mac, topo.router_server_ifindex);
+                running.ceiling = Some(router.run(move || attach_redirect_only_tc(server_mac, router_mac, egress))??);
             }
         }
         Ok(running)
@@ -181,7 +211,11 @@ impl Contender {
                 let daemon = running.daemon.as_ref().context("forwarder runs without its daemon")?;
                 forwarder::connections::flush(&daemon.pin_path, None)?;
             }
-            Contender::KernelRouting | Contender::Socat | Contender::RedirectOnly => {}
+            Contender::KernelRouting
+            | Contender::Socat
+            | Contender::RedirectOnly
+            | Contender::RedirectOnlyGeneric
+            | Contender::RedirectOnlyTc => {}
         }
         Ok(())
     }
@@ -497,17 +531,38 @@ fn start_socat(router: &Netns) -> Result<Vec<ProcessGroup>> {
 }
 
 /// Runs in the router namespace: the ceiling program on rc, redirecting to rs.
-fn attach_redirect_only(server_mac: [u8; 6], router_mac: [u8; 6], egress: u32) -> Result<Ebpf> {
+fn attach_redirect_only(server_mac: [u8; 6], router_mac: [u8; 6], egress: u32, mode: XdpMode) -> Result<Ebpf> {
     let mut ebpf = load_bench_object()?;
+    set_next_hop(&mut ebpf, server_mac, router_mac)?;
+    DevMap::try_from(ebpf.map_mut("BENCH_TX").context("BENCH_TX")?)?
+        .set(0, egress, None, 0)
+        .map_err(|e| anyhow::anyhow!("devmap: {e}"))?;
+    load_xdp(&mut ebpf, "bench_redirect_only")?.attach(ROUTER_CLIENT_DEV, mode)?;
+    Ok(ebpf)
+}
+
+/// Runs in the router namespace: the TC floor at the client side's ingress, sending into
+/// the server's veth (`egress`, whose far end is in the server namespace) with
+/// bpf_redirect_peer.
+fn attach_redirect_only_tc(server_mac: [u8; 6], router_mac: [u8; 6], egress: u32) -> Result<Ebpf> {
+    let mut ebpf = load_bench_object()?;
+    set_next_hop(&mut ebpf, server_mac, router_mac)?;
+    Array::<_, u32>::try_from(ebpf.map_mut("BENCH_TC_EGRESS").context("BENCH_TC_EGRESS")?)?.set(0, egress, 0)?;
+    let _ = aya::programs::tc::qdisc_add_clsact(ROUTER_CLIENT_DEV);
+    let tc: &mut aya::programs::SchedClassifier =
+        ebpf.program_mut("bench_redirect_only_tc").context("no program bench_redirect_only_tc")?.try_into()?;
+    tc.load()?;
+    tc.attach(ROUTER_CLIENT_DEV, aya::programs::TcAttachType::Ingress).context("attaching the TC floor")?;
+    Ok(ebpf)
+}
+
+/// The next hop's Ethernet header for the redirect-only programs: destination, source.
+fn set_next_hop(ebpf: &mut Ebpf, server_mac: [u8; 6], router_mac: [u8; 6]) -> Result<()> {
     let mut l2 = [0u8; 12];
     l2[..6].copy_from_slice(&server_mac);
     l2[6..].copy_from_slice(&router_mac);
     Array::<_, [u8; 12]>::try_from(ebpf.map_mut("BENCH_L2").context("BENCH_L2")?)?.set(0, l2, 0)?;
-    DevMap::try_from(ebpf.map_mut("BENCH_TX").context("BENCH_TX")?)?
-        .set(0, egress, None, 0)
-        .map_err(|e| anyhow::anyhow!("devmap: {e}"))?;
-    load_xdp(&mut ebpf, "bench_redirect_only")?.attach(ROUTER_CLIENT_DEV, XdpMode::Driver)?;
-    Ok(ebpf)
+    Ok(())
 }
 
 #[cfg(test)]
