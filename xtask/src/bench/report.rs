@@ -194,6 +194,7 @@ pub fn markdown(r: &Results) -> String {
     md.push_str(&churn_section(r));
     md.push_str(&new_flows_section(r));
     md.push_str(&ipv6_section(r));
+    md.push_str(&floors_section(r));
     md.push_str(&reasons_section(r));
     md.push_str(&many_backends_section(r));
     if let Some(s) = &r.scaling {
@@ -631,6 +632,65 @@ fn ipv6_section(r: &Results) -> String {
     md
 }
 
+/// Each forwarder mode against the redirect-only program in the same place (its floor):
+/// what the kernel's path costs with any program there, and what forwarder's adds.
+const FLOORS: [(&str, &str); 3] = [
+    ("forwarder-tc", "redirect-only-tc"),
+    ("forwarder-xdp-generic", "redirect-only-generic"),
+    ("forwarder-xdp-native", CEILING),
+];
+
+/// The CPU figures set against their floors.
+const FLOOR_FIGURES: [Figure; 3] =
+    [Figure::CpuNsPerPacketOneFlow, Figure::CpuNsPerPacketManyFlows, Figure::CpuNsPerNewFlow];
+
+/// Forwarder's CPU figures over the floor of their mode, where both ran.
+fn floors_section(r: &Results) -> String {
+    let mut md = String::new();
+    let reference = find(r, REFERENCE);
+    for (ours, floor) in FLOORS {
+        let (Some(o), Some(f)) = (find(r, ours), find(r, floor)) else { continue };
+        if !FLOOR_FIGURES.iter().any(|&fig| value(Some(o), fig).is_some() && value(Some(f), fig).is_some()) {
+            continue;
+        }
+        if md.is_empty() {
+            md.push_str(
+                "\n## Over each mode's floor\n\nEach forwarder mode beside the redirect-only program in the same \
+                 place (two MAC addresses and a redirect: XDP native for native, the same program in generic XDP for \
+                 generic, at TC ingress with `bpf_redirect_peer` for TC-only): the floor is what the kernel's path \
+                 costs with any program there, its ratio to iptables the least any program in that mode reaches; \
+                 `added` is forwarder's program (parsing, lookups, connection tracking, NAT). Each cell: forwarder \
+                 (floor, floor / iptables, added).\n\n| mode |",
+            );
+            for fig in FLOOR_FIGURES {
+                let _ = write!(md, " {} ({}) |", fig.heading(), fig.unit());
+            }
+            md.push_str("\n|---|");
+            md.push_str(&"---:|".repeat(FLOOR_FIGURES.len()));
+            md.push('\n');
+        }
+        let _ = write!(md, "| {ours} over {floor} |");
+        for fig in FLOOR_FIGURES {
+            match (value(Some(o), fig), value(Some(f), fig)) {
+                (Some(a), Some(b)) => {
+                    let to_ipt = value(reference, fig).map(|i| b / i);
+                    let _ = write!(
+                        md,
+                        " {} ({}, {}, {:+.0}) |",
+                        fmt_value(fig, a),
+                        fmt_value(fig, b),
+                        fmt_ratio(to_ipt),
+                        (a - b) * fig.scale()
+                    );
+                }
+                _ => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md
+}
+
 /// How forwarder's packets left the router, from its reason counters.
 fn reasons_section(r: &Results) -> String {
     let mut md = String::new();
@@ -702,6 +762,21 @@ mod tests {
             testrun: vec![],
             seconds: 1.0,
         }
+    }
+
+    #[test]
+    fn floors_section_sets_each_mode_against_its_floor() {
+        let mut r = results();
+        assert!(!markdown(&r).contains("## Over each mode's floor"), "no section without a floor's figures");
+        let cpu = |c: &mut ContenderResult, v: f64| {
+            c.figures.insert(Figure::CpuNsPerNewFlow, Summary::of(&[v]).unwrap());
+        };
+        cpu(&mut r.contenders[0], 3000.0);
+        cpu(&mut r.contenders[1], 1200.0);
+        cpu(&mut r.contenders[2], 300.0);
+        let md = markdown(&r);
+        assert!(md.contains("| forwarder-xdp-native over redirect-only | – | – | 1200 (300, 0.10×, +900) |"), "{md}");
+        assert!(!md.contains("forwarder-tc over"), "{md}");
     }
 
     #[test]
