@@ -177,22 +177,18 @@ impl Contender {
                 let config = forwarder_config("native", rules);
                 running.daemon = Some(Daemon::start(router, &topo.chain.tag, &config)?);
             }
-            Contender::RedirectOnly => {
+            Contender::RedirectOnly | Contender::RedirectOnlyGeneric | Contender::RedirectOnlyTc => {
                 let (server_mac, router_mac, egress) =
                     (topo.server_mac, topo.router_server_mac, topo.router_server_ifindex);
-                running.ceiling =
-                    Some(router.run(move || attach_redirect_only(server_mac, router_mac, egress, XdpMode::Driver))??);
-            }
-            Contender::RedirectOnlyGeneric => {
-                let (server_mac, router_mac, egress) =
-                    (topo.server_mac, topo.router_server_mac, topo.router_server_ifindex);
-                running.ceiling =
-                    Some(router.run(move || attach_redirect_only(server_mac, router_mac, egress, XdpMode::Skb))??);
-            }
-            Contender::RedirectOnlyTc => {
-                let (server_mac, router_mac, egress) =
-                    (topo.server_mac, topo.router_server_mac, topo.router_server_ifindex);
-                running.ceiling = Some(router.run(move || attach_redirect_only_tc(server_mac, router_mac, egress))??);
+                let place = match self {
+                    Contender::RedirectOnly => Some(XdpMode::Driver),
+                    Contender::RedirectOnlyGeneric => Some(XdpMode::Skb),
+                    _ => None,
+                };
+                running.ceiling = Some(router.run(move || match place {
+                    Some(mode) => attach_redirect_only(server_mac, router_mac, egress, mode),
+                    None => attach_redirect_only_tc(server_mac, router_mac, egress),
+                })??);
             }
         }
         Ok(running)
