@@ -121,9 +121,7 @@ pub fn bench_redirect_only(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn redirect(ctx: &XdpContext) -> u32 {
     let Some(l2) = BENCH_L2.get(0) else { return XDP_ABORTED };
-    // Byte by byte: an array copy would be a call to a byte-loop memmove.
-    let m = l2;
-    if ctx::write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11]]).is_err() {
+    if !write_l2(ctx, l2) {
         return XDP_PASS;
     }
     BENCH_TX.redirect(0, 0).unwrap_or(XDP_ABORTED)
@@ -132,12 +130,18 @@ fn redirect(ctx: &XdpContext) -> u32 {
 #[classifier]
 pub fn bench_redirect_only_tc(ctx: TcContext) -> i32 {
     let (Some(l2), Some(egress)) = (BENCH_L2.get(0), BENCH_TC_EGRESS.get(0)) else { return TC_ACT_SHOT };
-    let m = l2;
-    if ctx::write(&ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11]]).is_err() {
+    if !write_l2(&ctx, l2) {
         return TC_ACT_OK;
     }
     // SAFETY: helper call.
     unsafe { bpf_redirect_peer(*egress, 0) as i32 }
+}
+
+/// Writes the next hop's Ethernet addresses; false when the frame is too short.
+#[inline(always)]
+fn write_l2<P: ctx::Packet>(ctx: &P, m: &[u8; 12]) -> bool {
+    // Byte by byte: an array copy would be a call to a byte-loop memmove.
+    ctx::write(ctx, 0, [m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], m[11]]).is_ok()
 }
 
 /// The address and port words of an IPv4 UDP frame without options.

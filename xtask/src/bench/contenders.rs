@@ -25,8 +25,8 @@ use serde::Serialize;
 use super::topology::{
     Addressing, BenchTopo, CHURN_BACKEND_PORT, CHURN_LISTEN_PORT, ECHO_BACKEND_PORT, ECHO_LISTEN_PORT,
     IPERF_BACKEND_PORT, IPERF_LISTEN_PORT, ROUTER_CLIENT_ADDR_V6, ROUTER_SERVER_ADDR_V6, SERVER_ADDR_V6, SNAT_ADDR,
-    SYN_BACKEND_PORT, SYN_LISTEN_PORT, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
-    udp_backend_addresses,
+    SYN_BACKEND_PORT, SYN_LISTEN_PORT, UDP_BACKEND_PORT, UDP_LISTEN_PORT, attach_tc_ingress, load_bench_object,
+    load_xdp, udp_backend_addresses,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -544,11 +544,7 @@ fn attach_redirect_only_tc(server_mac: [u8; 6], router_mac: [u8; 6], egress: u32
     let mut ebpf = load_bench_object()?;
     set_next_hop(&mut ebpf, server_mac, router_mac)?;
     Array::<_, u32>::try_from(ebpf.map_mut("BENCH_TC_EGRESS").context("BENCH_TC_EGRESS")?)?.set(0, egress, 0)?;
-    let _ = aya::programs::tc::qdisc_add_clsact(ROUTER_CLIENT_DEV);
-    let tc: &mut aya::programs::SchedClassifier =
-        ebpf.program_mut("bench_redirect_only_tc").context("no program bench_redirect_only_tc")?.try_into()?;
-    tc.load()?;
-    tc.attach(ROUTER_CLIENT_DEV, aya::programs::TcAttachType::Ingress).context("attaching the TC floor")?;
+    attach_tc_ingress(&mut ebpf, "bench_redirect_only_tc", ROUTER_CLIENT_DEV)?;
     Ok(ebpf)
 }
 

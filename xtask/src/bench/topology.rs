@@ -218,6 +218,17 @@ pub fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(prog)
 }
 
+/// Loads the bench object's TC program `name` and attaches it at `dev`'s ingress (in the
+/// calling thread's namespace), with a clsact qdisc if the device has none.
+pub fn attach_tc_ingress(ebpf: &mut Ebpf, name: &str, dev: &str) -> Result<()> {
+    let _ = aya::programs::tc::qdisc_add_clsact(dev);
+    let tc: &mut aya::programs::SchedClassifier =
+        ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+    tc.load()?;
+    tc.attach(dev, aya::programs::TcAttachType::Ingress).with_context(|| format!("attaching {name} to {dev}"))?;
+    Ok(())
+}
+
 /// Runs in the server namespace: the counting sink in native mode on s0.
 fn attach_sink() -> Result<Ebpf> {
     let mut ebpf = load_bench_object()?;
@@ -227,11 +238,7 @@ fn attach_sink() -> Result<Ebpf> {
     ports.set(1, [SYN_LISTEN_PORT, SYN_BACKEND_PORT], 0)?;
     load_xdp(&mut ebpf, "bench_sink")?.attach(SERVER_DEV, XdpMode::Driver).context("attaching the sink")?;
     // And at TC ingress: a router's bpf_redirect_peer delivers into s0's ingress past XDP.
-    let _ = aya::programs::tc::qdisc_add_clsact(SERVER_DEV);
-    let tc: &mut aya::programs::SchedClassifier =
-        ebpf.program_mut("bench_sink_tc").context("no program bench_sink_tc")?.try_into()?;
-    tc.load()?;
-    tc.attach(SERVER_DEV, aya::programs::TcAttachType::Ingress).context("attaching the TC sink")?;
+    attach_tc_ingress(&mut ebpf, "bench_sink_tc", SERVER_DEV)?;
     Ok(ebpf)
 }
 
