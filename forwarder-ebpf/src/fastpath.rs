@@ -248,9 +248,6 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
-    let Some([s0, s1, s2, s3]) = bucket(cache, flow_cache_bucket(src, dst, ports, proto)) else {
-        return Ok(Hit::Full);
-    };
     let serves = |s: &FlowCacheSlot| {
         s.holds(src, dst, ports, proto)
             && s.current(generation, now)
@@ -258,10 +255,15 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
             && (proto != PROTO_TCP
                 || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
     };
-    // A SYN, FIN or RST moves its connection's state: no slot serves it, so its bucket
-    // (four cache lines, cold for a new connection) is not read.
+    // A SYN, FIN or RST moves its connection's state: no slot serves it, so its bucket is
+    // not even located (the per-CPU array's pointer to a random bucket is a cache miss of
+    // its own, and the bucket's four lines are cold for a new connection).
     let moves = proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
-    if !h.partial && !moves {
+    // Kept for the copy below, which only such a packet gets (a moving one takes the full path).
+    let slots = if !h.partial && !moves {
+        let Some([s0, s1, s2, s3]) = bucket(cache, flow_cache_bucket(src, dst, ports, proto)) else {
+            return Ok(Hit::Full);
+        };
         if serves(s0) {
             return Ok(Hit::Slot(s0, cache_reason));
         }
@@ -274,7 +276,10 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         if serves(s3) {
             return Ok(Hit::Slot(s3, cache_reason));
         }
-    }
+        Some([s0, s1, s2, s3])
+    } else {
+        None
+    };
 
     // TC: a SYN, FIN or RST always takes the full path, which looks the connection up
     // itself; looking it up here too would only add to a short connection's cost.
@@ -322,6 +327,9 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         entry.seq_end = h.seq_end;
         entry.flags |= CT_SEQ_KNOWN;
     }
+    let Some([s0, s1, s2, s3]) = slots else {
+        return Ok(Hit::Full);
+    };
     // The first slot that holds no other flow's current copy: four flows of a bucket all
     // stay, a fifth takes turns in the last slot.
     let free = |s: &FlowCacheSlot| s.free_for(src, dst, ports, proto, generation, now);

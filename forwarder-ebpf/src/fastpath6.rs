@@ -154,6 +154,12 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
     let generation = route_generation();
     // SAFETY: inlined helper without arguments.
     let now = unsafe { bpf_jiffies64() } as u32;
+    // A SYN, FIN or RST moves its connection's state: no slot serves it, so its bucket is
+    // not read; TC does not even locate it (see fastpath's `find`).
+    let moves = proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    if TC && moves {
+        return Found::Code(NOT_CACHED_FULL);
+    }
     let Some([s0, s1, s2, s3]) = bucket(cache, flow_cache_bucket6(&h.src, &h.dst, ports, proto)) else {
         return Found::Code(NOT_CACHED_FULL);
     };
@@ -164,9 +170,6 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
             && (proto != PROTO_TCP
                 || tcp_keeps_state(s.state, h.tcp_flags) && h.seq.wrapping_sub(s.seq) < SEQ_SYNC_BYTES)
     };
-    // A SYN, FIN or RST moves its connection's state: no slot serves it, so its bucket
-    // (four cache lines, cold for a new connection) is not read.
-    let moves = proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
     if !h.partial && !moves {
         if serves(s0) {
             return Found::Slot(s0, cache_reason);
@@ -180,10 +183,6 @@ fn find6<const TC: bool>(h: &Headers6, cache: &'static PerCpuArray<FlowCacheSlot
         if serves(s3) {
             return Found::Slot(s3, cache_reason);
         }
-    }
-    // TC: a SYN, FIN or RST always takes the full path (see fastpath's `find`).
-    if TC && moves {
-        return Found::Code(NOT_CACHED_FULL);
     }
     // As IPv4's: the first slot that holds no other flow's current copy, else the last.
     // (Never filled for a packet that moves its connection's state: no need to read them.)
