@@ -148,7 +148,7 @@ fn quick_bench_gives_every_contender_its_figures() {
             assert!(a[f].as_f64().is_some(), "{f} of {} forwards: {:?}", a["forwards"], scaling["errors"]);
         }
     }
-    assert!(results["testrun"].as_array().is_some_and(|t| t.len() >= 9), "every BPF_PROG_TEST_RUN path timed");
+    assert!(results["testrun"].as_array().is_some_and(|t| t.len() >= 11), "every BPF_PROG_TEST_RUN path timed");
     // The warm rows time the paths they name: the identity forward's packets are redirected,
     // and the lookup programs found the key the bench inserted.
     let row = |program: &str, path: &str| {
@@ -158,6 +158,8 @@ fn quick_bench_gives_every_contender_its_figures() {
         ("xdp", "established, warm", 4),
         ("xdp", "reverse, warm", 4),
         ("tc", "established, warm", 7),
+        ("xdp", "new connection (TCP SYN)", 4),
+        ("tc", "new connection (TCP SYN)", 7),
         ("lookup + redirect", "40-byte key, warm", 4),
         ("lookup + redirect", "16-byte key, warm", 4),
     ] {

@@ -1,5 +1,5 @@
 //! BPF_PROG_TEST_RUN nanoseconds per packet of forwarder's programs on each path (no match,
-//! new flow, established, reverse), and of the redirect-only ceiling. Run in a bench
+//! new flow, new TCP connection, established, reverse), and of the redirect-only ceiling. Run in a bench
 //! router namespace (routes and static neighbours for the FIB lookups), programs loaded but
 //! not attached.
 
@@ -21,10 +21,11 @@ use serde::Serialize;
 
 use super::{
     contenders::forwarder_config,
-    generator::{udp_frame, udp_frame_ttl, udp6_frame_hops},
+    generator::{syn_frame, udp_frame, udp_frame_ttl, udp6_frame_hops},
     stats::median,
     topology::{
-        BenchTopo, CLIENT_ADDR_V6, SERVER_ADDR_V6, UDP_BACKEND_PORT, UDP_LISTEN_PORT, load_bench_object, load_xdp,
+        BenchTopo, CLIENT_ADDR_V6, SERVER_ADDR_V6, SYN_LISTEN_PORT, UDP_BACKEND_PORT, UDP_LISTEN_PORT,
+        load_bench_object, load_xdp,
     },
 };
 
@@ -115,6 +116,11 @@ pub fn measure(topo: &BenchTopo, runs: u32) -> Result<Vec<PathTime>> {
             };
             time("no match", median_of_runs(runs, |_| run(&frame_from(40_000, 7777)?, rc))?);
             time("new flow", median_of_runs(runs, |i| run(&frame_from(20_000 + i as u16, to_forward.1)?, rc))?);
+            // A new TCP connection's first packet, as the new-flows figure sends them: the
+            // SNAT port's socket check and the TCP state come on top of UDP's new flow.
+            let syn_to = (to_forward.0, SYN_LISTEN_PORT);
+            let syn = |i: u32| syn_frame(client_mac, router_client_mac, (client, 20_000 + i as u16), syn_to);
+            time("new connection (TCP SYN)", median_of_runs(runs, |i| run(&syn(i)?, rc))?);
             let established = frame_from(30_000, to_forward.1)?;
             let (_, out) = run(&established, rc)?;
             let snat_port = udp_source_port(&out[out.len() - established.len()..])?;
