@@ -259,6 +259,11 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
     // not even located (the per-CPU array's pointer to a random bucket is a cache miss of
     // its own, and the bucket's four lines are cold for a new connection).
     let moves = proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    // TC: such a packet always takes the full path, which looks the connection up itself;
+    // looking it up here too would only add to a short connection's cost.
+    if TC && moves {
+        return Ok(Hit::Full);
+    }
     // Kept for the copy below, which only such a packet gets (a moving one takes the full path).
     let slots = if !h.partial && !moves {
         let Some([s0, s1, s2, s3]) = bucket(cache, flow_cache_bucket(src, dst, ports, proto)) else {
@@ -281,11 +286,6 @@ fn find<const TC: bool>(h: &Headers, cache: &'static PerCpuArray<FlowCacheSlot>)
         None
     };
 
-    // TC: a SYN, FIN or RST always takes the full path, which looks the connection up
-    // itself; looking it up here too would only add to a short connection's cost.
-    if TC && moves {
-        return Ok(Hit::Full);
-    }
     let key = ct_key_v4(src, dst, ports, proto);
     let Some(entry) = FWD_CT_V4.get_ptr_mut(&key) else {
         let p = ports.to_ne_bytes();

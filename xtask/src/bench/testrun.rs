@@ -1,7 +1,7 @@
 //! BPF_PROG_TEST_RUN nanoseconds per packet of forwarder's programs on each path (no match,
-//! new flow, new TCP connection, established, reverse), and of the redirect-only ceiling. Run in a bench
-//! router namespace (routes and static neighbours for the FIB lookups), programs loaded but
-//! not attached.
+//! new flow, new TCP connection, established, reverse), and of the redirect-only ceiling.
+//! Run in a bench router namespace (routes and static neighbours for the FIB lookups),
+//! programs loaded but not attached.
 
 use std::{net::Ipv4Addr, time::Duration};
 
